@@ -1,0 +1,1 @@
+"""Litestar API over queries/."""

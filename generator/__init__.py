@@ -1,0 +1,1 @@
+"""Synthetic ad-event generator writing Arrow IPC micro-batches into the spool."""

@@ -1,0 +1,1 @@
+"""adevents pipeline: spool -> validate -> dedupe -> enrich -> Parquet, exactly once."""

@@ -1,0 +1,167 @@
+"""The event contract: columns, types, reason codes and the DATA_DIR layout, stated once."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import polars as pl
+import pyarrow as pa
+
+#: Columns every producer sends, with their storage type. The order is the storage order.
+EVENT_SCHEMA: Final = pa.schema(
+    [
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("event_type", pa.string(), nullable=False),
+        pa.field("event_time", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("campaign_id", pa.string(), nullable=False),
+        pa.field("ad_id", pa.string(), nullable=False),
+        pa.field("publisher_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string()),
+        pa.field("device_type", pa.string()),
+        pa.field("country", pa.string()),
+        pa.field("cost_micros", pa.int64(), nullable=False),
+        pa.field("revenue_micros", pa.int64(), nullable=False),
+    ]
+)
+EVENT_COLUMNS: Final = tuple(EVENT_SCHEMA.names)
+#: Columns a file may omit; they are read as null.
+OPTIONAL_COLUMNS: Final = frozenset({"user_id", "device_type", "country"})
+REQUIRED_COLUMNS: Final = tuple(c for c in EVENT_COLUMNS if c not in OPTIONAL_COLUMNS)
+STRING_COLUMNS: Final = tuple(f.name for f in EVENT_SCHEMA if pa.types.is_string(f.type))
+MONEY_COLUMNS: Final = ("cost_micros", "revenue_micros")
+TIME_COLUMN: Final = "event_time"
+KEY_COLUMN: Final = "event_id"
+
+EVENT_TYPES: Final = ("impression", "click", "conversion")
+DEVICE_TYPES: Final = ("mobile", "desktop", "tablet", "ctv", "other")
+MAX_EVENT_ID_BYTES: Final = 128
+#: An event this far ahead of the consumer's clock is quarantined as ``future_event``.
+MAX_FUTURE_MS: Final = 5 * 60 * 1000
+
+#: Row-level quarantine reasons, in the order a row is tested: a row gets the first that applies.
+REASONS: Final = (
+    "invalid_event_id",
+    "invalid_event_type",
+    "missing_field",
+    "invalid_money",
+    "invalid_country",
+    "invalid_device_type",
+    "future_event",
+    "late_event",
+)
+#: Whole-file quarantine reasons (the file is moved to ``quarantine/files/``).
+FILE_REASONS: Final = ("unreadable_file", "schema_mismatch")
+
+UTC_MS: Final = pl.Datetime("ms", "UTC")
+POLARS_EVENT_SCHEMA: Final = pl.Schema(
+    {
+        name: (UTC_MS if name == TIME_COLUMN else pl.Int64 if name in MONEY_COLUMNS else pl.String)
+        for name in EVENT_COLUMNS
+    }
+)
+
+#: Columns the consumer adds to every stored event.
+ENRICHED_SCHEMA: Final = pl.Schema(
+    {
+        **POLARS_EVENT_SCHEMA,
+        "advertiser_id": pl.String,
+        "campaign_name": pl.String,
+        "ingested_at": UTC_MS,
+        "batch_id": pl.String,
+    }
+)
+#: Stored quarantine rows: the event's values as received, then why and where from.
+QUARANTINE_SCHEMA: Final = pl.Schema(
+    {
+        **POLARS_EVENT_SCHEMA,
+        "reason": pl.String,
+        "source_file": pl.String,
+        "batch_id": pl.String,
+        "ingested_at": UTC_MS,
+    }
+)
+#: Rows within an events file are sorted by these so row-group statistics prune.
+SORT_KEYS: Final = ("campaign_id", "event_time")
+PARQUET_COMPRESSION: Final = "zstd"
+
+#: The campaign dimension: required columns; others (``daily_budget_micros``, ...) are optional.
+CAMPAIGN_COLUMNS: Final = ("campaign_id", "advertiser_id", "campaign_name")
+CAMPAIGN_SCHEMA: Final = pl.Schema(
+    {
+        "campaign_id": pl.String,
+        "advertiser_id": pl.String,
+        "campaign_name": pl.String,
+        "daily_budget_micros": pl.Int64,
+    }
+)
+
+#: One row per batch in ``ledger/``. rows_in = accepted + duplicates + quarantined, always.
+LEDGER_SCHEMA: Final = pl.Schema(
+    {
+        "batch_id": pl.String,
+        "source_file": pl.String,
+        "status": pl.String,  # "ok" or a FILE_REASONS code
+        "rows_in": pl.Int64,
+        "accepted": pl.Int64,
+        "duplicates": pl.Int64,
+        "quarantined": pl.Int64,
+        **{f"quarantined_{r}": pl.Int64 for r in REASONS},
+        "unknown_campaigns": pl.Int64,
+        "ignored_columns": pl.Int64,
+        "min_event_time": UTC_MS,
+        "max_event_time": UTC_MS,
+        "arrived_at": UTC_MS,
+        "committed_at": UTC_MS,
+        "lag_ms": pl.Int64,
+        "processing_ms": pl.Float64,
+        "read_ms": pl.Float64,
+        "validate_ms": pl.Float64,
+        "dedupe_ms": pl.Float64,
+        "enrich_ms": pl.Float64,
+        "write_ms": pl.Float64,
+        "commit_ms": pl.Float64,
+        "consumer": pl.String,
+    }
+)
+
+
+class Layout:
+    """Where everything lives under DATA_DIR; the only place that knows the directory names."""
+
+    def __init__(self, data_dir: str) -> None:
+        from pathlib import Path
+
+        self.root = Path(data_dir)
+        self.incoming = self.root / "incoming"
+        self.processed = self.root / "processed"
+        self.events = self.root / "events"
+        self.quarantine = self.root / "quarantine"
+        self.quarantine_files = self.quarantine / "files"
+        self.dimensions = self.root / "dimensions"
+        self.campaigns = self.dimensions / "campaigns.parquet"
+        self.ledger = self.root / "ledger"
+        self.staging = self.root / "staging"
+        self.state = self.root / "state"
+        self.rollups = self.root / "rollups"
+        self.alerts = self.root / "alerts"
+
+    def events_glob(self) -> str:
+        return str(self.events / "**" / "*.parquet")
+
+    def ensure(self) -> None:
+        for d in (
+            self.incoming,
+            self.events,
+            self.quarantine,
+            self.quarantine_files,
+            self.dimensions,
+            self.ledger,
+            self.staging,
+            self.state,
+        ):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def event_partition(date: str, hour: int) -> str:
+    """Hive partition path of events for one UTC hour, e.g. ``date=2026-11-27/hour=09``."""
+    return f"date={date}/hour={hour:02d}"

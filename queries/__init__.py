@@ -1,0 +1,1 @@
+"""DuckDB queries over the Parquet lake."""
