@@ -53,30 +53,33 @@ REASONS: Final = (
 FILE_REASONS: Final = ("unreadable_file", "schema_mismatch")
 
 UTC_MS: Final = pl.Datetime("ms", "UTC")
-POLARS_EVENT_SCHEMA: Final = pl.Schema(
-    {
-        name: (UTC_MS if name == TIME_COLUMN else pl.Int64 if name in MONEY_COLUMNS else pl.String)
-        for name in EVENT_COLUMNS
-    }
-)
+
+
+def _polars_type(name: str) -> pl.DataType:
+    if name == TIME_COLUMN:
+        return UTC_MS
+    return pl.Int64() if name in MONEY_COLUMNS else pl.String()
+
+
+POLARS_EVENT_SCHEMA: Final = pl.Schema({name: _polars_type(name) for name in EVENT_COLUMNS})
 
 #: Columns the consumer adds to every stored event.
 ENRICHED_SCHEMA: Final = pl.Schema(
     {
-        **POLARS_EVENT_SCHEMA,
-        "advertiser_id": pl.String,
-        "campaign_name": pl.String,
+        **dict(POLARS_EVENT_SCHEMA),
+        "advertiser_id": pl.String(),
+        "campaign_name": pl.String(),
         "ingested_at": UTC_MS,
-        "batch_id": pl.String,
+        "batch_id": pl.String(),
     }
 )
 #: Stored quarantine rows: the event's values as received, then why and where from.
 QUARANTINE_SCHEMA: Final = pl.Schema(
     {
-        **POLARS_EVENT_SCHEMA,
-        "reason": pl.String,
-        "source_file": pl.String,
-        "batch_id": pl.String,
+        **dict(POLARS_EVENT_SCHEMA),
+        "reason": pl.String(),
+        "source_file": pl.String(),
+        "batch_id": pl.String(),
         "ingested_at": UTC_MS,
     }
 )
@@ -88,39 +91,39 @@ PARQUET_COMPRESSION: Final = "zstd"
 CAMPAIGN_COLUMNS: Final = ("campaign_id", "advertiser_id", "campaign_name")
 CAMPAIGN_SCHEMA: Final = pl.Schema(
     {
-        "campaign_id": pl.String,
-        "advertiser_id": pl.String,
-        "campaign_name": pl.String,
-        "daily_budget_micros": pl.Int64,
+        "campaign_id": pl.String(),
+        "advertiser_id": pl.String(),
+        "campaign_name": pl.String(),
+        "daily_budget_micros": pl.Int64(),
     }
 )
 
 #: One row per batch in ``ledger/``. rows_in = accepted + duplicates + quarantined, always.
 LEDGER_SCHEMA: Final = pl.Schema(
     {
-        "batch_id": pl.String,
-        "source_file": pl.String,
-        "status": pl.String,  # "ok" or a FILE_REASONS code
-        "rows_in": pl.Int64,
-        "accepted": pl.Int64,
-        "duplicates": pl.Int64,
-        "quarantined": pl.Int64,
-        **{f"quarantined_{r}": pl.Int64 for r in REASONS},
-        "unknown_campaigns": pl.Int64,
-        "ignored_columns": pl.Int64,
+        "batch_id": pl.String(),
+        "source_file": pl.String(),
+        "status": pl.String(),  # "ok" or a FILE_REASONS code
+        "rows_in": pl.Int64(),
+        "accepted": pl.Int64(),
+        "duplicates": pl.Int64(),
+        "quarantined": pl.Int64(),
+        **{f"quarantined_{r}": pl.Int64() for r in REASONS},
+        "unknown_campaigns": pl.Int64(),
+        "ignored_columns": pl.Int64(),
         "min_event_time": UTC_MS,
         "max_event_time": UTC_MS,
         "arrived_at": UTC_MS,
         "committed_at": UTC_MS,
-        "lag_ms": pl.Int64,
-        "processing_ms": pl.Float64,
-        "read_ms": pl.Float64,
-        "validate_ms": pl.Float64,
-        "dedupe_ms": pl.Float64,
-        "enrich_ms": pl.Float64,
-        "write_ms": pl.Float64,
-        "commit_ms": pl.Float64,
-        "consumer": pl.String,
+        "lag_ms": pl.Int64(),
+        "processing_ms": pl.Float64(),
+        "read_ms": pl.Float64(),
+        "validate_ms": pl.Float64(),
+        "dedupe_ms": pl.Float64(),
+        "enrich_ms": pl.Float64(),
+        "write_ms": pl.Float64(),
+        "commit_ms": pl.Float64(),
+        "consumer": pl.String(),
     }
 )
 

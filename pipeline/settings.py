@@ -19,7 +19,7 @@ class SettingsError(ValueError):
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in a duration such as ``100ms``, ``15m``, ``1h``, ``2d`` or a bare number of seconds."""
+    """Seconds in a duration such as ``100ms``, ``15m``, ``1h``, ``2d`` or a number of seconds."""
     match = _DURATION.match(str(text))
     if not match:
         raise ValueError(f"{text!r} is not a duration such as 100ms, 30s, 15m, 1h or 2d")
@@ -98,14 +98,13 @@ class Settings:
     max_events_per_second: int = _setting(
         1_000_000, _non_negative_int, "consumer throughput cap (0 = none)"
     )
+    fsync: bool = _setting(True, _bool, "fsync outputs before an input file is deleted")
     keep_processed: bool = _setting(False, _bool, "keep committed input files under processed/")
     poll_interval: float = _setting(0.05, _positive_duration, "idle consumer's spool poll period")
     consumer_name: str = _setting("", str, "name of this consumer in the ledger (default host-pid)")
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read the environment, then apply overrides (CLI flags; None means not given)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
@@ -135,6 +134,4 @@ class Settings:
     @staticmethod
     def describe() -> list[tuple[str, str, str]]:
         """(variable, default, meaning) for every setting, for README and ``--help``."""
-        return [
-            (f.name.upper(), repr(f.default), f.metadata["help"]) for f in fields(Settings)
-        ]
+        return [(f.name.upper(), repr(f.default), f.metadata["help"]) for f in fields(Settings)]

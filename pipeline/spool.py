@@ -1,4 +1,4 @@
-"""The spool: producers drop Arrow IPC files into incoming/ atomically; the consumer lists them in order."""
+"""The spool: producers drop Arrow IPC files into incoming/ atomically; consumers list them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
+from pyarrow import ipc
 
 SUFFIX = ".arrow"
 
@@ -59,9 +59,8 @@ class SpoolWriter:
         """Write one micro-batch; return its final path."""
         final = self.incoming / self.next_name()
         tmp = self.incoming / f".{final.name}.tmp"
-        with pa.OSFile(str(tmp), "wb") as sink:
-            with ipc.new_file(sink, table.schema) as writer:
-                writer.write(table)
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write(table)
         if self.durable:
             fd = os.open(tmp, os.O_RDONLY)
             try:

@@ -1,0 +1,143 @@
+"""The ``adevents`` command line: one entry point, a subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline.settings import Settings, SettingsError
+
+Runner = Callable[[argparse.Namespace, Settings], int]
+
+
+def _settings_epilog() -> str:
+    rows = [
+        f"  {name:<24} {help} (default {default})" for name, default, help in Settings.describe()
+    ]
+    return "environment variables (CLI flags override them):\n" + "\n".join(rows)
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM/SIGINT, so loops stop cleanly between batches."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        logging.getLogger("adevents").info("signal %d: stopping after the current batch", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _consume_configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--once", action="store_true", help="process what is waiting, then exit")
+    parser.add_argument("--redis-url", help="Redis key cache URL (overrides REDIS_URL)")
+    parser.add_argument("--dedupe-window", help="dedupe window, e.g. 15m, 1h (DEDUPE_WINDOW)")
+    parser.add_argument(
+        "--max-events-per-second", help="throughput cap, 0 = none (MAX_EVENTS_PER_SECOND)"
+    )
+
+
+def _consume_run(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.consumer import Consumer, ConsumerLockedError
+    from pipeline.factory import make_key_cache
+
+    stop = _stop_on_signals()
+    consumer = Consumer(settings, make_key_cache(settings))
+    try:
+        consumer.start()
+    except ConsumerLockedError as exc:
+        print(f"adevents consume: {exc}", file=sys.stderr)
+        consumer.cache.close()
+        return 2
+    started = time.perf_counter()
+    try:
+        totals = consumer.run(once=args.once, stop=stop)
+    finally:
+        consumer.close()
+    print(totals.line(time.perf_counter() - started))
+    return 0
+
+
+def _generate_configure(parser: argparse.ArgumentParser) -> None:
+    from generator.command import configure
+
+    configure(parser)
+
+
+def _generate_run(args: argparse.Namespace, settings: Settings) -> int:
+    from generator.command import run
+
+    return int(run(args, settings))
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runner]] = {
+    "generate": (
+        "write synthetic ad events into the spool (incoming/)",
+        _generate_configure,
+        _generate_run,
+    ),
+    "consume": (
+        "validate, deduplicate, enrich and land spool files as Parquet, exactly once",
+        _consume_configure,
+        _consume_run,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adevents",
+        description="adevents: an exactly-once ad-event pipeline over a Parquet lake.",
+        epilog=_settings_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, configure, _) in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_settings_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--data-dir", help="data directory (DATA_DIR, default ./ad_event_data)")
+        p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)")
+        configure(p)
+    return parser
+
+
+#: argparse dests that are also Settings fields: a flag given on the command line overrides env.
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import fields
+
+    names = {f.name for f in fields(Settings)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(**_overrides(args))
+    except SettingsError as exc:
+        print(f"adevents: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _, _, runner = COMMANDS[args.command]
+    return runner(args, settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Atomic, idempotent batch commits: stage every output, flip one directory name, then publish.
+
+A batch writes all its files under ``staging/<batch_id>.partial/``, mirroring their final
+paths, plus ``manifest.json``. Renaming the directory to ``<batch_id>.committed`` is the commit
+point. Publishing renames each file into place (events/, quarantine/, ledger/), so a reader of
+the lake sees a batch's files appear whole, and never a half-written one. After a crash,
+``*.partial`` is discarded (the batch is redone from its input file) and ``*.committed`` is
+published again (renames are idempotent), so every batch lands exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.schema import PARQUET_COMPRESSION
+from pipeline.spool import fsync_dir
+
+PARTIAL = ".partial"
+COMMITTED = ".committed"
+MANIFEST = "manifest.json"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class StagedBatch:
+    """The outputs of one batch, written under staging/ until committed."""
+
+    root: Path
+    batch_id: str
+    durable: bool = True
+    files: list[str] = field(default_factory=list)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.root / "staging" / f"{self.batch_id}{PARTIAL}"
+
+    @property
+    def committed_dir(self) -> Path:
+        return self.root / "staging" / f"{self.batch_id}{COMMITTED}"
+
+    def begin(self) -> StagedBatch:
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
+        self.partial_dir.mkdir(parents=True)
+        return self
+
+    def write_parquet(self, relpath: str, frame: pl.DataFrame, *, row_group_size: int) -> None:
+        """Stage ``frame`` to be published at DATA_DIR/``relpath``."""
+        path = self.partial_dir / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(
+            path, compression=PARQUET_COMPRESSION, statistics=True, row_group_size=row_group_size
+        )
+        if self.durable:
+            _fsync_file(path)
+        self.files.append(relpath)
+
+    def commit(self) -> None:
+        """The commit point: after this returns, the batch will be published even after a crash."""
+        manifest = {"batch_id": self.batch_id, "files": self.files, **self.extra}
+        mpath = self.partial_dir / MANIFEST
+        mpath.write_text(json.dumps(manifest))
+        if self.durable:
+            _fsync_file(mpath)
+            for d in {(self.partial_dir / f).parent for f in self.files} | {self.partial_dir}:
+                fsync_dir(d)
+        os.replace(self.partial_dir, self.committed_dir)
+        if self.durable:
+            fsync_dir(self.committed_dir.parent)
+
+
+def publish(root: Path, committed_dir: Path, *, durable: bool = True) -> dict[str, object]:
+    """Move a committed batch's files into place (idempotent); return its manifest."""
+    manifest: dict[str, object] = json.loads((committed_dir / MANIFEST).read_text())
+    files = manifest["files"]
+    assert isinstance(files, list)
+    touched: set[Path] = set()
+    for rel in files:
+        src, dst = committed_dir / rel, root / rel
+        if src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+            touched.add(dst.parent)
+    if durable:
+        for d in touched:
+            fsync_dir(d)
+    return manifest
+
+
+def finish(committed_dir: Path) -> None:
+    """Forget a published batch's staging directory."""
+    shutil.rmtree(committed_dir, ignore_errors=True)
+
+
+def pending(root: Path) -> tuple[list[Path], list[Path]]:
+    """(committed-but-unpublished, partial) staging directories, in name order."""
+    staging = root / "staging"
+    if not staging.exists():
+        return [], []
+    names = sorted(os.listdir(staging))
+    committed = [staging / n for n in names if n.endswith(COMMITTED)]
+    partial = [staging / n for n in names if n.endswith(PARTIAL)]
+    return committed, partial

@@ -1,0 +1,451 @@
+"""The consumer: takes spool files in order and lands each exactly once in the lake."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import polars as pl
+import pyarrow as pa
+from pyarrow import ipc
+
+from pipeline import commit
+from pipeline.enrich import empty_campaigns, enrich, load_campaigns, partition_by_hour
+from pipeline.fingerprint import Keys, compute_keys, empty_keys
+from pipeline.keycache import CacheLostError, KeyCache
+from pipeline.lake import window_keys
+from pipeline.normalize import SchemaMismatchError, normalize
+from pipeline.schema import (
+    LEDGER_SCHEMA,
+    QUARANTINE_SCHEMA,
+    REASONS,
+    Layout,
+    event_partition,
+)
+from pipeline.settings import Settings
+from pipeline.spool import atomic_write_bytes, list_incoming
+
+log = logging.getLogger("adevents.consumer")
+
+ROW_GROUP_SIZE = 128 * 1024
+_STAGES = ("read_ms", "validate_ms", "dedupe_ms", "enrich_ms", "write_ms")
+
+
+class ConsumerLockedError(RuntimeError):
+    """Another consumer already holds DATA_DIR."""
+
+
+def batch_id_for(path: Path, st: os.stat_result) -> str:
+    """A batch's identity: the file name plus what tells this file from a later one of that name.
+
+    Stable across restarts (rename keeps inode and mtime), so a retried file keeps its batch_id
+    and its outputs land under the same names.
+    """
+    ident = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode()
+    return f"{path.stem}-{hashlib.blake2b(ident, digest_size=4).hexdigest()}"
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Totals:
+    """Running totals of one consumer process, for its summary line."""
+
+    files: int = 0
+    rows_in: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    bad_files: int = 0
+    seconds: float = 0.0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.files += 1
+        self.rows_in += row["rows_in"]
+        self.accepted += row["accepted"]
+        self.duplicates += row["duplicates"]
+        self.quarantined += row["quarantined"]
+        self.bad_files += row["status"] != "ok"
+        self.seconds += row["processing_ms"] / 1000
+        for r in REASONS:
+            self.by_reason[r] = self.by_reason.get(r, 0) + row[f"quarantined_{r}"]
+
+    def line(self, wall_seconds: float) -> str:
+        rate = self.rows_in / wall_seconds if wall_seconds > 0 else 0.0
+        return (
+            f"files={self.files} rows_in={self.rows_in} accepted={self.accepted} "
+            f"duplicates={self.duplicates} quarantined={self.quarantined} "
+            f"bad_files={self.bad_files} events_per_s={rate:,.0f}"
+        )
+
+
+def _ledger_row(**values: Any) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(LEDGER_SCHEMA.names())
+    for name in LEDGER_SCHEMA.names():
+        if LEDGER_SCHEMA[name] == pl.Int64:
+            row[name] = 0
+    row.update(values)
+    return row
+
+
+class Consumer:
+    """Processes spool files one at a time; each lands whole in the lake, exactly once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        cache: KeyCache,
+        *,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.settings = settings
+        self.layout = Layout(settings.data_dir)
+        self.layout.ensure()
+        self.cache = cache
+        self.clock = clock
+        self.window_ms = int(settings.dedupe_window * 1000)
+        self.slice_ms = int(settings.dedupe_slice * 1000)
+        self.name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.durable = settings.fsync
+        self.totals = Totals()
+        self._campaigns = empty_campaigns()
+        self._campaigns_mtime: float | None = -1.0
+        self._lock_file: IO[str] | None = None
+        self._next_allowed = 0.0
+
+    # -- start-up ----------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take DATA_DIR for this consumer; a second one fails here with a clear message."""
+        path = self.layout.state / "consumer.lock"
+        fh = open(path, "a+")  # noqa: SIM115 - held open for the life of the consumer
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise ConsumerLockedError(
+                f"another consumer ({holder}) is already running on {self.layout.root}; "
+                "two consumers on one DATA_DIR would write duplicates. Stop it first."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{self.name} pid={os.getpid()}\n")
+        fh.flush()
+        self._lock_file = fh
+
+    def start(self) -> None:
+        """Lock, finish whatever a crash interrupted, and make the key cache whole."""
+        self.lock()
+        self.recover()
+        self.ensure_cache()
+
+    def recover(self) -> None:
+        """Publish batches committed before a crash; drop those that never reached commit."""
+        committed, partial = commit.pending(self.layout.root)
+        for d in partial:
+            log.info("discarding uncommitted batch %s", d.name)
+            shutil.rmtree(d, ignore_errors=True)
+        for d in committed:
+            log.info("finishing batch %s committed before a crash", d.name)
+            manifest = commit.publish(self.layout.root, d, durable=self.durable)
+            keys, max_ms = self._keys_of(manifest)
+            self.cache.restore(str(manifest["batch_id"]), keys, max_ms)
+            self._complete(d, manifest)
+
+    def ensure_cache(self) -> None:
+        if self.cache.needs_rebuild():
+            started = time.perf_counter()
+            keys, watermark = window_keys(self.layout, self.window_ms, self.slice_ms)
+            self.cache.rebuild(keys, watermark)
+            log.info(
+                "rebuilt the key cache from events/: %d keys, watermark %s, %.1fs",
+                len(keys),
+                watermark,
+                time.perf_counter() - started,
+            )
+
+    def _keys_of(self, manifest: dict[str, Any]) -> tuple[Keys, int | None]:
+        files = [self.layout.root / f for f in manifest["files"] if f.startswith("events/")]
+        if not files:
+            return empty_keys(), None
+        frame = pl.concat([pl.read_parquet(f, columns=["event_id", "event_time"]) for f in files])
+        max_ms = frame["event_time"].dt.epoch("ms").max()
+        keys = compute_keys(frame["event_id"], frame["event_time"], self.slice_ms)
+        return keys, None if max_ms is None else int(str(max_ms))
+
+    # -- one file ------------------------------------------------------------------------------
+    def campaigns(self) -> pl.DataFrame:
+        try:
+            mtime: float | None = self.layout.campaigns.stat().st_mtime
+        except FileNotFoundError:
+            mtime = None
+        if mtime != self._campaigns_mtime or (self._campaigns.is_empty() and mtime):
+            self._campaigns = load_campaigns(self.layout.campaigns)
+            self._campaigns_mtime = mtime
+        return self._campaigns
+
+    def process_file(self, path: Path) -> dict[str, Any] | None:
+        """Land one spool file; returns its ledger row (None if it vanished meanwhile)."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        started = time.perf_counter()
+        batch_id = batch_id_for(path, st)
+        arrived = datetime.fromtimestamp(st.st_mtime, UTC)
+        try:
+            with pa.memory_map(str(path)) as source:
+                table = ipc.open_file(source).read_all()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+            return self._quarantine_file(
+                path,
+                batch_id,
+                arrived,
+                started,
+                reason="unreadable_file",
+                message=f"the file cannot be read as Arrow IPC file format: {exc}",
+                rows=0,
+            )
+        t_read = time.perf_counter()
+        try:
+            table, ignored = normalize(table)
+        except SchemaMismatchError as exc:
+            return self._quarantine_file(
+                path,
+                batch_id,
+                arrived,
+                started,
+                reason="schema_mismatch",
+                message=str(exc),
+                rows=table.num_rows,
+            )
+        frame = pl.from_arrow(table)
+        assert isinstance(frame, pl.DataFrame)
+        now = self.clock()
+        valid, rejected = self._split(frame, now)
+        t_validate = time.perf_counter()
+        for attempt in range(3):
+            try:
+                accepted, duplicates = self._dedupe(batch_id, valid)
+                break
+            except CacheLostError:
+                if attempt == 2:
+                    raise
+                log.warning("the key cache lost its data; rebuilding it from events/")
+                self.ensure_cache()
+                valid, rejected = self._split(frame, now)
+        t_dedupe = time.perf_counter()
+        enriched, unknown = enrich(accepted, self.campaigns(), batch_id=batch_id, ingested_at=now)
+        t_enrich = time.perf_counter()
+        staged = commit.StagedBatch(self.layout.root, batch_id, durable=self.durable).begin()
+        for (date, hour), part in partition_by_hour(enriched).items():
+            staged.write_parquet(
+                f"events/{event_partition(date, hour)}/{batch_id}.parquet",
+                part,
+                row_group_size=ROW_GROUP_SIZE,
+            )
+        if len(rejected):
+            quarantined = rejected.with_columns(
+                source_file=pl.lit(path.name),
+                batch_id=pl.lit(batch_id),
+                ingested_at=pl.lit(now).cast(QUARANTINE_SCHEMA["ingested_at"]),
+            ).select(QUARANTINE_SCHEMA.names())
+            staged.write_parquet(
+                f"quarantine/date={now:%Y-%m-%d}/{batch_id}.parquet",
+                quarantined,
+                row_group_size=ROW_GROUP_SIZE,
+            )
+        t_write = time.perf_counter()
+        reasons = dict.fromkeys(REASONS, 0)
+        if len(rejected):
+            for reason, n in rejected["reason"].value_counts().iter_rows():
+                reasons[reason] = int(n)
+        times = accepted["event_time"]
+        row = _ledger_row(
+            batch_id=batch_id,
+            source_file=path.name,
+            status="ok",
+            rows_in=table.num_rows,
+            accepted=len(accepted),
+            duplicates=duplicates,
+            quarantined=len(rejected),
+            **{f"quarantined_{r}": n for r, n in reasons.items()},
+            unknown_campaigns=unknown,
+            ignored_columns=len(ignored),
+            min_event_time=_ms(times.min()) if len(times) else None,  # type: ignore[arg-type]
+            max_event_time=_ms(times.max()) if len(times) else None,  # type: ignore[arg-type]
+            arrived_at=_ms(arrived),
+            read_ms=(t_read - started) * 1000,
+            validate_ms=(t_validate - t_read) * 1000,
+            dedupe_ms=(t_dedupe - t_validate) * 1000,
+            enrich_ms=(t_enrich - t_dedupe) * 1000,
+            write_ms=(t_write - t_enrich) * 1000,
+            consumer=self.name,
+        )
+        staged.extra = {"source_file": path.name, "ledger": row, "started": started}
+        staged.commit()
+        return self._publish(staged.committed_dir, started)
+
+    def _split(self, frame: pl.DataFrame, now: datetime) -> tuple[pl.DataFrame, pl.DataFrame]:
+        from pipeline.validate import split_valid
+
+        return split_valid(
+            frame, now_ms=_ms(now), watermark_ms=self.cache.watermark(), window_ms=self.window_ms
+        )
+
+    def _dedupe(self, batch_id: str, valid: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+        """Accepted rows and the number of duplicates: first copy wins, in file then row order."""
+        first = valid.filter(pl.col("event_id").is_first_distinct())
+        keys = compute_keys(first["event_id"], first["event_time"], self.slice_ms)
+        is_new = self.cache.claim(batch_id, keys)
+        accepted = first.filter(pl.Series(is_new))
+        return accepted, len(valid) - len(accepted)
+
+    def _publish(self, committed_dir: Path, started: float | None) -> dict[str, Any]:
+        manifest = commit.publish(self.layout.root, committed_dir, durable=self.durable)
+        row: dict[str, Any] = dict(manifest["ledger"])  # type: ignore[call-overload]
+        max_ms = row["max_event_time"]
+        self.cache.finish(row["batch_id"], max_ms)
+        return self._complete(committed_dir, manifest, started)
+
+    def _complete(
+        self, committed_dir: Path, manifest: dict[str, Any], started: float | None = None
+    ) -> dict[str, Any]:
+        """Write the ledger row, retire the input file and the staging directory."""
+        row: dict[str, Any] = dict(manifest["ledger"])
+        committed_at = self.clock()
+        if started is not None:
+            row["processing_ms"] = (time.perf_counter() - started) * 1000
+            staged_ms = sum(
+                row[k] or 0
+                for k in ("read_ms", "validate_ms", "dedupe_ms", "enrich_ms", "write_ms")
+            )
+            row["commit_ms"] = max(0.0, row["processing_ms"] - staged_ms)
+        row["committed_at"] = _ms(committed_at)
+        row["lag_ms"] = row["committed_at"] - row["arrived_at"]
+        self._write_ledger(row, committed_at)
+        self._retire_input(self.layout.incoming / str(manifest["source_file"]))
+        commit.finish(committed_dir)
+        return row
+
+    def _write_ledger(self, row: dict[str, Any], at: datetime) -> None:
+        frame = pl.DataFrame([row], schema=LEDGER_SCHEMA)
+        target = self.layout.ledger / f"date={at:%Y-%m-%d}" / f"{row['batch_id']}.parquet"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        frame.write_parquet(tmp, compression="zstd")
+        os.replace(tmp, target)
+
+    def _retire_input(self, path: Path) -> None:
+        if not path.exists():
+            return
+        if self.settings.keep_processed:
+            self.layout.processed.mkdir(parents=True, exist_ok=True)
+            os.replace(path, self.layout.processed / path.name)
+        else:
+            path.unlink(missing_ok=True)
+        if self.durable:
+            from pipeline.spool import fsync_dir
+
+            fsync_dir(path.parent)
+
+    def _quarantine_file(
+        self,
+        path: Path,
+        batch_id: str,
+        arrived: datetime,
+        started: float,
+        *,
+        reason: str,
+        message: str,
+        rows: int,
+    ) -> dict[str, Any]:
+        """Move a file that cannot be processed to quarantine/files/ with a reason sidecar."""
+        log.warning("quarantined file %s: %s: %s", path.name, reason, message)
+        now = self.clock()
+        sidecar = {
+            "file": path.name,
+            "reason": reason,
+            "message": message,
+            "quarantined_at": now.isoformat(),
+            "batch_id": batch_id,
+        }
+        dest = self.layout.quarantine_files / path.name
+        atomic_write_bytes(
+            dest.with_name(dest.name + ".reason.json"),
+            json.dumps(sidecar, indent=2).encode(),
+            durable=self.durable,
+        )
+        row = _ledger_row(
+            batch_id=batch_id,
+            source_file=path.name,
+            status=reason,
+            rows_in=rows,
+            quarantined=rows,
+            arrived_at=_ms(arrived),
+            processing_ms=(time.perf_counter() - started) * 1000,
+            committed_at=_ms(now),
+            lag_ms=_ms(now) - _ms(arrived),
+            consumer=self.name,
+        )
+        self._write_ledger(row, now)
+        os.replace(path, dest)
+        return row
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _pace(self, rows: int) -> None:
+        cap = self.settings.max_events_per_second
+        if cap <= 0:
+            return
+        now = time.monotonic()
+        self._next_allowed = max(self._next_allowed, now) + rows / cap
+        delay = self._next_allowed - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def run(self, *, once: bool = False, stop: threading.Event | None = None) -> Totals:
+        """Process files until stopped (or, with ``once``, until incoming/ is empty)."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            files = list_incoming(self.layout.incoming)
+            if not files:
+                if once:
+                    break
+                stop.wait(self.settings.poll_interval)
+                continue
+            for path in files:
+                if stop.is_set():
+                    break
+                row = self.process_file(path)
+                if row is None:
+                    continue
+                self.totals.add(row)
+                log.debug("batch %s: %s", row["batch_id"], row)
+                self._pace(row["rows_in"])
+        return self.totals
+
+    def close(self) -> None:
+        self.cache.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None

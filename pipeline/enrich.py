@@ -1,0 +1,54 @@
+"""Enrichment: join the campaign dimension and stamp batch metadata; frames in, frames out."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.schema import CAMPAIGN_COLUMNS, CAMPAIGN_SCHEMA, ENRICHED_SCHEMA, SORT_KEYS
+
+
+def empty_campaigns() -> pl.DataFrame:
+    return pl.DataFrame(schema=CAMPAIGN_SCHEMA)
+
+
+def load_campaigns(path: Path) -> pl.DataFrame:
+    """Read the campaign dimension; one row per campaign_id (the first wins). Empty if absent."""
+    if not path.exists():
+        return empty_campaigns()
+    frame = pl.read_parquet(path)
+    missing = [c for c in CAMPAIGN_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: the campaign dimension lacks required column(s) {missing}")
+    return frame.select([pl.col(c).cast(pl.String) for c in CAMPAIGN_COLUMNS]).unique(
+        "campaign_id", keep="first", maintain_order=True
+    )
+
+
+def enrich(
+    events: pl.DataFrame, campaigns: pl.DataFrame, *, batch_id: str, ingested_at: datetime
+) -> tuple[pl.DataFrame, int]:
+    """Add advertiser_id, campaign_name, ingested_at and batch_id; count unknown campaigns."""
+    dim = campaigns.select(CAMPAIGN_COLUMNS)
+    joined = events.join(dim, on="campaign_id", how="left", maintain_order="left")
+    unknown = int(joined["advertiser_id"].is_null().sum()) if len(joined) else 0
+    stamped = joined.with_columns(
+        ingested_at=pl.lit(ingested_at.astimezone(UTC)).cast(ENRICHED_SCHEMA["ingested_at"]),
+        batch_id=pl.lit(batch_id, pl.String),
+    )
+    return stamped.select(ENRICHED_SCHEMA.names()).cast(ENRICHED_SCHEMA), unknown
+
+
+def partition_by_hour(events: pl.DataFrame) -> dict[tuple[str, int], pl.DataFrame]:
+    """Split stored events into their UTC hour partitions, each sorted for row-group pruning."""
+    if events.is_empty():
+        return {}
+    keyed = events.with_columns(
+        _date=pl.col("event_time").dt.strftime("%Y-%m-%d"), _hour=pl.col("event_time").dt.hour()
+    )
+    out: dict[tuple[str, int], pl.DataFrame] = {}
+    for (date, hour), part in keyed.partition_by(["_date", "_hour"], as_dict=True).items():
+        out[(str(date), int(str(hour)))] = part.drop("_date", "_hour").sort(list(SORT_KEYS))
+    return out

@@ -1,0 +1,96 @@
+"""Normalise compatible Arrow types to the contract's types, or say why a file cannot be."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.schema import EVENT_SCHEMA, MONEY_COLUMNS, OPTIONAL_COLUMNS, TIME_COLUMN
+
+
+class SchemaMismatchError(ValueError):
+    """The file lacks a required column or has a type that cannot be normalised."""
+
+
+def _is_stringlike(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_stringlike(t.value_type)
+    return bool(
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_string_view(t)
+        or pa.types.is_null(t)
+    )
+
+
+def _to_string(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    return col.cast(pa.string())
+
+
+def _to_int64(name: str, col: pa.ChunkedArray) -> pa.ChunkedArray:
+    if pa.types.is_null(col.type) or pa.types.is_int64(col.type):
+        return col.cast(pa.int64())
+    if pa.types.is_integer(col.type):
+        if pa.types.is_uint64(col.type):
+            # Values above int64's range cannot be money: null them so the row is quarantined.
+            too_big = pc.greater(col, pa.scalar(2**63 - 1, pa.uint64()))
+            col = pc.if_else(too_big, pa.scalar(None, pa.uint64()), col)
+        return col.cast(pa.int64())
+    raise SchemaMismatchError(
+        f"column {name!r} has type {col.type}, but money must be an integer number of USD "
+        "micros (any integer width); floats and strings are not accepted"
+    )
+
+
+def _to_event_time(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    target = pa.timestamp("ms", tz="UTC")
+    if pa.types.is_null(col.type):
+        return col.cast(target)
+    if not pa.types.is_timestamp(col.type):
+        raise SchemaMismatchError(
+            f"column 'event_time' has type {col.type}, but it must be an Arrow timestamp "
+            "(s, ms, us or ns; any time zone, or none for UTC)"
+        )
+    # Arrow keeps timestamps as UTC instants whatever the zone label, and naive means UTC
+    # here, so relabelling the zone and truncating the unit is all the normalisation needed.
+    as_utc = col.cast(pa.timestamp(col.type.unit, tz="UTC"))
+    try:
+        # Seconds must not overflow when scaled up; finer units are truncated to the ms.
+        return as_utc.cast(target, safe=col.type.unit == "s")
+    except pa.ArrowInvalid as exc:
+        raise SchemaMismatchError(f"column 'event_time' holds values out of range: {exc}") from None
+
+
+def normalize(table: pa.Table) -> tuple[pa.Table, list[str]]:
+    """Return the table in exactly EVENT_SCHEMA (nullable) and the names of ignored columns."""
+    names = table.column_names
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise SchemaMismatchError(f"column(s) {duplicated} appear more than once")
+    missing = [
+        f.name for f in EVENT_SCHEMA if f.name not in names and f.name not in OPTIONAL_COLUMNS
+    ]
+    if missing:
+        raise SchemaMismatchError(f"required column(s) {missing} are missing; the file has {names}")
+    arrays: list[pa.ChunkedArray] = []
+    for f in EVENT_SCHEMA:
+        if f.name not in names:
+            arrays.append(pa.chunked_array([pa.nulls(table.num_rows, f.type)], f.type))
+            continue
+        col = table.column(f.name)
+        if f.name == TIME_COLUMN:
+            arrays.append(_to_event_time(col))
+        elif f.name in MONEY_COLUMNS:
+            arrays.append(_to_int64(f.name, col))
+        elif _is_stringlike(col.type):
+            arrays.append(_to_string(col))
+        else:
+            raise SchemaMismatchError(
+                f"column {f.name!r} has type {col.type}, but it must be a string "
+                "(string, large_string, string_view or dictionary of strings)"
+            )
+    schema = pa.schema([pa.field(f.name, f.type) for f in EVENT_SCHEMA])
+    ignored = [n for n in names if n not in schema.names]
+    return pa.Table.from_arrays(arrays, schema=schema), ignored
