@@ -18,6 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline import faults
 from pipeline.schema import PARQUET_COMPRESSION
 from pipeline.spool import fsync_dir
 
@@ -94,6 +95,7 @@ def publish(root: Path, committed_dir: Path, *, durable: bool = True) -> dict[st
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
             touched.add(dst.parent)
+            faults.point("mid_publish")
     if durable:
         for d in touched:
             fsync_dir(d)

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 from pyarrow import ipc
 
-from pipeline import commit
+from pipeline import commit, faults
 from pipeline.enrich import empty_campaigns, enrich, load_campaigns, partition_by_hour
 from pipeline.fingerprint import Keys, compute_keys, empty_keys
 from pipeline.keycache import CacheLostError, KeyCache
@@ -227,6 +227,7 @@ class Consumer:
                 rows=0,
             )
         t_read = time.perf_counter()
+        faults.point("after_read")
         try:
             table, ignored = normalize(table)
         except SchemaMismatchError as exc:
@@ -255,6 +256,7 @@ class Consumer:
                 self.ensure_cache()
                 valid, rejected = self._split(frame, now)
         t_dedupe = time.perf_counter()
+        faults.point("after_claim")
         enriched, unknown = enrich(accepted, self.campaigns(), batch_id=batch_id, ingested_at=now)
         t_enrich = time.perf_counter()
         staged = commit.StagedBatch(self.layout.root, batch_id, durable=self.durable).begin()
@@ -302,8 +304,10 @@ class Consumer:
             write_ms=(t_write - t_enrich) * 1000,
             consumer=self.name,
         )
-        staged.extra = {"source_file": path.name, "ledger": row, "started": started}
+        staged.extra = {"source_file": path.name, "ledger": row}
+        faults.point("after_stage")
         staged.commit()
+        faults.point("after_commit")
         return self._publish(staged.committed_dir, started)
 
     def _split(self, frame: pl.DataFrame, now: datetime) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -323,9 +327,10 @@ class Consumer:
 
     def _publish(self, committed_dir: Path, started: float | None) -> dict[str, Any]:
         manifest = commit.publish(self.layout.root, committed_dir, durable=self.durable)
+        faults.point("after_publish")
         row: dict[str, Any] = dict(manifest["ledger"])  # type: ignore[call-overload]
-        max_ms = row["max_event_time"]
-        self.cache.finish(row["batch_id"], max_ms)
+        self.cache.finish(row["batch_id"], row["max_event_time"])
+        faults.point("after_finish")
         return self._complete(committed_dir, manifest, started)
 
     def _complete(
@@ -344,7 +349,9 @@ class Consumer:
         row["committed_at"] = _ms(committed_at)
         row["lag_ms"] = row["committed_at"] - row["arrived_at"]
         self._write_ledger(row, committed_at)
+        faults.point("after_ledger")
         self._retire_input(self.layout.incoming / str(manifest["source_file"]))
+        faults.point("after_retire")
         commit.finish(committed_dir)
         return row
 
@@ -409,6 +416,7 @@ class Consumer:
             consumer=self.name,
         )
         self._write_ledger(row, now)
+        faults.point("after_quarantine_sidecar")
         os.replace(path, dest)
         return row
 

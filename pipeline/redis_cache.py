@@ -307,7 +307,7 @@ class RedisKeyCache:
             errors = [r for r in replies if isinstance(r, Exception)]
             if not errors:
                 break
-            if any("NOSCRIPT" in str(e) for e in errors) and attempt == 0:
+            if any(isinstance(e, NoScriptError) for e in errors) and attempt == 0:
                 self._load_scripts()  # Redis restarted and forgot the scripts
                 continue
             if any("ADEVENTS_LOST" in str(e) for e in errors):

@@ -1,0 +1,133 @@
+"""Shared fixtures: settings factories, a real Redis with a per-test key prefix, spool helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from pipeline.settings import Settings
+
+TEST_REDIS_URL = os.environ.get("ADEVENTS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _redis_or_fail(url: str) -> redis.Redis:
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis at {url} is unreachable and CI=true: {exc}")
+        pytest.skip(f"Redis at {url} is unreachable (set CI=true to make this a failure)")
+    return client
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The shared test Redis; keys are cleaned up by the ``redis_prefix`` fixture."""
+    _redis_or_fail(TEST_REDIS_URL).close()
+    yield TEST_REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own, removed afterwards."""
+    prefix = f"adtest-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
+        client.unlink(key)
+    client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server on a free port, for tests that restart, kill or flush Redis."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not on PATH; it is needed to test Redis restarts")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self) -> None:
+        """Kill and start again on the same port: Redis comes back empty."""
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Factory of Settings on a fresh DATA_DIR under tmp_path, ignoring the caller's env."""
+
+    def factory(**overrides: Any) -> Settings:
+        overrides.setdefault("data_dir", str(tmp_path / "data"))
+        overrides.setdefault("fsync", False)
+        overrides.setdefault("max_events_per_second", 0)
+        return Settings.from_env({}, **overrides)
+
+    return factory

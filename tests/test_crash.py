@@ -1,0 +1,148 @@
+"""Exactly once across kill -9: a real consumer killed at every step lands the same lake."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from pipeline.faults import POINTS
+from pipeline.spool import SpoolWriter, list_incoming
+from pipeline.testing import event_table, lake_contents
+
+BASE_MS = int(time.time() * 1000) - 3_600_000
+
+
+def build_spool(incoming: Path, files: int = 8, rows: int = 400) -> None:
+    """Files with duplicates within and across files, invalid rows and late events."""
+    writer = SpoolWriter(incoming, "crash")
+    rng = random.Random(7)
+    for f in range(files):
+        ids = [f"e{f:03d}-{i:05d}" for i in range(rows)]
+        # ~5 % re-sends of earlier files' events and a few in-file copies
+        for i in rng.sample(range(rows), rows // 20):
+            src = rng.randrange(0, f + 1)
+            ids[i] = f"e{src:03d}-{rng.randrange(rows):05d}"
+        times = [BASE_MS + f * 60_000 + i for i in range(rows)]
+        countries = ["US"] * rows
+        countries[3] = "usa"
+        if f == 5:
+            times[10] = BASE_MS - 10 * 3_600_000  # late: far behind the watermark
+        campaign = ["cmp-0001"] * rows
+        campaign[7] = "cmp-unknown"
+        writer.write(event_table(ids, time_ms=times, country=countries, campaign_id=campaign))
+
+
+def consume(data_dir: Path, env: dict[str, str], crash_at: str | None = None) -> int:
+    run_env = {**env, "DATA_DIR": str(data_dir), "FSYNC": "false", "MAX_EVENTS_PER_SECOND": "0"}
+    run_env.pop("ADEVENTS_CRASH_AT", None)
+    if crash_at:
+        run_env["ADEVENTS_CRASH_AT"] = crash_at
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "consume", "--once", "--log-level", "WARNING"],
+        env=run_env,
+        check=False,
+        capture_output=True,
+        timeout=120,
+    )
+    if proc.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(proc.stderr.decode())
+    return proc.returncode
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def cache_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATA_DIR")}
+    if request.param == "redis":
+        env["REDIS_URL"] = request.getfixturevalue("redis_url")
+        env["REDIS_KEY_PREFIX"] = request.getfixturevalue("redis_prefix")
+    return env
+
+
+@pytest.fixture
+def reference(tmp_path: Path, cache_env: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    spool = tmp_path / "spool"
+    build_spool(spool)
+    ref = tmp_path / "ref"
+    shutil.copytree(spool, ref / "incoming")
+    env = {**cache_env, "REDIS_KEY_PREFIX": cache_env.get("REDIS_KEY_PREFIX", "x") + "-ref"}
+    assert consume(ref, env) == 0
+    events, quarantine = lake_contents(ref)
+    assert len(events) > 0 and len(quarantine) > 0
+    return events, quarantine
+
+
+def assert_same_lake(data_dir: Path, reference: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    events, quarantine = lake_contents(data_dir)
+    assert events["event_id"].is_unique().all()
+    assert_frame_equal(events, reference[0])
+    assert_frame_equal(quarantine, reference[1])
+    assert not list_incoming(data_dir / "incoming")
+    assert not list((data_dir / "staging").iterdir())
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("nth", [1, 4])
+def test_kill_at_each_step_then_restart(
+    tmp_path: Path,
+    cache_env: dict[str, str],
+    reference: tuple[pl.DataFrame, pl.DataFrame],
+    point: str,
+    nth: int,
+) -> None:
+    data = tmp_path / "run"
+    shutil.copytree(tmp_path / "spool", data / "incoming")
+    # Files that reach the quarantine step are rare: add one so that point is visited too.
+    (data / "incoming" / "000000000000001-bad-000000000.arrow").write_bytes(b"not arrow")
+    code = consume(data, cache_env, crash_at=f"{point}:{nth}")
+    if point != "after_quarantine_sidecar" or nth == 1:
+        assert code == -signal.SIGKILL, f"the consumer never reached {point}"
+    assert consume(data, cache_env) == 0
+    assert_same_lake_with_bad_file(data, reference)
+
+
+def assert_same_lake_with_bad_file(
+    data_dir: Path, reference: tuple[pl.DataFrame, pl.DataFrame]
+) -> None:
+    assert_same_lake(data_dir, reference)
+    quarantined_files = sorted(p.name for p in (data_dir / "quarantine" / "files").iterdir())
+    assert quarantined_files == [
+        "000000000000001-bad-000000000.arrow",
+        "000000000000001-bad-000000000.arrow.reason.json",
+    ]
+
+
+@pytest.mark.slow
+def test_kill_at_random_moments(
+    tmp_path: Path, cache_env: dict[str, str], reference: tuple[pl.DataFrame, pl.DataFrame]
+) -> None:
+    """SIGKILL at random instants (not only at named steps), many times, then finish."""
+    data = tmp_path / "run"
+    shutil.copytree(tmp_path / "spool", data / "incoming")
+    rng = random.Random(11)
+    run_env = {**cache_env, "DATA_DIR": str(data), "FSYNC": "false", "MAX_EVENTS_PER_SECOND": "0"}
+    kills = 0
+    for _ in range(12):
+        if not list_incoming(data / "incoming"):
+            break
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "consume", "--once", "--log-level", "ERROR"],
+            env=run_env,
+        )
+        time.sleep(rng.uniform(0.6, 2.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert consume(data, cache_env) == 0
+    assert kills >= 3
+    assert_same_lake(data, reference)
