@@ -9,6 +9,8 @@ import polars as pl
 
 from pipeline.schema import CAMPAIGN_COLUMNS, CAMPAIGN_SCHEMA, ENRICHED_SCHEMA, SORT_KEYS
 
+_HOUR_MS = 3_600_000
+
 
 def empty_campaigns() -> pl.DataFrame:
     return pl.DataFrame(schema=CAMPAIGN_SCHEMA)
@@ -45,10 +47,11 @@ def partition_by_hour(events: pl.DataFrame) -> dict[tuple[str, int], pl.DataFram
     """Split stored events into their UTC hour partitions, each sorted for row-group pruning."""
     if events.is_empty():
         return {}
-    keyed = events.with_columns(
-        _date=pl.col("event_time").dt.strftime("%Y-%m-%d"), _hour=pl.col("event_time").dt.hour()
-    )
+    # Integer hour numbers are far cheaper to group by than formatted dates.
+    hours = events["event_time"].dt.epoch("ms") // _HOUR_MS
     out: dict[tuple[str, int], pl.DataFrame] = {}
-    for (date, hour), part in keyed.partition_by(["_date", "_hour"], as_dict=True).items():
-        out[(str(date), int(str(hour)))] = part.drop("_date", "_hour").sort(list(SORT_KEYS))
+    keyed = events.with_columns(_hour=hours)
+    for (hour_number,), part in keyed.partition_by("_hour", as_dict=True).items():
+        start = datetime.fromtimestamp(int(str(hour_number)) * 3600, UTC)
+        out[(f"{start:%Y-%m-%d}", start.hour)] = part.drop("_hour").sort(list(SORT_KEYS))
     return out
