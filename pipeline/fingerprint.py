@@ -40,10 +40,12 @@ class Keys:
     def concat(parts: list[Keys]) -> Keys:
         if not parts:
             return empty_keys()
+        ms = None if any(p.ms is None for p in parts) else np.concatenate([p.ms for p in parts])
         return Keys(
             np.concatenate([p.slice for p in parts]),
             np.concatenate([p.hi for p in parts]),
             np.concatenate([p.lo for p in parts]),
+            ms,
         )
 
 

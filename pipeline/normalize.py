@@ -25,7 +25,13 @@ def _is_stringlike(t: pa.DataType) -> bool:
 
 def _to_string(col: pa.ChunkedArray) -> pa.ChunkedArray:
     if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
+        # Cast the dictionary itself first: Arrow cannot decode a dictionary of string_view.
+        as_string = pa.dictionary(col.type.index_type, pa.string())
+        chunks = [
+            pa.DictionaryArray.from_arrays(c.indices, c.dictionary.cast(pa.string()))
+            for c in col.chunks
+        ]
+        col = pa.chunked_array(chunks, as_string)
     return col.cast(pa.string())
 
 
@@ -56,6 +62,9 @@ def _to_event_time(col: pa.ChunkedArray) -> pa.ChunkedArray:
     # Arrow keeps timestamps as UTC instants whatever the zone label, and naive means UTC
     # here, so relabelling the zone and truncating the unit is all the normalisation needed.
     as_utc = col.cast(pa.timestamp(col.type.unit, tz="UTC"))
+    if col.type.unit in ("us", "ns") and (pc.min(as_utc).value or 0) < 0:
+        # The unsafe cast below rounds towards zero, i.e. up before 1970: floor like Polars.
+        as_utc = pc.floor_temporal(as_utc, unit="millisecond")
     try:
         # Seconds must not overflow when scaled up; finer units are truncated to the ms.
         return as_utc.cast(target, safe=col.type.unit == "s")

@@ -54,6 +54,14 @@ def _positive_duration(text: str) -> float:
     return value
 
 
+def _millisecond_duration(text: str) -> float:
+    value = _positive_duration(text)
+    if value < 0.001:
+        # The key cache counts in whole milliseconds: less would be a zero window or slice.
+        raise ValueError("must be at least 1ms")
+    return value
+
+
 def _log_level(text: str) -> str:
     value = str(text).upper()
     if value not in LOG_LEVELS:
@@ -69,7 +77,7 @@ def _bool(text: str) -> bool:
     value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
-    if value in ("0", "false", "no", "off", ""):
+    if value in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
 
@@ -87,8 +95,10 @@ class Settings:
         None, _optional_str, "Redis key cache, e.g. redis://127.0.0.1:6379/0; unset = embedded"
     )
     redis_key_prefix: str = _setting("adevents", str, "prefix of every Redis key adevents writes")
-    dedupe_window: float = _setting(3600.0, _positive_duration, "dedupe window, e.g. 15m, 1h, 24h")
-    dedupe_slice: float = _setting(1.0, _positive_duration, "event-time slice of the key cache")
+    dedupe_window: float = _setting(
+        3600.0, _millisecond_duration, "dedupe window, e.g. 15m, 1h, 24h"
+    )
+    dedupe_slice: float = _setting(1.0, _millisecond_duration, "event-time slice of the key cache")
     log_level: str = _setting("INFO", _log_level, "logging level")
     events_per_second: int = _setting(50_000, _non_negative_int, "generator rate (0 = max)")
     batch_interval: float = _setting(0.1, _positive_duration, "generator/ingest batch interval")
@@ -117,9 +127,8 @@ class Settings:
                 raw, source = env[name], name
             if raw is None:
                 continue
-            if not isinstance(raw, str):
-                values[f.name] = raw
-                continue
+            # Typed overrides (tests, argparse ``type=``) are checked like text, not trusted.
+            raw = str(raw)
             try:
                 values[f.name] = parse(raw)
             except (ValueError, TypeError) as exc:
