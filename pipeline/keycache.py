@@ -204,6 +204,12 @@ class EmbeddedKeyCache:
         return self.dir / "meta.json"
 
     def _load(self) -> None:
+        files = sorted(os.listdir(self.dir))
+        # Numbered past every file, stale ones included, so rebuild()'s snapshot supersedes them.
+        self._seq = max(
+            (int(m.group(1)) for f in files if (m := _SEGMENT.match(f) or _SNAPSHOT.match(f))),
+            default=0,
+        )
         meta_path = self._meta_path()
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
         if (
@@ -213,7 +219,6 @@ class EmbeddedKeyCache:
         ):
             self._stale = True
             return
-        files = sorted(os.listdir(self.dir))
         snaps = [(int(m.group(1)), f) for f in files if (m := _SNAPSHOT.match(f))]
         start = 0
         if snaps:
@@ -224,7 +229,6 @@ class EmbeddedKeyCache:
             if m and int(m.group(1)) > start:
                 self._apply_file(self.dir / f)
                 self._segments_since_snapshot += 1
-        self._seq = max([start] + [int(m.group(1)) for f in files if (m := _SEGMENT.match(f))])
         self._expire()
 
     def _apply_file(self, path: Path) -> None:
@@ -276,8 +280,9 @@ class EmbeddedKeyCache:
         self._pending.clear()
         self._watermark = watermark_ms
         self._expire()
-        self._write_meta()
+        # Snapshot (removing older files) before the meta says the directory is valid again.
         self._snapshot()
+        self._write_meta()
         self._stale = False
 
     def claim(self, batch_id: str, keys: Keys) -> Mask:

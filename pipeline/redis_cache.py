@@ -196,7 +196,15 @@ class RedisKeyCache:
     def _register_slices(self, keys: Keys) -> None:
         """Agree with other consumers on each new slice's bucket bits (first proposal wins)."""
         slices, counts = np.unique(keys.slice, return_counts=True)
-        new = [(int(s), int(c)) for s, c in zip(slices, counts, strict=True) if s not in self._bits]
+        # Read the bits every time rather than trust self._bits: another consumer may have
+        # rebuilt (re-sizing the slices) or expired a slice since this one cached it.
+        stored = self.r.hmget(self.bits_key, [str(int(s)) for s in slices])
+        new = []
+        for s, c, b in zip(slices, counts, stored, strict=True):
+            if b is None:
+                new.append((int(s), int(c)))
+            else:
+                self._bits[int(s)] = int(b)
         if not new:
             return
         # Events per slice, estimated from how densely the bulk of this batch covers event time

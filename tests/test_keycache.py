@@ -1,0 +1,721 @@
+"""The key cache contract, run against both caches: the embedded one and the Redis one."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+import redis
+
+import pipeline.keycache as keycache_module
+import pipeline.redis_cache as redis_cache_module
+from pipeline.fingerprint import Keys, compute_keys, empty_keys, fingerprint_check
+from pipeline.keycache import (
+    CacheLostError,
+    CacheStats,
+    EmbeddedKeyCache,
+    KeyCache,
+    expired_before,
+)
+from pipeline.redis_cache import MAX_MEMBERS_PER_CALL, RedisKeyCache
+
+WINDOW_MS = 10_000
+SLICE_MS = 1_000
+
+Opener = Callable[..., Any]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def keys_at(times_ms: list[int] | np.ndarray, *, seed: int, slice_ms: int = SLICE_MS) -> Keys:
+    """Random 128-bit fingerprints, one per event time (distinct with overwhelming odds)."""
+    rng = np.random.default_rng(seed)
+    ms = np.asarray(times_ms, dtype=np.int64)
+    hi = rng.integers(0, 2**64, len(ms), dtype=np.uint64)
+    lo = rng.integers(0, 2**64, len(ms), dtype=np.uint64)
+    return Keys(np.floor_divide(ms, slice_ms), hi, lo, ms)
+
+
+def keys_in_slice(n: int, sl: int, *, seed: int, with_ms: bool = True) -> Keys:
+    """``n`` keys spread evenly over slice ``sl``."""
+    ms = sl * SLICE_MS + (np.arange(n, dtype=np.int64) * SLICE_MS) // max(n, 1)
+    keys = keys_at(ms, seed=seed)
+    return keys if with_ms else Keys(keys.slice, keys.hi, keys.lo)
+
+
+def event_keys(ids: range, *, time_ms: int = 5_000) -> Keys:
+    """Keys of events ``ev-<i>`` through the real fingerprint function."""
+    event_id = pl.Series("event_id", [f"ev-{i}" for i in ids], dtype=pl.String)
+    event_time = pl.Series("event_time", [time_ms] * len(ids), dtype=pl.Int64).cast(
+        pl.Datetime("ms", "UTC")
+    )
+    return compute_keys(event_id, event_time, SLICE_MS)
+
+
+_probes = itertools.count()
+
+
+def probe(cache: KeyCache, keys: Keys) -> np.ndarray:
+    """Which keys the cache holds (claims them under a throwaway batch, so call it last)."""
+    return ~cache.claim(f"probe-{next(_probes)}", keys)
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Factory: ``open_cache(name)`` opens (another instance of) the cache called ``name``.
+
+    Two instances of one name share state: the same directory (embedded) or the same key prefix
+    (Redis), i.e. a consumer restarted over the same state, or two consumers sharing Redis.
+    ``fresh=True`` rebuilds it empty first, as the consumer does for a cache that needs it.
+    """
+    kind = request.param
+    url = prefix = ""
+    if kind == "redis":
+        url = request.getfixturevalue("redis_url")
+        prefix = request.getfixturevalue("redis_prefix")
+    opened: list[KeyCache] = []
+
+    def factory(
+        name: str = "c",
+        *,
+        fresh: bool = True,
+        window_ms: int = WINDOW_MS,
+        slice_ms: int = SLICE_MS,
+        snapshot_every: int = 256,
+    ) -> KeyCache:
+        cache: KeyCache
+        if kind == "embedded":
+            cache = EmbeddedKeyCache(
+                tmp_path / "state" / name,
+                window_ms=window_ms,
+                slice_ms=slice_ms,
+                snapshot_every=snapshot_every,
+            )
+        else:
+            cache = RedisKeyCache.from_url(
+                url, prefix=f"{prefix}:{name}", window_ms=window_ms, slice_ms=slice_ms
+            )
+        if fresh:
+            assert cache.needs_rebuild()
+            cache.rebuild(empty_keys(), None)
+        opened.append(cache)
+        return cache
+
+    yield factory
+    for cache in opened:
+        cache.close()
+
+
+@pytest.fixture
+def private_cache(redis_server: Any) -> Iterator[Callable[..., RedisKeyCache]]:
+    """Factory of Redis caches on the private server (which tests may flush or restart)."""
+    opened: list[RedisKeyCache] = []
+
+    def factory(prefix: str = "adtest", **kw: Any) -> RedisKeyCache:
+        kw.setdefault("window_ms", WINDOW_MS)
+        kw.setdefault("slice_ms", SLICE_MS)
+        cache = RedisKeyCache.from_url(redis_server.url, prefix=prefix, **kw)
+        opened.append(cache)
+        return cache
+
+    yield factory
+    for cache in opened:
+        cache.close()
+
+
+# -- pure parts ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("watermark", "expected"),
+    [
+        (None, None),
+        # Slice s goes once (s+1)*slice <= W - window: slice 5 ends at 6000, so W=16000.
+        (15_999, 5),
+        (16_000, 6),
+        (16_999, 6),
+        (17_000, 7),
+        (0, -10),
+    ],
+)
+def test_expired_before_boundary(watermark: int | None, expected: int | None) -> None:
+    assert expired_before(watermark, WINDOW_MS, SLICE_MS) == expected
+
+
+def test_fingerprints_are_stable_128_bit_and_sliced_by_floor() -> None:
+    ids = pl.Series(["a", "b", "a", "c"], dtype=pl.String)
+    times = pl.Series([-1, 0, 999, 1_000], dtype=pl.Int64).cast(pl.Datetime("ms", "UTC"))
+    keys = compute_keys(ids, times, SLICE_MS)
+    assert keys.slice.tolist() == [-1, 0, 0, 1]
+    assert keys.ms is not None and keys.ms.tolist() == [-1, 0, 999, 1_000]
+    assert keys.hi.dtype == np.uint64 and keys.lo.dtype == np.uint64
+    # Same id, same fingerprint; different ids differ in both halves here.
+    assert (keys.hi[0], keys.lo[0]) == (keys.hi[2], keys.lo[2])
+    assert len({(int(h), int(lo)) for h, lo in zip(keys.hi, keys.lo, strict=True)}) == 3
+    again = compute_keys(ids, times, SLICE_MS)
+    assert np.array_equal(again.hi, keys.hi) and np.array_equal(again.lo, keys.lo)
+    assert fingerprint_check() == fingerprint_check()
+    assert len(fingerprint_check().split("-")) == 6
+
+
+def test_cache_stats_bytes_per_key() -> None:
+    assert CacheStats(keys=0, bytes=100).bytes_per_key == 0.0
+    assert CacheStats(keys=4, bytes=100).bytes_per_key == 25.0
+
+
+# -- the contract, both caches ---------------------------------------------------------------------
+def test_fresh_cache_needs_rebuild_then_not(open_cache: Opener) -> None:
+    cache = open_cache(fresh=False)
+    assert cache.needs_rebuild()
+    assert cache.watermark() is None
+    cache.rebuild(empty_keys(), None)
+    assert not cache.needs_rebuild()
+    # Another instance over the same state agrees.
+    assert not open_cache(fresh=False).needs_rebuild()
+
+
+def test_claim_within_and_across_batches(open_cache: Opener) -> None:
+    cache = open_cache()
+    first = cache.claim("b1", event_keys(range(1_000)))
+    assert first.dtype == np.bool_ and first.shape == (1_000,) and first.all()
+    cache.finish("b1", 5_000)
+    second = cache.claim("b2", event_keys(range(500, 1_500)))
+    assert not second[:500].any() and second[500:].all()
+    # Not yet finished: another batch still loses the keys b2 won.
+    third = cache.claim("b3", event_keys(range(1_400, 1_600)))
+    assert not third[:100].any() and third[100:].all()
+    cache.finish("b2", 5_000)
+    cache.finish("b3", 5_000)
+    assert not cache.claim("b4", event_keys(range(1_600))).any()
+    assert cache.stats().keys == 1_600
+
+
+def test_empty_batch(open_cache: Opener) -> None:
+    cache = open_cache()
+    mask = cache.claim("empty", empty_keys())
+    assert mask.shape == (0,) and mask.dtype == np.bool_
+    cache.finish("empty", None)
+    assert cache.watermark() is None
+    cache.restore("empty-2", empty_keys(), None)
+    cache.rebuild(empty_keys(), None)
+    assert cache.stats().keys == 0
+    assert not cache.needs_rebuild()
+
+
+def test_retry_is_idempotent_per_batch(open_cache: Opener) -> None:
+    cache = open_cache()
+    k = keys_in_slice(300, 5, seed=1)
+    l_ = keys_in_slice(200, 5, seed=2)
+    m = keys_in_slice(100, 6, seed=3)
+    assert cache.claim("b1", k).all()
+    b2 = cache.claim("b2", Keys.concat([k, l_]))
+    assert not b2[:300].any() and b2[300:].all()
+    # Retries, in any order, give each batch the same answers; a retry may bring new keys too.
+    for _ in range(2):
+        assert cache.claim("b1", Keys.concat([k, m])).all()
+        b2_again = cache.claim("b2", Keys.concat([l_, k]))
+        assert b2_again[:200].all() and not b2_again[200:].any()
+    # Once finished, the claim record is forgotten: the keys are simply known.
+    cache.finish("b1", 5_500)
+    assert not cache.claim("b1", k).any()
+    cache.finish("b2", 5_500)
+    assert not cache.claim("b2", l_).any()
+
+
+def test_retry_after_consumer_restart(open_cache: Opener) -> None:
+    """A crash between claim and commit: the new process retries with the same batch ids."""
+    first = open_cache("shared")
+    k = keys_in_slice(300, 5, seed=1)
+    l_ = keys_in_slice(200, 5, seed=2)
+    assert first.claim("b1", k).all()
+    assert not first.claim("b2", Keys.concat([k, l_]))[:300].any()
+    # Redis keeps the claim records; the embedded cache never persisted the claims. Either way
+    # the retried batches get the answers they had.
+    second = open_cache("shared", fresh=False)
+    assert not second.needs_rebuild()
+    assert second.claim("b1", k).all()
+    b2 = second.claim("b2", Keys.concat([k, l_]))
+    assert not b2[:300].any() and b2[300:].all()
+
+
+def test_racing_batches_exactly_one_wins(open_cache: Opener) -> None:
+    cache = open_cache()
+    shared = keys_in_slice(1_000, 7, seed=4)
+    wins = np.zeros(len(shared), dtype=np.int64)
+    batches = [f"race-{i}" for i in range(4)]
+    answers = {}
+    for i, batch in enumerate(batches):
+        # Each batch claims an overlapping window of the shared keys.
+        part = shared.take(np.arange(i * 100, len(shared)))
+        got = cache.claim(batch, part)
+        answers[batch] = (np.arange(i * 100, len(shared)), got)
+        wins[np.arange(i * 100, len(shared))[got]] += 1
+    assert (wins == 1).all()
+    for batch in reversed(batches):
+        idx, got = answers[batch]
+        assert np.array_equal(cache.claim(batch, shared.take(idx)), got)
+
+
+def _claim_at_once(caches: list[RedisKeyCache], batch_ids: list[str], keys: Keys) -> np.ndarray:
+    """Each cache claims ``keys`` for its batch id, all released at the same instant."""
+    results: list[np.ndarray] = [np.empty(0, bool)] * len(caches)
+    barrier = threading.Barrier(len(caches))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = caches[i].claim(batch_ids[i], keys)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(caches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return np.stack(results)
+
+
+def test_racing_consumers_on_redis(redis_url: str, redis_prefix: str) -> None:
+    """Real concurrency: four Redis clients claim the same keys at once, five rounds."""
+    caches = [
+        RedisKeyCache.from_url(
+            redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
+        )
+        for _ in range(4)
+    ]
+    caches[0].rebuild(empty_keys(), None)
+    for rnd in range(5):
+        keys = keys_in_slice(20_000, 3 + rnd, seed=100 + rnd)
+        batch_ids = [f"r{rnd}-c{i}" for i in range(len(caches))]
+        got = _claim_at_once(caches, batch_ids, keys)
+        assert (got.sum(axis=0) == 1).all()
+        # Retries, racing again, get the same answers.
+        assert np.array_equal(_claim_at_once(caches, batch_ids, keys), got)
+    for cache in caches:
+        cache.close()
+
+
+@pytest.mark.parametrize(
+    "watermark", [None, 15_000, 15_999, 16_000, 16_999, 17_000, 17_001, 25_999, 26_000]
+)
+def test_expiry_is_exact_at_the_slice_boundary(open_cache: Opener, watermark: int | None) -> None:
+    times = [4_999, 5_000, 5_500, 5_999, 6_000, 6_999, 7_000, 15_999]
+    cache = open_cache()
+    keys = keys_at(times, seed=5)
+    assert cache.claim("b", keys).all()
+    cache.finish("b", watermark)
+    assert cache.watermark() == watermark
+    cutoff = expired_before(watermark, WINDOW_MS, SLICE_MS)
+    expected = np.ones(len(times), bool) if cutoff is None else keys.slice >= cutoff
+    assert cache.stats().keys == int(expected.sum())
+    held = probe(cache, keys)
+    assert np.array_equal(held, expected)
+    if watermark is not None:
+        # The guarantee itself: an event that is not late has its key.
+        not_late = np.asarray(times) >= watermark - WINDOW_MS
+        assert held[not_late].all()
+        # ... and whole slices go once all of them is late, never part of one.
+        assert (held == (keys.slice * SLICE_MS + SLICE_MS > watermark - WINDOW_MS)).all()
+
+
+def test_watermark_is_monotonic(open_cache: Opener) -> None:
+    cache = open_cache("wm")
+    assert cache.watermark() is None
+    cache.finish("a", 100_000)
+    assert cache.watermark() == 100_000
+    cache.finish("b", 50_000)
+    assert cache.watermark() == 100_000
+    cache.finish("c", None)
+    assert cache.watermark() == 100_000
+    cache.restore("d", empty_keys(), 99_999)
+    assert cache.watermark() == 100_000
+    cache.finish("e", 100_001)
+    assert cache.watermark() == 100_001
+    assert open_cache("wm", fresh=False).watermark() == 100_001
+
+
+def test_finish_expires_and_only_then(open_cache: Opener) -> None:
+    cache = open_cache()
+    old = keys_in_slice(50, 0, seed=6)
+    new = keys_in_slice(50, 20, seed=7)
+    cache.claim("b1", Keys.concat([old, new]))
+    cache.finish("b1", 10_999)  # cutoff 0: slice 0 still in
+    assert cache.stats().keys == 100
+    cache.finish("b2", 11_000)  # cutoff 1: slice 0 is late as a whole
+    assert cache.stats().keys == 50
+    held = probe(cache, Keys.concat([old, new]))
+    assert not held[:50].any() and held[50:].all()
+
+
+def test_restore_readds_a_committed_batch(open_cache: Opener) -> None:
+    first = open_cache("shared")
+    k = keys_in_slice(500, 8, seed=8)
+    assert first.claim("b1", k).all()
+    # Committed, then a crash before finish(): the new process restores it from events/.
+    second = open_cache("shared", fresh=False)
+    second.restore("b1", k, 8_999)
+    second.restore("b1", k, 8_999)  # idempotent
+    assert second.watermark() == 8_999
+    assert second.stats().keys == 500
+    # The claim record is forgotten and the keys are known to everyone.
+    assert not second.claim("b1", k).any()
+    assert not second.claim("b2", k).any()
+
+
+def test_rebuild_replaces_content(open_cache: Opener) -> None:
+    cache = open_cache("rb")
+    before = keys_in_slice(100, 30, seed=9)
+    cache.claim("b1", before)
+    cache.finish("b1", 30_500)
+    live = keys_in_slice(200, 40, seed=10)
+    late = keys_in_slice(70, 20, seed=11)  # already expired at the rebuilt watermark
+    cache.rebuild(Keys.concat([live, late]), 40_999)
+    assert not cache.needs_rebuild()
+    assert cache.watermark() == 40_999
+    assert cache.stats().keys == 200
+    reopened = open_cache("rb", fresh=False)
+    assert not reopened.needs_rebuild()
+    assert reopened.watermark() == 40_999
+    assert reopened.stats().keys == 200
+    held = probe(reopened, Keys.concat([live, before]))
+    assert held[:200].all() and not held[200:].any()
+
+
+def test_large_batch_in_one_slice(open_cache: Opener) -> None:
+    """200k keys in one slice; on Redis all in one bucket, far past one SADD's worth."""
+    cache = open_cache()
+    n = 200_000
+    # One key first, without event times: the slice is sized for it (a single bucket).
+    seed_key = keys_in_slice(1, 9, seed=12, with_ms=False)
+    assert cache.claim("small", seed_key).all()
+    big = keys_in_slice(n, 9, seed=13, with_ms=False)
+    assert n > 40 * MAX_MEMBERS_PER_CALL
+    batch = Keys.concat([seed_key, big])
+    got = cache.claim("big", batch)
+    assert not got[0] and got[1:].all()
+    assert np.array_equal(cache.claim("big", batch), got)
+    assert not cache.claim("other", big).any()
+    cache.finish("small", 9_999)
+    cache.finish("big", 9_999)
+    assert cache.stats().keys == n + 1
+
+
+def test_keys_spanning_many_slices(open_cache: Opener) -> None:
+    window = 1_000 * SLICE_MS
+    cache = open_cache(window_ms=window)
+    rng = np.random.default_rng(14)
+    times = rng.integers(0, 2_000 * SLICE_MS, 20_000)
+    keys = keys_at(times, seed=15)
+    assert cache.claim("b1", keys).all()
+    half = keys.take(np.arange(10_000, 20_000))
+    extra = keys_at(rng.integers(0, 2_000 * SLICE_MS, 5_000), seed=16)
+    got = cache.claim("b2", Keys.concat([half, extra]))
+    assert not got[:10_000].any() and got[10_000:].all()
+    watermark = int(max(times.max(), 0))
+    cache.finish("b1", watermark)
+    cache.finish("b2", watermark)
+    cutoff = expired_before(watermark, window, SLICE_MS)
+    assert cutoff is not None and cutoff > 900
+    everything = Keys.concat([keys, extra])
+    live = everything.slice >= cutoff
+    assert cache.stats().keys == int(live.sum())
+    assert np.array_equal(probe(cache, everything), live)
+
+
+# -- embedded only ---------------------------------------------------------------------------------
+def embedded(tmp_path: Path, **kw: Any) -> EmbeddedKeyCache:
+    kw.setdefault("window_ms", WINDOW_MS)
+    kw.setdefault("slice_ms", SLICE_MS)
+    return EmbeddedKeyCache(tmp_path / "state", **kw)
+
+
+def test_embedded_persists_across_instances(tmp_path: Path) -> None:
+    first = embedded(tmp_path)
+    first.rebuild(empty_keys(), None)
+    committed = [keys_in_slice(100, s, seed=20 + s) for s in range(5)]
+    for i, k in enumerate(committed):
+        first.claim(f"b{i}", k)
+        first.finish(f"b{i}", (i + 1) * SLICE_MS - 1)
+    unfinished = keys_in_slice(100, 5, seed=30)
+    first.claim("pending", unfinished)
+    assert (tmp_path / "state" / "embedded" / "meta.json").exists()
+    # No close(): a crash. Segments alone carry the finished batches.
+    second = embedded(tmp_path)
+    assert not second.needs_rebuild()
+    assert second.watermark() == 5 * SLICE_MS - 1
+    assert second.stats().keys == 500
+    second.finish("b5", 12_500)  # cutoff 2: slices 0 and 1 go
+    second.close()
+    third = embedded(tmp_path)
+    assert third.watermark() == 12_500
+    assert third.stats().keys == 300
+    # A claim not finished before the crash was not persisted: the consumer retries it.
+    held = probe(third, Keys.concat([*committed, unfinished]))
+    assert not held[:200].any() and held[200:500].all() and not held[500:].any()
+
+
+def test_embedded_snapshot_compaction_keeps_only_live_keys(tmp_path: Path) -> None:
+    cache = embedded(tmp_path, snapshot_every=3)
+    cache.rebuild(empty_keys(), None)
+    batches = []
+    for i in range(10):
+        k = keys_in_slice(50, 4 * i, seed=40 + i)
+        batches.append(k)
+        cache.claim(f"b{i}", k)
+        cache.finish(f"b{i}", 4 * i * SLICE_MS + 500)
+    watermark = 36 * SLICE_MS + 500
+    cutoff = expired_before(watermark, WINDOW_MS, SLICE_MS)
+    assert cutoff == 26
+    live = [k for k in batches if k.slice[0] >= cutoff]
+    assert cache.stats().keys == 50 * len(live) == 150
+    state = tmp_path / "state" / "embedded"
+    snaps = sorted(state.glob("snap-*.npz"))
+    segs = sorted(state.glob("seg-*.npz"))
+    assert len(snaps) == 1 and len(segs) < 3
+    # The snapshot holds live keys only (what was live when it was taken).
+    with np.load(snaps[0]) as data:
+        snap_wm = int(data["watermark"])
+        snap_cutoff = expired_before(snap_wm, WINDOW_MS, SLICE_MS)
+        assert snap_cutoff is not None
+        assert (data["slice"] >= snap_cutoff).all()
+        assert len(data["slice"]) <= 50 * 3
+    reopened = embedded(tmp_path, snapshot_every=3)
+    assert reopened.watermark() == watermark
+    assert reopened.stats().keys == 150
+    held = probe(reopened, Keys.concat(batches))
+    assert np.array_equal(held, np.repeat([k.slice[0] >= cutoff for k in batches], 50))
+
+
+def test_embedded_close_compacts_to_one_snapshot(tmp_path: Path) -> None:
+    cache = embedded(tmp_path)
+    cache.rebuild(empty_keys(), None)
+    for i in range(4):
+        cache.claim(f"b{i}", keys_in_slice(10, i, seed=50 + i))
+        cache.finish(f"b{i}", i * SLICE_MS)
+    cache.close()
+    state = tmp_path / "state" / "embedded"
+    assert len(list(state.glob("snap-*.npz"))) == 1
+    assert not list(state.glob("seg-*.npz"))
+    assert embedded(tmp_path).stats().keys == 40
+
+
+def test_embedded_detects_a_fingerprint_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old_keys = [keys_in_slice(100, s, seed=60 + s) for s in range(4)]
+    first = embedded(tmp_path)
+    first.rebuild(empty_keys(), None)
+    for i, k in enumerate(old_keys):
+        first.claim(f"b{i}", k)
+        first.finish(f"b{i}", 4_000)
+    first.close()
+    # A new Polars hashes differently: the persisted fingerprints mean nothing any more.
+    monkeypatch.setattr(keycache_module, "fingerprint_check", lambda: "other-check")
+    second = embedded(tmp_path)
+    assert second.needs_rebuild()
+    new_keys = keys_in_slice(100, 3, seed=70)
+    second.rebuild(new_keys, 4_000)
+    assert not second.needs_rebuild()
+    second.close()
+    # Nothing written under the old fingerprint may come back.
+    third = embedded(tmp_path)
+    assert not third.needs_rebuild()
+    assert third.watermark() == 4_000
+    assert third.stats().keys == 100
+    held = probe(third, Keys.concat([new_keys, *old_keys]))
+    assert held[:100].all() and not held[100:].any()
+
+
+def test_embedded_detects_a_slice_change(tmp_path: Path) -> None:
+    first = embedded(tmp_path)
+    first.rebuild(keys_in_slice(10, 1, seed=80), 1_000)
+    first.close()
+    assert embedded(tmp_path, slice_ms=2 * SLICE_MS).needs_rebuild()
+    meta = json.loads((tmp_path / "state" / "embedded" / "meta.json").read_text())
+    assert meta["slice_ms"] == SLICE_MS
+
+
+# -- Redis only: losses, scripts, memory -----------------------------------------------------------
+def test_redis_detects_a_fingerprint_change(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = RedisKeyCache.from_url(
+        redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
+    )
+    cache.rebuild(empty_keys(), None)
+    assert not cache.needs_rebuild()
+    cache.close()
+    monkeypatch.setattr(redis_cache_module, "fingerprint_check", lambda: "other-check")
+    other = RedisKeyCache.from_url(
+        redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
+    )
+    assert other.needs_rebuild()
+    with pytest.raises(CacheLostError):
+        other.claim("b", keys_in_slice(10, 1, seed=81))
+    other.close()
+
+
+def test_redis_flushall_raises_cache_lost(
+    private_cache: Callable[..., RedisKeyCache], redis_server: Any
+) -> None:
+    cache = private_cache()
+    cache.rebuild(empty_keys(), None)
+    k = keys_in_slice(1_000, 5, seed=90)
+    assert cache.claim("b1", k).all()
+    cache.finish("b1", 5_999)
+    redis.Redis.from_url(redis_server.url).flushall()
+    assert cache.needs_rebuild()
+    assert cache.watermark() is None
+    with pytest.raises(CacheLostError):
+        cache.claim("b2", k)
+    with pytest.raises(CacheLostError):  # and again: never silently accepted
+        cache.claim("b2", k)
+    cache.rebuild(k, 5_999)
+    assert not cache.needs_rebuild()
+    assert not cache.claim("b2", k).any()
+    assert cache.claim("b3", keys_in_slice(10, 5, seed=91)).all()
+
+
+def test_redis_restart_raises_cache_lost(
+    private_cache: Callable[..., RedisKeyCache], redis_server: Any
+) -> None:
+    cache = private_cache()
+    cache.rebuild(empty_keys(), None)
+    k = keys_in_slice(1_000, 5, seed=92)
+    assert cache.claim("b1", k).all()
+    cache.finish("b1", 5_999)
+    redis_server.restart()  # comes back empty, without the scripts
+    with pytest.raises(CacheLostError):
+        cache.claim("b2", k)
+    assert cache.needs_rebuild()
+    cache.rebuild(k, 5_999)
+    assert not cache.claim("b2", k).any()
+    cache.finish("b2", 6_500)
+    assert cache.watermark() == 6_500
+
+
+def test_redis_reloads_scripts_after_script_flush(
+    private_cache: Callable[..., RedisKeyCache], redis_server: Any
+) -> None:
+    cache = private_cache()
+    cache.rebuild(empty_keys(), None)
+    k = keys_in_slice(1_000, 5, seed=93)
+    assert cache.claim("b1", k).all()
+    client = redis.Redis.from_url(redis_server.url)
+    client.script_flush()
+    # NOSCRIPT is not a data loss: the claim goes through, and the retry still counts as b1's.
+    assert cache.claim("b1", k).all()
+    assert not cache.claim("b2", k).any()
+    client.script_flush()
+    cache.finish("b1", 7_000)
+    assert cache.watermark() == 7_000
+    client.close()
+
+
+def test_redis_missing_group_sentinel_refuses(
+    private_cache: Callable[..., RedisKeyCache], redis_server: Any
+) -> None:
+    cache = private_cache()
+    cache.rebuild(empty_keys(), None)
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete("adtest:{g3}:alive")  # e.g. evicted: a partial loss is a loss
+    assert cache.needs_rebuild()
+    with pytest.raises(CacheLostError):
+        cache.claim("b1", keys_in_slice(5_000, 5, seed=94))
+    client.close()
+
+
+def _used_memory(url: str) -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        info = client.info("memory")
+        return int(info["used_memory"]) - int(info["mem_clients_normal"])
+    finally:
+        client.close()
+
+
+def test_redis_bytes_per_key_dense_slice(
+    private_cache: Callable[..., RedisKeyCache], redis_server: Any
+) -> None:
+    n = 200_000
+    cache = private_cache(prefix="mem")
+    cache.rebuild(empty_keys(), None)
+    cache.claim("warm", keys_in_slice(10, 1, seed=95))  # warm the script and the connection
+    cache.finish("warm", None)
+    before = _used_memory(redis_server.url)
+    keys = keys_in_slice(n, 2, seed=96)
+    assert cache.claim("dense", keys).all()
+    cache.finish("dense", None)  # drops the claim record
+    after = _used_memory(redis_server.url)
+    per_key = (after - before) / n
+    assert per_key <= 24, f"{per_key:.1f} bytes a key"
+    client = redis.Redis.from_url(redis_server.url)
+    buckets = list(client.scan_iter(match="mem:{g*}:2:*", count=10_000))
+    assert len(buckets) > 1
+    encodings = {client.object("encoding", b) for b in buckets}
+    assert encodings == {b"intset"}
+    assert sum(client.scard(b) for b in buckets) == n
+    client.close()
+
+
+def test_redis_consumer_follows_a_rebuild_by_another(redis_url: str, redis_prefix: str) -> None:
+    """Consumer B must see the slices as consumer A's rebuild laid them out, not as it cached."""
+
+    def open_one() -> RedisKeyCache:
+        return RedisKeyCache.from_url(
+            redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
+        )
+
+    a, b = open_one(), open_one()
+    a.rebuild(empty_keys(), None)
+    early = keys_in_slice(10, 5, seed=97, with_ms=False)  # sizes slice 5 for a few keys
+    assert b.claim("b1", early).all()
+    b.finish("b1", 5_000)
+    # Redis lost its data; A notices first and rebuilds from events/ (many keys in slice 5).
+    window = Keys.concat([early, keys_in_slice(100_000, 5, seed=98)])
+    a.rebuild(window, 5_999)
+    assert not b.needs_rebuild()  # so B's consumer does not rebuild: B must still be right
+    assert not b.claim("b2", window).any()
+    a.close()
+    b.close()
+
+
+def test_redis_consumer_follows_an_expiry_by_another(redis_url: str, redis_prefix: str) -> None:
+    """A slice expired by consumer A and claimed again by B is registered again, so it expires."""
+
+    def open_one() -> RedisKeyCache:
+        return RedisKeyCache.from_url(
+            redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
+        )
+
+    a, b = open_one(), open_one()
+    a.rebuild(empty_keys(), None)
+    assert b.claim("b1", keys_in_slice(10, 5, seed=99)).all()
+    b.finish("b1", 5_999)
+    a.finish("a1", 16_000)  # slice 5 is late as a whole: A drops it
+    assert a.stats().keys == 0
+    # A straggler for slice 5 (validated just before the watermark moved) reaches B.
+    assert b.claim("b2", keys_in_slice(10, 5, seed=100)).all()
+    a.finish("a2", 16_000)
+    client = redis.Redis.from_url(redis_url)
+    assert not list(client.scan_iter(match=f"{redis_prefix}:{{g*}}:5:*"))
+    client.close()
+    a.close()
+    b.close()
+
+
+def test_embedded_keys_sharing_one_half_stay_distinct(tmp_path: Path) -> None:
+    """Keys that differ only in ``hi`` are different keys, across many merged chunks too."""
+    cache = embedded(tmp_path)
+    cache.rebuild(empty_keys(), None)
+    lo = np.full(12, 42, dtype=np.uint64)
+    hi = np.arange(12, dtype=np.uint64)
+    for i in range(12):  # one chunk each: past 8 chunks the slice merges them
+        k = Keys(np.array([3]), hi[i : i + 1], lo[i : i + 1])
+        assert cache.claim(f"b{i}", k).all()
+        cache.finish(f"b{i}", 3_000)
+    assert cache.stats().keys == 12
+    others = Keys(np.full(3, 3), np.array([5, 11, 12], dtype=np.uint64), np.full(3, 42, np.uint64))
+    assert cache.claim("x", others).tolist() == [False, False, True]
