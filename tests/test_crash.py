@@ -28,11 +28,12 @@ def build_spool(incoming: Path, files: int = 8, rows: int = 400) -> None:
     rng = random.Random(7)
     for f in range(files):
         ids = [f"e{f:03d}-{i:05d}" for i in range(rows)]
-        # ~5 % re-sends of earlier files' events and a few in-file copies
-        for i in rng.sample(range(rows), rows // 20):
-            src = rng.randrange(0, f + 1)
-            ids[i] = f"e{src:03d}-{rng.randrange(rows):05d}"
         times = [BASE_MS + f * 60_000 + i for i in range(rows)]
+        # ~5 % re-sends of earlier files' events and a few in-file copies; a re-sent event
+        # carries its original's event_time, as the contract says
+        for i in rng.sample(range(rows), rows // 20):
+            src, j = rng.randrange(0, f + 1), rng.randrange(rows)
+            ids[i], times[i] = f"e{src:03d}-{j:05d}", BASE_MS + src * 60_000 + j
         countries = ["US"] * rows
         countries[3] = "usa"
         if f == 5:
