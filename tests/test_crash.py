@@ -69,17 +69,24 @@ def cache_env(request: pytest.FixtureRequest) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def reference(tmp_path: Path, cache_env: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    spool = tmp_path / "spool"
-    build_spool(spool)
-    ref = tmp_path / "ref"
+def reference_run(
+    tmp_path: Path, spool: Path, cache_env: dict[str, str]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The lake an uninterrupted consumer makes of ``spool``."""
+    ref = tmp_path / f"ref-{spool.name}"
     shutil.copytree(spool, ref / "incoming")
-    env = {**cache_env, "REDIS_KEY_PREFIX": cache_env.get("REDIS_KEY_PREFIX", "x") + "-ref"}
+    env = {**cache_env, "REDIS_KEY_PREFIX": cache_env.get("REDIS_KEY_PREFIX", "x") + spool.name}
     assert consume(ref, env) == 0
     events, quarantine = lake_contents(ref)
     assert len(events) > 0 and len(quarantine) > 0
+    assert events["event_id"].is_unique().all()
     return events, quarantine
+
+
+@pytest.fixture
+def reference(tmp_path: Path, cache_env: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    build_spool(tmp_path / "spool")
+    return reference_run(tmp_path, tmp_path / "spool", cache_env)
 
 
 def assert_same_lake(data_dir: Path, reference: tuple[pl.DataFrame, pl.DataFrame]) -> None:
@@ -123,23 +130,26 @@ def assert_same_lake_with_bad_file(
 
 
 @pytest.mark.slow
-def test_kill_at_random_moments(
-    tmp_path: Path, cache_env: dict[str, str], reference: tuple[pl.DataFrame, pl.DataFrame]
-) -> None:
+def test_kill_at_random_moments(tmp_path: Path, cache_env: dict[str, str]) -> None:
     """SIGKILL at random instants (not only at named steps), many times, then finish."""
+    spool = tmp_path / "bigspool"
+    build_spool(spool, files=40, rows=5000)
+    reference = reference_run(tmp_path, spool, cache_env)
     data = tmp_path / "run"
-    shutil.copytree(tmp_path / "spool", data / "incoming")
+    shutil.copytree(spool, data / "incoming")
     rng = random.Random(11)
-    run_env = {**cache_env, "DATA_DIR": str(data), "FSYNC": "false", "MAX_EVENTS_PER_SECOND": "0"}
+    # A cap of 100k events/s makes the run last ~2 s, so kills land all along it.
+    run_env = {**cache_env, "DATA_DIR": str(data), "FSYNC": "false"}
+    run_env["MAX_EVENTS_PER_SECOND"] = "100000"
     kills = 0
-    for _ in range(12):
+    for _ in range(15):
         if not list_incoming(data / "incoming"):
             break
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "consume", "--once", "--log-level", "ERROR"],
             env=run_env,
         )
-        time.sleep(rng.uniform(0.6, 2.0))
+        time.sleep(rng.uniform(0.8, 1.6))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
