@@ -36,44 +36,29 @@ MAX_BITS = 20
 MAX_MEMBERS_PER_CALL = 4000
 CLAIM_RECORD_TTL_S = 7 * 24 * 3600
 
+# Per bucket: which members were already present, then add them all; no per-member Lua loop.
+# The claim record appends "<members,>|<present mask>;" per attempt, so a retry of the batch
+# (after a crash) learns which members its earlier attempts won. Returns {mask, earlier record}.
 _CLAIM_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('ADEVENTS_LOST key cache lost its data')
 end
 local nkeys = #KEYS - 2
-local pos = 3 + nkeys
-local mine = nil
-local rec = redis.call('GET', KEYS[2])
-if rec then
-  mine = {}
-  for m in string.gmatch(rec, '[^,]+') do mine[m] = true end
-end
+local first = 3 + nkeys
+local pos = first
 local out = {}
-local won = {}
 for i = 1, nkeys do
-  local n = tonumber(ARGV[2 + i])
-  local key = KEYS[2 + i]
-  local last = pos + n - 1
-  local present = redis.call('SMISMEMBER', key, unpack(ARGV, pos, last))
-  redis.call('SADD', key, unpack(ARGV, pos, last))
-  for j = 1, n do
-    local m = ARGV[pos + j - 1]
-    if present[j] == 0 then
-      out[#out + 1] = '1'
-      won[#won + 1] = m
-    elseif mine and mine[m] then
-      out[#out + 1] = '1'
-    else
-      out[#out + 1] = '0'
-    end
-  end
+  local last = pos + tonumber(ARGV[2 + i]) - 1
+  local present = redis.call('SMISMEMBER', KEYS[2 + i], unpack(ARGV, pos, last))
+  redis.call('SADD', KEYS[2 + i], unpack(ARGV, pos, last))
+  out[i] = table.concat(present)
   pos = last + 1
 end
-if #won > 0 then
-  redis.call('APPEND', KEYS[2], table.concat(won, ',') .. ',')
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-end
-return table.concat(out)
+local mask = table.concat(out)
+local earlier = redis.call('GET', KEYS[2]) or ''
+redis.call('APPEND', KEYS[2], table.concat(ARGV, ',', first, pos - 1) .. '|' .. mask .. ';')
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {mask, earlier}
 """
 
 _RAISE_WATERMARK_LUA = """
@@ -99,6 +84,22 @@ def _resp_args(args: list[str | bytes]) -> bytes:
         b = a.encode() if isinstance(a, str) else a
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
+
+
+def _won_mask(mask: bytes, earlier: bytes, members: pl.Series) -> Mask:
+    """True where the member was new now, or was won by an earlier attempt of this batch."""
+    won: Mask = np.frombuffer(mask, dtype=np.uint8) == ord("0")
+    if earlier:
+        # A retry: collect what earlier attempts won (rare, so plain Python is fine here).
+        mine: set[int] = set()
+        for attempt in earlier.decode().split(";"):
+            if attempt:
+                names, _, seen = attempt.partition("|")
+                mine.update(
+                    int(m) for m, s in zip(names.split(","), seen, strict=True) if s == "0"
+                )
+        won |= members.is_in(list(mine)).to_numpy()
+    return won
 
 
 class RedisKeyCache:
@@ -321,7 +322,12 @@ class RedisKeyCache:
             if any("ADEVENTS_LOST" in str(e) for e in errors):
                 raise CacheLostError("the Redis key cache lost its data; rebuilding from events/")
             raise errors[0]
-        won = np.concatenate([np.frombuffer(bytes(r), dtype=np.uint8) == ord("1") for r in replies])
+        won = np.concatenate(
+            [
+                _won_mask(bytes(mask), bytes(earlier), part["member"])
+                for (mask, earlier), part in zip(replies, parts, strict=True)
+            ]
+        )
         result[frame["row"].to_numpy()] = won
         return result
 
