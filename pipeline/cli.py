@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.settings import Settings, SettingsError
 
 Runner = Callable[[argparse.Namespace, Settings], int]
+Configure = Callable[[argparse.ArgumentParser], None]
 
 
 def _settings_epilog() -> str:
@@ -46,11 +47,11 @@ def _consume_configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _consume_run(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.consumer import Consumer, ConsumerLockedError
-    from pipeline.factory import make_key_cache
+    from pipeline.consumer import ConsumerLockedError
+    from pipeline.factory import make_consumer
 
     stop = _stop_on_signals()
-    consumer = Consumer(settings, make_key_cache(settings))
+    consumer = make_consumer(settings)
     try:
         consumer.start()
     except ConsumerLockedError as exc:
@@ -78,7 +79,20 @@ def _generate_run(args: argparse.Namespace, settings: Settings) -> int:
     return int(run(args, settings))
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runner]] = {
+def _lazy(module: str, configure: str, run: str) -> tuple[Configure, Runner]:
+    """configure/run functions of a subcommand that lives in another package, imported lazily."""
+    import importlib
+
+    def do_configure(parser: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(module), configure)(parser)
+
+    def do_run(args: argparse.Namespace, settings: Settings) -> int:
+        return int(getattr(importlib.import_module(module), run)(args, settings))
+
+    return do_configure, do_run
+
+
+COMMANDS: dict[str, tuple[str, Configure, Runner]] = {
     "generate": (
         "write synthetic ad events into the spool (incoming/)",
         _generate_configure,
@@ -89,7 +103,28 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runner
         _consume_configure,
         _consume_run,
     ),
+    "sql": (
+        "run ad-hoc SQL over the lake's DuckDB views (no query: interactive prompt)",
+        *_lazy("queries.command", "configure", "run"),
+    ),
+    "serve": (
+        "serve the API and dashboard (Litestar on uvicorn)",
+        *_lazy("api.command", "configure_serve", "run_serve"),
+    ),
+    "demo": (
+        "run generator, consumer, scheduled jobs and API together; print the dashboard URL",
+        *_lazy("api.command", "configure_demo", "run_demo"),
+    ),
 }
+
+
+def _job_commands() -> dict[str, tuple[str, Configure, Runner]]:
+    from pipeline.jobs.command import COMMANDS as JOB_COMMANDS
+
+    return dict(JOB_COMMANDS)
+
+
+COMMANDS.update(_job_commands())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,11 @@ point. Publishing renames each file into place (events/, quarantine/, ledger/), 
 the lake sees a batch's files appear whole, and never a half-written one. After a crash,
 ``*.partial`` is discarded (the batch is redone from its input file) and ``*.committed`` is
 published again (renames are idempotent), so every batch lands exactly once.
+
+Several consumers may attempt one batch (a takeover after a lost lease): each attempt stages
+under its own ``<batch_id>.<attempt>.partial``; only one rename to ``<batch_id>.committed`` can
+succeed (the target then exists and is not empty), and a takeover deletes the partial
+directories of earlier attempts first, which fences a stalled consumer out of committing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ COMMITTED = ".committed"
 MANIFEST = "manifest.json"
 
 
+class CommitConflictError(RuntimeError):
+    """This attempt may not commit: another attempt committed the batch or fenced this one."""
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -42,12 +51,13 @@ class StagedBatch:
     root: Path
     batch_id: str
     durable: bool = True
+    attempt: str = "local"
     files: list[str] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def partial_dir(self) -> Path:
-        return self.root / "staging" / f"{self.batch_id}{PARTIAL}"
+        return self.root / "staging" / f"{self.batch_id}.{self.attempt}{PARTIAL}"
 
     @property
     def committed_dir(self) -> Path:
@@ -78,7 +88,17 @@ class StagedBatch:
             _fsync_file(mpath)
             for d in {(self.partial_dir / f).parent for f in self.files} | {self.partial_dir}:
                 fsync_dir(d)
-        os.replace(self.partial_dir, self.committed_dir)
+        try:
+            os.replace(self.partial_dir, self.committed_dir)
+        except FileNotFoundError:
+            raise CommitConflictError(
+                f"batch {self.batch_id}: this attempt was fenced off by a takeover"
+            ) from None
+        except OSError as exc:  # ENOTEMPTY / EEXIST: another attempt committed first
+            shutil.rmtree(self.partial_dir, ignore_errors=True)
+            raise CommitConflictError(
+                f"batch {self.batch_id} was committed by another attempt: {exc}"
+            ) from None
         if self.durable:
             fsync_dir(self.committed_dir.parent)
 
@@ -105,6 +125,27 @@ def publish(root: Path, committed_dir: Path, *, durable: bool = True) -> dict[st
 def finish(committed_dir: Path) -> None:
     """Forget a published batch's staging directory."""
     shutil.rmtree(committed_dir, ignore_errors=True)
+
+
+def discard_partials(root: Path, batch_id: str) -> None:
+    """Delete every uncommitted attempt of a batch (the fence of a takeover)."""
+    staging = root / "staging"
+    if staging.exists():
+        for name in os.listdir(staging):
+            if name.startswith(f"{batch_id}.") and name.endswith(PARTIAL):
+                shutil.rmtree(staging / name, ignore_errors=True)
+
+
+def committed_dir_of(root: Path, batch_id: str) -> Path:
+    return root / "staging" / f"{batch_id}{COMMITTED}"
+
+
+def batch_id_of(staging_dir: Path) -> str:
+    """The batch a staging directory belongs to."""
+    name = staging_dir.name
+    if name.endswith(COMMITTED):
+        return name[: -len(COMMITTED)]
+    return name[: -len(PARTIAL)].rsplit(".", 1)[0]
 
 
 def pending(root: Path) -> tuple[list[Path], list[Path]]:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -26,6 +27,7 @@ from pipeline.enrich import empty_campaigns, enrich, load_campaigns, partition_b
 from pipeline.fingerprint import Keys, compute_keys, empty_keys
 from pipeline.keycache import CacheLostError, KeyCache
 from pipeline.lake import window_keys
+from pipeline.leases import Lease, Leases, LocalLeases
 from pipeline.normalize import SchemaMismatchError, normalize
 from pipeline.schema import (
     LEDGER_SCHEMA,
@@ -35,7 +37,7 @@ from pipeline.schema import (
     event_partition,
 )
 from pipeline.settings import Settings
-from pipeline.spool import atomic_write_bytes, list_incoming
+from pipeline.spool import SUFFIX, atomic_write_bytes, list_incoming
 
 log = logging.getLogger("adevents.consumer")
 
@@ -55,6 +57,11 @@ def batch_id_for(path: Path, st: os.stat_result) -> str:
     """
     ident = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode()
     return f"{path.stem}-{hashlib.blake2b(ident, digest_size=4).hexdigest()}"
+
+
+def source_name(batch_id: str) -> str:
+    """The spool file name a batch was made from."""
+    return batch_id.rsplit("-", 1)[0] + SUFFIX
 
 
 def _ms(dt: datetime) -> int:
@@ -115,9 +122,12 @@ class Consumer:
         settings: Settings,
         cache: KeyCache,
         *,
+        leases: Leases | None = None,
         clock: Callable[[], datetime] = _now,
     ) -> None:
         self.settings = settings
+        #: Without shared leases this consumer must have DATA_DIR to itself (start() locks it).
+        self.leases: Leases = leases or LocalLeases()
         self.layout = Layout(settings.data_dir)
         self.layout.ensure()
         self.cache = cache
@@ -154,35 +164,50 @@ class Consumer:
         self._lock_file = fh
 
     def start(self) -> None:
-        """Lock, finish whatever a crash interrupted, and make the key cache whole."""
-        self.lock()
-        self.recover()
+        """Lock (when alone), finish what a crash interrupted, and make the key cache whole."""
+        if isinstance(self.leases, LocalLeases):
+            self.lock()
         self.ensure_cache()
+        self.recover()
 
     def recover(self) -> None:
-        """Publish batches committed before a crash; drop those that never reached commit."""
+        """Publish batches committed before a crash; drop attempts that never committed.
+
+        Only batches whose file lease is free are touched: with several consumers, a staging
+        directory under a live lease belongs to a consumer that is still working on it.
+        """
         committed, partial = commit.pending(self.layout.root)
-        for d in partial:
-            log.info("discarding uncommitted batch %s", d.name)
-            shutil.rmtree(d, ignore_errors=True)
-        for d in committed:
-            log.info("finishing batch %s committed before a crash", d.name)
-            manifest = commit.publish(self.layout.root, d, durable=self.durable)
-            keys, max_ms = self._keys_of(manifest)
-            self.cache.restore(str(manifest["batch_id"]), keys, max_ms)
-            self._complete(d, manifest)
+        for d in partial + committed:
+            batch_id = commit.batch_id_of(d)
+            lease = self.leases.acquire(source_name(batch_id))
+            if lease is None:
+                continue
+            try:
+                if d in partial:
+                    log.info("discarding uncommitted attempt %s", d.name)
+                    shutil.rmtree(d, ignore_errors=True)
+                elif d.exists():
+                    log.info("finishing batch %s committed before a crash", batch_id)
+                    self._roll_forward(d)
+            finally:
+                self.leases.release(lease)
 
     def ensure_cache(self) -> None:
-        if self.cache.needs_rebuild():
-            started = time.perf_counter()
-            keys, watermark = window_keys(self.layout, self.window_ms, self.slice_ms)
-            self.cache.rebuild(keys, watermark)
-            log.info(
-                "rebuilt the key cache from events/: %d keys, watermark %s, %.1fs",
-                len(keys),
-                watermark,
-                time.perf_counter() - started,
-            )
+        """Rebuild the key cache from events/ if it lost its state (or never had it)."""
+        started = time.perf_counter()
+
+        def loader(since: float | None) -> tuple[Keys, int | None]:
+            return window_keys(self.layout, self.window_ms, self.slice_ms, since)
+
+        if self.cache.ensure(loader):
+            log.info("rebuilt the key cache from events/ in %.1fs", time.perf_counter() - started)
+
+    def _roll_forward(self, committed_dir: Path) -> dict[str, Any]:
+        """Finish a batch that some attempt committed: publish, re-add its keys, retire it."""
+        manifest = commit.publish(self.layout.root, committed_dir, durable=self.durable)
+        keys, max_ms = self._keys_of(manifest)
+        self.cache.restore(str(manifest["batch_id"]), keys, max_ms)
+        return self._complete(committed_dir, manifest)
 
     def _keys_of(self, manifest: dict[str, Any]) -> tuple[Keys, int | None]:
         files = [self.layout.root / f for f in manifest["files"] if f.startswith("events/")]
@@ -199,23 +224,51 @@ class Consumer:
             mtime: float | None = self.layout.campaigns.stat().st_mtime
         except FileNotFoundError:
             mtime = None
-        if mtime != self._campaigns_mtime or (self._campaigns.is_empty() and mtime):
+        if mtime != self._campaigns_mtime:
             self._campaigns = load_campaigns(self.layout.campaigns)
             self._campaigns_mtime = mtime
         return self._campaigns
 
-    def process_file(self, path: Path) -> dict[str, Any] | None:
-        """Land one spool file; returns its ledger row (None if it vanished meanwhile)."""
+    def process_file(self, path: Path, lease: Lease | None = None) -> dict[str, Any] | None:
+        """Land one spool file; returns its ledger row, or None if it was not landed now.
+
+        The caller holds ``lease`` on the file name. None is returned when the file vanished
+        (another consumer finished it) or this attempt lost its lease or its key-cache epoch
+        before committing; the file is then simply taken again.
+        """
+        lease = lease or Lease(path.name, "local")
+        for _ in range(3):
+            try:
+                return self._process(path, lease)
+            except CacheLostError:
+                log.warning("the key cache lost its data; rebuilding it from events/")
+                self.ensure_cache()
+        raise CacheLostError(f"{path.name}: the key cache kept losing its data")
+
+    def _process(self, path: Path, lease: Lease) -> dict[str, Any] | None:
         try:
             st = path.stat()
         except FileNotFoundError:
             return None
         started = time.perf_counter()
         batch_id = batch_id_for(path, st)
+        committed_dir = commit.committed_dir_of(self.layout.root, batch_id)
+        if committed_dir.exists():  # an earlier attempt committed; finish its work
+            return self._roll_forward(committed_dir)
+        commit.discard_partials(self.layout.root, batch_id)  # fence off earlier attempts
+        return self._land(path, st, batch_id, lease, started)
+
+    def _land(
+        self, path: Path, st: os.stat_result, batch_id: str, lease: Lease, started: float
+    ) -> dict[str, Any] | None:
+        """Read, validate, deduplicate, enrich, stage and commit one file."""
+        committed_dir = commit.committed_dir_of(self.layout.root, batch_id)
         arrived = datetime.fromtimestamp(st.st_mtime, UTC)
         try:
             with pa.memory_map(str(path)) as source:
                 table = ipc.open_file(source).read_all()
+        except FileNotFoundError:
+            return None
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
             return self._quarantine_file(
                 path,
@@ -245,21 +298,15 @@ class Consumer:
         now = self.clock()
         valid, rejected = self._split(frame, now)
         t_validate = time.perf_counter()
-        for attempt in range(3):
-            try:
-                accepted, duplicates = self._dedupe(batch_id, valid)
-                break
-            except CacheLostError:
-                if attempt == 2:
-                    raise
-                log.warning("the key cache lost its data; rebuilding it from events/")
-                self.ensure_cache()
-                valid, rejected = self._split(frame, now)
+        accepted, duplicates = self._dedupe(batch_id, valid)
         t_dedupe = time.perf_counter()
         faults.point("after_claim")
         enriched, unknown = enrich(accepted, self.campaigns(), batch_id=batch_id, ingested_at=now)
         t_enrich = time.perf_counter()
-        staged = commit.StagedBatch(self.layout.root, batch_id, durable=self.durable).begin()
+        attempt = re.sub(r"[^A-Za-z0-9_-]", "_", lease.token)
+        staged = commit.StagedBatch(
+            self.layout.root, batch_id, durable=self.durable, attempt=attempt
+        ).begin()
         for (date, hour), part in partition_by_hour(enriched).items():
             staged.write_parquet(
                 f"events/{event_partition(date, hour)}/{batch_id}.parquet",
@@ -306,7 +353,15 @@ class Consumer:
         )
         staged.extra = {"source_file": path.name, "ledger": row}
         faults.point("after_stage")
-        staged.commit()
+        if not (self.leases.held(lease) and self.cache.valid()):
+            log.warning("%s: lost the lease or the key cache meanwhile; not committing", path.name)
+            shutil.rmtree(staged.partial_dir, ignore_errors=True)
+            return None
+        try:
+            staged.commit()
+        except commit.CommitConflictError as exc:
+            log.warning("%s", exc)
+            return self._roll_forward(committed_dir) if committed_dir.exists() else None
         faults.point("after_commit")
         return self._publish(staged.committed_dir, started)
 
@@ -441,18 +496,30 @@ class Consumer:
                     break
                 stop.wait(self.settings.poll_interval)
                 continue
+            landed_any = False
             for path in files:
                 if stop.is_set():
                     break
-                row = self.process_file(path)
+                lease = self.leases.acquire(path.name)
+                if lease is None:
+                    continue  # another consumer has it
+                try:
+                    row = self.process_file(path, lease)
+                finally:
+                    self.leases.release(lease)
                 if row is None:
                     continue
+                landed_any = True
                 self.totals.add(row)
                 log.debug("batch %s: %s", row["batch_id"], row)
                 self._pace(row["rows_in"])
+            if not landed_any:
+                # Everything waiting is leased by other consumers (or was just taken): wait.
+                stop.wait(self.settings.poll_interval)
         return self.totals
 
     def close(self) -> None:
+        self.leases.close()
         self.cache.close()
         if self._lock_file is not None:
             self._lock_file.close()

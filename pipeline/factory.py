@@ -1,10 +1,17 @@
-"""Builds the edges (key cache) from settings: the one place that picks implementations."""
+"""Builds the edges (key cache, leases, consumer) from settings: the one place that picks."""
 
 from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING
 
 from pipeline.keycache import EmbeddedKeyCache, KeyCache
 from pipeline.schema import Layout
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeline.consumer import Consumer
 
 
 def make_key_cache(settings: Settings) -> KeyCache:
@@ -19,8 +26,30 @@ def make_key_cache(settings: Settings) -> KeyCache:
             prefix=settings.redis_key_prefix,
             window_ms=window_ms,
             slice_ms=slice_ms,
+            rebuild_grace_s=settings.rebuild_grace,
         )
         return cache
     layout = Layout(settings.data_dir)
     layout.ensure()
     return EmbeddedKeyCache(layout.state, window_ms=window_ms, slice_ms=slice_ms)
+
+
+def make_consumer(settings: Settings) -> Consumer:
+    """A consumer for ``adevents consume``: with Redis, it shares files with other consumers."""
+    from pipeline.consumer import Consumer
+
+    cache = make_key_cache(settings)
+    leases = None
+    if settings.redis_url:
+        from pipeline.leases import RedisLeases
+        from pipeline.redis_cache import RedisKeyCache
+
+        assert isinstance(cache, RedisKeyCache)
+        consumer_name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+        leases = RedisLeases(
+            cache.r,
+            prefix=settings.redis_key_prefix,
+            owner=consumer_name,
+            timeout_s=settings.lease_timeout,
+        )
+    return Consumer(settings, cache, leases=leases)

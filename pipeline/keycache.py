@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +17,9 @@ from pipeline.fingerprint import Keys, empty_keys, fingerprint_check
 from pipeline.spool import atomic_write_bytes
 
 Mask = npt.NDArray[np.bool_]
+#: Reads the window's keys and the watermark from the lake; with a time, only files written
+#: since then (epoch seconds).
+Loader = Callable[[float | None], tuple[Keys, "int | None"]]
 
 
 class CacheLostError(RuntimeError):
@@ -49,6 +53,12 @@ class KeyCache(Protocol):
 
     def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
         """Replace the cache's content with these keys (all committed events in the window)."""
+
+    def ensure(self, loader: Loader) -> bool:
+        """Rebuild from ``loader`` if the cache lost its state; True if it rebuilt."""
+
+    def valid(self) -> bool:
+        """True while claims made since the last ensure() still stand (no loss since)."""
 
     def claim(self, batch_id: str, keys: Keys) -> Mask:
         """Per key, True when this batch is the first to claim it. Raises CacheLostError."""
@@ -284,6 +294,16 @@ class EmbeddedKeyCache:
         self._snapshot()
         self._write_meta()
         self._stale = False
+
+    def ensure(self, loader: Loader) -> bool:
+        if not self._stale:
+            return False
+        keys, watermark = loader(None)
+        self.rebuild(keys, watermark)
+        return True
+
+    def valid(self) -> bool:
+        return True
 
     def claim(self, batch_id: str, keys: Keys) -> Mask:
         mine = self._pending.get(batch_id, empty_keys())

@@ -34,17 +34,25 @@ def _hour_partitions(events: Path) -> list[tuple[datetime, Path]]:
     return out
 
 
-def _files(directory: Path) -> list[str]:
-    return sorted(str(directory / f) for f in os.listdir(directory) if f.endswith(".parquet"))
+def _files(directory: Path, modified_since: float | None = None) -> list[str]:
+    names = [f for f in os.listdir(directory) if f.endswith(".parquet")]
+    if modified_since is not None:
+        names = [f for f in names if (directory / f).stat().st_mtime >= modified_since]
+    return sorted(str(directory / f) for f in names)
 
 
-def window_keys(layout: Layout, window_ms: int, slice_ms: int) -> tuple[Keys, int | None]:
-    """Keys of every stored event in the dedupe window, and the watermark (max event_time)."""
+def window_keys(
+    layout: Layout, window_ms: int, slice_ms: int, modified_since: float | None = None
+) -> tuple[Keys, int | None]:
+    """Keys of every stored event in the dedupe window, and the watermark (max event_time).
+
+    With ``modified_since`` (epoch seconds), only files written since then are read.
+    """
     parts = _hour_partitions(layout.events)
     empty = pl.DataFrame(schema={"event_id": pl.String, "event_time": pl.Datetime("ms", "UTC")})
     watermark = None
     for _, directory in reversed(parts):
-        files = _files(directory)
+        files = _files(directory, modified_since)
         if files:
             top = pl.scan_parquet(files).select(pl.col("event_time").max()).collect().item()
             if top is not None:
@@ -55,7 +63,7 @@ def window_keys(layout: Layout, window_ms: int, slice_ms: int) -> tuple[Keys, in
     cutoff_ms = watermark - window_ms
     hour_ms = 3600 * 1000
     wanted = [d for start, d in parts if start.timestamp() * 1000 + hour_ms > cutoff_ms]
-    files = [f for d in wanted for f in _files(d)]
+    files = [f for d in wanted for f in _files(d, modified_since)]
     cutoff = datetime.fromtimestamp(cutoff_ms / 1000, UTC)
     frame = (
         pl.scan_parquet(files)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from typing import Any, cast
 
 import numpy as np
@@ -27,7 +28,7 @@ import redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from pipeline.fingerprint import Keys, fingerprint_check
-from pipeline.keycache import CacheLostError, CacheStats, Mask, expired_before
+from pipeline.keycache import CacheLostError, CacheStats, Loader, Mask, expired_before
 
 GROUPS = 16
 TARGET_PER_BUCKET = 256
@@ -35,6 +36,9 @@ MAX_BITS = 20
 # Lua's unpack() is bounded by its C stack (~8000); keep each SADD well below.
 MAX_MEMBERS_PER_CALL = 4000
 CLAIM_RECORD_TTL_S = 7 * 24 * 3600
+REBUILD_LOCK = "rebuild-lock"
+REBUILD_LOCK_TIMEOUT_S = 30.0
+REBUILD_WAIT_S = 3600.0
 
 # Per bucket: which members were already present, then add them all; no per-member Lua loop.
 # The claim record appends "<members,>|<present mask>;" per attempt, so a retry of the batch
@@ -95,9 +99,7 @@ def _won_mask(mask: bytes, earlier: bytes, members: pl.Series) -> Mask:
         for attempt in earlier.decode().split(";"):
             if attempt:
                 names, _, seen = attempt.partition("|")
-                mine.update(
-                    int(m) for m, s in zip(names.split(","), seen, strict=True) if s == "0"
-                )
+                mine.update(int(m) for m, s in zip(names.split(","), seen, strict=True) if s == "0")
         won |= members.is_in(list(mine)).to_numpy()
     return won
 
@@ -112,12 +114,15 @@ class RedisKeyCache:
         prefix: str,
         window_ms: int,
         slice_ms: int,
+        rebuild_grace_s: float = 0.0,
     ) -> None:
         self.r = client
         self.p = prefix
         self.window_ms = window_ms
         self.slice_ms = slice_ms
         self.check = fingerprint_check()
+        self.alive_value = ""
+        self.rebuild_grace_s = rebuild_grace_s
         self.meta = f"{prefix}:{{m}}:meta"
         self.slices_key = f"{prefix}:{{m}}:slices"
         self.bits_key = f"{prefix}:{{m}}:bits"
@@ -127,14 +132,22 @@ class RedisKeyCache:
         self._load_scripts()
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str, window_ms: int, slice_ms: int) -> RedisKeyCache:
+    def from_url(
+        cls, url: str, *, prefix: str, window_ms: int, slice_ms: int, rebuild_grace_s: float = 0.0
+    ) -> RedisKeyCache:
         """Connect to ``redis://`` (single server) or ``redis+cluster://`` (Redis Cluster)."""
         client: redis.Redis | redis.RedisCluster
         if url.startswith("redis+cluster://"):
             client = redis.RedisCluster.from_url("redis://" + url[len("redis+cluster://") :])
         else:
             client = redis.Redis.from_url(url)
-        return cls(client, prefix=prefix, window_ms=window_ms, slice_ms=slice_ms)
+        return cls(
+            client,
+            prefix=prefix,
+            window_ms=window_ms,
+            slice_ms=slice_ms,
+            rebuild_grace_s=rebuild_grace_s,
+        )
 
     # -- helpers ---------------------------------------------------------------------------------
     def _group_key(self, group: int, suffix: str) -> str:
@@ -168,29 +181,87 @@ class RedisKeyCache:
         return int(value)
 
     def needs_rebuild(self) -> bool:
+        """True unless every group's sentinel holds one epoch of the current fingerprint."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hget(self.meta, "fingerprint")
         for g in range(GROUPS):
             pipe.get(self._group_key(g, "alive"))
         fp, *alive = pipe.execute()
-        expected = self.check.encode()
-        return fp != expected or any(a != expected for a in alive)
+        values = {a.decode() if isinstance(a, bytes) else a for a in alive}
+        current = values.pop() if len(values) == 1 else None
+        if fp != self.check.encode() or not current or not current.startswith(self.check + ":"):
+            return True
+        # Another consumer may have rebuilt meanwhile: adopt its epoch.
+        self.alive_value = current
+        return False
+
+    def valid(self) -> bool:
+        """True while the cache still holds the epoch this consumer's claims were made in."""
+        pipe = self.r.pipeline(transaction=False)
+        for g in range(GROUPS):
+            pipe.get(self._group_key(g, "alive"))
+        expected = self.alive_value.encode()
+        return all(v == expected for v in pipe.execute())
+
+    def ensure(self, loader: Loader) -> bool:
+        """Rebuild from the lake if Redis lost its data; one consumer rebuilds, the others wait.
+
+        The rebuilder waits ``rebuild_grace_s`` first, so that batches whose commit was already
+        under way land before it reads events/, then catches up with files written meanwhile.
+        """
+        if not self.needs_rebuild():
+            return False
+        from pipeline.leases import RedisLeases
+
+        # The rebuild lock is a lease: renewed while the rebuild runs, taken over at once when
+        # its holder died on this host, and expiring otherwise.
+        locks = RedisLeases(
+            self.r, prefix=self.p, owner="rebuild", timeout_s=REBUILD_LOCK_TIMEOUT_S
+        )
+        try:
+            deadline = time.monotonic() + REBUILD_WAIT_S
+            while (lock := locks.acquire(REBUILD_LOCK)) is None:
+                if not self.needs_rebuild():
+                    return False
+                if time.monotonic() > deadline:
+                    raise CacheLostError("timed out waiting for another consumer's rebuild")
+                time.sleep(0.1)
+            if not self.needs_rebuild():
+                locks.release(lock)
+                return False
+            time.sleep(self.rebuild_grace_s)
+            started = time.time()
+            keys, watermark = loader(None)
+            self.rebuild(keys, watermark)
+            late_keys, late_watermark = loader(started - self.rebuild_grace_s - 1.0)
+            self._add_plain(late_keys)
+            if late_watermark is not None:
+                self.finish("rebuild", late_watermark)
+            locks.release(lock)
+            return True
+        finally:
+            locks.close()
 
     def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
-        # Drop everything under the prefix first: stale slices must not survive a rebuild.
-        for key in self.r.scan_iter(match=f"{self.p}:*", count=10_000):
-            self.r.unlink(key)
+        # Drop the whole key cache first: stale slices must not survive a rebuild. (Leases and
+        # the rebuild lock live under other hash tags and are kept.)
+        # Sentinels go first, so that no claim can succeed while the old keys are deleted.
+        self.r.delete(*[self._group_key(g, "alive") for g in range(GROUPS)])
+        for pattern in (f"{self.p}:{{g*", f"{self.p}:{{m}}:*"):
+            for key in self.r.scan_iter(match=pattern, count=10_000):
+                self.r.unlink(key)
         self._bits.clear()
         self.r.hset(self.meta, mapping={"watermark": -1 if watermark_ms is None else watermark_ms})
         self._expire(watermark_ms)
         cutoff = expired_before(watermark_ms, self.window_ms, self.slice_ms)
         if cutoff is not None:
             keys = keys.take(keys.slice >= cutoff)
+        self.alive_value = f"{self.check}:{uuid.uuid4().hex[:12]}"
         self._add_plain(keys)
         # Only now is the cache whole again: sentinels and the check go in last.
         pipe = self.r.pipeline(transaction=False)
         for g in range(GROUPS):
-            pipe.set(self._group_key(g, "alive"), self.check)
+            pipe.set(self._group_key(g, "alive"), self.alive_value)
         pipe.hset(self.meta, "fingerprint", self.check)
         pipe.execute()
 
@@ -271,7 +342,7 @@ class RedisKeyCache:
             self._claim_sha,
             str(len(keys)),
             *keys,
-            self.check,
+            self.alive_value,
             str(CLAIM_RECORD_TTL_S),
             *[str(n) for n in runs["n"].to_list()],
         ]
@@ -320,6 +391,8 @@ class RedisKeyCache:
                 self._load_scripts()  # Redis restarted and forgot the scripts
                 continue
             if any("ADEVENTS_LOST" in str(e) for e in errors):
+                if attempt == 0 and not self.needs_rebuild():
+                    continue  # another consumer rebuilt the cache: claim in its new epoch
                 raise CacheLostError("the Redis key cache lost its data; rebuilding from events/")
             raise errors[0]
         won = np.concatenate(

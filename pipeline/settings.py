@@ -86,6 +86,199 @@ def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
     return field(default=default, metadata={"parse": parse, "help": help})
 
 
+def _read_fields(cls: type, env: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Parse every setting field of ``cls`` from overrides or the environment."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if "parse" not in f.metadata:
+            continue
+        name = f.name.upper()
+        raw = overrides.get(f.name)
+        source = f"--{f.name.replace('_', '-')}"
+        if raw is None and name in env:
+            raw, source = env[name], name
+        if raw is None:
+            continue
+        raw = str(raw)
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except (ValueError, TypeError) as exc:
+            raise SettingsError(
+                f"{source}={raw!r} is invalid: {exc}. {name} is the {f.metadata['help']}."
+            ) from None
+    return values
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|kib|mib|gib)?\s*$", re.I)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``128MiB``, ``64MB`` or a plain number of bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a size such as 134217728, 128MiB or 64MB")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+
+
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value <= 0:
+        raise ValueError("must be more than 0 bytes")
+    return value
+
+
+def _duration(text: str) -> float:
+    return parse_duration(text)
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(str(text).replace("_", ""))
+    if not value >= 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be a fraction between 0 and 1")
+    return value
+
+
+def _optional_url(text: str) -> str | None:
+    value = str(text).strip()
+    if not value:
+        return None
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Every knob of the scheduled jobs; field names are the environment variables in lower case."""
+
+    # -- schedule -------------------------------------------------------------------------------
+    rollup_interval: float = _setting(60.0, _positive_duration, "period of the rollup job")
+    compact_interval: float = _setting(600.0, _positive_duration, "period of the compaction job")
+    alert_interval: float = _setting(15.0, _positive_duration, "period of the alert evaluation")
+    alert_webhook_interval: float = _setting(
+        5.0, _positive_duration, "period of the alert webhook delivery job"
+    )
+    retention_interval: float = _setting(3600.0, _positive_duration, "period of the retention job")
+    # -- compaction -----------------------------------------------------------------------------
+    compact_min_age: float = _setting(
+        600.0, _duration, "an hour partition is compacted once its end is this far in the past"
+    )
+    compact_target_rows: int = _setting(
+        1_000_000, _positive_int, "rows per compacted file (the smaller of this and the size)"
+    )
+    compact_target_bytes: int = _setting(
+        128 * 1024**2, _positive_size, "approximate bytes per compacted file, e.g. 128MiB"
+    )
+    compact_row_group_rows: int = _setting(
+        122_880, _positive_int, "rows per row group of compacted files (DuckDB's unit of work)"
+    )
+    # -- alerts ---------------------------------------------------------------------------------
+    alert_window: float = _setting(
+        60.0, _positive_duration, "window of ledger batches the throughput/latency/error rules see"
+    )
+    alert_throughput_warning: float = _setting(
+        100_000.0, _non_negative_float, "events/s below which a backlogged consumer warns"
+    )
+    alert_throughput_critical: float = _setting(
+        50_000.0, _non_negative_float, "events/s below which a backlogged consumer is critical"
+    )
+    alert_latency_p95_warning: float = _setting(
+        0.050, _positive_duration, "batch processing p95 latency that warns (e.g. 50ms)"
+    )
+    alert_latency_p95_critical: float = _setting(
+        0.100, _positive_duration, "batch processing p95 latency that is critical (e.g. 100ms)"
+    )
+    alert_error_rate_warning: float = _setting(
+        0.01, _fraction, "quarantined / rows in above which the error-rate rule warns"
+    )
+    alert_error_rate_critical: float = _setting(
+        0.05, _fraction, "quarantined / rows in above which the error-rate rule is critical"
+    )
+    alert_budget_warning: float = _setting(
+        0.8, _non_negative_float, "fraction of a daily budget that warns when spent early"
+    )
+    alert_budget_warning_before: float = _setting(
+        0.8, _fraction, "fraction of the UTC day before which the budget warning applies"
+    )
+    alert_budget_critical: float = _setting(
+        1.0, _non_negative_float, "fraction of a daily budget above which spend is critical"
+    )
+    alert_lag_warning: float = _setting(
+        30.0, _positive_duration, "age of the oldest waiting spool file that warns"
+    )
+    alert_lag_critical: float = _setting(
+        300.0, _positive_duration, "age of the oldest waiting spool file that is critical"
+    )
+    alert_history_days: int = _setting(
+        30, _positive_int, "days resolved alerts are kept under alerts/"
+    )
+    alert_webhook_url: str | None = _setting(
+        None, _optional_url, "URL alerts are POSTed to as JSON; unset = no webhook"
+    )
+    alert_webhook_timeout: float = _setting(
+        2.0, _positive_duration, "timeout of one webhook request"
+    )
+    alert_webhook_retries: int = _setting(
+        2, _non_negative_int, "immediate retries of a failed webhook request"
+    )
+    alert_webhook_max_age: float = _setting(
+        3600.0, _positive_duration, "an undelivered alert notification is dropped after this"
+    )
+    # -- retention ------------------------------------------------------------------------------
+    retention_days: int = _setting(
+        30, _non_negative_int, "days events partitions are kept (0 = forever)"
+    )
+    rollup_minute_retention_days: int = _setting(
+        7, _non_negative_int, "days minute rollups are kept (0 = forever)"
+    )
+    rollup_hour_retention_days: int = _setting(
+        90, _non_negative_int, "days hour rollups are kept (0 = forever)"
+    )
+    rollup_day_retention_days: int = _setting(
+        0, _non_negative_int, "days day rollups are kept (0 = forever)"
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> JobSettings:
+        """Read the environment, then apply overrides (CLI flags; None means not given)."""
+        settings = cls(**_read_fields(cls, os.environ if env is None else env, overrides))
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse thresholds in the wrong order (a critical level milder than its warning)."""
+        pairs = [
+            ("ALERT_THROUGHPUT_CRITICAL", "ALERT_THROUGHPUT_WARNING"),
+            ("ALERT_LATENCY_P95_WARNING", "ALERT_LATENCY_P95_CRITICAL"),
+            ("ALERT_ERROR_RATE_WARNING", "ALERT_ERROR_RATE_CRITICAL"),
+            ("ALERT_LAG_WARNING", "ALERT_LAG_CRITICAL"),
+        ]
+        for low, high in pairs:
+            if getattr(self, low.lower()) > getattr(self, high.lower()):
+                raise SettingsError(f"{low} must be at most {high}")
+
+    @staticmethod
+    def describe() -> list[tuple[str, str, str]]:
+        """(variable, default, meaning) for every setting, for README and ``--help``."""
+        return [(f.name.upper(), repr(f.default), f.metadata["help"]) for f in fields(JobSettings)]
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of adevents; field names are the environment variables in lower case."""
@@ -108,34 +301,25 @@ class Settings:
     max_events_per_second: int = _setting(
         1_000_000, _non_negative_int, "consumer throughput cap (0 = none)"
     )
+    lease_timeout: float = _setting(
+        30.0, _positive_duration, "a dead consumer's file is taken over after this long"
+    )
+    rebuild_grace: float = _setting(
+        2.0, parse_duration, "wait before rebuilding a lost Redis cache, for commits under way"
+    )
     fsync: bool = _setting(True, _bool, "fsync outputs before an input file is deleted")
     keep_processed: bool = _setting(False, _bool, "keep committed input files under processed/")
     poll_interval: float = _setting(0.05, _positive_duration, "idle consumer's spool poll period")
     consumer_name: str = _setting("", str, "name of this consumer in the ledger (default host-pid)")
+    #: The scheduled jobs' settings (their own subsystem, read from the same environment).
+    jobs: JobSettings = field(default_factory=JobSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read the environment, then apply overrides (CLI flags; None means not given)."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            name = f.name.upper()
-            parse = f.metadata["parse"]
-            raw = overrides.get(f.name)
-            source = f"--{f.name.replace('_', '-')}"
-            if raw is None and name in env:
-                raw, source = env[name], name
-            if raw is None:
-                continue
-            # Typed overrides (tests, argparse ``type=``) are checked like text, not trusted.
-            raw = str(raw)
-            try:
-                values[f.name] = parse(raw)
-            except (ValueError, TypeError) as exc:
-                raise SettingsError(
-                    f"{source}={raw!r} is invalid: {exc}. {name} is the {f.metadata['help']}."
-                ) from None
-        return cls(**values)
+        values = _read_fields(cls, env, overrides)
+        return cls(**values, jobs=JobSettings.from_env(env, **overrides))
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -143,4 +327,9 @@ class Settings:
     @staticmethod
     def describe() -> list[tuple[str, str, str]]:
         """(variable, default, meaning) for every setting, for README and ``--help``."""
-        return [(f.name.upper(), repr(f.default), f.metadata["help"]) for f in fields(Settings)]
+        return [
+            (f.name.upper(), repr(f.default), f.metadata["help"])
+            for cls in (Settings, JobSettings)
+            for f in fields(cls)
+            if "parse" in f.metadata
+        ]

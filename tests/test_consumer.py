@@ -128,17 +128,18 @@ def test_empty_and_single_row_batches(settings: Settings, new_consumer: Consumer
 def test_late_and_future_events_are_quarantined(
     settings: Settings, new_consumer: ConsumerFactory
 ) -> None:
+    now = int(time.time() * 1000)  # fresh: a module-level "now" ages while other tests run
     w = writer(settings)
-    w.write(event_table(["recent"], time_ms=NOW_MS))
+    w.write(event_table(["recent"], time_ms=now))
     window_ms = int(settings.dedupe_window * 1000)
     w.write(
         event_table(
             ["late", "edge", "future", "soon"],
             time_ms=[
-                NOW_MS - window_ms - 1,
-                NOW_MS - window_ms,
-                NOW_MS + 6 * 60_000,
-                NOW_MS + 60_000,
+                now - window_ms - 1,
+                now - window_ms,
+                now + 6 * 60_000,
+                now + 60_000,
             ],
         )
     )

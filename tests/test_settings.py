@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.settings import LOG_LEVELS, Settings, SettingsError, parse_duration
+from pipeline.settings import LOG_LEVELS, JobSettings, Settings, SettingsError, parse_duration
 
-FIELDS = [f.name for f in dataclasses.fields(Settings)]
+# The root settings' own fields; the jobs subsystem (Settings.jobs) has its own tests.
+FIELDS = [f.name for f in dataclasses.fields(Settings) if f.name != "jobs"]
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./ad_event_data",
@@ -26,6 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "late_rate": 0.0,
     "invalid_rate": 0.0,
     "max_events_per_second": 1_000_000,
+    "lease_timeout": 30.0,
+    "rebuild_grace": 2.0,
     "fsync": True,
     "keep_processed": False,
     "poll_interval": 0.05,
@@ -98,7 +101,7 @@ def test_parse_duration_rejects(text: str) -> None:
 
 def test_defaults_from_an_empty_environment() -> None:
     settings = Settings.from_env({})
-    assert dataclasses.asdict(settings) == DEFAULTS
+    assert {k: v for k, v in dataclasses.asdict(settings).items() if k != "jobs"} == DEFAULTS
     assert settings == Settings()
 
 
@@ -122,6 +125,8 @@ def test_environment_mapping_replaces_os_environ(monkeypatch: pytest.MonkeyPatch
 
 
 ENV_CASES: list[tuple[str, str, Any]] = [
+    ("LEASE_TIMEOUT", "45s", 45.0),
+    ("REBUILD_GRACE", "0", 0.0),
     ("DATA_DIR", "/srv/adevents", "/srv/adevents"),
     ("REDIS_URL", "redis://127.0.0.1:6379/3", "redis://127.0.0.1:6379/3"),
     ("REDIS_URL", "", None),
@@ -344,7 +349,8 @@ def test_replace_returns_a_changed_copy() -> None:
 
 def test_describe_lists_every_variable_with_its_default_and_help() -> None:
     rows = Settings.describe()
-    assert [name for name, _, _ in rows] == [f.upper() for f in FIELDS]
+    job_fields = [f.name.upper() for f in dataclasses.fields(JobSettings)]
+    assert [name for name, _, _ in rows] == [f.upper() for f in FIELDS] + job_fields
     described = {name: (default, text) for name, default, text in rows}
     assert described["DEDUPE_WINDOW"][0] == "3600.0"
     assert described["REDIS_URL"][0] == "None"

@@ -1,0 +1,78 @@
+"""The Litestar application: ``litestar --app api.app:app run`` or ``create_app(settings)``.
+
+``app`` is built on first access (PEP 562), so importing this module reads no settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import duckdb
+from litestar import Litestar, MediaType, Request, Response
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+
+from api.health import HealthChecker
+from api.metrics import Metrics, RequestLatency
+from api.routes import ROUTES
+from pipeline.settings import Settings
+from queries.lake import Lake, LakeBusyError
+
+log = logging.getLogger("adevents.api")
+
+
+def _unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """The lake could not be read (it kept changing, or a file is damaged): 503, not 500."""
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return Response(
+        {"status_code": 503, "detail": f"the lake could not be read right now: {exc}"},
+        status_code=503,
+        media_type=MediaType.JSON,
+    )
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """The API over ``settings.data_dir`` (default: Settings.from_env())."""
+    settings = settings or Settings.from_env()
+    lake = Lake(settings.data_dir)
+    checker = HealthChecker(settings, lake)
+    metrics = Metrics(settings, lake)
+
+    def close() -> None:
+        checker.close()
+        lake.close()
+
+    return Litestar(
+        route_handlers=ROUTES,
+        dependencies={
+            "lake": Provide(lambda: lake, sync_to_thread=False, use_cache=True),
+            "checker": Provide(lambda: checker, sync_to_thread=False, use_cache=True),
+            "metrics": Provide(lambda: metrics, sync_to_thread=False, use_cache=True),
+        },
+        middleware=[RequestLatency(metrics.requests)],
+        exception_handlers={LakeBusyError: _unavailable, duckdb.Error: _unavailable},
+        openapi_config=OpenAPIConfig(
+            title="adevents",
+            version="0.1.0",
+            description="Ad events of the exactly-once pipeline: latest events, campaign "
+            "performance, leaderboards, health and metrics. Money is in USD.",
+            path="/docs",
+            render_plugins=[SwaggerRenderPlugin(path="/"), JsonRenderPlugin(path="/openapi.json")],
+        ),
+        on_shutdown=[close],
+        state=State({"settings": settings}),
+    )
+
+
+_built: dict[str, Litestar] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        if "app" not in _built:
+            _built["app"] = create_app()
+        return _built["app"]
+    raise AttributeError(name)

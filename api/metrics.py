@@ -1,0 +1,168 @@
+"""Prometheus metrics: pipeline totals from the ledger, lag, key-cache size, API latency."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any, Final
+
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from pipeline.settings import Settings
+from pipeline.spool import list_incoming, oldest_waiting_age
+from queries import ops
+from queries.lake import Lake
+
+REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return 0
+    for e in entries:
+        try:
+            total += e.stat().st_size if e.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total
+
+
+class LakeCollector(Collector):
+    """Computes the pipeline metrics at scrape time from the ledger and DATA_DIR."""
+
+    def __init__(self, settings: Settings, lake: Lake) -> None:
+        self.settings = settings
+        self.lake = lake
+        self.ledger = ops.LedgerCounter(lake)
+        self._redis: Any = None
+
+    def _key_cache_bytes(self) -> tuple[str, float]:
+        if self.settings.redis_url:
+            try:
+                if self._redis is None:
+                    import redis
+
+                    self._redis = redis.Redis.from_url(
+                        self.settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5
+                    )
+                return "redis", float(self._redis.info("memory")["used_memory"])
+            except Exception:  # an unreachable Redis shows as NaN, /health says why
+                return "redis", float("nan")
+        return "embedded", float(_dir_bytes(str(self.lake.layout.state / "embedded")))
+
+    def collect(self) -> Iterator[Any]:
+        t = self.ledger.update()
+        yield CounterMetricFamily(
+            "adevents_events_in", "Events read from spool files (ledger rows_in)", value=t.rows_in
+        )
+        yield CounterMetricFamily(
+            "adevents_events_accepted", "Events stored in events/", value=t.accepted
+        )
+        yield CounterMetricFamily(
+            "adevents_events_duplicates", "Events dropped as duplicates", value=t.duplicates
+        )
+        quarantined = CounterMetricFamily(
+            "adevents_events_quarantined", "Events quarantined, by reason", labels=["reason"]
+        )
+        for reason, n in t.quarantined_by_reason.items():
+            quarantined.add_metric([reason], n)
+        yield quarantined
+        batches = CounterMetricFamily(
+            "adevents_batches", "Batches committed, by status", labels=["status"]
+        )
+        for status, n in sorted(t.batches_by_status.items()):
+            batches.add_metric([status], n)
+        yield batches
+        cumulative, buckets = 0, []
+        for bound, n in zip(
+            [*(str(b) for b in ops.LATENCY_BUCKETS_S), "+Inf"], t.latency_counts, strict=True
+        ):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            "adevents_batch_processing_seconds",
+            "Time from reading a spool file to its ledger row",
+            buckets=buckets,
+            sum_value=t.latency_sum_s,
+        )
+        incoming = self.lake.layout.incoming
+        yield GaugeMetricFamily(
+            "adevents_consumer_lag_seconds",
+            "Age of the oldest file waiting in incoming/",
+            value=oldest_waiting_age(incoming),
+        )
+        yield GaugeMetricFamily(
+            "adevents_spool_files_waiting",
+            "Files waiting in incoming/",
+            value=len(list_incoming(incoming)),
+        )
+        kind, size = self._key_cache_bytes()
+        cache = GaugeMetricFamily(
+            "adevents_key_cache_bytes",
+            "Key cache size: Redis used_memory, or the embedded cache's state on disk",
+            labels=["cache"],
+        )
+        cache.add_metric([kind], size)
+        yield cache
+        last = ops.last_commit_ms(self.lake, int(time.time() * 1000))
+        yield GaugeMetricFamily(
+            "adevents_last_commit_timestamp_seconds",
+            "When the newest batch was committed (Unix time; 0 when none)",
+            value=(last or 0) / 1000,
+        )
+
+
+class Metrics:
+    """One registry per app: the lake collector and the API's request latency histogram."""
+
+    def __init__(self, settings: Settings, lake: Lake) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = LakeCollector(settings, lake)
+        self.registry.register(self.collector)
+        self.requests = Histogram(
+            "adevents_api_request_duration_seconds",
+            "API request latency, by route template",
+            ["method", "route", "status"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return bytes(generate_latest(self.registry))
+
+
+class RequestLatency(ASGIMiddleware):
+    """Observes each HTTP request's duration under its route template (bounded labels)."""
+
+    scopes = (ScopeType.HTTP,)
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, capture)
+        finally:
+            route = scope.get("path_template") or "unmatched"
+            method = str(scope.get("method", "GET"))
+            self.histogram.labels(method, route, str(status)).observe(time.perf_counter() - started)

@@ -1,0 +1,184 @@
+"""Response models of the API, and the conversions from query results (micros in, USD out)."""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+from queries.campaigns import Bucket, CampaignTotals, Totals, ratios
+from queries.events import Event
+
+MICROS = 1_000_000
+
+
+def usd(micros: float | None) -> float | None:
+    """Money leaves the API in USD; inside it stays integer micros."""
+    return None if micros is None else micros / MICROS
+
+
+class AdEvent(Struct):
+    event_id: str
+    event_type: str
+    #: event_time in epoch milliseconds (UTC).
+    timestamp: int
+    campaign_id: str
+    ad_id: str
+    publisher_id: str
+    advertiser_id: str | None
+    device_type: str | None
+    country: str | None
+    cost_usd: float
+    revenue_usd: float
+    processed: bool = True
+
+    @classmethod
+    def of(cls, e: Event) -> AdEvent:
+        return cls(
+            event_id=e.event_id,
+            event_type=e.event_type,
+            timestamp=e.time_ms,
+            campaign_id=e.campaign_id,
+            ad_id=e.ad_id,
+            publisher_id=e.publisher_id,
+            advertiser_id=e.advertiser_id,
+            device_type=e.device_type,
+            country=e.country,
+            cost_usd=e.cost_micros / MICROS,
+            revenue_usd=e.revenue_micros / MICROS,
+        )
+
+
+class LatestEvents(Struct):
+    events: list[AdEvent]
+    #: Events stored in the lake.
+    total_count: int
+    #: Events per second the consumer took in over the last 10 seconds.
+    processing_rate_per_sec: float
+
+
+class CampaignEvents(Struct):
+    campaign_id: str
+    events: list[AdEvent]
+    #: Pass as ``cursor`` for the next (older) page; null on the last page.
+    next_cursor: str | None
+
+
+class Performance(Struct):
+    """Totals and the standard ratios; a ratio whose denominator is zero is null."""
+
+    impressions: int
+    clicks: int
+    conversions: int
+    spend_usd: float
+    revenue_usd: float
+    ctr: float | None
+    cvr: float | None
+    cpm_usd: float | None
+    cpc_usd: float | None
+    cpa_usd: float | None
+    roas: float | None
+
+    @classmethod
+    def of(cls, t: Totals) -> Performance:
+        r = ratios(t)
+        return cls(
+            impressions=t.impressions,
+            clicks=t.clicks,
+            conversions=t.conversions,
+            spend_usd=t.spend_micros / MICROS,
+            revenue_usd=t.revenue_micros / MICROS,
+            ctr=r.ctr,
+            cvr=r.cvr,
+            cpm_usd=usd(r.cpm_micros),
+            cpc_usd=usd(r.cpc_micros),
+            cpa_usd=usd(r.cpa_micros),
+            roas=r.roas,
+        )
+
+
+class StatsPoint(Struct):
+    #: Start of the bucket, epoch milliseconds (UTC).
+    bucket_start: int
+    impressions: int
+    clicks: int
+    conversions: int
+    spend_usd: float
+    revenue_usd: float
+    ctr: float | None
+    cvr: float | None
+    cpm_usd: float | None
+    cpc_usd: float | None
+    cpa_usd: float | None
+    roas: float | None
+
+    @classmethod
+    def of(cls, b: Bucket) -> StatsPoint:
+        p = Performance.of(b.totals)
+        return cls(b.start_ms, *(getattr(p, f) for f in Performance.__struct_fields__))
+
+
+class CampaignStats(Struct):
+    campaign_id: str
+    granularity: str
+    since: int
+    until: int
+    #: Buckets with events, oldest first; buckets without events are left out.
+    series: list[StatsPoint]
+    total: Performance
+
+
+class LeaderboardRow(Struct):
+    rank: int
+    campaign_id: str
+    campaign_name: str | None
+    advertiser_id: str | None
+    impressions: int
+    clicks: int
+    conversions: int
+    spend_usd: float
+    revenue_usd: float
+    ctr: float | None
+    cvr: float | None
+    cpm_usd: float | None
+    cpc_usd: float | None
+    cpa_usd: float | None
+    roas: float | None
+
+    @classmethod
+    def of(cls, rank: int, c: CampaignTotals) -> LeaderboardRow:
+        p = Performance.of(c.totals)
+        return cls(
+            rank,
+            c.campaign_id,
+            c.campaign_name,
+            c.advertiser_id,
+            *(getattr(p, f) for f in Performance.__struct_fields__),
+        )
+
+
+class Leaderboard(Struct):
+    metric: str
+    since: int | None
+    campaigns: list[LeaderboardRow]
+
+
+class KeyCacheHealth(Struct):
+    kind: str
+    ok: bool
+    detail: str
+    consumer_running: bool | None = None
+
+
+class Health(Struct):
+    status: str
+    #: Why the service is unhealthy; empty when healthy.
+    reasons: list[str]
+    checked_at: int
+    key_cache: KeyCacheHealth
+    data_dir: str
+    data_dir_writable: bool
+    #: Age in seconds of the oldest file waiting in incoming/ (0 when none).
+    consumer_lag_seconds: float
+    files_waiting: int
+    #: When the newest batch was committed (epoch ms), null when none ever was.
+    last_commit: int | None
+    seconds_since_last_commit: float | None

@@ -1,0 +1,38 @@
+"""``python -m pipeline.jobs <command>``: the jobs' subcommands as ``adevents`` runs them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pipeline.jobs.command import COMMANDS
+from pipeline.settings import Settings, SettingsError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adevents", description="adevents scheduled jobs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, configure, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--data-dir", help="data directory (DATA_DIR)")
+        p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)")
+        configure(p)
+    args = parser.parse_args(argv)
+    overrides = {k: getattr(args, k) for k in ("data_dir", "log_level") if getattr(args, k)}
+    try:
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        print(f"adevents: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return COMMANDS[args.command][2](args, settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,478 @@
+"""Threshold alerts: rules evaluated on frames, one lifecycle per rule and subject, a durable store.
+
+Rules are pure: ledger rows, spool age, spend and budgets in, :class:`Observation` (a rule that
+fires now, with severity, value and threshold) out. :func:`advance` turns the open alerts and
+this tick's observations into the next alerts and the notifications to send: an alert fires
+once, changes severity in place, and resolves when its rule stops firing — never a repeat per
+tick. The store is ``alerts/alerts.parquet``, replaced atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+import polars as pl
+
+from pipeline.jobs.config import JobSettings
+from pipeline.jobs.storage import job_lock, read_parquet_or, recent_ledger, write_parquet_atomic
+from pipeline.schema import UTC_MS, Layout
+from pipeline.spool import oldest_waiting_age
+
+log = logging.getLogger("adevents.jobs.alerts")
+
+RULES: Final = ("throughput", "latency_p95", "error_rate", "consumer_lag", "budget")
+SEVERITIES: Final = ("warning", "critical")
+FIRING: Final = "firing"
+RESOLVED: Final = "resolved"
+#: Subject of the rules about the pipeline as a whole (budget alerts are per campaign_id).
+PIPELINE: Final = "pipeline"
+
+#: Stored alerts, newest first by ``started_at`` (the first column, which readers sort by).
+ALERT_SCHEMA: Final = pl.Schema(
+    {
+        "started_at": UTC_MS,
+        "alert_id": pl.String(),
+        "rule": pl.String(),
+        "subject": pl.String(),
+        "severity": pl.String(),
+        "status": pl.String(),
+        "value": pl.Float64(),
+        "threshold": pl.Float64(),
+        "message": pl.String(),
+        "updated_at": UTC_MS,
+        "ended_at": UTC_MS,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The rules' levels (from :class:`~pipeline.jobs.config.JobSettings`)."""
+
+    window_s: float = 60.0
+    throughput_warning: float = 100_000.0
+    throughput_critical: float = 50_000.0
+    latency_warning_ms: float = 50.0
+    latency_critical_ms: float = 100.0
+    error_warning: float = 0.01
+    error_critical: float = 0.05
+    budget_warning: float = 0.8
+    budget_warning_before: float = 0.8
+    budget_critical: float = 1.0
+    lag_warning_s: float = 30.0
+    lag_critical_s: float = 300.0
+
+    @classmethod
+    def from_settings(cls, s: JobSettings) -> Thresholds:
+        return cls(
+            window_s=s.alert_window,
+            throughput_warning=s.alert_throughput_warning,
+            throughput_critical=s.alert_throughput_critical,
+            latency_warning_ms=s.alert_latency_p95_warning * 1000,
+            latency_critical_ms=s.alert_latency_p95_critical * 1000,
+            error_warning=s.alert_error_rate_warning,
+            error_critical=s.alert_error_rate_critical,
+            budget_warning=s.alert_budget_warning,
+            budget_warning_before=s.alert_budget_warning_before,
+            budget_critical=s.alert_budget_critical,
+            lag_warning_s=s.alert_lag_warning,
+            lag_critical_s=s.alert_lag_critical,
+        )
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A rule firing now for a subject."""
+
+    rule: str
+    subject: str
+    severity: str
+    value: float
+    threshold: float
+    message: str
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert over its life: firing from ``started_at``, resolved at ``ended_at``."""
+
+    alert_id: str
+    rule: str
+    subject: str
+    severity: str
+    status: str
+    value: float
+    threshold: float
+    message: str
+    started_at: datetime
+    updated_at: datetime
+    ended_at: datetime | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.status == FIRING
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for k in ("started_at", "updated_at", "ended_at"):
+            out[k] = None if out[k] is None else out[k].isoformat()
+        return out
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A change to tell someone about: ``fired``, ``escalated``, ``deescalated``, ``resolved``."""
+
+    event: str
+    alert: Alert
+
+    def payload(self) -> dict[str, Any]:
+        return {"event": self.event, **self.alert.to_json()}
+
+
+# -- rules (pure) ------------------------------------------------------------------------------
+def _grade(
+    value: float, warning: float, critical: float, *, above: bool
+) -> tuple[str, float] | None:
+    """(severity, threshold crossed) when ``value`` is past a level, else None."""
+    if above:
+        if value > critical:
+            return "critical", critical
+        if value > warning:
+            return "warning", warning
+    else:
+        if value < critical:
+            return "critical", critical
+        if value < warning:
+            return "warning", warning
+    return None
+
+
+def ops_rules(ledger: pl.DataFrame, *, backlog_age_s: float, t: Thresholds) -> list[Observation]:
+    """Throughput, batch latency p95 and error rate over ``ledger`` (the window's batches).
+
+    Throughput is judged only when the oldest waiting spool file has waited the whole window:
+    the consumer then had work all along, so rows per second of the window is its speed (an
+    idle system is not slow; a stuck one with a backlog is 0 events/s).
+    """
+    out: list[Observation] = []
+    rows_in = int(ledger["rows_in"].sum()) if len(ledger) else 0
+    if backlog_age_s >= t.window_s:
+        rate = rows_in / t.window_s
+        grade = _grade(rate, t.throughput_warning, t.throughput_critical, above=False)
+        if grade:
+            out.append(
+                Observation(
+                    "throughput",
+                    PIPELINE,
+                    grade[0],
+                    rate,
+                    grade[1],
+                    f"consumer throughput {rate:,.0f} events/s with a backlog of "
+                    f"{backlog_age_s:.0f}s (below {grade[1]:,.0f})",
+                )
+            )
+    latencies = (
+        ledger["processing_ms"].drop_nulls() if len(ledger) else pl.Series([], dtype=pl.Float64)
+    )
+    if len(latencies):
+        p95 = float(latencies.quantile(0.95, "linear") or 0.0)
+        grade = _grade(p95, t.latency_warning_ms, t.latency_critical_ms, above=True)
+        if grade:
+            out.append(
+                Observation(
+                    "latency_p95",
+                    PIPELINE,
+                    grade[0],
+                    p95,
+                    grade[1],
+                    f"batch processing p95 {p95:.1f} ms over {len(latencies)} batches "
+                    f"(above {grade[1]:.0f} ms)",
+                )
+            )
+    if rows_in > 0:
+        rate = int(ledger["quarantined"].sum()) / rows_in
+        grade = _grade(rate, t.error_warning, t.error_critical, above=True)
+        if grade:
+            out.append(
+                Observation(
+                    "error_rate",
+                    PIPELINE,
+                    grade[0],
+                    rate,
+                    grade[1],
+                    f"{rate:.2%} of {rows_in:,} rows quarantined (above {grade[1]:.2%})",
+                )
+            )
+    return out
+
+
+def lag_rule(oldest_waiting_s: float, t: Thresholds) -> list[Observation]:
+    """Consumer lag: how long the oldest spool file has been waiting."""
+    grade = _grade(oldest_waiting_s, t.lag_warning_s, t.lag_critical_s, above=True)
+    if not grade:
+        return []
+    return [
+        Observation(
+            "consumer_lag",
+            PIPELINE,
+            grade[0],
+            oldest_waiting_s,
+            grade[1],
+            f"the oldest spool file has waited {oldest_waiting_s:.0f}s (above {grade[1]:.0f}s)",
+        )
+    ]
+
+
+def budget_rules(
+    spend: pl.DataFrame, budgets: pl.DataFrame, *, now: datetime, t: Thresholds
+) -> list[Observation]:
+    """Today's spend per campaign against its daily budget.
+
+    ``spend`` has campaign_id and spend_micros for the current UTC day; ``budgets`` has
+    campaign_id and daily_budget_micros (null or 0: no budget, no alert). Critical above
+    ``budget_critical`` of the budget; warning at ``budget_warning`` of it while less than
+    ``budget_warning_before`` of the day has passed (spending too fast).
+    """
+    if spend.is_empty() or budgets.is_empty():
+        return []
+    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    day_fraction = (now - midnight).total_seconds() / 86_400
+    ratio = pl.col("spend_micros") / pl.col("daily_budget_micros")
+    graded = (
+        spend.join(budgets, on="campaign_id", how="inner")
+        .filter(pl.col("daily_budget_micros") > 0)
+        .with_columns(ratio=ratio)
+        .with_columns(
+            severity=pl.when(pl.col("ratio") > t.budget_critical)
+            .then(pl.lit("critical"))
+            .when((pl.col("ratio") >= t.budget_warning) & (day_fraction < t.budget_warning_before))
+            .then(pl.lit("warning")),
+        )
+        .filter(pl.col("severity").is_not_null())
+        .sort("campaign_id")
+    )
+    out = []
+    for row in graded.iter_rows(named=True):  # only the campaigns that fire
+        threshold = t.budget_critical if row["severity"] == "critical" else t.budget_warning
+        out.append(
+            Observation(
+                "budget",
+                row["campaign_id"],
+                row["severity"],
+                float(row["ratio"]),
+                threshold,
+                f"campaign {row['campaign_id']} spent {row['ratio']:.0%} of its daily budget "
+                f"({row['spend_micros'] / 1e6:,.2f} of {row['daily_budget_micros'] / 1e6:,.2f} "
+                f"USD) with {day_fraction:.0%} of the day gone",
+            )
+        )
+    return out
+
+
+# -- lifecycle (pure) --------------------------------------------------------------------------
+def advance(
+    alerts: Sequence[Alert],
+    observations: Sequence[Observation],
+    *,
+    now: datetime,
+    history_days: int = 30,
+) -> tuple[list[Alert], list[Notification]]:
+    """The alerts after this tick, and what changed.
+
+    One open alert per (rule, subject): a new observation opens one (``fired``), an open one
+    takes the latest value and severity (``escalated``/``deescalated`` when that changes), and
+    an open alert with no observation this tick is ``resolved``. Resolved alerts older than
+    ``history_days`` are forgotten.
+    """
+    seen: dict[tuple[str, str], Observation] = {}
+    for ob in observations:
+        key = (ob.rule, ob.subject)
+        if key not in seen or SEVERITIES.index(ob.severity) > SEVERITIES.index(seen[key].severity):
+            seen[key] = ob
+    out: list[Alert] = []
+    notes: list[Notification] = []
+    horizon = now - timedelta(days=history_days)
+    for a in alerts:
+        if not a.open:
+            if a.ended_at is not None and a.ended_at >= horizon:
+                out.append(a)
+            continue
+        o = seen.get((a.rule, a.subject))
+        seen.pop((a.rule, a.subject), None)
+        if o is None:
+            ended = replace(a, status=RESOLVED, ended_at=now, updated_at=now)
+            out.append(ended)
+            notes.append(Notification("resolved", ended))
+            continue
+        updated = replace(
+            a,
+            severity=o.severity,
+            value=o.value,
+            threshold=o.threshold,
+            message=o.message,
+            updated_at=now,
+        )
+        out.append(updated)
+        if o.severity != a.severity:
+            worse = SEVERITIES.index(o.severity) > SEVERITIES.index(a.severity)
+            notes.append(Notification("escalated" if worse else "deescalated", updated))
+    for (rule, subject), new in sorted(seen.items()):
+        started = Alert(
+            alert_id=f"{rule}:{subject}:{int(now.timestamp() * 1000)}",
+            rule=rule,
+            subject=subject,
+            severity=new.severity,
+            status=FIRING,
+            value=new.value,
+            threshold=new.threshold,
+            message=new.message,
+            started_at=now,
+            updated_at=now,
+        )
+        out.append(started)
+        notes.append(Notification("fired", started))
+    return out, notes
+
+
+# -- the store ---------------------------------------------------------------------------------
+def _path(layout: Layout) -> Path:
+    return layout.alerts / "alerts.parquet"
+
+
+def _to_frame(alerts: Sequence[Alert]) -> pl.DataFrame:
+    rows = [{k: getattr(a, k) for k in ALERT_SCHEMA.names()} for a in alerts]
+    return pl.DataFrame(rows, schema=ALERT_SCHEMA).sort("started_at", "alert_id", descending=True)
+
+
+def _from_frame(frame: pl.DataFrame) -> list[Alert]:
+    return [Alert(**row) for row in frame.iter_rows(named=True)]
+
+
+def load_alerts(layout: Layout) -> list[Alert]:
+    """Every stored alert (open and recently resolved), newest first."""
+    return _from_frame(read_parquet_or(_path(layout), ALERT_SCHEMA))
+
+
+def save_alerts(layout: Layout, alerts: Sequence[Alert], *, durable: bool) -> None:
+    write_parquet_atomic(_to_frame(alerts), _path(layout), durable=durable)
+
+
+def list_alerts(layout: Layout, *, open_only: bool = False, limit: int = 100) -> list[Alert]:
+    """Alerts for ``GET /alerts`` and the dashboard: open ones first (critical, then newest),
+    then resolved ones, most recently ended first."""
+    alerts = [a for a in load_alerts(layout) if a.open or not open_only]
+
+    def order(a: Alert) -> tuple[int, int, float]:
+        if a.open:
+            return (0, -SEVERITIES.index(a.severity), -a.started_at.timestamp())
+        ended = a.ended_at or a.updated_at
+        return (1, 0, -ended.timestamp())
+
+    return sorted(alerts, key=order)[: max(0, limit)]
+
+
+# -- the job -----------------------------------------------------------------------------------
+@dataclass
+class AlertReport:
+    open: int = 0
+    fired: int = 0
+    resolved: int = 0
+    changed: int = 0
+    notifications: list[Notification] | None = None
+
+    def line(self) -> str:
+        return (
+            f"alerts open={self.open} fired={self.fired} resolved={self.resolved} "
+            f"severity_changes={self.changed}"
+        )
+
+
+def _today_spend(layout: Layout, now: datetime) -> pl.DataFrame:
+    from pipeline.jobs.rollup import ROLLUP_SCHEMA, Paths
+
+    day = read_parquet_or(Paths(layout).day(f"{now.astimezone(UTC):%Y-%m-%d}"), ROLLUP_SCHEMA)
+    return day.group_by("campaign_id").agg(pl.col("spend_micros").sum())
+
+
+def _budgets(layout: Layout) -> pl.DataFrame:
+    schema = pl.Schema({"campaign_id": pl.String(), "daily_budget_micros": pl.Int64()})
+    try:
+        frame = pl.read_parquet(layout.campaigns)
+    except FileNotFoundError:
+        return pl.DataFrame(schema=schema)
+    if "daily_budget_micros" not in frame.columns:
+        return pl.DataFrame(schema=schema)
+    return (
+        frame.select(schema.names())
+        .cast(schema)
+        .unique("campaign_id", keep="first", maintain_order=True)
+    )
+
+
+def observe(layout: Layout, t: Thresholds, *, now: datetime) -> list[Observation]:
+    """Every rule's observations now (the I/O edge around the pure rules)."""
+    ledger = recent_ledger(layout, now, t.window_s)
+    age = oldest_waiting_age(layout.incoming, now.timestamp())
+    return (
+        ops_rules(ledger, backlog_age_s=age, t=t)
+        + lag_rule(age, t)
+        + budget_rules(_today_spend(layout, now), _budgets(layout), now=now, t=t)
+    )
+
+
+def _log(note: Notification) -> None:
+    a = note.alert
+    text = f"alert {note.event}: [{a.severity}] {a.rule}/{a.subject}: {a.message}"
+    if note.event == "resolved":
+        log.info(
+            "alert resolved: %s/%s after %s",
+            a.rule,
+            a.subject,
+            a.ended_at and a.ended_at - a.started_at,
+        )
+    elif a.severity == "critical":
+        log.error(text)
+    else:
+        log.warning(text)
+
+
+def check_alerts(
+    layout: Layout,
+    t: Thresholds,
+    *,
+    now: datetime,
+    history_days: int = 30,
+    webhook: bool = False,
+    durable: bool = True,
+) -> AlertReport:
+    """Evaluate every rule once, store the alerts, log and return what changed.
+
+    With ``webhook``, the changes are queued in the outbox first (so a crash in between can
+    repeat a notification but never lose one); :func:`pipeline.jobs.webhook.deliver` sends them.
+    """
+    from pipeline.jobs import webhook as outbox
+
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # stored to the millisecond
+    with job_lock(layout, "alerts"):
+        observations = observe(layout, t, now=now)
+        before = load_alerts(layout)
+        after, notes = advance(before, observations, now=now, history_days=history_days)
+        if webhook and notes:
+            outbox.enqueue(layout, notes, now=now, durable=durable)
+        if after != before or not _path(layout).exists():
+            save_alerts(layout, after, durable=durable)
+    for note in notes:
+        _log(note)
+    return AlertReport(
+        open=sum(a.open for a in after),
+        fired=sum(n.event == "fired" for n in notes),
+        resolved=sum(n.event == "resolved" for n in notes),
+        changed=sum(n.event in ("escalated", "deescalated") for n in notes),
+        notifications=notes,
+    )

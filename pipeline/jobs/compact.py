@@ -1,0 +1,598 @@
+"""Compaction: rewrite a closed hour's many small event files into few large sorted ones.
+
+Swapping N files for M by renames cannot be atomic for a plain glob, so compaction works in
+*units* with a phase that readers consult, and a generation counter that tells a reader whether
+a phase changed while it listed (see :func:`consistent` and :func:`live_files`).
+
+A unit (one partition) lives under ``staging/compact/`` — outside the consumer's own
+``staging/*.committed`` namespace, which its crash recovery owns — and goes through:
+
+1. ``<unit>.partial/``: outputs are written (sorted by campaign_id, event_time) with a
+   ``manifest.json`` naming the partition, the ``outputs`` and the files it ``replaces``.
+2. rename to ``<unit>.committed`` (the commit point), bump the generation; then the outputs
+   are renamed into the partition. Readers ignore the unit's outputs in this phase.
+3. rename to ``<unit>.swapped`` (all outputs are in place), bump; then the replaced files are
+   deleted. Readers ignore the replaced files in this phase.
+4. remove ``<unit>.swapped``, bump.
+
+The partition's files change only in phases 2 and 3, each begun after its bump, so a reader
+that reads the generation, lists the units, lists the partition and reads the generation again
+gets one phase for the whole listing when both reads agree. A crash leaves a unit in one phase;
+readers stay exact meanwhile and the next run rolls it forward (a ``.partial`` is discarded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Final, TypeVar
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from pipeline import faults
+from pipeline.jobs.storage import (
+    EVENTS_LOCK,
+    HourPartition,
+    hour_partitions,
+    job_lock,
+    parquet_names,
+)
+from pipeline.schema import ENRICHED_SCHEMA, PARQUET_COMPRESSION, SORT_KEYS, Layout
+from pipeline.spool import atomic_write_bytes, fsync_dir
+
+log = logging.getLogger("adevents.jobs.compact")
+
+T = TypeVar("T")
+
+UNITS: Final = "compact"
+GENERATION: Final = "generation"
+MANIFEST: Final = "manifest.json"
+PARTIAL: Final = ".partial"
+COMMITTED: Final = ".committed"
+SWAPPED: Final = ".swapped"
+#: Compaction outputs are named ``compacted-<unit>-<n>.parquet``; consumer batches never are.
+OUTPUT_PREFIX: Final = "compacted-"
+#: Crash points (``ADEVENTS_CRASH_AT=<point>[:<nth>]``, see :mod:`pipeline.faults`).
+POINTS: Final = (
+    "compact_after_stage",
+    "compact_after_commit",
+    "compact_mid_place",
+    "compact_after_place",
+    "compact_after_swap",
+    "compact_mid_delete",
+    "compact_after_delete",
+)
+#: Rows are sorted by these; event_id breaks ties so a rewrite is deterministic.
+ORDER: Final = (*SORT_KEYS, "event_id")
+
+
+class LakeBusyError(RuntimeError):
+    """The compaction generation kept changing while a reader listed files."""
+
+
+class CompactionError(RuntimeError):
+    """Some partitions could not be compacted (the others were; the details are in the log)."""
+
+
+# -- the reader side ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """A compaction unit in flight: which files of which partition it swaps, and its phase."""
+
+    unit_id: str
+    partition: str
+    outputs: tuple[str, ...]
+    replaces: tuple[str, ...]
+    phase: str  # "committed" or "swapped"
+
+    @property
+    def hidden(self) -> tuple[str, ...]:
+        """The files readers must ignore in this phase."""
+        return self.outputs if self.phase == "committed" else self.replaces
+
+
+@dataclass(frozen=True)
+class View:
+    """Compaction state as of one generation: what readers hide in each partition."""
+
+    generation: int
+    units: tuple[Unit, ...] = ()
+
+    def hidden(self, partition: str) -> frozenset[str]:
+        """File names to ignore in ``partition`` (``date=YYYY-MM-DD/hour=HH``)."""
+        return frozenset(n for u in self.units if u.partition == partition for n in u.hidden)
+
+    def visible(self, partition: str, names: Sequence[str]) -> list[str]:
+        hidden = self.hidden(partition)
+        return [n for n in names if n not in hidden]
+
+    def hidden_paths(self, events: Path) -> frozenset[str]:
+        """Paths (as ``str(events / partition / name)``) readers must ignore, for filtering
+        a listing of the whole events table."""
+        return frozenset(str(events / u.partition / n) for u in self.units for n in u.hidden)
+
+
+def units_dir(layout: Layout) -> Path:
+    return layout.staging / UNITS
+
+
+def read_generation(layout: Layout) -> int:
+    """The compaction generation: bumped after every phase change of every unit."""
+    try:
+        return int((units_dir(layout) / GENERATION).read_text() or 0)
+    except FileNotFoundError:
+        return 0
+
+
+def _bump(layout: Layout, *, durable: bool) -> None:
+    directory = units_dir(layout)
+    directory.mkdir(parents=True, exist_ok=True)
+    value = read_generation(layout) + 1
+    atomic_write_bytes(directory / GENERATION, str(value).encode(), durable=durable)
+
+
+def _phase(name: str) -> str | None:
+    if name.endswith(COMMITTED):
+        return "committed"
+    if name.endswith(SWAPPED):
+        return "swapped"
+    return None
+
+
+def read_units(layout: Layout) -> tuple[Unit, ...]:
+    """Units in phase 2 or 3; raises FileNotFoundError if one moves on while being read."""
+    try:
+        names = sorted(os.listdir(units_dir(layout)))
+    except FileNotFoundError:
+        return ()
+    units = []
+    for name in names:
+        phase = _phase(name)
+        if phase is None:
+            continue
+        manifest = json.loads((units_dir(layout) / name / MANIFEST).read_text())
+        units.append(
+            Unit(
+                unit_id=manifest["unit"],
+                partition=manifest["partition"],
+                outputs=tuple(manifest["outputs"]),
+                replaces=tuple(manifest["replaces"]),
+                phase=phase,
+            )
+        )
+    return tuple(units)
+
+
+def consistent(layout: Layout, listing: Callable[[], T], *, attempts: int = 200) -> tuple[T, View]:
+    """Run ``listing`` (which lists events/ directories) under one compaction generation.
+
+    Reads the generation, the units, calls ``listing``, reads the generation again, and starts
+    over if it changed (a phase flipped meanwhile; phases are short, so this converges fast).
+    """
+    delay = 0.001
+    for _ in range(attempts):
+        before = read_generation(layout)
+        try:
+            units = read_units(layout)
+        except FileNotFoundError:
+            units = None  # a unit moved on while its manifest was read
+        if units is not None:
+            result = listing()
+            if read_generation(layout) == before:
+                return result, View(before, units)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    raise LakeBusyError(f"compaction under {units_dir(layout)} kept changing while listing")
+
+
+def _partition_key(layout: Layout, partition_dir: Path) -> str:
+    rel = Path(partition_dir).resolve().relative_to(layout.events.resolve())
+    return rel.as_posix()
+
+
+def live_files(layout: Layout, partition_dir: Path) -> list[Path]:
+    """The files of one events partition a reader should read now: each row exactly once.
+
+    A file listed here may still be deleted before it is opened (by a later swap): a reader
+    that gets FileNotFoundError (DuckDB: "No files found"/"Cannot open file") lists again.
+    """
+    key = _partition_key(layout, partition_dir)
+    names, view = consistent(layout, lambda: parquet_names(Path(partition_dir)))
+    return [Path(partition_dir) / n for n in view.visible(key, names)]
+
+
+def live_event_files(
+    layout: Layout, *, since_ms: int | None = None, until_ms: int | None = None
+) -> list[Path]:
+    """Every live events file in partitions that can hold rows in [since, until), sorted."""
+
+    def listing() -> list[tuple[HourPartition, list[str]]]:
+        parts = hour_partitions(layout.events)
+        return [
+            (p, parquet_names(p.path))
+            for p in parts
+            if (since_ms is None or p.end_ms > since_ms)
+            and (until_ms is None or p.start_ms < until_ms)
+        ]
+
+    listed, view = consistent(layout, listing)
+    return [p.path / n for p, names in listed for n in view.visible(p.key, names)]
+
+
+def read_live(
+    layout: Layout, read: Callable[[list[Path]], T], *, attempts: int = 50, **window: int | None
+) -> T:
+    """``read(live_event_files(...))``, listed again if a file vanishes before it is read."""
+    for attempt in range(attempts):
+        files = live_event_files(layout, **window)
+        try:
+            return read(files)
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.005)
+    raise AssertionError("unreachable")
+
+
+# -- the pure part: what to rewrite and how to cut it ------------------------------------------
+@dataclass(frozen=True)
+class FileInfo:
+    """A file of a partition: name, size, and row count (known for compaction outputs)."""
+
+    name: str
+    bytes: int
+    rows: int | None = None
+
+    @property
+    def compacted(self) -> bool:
+        return self.name.startswith(OUTPUT_PREFIX)
+
+
+def plan(files: Sequence[FileInfo], *, target_rows: int, target_bytes: int) -> list[FileInfo]:
+    """The files to rewrite together: [] when the partition is already compact.
+
+    Every file the consumer wrote (new since the last compaction, e.g. late events) is merged
+    with the compaction outputs that are small (under half a target), so a run after a run
+    changes nothing and a trickle of late events never rewrites a partition's big files.
+    """
+    fresh = [f for f in files if not f.compacted]
+    small = [
+        f
+        for f in files
+        if f.compacted
+        and (f.rows is None or f.rows < target_rows // 2)
+        and f.bytes < target_bytes // 2
+    ]
+    chosen = fresh + small
+    if not fresh or len(chosen) < 2:
+        return []
+    return sorted(chosen, key=lambda f: f.name)
+
+
+def rows_per_output(
+    total_rows: int, total_bytes: int, *, target_rows: int, target_bytes: int
+) -> int:
+    """Rows per output file: targets split evenly, so no output is a small remainder."""
+    if total_rows <= 0:
+        return 1
+    by_bytes = max(1, int(target_bytes * total_rows / max(1, total_bytes)))
+    cap = max(1, min(target_rows, by_bytes))
+    outputs = -(-total_rows // cap)
+    return -(-total_rows // outputs)
+
+
+def assign_bins(counts: pl.DataFrame, per_output: int) -> pl.DataFrame:
+    """Cut (campaign_id, minute, len) counts, in sort order, into consecutive output bins.
+
+    Bins are contiguous ranges of (campaign_id, minute), so outputs in bin order are sorted by
+    (campaign_id, event_time) as a whole; a bin holds about ``per_output`` rows (more when one
+    campaign-minute alone is bigger than that: it is never split).
+    """
+    ordered = counts.sort("campaign_id", "minute")
+    before = ordered["len"].cum_sum() - ordered["len"]
+    # Dense: a (campaign, minute) bigger than a whole output must not leave an empty bin.
+    bins = ((before // per_output).rank("dense") - 1).cast(pl.Int32)
+    return ordered.with_columns(_bin=bins).select("campaign_id", "minute", "_bin")
+
+
+# -- the writer side ---------------------------------------------------------------------------
+@dataclass
+class PartitionReport:
+    partition: str
+    files_before: int
+    files_after: int
+    rows: int
+    seconds: float
+
+
+@dataclass
+class CompactReport:
+    """What one compaction run did."""
+
+    partitions: list[PartitionReport] = field(default_factory=list)
+    recovered: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        before = sum(p.files_before for p in self.partitions)
+        after = sum(p.files_after for p in self.partitions)
+        rows = sum(p.rows for p in self.partitions)
+        return (
+            f"compacted partitions={len(self.partitions)} files_before={before} "
+            f"files_after={after} rows={rows} recovered_units={self.recovered}"
+        )
+
+
+def _no_step(name: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class CompactConfig:
+    """How big outputs are, when an hour counts as closed, and whether writes are fsynced."""
+
+    target_rows: int = 1_000_000
+    target_bytes: int = 128 * 1024**2
+    row_group_rows: int = 122_880
+    min_age_s: float = 600.0
+    durable: bool = True
+    #: Called at each crash point (tests use it to hold a phase open while readers read).
+    on_step: Callable[[str], None] = _no_step
+
+    def step(self, name: str) -> None:
+        faults.point(name)
+        self.on_step(name)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _consumer_in_flight(layout: Layout) -> set[str]:
+    """Batches the consumer is publishing: their files are not ours to touch yet.
+
+    Its crash recovery re-reads a committed batch's events files, so they must stay in place.
+    """
+    try:
+        names = os.listdir(layout.staging)
+    except FileNotFoundError:
+        return set()
+    return {n[: -len(COMMITTED)] for n in names if n.endswith(COMMITTED)}
+
+
+def _scan(files: Sequence[Path]) -> pl.LazyFrame:
+    return pl.scan_parquet(list(files), hive_partitioning=False, schema=ENRICHED_SCHEMA)
+
+
+def _write_output(frame: pl.DataFrame, path: Path, cfg: CompactConfig) -> int:
+    frame.sort(list(ORDER)).write_parquet(
+        path,
+        compression=PARQUET_COMPRESSION,
+        statistics=True,
+        row_group_size=cfg.row_group_rows,
+    )
+    if cfg.durable:
+        _fsync_file(path)
+    return len(frame)
+
+
+def _stage_outputs(
+    files: Sequence[Path], unit_dir: Path, unit_id: str, cfg: CompactConfig, total_bytes: int
+) -> list[str]:
+    """Write the sorted outputs of ``files`` into ``unit_dir``; return their names."""
+    minute = pl.col("event_time").dt.truncate("1m").alias("minute")
+    counts = _scan(files).group_by("campaign_id", minute).len().collect()
+    total = int(counts["len"].sum())
+    per_output = rows_per_output(
+        total, total_bytes, target_rows=cfg.target_rows, target_bytes=cfg.target_bytes
+    )
+    bins = assign_bins(counts, per_output)
+    n_bins = int(bins["_bin"].n_unique()) if len(bins) else 1  # dense: 0 .. n_bins - 1
+    names = [f"{unit_id}-{k:04d}.parquet" for k in range(n_bins)]
+    written = 0
+    if n_bins == 1:
+        written += _write_output(_scan(files).collect(), unit_dir / names[0], cfg)
+    else:
+        # Route rows to their bins in one streaming pass, then sort one bin at a time: memory
+        # stays at about one output whatever the size of the partition.
+        spill = unit_dir / "spill"
+        _scan(files).with_columns(minute).join(bins.lazy(), on=["campaign_id", "minute"]).drop(
+            "minute"
+        ).sink_parquet(pl.PartitionBy(spill, key="_bin", include_key=False), mkdir=True)
+        for k, name in enumerate(names):
+            parts = sorted((spill / f"_bin={k}").glob("*.parquet"))
+            frame = (
+                pl.read_parquet(parts, hive_partitioning=False)
+                .select(ENRICHED_SCHEMA.names())
+                .cast(ENRICHED_SCHEMA)
+                if parts
+                else pl.DataFrame(schema=ENRICHED_SCHEMA)
+            )
+            written += _write_output(frame, unit_dir / name, cfg)
+        shutil.rmtree(spill)
+    if written != total:
+        raise RuntimeError(f"compaction wrote {written} rows of {total}; the unit is discarded")
+    return names
+
+
+def _rename(src: Path, dst: Path) -> None:
+    if src.exists():
+        os.replace(src, dst)
+
+
+def _finish(layout: Layout, unit_dir: Path, cfg: CompactConfig) -> None:
+    """Roll a committed or swapped unit forward to the end (idempotent)."""
+    durable = cfg.durable
+    manifest = json.loads((unit_dir / MANIFEST).read_text())
+    partition = layout.events / manifest["partition"]
+    if unit_dir.name.endswith(COMMITTED):
+        partition.mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(manifest["outputs"]):
+            _rename(unit_dir / name, partition / name)
+            if i == 0:
+                cfg.step("compact_mid_place")
+        if durable:
+            fsync_dir(partition)
+        cfg.step("compact_after_place")
+        swapped = unit_dir.with_name(unit_dir.name[: -len(COMMITTED)] + SWAPPED)
+        os.replace(unit_dir, swapped)
+        if durable:
+            fsync_dir(swapped.parent)
+        _bump(layout, durable=durable)
+        cfg.step("compact_after_swap")
+        unit_dir = swapped
+    for i, name in enumerate(manifest["replaces"]):
+        (partition / name).unlink(missing_ok=True)
+        if i == 0:
+            cfg.step("compact_mid_delete")
+    if durable and partition.exists():
+        fsync_dir(partition)
+    cfg.step("compact_after_delete")
+    shutil.rmtree(unit_dir)
+    _bump(layout, durable=durable)
+
+
+def recover(layout: Layout, cfg: CompactConfig) -> int:
+    """Finish units a crash interrupted and discard unfinished stagings; how many were finished."""
+    directory = units_dir(layout)
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return 0
+    finished = 0
+    for name in names:
+        path = directory / name
+        if name.endswith(PARTIAL):
+            shutil.rmtree(path, ignore_errors=True)
+        elif _phase(name) is not None:
+            log.info("finishing compaction unit %s interrupted by a crash", name)
+            # The crash may have come between a phase change and its bump: bump first.
+            _bump(layout, durable=cfg.durable)
+            _finish(layout, path, cfg)
+            finished += 1
+    return finished
+
+
+def _file_infos(directory: Path, names: Sequence[str]) -> list[FileInfo]:
+    infos = []
+    for name in names:
+        path = directory / name
+        size = path.stat().st_size
+        rows = pq.read_metadata(path).num_rows if name.startswith(OUTPUT_PREFIX) else None
+        infos.append(FileInfo(name, size, rows))
+    return infos
+
+
+def compact_partition(
+    layout: Layout, partition: HourPartition, cfg: CompactConfig, *, unit_id: str | None = None
+) -> PartitionReport | None:
+    """Rewrite one partition's small files as one unit; None when it is already compact."""
+    started = time.perf_counter()
+
+    def listing() -> tuple[list[str], set[str]]:
+        names = parquet_names(partition.path)
+        # Listed after the partition: a batch file seen there is either still in flight here
+        # or its batch is finished.
+        return names, _consumer_in_flight(layout)
+
+    (names, in_flight), view = consistent(layout, listing)
+    names = [
+        n for n in view.visible(partition.key, names) if n[: -len(".parquet")] not in in_flight
+    ]
+    chosen = plan(
+        _file_infos(partition.path, names),
+        target_rows=cfg.target_rows,
+        target_bytes=cfg.target_bytes,
+    )
+    if not chosen:
+        return None
+    unit_id = unit_id or f"{OUTPUT_PREFIX}{int(time.time() * 1000)}-{secrets.token_hex(3)}"
+    partial = units_dir(layout) / f"{unit_id}{PARTIAL}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    inputs = [partition.path / f.name for f in chosen]
+    try:
+        outputs = _stage_outputs(inputs, partial, unit_id, cfg, sum(f.bytes for f in chosen))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    manifest = {
+        "unit": unit_id,
+        "partition": partition.key,
+        "outputs": outputs,
+        "replaces": [f.name for f in chosen],
+    }
+    (partial / MANIFEST).write_text(json.dumps(manifest))
+    if cfg.durable:
+        _fsync_file(partial / MANIFEST)
+        fsync_dir(partial)
+    cfg.step("compact_after_stage")
+    committed = partial.with_name(f"{unit_id}{COMMITTED}")
+    os.replace(partial, committed)
+    if cfg.durable:
+        fsync_dir(committed.parent)
+    _bump(layout, durable=cfg.durable)
+    cfg.step("compact_after_commit")
+    _finish(layout, committed, cfg)
+    rows = sum(pq.read_metadata(partition.path / n).num_rows for n in outputs)
+    return PartitionReport(
+        partition.key,
+        files_before=len(names),
+        files_after=len(names) - len(chosen) + len(outputs),
+        rows=rows,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def closed_partitions(layout: Layout, now: datetime, min_age_s: float) -> list[HourPartition]:
+    """Hour partitions whose hour ended at least ``min_age_s`` before ``now``."""
+    limit_ms = now.timestamp() * 1000 - min_age_s * 1000
+    return [p for p in hour_partitions(layout.events) if p.end_ms <= limit_ms]
+
+
+def compact(layout: Layout, cfg: CompactConfig, *, now: datetime) -> CompactReport:
+    """Finish interrupted units, then compact every closed partition that needs it."""
+    report = CompactReport()
+    with job_lock(layout, "compact"):
+        with job_lock(layout, EVENTS_LOCK, wait=True):
+            report.recovered = recover(layout, cfg)
+        for partition in closed_partitions(layout, now, cfg.min_age_s):
+            # Retention deletes whole partitions: never both on one partition at once.
+            with job_lock(layout, EVENTS_LOCK, wait=True):
+                if not partition.path.exists():
+                    continue
+                try:
+                    done = compact_partition(layout, partition, cfg)
+                except Exception:
+                    # One bad partition must not keep the others from being compacted.
+                    log.exception(
+                        "compaction of %s failed; it is tried again next run", partition.key
+                    )
+                    report.failed.append(partition.key)
+                    continue
+            if done is not None:
+                log.info(
+                    "compacted %s: %d files -> %d (%d rows, %.2fs)",
+                    done.partition,
+                    done.files_before,
+                    done.files_after,
+                    done.rows,
+                    done.seconds,
+                )
+                report.partitions.append(done)
+    if report.failed:
+        raise CompactionError(f"compaction failed for {', '.join(report.failed)} ({report.line()})")
+    return report

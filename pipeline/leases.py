@@ -1,0 +1,169 @@
+"""Leases on spool files, so that each file is processed by one consumer at a time.
+
+A lease is taken per file name, renewed by a heartbeat while held, and expires after
+LEASE_TIMEOUT when its holder dies; another consumer then takes the file over. Holding a lease
+is checked again right before a batch commits, and a takeover fences earlier attempts (see
+``pipeline.commit``), so a consumer that stalled past its lease never commits a stale batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis
+
+log = logging.getLogger("adevents.leases")
+
+
+@dataclass(frozen=True)
+class Lease:
+    name: str
+    token: str
+
+
+class Leases(Protocol):
+    """Exclusive, expiring claims on names. ``acquire`` returns None when someone holds it."""
+
+    def acquire(self, name: str) -> Lease | None: ...
+
+    def held(self, lease: Lease) -> bool: ...
+
+    def release(self, lease: Lease) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalLeases:
+    """For a consumer that has DATA_DIR to itself (the embedded key cache): always granted."""
+
+    def acquire(self, name: str) -> Lease | None:
+        return Lease(name, "local")
+
+    def held(self, lease: Lease) -> bool:
+        return True
+
+    def release(self, lease: Lease) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return false
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisLeases:
+    """Leases as Redis keys ``<prefix>:{l}:<name>`` (SET NX PX), renewed by a heartbeat thread.
+
+    The value names the holder's host and pid, so a consumer restarted on the same host takes
+    over the leases of a dead predecessor at once instead of waiting for them to expire.
+    """
+
+    def __init__(
+        self, client: redis.Redis | redis.RedisCluster, *, prefix: str, owner: str, timeout_s: float
+    ) -> None:
+        self.r = client
+        self.prefix = prefix
+        self.owner = owner
+        self.host = socket.gethostname()
+        self.timeout_ms = max(1, int(timeout_s * 1000))
+        self._renew = client.register_script(_RENEW)
+        self._take_over = client.register_script(_TAKE_OVER)
+        self._release = client.register_script(_RELEASE)
+        self._held: dict[str, Lease] = {}
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:{{l}}:{name}"
+
+    def acquire(self, name: str) -> Lease | None:
+        token = f"{self.host}|{os.getpid()}|{self.owner}|{uuid.uuid4().hex[:8]}"
+        key = self._key(name)
+        if not self.r.set(key, token, nx=True, px=self.timeout_ms):
+            current = _text(self.r.get(key))
+            if current is None or not self._holder_is_dead(current):
+                return None
+            # A consumer of this host that died (kill -9, then a restart): no need to wait for
+            # its lease to expire.
+            if not self._take_over(keys=[key], args=[current, token, self.timeout_ms]):
+                return None
+        lease = Lease(name, token)
+        with self._guard:
+            self._held[name] = lease
+        return lease
+
+    def _holder_is_dead(self, value: str) -> bool:
+        host, _, rest = value.partition("|")
+        pid_text = rest.partition("|")[0]
+        if host != self.host or not pid_text.isdigit() or int(pid_text) == os.getpid():
+            return False
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def held(self, lease: Lease) -> bool:
+        """Re-read the lease from Redis: True only if it is still ours."""
+        return _text(self.r.get(self._key(lease.name))) == lease.token
+
+    def release(self, lease: Lease) -> None:
+        with self._guard:
+            self._held.pop(lease.name, None)
+        try:
+            self._release(keys=[self._key(lease.name)], args=[lease.token])
+        except redis.RedisError as exc:  # it expires by itself anyway
+            log.warning("could not release lease on %s: %s", lease.name, exc)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.timeout_ms / 3000):
+            with self._guard:
+                held = list(self._held.values())
+            for lease in held:
+                try:
+                    ok = self._renew(
+                        keys=[self._key(lease.name)], args=[lease.token, self.timeout_ms]
+                    )
+                except redis.RedisError as exc:
+                    log.warning("lease heartbeat failed for %s: %s", lease.name, exc)
+                    continue
+                if not ok:
+                    log.warning("lost the lease on %s; its batch will not be committed", lease.name)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        with self._guard:
+            held = list(self._held.values())
+        for lease in held:
+            self.release(lease)
