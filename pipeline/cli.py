@@ -44,6 +44,7 @@ def _consume_configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-events-per-second", help="throughput cap, 0 = none (MAX_EVENTS_PER_SECOND)"
     )
+    parser.add_argument("--stats", help="at exit, write key-cache statistics as JSON here")
 
 
 def _consume_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -61,9 +62,20 @@ def _consume_run(args: argparse.Namespace, settings: Settings) -> int:
     started = time.perf_counter()
     try:
         totals = consumer.run(once=args.once, stop=stop)
+        cache = consumer.cache.stats() if args.stats else None
+        stats = (
+            {}
+            if cache is None
+            else {"keys": cache.keys, "bytes": cache.bytes, "bytes_per_key": cache.bytes_per_key}
+        )
     finally:
         consumer.close()
     print(totals.line(time.perf_counter() - started))
+    if args.stats:
+        import json
+        from pathlib import Path
+
+        Path(args.stats).write_text(json.dumps(stats))
     return 0
 
 
@@ -102,6 +114,10 @@ COMMANDS: dict[str, tuple[str, Configure, Runner]] = {
         "validate, deduplicate, enrich and land spool files as Parquet, exactly once",
         _consume_configure,
         _consume_run,
+    ),
+    "bench": (
+        "measure events/s against a ceiling and a naive baseline, and reconcile the output",
+        *_lazy("pipeline.bench", "configure", "run"),
     ),
     "sql": (
         "run ad-hoc SQL over the lake's DuckDB views (no query: interactive prompt)",

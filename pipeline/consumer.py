@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,6 +106,22 @@ class Totals:
         )
 
 
+@dataclass
+class Decided:
+    """A batch after stage one: its rows split, its keys claimed; nothing written yet."""
+
+    path: Path
+    batch_id: str
+    started: float
+    now: datetime
+    rows_in: int
+    ignored: int
+    accepted: pl.DataFrame
+    rejected: pl.DataFrame
+    duplicates: int
+    ledger: dict[str, Any]
+
+
 def _ledger_row(**values: Any) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(LEDGER_SCHEMA.names())
     for name in LEDGER_SCHEMA.names():
@@ -141,6 +158,8 @@ class Consumer:
         self._campaigns_mtime: float | None = -1.0
         self._lock_file: IO[str] | None = None
         self._next_allowed = 0.0
+        self._decided_watermark: int | None = None
+        self._in_flight: tuple[Future[dict[str, Any] | None], Lease] | None = None
 
     # -- start-up ----------------------------------------------------------------------------
     def lock(self) -> None:
@@ -237,15 +256,21 @@ class Consumer:
         before committing; the file is then simply taken again.
         """
         lease = lease or Lease(path.name, "local")
+        decided = self._stage_one(path)
+        return self._write_batch(decided, lease) if isinstance(decided, Decided) else decided
+
+    def _stage_one(self, path: Path) -> Decided | dict[str, Any] | None:
+        """Decide a file's batch, rebuilding the key cache first if it lost its data."""
         for _ in range(3):
             try:
-                return self._process(path, lease)
+                return self._process(path)
             except CacheLostError:
                 log.warning("the key cache lost its data; rebuilding it from events/")
+                self._decided_watermark = None
                 self.ensure_cache()
         raise CacheLostError(f"{path.name}: the key cache kept losing its data")
 
-    def _process(self, path: Path, lease: Lease) -> dict[str, Any] | None:
+    def _process(self, path: Path) -> Decided | dict[str, Any] | None:
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -256,13 +281,12 @@ class Consumer:
         if committed_dir.exists():  # an earlier attempt committed; finish its work
             return self._roll_forward(committed_dir)
         commit.discard_partials(self.layout.root, batch_id)  # fence off earlier attempts
-        return self._land(path, st, batch_id, lease, started)
+        return self._decide(path, st, batch_id, started)
 
-    def _land(
-        self, path: Path, st: os.stat_result, batch_id: str, lease: Lease, started: float
-    ) -> dict[str, Any] | None:
-        """Read, validate, deduplicate, enrich, stage and commit one file."""
-        committed_dir = commit.committed_dir_of(self.layout.root, batch_id)
+    def _decide(
+        self, path: Path, st: os.stat_result, batch_id: str, started: float
+    ) -> Decided | dict[str, Any] | None:
+        """Stage one: read, normalise, validate and claim keys. Bad files end here."""
         arrived = datetime.fromtimestamp(st.st_mtime, UTC)
         try:
             with pa.memory_map(str(path)) as source:
@@ -301,26 +325,57 @@ class Consumer:
         accepted, duplicates = self._dedupe(batch_id, valid)
         t_dedupe = time.perf_counter()
         faults.point("after_claim")
-        enriched, unknown = enrich(accepted, self.campaigns(), batch_id=batch_id, ingested_at=now)
+        times = accepted["event_time"]
+        max_ms = _ms(times.max()) if len(times) else None  # type: ignore[arg-type]
+        if max_ms is not None:
+            self._decided_watermark = max(self._decided_watermark or max_ms, max_ms)
+        return Decided(
+            path=path,
+            batch_id=batch_id,
+            started=started,
+            now=now,
+            rows_in=table.num_rows,
+            ignored=len(ignored),
+            accepted=accepted,
+            rejected=rejected,
+            duplicates=duplicates,
+            ledger=dict(
+                arrived_at=_ms(arrived),
+                min_event_time=_ms(times.min()) if len(times) else None,  # type: ignore[arg-type]
+                max_event_time=max_ms,
+                read_ms=(t_read - started) * 1000,
+                validate_ms=(t_validate - t_read) * 1000,
+                dedupe_ms=(t_dedupe - t_validate) * 1000,
+            ),
+        )
+
+    def _write_batch(self, d: Decided, lease: Lease) -> dict[str, Any] | None:
+        """Stage two: enrich, write the staged files, commit, publish and retire the input."""
+        t_start = time.perf_counter()
+        committed_dir = commit.committed_dir_of(self.layout.root, d.batch_id)
+        enriched, unknown = enrich(
+            d.accepted, self.campaigns(), batch_id=d.batch_id, ingested_at=d.now
+        )
         t_enrich = time.perf_counter()
         attempt = re.sub(r"[^A-Za-z0-9_-]", "_", lease.token)
         staged = commit.StagedBatch(
-            self.layout.root, batch_id, durable=self.durable, attempt=attempt
+            self.layout.root, d.batch_id, durable=self.durable, attempt=attempt
         ).begin()
         for (date, hour), part in partition_by_hour(enriched).items():
             staged.write_parquet(
-                f"events/{event_partition(date, hour)}/{batch_id}.parquet",
+                f"events/{event_partition(date, hour)}/{d.batch_id}.parquet",
                 part,
                 row_group_size=ROW_GROUP_SIZE,
             )
+        rejected = d.rejected
         if len(rejected):
             quarantined = rejected.with_columns(
-                source_file=pl.lit(path.name),
-                batch_id=pl.lit(batch_id),
-                ingested_at=pl.lit(now).cast(QUARANTINE_SCHEMA["ingested_at"]),
+                source_file=pl.lit(d.path.name),
+                batch_id=pl.lit(d.batch_id),
+                ingested_at=pl.lit(d.now).cast(QUARANTINE_SCHEMA["ingested_at"]),
             ).select(QUARANTINE_SCHEMA.names())
             staged.write_parquet(
-                f"quarantine/date={now:%Y-%m-%d}/{batch_id}.parquet",
+                f"quarantine/date={d.now:%Y-%m-%d}/{d.batch_id}.parquet",
                 quarantined,
                 row_group_size=ROW_GROUP_SIZE,
             )
@@ -329,47 +384,46 @@ class Consumer:
         if len(rejected):
             for reason, n in rejected["reason"].value_counts().iter_rows():
                 reasons[reason] = int(n)
-        times = accepted["event_time"]
         row = _ledger_row(
-            batch_id=batch_id,
-            source_file=path.name,
+            batch_id=d.batch_id,
+            source_file=d.path.name,
             status="ok",
-            rows_in=table.num_rows,
-            accepted=len(accepted),
-            duplicates=duplicates,
+            rows_in=d.rows_in,
+            accepted=len(d.accepted),
+            duplicates=d.duplicates,
             quarantined=len(rejected),
             **{f"quarantined_{r}": n for r, n in reasons.items()},
             unknown_campaigns=unknown,
-            ignored_columns=len(ignored),
-            min_event_time=_ms(times.min()) if len(times) else None,  # type: ignore[arg-type]
-            max_event_time=_ms(times.max()) if len(times) else None,  # type: ignore[arg-type]
-            arrived_at=_ms(arrived),
-            read_ms=(t_read - started) * 1000,
-            validate_ms=(t_validate - t_read) * 1000,
-            dedupe_ms=(t_dedupe - t_validate) * 1000,
-            enrich_ms=(t_enrich - t_dedupe) * 1000,
+            ignored_columns=d.ignored,
+            **d.ledger,
+            enrich_ms=(t_enrich - t_start) * 1000,
             write_ms=(t_write - t_enrich) * 1000,
             consumer=self.name,
         )
-        staged.extra = {"source_file": path.name, "ledger": row}
+        staged.extra = {"source_file": d.path.name, "ledger": row}
         faults.point("after_stage")
         if not (self.leases.held(lease) and self.cache.valid()):
-            log.warning("%s: lost the lease or the key cache meanwhile; not committing", path.name)
+            log.warning("%s: lost the lease or the key cache meanwhile; not committing", d.path)
             shutil.rmtree(staged.partial_dir, ignore_errors=True)
+            self._decided_watermark = None
             return None
         try:
             staged.commit()
         except commit.CommitConflictError as exc:
             log.warning("%s", exc)
+            self._decided_watermark = None
             return self._roll_forward(committed_dir) if committed_dir.exists() else None
         faults.point("after_commit")
-        return self._publish(staged.committed_dir, started)
+        return self._publish(staged.committed_dir, d.started)
 
     def _split(self, frame: pl.DataFrame, now: datetime) -> tuple[pl.DataFrame, pl.DataFrame]:
         from pipeline.validate import split_valid
 
+        # Batches already decided but still being written count too, so that the decisions
+        # are the same whether or not writing overlaps the next batch's reading.
+        marks = [m for m in (self.cache.watermark(), self._decided_watermark) if m is not None]
         return split_valid(
-            frame, now_ms=_ms(now), watermark_ms=self.cache.watermark(), window_ms=self.window_ms
+            frame, now_ms=_ms(now), watermark_ms=max(marks, default=None), window_ms=self.window_ms
         )
 
     def _dedupe(self, batch_id: str, valid: pl.DataFrame) -> tuple[pl.DataFrame, int]:
@@ -487,36 +541,72 @@ class Consumer:
             time.sleep(delay)
 
     def run(self, *, once: bool = False, stop: threading.Event | None = None) -> Totals:
-        """Process files until stopped (or, with ``once``, until incoming/ is empty)."""
+        """Process files until stopped (or, with ``once``, until incoming/ is empty).
+
+        Two stages overlap: while one batch is written and committed on a writer thread, the
+        next is read, validated and its keys claimed (Polars and Redis release the GIL).
+        Batches still commit one at a time, in order.
+        """
         stop = stop or threading.Event()
-        while not stop.is_set():
-            files = list_incoming(self.layout.incoming)
-            if not files:
-                if once:
-                    break
-                stop.wait(self.settings.poll_interval)
-                continue
-            landed_any = False
-            for path in files:
-                if stop.is_set():
-                    break
-                lease = self.leases.acquire(path.name)
-                if lease is None:
-                    continue  # another consumer has it
-                try:
-                    row = self.process_file(path, lease)
-                finally:
-                    self.leases.release(lease)
-                if row is None:
-                    continue
-                landed_any = True
-                self.totals.add(row)
-                log.debug("batch %s: %s", row["batch_id"], row)
-                self._pace(row["rows_in"])
-            if not landed_any:
-                # Everything waiting is leased by other consumers (or was just taken): wait.
-                stop.wait(self.settings.poll_interval)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adevents-writer") as writer:
+            try:
+                while not stop.is_set():
+                    files = list_incoming(self.layout.incoming)
+                    if not files:
+                        if once:
+                            break
+                        stop.wait(self.settings.poll_interval)
+                        continue
+                    landed_any = False
+                    for path in files:
+                        if stop.is_set():
+                            break
+                        landed_any |= self._take(path, writer)
+                    landed_any |= self._settle()
+                    if not landed_any:
+                        # Everything waiting is leased by other consumers (or just taken): wait.
+                        stop.wait(self.settings.poll_interval)
+            finally:
+                self._settle()
         return self.totals
+
+    def _take(self, path: Path, writer: ThreadPoolExecutor) -> bool:
+        """Decide ``path`` and hand it to the writer; True if some batch landed meanwhile."""
+        lease = self.leases.acquire(path.name)
+        if lease is None:
+            return False  # another consumer has it
+        try:
+            decided = self._stage_one(path)
+        except BaseException:
+            self.leases.release(lease)
+            raise
+        if not isinstance(decided, Decided):
+            self.leases.release(lease)
+            return self._account(decided)
+        landed = self._settle()  # one batch in the writer at a time: commits stay in order
+        self._in_flight = (writer.submit(self._write_batch, decided, lease), lease)
+        return landed
+
+    def _settle(self) -> bool:
+        """Wait for the batch in the writer, if any; True if it landed."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            return False
+        self._in_flight = None
+        future, lease = in_flight
+        try:
+            row = future.result()
+        finally:
+            self.leases.release(lease)
+        return self._account(row)
+
+    def _account(self, row: dict[str, Any] | None) -> bool:
+        if row is None:
+            return False
+        self.totals.add(row)
+        log.debug("batch %s: %s", row["batch_id"], row)
+        self._pace(row["rows_in"])
+        return True
 
     def close(self) -> None:
         self.leases.close()

@@ -1,0 +1,436 @@
+"""``adevents bench``: honest events/s, with a ceiling and a naive baseline measured alongside.
+
+The spool is generated first (not timed). The consumer runs as its own process, exactly as
+``adevents consume --once``; its time is taken from the ledger, from the first file read to the
+last commit. The output is then reconciled against the generator's ground truth, and the run
+fails loudly if a single event is lost or duplicated. Two references are measured on the same
+files: the ceiling (Arrow IPC read + Parquet write with the same compression, nothing else) and
+the naive baseline (the original design: a Python loop per event, a Redis SET NX per event,
+pipelined, dicts for enrichment) on a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import ipc
+
+from pipeline.reconcile import reconcile
+from pipeline.schema import EVENT_TYPES, PARQUET_COMPRESSION, Layout
+from pipeline.settings import Settings
+from pipeline.spool import list_incoming
+
+NAIVE_SUBSET = 500_000
+
+
+@dataclass
+class BenchResult:
+    """Everything one bench run measured; printed as a table and written as JSON."""
+
+    events: int
+    batch_size: int
+    dup_rate: float
+    key_cache: str
+    files: int = 0
+    consumer_seconds: float = 0.0
+    events_per_second: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_ms_per_10k: dict[str, float] = field(default_factory=dict)
+    key_cache_bytes_per_key: float = 0.0
+    key_cache_keys: int = 0
+    peak_rss_mb: float = 0.0
+    rss_samples_mb: list[float] = field(default_factory=list)
+    ceiling_events_per_second: float = 0.0
+    naive_events_per_second: float = 0.0
+    naive_events: int = 0
+    ratio_to_ceiling: float = 0.0
+    ratio_to_naive: float = 0.0
+    duplicates_dropped: int = 0
+    duplicates_expected: int = 0
+    reconciled: bool = False
+    live: dict[str, Any] = field(default_factory=dict)
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _redis_used_memory(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        info = client.info("memory")
+        return int(info["used_memory"])
+    finally:
+        client.close()
+
+
+def run_consumer(
+    settings: Settings, env: dict[str, str], total_files: int, show_progress: bool
+) -> tuple[int, float, list[float], dict[str, Any]]:
+    """Run ``adevents consume --once`` as a process; (exit code, peak RSS MB, samples, stats)."""
+    stats_path = Path(tempfile.mkdtemp()) / "stats.json"
+    cmd = [sys.executable, "-m", "pipeline.cli", "consume", "--once", "--log-level", "WARNING"]
+    cmd += ["--stats", str(stats_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    samples: list[float] = []
+    incoming = Layout(settings.data_dir).incoming
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=not show_progress) as progress:
+        task = progress.add_task("consuming", total=total_files)
+        while True:
+            # wait4 rather than poll(): it also reports the child's peak RSS.
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            samples.append(_rss_mb(proc.pid))
+            progress.update(task, completed=total_files - len(list_incoming(incoming)))
+            time.sleep(0.25)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    shutil.rmtree(stats_path.parent, ignore_errors=True)
+    return proc.returncode, usage.ru_maxrss / 1024, samples, stats
+
+
+def measure_ceiling(files: list[Path], scratch: Path) -> float:
+    """Events/s of reading the same Arrow IPC files and writing Parquet, nothing else."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    started = time.perf_counter()
+    for i, path in enumerate(files):
+        with pa.memory_map(str(path)) as source:
+            table = ipc.open_file(source).read_all()
+        frame = pl.from_arrow(table)
+        assert isinstance(frame, pl.DataFrame)
+        frame.write_parquet(scratch / f"{i}.parquet", compression=PARQUET_COMPRESSION)
+        rows += table.num_rows
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(scratch, ignore_errors=True)
+    return rows / elapsed if elapsed > 0 else 0.0
+
+
+def measure_naive(
+    files: list[Path], redis_url: str | None, campaigns: Path, limit: int
+) -> tuple[int, float]:
+    """The original design, labelled as such: per-event Python, per-event Redis SET NX."""
+    import redis
+
+    url = redis_url or "redis://127.0.0.1:6379/0"
+    client = redis.Redis.from_url(url)
+    prefix = f"adevents-naive-{os.getpid()}-{time.time_ns()}"
+    dim = (
+        {r["campaign_id"]: r for r in pl.read_parquet(campaigns).to_dicts()}
+        if campaigns.exists()
+        else {}
+    )
+    out_rows: list[dict[str, Any]] = []
+    seen = 0
+    started = time.perf_counter()
+    try:
+        for path in files:
+            if seen >= limit:
+                break
+            with pa.memory_map(str(path)) as source:
+                events = ipc.open_file(source).read_all().slice(0, limit - seen).to_pylist()
+            seen += len(events)
+            pipe = client.pipeline(transaction=False)
+            valid = []
+            for e in events:  # the per-event loop the original design described
+                if not e["event_id"] or e["event_type"] not in EVENT_TYPES:
+                    continue
+                if e["cost_micros"] is None or e["cost_micros"] < 0:
+                    continue
+                valid.append(e)
+                pipe.set(f"{prefix}:{e['event_id']}", 1, nx=True, ex=3600)
+            for e, fresh in zip(valid, pipe.execute(), strict=True):
+                if not fresh:
+                    continue
+                campaign = dim.get(e["campaign_id"], {})
+                e["advertiser_id"] = campaign.get("advertiser_id")
+                e["campaign_name"] = campaign.get("campaign_name")
+                out_rows.append(e)
+            if len(out_rows) >= 100_000:
+                pq.write_table(pa.Table.from_pylist(out_rows), os.devnull, compression="zstd")
+                out_rows.clear()
+        if out_rows:
+            pq.write_table(pa.Table.from_pylist(out_rows), os.devnull, compression="zstd")
+        elapsed = time.perf_counter() - started
+    finally:
+        for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
+            client.unlink(key)
+        client.close()
+    return seen, seen / elapsed if elapsed > 0 else 0.0
+
+
+def _ledger(layout: Layout) -> pl.DataFrame:
+    files = sorted(str(p) for p in layout.ledger.rglob("*.parquet"))
+    return pl.read_parquet(files) if files else pl.DataFrame()
+
+
+def summarise_ledger(result: BenchResult, ledger: pl.DataFrame) -> None:
+    ok = ledger.filter(pl.col("status") == "ok")
+    first_start = (ok["committed_at"].dt.epoch("ms") - ok["processing_ms"]).min()
+    last_commit = ok["committed_at"].dt.epoch("ms").max()
+    seconds = (float(last_commit) - float(first_start)) / 1000  # type: ignore[arg-type]
+    result.files = len(ledger)
+    result.consumer_seconds = seconds
+    result.events_per_second = float(ledger["rows_in"].sum()) / seconds if seconds > 0 else 0.0
+    result.stage_seconds = {
+        stage: float(ok[f"{stage}_ms"].sum()) / 1000
+        for stage in ("read", "validate", "dedupe", "enrich", "write", "commit")
+    }
+    latency = ok["processing_ms"]
+    per_10k = ok["processing_ms"] / ok["rows_in"].clip(lower_bound=1) * 10_000
+    for name, series in (("latency_ms", latency), ("latency_ms_per_10k", per_10k)):
+        getattr(result, name).update(
+            {f"p{q}": float(np.percentile(series.to_numpy(), q)) for q in (50, 95, 99)}
+        )
+    result.duplicates_dropped = int(ledger["duplicates"].sum())
+
+
+def print_table(result: BenchResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"adevents bench — {result.events:,} events, {result.key_cache} key cache")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("consumer events/s (end to end)", f"{result.events_per_second:,.0f}"),
+        ("consumer seconds (first read → last commit)", f"{result.consumer_seconds:.2f}"),
+        ("ceiling events/s (IPC → Parquet only)", f"{result.ceiling_events_per_second:,.0f}"),
+        ("ratio to ceiling", f"{result.ratio_to_ceiling:.2f} ×"),
+        (
+            f"naive baseline events/s ({result.naive_events:,} events)",
+            f"{result.naive_events_per_second:,.0f}",
+        ),
+        ("ratio to naive baseline", f"{result.ratio_to_naive:.1f} ×"),
+        *[(f"stage {k} (s)", f"{v:.2f}") for k, v in result.stage_seconds.items()],
+        *[(f"batch latency {k} (ms)", f"{v:.1f}") for k, v in result.latency_ms.items()],
+        *[
+            (f"batch latency {k} per 10k events (ms)", f"{v:.2f}")
+            for k, v in result.latency_ms_per_10k.items()
+        ],
+        ("key cache bytes per key", f"{result.key_cache_bytes_per_key:.1f}"),
+        ("consumer peak RSS (MB)", f"{result.peak_rss_mb:,.0f}"),
+        (
+            "duplicates dropped / expected",
+            f"{result.duplicates_dropped:,} / {result.duplicates_expected:,}",
+        ),
+        (
+            "reconciled with ground truth",
+            "yes: every event exactly once" if result.reconciled else "NO",
+        ),
+    ]
+    if result.live:
+        rows += [(f"live {k}", str(v)) for k, v in result.live.items()]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+def _child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "DATA_DIR": settings.data_dir,
+            "MAX_EVENTS_PER_SECOND": str(settings.max_events_per_second),
+            "FSYNC": "true" if settings.fsync else "false",
+            "DEDUPE_WINDOW": str(settings.dedupe_window),
+            "KEEP_PROCESSED": "true",
+        }
+    )
+    if settings.redis_url:
+        env["REDIS_URL"] = settings.redis_url
+        env["REDIS_KEY_PREFIX"] = settings.redis_key_prefix
+    else:
+        env.pop("REDIS_URL", None)
+    env.update(extra)
+    return env
+
+
+def bench(
+    settings: Settings, *, events: int, batch_size: int, naive_events: int, show_progress: bool
+) -> BenchResult:
+    """Generate, consume (timed), reconcile, then measure the ceiling and the naive baseline."""
+    from generator.runner import generate
+
+    layout = Layout(settings.data_dir)
+    if layout.root.exists() and any(layout.root.iterdir()):
+        raise SystemExit(f"adevents bench: {layout.root} is not empty; give an empty --data-dir")
+    layout.ensure()
+    key_cache = "redis" if settings.redis_url else "embedded"
+    result = BenchResult(
+        events=events, batch_size=batch_size, dup_rate=settings.dup_rate, key_cache=key_cache
+    )
+    truth = layout.root / "truth.parquet"
+    print(f"generating {events:,} events into {layout.incoming} (not timed)…", file=sys.stderr)
+    generate(settings, events=events, rate=0, batch_size=batch_size, truth=truth, seed=1)
+    files = list_incoming(layout.incoming)
+    memory_before = _redis_used_memory(settings.redis_url) if settings.redis_url else 0
+    code, peak, samples, stats = run_consumer(
+        settings, _child_env(settings), len(files), show_progress
+    )
+    if code != 0:
+        raise SystemExit(f"adevents bench: the consumer failed with exit code {code}")
+    result.peak_rss_mb = peak
+    result.rss_samples_mb = [round(s, 1) for s in samples[:: max(1, len(samples) // 20)]]
+    summarise_ledger(result, _ledger(layout))
+    rec = reconcile(layout.root, truth)  # raises ReconcileError on any loss or duplicate
+    result.reconciled = True
+    result.duplicates_expected = rec.expected_duplicates
+    result.key_cache_keys = int(stats.get("keys", rec.stored))
+    if settings.redis_url:
+        added = _redis_used_memory(settings.redis_url) - memory_before
+        result.key_cache_bytes_per_key = added / max(1, result.key_cache_keys)
+    else:
+        result.key_cache_bytes_per_key = float(stats.get("bytes_per_key", 0.0))
+    processed = sorted(layout.processed.glob("*.arrow"))
+    print("measuring the ceiling on the same files…", file=sys.stderr)
+    result.ceiling_events_per_second = measure_ceiling(processed, layout.root / "ceiling")
+    print(f"measuring the naive baseline on {naive_events:,} events…", file=sys.stderr)
+    result.naive_events, result.naive_events_per_second = measure_naive(
+        processed, settings.redis_url, layout.campaigns, naive_events
+    )
+    result.ratio_to_ceiling = result.events_per_second / max(result.ceiling_events_per_second, 1.0)
+    result.ratio_to_naive = result.events_per_second / max(result.naive_events_per_second, 1.0)
+    return result
+
+
+def bench_live(
+    settings: Settings, *, rate: float, duration: float, batch_size: int | None
+) -> dict[str, Any]:
+    """Generator and consumer together at ``rate``: sustained rate, freshness, kept up or not."""
+    layout = Layout(settings.data_dir)
+    layout.ensure()
+    env = _child_env(settings, KEEP_PROCESSED="false")
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "consume", "--log-level", "WARNING"], env=env
+    )
+    gen_cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "generate",
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration),
+    ]
+    if batch_size:
+        gen_cmd += ["--batch-size", str(batch_size)]
+    started = time.time()
+    subprocess.run(gen_cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    generated_until = time.time()
+    deadline = generated_until + max(10.0, duration)
+    while list_incoming(layout.incoming) and time.time() < deadline:
+        time.sleep(0.2)
+    backlog_after = len(list_incoming(layout.incoming))
+    consumer.terminate()
+    consumer.wait(timeout=30)
+    ledger = _ledger(layout)
+    lag = ledger["lag_ms"].to_numpy() if len(ledger) else np.zeros(1)
+    rows = int(ledger["rows_in"].sum()) if len(ledger) else 0
+    return {
+        "target_rate": rate,
+        "sustained_events_per_s": round(rows / max(generated_until - started, 1e-9)),
+        "freshness_p50_ms": round(float(np.percentile(lag, 50)), 1),
+        "freshness_p99_ms": round(float(np.percentile(lag, 99)), 1),
+        "kept_up": backlog_after == 0 and float(np.percentile(lag, 99)) < 5_000,
+        "files_left_when_generator_stopped_plus_grace": backlog_after,
+    }
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--events", type=int, default=10_000_000, help="events to generate (default 10M)"
+    )
+    parser.add_argument("--batch-size", type=int, default=100_000, help="events per spool file")
+    parser.add_argument("--dup-rate", help="fraction of duplicates (default DUP_RATE, 0.01)")
+    parser.add_argument(
+        "--key-cache", choices=("redis", "embedded"), help="default: redis when REDIS_URL is set"
+    )
+    parser.add_argument("--redis-url", help="Redis for --key-cache redis (default REDIS_URL)")
+    parser.add_argument("--dedupe-window", help="dedupe window (DEDUPE_WINDOW)")
+    parser.add_argument(
+        "--naive-events", type=int, default=NAIVE_SUBSET, help="naive baseline subset"
+    )
+    parser.add_argument("--json", dest="json_path", help="also write the results as JSON here")
+    parser.add_argument("--live", action="store_true", help="generator and consumer together")
+    parser.add_argument("--rate", type=float, default=50_000, help="--live: events/s to generate")
+    parser.add_argument("--duration", type=float, default=30, help="--live: seconds to generate")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.key_cache == "embedded":
+        settings = settings.replace(redis_url=None)
+    elif args.key_cache == "redis" and not settings.redis_url:
+        settings = settings.replace(redis_url="redis://127.0.0.1:6379/0")
+    if settings.redis_url:
+        settings = settings.replace(redis_key_prefix=f"adevents-bench-{os.getpid()}")
+    settings = settings.replace(max_events_per_second=0) if not args.live else settings
+    own_dir = args.data_dir is None
+    if own_dir:
+        settings = settings.replace(data_dir=tempfile.mkdtemp(prefix="adevents-bench-"))
+    try:
+        if args.live:
+            live = bench_live(settings, rate=args.rate, duration=args.duration, batch_size=None)
+            result = BenchResult(
+                events=0,
+                batch_size=0,
+                dup_rate=settings.dup_rate,
+                key_cache="redis" if settings.redis_url else "embedded",
+                live=live,
+            )
+            print(json.dumps(live, indent=2))
+        else:
+            result = bench(
+                settings,
+                events=args.events,
+                batch_size=args.batch_size,
+                naive_events=args.naive_events,
+                show_progress=not args.no_progress and sys.stderr.isatty(),
+            )
+            print_table(result)
+        if args.json_path:
+            Path(args.json_path).write_text(json.dumps(asdict(result), indent=2))
+    finally:
+        if own_dir:
+            shutil.rmtree(settings.data_dir, ignore_errors=True)
+        if settings.redis_url:
+            _drop_prefix(settings.redis_url, settings.redis_key_prefix)
+    return 0
+
+
+def _drop_prefix(url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
+        client.unlink(key)
+    client.close()
