@@ -204,7 +204,11 @@ def summarise_ledger(result: BenchResult, ledger: pl.DataFrame) -> None:
         for stage in ("read", "validate", "dedupe", "enrich", "write", "commit")
     }
     latency = ok["processing_ms"]
-    per_10k = ok["processing_ms"] / ok["rows_in"].clip(lower_bound=1) * 10_000
+    # Normalised over batches of 10k events or more: a tiny last file says little per event.
+    full = ok.filter(pl.col("rows_in") >= 10_000)
+    per_10k = (full if len(full) else ok).select(
+        pl.col("processing_ms") / pl.col("rows_in").clip(lower_bound=1) * 10_000
+    )["processing_ms"]
     for name, series in (("latency_ms", latency), ("latency_ms_per_10k", per_10k)):
         getattr(result, name).update(
             {f"p{q}": float(np.percentile(series.to_numpy(), q)) for q in (50, 95, 99)}
