@@ -13,9 +13,11 @@ from litestar import Litestar, MediaType, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import JsonRenderPlugin
 
+from api.docs import swagger_plugin
 from api.health import HealthChecker
+from api.ingest import IngestPlugin
 from api.metrics import Metrics, RequestLatency
 from api.routes import ROUTES
 from pipeline.settings import Settings
@@ -58,12 +60,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             title="adevents",
             version="0.1.0",
             description="Ad events of the exactly-once pipeline: latest events, campaign "
-            "performance, leaderboards, health and metrics. Money is in USD.",
+            "performance, leaderboards, alerts, health and metrics. Money is in USD.",
             path="/docs",
-            render_plugins=[SwaggerRenderPlugin(path="/"), JsonRenderPlugin(path="/openapi.json")],
+            render_plugins=[swagger_plugin(), JsonRenderPlugin(path="/openapi.json")],
         ),
         on_shutdown=[close],
         state=State({"settings": settings}),
+        plugins=[IngestPlugin(settings)],
     )
 
 

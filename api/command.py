@@ -19,14 +19,24 @@ OPTIONAL_CHILDREN: Final = ("scheduler",)
 STOP_TIMEOUT: Final = 15.0
 
 
-def configure_serve(parser: argparse.ArgumentParser) -> None:
+def _configure_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (8000)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
 
 
+def configure_serve(parser: argparse.ArgumentParser) -> None:
+    _configure_server(parser)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (1); each has its own DuckDB database and caches",
+    )
+
+
 def configure_demo(parser: argparse.ArgumentParser) -> None:
-    configure_serve(parser)
+    _configure_server(parser)
     parser.add_argument(
         "--duration", type=float, default=None, help="stop by itself after this many seconds"
     )
@@ -48,11 +58,33 @@ def _server(args: argparse.Namespace, settings: Settings) -> Any:
     return uvicorn.Server(config)
 
 
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> None:
+    """uvicorn's own worker processes, each building ``api.app:app`` from the environment."""
+    import os
+
+    import uvicorn
+
+    # Flags the CLI read reach the workers through the environment they inherit.
+    os.environ["DATA_DIR"] = settings.data_dir
+    os.environ["LOG_LEVEL"] = settings.log_level
+    uvicorn.run(
+        "api.app:app",
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=settings.log_level.lower(),
+        access_log=args.access_log,
+        lifespan="on",
+    )
+
+
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Serve the API until SIGINT/SIGTERM."""
-    server = _server(args, settings)
     try:
-        server.run()
+        if getattr(args, "workers", 1) > 1:
+            _serve_workers(args, settings)
+        else:
+            _server(args, settings).run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind
         return int(exc.code or 1)
     return 0

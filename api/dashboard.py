@@ -9,11 +9,13 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Final
 
-from api.models import Health, LeaderboardRow
+from api.models import AlertInfo, Health, LeaderboardRow
 from queries.ops import Overview
 
 REFRESH_MS: Final = 5_000
 TOP_WINDOW_MS: Final = 3_600_000
+#: Open alerts shown (the tile says "N+" when there are at least this many).
+MAX_ALERTS: Final = 20
 COLORS: Final = ("#2563eb", "#16a34a", "#dc2626", "#9333ea")
 
 _STYLE: Final = """
@@ -28,7 +30,8 @@ main{padding:16px 20px;display:grid;gap:16px}
 h2{font-size:15px;margin:0 0 8px}table{border-collapse:collapse;width:100%}
 th,td{padding:4px 8px;border-bottom:1px solid #eee;text-align:right}
 th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
-.legend span{margin-right:12px}.bad{color:#dc2626}.muted{color:#6b7280}
+.legend span{margin-right:12px}.bad{color:#dc2626}.muted{color:#6b7280}.warn{color:#b45309}
+#alerts-table td:nth-child(3),#alerts-table th:nth-child(3){text-align:left}
 svg text{font-size:11px;fill:#6b7280}
 """
 
@@ -56,7 +59,8 @@ class Snapshot:
     top: Sequence[LeaderboardRow]
     health: Health
     total_events: int
-    alerts: Sequence[dict[str, str]]
+    #: Open alerts, most severe and newest first.
+    alerts: Sequence[AlertInfo]
 
 
 def _num(value: float | None, digits: int = 0, suffix: str = "") -> str:
@@ -180,16 +184,26 @@ def _top_table(rows: Sequence[LeaderboardRow]) -> str:
     return f'<table id="top-campaigns">{head}{"".join(body)}</table>'
 
 
-def _alerts(alerts: Sequence[dict[str, str]]) -> str:
+def _stamp(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _alerts(alerts: Sequence[AlertInfo]) -> str:
     if not alerts:
-        return '<p class="muted" id="no-alerts">No active alerts.</p>'
-    columns = list(alerts[0])
-    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+        return '<p class="muted" id="no-alerts">No open alerts.</p>'
+    head = (
+        "<tr><th>severity</th><th>alert</th><th>message</th><th>value</th><th>threshold</th>"
+        "<th>firing since (UTC)</th></tr>"
+    )
     body = "".join(
-        "<tr>" + "".join(f"<td>{escape(a.get(c, ''))}</td>" for c in columns) + "</tr>"
+        f'<tr data-alert="{escape(a.alert_id)}" data-rule="{escape(a.rule)}" '
+        f'data-subject="{escape(a.subject)}" data-severity="{escape(a.severity)}">'
+        f'<td class="{"bad" if a.severity == "critical" else "warn"}">{escape(a.severity)}</td>'
+        f"<td>{escape(a.rule)} · {escape(a.subject)}</td><td>{escape(a.message)}</td>"
+        f"<td>{a.value:,.4g}</td><td>{a.threshold:,.4g}</td><td>{_stamp(a.started_at)}</td></tr>"
         for a in alerts
     )
-    return f'<table id="alerts-table"><tr>{head}</tr>{body}</table>'
+    return f'<table id="alerts-table">{head}{body}</table>'
 
 
 def panel(s: Snapshot) -> str:
@@ -213,6 +227,13 @@ def panel(s: Snapshot) -> str:
             _num(h.consumer_lag_seconds, 1, " s"),
             f"{h.files_waiting} file(s) waiting",
             bad=h.status != "ok",
+        ),
+        _tile(
+            "tile-alerts",
+            "open alerts",
+            f"{len(s.alerts)}{'+' if len(s.alerts) >= MAX_ALERTS else ''}",
+            f"{sum(a.severity == 'critical' for a in s.alerts)} critical",
+            bad=any(a.severity == "critical" for a in s.alerts),
         ),
     ]
     throughput = line_chart(
@@ -249,7 +270,7 @@ def panel(s: Snapshot) -> str:
         "</section></div>"
         f'<section class="card"><h2>Top campaigns by spend, last hour</h2>{_top_table(s.top)}'
         "</section>"
-        f'<section class="card" id="alerts"><h2>Alerts</h2>{_alerts(s.alerts)}</section>'
+        f'<section class="card" id="alerts"><h2>Open alerts</h2>{_alerts(s.alerts)}</section>'
     )
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from msgspec import Struct
 
+from pipeline.jobs.alerts import Alert
 from queries.campaigns import Bucket, CampaignTotals, Totals, ratios
 from queries.events import Event
 
@@ -159,6 +162,53 @@ class Leaderboard(Struct):
     metric: str
     since: int | None
     campaigns: list[LeaderboardRow]
+
+
+def epoch_ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+class AlertInfo(Struct):
+    """One threshold alert over its life (see ``adevents alerts``)."""
+
+    alert_id: str
+    #: throughput, latency_p95, error_rate, consumer_lag or budget.
+    rule: str
+    #: "pipeline", or the campaign_id of a budget alert.
+    subject: str
+    #: warning or critical.
+    severity: str
+    #: firing or resolved.
+    status: str
+    #: The rule's measure when last evaluated, and the level it crossed.
+    value: float
+    threshold: float
+    message: str
+    #: Epoch milliseconds (UTC): when it fired, was last evaluated, and resolved (null: open).
+    started_at: int
+    updated_at: int
+    ended_at: int | None
+
+    @classmethod
+    def of(cls, a: Alert) -> AlertInfo:
+        return cls(
+            alert_id=a.alert_id,
+            rule=a.rule,
+            subject=a.subject,
+            severity=a.severity,
+            status=a.status,
+            value=a.value,
+            threshold=a.threshold,
+            message=a.message,
+            started_at=epoch_ms(a.started_at),
+            updated_at=epoch_ms(a.updated_at),
+            ended_at=None if a.ended_at is None else epoch_ms(a.ended_at),
+        )
+
+
+class Alerts(Struct):
+    #: Open alerts first (critical, then newest), then resolved ones, most recently ended first.
+    alerts: list[AlertInfo]
 
 
 class KeyCacheHealth(Struct):

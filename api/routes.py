@@ -10,11 +10,13 @@ from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import PathParameter, QueryParameter
 
-from api import dashboard, params
+from api import dashboard, docs, params
 from api.health import HealthChecker
 from api.metrics import Metrics
 from api.models import (
     AdEvent,
+    AlertInfo,
+    Alerts,
     CampaignEvents,
     CampaignStats,
     Health,
@@ -60,6 +62,9 @@ GranularityParam = Annotated[
     campaigns.Granularity, QueryParameter(description="bucket width of the series")
 ]
 MetricParam = Annotated[campaigns.Metric, QueryParameter(description="what to rank by")]
+OpenOnly = Annotated[
+    bool, QueryParameter(name="open", description="only alerts that are still firing")
+]
 
 
 @get("/health", responses={503: ResponseSpec(Health, description="unhealthy")})
@@ -150,6 +155,13 @@ def top_campaigns(
     )
 
 
+@get("/alerts", sync_to_thread=True)
+def alerts(lake: NamedDependency[Lake], open_only: OpenOnly = False, limit: Limit = 100) -> Alerts:
+    """Threshold alerts: open ones first (critical, then newest), then recently resolved ones."""
+    found = ops.alerts(lake, open_only=open_only, limit=limit)
+    return Alerts(alerts=[AlertInfo.of(a) for a in found])
+
+
 @get("/metrics", sync_to_thread=True, media_type="text/plain; version=0.0.4")
 def metrics(metrics: NamedDependency[Metrics]) -> bytes:
     """Prometheus text exposition."""
@@ -159,13 +171,14 @@ def metrics(metrics: NamedDependency[Metrics]) -> bytes:
 def _snapshot(lake: Lake, checker: HealthChecker) -> dashboard.Snapshot:
     now = params.now_ms()
     top = campaigns.top(lake, "spend", 10, now - dashboard.TOP_WINDOW_MS)
+    firing = ops.alerts(lake, open_only=True, limit=dashboard.MAX_ALERTS)
     return dashboard.Snapshot(
         now_ms=now,
         overview=ops.overview(lake, now),
         top=[LeaderboardRow.of(i, c) for i, c in enumerate(top, 1)],
         health=checker.cached(),
         total_events=events.count(lake),
-        alerts=ops.active_alerts(lake),
+        alerts=[AlertInfo.of(a) for a in firing],
     )
 
 
@@ -187,7 +200,9 @@ ROUTES: Final = [
     by_campaign,
     campaign_stats,
     top_campaigns,
+    alerts,
     metrics,
     dashboard_page,
     dashboard_panel,
+    docs.docs_asset,
 ]

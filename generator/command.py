@@ -88,6 +88,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="campaigns in a dimension created because none exists (default 1000)",
     )
+    parser.add_argument(
+        "--http",
+        metavar="URL",
+        help="POST the events to this server's /ad_events instead of writing spool files",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="API key for --http (default: the first of INGEST_API_KEYS)",
+    )
     for name in SETTING_FLAGS:
         parser.add_argument(
             f"--{name.replace('_', '-')}",
@@ -100,9 +110,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Generate events as ``args`` say; print a one-line summary; return the exit code."""
+    from generator.http import IngestError
     from generator.runner import generate
 
     overrides = {n: getattr(args, n) for n in SETTING_FLAGS if getattr(args, n, None) is not None}
+    http, api_key = getattr(args, "http", None), getattr(args, "api_key", None)
+    if http is not None and api_key is None:
+        keys = settings.ingest.ingest_api_keys
+        api_key = keys[0] if keys else None
     try:
         summary = generate(
             settings.replace(**overrides),
@@ -114,9 +129,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             truth=args.truth,
             producer=args.producer,
             campaigns=args.campaigns,
+            http=http,
+            api_key=api_key,
         )
     except ValueError as exc:
         print(f"generate: {exc}", file=sys.stderr)
         return 2
+    except IngestError as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 1
     print(summary.line())
+    if summary.sent is not None and http is not None:
+        print(summary.sent.line(http))
     return 0

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from generator import model
+from generator.http import HttpSender, SendTotals
 from pipeline.schema import KEY_COLUMN, TIME_COLUMN, Layout
 from pipeline.settings import Settings
 from pipeline.spool import SpoolWriter
@@ -65,6 +66,8 @@ class GenerateSummary:
     seed: int
     producer: str
     truth: Path | None = None
+    #: What the server answered, when the events were sent over HTTP.
+    sent: SendTotals | None = None
 
     @property
     def events_per_second(self) -> float:
@@ -206,7 +209,9 @@ class _BackgroundWriter:
     """Converts and writes files on one thread, in order, so drawing the next batch overlaps
     the I/O. A failed write is raised by the next ``submit`` or by ``close``."""
 
-    def __init__(self, writer: SpoolWriter, population: model.Population, depth: int = 2) -> None:
+    def __init__(
+        self, writer: SpoolWriter | HttpSender, population: model.Population, depth: int = 2
+    ) -> None:
         self._writer = writer
         self._population = population
         self._queue: queue.Queue[pl.DataFrame | None] = queue.Queue(maxsize=depth)
@@ -447,6 +452,8 @@ def generate(
     stop: threading.Event | None = None,
     campaigns: int = 1000,
     clock: Callable[[], float] = time.time,
+    http: str | None = None,
+    api_key: str | None = None,
 ) -> GenerateSummary:
     """Write synthetic events into ``DATA_DIR/incoming`` until ``events`` rows, ``duration``
     seconds, ``stop`` or SIGINT/SIGTERM; then flush held-back rows and write ``truth``.
@@ -455,6 +462,8 @@ def generate(
     rows per file (default rate x BATCH_INTERVAL, or 100000 at rate 0). DUP_RATE, LATE_RATE and
     INVALID_RATE come from ``settings``. ``campaigns`` sizes a dimension created because none
     exists; ``clock`` (seconds since the epoch) stamps event times, for reproducible files.
+    With ``http`` (the server's URL) each batch is POSTed to /ad_events with ``api_key``
+    instead of being written to the spool.
     """
     rate = float(settings.events_per_second if rate is None else rate)
     if not (rate >= 0 and math.isfinite(rate)):
@@ -474,7 +483,8 @@ def generate(
         raise ValueError("seed must be 0 or more")
     id_prefix = model.event_id_prefix(producer, seed)
     layout = Layout(settings.data_dir)
-    spool = SpoolWriter(layout.incoming, producer)
+    sender = None if http is None else HttpSender(http, api_key)
+    spool = SpoolWriter(layout.incoming, producer) if sender is None else sender
     dimension_seq, population_seq, run_seq = np.random.SeedSequence(seed).spawn(3)
     dimension = ensure_campaigns(layout.campaigns, campaigns, np.random.default_rng(dimension_seq))
     population = model.build_population(
@@ -500,7 +510,11 @@ def generate(
                 run.flat_out(batch_size, events, duration, stop)
             run.flush(batch_size)
         finally:
-            writer.close()
+            try:
+                writer.close()
+            finally:
+                if sender is not None:
+                    sender.close()
         seconds = time.perf_counter() - began
         truth_path = None if truth is None else Path(truth)
         if truth_path is not None:
@@ -516,6 +530,7 @@ def generate(
         seed=seed,
         producer=producer,
         truth=truth_path,
+        sent=None if sender is None else sender.totals,
     )
 
 

@@ -279,6 +279,58 @@ class JobSettings:
         return [(f.name.upper(), repr(f.default), f.metadata["help"]) for f in fields(JobSettings)]
 
 
+def _key_list(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in str(text).split(",") if k.strip())
+    for k in keys:
+        if not (k.isascii() and k.isprintable()) or " " in k:
+            raise ValueError("keys must be printable ASCII without spaces, separated by commas")
+    return keys
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """The HTTP ingest's knobs; field names are the environment variables in lower case."""
+
+    ingest_api_keys: tuple[str, ...] = _setting(
+        (),
+        _key_list,
+        "comma-separated API keys POST /ad_events accepts (X-API-Key or Authorization: Bearer); "
+        "none = every ingest request is refused",
+    )
+    api_keys_required_for_read: bool = _setting(
+        False, _bool, "require one of INGEST_API_KEYS on the read endpoints too (not /health)"
+    )
+    ingest_max_body_bytes: int = _setting(
+        32 * 1024**2, _positive_size, "largest request body POST /ad_events reads (413 above)"
+    )
+    ingest_batch_events: int = _setting(
+        100_000,
+        _positive_int,
+        "events per spool file the ingest writes: a micro-batch is written when it has this "
+        "many or BATCH_INTERVAL after its first request, whichever comes first",
+    )
+    max_backlog_events: int = _setting(
+        10_000_000,
+        _positive_int,
+        "events waiting in incoming/ above which POST /ad_events answers 429 (disk guard)",
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> IngestSettings:
+        """Read the environment, then apply overrides (None means not given)."""
+        return cls(**_read_fields(cls, os.environ if env is None else env, overrides))
+
+    def replace(self, **changes: Any) -> IngestSettings:
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def describe() -> list[tuple[str, str, str]]:
+        """(variable, default, meaning) for every setting."""
+        return [
+            (f.name.upper(), repr(f.default), f.metadata["help"]) for f in fields(IngestSettings)
+        ]
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of adevents; field names are the environment variables in lower case."""
@@ -313,13 +365,19 @@ class Settings:
     consumer_name: str = _setting("", str, "name of this consumer in the ledger (default host-pid)")
     #: The scheduled jobs' settings (their own subsystem, read from the same environment).
     jobs: JobSettings = field(default_factory=JobSettings)
+    #: The HTTP ingest's settings (``POST /ad_events``).
+    ingest: IngestSettings = field(default_factory=IngestSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read the environment, then apply overrides (CLI flags; None means not given)."""
         env = os.environ if env is None else env
         values = _read_fields(cls, env, overrides)
-        return cls(**values, jobs=JobSettings.from_env(env, **overrides))
+        return cls(
+            **values,
+            jobs=JobSettings.from_env(env, **overrides),
+            ingest=IngestSettings.from_env(env, **overrides),
+        )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -329,7 +387,7 @@ class Settings:
         """(variable, default, meaning) for every setting, for README and ``--help``."""
         return [
             (f.name.upper(), repr(f.default), f.metadata["help"])
-            for cls in (Settings, JobSettings)
+            for cls in (Settings, JobSettings, IngestSettings)
             for f in fields(cls)
             if "parse" in f.metadata
         ]

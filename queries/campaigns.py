@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
-from queries.lake import Lake
+from queries import rollups
+from queries.lake import FileStats, Lake
+from queries.rollups import MINUTE_MS, Coverage
 
 Granularity = Literal["minute", "hour", "day"]
 GRANULARITIES: Final[tuple[Granularity, ...]] = ("minute", "hour", "day")
@@ -104,85 +108,187 @@ def _bucket_floor(ms: int, granularity: Granularity) -> int:
     return ms - ms % width
 
 
+Run = tuple[int, int]
+#: A plan split into more [start, end) runs than this is read from events alone (still exact).
+MAX_RUNS: Final = 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where each part of a series' [since, until) is read from: disjoint runs that cover it."""
+
+    #: Whole buckets, from ``rollups_<granularity>``.
+    rollup: tuple[Run, ...] = ()
+    #: Whole minutes, from ``rollups_minute`` (parts of buckets the coarser level cannot answer).
+    minutes: tuple[Run, ...] = ()
+    #: The rest, from ``events``: dirty minutes, minutes older than the rollups, a partial minute.
+    raw: tuple[Run, ...] = ()
+
+
+def _extend(runs: list[Run], start: int, end: int) -> None:
+    if start >= end:
+        return
+    if runs and runs[-1][1] == start:
+        runs[-1] = (runs[-1][0], end)
+    else:
+        runs.append((start, end))
+
+
+def _split_minutes(
+    start: int, stop: int, cov: Coverage, minutes: list[Run], raw: list[Run]
+) -> None:
+    """[start, stop) minute by minute: minute rollups where they answer, events elsewhere."""
+    whole_end = stop - stop % MINUTE_MS
+    horizon = cov.since_ms.get("minute")
+    at = whole_end if horizon is None else min(max(start, horizon), whole_end)
+    _extend(raw, start, at)  # older than the minute rollups kept
+    i = bisect.bisect_left(cov.dirty, at)
+    while at < whole_end:
+        dirty = min(cov.dirty[i], whole_end) if i < len(cov.dirty) else whole_end
+        _extend(minutes, at, dirty)
+        _extend(raw, dirty, min(dirty + MINUTE_MS, whole_end))
+        at, i = dirty + MINUTE_MS, i + 1
+    _extend(raw, whole_end, stop)  # the partial minute at until
+
+
+def plan(since_ms: int, until_ms: int, granularity: Granularity, cov: Coverage | None) -> Plan:
+    """How to answer [since, until) (since rounded down to a bucket) given what rollups cover.
+
+    A bucket comes from its own level when that level answers it whole; otherwise minute by
+    minute, from minute rollups where they answer and from events where they do not (minutes
+    batches not rolled up yet touched, and the partial minute at ``until``).
+    """
+    since_ms = _bucket_floor(since_ms, granularity)
+    if cov is None:
+        return Plan(raw=((since_ms, until_ms),))
+    width = BUCKET_MS[granularity]
+    rollup: list[Run] = []
+    minutes: list[Run] = []
+    raw: list[Run] = []
+    bucket = since_ms
+    while bucket < until_ms:
+        end = bucket + width
+        if end <= until_ms and cov.answers(granularity, bucket, end):
+            _extend(rollup, bucket, end)
+        else:
+            _split_minutes(bucket, min(end, until_ms), cov, minutes, raw)
+        bucket = end
+    if len(rollup) + len(minutes) + len(raw) > MAX_RUNS:
+        return Plan(raw=((since_ms, until_ms),))
+    return Plan(tuple(rollup), tuple(minutes), tuple(raw))
+
+
+def _within(column: str, runs: Sequence[Run], key: str, params: dict[str, object]) -> str:
+    """``column`` in any of ``runs``, as SQL with the bounds bound under ``key``."""
+    clauses = []
+    for i, (lo, hi) in enumerate(runs):
+        params[f"{key}_lo{i}"], params[f"{key}_hi{i}"] = lo, hi
+        clauses.append(
+            f"({column} >= make_timestamptz(${key}_lo{i} * 1000) "
+            f"AND {column} < make_timestamptz(${key}_hi{i} * 1000))"
+        )
+    return "(" + " OR ".join(clauses) + ")"
+
+
+_ROLLUP_PART: Final = """
+    SELECT epoch_ms(date_trunc($granularity, bucket)) AS b, impressions AS i, clicks AS c,
+           conversions AS v, spend_micros AS s, revenue_micros AS r
+    FROM {{{table}}} WHERE campaign_id = $campaign_id AND {where}"""
+_RAW_PART: Final = """
+    SELECT epoch_ms(date_trunc($granularity, event_time)) AS b,
+           count(*) FILTER (WHERE event_type = 'impression') AS i,
+           count(*) FILTER (WHERE event_type = 'click') AS c,
+           count(*) FILTER (WHERE event_type = 'conversion') AS v,
+           coalesce(sum(cost_micros), 0) AS s, coalesce(sum(revenue_micros), 0) AS r
+    FROM {{events}} WHERE campaign_id = $campaign_id AND {where} GROUP BY b"""
+
+
+def _overlapping(lake: Lake, name: str, runs: Sequence[Run]) -> list[str]:
+    """Files of ``name`` that can hold rows in one of ``runs``."""
+    lo, hi = runs[0][0], runs[-1][1]
+    files = lake.files(name, since_ms=lo, until_ms=hi)
+    if name != "events":
+        return files
+    stats = lake.stats(name, files)
+    ends = [end for _, end in runs]
+
+    def overlaps(s: FileStats) -> bool:
+        if not s.overlaps(lo, hi):
+            return False
+        if s.min_ms is None or s.max_ms is None:
+            return True
+        i = bisect.bisect_right(ends, s.min_ms)  # the first run that ends after the file begins
+        return i < len(runs) and runs[i][0] <= s.max_ms
+
+    return [f for f in files if overlaps(stats[f])]
+
+
+def read_plan(lake: Lake, campaign_id: str, granularity: Granularity, p: Plan) -> list[Bucket]:
+    """The series a plan describes: its parts read in one query and summed per bucket."""
+    params: dict[str, object] = {"campaign_id": campaign_id, "granularity": granularity}
+    parts: list[str] = []
+    sources: dict[str, set[str]] = {}
+    for table, runs, key in (
+        (f"rollups_{granularity}", p.rollup, "r"),
+        ("rollups_minute", p.minutes, "m"),
+        ("events", p.raw, "e"),
+    ):
+        if not runs:
+            continue
+        files = _overlapping(lake, table, runs)
+        if not files:
+            continue
+        sources.setdefault(table, set()).update(files)
+        column = "event_time" if table == "events" else "bucket"
+        where = _within(column, runs, key, params)
+        template = _RAW_PART if table == "events" else _ROLLUP_PART
+        parts.append(template.format(table=table, where=where))
+    if not parts:
+        return []
+    sql = f"""
+        SELECT b, CAST(sum(i) AS BIGINT), CAST(sum(c) AS BIGINT), CAST(sum(v) AS BIGINT),
+               CAST(sum(s) AS BIGINT), CAST(sum(r) AS BIGINT)
+        FROM ({" UNION ALL ".join(parts)}) GROUP BY b ORDER BY b"""
+    rows = lake.query(sql, params, sources={k: sorted(v) for k, v in sources.items()})
+    return [Bucket(int(r[0]), Totals(*map(int, r[1:]))) for r in rows]
+
+
 class RawEventsSource:
     """Aggregates events/ at query time."""
 
     def series(
         self, lake: Lake, campaign_id: str, since_ms: int, until_ms: int, granularity: Granularity
     ) -> list[Bucket]:
-        since_ms = _bucket_floor(since_ms, granularity)
-        sql = f"""
-            SELECT epoch_ms(date_trunc($granularity, event_time)) AS bucket, {_TOTALS}
-            FROM {{events}}
-            WHERE campaign_id = $campaign_id
-              AND event_time >= make_timestamptz($since_ms * 1000)
-              AND event_time < make_timestamptz($until_ms * 1000)
-            GROUP BY bucket ORDER BY bucket"""
-        params = {
-            "granularity": granularity,
-            "campaign_id": campaign_id,
-            "since_ms": since_ms,
-            "until_ms": until_ms,
-        }
-
-        def attempt() -> list[Bucket]:
-            files = lake.files("events", since_ms=since_ms, until_ms=until_ms)
-            stats = lake.stats("events", files)
-            files = [f for f in files if stats[f].overlaps(since_ms, until_ms)]
-            rows = lake.query(sql, params, sources={"events": files})
-            return [Bucket(int(r[0]), Totals(*map(int, r[1:]))) for r in rows]
-
-        return lake.read(attempt)
+        p = plan(since_ms, until_ms, granularity, None)
+        return lake.read(lambda: read_plan(lake, campaign_id, granularity, p))
 
 
 class RollupSource:
-    """Reads ``rollups/<granularity>/`` once another issue writes it.
-
-    Expects one row per campaign per bucket with ``campaign_id``, ``bucket`` (timestamp, UTC),
-    ``impressions``, ``clicks``, ``conversions``, ``spend_micros`` and ``revenue_micros``, in a
-    table registered as ``rollups_<granularity>`` (see :func:`queries.lake.register_table`).
-    """
+    """Rollups (``rollups_<granularity>``, ``rollups_minute``) for what they answer exactly, and
+    events for the rest: minutes that batches not rolled up yet touched, minutes older than the
+    rollups kept, and the partial minute at ``until``. The same answer as :class:`RawEventsSource`,
+    to the micro, while reading a fraction of the data."""
 
     def series(
         self, lake: Lake, campaign_id: str, since_ms: int, until_ms: int, granularity: Granularity
     ) -> list[Bucket]:
-        since_ms = _bucket_floor(since_ms, granularity)
-        name = f"rollups_{granularity}"
-        sql = f"""
-            SELECT epoch_ms(bucket) AS b,
-                   CAST(sum(impressions) AS BIGINT), CAST(sum(clicks) AS BIGINT),
-                   CAST(sum(conversions) AS BIGINT), CAST(sum(spend_micros) AS BIGINT),
-                   CAST(sum(revenue_micros) AS BIGINT)
-            FROM {{{name}}}
-            WHERE campaign_id = $campaign_id
-              AND bucket >= make_timestamptz($since_ms * 1000)
-              AND bucket < make_timestamptz($until_ms * 1000)
-            GROUP BY b ORDER BY b"""
-        params = {"campaign_id": campaign_id, "since_ms": since_ms, "until_ms": until_ms}
-
         def attempt() -> list[Bucket]:
-            files = lake.files(name, since_ms=since_ms, until_ms=until_ms)
-            rows = lake.query(sql, params, sources={name: files})
-            return [Bucket(int(r[0]), Totals(*map(int, r[1:]))) for r in rows]
+            p = plan(since_ms, until_ms, granularity, rollups.coverage(lake))
+            return read_plan(lake, campaign_id, granularity, p)
 
         return lake.read(attempt)
 
 
-def stats_source(lake: Lake, granularity: Granularity) -> StatsSource:
-    """Rollups when a rollup table for ``granularity`` is registered and has files, else events."""
-    from queries.lake import TABLES
-
-    name = f"rollups_{granularity}"
-    if name in TABLES and lake.files(name):
-        return RollupSource()
-    return RawEventsSource()
+def stats_source(lake: Lake) -> StatsSource:
+    """Rollups once the rollup job has finished a run, else events."""
+    return RollupSource() if rollups.has_rollups(lake) else RawEventsSource()
 
 
 def series(
     lake: Lake, campaign_id: str, since_ms: int, until_ms: int, granularity: Granularity
 ) -> list[Bucket]:
     """A campaign's time series; an unknown campaign has none."""
-    source = stats_source(lake, granularity)
+    source = stats_source(lake)
     return source.series(lake, campaign_id, since_ms, until_ms, granularity)
 
 

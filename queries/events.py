@@ -81,53 +81,92 @@ class EventFilter:
         return self.since_ms, until
 
 
+#: The newest event time of a file whose footer does not say: newer than anything.
+_UNKNOWN: Final = 1 << 62
+
+
 def _newest(stats: FileStats) -> int:
     """The file's newest event time; unknown counts as newer than anything."""
-    return 1 << 62 if stats.max_ms is None else stats.max_ms
+    return _UNKNOWN if stats.max_ms is None else stats.max_ms
+
+
+#: The first band of a chunk's newest events read; each next band reaches 8 times further back.
+PROBE_MS: Final = 60_000
 
 
 def newest(lake: Lake, limit: int, where: EventFilter | None = None) -> list[Event]:
     """Up to ``limit`` matching events by (event_time, event_id), newest first.
 
-    Reads as few files as it can: files by newest event first, enough to hold ``limit`` rows;
-    once ``limit`` rows are found, any other file whose newest event is at least as new as the
-    last row found is added and the query run once more, which makes the answer exact.
+    Reads as few files as it can, each once: files by newest event first (for a campaign, only
+    those whose footer says they can hold it), a growing chunk at a time, keeping the best
+    ``limit`` rows; it stops once the next file's newest event is older than the last of them,
+    as every file after it is too: the answer is exact. Within a chunk that spans a long time
+    (compacted files, sorted by campaign), bands of time are read newest first, so that row
+    groups older than what is needed are skipped by their statistics.
     """
     where = where or EventFilter()
     since, until = where.window()
     clause, params = where.where()
     params["limit"] = limit
-    sql = f"""
-        SELECT {_COLUMNS} FROM {{events}} WHERE {clause}
-        ORDER BY event_time DESC, event_id DESC LIMIT $limit"""
+    order = "ORDER BY event_time DESC, event_id DESC LIMIT $limit"
+    lower = "event_time >= make_timestamptz($band_lo * 1000)"
+    upper = "event_time < make_timestamptz($band_hi * 1000)"
+
+    def band(chunk: list[str], lo: int | None, hi: int | None) -> list[Event]:
+        bounds = [c for c, v in ((lower, lo), (upper, hi)) if v is not None]
+        sql = f"SELECT {_COLUMNS} FROM {{events}} WHERE {' AND '.join([clause, *bounds])} {order}"
+        values = {**params, **({"band_lo": lo} if lo is not None else {})}
+        values |= {"band_hi": hi} if hi is not None else {}
+        return [Event(*r) for r in lake.query(sql, values, sources={"events": chunk})]
 
     def attempt() -> list[Event]:
         files = lake.files("events", since_ms=since, until_ms=until)
+        key = ("newest", limit, clause, tuple(sorted(params.items())), tuple(files))
+        return list(lake.remember(key, lambda: search(files)))
+
+    def search(files: list[str]) -> list[Event]:
         stats = lake.stats("events", files)
-        candidates = sorted(
-            (f for f in files if stats[f].overlaps(since, until)),
-            key=lambda f: -_newest(stats[f]),
-        )
-        take, rows = 0, 0
-        while take < len(candidates) and rows < limit:
-            rows += stats[candidates[take]].rows
-            take += 1
-        take = max(take, 1)
-        while True:
-            chosen = candidates[:take]
-            found = [Event(*r) for r in lake.query(sql, params, sources={"events": chosen})]
-            if take >= len(candidates):
-                return found
-            if len(found) == limit:
-                last = found[-1].time_ms
-                more = [f for f in candidates[take:] if _newest(stats[f]) >= last]
-                if not more:
-                    return found
-                chosen = chosen + more
-                return [Event(*r) for r in lake.query(sql, params, sources={"events": chosen})]
-            take *= 2
+        candidates = [f for f in files if stats[f].overlaps(since, until)]
+        if where.campaign_id is not None:
+            bounds = lake.bounds("events", candidates, "campaign_id")
+            candidates = [f for f in candidates if _may_hold(bounds[f], where.campaign_id)]
+        candidates.sort(key=lambda f: -_newest(stats[f]))
+        found: list[Event] = []
+        at, step, rows = 0, 0, 0
+        while step < len(candidates) and rows < limit:
+            rows += stats[candidates[step]].rows
+            step += 1
+        step = max(step, 1)
+        while at < len(candidates):
+            if len(found) >= limit and _newest(stats[candidates[at]]) < found[-1].time_ms:
+                break  # every file left holds only older events
+            chunk = candidates[at : at + step]
+            at, step = at + step, step * 2
+            top = _newest(stats[chunk[0]])
+            oldest = min((stats[f].min_ms for f in chunk), key=lambda m: -1 if m is None else m)
+            hi: int | None = None
+            width = PROBE_MS
+            while True:
+                lo: int | None = top - width
+                if oldest is None or top == _UNKNOWN or lo is None or lo <= oldest:
+                    lo = None  # the rest of the chunk
+                found = sorted([*found, *band(chunk, lo, hi)], key=_order, reverse=True)[:limit]
+                if lo is None or (len(found) >= limit and found[-1].time_ms >= lo):
+                    break  # what is left of the chunk is older than the last row kept
+                hi, width = lo, width * 8
+        return found
 
     return lake.read(attempt)
+
+
+def _order(e: Event) -> tuple[int, str]:
+    """The sort key of the queries: (event_time, event_id); ids compare as UTF-8 bytes do."""
+    return e.time_ms, e.event_id
+
+
+def _may_hold(bounds: tuple[str | None, str | None], value: str) -> bool:
+    low, high = bounds
+    return (low is None or low <= value) and (high is None or value <= high)
 
 
 def page(lake: Lake, limit: int, where: EventFilter) -> tuple[list[Event], Position | None]:

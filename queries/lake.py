@@ -12,35 +12,48 @@ Consistency. The consumer publishes a batch by renaming its files into place one
 again and the table again, and keeps only batches that were in flight at neither listing and
 gained no file between the two table listings: each batch it keeps is whole (a batch that was
 half-published at the first listing either shows up in flight, or had finished, and then has
-more files at the second). When a file listed the first time is gone the second time, or
-vanishes between listing and reading (compaction), :meth:`Lake.read` retries the whole read on
-a fresh snapshot.
+more files at the second).
 
-A job that replaces files (compaction) keeps readers exact by following the same protocol:
-stage its outputs under ``staging/<id>.committed`` with a ``manifest.json`` that has a
-``replaces`` key, name them ``<id>.parquet``, rename them into place, only then delete the files
-they replace, and remove the staging directory last. While such a unit is in flight and its
-outputs are visible, readers take their snapshot again rather than guess.
+Compaction (``pipeline/jobs/compact.py``) swaps an hour's small files for a few large ones in
+phases recorded under ``staging/compact/``, with a generation counter bumped at every phase
+change. For ``events``, the four listings above run inside
+:func:`pipeline.jobs.compact.consistent` (generation, units, listings, generation again; taken
+again if the generation moved) and every file its :class:`~pipeline.jobs.compact.View` hides
+(a committed unit's outputs, a swapped unit's replaced files) is dropped from both table
+listings, so each row is listed exactly once. A file that still vanishes (retention, or a swap
+between listing and reading) makes :meth:`Lake.read` retry the whole read on a fresh snapshot.
 
-Extension point: other issues add tables (``rollups/<granularity>/``, ``alerts/``) with
-:func:`register_table`; they become views for ``adevents sql`` and ``{name}`` in queries.
+Caches, all exact. Each directory's listing is reused while its mtime is unchanged (and was
+not in the same clock tick as the listing); a table's snapshot while none of the directories it
+listed (nor the compaction generation) changed; per-file footer statistics forever (files are
+never rewritten). A query's answer is reused for the same SQL, parameters and files: the events,
+quarantine and ledger files never change once published, and a file replaced in place
+(rollups, alerts, campaigns) is keyed by its inode, size and mtime. New data means new files, so
+nothing is ever stale; on a lake that is not changing, repeated questions cost no I/O.
+
+Tables other issues add (``rollups_<granularity>`` under ``rollups/<granularity>/`` and
+``alerts``) are registered here with :func:`register_table`; they become views for ``adevents
+sql`` and ``{name}`` in queries. Their files are replaced in place by atomic renames.
 """
 
 from __future__ import annotations
 
 import calendar
-import json
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import duckdb
 import polars as pl
 
+from pipeline.jobs import compact
+from pipeline.jobs.alerts import ALERT_SCHEMA
+from pipeline.jobs.rollup import ROLLUP_SCHEMA
 from pipeline.schema import (
     CAMPAIGN_SCHEMA,
     ENRICHED_SCHEMA,
@@ -58,6 +71,13 @@ _PARQUET: Final = ".parquet"
 #: DuckDB's messages for a file that was listed but is gone when it is opened.
 _MISSING = re.compile(r"No files found|No such file|Cannot open file|could not be opened", re.I)
 _TABLE_REF = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+#: A directory listing is reused only if it began this long after the directory's mtime.
+_RACY_NS: Final = 50_000_000
+#: Answers remembered per Lake (small ones only), most recently used kept.
+ANSWERS: Final = 512
+SNAPSHOTS: Final = 64
+_GENERATION: Final = "compaction generation"
+MAX_ANSWER_ROWS: Final = 5_000
 
 
 class LakeBusyError(RuntimeError):
@@ -65,7 +85,7 @@ class LakeBusyError(RuntimeError):
 
 
 class SnapshotChangedError(FileNotFoundError):
-    """Files were replaced while a snapshot was taken; :meth:`Lake.read` takes another."""
+    """Files vanished while a snapshot was taken; :meth:`Lake.read` takes another."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,9 @@ class Table:
     batch_files: bool = False
     #: Sub-directories that hold something else (``quarantine/files/``).
     exclude: frozenset[str] = frozenset()
+    #: A path, once published, always holds the same bytes (never rewritten in place), so an
+    #: answer over the same files is the same answer.
+    immutable: bool = False
 
     @property
     def single_file(self) -> bool:
@@ -104,7 +127,15 @@ def register_table(table: Table) -> None:
 
 
 for _table in (
-    Table("events", "events", ENRICHED_SCHEMA, _DATE_HOUR, "event_time", batch_files=True),
+    Table(
+        "events",
+        "events",
+        ENRICHED_SCHEMA,
+        _DATE_HOUR,
+        "event_time",
+        batch_files=True,
+        immutable=True,
+    ),
     Table(
         "quarantine",
         "quarantine",
@@ -113,9 +144,16 @@ for _table in (
         "ingested_at",
         batch_files=True,
         exclude=frozenset({"files"}),
+        immutable=True,
     ),
-    Table("ledger", "ledger", LEDGER_SCHEMA, (("date", "DATE"),), "committed_at"),
+    Table("ledger", "ledger", LEDGER_SCHEMA, (("date", "DATE"),), "committed_at", immutable=True),
     Table("campaigns", "dimensions/campaigns.parquet", CAMPAIGN_SCHEMA),
+    # Written by pipeline/jobs/rollup.py: one file per hour (minute) or per date (hour, day).
+    Table("rollups_minute", "rollups/minute", ROLLUP_SCHEMA, _DATE_HOUR, "bucket"),
+    Table("rollups_hour", "rollups/hour", ROLLUP_SCHEMA, (("date", "DATE"),), "bucket"),
+    Table("rollups_day", "rollups/day", ROLLUP_SCHEMA, (("date", "DATE"),), "bucket"),
+    # Written by pipeline/jobs/alerts.py; started_at (the first column) orders it.
+    Table("alerts", "alerts/alerts.parquet", ALERT_SCHEMA),
 ):
     register_table(_table)
 
@@ -188,11 +226,75 @@ def _partition_window(key: str, value: str, parent_start: int | None) -> tuple[i
     return None
 
 
+@dataclass
+class _Listing:
+    """A directory's names as listed at ``listed_at`` (epoch ns), when its mtime was ``mtime``."""
+
+    directory: str
+    mtime: int
+    listed_at: int
+    names: list[str]
+    _parquet: list[tuple[str, str]] | None = None
+
+    def parquet(self) -> list[tuple[str, str]]:
+        """(stem, path) of the published Parquet files in it (hidden temporary ones left out)."""
+        if self._parquet is None:
+            self._parquet = [
+                (n[: -len(_PARQUET)], os.path.join(self.directory, n))
+                for n in self.names
+                if n.endswith(_PARQUET) and not n.startswith(".")
+            ]
+        return self._parquet
+
+
+def _without(listing: dict[str, list[str]], hidden: frozenset[str]) -> dict[str, list[str]]:
+    """``listing`` less the paths in ``hidden`` (and the names left with no path)."""
+    out: dict[str, list[str]] = {}
+    for name, paths in listing.items():
+        kept = [p for p in paths if p not in hidden]
+        if kept:
+            out[name] = kept
+    return out
+
+
+def _answer_key(
+    sql: str, params: Mapping[str, Any] | None, sources: Mapping[str, Sequence[str]]
+) -> Hashable | None:
+    """What an answer is remembered by: the query, its parameters and its files, each file of a
+    table that is rewritten in place with its inode, size and mtime. None when it must not be
+    remembered (no table, a list parameter, a file gone or changed too recently to tell)."""
+    if not sources:
+        return None
+    now = time.time_ns()
+    files: list[tuple[str, tuple[Any, ...]]] = []
+    for name, paths in sorted(sources.items()):
+        if TABLES[name].immutable:
+            files.append((name, tuple(paths)))
+            continue
+        stamped = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return None
+            if now - st.st_mtime_ns <= _RACY_NS:
+                return None
+            stamped.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+        files.append((name, tuple(stamped)))
+    key = (sql, tuple(sorted((params or {}).items())), tuple(files))
+    try:
+        hash(key)
+    except TypeError:  # a list parameter
+        return None
+    return key
+
+
 class Lake:
     """Reads of one DATA_DIR through one in-memory DuckDB database, safe to share by threads.
 
     Each thread gets its own DuckDB cursor. Parquet footers are cached by DuckDB; per-file row
-    counts and time ranges by :meth:`stats` (files are immutable once published).
+    counts and time ranges by :meth:`stats`; listings, snapshots and small answers as the
+    module's docstring says. One Lake per process: its caches are its own.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], *, attempts: int = 10) -> None:
@@ -203,9 +305,21 @@ class Lake:
         self._db.execute("SET TimeZone = 'UTC'")
         self._db.execute("SET parquet_metadata_cache = true")
         self._local = threading.local()
-        self._stats: dict[str, FileStats] = {}
+        #: column -> file -> what its footer says about the column.
+        self._stats: dict[str, dict[str, FileStats]] = {}
+        self._bounds: dict[str, dict[str, tuple[str | None, str | None]]] = {}
+        self._mtimes: dict[str, float] = {}
+        #: What each directory held when last listed; see :meth:`_listing`.
+        self._listings: dict[str, _Listing] = {}
+        #: Answers of queries over immutable files, by (sql, params, files); see :meth:`query`.
+        self._answers: OrderedDict[Hashable, Any] = OrderedDict()
+        self._answers_lock = threading.Lock()
+        #: Snapshots of immutable tables by (table, since, until), with what they depend on.
+        self._snapshots: OrderedDict[
+            tuple[str, int | None, int | None],
+            tuple[tuple[tuple[str, int | None, int], ...], tuple[str, ...]],
+        ] = OrderedDict()
         self._stats_lock = threading.Lock()
-        self._kinds: dict[str, bool] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -233,50 +347,64 @@ class Lake:
 
         def visit(directory: str, depth: int, start: int | None) -> None:
             try:
-                entries = list(os.scandir(directory))
+                listing = self._listing(directory)
             except (FileNotFoundError, NotADirectoryError):
                 return
-            for entry in entries:
-                name = entry.name
-                if name.startswith("."):
-                    continue  # a temporary file being written, or hidden
-                if depth < len(table.partitions):
-                    key = table.partitions[depth][0]
-                    if not name.startswith(f"{key}=") or name in table.exclude:
-                        continue
-                    window = _partition_window(key, name[len(key) + 1 :], start)
-                    if window is not None and (
-                        (until_ms is not None and window[0] >= until_ms)
-                        or (since_ms is not None and window[1] <= since_ms)
-                    ):
-                        continue
-                    visit(entry.path, depth + 1, window[0] if window else None)
-                elif name.endswith(_PARQUET):
-                    out.setdefault(name[: -len(_PARQUET)], []).append(entry.path)
+            if depth == len(table.partitions):
+                for stem, path in listing.parquet():
+                    out.setdefault(stem, []).append(path)
+                return
+            key = table.partitions[depth][0]
+            for name in listing.names:
+                if not name.startswith(f"{key}=") or name in table.exclude:
+                    continue
+                window = _partition_window(key, name[len(key) + 1 :], start)
+                if window is not None and (
+                    (until_ms is not None and window[0] >= until_ms)
+                    or (since_ms is not None and window[1] <= since_ms)
+                ):
+                    continue
+                visit(os.path.join(directory, name), depth + 1, window[0] if window else None)
 
         visit(str(base), 0, None)
         return out
 
+    def _listing(self, directory: str) -> _Listing:
+        """What ``directory`` holds: from memory while its mtime shows no change since it was
+        listed, listed again otherwise.
+
+        A directory's mtime changes whenever an entry is added, removed or renamed. The kernel
+        stamps it from a coarse clock, so a change just after a listing could carry the same
+        mtime as one just before: a listing is only reused when it began at least
+        ``_RACY_NS`` after the mtime it saw (git's "racily clean" rule).
+        """
+        try:
+            mtime = os.stat(directory).st_mtime_ns
+        except FileNotFoundError:
+            self._listings.pop(directory, None)
+            self._stamp(directory, None, 0)
+            raise
+        known = self._listings.get(directory)
+        if known is None or known.mtime != mtime or known.listed_at - mtime <= _RACY_NS:
+            known = _Listing(directory, mtime, time.time_ns(), os.listdir(directory))
+            self._listings[directory] = known
+        self._stamp(directory, mtime, known.listed_at)
+        return known
+
+    def listdir(self, directory: str | os.PathLike[str]) -> list[str]:
+        """The names in a directory under DATA_DIR (see :meth:`_listing`); [] when it is gone."""
+        try:
+            return list(self._listing(str(directory)).names)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def _in_flight(self) -> set[str]:
         """Batch ids whose files are being published right now."""
         try:
-            names = os.listdir(self.layout.staging)
+            names = self._listing(str(self.layout.staging)).names
         except FileNotFoundError:
             return set()
         return {n[: -len(_COMMITTED)] for n in names if n.endswith(_COMMITTED)}
-
-    def _replaces(self, unit: str) -> bool:
-        """Whether an in-flight unit replaces files (compaction) rather than adding a batch."""
-        known = self._kinds.get(unit)
-        if known is None:
-            path = self.layout.staging / f"{unit}{_COMMITTED}" / "manifest.json"
-            try:
-                known = "replaces" in json.loads(path.read_text())
-            except (OSError, ValueError):
-                # Finished meanwhile: if it replaced files, some may be gone already.
-                return True
-            self._kinds[unit] = known
-        return known
 
     def files(
         self, name: str, *, since_ms: int | None = None, until_ms: int | None = None
@@ -284,28 +412,86 @@ class Lake:
         """The files of a table that make a consistent snapshot (whole batches only), sorted.
 
         ``since_ms``/``until_ms`` skip partitions that cannot hold rows in [since, until).
+        For an immutable table the snapshot is remembered with the mtime of every directory it
+        listed (and the compaction generation): while none of them changed, it is still exact.
         """
         table = TABLES[name]
+        # Partitions are whole hours or days: a window widened to whole hours prunes the same
+        # ones, and stays the same key for an hour.
+        if since_ms is not None:
+            since_ms -= since_ms % HOUR_MS
+        if until_ms is not None:
+            until_ms += -until_ms % HOUR_MS
+        if not table.immutable:
+            return self._snapshot(table, since_ms, until_ms)
+        key = (name, since_ms, until_ms)
+        known = self._snapshots.get(key)
+        if known is not None and self._unchanged(known[0]):
+            return list(known[1])
+        stamps: list[tuple[str, int | None, int]] = []
+        self._local.stamps = stamps
+        try:
+            files = self._snapshot(table, since_ms, until_ms)
+        finally:
+            self._local.stamps = None
+        with self._answers_lock:
+            self._snapshots[key] = (tuple(stamps), tuple(files))
+            self._snapshots.move_to_end(key)
+            while len(self._snapshots) > SNAPSHOTS:
+                self._snapshots.popitem(last=False)
+        return files
+
+    def _unchanged(self, stamps: Sequence[tuple[str, int | None, int]]) -> bool:
+        """Whether every stamped directory (or the generation) is as it was when listed."""
+        for what, value, listed_at in stamps:
+            if what == _GENERATION:
+                if compact.read_generation(self.layout) != value:
+                    return False
+                continue
+            try:
+                mtime: int | None = os.stat(what).st_mtime_ns
+            except FileNotFoundError:
+                mtime = None
+            if mtime != value or (mtime is not None and listed_at - mtime <= _RACY_NS):
+                return False
+        return True
+
+    def _stamp(self, what: str, value: int | None, listed_at: int) -> None:
+        stamps: list[tuple[str, int | None, int]] | None = getattr(self._local, "stamps", None)
+        if stamps is not None:
+            stamps.append((what, value, listed_at))
+
+    def _snapshot(self, table: Table, since_ms: int | None, until_ms: int | None) -> list[str]:
         if not table.batch_files:
             return sorted(
                 p for paths in self._walk(table, since_ms, until_ms).values() for p in paths
             )
-        before = self._in_flight()
-        first = self._walk(table, since_ms, until_ms)
-        after = self._in_flight()
-        second = self._walk(table, since_ms, until_ms)
+
+        def listing() -> tuple[set[str], dict[str, list[str]], set[str], dict[str, list[str]]]:
+            before = self._in_flight()
+            first = self._walk(table, since_ms, until_ms)
+            after = self._in_flight()
+            return before, first, after, self._walk(table, since_ms, until_ms)
+
+        if table.name == "events":
+            try:
+                (before, first, after, second), view = compact.consistent(self.layout, listing)
+            except compact.LakeBusyError as exc:
+                raise LakeBusyError(str(exc)) from exc
+            self._stamp(_GENERATION, view.generation, 0)
+            hidden = view.hidden_paths(self.layout.events)
+            if hidden:
+                first, second = _without(first, hidden), _without(second, hidden)
+        else:
+            before, first, after, second = listing()
         moving = before | after
-        for unit in moving:
-            if (unit in first or unit in second) and self._replaces(unit):
-                raise SnapshotChangedError(f"{table.name}: {unit} is replacing files right now")
         keep: list[str] = []
         for batch, paths in first.items():
             if batch in moving:
                 continue
             now = set(second.get(batch, ()))
             if not set(paths) <= now:
-                # Files were removed meanwhile (compaction): what replaced them may or may not
-                # be in the first listing, so list again.
+                # Files were removed meanwhile (retention): list again.
                 raise SnapshotChangedError(f"{table.name}: files of {batch} vanished while listing")
             if len(now) > len(paths):
                 continue  # it was being published during the first listing
@@ -314,12 +500,16 @@ class Lake:
         return keep
 
     # -- per-file statistics -------------------------------------------------------------------
-    def stats(self, name: str, files: Sequence[str]) -> dict[str, FileStats]:
-        """Rows and time range of each file, read from footers once and then remembered."""
+    def stats(
+        self, name: str, files: Sequence[str], *, column: str | None = None
+    ) -> dict[str, FileStats]:
+        """Rows and range of a timestamp column (default: the table's time column) of each file,
+        read from footers once and then remembered (only for files that are never rewritten)."""
         table = TABLES[name]
-        missing = [f for f in files if f not in self._stats]
+        column = column or table.time_column or next(iter(table.schema))
+        known = self._stats.setdefault(column, {})
+        missing = [f for f in files if f not in known]
         if missing:
-            column = table.time_column or next(iter(table.schema))
             fresh: dict[str, FileStats] = dict.fromkeys(missing, FileStats(0, None, None))
             for i in range(0, len(missing), 2048):
                 chunk = missing[i : i + 2048]
@@ -342,15 +532,68 @@ class Lake:
                 for file_name, n, lo, hi in rows:
                     fresh[file_name] = FileStats(int(n or 0), lo, hi)
             with self._stats_lock:
-                self._stats.update(fresh)
-        return {f: self._stats[f] for f in files}
+                known.update(fresh)
+        return {f: known[f] for f in files}
+
+    def bounds(
+        self, name: str, files: Sequence[str], column: str
+    ) -> dict[str, tuple[str | None, str | None]]:
+        """(min, max) of a string column in each file, from footers once and then remembered
+        (None where unknown): which files can hold a value (only for files never rewritten)."""
+        known = self._bounds.setdefault(column, {})
+        missing = [f for f in files if f not in known]
+        if missing:
+            fresh: dict[str, tuple[str | None, str | None]] = dict.fromkeys(missing, (None, None))
+            for i in range(0, len(missing), 2048):
+                rows = (
+                    self.cursor()
+                    .execute(
+                        """
+                        SELECT file_name, min(stats_min_value), max(stats_max_value),
+                               count(*) = count(stats_min_value)
+                                   AND count(*) = count(stats_max_value)
+                        FROM parquet_metadata($files)
+                        WHERE path_in_schema = $column
+                        GROUP BY file_name
+                        """,
+                        {"files": missing[i : i + 2048], "column": column},
+                    )
+                    .fetchall()
+                )
+                for file_name, low, high, complete in rows:
+                    # A row group without statistics could hold anything.
+                    fresh[file_name] = (low, high) if complete else (None, None)
+            with self._stats_lock:
+                known.update(fresh)
+        return {f: known[f] for f in files}
+
+    def mtimes(self, files: Sequence[str]) -> dict[str, float]:
+        """Modification time (epoch s) of each file, read once and then remembered (for files
+        that are never rewritten); a file that is gone is left out."""
+        out: dict[str, float] = {}
+        for f in files:
+            known = self._mtimes.get(f)
+            if known is None:
+                try:
+                    known = os.stat(f).st_mtime
+                except FileNotFoundError:
+                    continue
+                self._mtimes[f] = known
+            out[f] = known
+        return out
 
     def forget(self, keep: Iterable[str]) -> None:
         """Drop remembered statistics of files not in ``keep`` (files that were replaced)."""
         wanted = set(keep)
         with self._stats_lock:
-            for f in [f for f in self._stats if f not in wanted]:
-                del self._stats[f]
+            for stats in self._stats.values():
+                for f in [f for f in stats if f not in wanted]:
+                    del stats[f]
+            for bounds in self._bounds.values():
+                for f in [f for f in bounds if f not in wanted]:
+                    del bounds[f]
+            for f in [f for f in self._mtimes if f not in wanted]:
+                del self._mtimes[f]
 
     # -- queries -----------------------------------------------------------------------------
     def query(
@@ -360,7 +603,45 @@ class Lake:
         *,
         sources: Mapping[str, Sequence[str]],
     ) -> list[tuple[Any, ...]]:
-        """Run ``sql`` with each ``{table}`` reading the files given for it in ``sources``."""
+        """Run ``sql`` with each ``{table}`` reading the files given for it in ``sources``.
+
+        A small answer is remembered by (sql, params, files; see :func:`_answer_key`): the same
+        question over the same files has the same answer, and new data means new files (or, for
+        a file replaced in place, a new inode).
+        """
+        key = _answer_key(sql, params, sources)
+        if key is not None:
+            with self._answers_lock:
+                known = self._answers.get(key)
+                if known is not None:
+                    self._answers.move_to_end(key)
+                    return list(known)
+        rows: list[tuple[Any, ...]] = self._execute(sql, params, sources).fetchall()
+        if key is not None and len(rows) <= MAX_ANSWER_ROWS:
+            with self._answers_lock:
+                self._answers[key] = rows
+                while len(self._answers) > ANSWERS:
+                    self._answers.popitem(last=False)
+        return list(rows)
+
+    def remember(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()``, remembered by ``key`` among the answers of :meth:`query`. The key must
+        name everything the answer depends on, files included (immutable ones only)."""
+        with self._answers_lock:
+            if key in self._answers:
+                self._answers.move_to_end(key)
+                known: T = self._answers[key]
+                return known
+        value = compute()
+        with self._answers_lock:
+            self._answers[key] = value
+            while len(self._answers) > ANSWERS:
+                self._answers.popitem(last=False)
+        return value
+
+    def _execute(
+        self, sql: str, params: Mapping[str, Any] | None, sources: Mapping[str, Sequence[str]]
+    ) -> duckdb.DuckDBPyConnection:
         bound = dict(params or {})
 
         def relation(match: re.Match[str]) -> str:
@@ -373,8 +654,7 @@ class Lake:
             return reader(table, f"$files_{name}")
 
         text = _TABLE_REF.sub(relation, sql)
-        rows: list[tuple[Any, ...]] = self.cursor().execute(text, bound).fetchall()
-        return rows
+        return self.cursor().execute(text, bound)
 
     def records(
         self,
@@ -383,10 +663,10 @@ class Lake:
         *,
         sources: Mapping[str, Sequence[str]],
     ) -> list[dict[str, Any]]:
-        """Like :meth:`query`, as one dict per row keyed by column name."""
-        rows = self.query(sql, params, sources=sources)
-        names = [d[0] for d in self.cursor().description or ()]
-        return [dict(zip(names, r, strict=True)) for r in rows]
+        """Like :meth:`query` (never from memory), as one dict per row keyed by column name."""
+        result = self._execute(sql, params, sources)
+        names = [d[0] for d in result.description or ()]
+        return [dict(zip(names, r, strict=True)) for r in result.fetchall()]
 
     def read(self, fn: Callable[[], T]) -> T:
         """Call ``fn`` (which lists and queries), again on a fresh snapshot if a file vanished."""

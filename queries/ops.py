@@ -7,8 +7,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pipeline.jobs.alerts import Alert, list_alerts
 from pipeline.schema import FILE_REASONS, REASONS
-from queries.lake import TABLES, Lake
+from queries.lake import Lake
 
 #: Upper bounds (seconds) of the batch processing latency histogram.
 LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -35,6 +36,8 @@ def processing_rate(lake: Lake, now_ms: int, window_ms: int = 10_000) -> float:
 
     def attempt() -> float:
         files = recent_ledger_files(lake, since)
+        if not files:
+            return 0.0
         rows = lake.query(sql, {"since_ms": since, "now_ms": now_ms}, sources={"ledger": files})
         return float(rows[0][0]) / (window_ms / 1000)
 
@@ -217,24 +220,7 @@ class LedgerCounter:
             return t.copy()
 
 
-def active_alerts(lake: Lake, limit: int = 50) -> list[dict[str, str]]:
-    """Alerts to show, newest first, as column -> text; [] until an ``alerts`` table exists.
-
-    The alerting issue registers ``alerts`` (see :func:`queries.lake.register_table`) and may
-    narrow this query to the alerts that are still open.
-    """
-    if "alerts" not in TABLES:
-        return []
-
-    def attempt() -> list[dict[str, str]]:
-        files = lake.files("alerts")
-        if not files:
-            return []
-        records = lake.records(
-            "SELECT * FROM {alerts} ORDER BY 1 DESC LIMIT $limit",
-            {"limit": limit},
-            sources={"alerts": files},
-        )
-        return [{k: "" if v is None else str(v) for k, v in r.items()} for r in records]
-
-    return lake.read(attempt)
+def alerts(lake: Lake, *, open_only: bool = False, limit: int = 100) -> list[Alert]:
+    """Stored alerts: open ones first (critical, then newest), then resolved ones, most recently
+    ended first; the order of :func:`pipeline.jobs.alerts.list_alerts`, which reads the store."""
+    return list_alerts(lake.layout, open_only=open_only, limit=limit)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import os
+import re
+import shutil
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,12 @@ from litestar.testing import TestClient
 
 from api.app import create_app
 from api.testing import running_server
+from pipeline.jobs.alerts import Alert, Thresholds, check_alerts, save_alerts
+from pipeline.jobs.rollup import run_rollup
 from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.testing import event_table
+from queries import campaigns
 from queries.lake import LakeBusyError
 from queries.testing import land, write_campaigns
 
@@ -206,6 +212,68 @@ def test_zero_denominators_give_null_ratios(client: TestClient[Litestar]) -> Non
     assert total["cpa_usd"] is None and total["roas"] is None
 
 
+STATS_QUERIES = [
+    f"since={H}&until={H + 2 * HOUR_MS}&granularity=hour",
+    f"since={H}&until={H + HOUR_MS + 1500}&granularity=hour",
+    f"since={H - HOUR_MS}&until={H + HOUR_MS + 90_000}&granularity=minute",
+    f"since={H + 4500}&until={H + 150_500}&granularity=minute",
+    f"since={H}&until={H + 120_000}&granularity=minute",
+    f"since={H - 86_400_000}&until={H + 2 * HOUR_MS}&granularity=day",
+    f"since={H}&until={H + HOUR_MS + 2001}&granularity=day",
+]
+
+
+def test_stats_from_rollups_are_the_same_json_as_from_events(
+    lake_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same query answered from rollups and from raw events gives the same JSON, to the
+    micro: right after a rollup run, and with batches (one of them late) it has not seen."""
+    data = tmp_path / "lake"
+    shutil.copytree(lake_settings.data_dir, data)
+    settings = make_settings(data)
+    plans: list[campaigns.Plan] = []
+    read_plan = campaigns.read_plan
+
+    def spy(*args: Any) -> list[campaigns.Bucket]:
+        plans.append(args[-1])
+        return read_plan(*args)
+
+    monkeypatch.setattr(campaigns, "read_plan", spy)
+
+    def answers(client: TestClient[Litestar], source: type) -> list[Any]:
+        with monkeypatch.context() as m:
+            m.setattr(campaigns, "stats_source", lambda lake: source())
+            return [
+                ok(client, f"/campaigns/{cid}/stats?{query}")
+                for cid in ("cmp-a", "cmp-b", "nope")
+                for query in STATS_QUERIES
+            ]
+
+    with TestClient(create_app(settings)) as client:
+        run_rollup(Layout(str(data)), durable=False)
+        rolled = answers(client, campaigns.RollupSource)
+        assert rolled == answers(client, campaigns.RawEventsSource)
+        assert any(p.rollup for p in plans)
+        assert sum(len(body["series"]) for body in rolled) > 10
+        land(
+            settings,
+            table([("c1", "click", H + 2500, "cmp-a", 123_457, 0)]),  # late: an old minute
+            table(
+                [
+                    ("c2", "conversion", H + HOUR_MS + 1200, "cmp-a", 0, 7_654_321),
+                    ("c3", "impression", H + HOUR_MS + 61_000, "cmp-b", 11, 0),
+                ]
+            ),
+        )
+        plans.clear()
+        fresh = answers(client, campaigns.RollupSource)
+        assert fresh == answers(client, campaigns.RawEventsSource)
+        assert fresh != rolled
+        assert any(p.rollup and p.raw for p in plans)
+        hourly = ok(client, f"/campaigns/cmp-a/stats?since={H}&until={H + 2 * HOUR_MS}")
+        assert hourly["total"]["spend_usd"] == 6.123457  # to the micro
+
+
 # -- /campaigns/top ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("metric", "order"),
@@ -231,6 +299,74 @@ def test_top_since_and_limit(client: TestClient[Litestar]) -> None:
     assert [c["campaign_id"] for c in body["campaigns"]] == ["cmp-a"]
     assert body["campaigns"][0]["spend_usd"] == 1.5 and body["since"] == H + HOUR_MS
     assert len(ok(client, "/campaigns/top?limit=1")["campaigns"]) == 1
+
+
+# -- /alerts ------------------------------------------------------------------------------------
+def stored_alert(rule: str, severity: str, minutes_ago: int, *, resolved: bool = False) -> Alert:
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    started = now - timedelta(minutes=minutes_ago)
+    return Alert(
+        alert_id=f"{rule}:pipeline:{int(started.timestamp() * 1000)}",
+        rule=rule,
+        subject="pipeline",
+        severity=severity,
+        status="resolved" if resolved else "firing",
+        value=0.25,
+        threshold=0.05,
+        message=f"{rule} <crossed>",
+        started_at=started,
+        updated_at=now,
+        ended_at=now - timedelta(minutes=minutes_ago // 2) if resolved else None,
+    )
+
+
+def test_alerts_open_first_with_filters(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings)) as c:
+        assert ok(c, "/alerts") == {"alerts": []}
+        save_alerts(
+            Layout(settings.data_dir),
+            [
+                stored_alert("consumer_lag", "warning", 90, resolved=True),
+                stored_alert("latency_p95", "warning", 2),
+                stored_alert("error_rate", "critical", 10),
+                stored_alert("throughput", "critical", 300, resolved=True),
+            ],
+            durable=False,
+        )
+        body = ok(c, "/alerts")
+        rules = [a["rule"] for a in body["alerts"]]
+        assert rules == ["error_rate", "latency_p95", "consumer_lag", "throughput"]
+        first = body["alerts"][0]
+        started = int(datetime(2026, 11, 27, 11, 50, tzinfo=UTC).timestamp() * 1000)
+        assert first == {
+            "alert_id": f"error_rate:pipeline:{started}",
+            "rule": "error_rate",
+            "subject": "pipeline",
+            "severity": "critical",
+            "status": "firing",
+            "value": 0.25,
+            "threshold": 0.05,
+            "message": "error_rate <crossed>",
+            "started_at": started,
+            "updated_at": started + 600_000,
+            "ended_at": None,
+        }
+        assert body["alerts"][2]["ended_at"] == started + 600_000 - 45 * 60_000
+        assert [a["rule"] for a in ok(c, "/alerts?open=true")["alerts"]] == rules[:2]
+        assert [a["rule"] for a in ok(c, "/alerts?open=1&limit=1")["alerts"]] == ["error_rate"]
+        assert len(ok(c, "/alerts?open=false&limit=3")["alerts"]) == 3
+
+
+def test_a_real_alert_fires_and_is_listed(tmp_path: Path) -> None:
+    """The alert job's own evaluation over a real ledger: 2 of 4 rows quarantined."""
+    settings = make_settings(tmp_path)
+    land(settings, table(ROWS[:2]), event_table(["x", "y"], time_ms=H, country=["usa", "gbr"]))
+    check_alerts(Layout(settings.data_dir), Thresholds(), now=datetime.now(UTC), durable=False)
+    with TestClient(create_app(settings)) as c:
+        (alert,) = [a for a in ok(c, "/alerts?open=true")["alerts"] if a["rule"] == "error_rate"]
+    assert (alert["severity"], alert["status"], alert["value"]) == ("critical", "firing", 0.5)
+    assert "50.00% of 4 rows quarantined" in alert["message"]
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -264,6 +400,10 @@ NEGATIVE_CURSOR = cursor_of(b'[-1,"x"]')
         ("/campaigns/top?metric=impressions", "metric"),
         ("/campaigns/top?limit=1001", "limit"),
         ("/campaigns/top?since=0000-00-00", "since="),
+        ("/alerts?open=maybe", "open"),
+        ("/alerts?limit=0", "limit"),
+        ("/alerts?limit=1001", "limit"),
+        ("/alerts?limit=all", "limit"),
     ],
 )
 def test_bad_input_is_a_400_that_says_why(
@@ -377,8 +517,30 @@ def test_openapi_schema_and_ui(client: TestClient[Litestar]) -> None:
     assert "AdEvent" in schema["components"]["schemas"]
     limit = next(p for p in paths["/ad_events/latest"]["get"]["parameters"] if p["name"] == "limit")
     assert (limit["schema"]["minimum"], limit["schema"]["maximum"]) == (1, 1000)
+    assert "/alerts" in paths
+    alerts = paths["/alerts"]["get"]["parameters"]
+    assert {p["name"] for p in alerts} == {"open", "limit"}
+
+
+def test_docs_load_nothing_from_the_internet(client: TestClient[Litestar]) -> None:
+    """/docs is Swagger UI whose every script, style and icon this server serves itself."""
     ui = client.get("/docs")
-    assert ui.status_code == 200 and "SwaggerUIBundle" in ui.text
+    assert ui.status_code == 200 and "SwaggerUIBundle(" in ui.text
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", ui.text)
+    assert len(urls) == 4, urls
+    assert not [u for u in urls if not u.startswith("/") or u.startswith("//")]
+    assert not re.search(r"https?://", ui.text.split("spec:")[0])  # nothing remote in <head>
+    kinds = {}
+    for url in urls:
+        asset = client.get(url)
+        assert asset.status_code == 200, url
+        assert "immutable" in asset.headers["cache-control"]
+        kinds[url.split("?")[0].rsplit(".", 1)[1]] = (asset.headers["content-type"], asset.content)
+    assert kinds["js"][0].startswith("text/javascript") and b"SwaggerUI" in kinds["js"][1]
+    assert kinds["css"][0].startswith("text/css") and b".swagger-ui" in kinds["css"][1]
+    assert kinds["png"][1].startswith(b"\x89PNG")
+    assert client.get("/docs/assets/swagger-ui.js.map").status_code == 404
+    assert client.get("/docs/assets/..%2Fcore.py").status_code == 404
 
 
 def test_dashboard_is_served(client: TestClient[Litestar]) -> None:
@@ -406,7 +568,17 @@ def test_schemathesis_finds_no_server_error(lake_settings: Settings, tmp_path: P
     with running_server(lake_settings.data_dir, tmp_path / "server.log") as url:
         schema = schemathesis.openapi.from_url(f"{url}/docs/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) == 6
+        # The read side: GETs (writes such as HTTP ingest have tests of their own).
+        operations = [op for op in operations if op.method.upper() == "GET"]
+        assert {op.path for op in operations} >= {
+            "/health",
+            "/ad_events/latest",
+            "/ad_events/by_campaign/{campaign_id}",
+            "/campaigns/{campaign_id}/stats",
+            "/campaigns/top",
+            "/alerts",
+            "/metrics",
+        }
         for operation in operations:
 
             @given(case=operation.as_strategy())

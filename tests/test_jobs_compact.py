@@ -33,8 +33,10 @@ from pipeline.jobs.compact import (
     rows_per_output,
 )
 from pipeline.jobs.testing import land, random_batch
+from pipeline.lake import window_keys
 from pipeline.schema import ENRICHED_SCHEMA, Layout
 from pipeline.settings import Settings
+from queries.lake import Lake
 
 HOUR_MS = 3_600_000
 NOW_MS = int(time.time() * 1000)
@@ -59,6 +61,18 @@ def live(layout: Layout) -> pl.DataFrame:
     """What a reader following the rule sees, in a canonical order."""
     frame = read_live(layout, _read)
     return frame.sort("event_id", "batch_id")
+
+
+def other_readers(layout: Layout) -> tuple[int, int, int]:
+    """(rows, distinct event ids) through queries.Lake, and how many keys the consumer's key-cache
+    rebuild (pipeline.lake.window_keys) reads: all equal the number of stored events."""
+    lake = Lake(layout.root)
+    try:
+        _, rows = lake.sql("SELECT count(*), count(DISTINCT event_id) FROM events")
+    finally:
+        lake.close()
+    keys, _ = window_keys(layout, 6 * HOUR_MS, 1000)
+    return int(rows[0][0]), int(rows[0][1]), len(keys)
 
 
 def raw_files(layout: Layout) -> list[Path]:
@@ -237,7 +251,30 @@ def test_readers_never_see_a_row_twice_or_miss_one(settings: Settings) -> None:
         finally:
             con.close()
 
-    threads = [threading.Thread(target=polars_reader), threading.Thread(target=duckdb_reader)]
+    def lake_reader() -> None:
+        lake = Lake(layout.root)
+        try:
+            while not stop.is_set():
+                _, rows = lake.sql(
+                    "SELECT batch_id, count(*), count(DISTINCT event_id) FROM events GROUP BY ALL"
+                )
+                assert all(n == unique for _, n, unique in rows), "a row seen twice"
+                assert sum(n for _, n, _ in rows) >= len(baseline), "a row missed"
+                seen.append({b: n for b, n, _ in rows})
+                keys, _ = window_keys(layout, 6 * HOUR_MS, 1000)
+                assert len(keys) == len(set(zip(keys.hi, keys.lo, strict=True))), "a key twice"
+                assert len(keys) >= len(baseline), "a key missed"
+                reads[0] += 1
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            lake.close()
+
+    threads = [
+        threading.Thread(target=polars_reader),
+        threading.Thread(target=duckdb_reader),
+        threading.Thread(target=lake_reader),
+    ]
     for t in threads:
         t.start()
     rng = random.Random(8)
@@ -266,7 +303,7 @@ def test_readers_never_see_a_row_twice_or_miss_one(settings: Settings) -> None:
             t.join()
     if errors:
         raise errors[0]
-    assert swaps >= 8 and reads[0] >= 10
+    assert swaps >= 8 and reads[0] >= 15
     final = dict(live(layout).group_by("batch_id").len().iter_rows())
     for snapshot in seen:  # every batch a reader saw, it saw whole
         assert all(final[b] == n for b, n in snapshot.items())
@@ -317,6 +354,7 @@ def test_kill_during_compaction_keeps_readers_exact_and_the_next_run_finishes(
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
     # Mid-swap: a reader following the rule still sees every row exactly once.
     assert_frame_equal(live(layout), reference)
+    assert other_readers(layout) == (len(reference),) * 3
     if point in ("compact_after_place", "compact_after_swap", "compact_mid_delete"):
         # ...while a plain glob would not (outputs and the files they replace side by side).
         assert len(_read(raw_files(layout))) > len(reference)
@@ -345,12 +383,17 @@ def test_at_every_step_of_a_swap_a_reader_sees_each_row_once(settings: Settings)
     layout = Layout(settings.data_dir)
     reference = live(layout)
     views: dict[str, pl.DataFrame] = {}
-    compact(
-        layout, cfg(target_rows=200, on_step=lambda n: views.setdefault(n, live(layout))), now=LATER
-    )
-    assert set(views) == set(POINTS)
+    others: dict[str, tuple[int, int, int]] = {}
+
+    def look(step: str) -> None:
+        views[step] = live(layout)
+        others[step] = other_readers(layout)
+
+    compact(layout, cfg(target_rows=200, on_step=look), now=LATER)
+    assert set(views) == set(others) == set(POINTS)
     for frame in views.values():
         assert_frame_equal(frame, reference)
+    assert set(others.values()) == {(len(reference),) * 3}
 
 
 def test_a_listing_that_straddles_a_phase_change_is_taken_again(settings: Settings) -> None:

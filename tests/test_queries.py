@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -18,13 +19,17 @@ import pytest
 
 from pipeline.consumer import Consumer
 from pipeline.factory import make_key_cache
+from pipeline.jobs.alerts import Alert, save_alerts
+from pipeline.jobs.compact import CompactConfig
+from pipeline.jobs.compact import compact as compact_lake
+from pipeline.jobs.rollup import run_rollup
 from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.spool import SpoolWriter
 from pipeline.testing import event_table
 from queries import campaigns, command, events, ops
-from queries.campaigns import RawEventsSource, RollupSource, Totals
-from queries.lake import TABLES, Lake, LakeBusyError, SnapshotChangedError, Table
+from queries.campaigns import Bucket, RawEventsSource, RollupSource, Totals
+from queries.lake import Lake, LakeBusyError, SnapshotChangedError
 from queries.testing import land
 
 HOUR_MS = 3_600_000
@@ -32,14 +37,16 @@ NOW_MS = int(time.time() * 1000)
 #: Start of the previous UTC hour: test events sit in it and in the current one.
 H = NOW_MS - NOW_MS % HOUR_MS - HOUR_MS
 TYPES = ("impression", "click", "conversion")
+#: A moment after every test event: every hour partition counts as closed for compaction.
+LATER = datetime.fromtimestamp(NOW_MS / 1000 + 2 * 3600, UTC)
 
 
-def random_batches(seed: int, batches: int = 12, size: int = 40) -> list[object]:
+def random_batches(seed: int, batches: int = 12, size: int = 40, prefix: str = "e") -> list[object]:
     """Batches of events with times scattered over two hours (files overlap in time)."""
     rng = random.Random(seed)
     out = []
     for b in range(batches):
-        ids = [f"e{b:03d}-{i:03d}" for i in range(size)]
+        ids = [f"{prefix}{b:03d}-{i:03d}" for i in range(size)]
         out.append(
             event_table(
                 ids,
@@ -90,7 +97,7 @@ def test_an_empty_lake_answers_with_empty_results(tmp_path: Path) -> None:
     assert ops.last_commit_ms(lake, NOW_MS) is None
     assert ops.overview(lake, NOW_MS).batches == 0
     assert ops.LedgerCounter(lake).update().rows_in == 0
-    assert ops.active_alerts(lake) == []
+    assert ops.alerts(lake) == []
     columns, rows = lake.sql("SELECT count(*) AS n FROM events")
     assert (columns, rows) == (["n"], [(0,)])
     _, described = lake.sql("DESCRIBE events")
@@ -126,6 +133,34 @@ def test_cursor_pages_walk_a_campaign_newest_first(
         if before is None:
             break
     assert walked == expected_newest(subset, len(subset))
+
+
+def test_campaign_pages_are_exact_over_compacted_files(tmp_path: Path) -> None:
+    """After compaction, files hold campaign ranges (their footers say which): pages still
+    walk every event of a campaign newest first, and files of other campaigns are skipped."""
+    settings = Settings.from_env(
+        {}, data_dir=str(tmp_path), fsync="false", max_events_per_second="0", dedupe_window="3h"
+    )
+    land(settings, *random_batches(11, batches=10, size=60))  # type: ignore[arg-type]
+    config = CompactConfig(target_rows=120, min_age_s=0, durable=False)
+    assert compact_lake(Layout(settings.data_dir), config, now=LATER).partitions
+    lake = Lake(tmp_path)
+    files = lake.files("events")
+    stored = pl.concat([pl.read_parquet(f) for f in files]).with_columns(
+        time_ms=pl.col("event_time").dt.epoch("ms")
+    )
+    bounds = lake.bounds("events", files, "campaign_id")
+    assert any(high < "cmp-3" for _, high in bounds.values() if high)  # files of some only
+    for cid in ("cmp-0", "cmp-3"):
+        walked: list[tuple[int, str]] = []
+        before = None
+        while True:
+            page, before = events.page(lake, 7, events.EventFilter(cid, before=before))
+            walked += [(e.time_ms, e.event_id) for e in page]
+            if before is None:
+                break
+        subset = stored.filter(pl.col("campaign_id") == cid)
+        assert walked == expected_newest(subset, len(subset))
 
 
 def test_since_and_until_bound_the_events(random_lake: Settings, stored: pl.DataFrame) -> None:
@@ -167,35 +202,81 @@ def test_series_matches_a_polars_aggregation(
     assert got == want
 
 
-def test_rollups_give_the_same_series(
-    random_lake: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A rollup table plugged in as the stats source answers exactly like raw events."""
-    lake = Lake(random_lake.data_dir)
-    raw = RawEventsSource().series(lake, "cmp-3", H, NOW_MS + 1, "minute")
-    assert raw
-    rollup_dir = Path(random_lake.data_dir) / "rollups" / "minute"
-    rollup_dir.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame(
-        {
-            "campaign_id": ["cmp-3"] * len(raw),
-            "bucket": [b.start_ms for b in raw],
-            **{f: [getattr(b.totals, f) for b in raw] for f in Totals.__dataclass_fields__},
-        }
-    ).with_columns(pl.col("bucket").cast(pl.Datetime("ms", "UTC"))).write_parquet(
-        rollup_dir / "part-0.parquet"
+def test_rollups_give_the_same_series(tmp_path: Path) -> None:
+    """Stats from rollups equal stats from events, bucket for bucket and to the micro, while
+    batches land that the rollup job has not seen (late ones too), after a compaction, and for
+    ranges that end mid-minute."""
+    settings = Settings.from_env(
+        {}, data_dir=str(tmp_path), fsync="false", max_events_per_second="0", dedupe_window="3h"
     )
-    schema = pl.Schema(
-        {"campaign_id": pl.String, "bucket": pl.Datetime("ms", "UTC")}
-        | dict.fromkeys(Totals.__dataclass_fields__, pl.Int64)
+    layout = Layout(settings.data_dir)
+    lake = Lake(tmp_path)
+    rng = random.Random(7)
+    batches = random_batches(3, batches=10, size=60, prefix="s")
+    plans: list[campaigns.Plan] = []
+    read_plan = campaigns.read_plan
+
+    def spy(lake: Lake, cid: str, g: campaigns.Granularity, p: campaigns.Plan) -> list[Bucket]:
+        plans.append(p)
+        return read_plan(lake, cid, g, p)
+
+    def same_answers() -> None:
+        for granularity in campaigns.GRANULARITIES:
+            width = campaigns.BUCKET_MS[granularity]
+            starts = [H - width, H + rng.randrange(HOUR_MS)]
+            ends = [NOW_MS + 1, NOW_MS - rng.randrange(HOUR_MS), H + HOUR_MS]
+            for since, until in ((a, b) for a in starts for b in ends if a < b):
+                for cid in ("cmp-0", "cmp-3"):
+                    raw = RawEventsSource().series(lake, cid, since, until, granularity)
+                    rolled = RollupSource().series(lake, cid, since, until, granularity)
+                    assert rolled == raw, (granularity, since, until, cid)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(campaigns, "read_plan", spy)
+        assert isinstance(campaigns.stats_source(lake), RawEventsSource)  # no rollups yet
+        land(settings, *batches[:4])  # type: ignore[arg-type]
+        run_rollup(layout, durable=False)
+        assert isinstance(campaigns.stats_source(lake), RollupSource)
+        same_answers()
+        land(settings, *batches[4:7])  # type: ignore[arg-type]  # not rolled up yet
+        same_answers()
+        run_rollup(layout, durable=False)
+        compact_lake(layout, CompactConfig(min_age_s=0, durable=False), now=LATER)
+        land(settings, *batches[7:])  # type: ignore[arg-type]
+        same_answers()
+        run_rollup(layout, durable=False)
+        same_answers()
+    assert any(p.rollup and p.raw for p in plans) and any(p.minutes for p in plans)
+    # Right after a run, a range on whole buckets is all rollups.
+    coverage = campaigns.rollups.coverage(lake)
+    assert coverage is not None and coverage.dirty == ()
+    whole = campaigns.plan(H, H + HOUR_MS, "minute", coverage)
+    assert whole == campaigns.Plan(rollup=((H, H + HOUR_MS),))
+
+
+def test_plans_cover_the_range_with_disjoint_runs() -> None:
+    """Rollups where they answer whole buckets, minute rollups inside dirty buckets, events for
+    dirty minutes, minutes older than the minute rollups and the partial minute at the end."""
+    day = 86_400_000
+    d0 = 20_000 * day
+    cov = campaigns.Coverage(
+        dirty=(d0 + HOUR_MS + 5 * 60_000,),
+        since_ms={"minute": d0 + HOUR_MS, "hour": d0 - day, "day": d0},
     )
-    monkeypatch.setitem(TABLES, "rollups_minute", Table("rollups_minute", "rollups/minute", schema))
-    try:
-        assert isinstance(campaigns.stats_source(lake, "minute"), RollupSource)
-        assert isinstance(campaigns.stats_source(lake, "hour"), RawEventsSource)
-        assert campaigns.series(lake, "cmp-3", H, NOW_MS + 1, "minute") == raw
-    finally:
-        shutil.rmtree(rollup_dir.parent)
+    p = campaigns.plan(d0, d0 + 2 * HOUR_MS + 30_500, "hour", cov)
+    assert p.rollup == ((d0, d0 + HOUR_MS),)
+    assert p.minutes == (
+        (d0 + HOUR_MS, d0 + HOUR_MS + 5 * 60_000),
+        (d0 + HOUR_MS + 6 * 60_000, d0 + 2 * HOUR_MS),
+    )
+    assert p.raw == (
+        (d0 + HOUR_MS + 5 * 60_000, d0 + HOUR_MS + 6 * 60_000),
+        (d0 + 2 * HOUR_MS, d0 + 2 * HOUR_MS + 30_500),
+    )
+    # Before the minute rollups begin, a bucket the coarse level cannot answer is read raw.
+    old = campaigns.plan(d0 - 2 * day, d0 - day + HOUR_MS, "day", cov)
+    assert old == campaigns.Plan(raw=((d0 - 2 * day, d0 - day + HOUR_MS),))
+    assert campaigns.plan(d0, d0 + 1, "minute", None) == campaigns.Plan(raw=((d0, d0 + 1),))
 
 
 @pytest.mark.parametrize("metric", campaigns.METRICS)
@@ -298,39 +379,16 @@ def test_a_file_that_vanishes_before_it_is_read_is_retried(tmp_path: Path) -> No
         )
 
 
-def compact(root: Path, seq: int) -> None:
-    """Merge one hour partition's files the way a compaction job must: staged, then swapped."""
-    layout = Layout(str(root))
-    hours = sorted(layout.events.glob("date=*/hour=*"))
-    if not hours:
-        return
-    hour = random.Random(seq).choice(hours)
-    done = {p.stem for p in layout.ledger.rglob("*.parquet")}
-    old = [p for p in sorted(hour.glob("*.parquet")) if p.stem in done]
-    if len(old) < 2:
-        return
-    unit = f"compacted-{seq:06d}"
-    staged = layout.staging / f"{unit}.partial"
-    staged.mkdir(parents=True)
-    pl.concat([pl.read_parquet(p) for p in old]).write_parquet(staged / "out.parquet")
-    replaces = [str(p.relative_to(root)) for p in old]
-    (staged / "manifest.json").write_text(json.dumps({"batch_id": unit, "replaces": replaces}))
-    committed = staged.with_suffix(".committed")
-    os.replace(staged, committed)
-    os.replace(committed / "out.parquet", hour / f"{unit}.parquet")
-    for p in old:
-        p.unlink()
-    shutil.rmtree(committed)
-
-
-def test_reads_during_concurrent_writes_and_compaction_are_whole(tmp_path: Path) -> None:
-    """A consumer lands batches that span two hours while a compactor swaps files; readers loop
-    and must never fail nor see part of a batch."""
+def test_reads_during_concurrent_writes_and_compaction_are_exact(tmp_path: Path) -> None:
+    """A consumer lands batches that span two hours while the real compaction job swaps files
+    (each phase held open a little); readers of Lake loop and must never fail, never see part of
+    a batch, a row twice or a landed batch missing."""
     per_batch, batches = 50, 40
     settings = Settings.from_env(
         {}, data_dir=str(tmp_path), fsync="false", max_events_per_second="0", dedupe_window="3h"
     )
-    writer = SpoolWriter(Layout(settings.data_dir).incoming, "w")
+    layout = Layout(settings.data_dir)
+    writer = SpoolWriter(layout.incoming, "w")
     for b in range(batches):
         ids = [f"c{b:03d}-{i:02d}" for i in range(per_batch)]
         # Half in the previous hour, half in the current one: two files per batch.
@@ -340,51 +398,155 @@ def test_reads_during_concurrent_writes_and_compaction_are_whole(tmp_path: Path)
     consumer.start()
     stop = threading.Event()
     errors: list[BaseException] = []
+    landed = [0]  # batches whose publication has finished
+    swaps = [0]
 
     def consume() -> None:
-        for path in sorted(Layout(settings.data_dir).incoming.glob("*.arrow")):
-            consumer.process_file(path)
-            time.sleep(0.005)
-        stop.set()
+        try:
+            for path in sorted(layout.incoming.glob("*.arrow")):
+                consumer.process_file(path)
+                landed[0] += 1
+                time.sleep(0.005)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            stop.set()
 
     def compactor() -> None:
-        seq = 0
+        config = CompactConfig(min_age_s=0, durable=False, on_step=lambda _: time.sleep(0.002))
         while not stop.is_set():
-            seq += 1
             try:
-                compact(tmp_path, seq)
+                swaps[0] += len(compact_lake(layout, config, now=LATER).partitions)
             except BaseException as exc:
                 errors.append(exc)
                 return
-            time.sleep(0.01)
 
     threads = [threading.Thread(target=consume), threading.Thread(target=compactor)]
     for t in threads:
         t.start()
     lake = Lake(tmp_path)
     seen: list[int] = []
+
+    def distinct() -> int:
+        _, rows = lake.sql("SELECT count(*), count(DISTINCT event_id) FROM events")
+        total, unique = rows[0]
+        assert total == unique, f"{total - unique} rows seen twice"
+        return int(total)
+
     checks: list[Callable[[], int]] = [
         lambda: events.count(lake),
-        lambda: len(events.newest(lake, 1000)),
+        lambda: len(events.newest(lake, 2000)),
         lambda: sum(c.totals.impressions for c in campaigns.top(lake, "spend", 10)),
-        lambda: int(lake.sql("SELECT count(*) FROM events")[1][0][0]),
+        distinct,
     ]
     try:
         while not stop.is_set():
             for check in checks:
+                before = landed[0]
                 n = check()
-                assert n % per_batch == 0, f"{checks.index(check)} saw {n}: part of a batch"
+                after = landed[0]
+                assert n % per_batch == 0, f"check {checks.index(check)} saw {n}: part of a batch"
+                # Every batch landed before the read, at most the one being published after it.
+                assert before * per_batch <= n <= (after + 1) * per_batch, (before, n, after)
                 seen.append(n)
     finally:
         stop.set()
         for t in threads:
             t.join()
         consumer.close()
-    assert not errors
-    assert events.count(lake) == per_batch * batches
-    counts = [n for n in seen[0::4]]
+    if errors:
+        raise errors[0]
+    assert swaps[0] >= 3, "compaction never swapped files while readers read"
+    assert events.count(lake) == per_batch * batches == distinct()
+    counts = seen[0::4]
     assert counts == sorted(counts)
     assert len(seen) > 20
+
+
+def test_a_reader_loops_exactly_while_compaction_swaps(tmp_path: Path) -> None:
+    """Rounds of: land late batches into closed hours, then compact them (phases held open).
+    A Lake reader loops all along; while compaction runs nothing lands, so every read then must
+    count every row exactly once."""
+    settings = Settings.from_env(
+        {}, data_dir=str(tmp_path), fsync="false", max_events_per_second="0", dedupe_window="3h"
+    )
+    layout = Layout(settings.data_dir)
+    rounds = [random_batches(10 + r, batches=4, size=25, prefix=f"r{r}-") for r in range(5)]
+    land(settings, *random_batches(5, batches=12, size=25))  # type: ignore[arg-type]
+    lake = Lake(tmp_path)
+    window = [events.count(lake)] * 2  # what a read may count: [before, after] a landing
+    stop = threading.Event()
+    exact = [0]
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                lo = window[0]
+                _, rows = lake.sql("SELECT count(*), count(DISTINCT event_id) FROM events")
+                counts = {events.count(lake), len(events.newest(lake, 1000)), *rows[0]}
+                hi = window[1]
+                for n in counts:  # each read on its own snapshot: a landing may come between
+                    assert lo <= n <= hi and n % 25 == 0, (lo, n, hi)
+                if lo == hi:  # nothing landed: every read counted every row exactly once
+                    assert counts == {lo}
+                    exact[0] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    config = CompactConfig(
+        target_rows=150, min_age_s=0, durable=False, on_step=lambda _: time.sleep(0.005)
+    )
+    try:
+        for batches in rounds:
+            window[1] = window[0] + 25 * len(batches)
+            land(settings, *batches)  # type: ignore[arg-type]
+            window[0] = window[1]
+            assert compact_lake(layout, config, now=LATER).partitions
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+    assert exact[0] >= 5
+    assert events.count(lake) == window[0] == 25 * (12 + 4 * len(rounds))
+
+
+def test_remembered_listings_never_hide_a_new_file(tmp_path: Path) -> None:
+    """Listings are reused while directory mtimes are unchanged, but not when the mtime could
+    be the same coarse clock tick as the listing (as if the kernel stamped a later change with
+    the same time)."""
+    settings = Settings.from_env({}, data_dir=str(tmp_path), fsync="false", dedupe_window="3h")
+    land(settings, event_table(["a", "b"], time_ms=NOW_MS))
+    lake = Lake(tmp_path)
+    (first,) = lake.files("events")
+    hour = Path(first).parent
+    tick = time.time_ns() + 10**9  # a coarse clock: the listing falls in the mtime's tick
+    os.utime(hour, ns=(tick, tick))
+    assert lake.files("events") == [first]
+    twin = hour / "00-copy.parquet"
+    shutil.copy(first, twin)
+    os.utime(hour, ns=(tick, tick))  # the new file's change carries the same mtime
+    assert lake.files("events") == sorted([first, str(twin)])
+    twin.unlink()
+    settled = time.time_ns() - 10**9
+    for directory in [tmp_path, *(p for p in tmp_path.rglob("*") if p.is_dir())]:
+        os.utime(directory, ns=(settled, settled))  # long before any listing: reusable
+    assert lake.files("events") == [first]
+    calls = {"n": 0}
+    listdir = os.listdir
+
+    def counting(path: object) -> list[str]:
+        calls["n"] += 1
+        return listdir(path)  # type: ignore[call-overload,no-any-return]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "listdir", counting)
+        assert lake.files("events") == [first]
+        assert events.count(lake) == 2
+    assert calls["n"] == 0  # nothing was listed again
 
 
 # -- ledger ------------------------------------------------------------------------------------
@@ -409,19 +571,42 @@ def test_ledger_totals_grow_with_each_new_batch(tmp_path: Path) -> None:
     assert ops.processing_rate(lake, int(time.time() * 1000)) == pytest.approx(0.5)
 
 
-def test_alerts_come_from_an_alerts_table_once_it_exists(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_alerts_are_listed_open_first_and_are_a_table(tmp_path: Path) -> None:
     lake = Lake(tmp_path)
-    schema = pl.Schema({"raised_at": pl.Datetime("ms", "UTC"), "message": pl.String})
-    monkeypatch.setitem(TABLES, "alerts", Table("alerts", "alerts", schema))
-    assert ops.active_alerts(lake) == []
-    (tmp_path / "alerts").mkdir()
-    pl.DataFrame(
-        {"raised_at": [NOW_MS], "message": ["spend spike on cmp-1"]}, schema=schema
-    ).write_parquet(tmp_path / "alerts" / "a.parquet")
-    (alert,) = ops.active_alerts(lake)
-    assert alert["message"] == "spend spike on cmp-1"
+    assert ops.alerts(lake) == []
+    now = datetime.fromtimestamp(NOW_MS // 1000, UTC)
+
+    def alert(rule: str, severity: str, minutes_ago: int, ended: bool = False) -> Alert:
+        started = now - timedelta(minutes=minutes_ago)
+        return Alert(
+            alert_id=f"{rule}:pipeline:{minutes_ago}",
+            rule=rule,
+            subject="pipeline",
+            severity=severity,
+            status="resolved" if ended else "firing",
+            value=1.0,
+            threshold=0.5,
+            message=f"{rule} is off",
+            started_at=started,
+            updated_at=now,
+            ended_at=now if ended else None,
+        )
+
+    stored = [
+        alert("latency_p95", "warning", 1),
+        alert("error_rate", "critical", 5),
+        alert("consumer_lag", "warning", 30, ended=True),
+    ]
+    save_alerts(Layout(str(tmp_path)), stored, durable=False)
+    assert [a.rule for a in ops.alerts(lake)] == ["error_rate", "latency_p95", "consumer_lag"]
+    assert [a.rule for a in ops.alerts(lake, open_only=True, limit=1)] == ["error_rate"]
+    columns, rows = lake.sql("SELECT rule, status FROM alerts ORDER BY started_at DESC")
+    assert columns == ["rule", "status"]
+    assert rows == [
+        ("latency_p95", "firing"),
+        ("error_rate", "firing"),
+        ("consumer_lag", "resolved"),
+    ]
 
 
 # -- adevents sql --------------------------------------------------------------------------------

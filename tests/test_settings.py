@@ -9,10 +9,17 @@ from typing import Any
 
 import pytest
 
-from pipeline.settings import LOG_LEVELS, JobSettings, Settings, SettingsError, parse_duration
+from pipeline.settings import (
+    LOG_LEVELS,
+    IngestSettings,
+    JobSettings,
+    Settings,
+    SettingsError,
+    parse_duration,
+)
 
 # The root settings' own fields; the jobs subsystem (Settings.jobs) has its own tests.
-FIELDS = [f.name for f in dataclasses.fields(Settings) if f.name != "jobs"]
+FIELDS = [f.name for f in dataclasses.fields(Settings) if f.name not in ("jobs", "ingest")]
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./ad_event_data",
@@ -101,7 +108,8 @@ def test_parse_duration_rejects(text: str) -> None:
 
 def test_defaults_from_an_empty_environment() -> None:
     settings = Settings.from_env({})
-    assert {k: v for k, v in dataclasses.asdict(settings).items() if k != "jobs"} == DEFAULTS
+    own = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("jobs", "ingest")}
+    assert own == DEFAULTS
     assert settings == Settings()
 
 
@@ -349,8 +357,9 @@ def test_replace_returns_a_changed_copy() -> None:
 
 def test_describe_lists_every_variable_with_its_default_and_help() -> None:
     rows = Settings.describe()
-    job_fields = [f.name.upper() for f in dataclasses.fields(JobSettings)]
-    assert [name for name, _, _ in rows] == [f.upper() for f in FIELDS] + job_fields
+    subsystems = (JobSettings, IngestSettings)
+    sub_fields = [f.name.upper() for c in subsystems for f in dataclasses.fields(c)]
+    assert [name for name, _, _ in rows] == [f.upper() for f in FIELDS] + sub_fields
     described = {name: (default, text) for name, default, text in rows}
     assert described["DEDUPE_WINDOW"][0] == "3600.0"
     assert described["REDIS_URL"][0] == "None"

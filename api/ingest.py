@@ -1,0 +1,368 @@
+"""``POST /ad_events``: HTTP ingest for ad servers and SDKs, answered 202 once the rows are durable.
+
+Install with ``Litestar(..., plugins=[IngestPlugin(settings)])``: the plugin adds the route, the
+API-key guard the read routes honour (``API_KEYS_REQUIRED_FOR_READ``) and the group committer's
+start/stop hooks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import anyio.to_thread
+import polars as pl
+import pyarrow as pa
+from litestar import MediaType, Request, Response, Router, post
+from litestar.config.app import AppConfig
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency, Provide
+from litestar.exceptions import (
+    ClientException,
+    HTTPException,
+    NotAuthorizedException,
+    ServiceUnavailableException,
+    TooManyRequestsException,
+)
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    Reference,
+    RequestBody,
+    Schema,
+    SecurityScheme,
+)
+from litestar.plugins import InitPlugin
+from msgspec import Struct
+
+from api.ingest_decode import (
+    ARROW_STREAM,
+    JSON,
+    NDJSON,
+    BodyError,
+    Checked,
+    UnsupportedMediaTypeError,
+    check,
+    decode,
+    media_type,
+)
+from api.ingest_spool import (
+    Backlog,
+    CommitterClosedError,
+    GroupCommitter,
+    SpoolBatchWriter,
+    Written,
+)
+from pipeline.schema import DEVICE_TYPES, EVENT_TYPES, MONEY_COLUMNS, TIME_COLUMN, Layout
+from pipeline.settings import IngestSettings, Settings
+
+log = logging.getLogger("adevents.ingest")
+
+#: Bodies at least this large are decoded on a worker thread, so a huge one does not stall the
+#: event loop (and the read routes) for long. Smaller ones are decoded inline: measured with
+#: bench/ingest_load.py, the hand-off bought no throughput on 2 cores and cost 20-40 % more CPU
+#: (JSON bodies of 1k events, ~3 ms each inline; Arrow bodies of 10k, ~3 ms).
+THREAD_DECODE_BYTES: Final = 2 * 1024**2
+#: Seconds a client is asked to wait after a 429 or 503.
+RETRY_AFTER_SECONDS: Final = 1
+#: Paths that stay open even with API_KEYS_REQUIRED_FOR_READ (load balancers probe them).
+OPEN_PATHS: Final = frozenset({"/health"})
+#: ``opt`` key marking handlers that always need an API key.
+NEEDS_KEY: Final = "api_key_required"
+API_KEY_SCHEME: Final = "apiKey"
+
+
+# -- response models -----------------------------------------------------------------------------
+class RejectedRow(Struct):
+    """A row that failed a rule; it is in quarantine/ with the same reason."""
+
+    index: int
+    reason: str
+
+
+class IngestResult(Struct):
+    """Rows received, rows accepted for processing (durable in the spool), and each rejection."""
+
+    received: int
+    accepted: int
+    rejected: list[RejectedRow]
+
+
+class ErrorBody(Struct):
+    """Litestar's error body."""
+
+    status_code: int
+    detail: str
+
+
+# -- API keys ------------------------------------------------------------------------------------
+class ApiKeys:
+    """The API-key check: a guard for POST /ad_events and, optionally, the read routes."""
+
+    def __init__(self, keys: Sequence[str], *, required_for_read: bool = False) -> None:
+        self._keys = tuple(k.encode() for k in keys)
+        self.required_for_read = required_for_read
+
+    @staticmethod
+    def presented(connection: ASGIConnection[Any, Any, Any, Any]) -> bytes | None:
+        """The key a request carries in X-API-Key or ``Authorization: Bearer <key>``."""
+        key = connection.headers.get("x-api-key")
+        if key is None:
+            scheme, _, value = (connection.headers.get("authorization") or "").partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                key = value.strip()
+        return None if key is None else key.encode("latin-1", "replace")
+
+    def check(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+        """Raise 401 unless the request carries one of the keys."""
+        key = self.presented(connection)
+        challenge = {"WWW-Authenticate": 'Bearer realm="adevents"'}
+        if key is None:
+            raise NotAuthorizedException(
+                "an API key is required: send it as X-API-Key: <key> or "
+                "Authorization: Bearer <key>",
+                headers=challenge,
+            )
+        # Compare with every key, so the time taken does not say which prefix matched.
+        matched = False
+        for k in self._keys:
+            matched |= hmac.compare_digest(key, k)
+        if not matched:
+            raise NotAuthorizedException("the API key is not valid", headers=challenge)
+
+    def ingest_guard(
+        self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
+        self.check(connection)
+
+    def read_guard(
+        self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+    ) -> None:
+        """Every other route: open unless API_KEYS_REQUIRED_FOR_READ (but /health stays open)."""
+        if handler.opt.get(NEEDS_KEY) or not self.required_for_read:
+            return
+        if connection.scope["path"] in OPEN_PATHS:
+            return
+        self.check(connection)
+
+
+# -- the service -----------------------------------------------------------------------------------
+class Ingestor:
+    """Decode, check, and commit one body; knows nothing of HTTP."""
+
+    def __init__(self, settings: Settings, ingest: IngestSettings) -> None:
+        self.settings = settings
+        self.ingest = ingest
+        self.layout = Layout(settings.data_dir)
+        # Unique per process (and per start), so two servers on one DATA_DIR never collide.
+        self.producer = f"http{os.getpid()}{secrets.token_hex(2)}"
+        self.backlog = Backlog(self.layout.incoming)
+        self.committer = GroupCommitter(
+            self._write,
+            max_rows=ingest.ingest_batch_events,
+            interval=settings.batch_interval,
+            on_written=self._written,
+        )
+        self._writer: SpoolBatchWriter | None = None
+
+    def _write(
+        self, accepted: list[pa.Table], rejected: list[pl.DataFrame], arrived_ms: int
+    ) -> Written:
+        # Made on first use, so an API over a read-only lake starts (and only ingest fails).
+        if self._writer is None:
+            self._writer = SpoolBatchWriter(self.layout, self.producer)
+        return self._writer.write(accepted, rejected, arrived_ms)
+
+    def _written(self, written: Written) -> None:
+        if written.spool_file is not None:
+            self.backlog.add(written.spool_file, written.spooled_rows)
+
+    async def start(self) -> None:
+        self.committer.start()
+
+    async def close(self) -> None:
+        await self.committer.close()
+
+    def backlog_events(self) -> int:
+        """Events in incoming/ plus those taken and not yet written."""
+        return self.backlog.events() + self.committer.pending_rows
+
+    def over_backlog(self) -> bool:
+        return self.backlog_events() >= self.ingest.max_backlog_events
+
+    @staticmethod
+    def _decode_and_check(body: bytes, media: str) -> Checked:
+        return check(decode(body, media), now_ms=int(time.time() * 1000))
+
+    async def take(self, body: bytes, media: str) -> IngestResult:
+        """Validate the body's rows; return once the accepted (and rejected) rows are durable."""
+        arrived_ms = int(time.time() * 1000)
+        if len(body) >= THREAD_DECODE_BYTES:
+            checked = await anyio.to_thread.run_sync(self._decode_and_check, body, media)
+        else:
+            checked = self._decode_and_check(body, media)
+        if checked.received:
+            await self.committer.commit(checked.accepted, checked.rejected, arrived_ms)
+        return IngestResult(
+            received=checked.received,
+            accepted=checked.accepted.num_rows,
+            rejected=[RejectedRow(i, r) for i, r in checked.rejections],
+        )
+
+
+# -- the route -----------------------------------------------------------------------------------
+def _request_body_schema() -> RequestBody:
+    text = Schema(type=OpenAPIType.STRING)
+    props: dict[str, Schema | Reference] = {
+        "event_id": Schema(type=OpenAPIType.STRING, description="1..128 bytes of UTF-8"),
+        "event_type": Schema(type=OpenAPIType.STRING, enum=list(EVENT_TYPES)),
+        TIME_COLUMN: Schema(
+            one_of=[
+                Schema(type=OpenAPIType.INTEGER, description="epoch milliseconds"),
+                Schema(type=OpenAPIType.STRING, description="RFC 3339 date-time"),
+            ]
+        ),
+        "campaign_id": text,
+        "ad_id": text,
+        "publisher_id": text,
+        "user_id": text,
+        "device_type": Schema(type=OpenAPIType.STRING, enum=list(DEVICE_TYPES)),
+        "country": Schema(type=OpenAPIType.STRING, description="ISO 3166-1 alpha-2, upper case"),
+        **{
+            m: Schema(type=OpenAPIType.INTEGER, description="USD micros, >= 0")
+            for m in MONEY_COLUMNS
+        },
+    }
+    event = Schema(type=OpenAPIType.OBJECT, properties=props)
+    binary = Schema(type=OpenAPIType.STRING, description="Arrow IPC stream bytes")
+    return RequestBody(
+        required=True,
+        description="Events in the contract's columns: a JSON array, NDJSON (one object per "
+        "line) or an Arrow IPC stream. Money is integer USD micros.",
+        content={
+            JSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.ARRAY, items=event)),
+            NDJSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING)),
+            ARROW_STREAM: OpenAPIMediaType(schema=binary),
+        },
+    )
+
+
+@dataclass
+class _IngestOperation(Operation):
+    """The operation of POST /ad_events, with the request body Litestar cannot infer."""
+
+    def __post_init__(self) -> None:
+        self.request_body = _request_body_schema()
+
+
+def _too_large(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    limit = request.route_handler.resolve_request_max_body_size()
+    return Response(
+        {
+            "status_code": 413,
+            "detail": f"the body is larger than {limit} bytes "
+            "(INGEST_MAX_BODY_BYTES): send fewer events per request",
+        },
+        status_code=413,
+        media_type=MediaType.JSON,
+    )
+
+
+_ERRORS: Final = {
+    400: ResponseSpec(ErrorBody, description="the body cannot be read as events"),
+    401: ResponseSpec(ErrorBody, description="missing or invalid API key"),
+    413: ResponseSpec(ErrorBody, description="the body is larger than INGEST_MAX_BODY_BYTES"),
+    415: ResponseSpec(ErrorBody, description="unsupported Content-Type or Content-Encoding"),
+    429: ResponseSpec(ErrorBody, description="the spool's backlog is full; see Retry-After"),
+    503: ResponseSpec(ErrorBody, description="the spool cannot be written right now"),
+}
+
+
+@post(
+    "/ad_events",
+    status_code=202,
+    opt={NEEDS_KEY: True},
+    operation_class=_IngestOperation,
+    summary="Ingest ad events",
+    responses=_ERRORS,
+    security=[{API_KEY_SCHEME: []}],
+)
+async def post_ad_events(
+    request: Request[Any, Any, Any], ingestor: NamedDependency[Ingestor]
+) -> Response[IngestResult]:
+    """Take ad events; 202 once every accepted row is durable in the spool (and every rejected
+    row, with its reason, in quarantine)."""
+    try:
+        media = media_type(request.headers.get("content-type"))
+    except UnsupportedMediaTypeError as exc:
+        raise HTTPException(status_code=415, detail=str(exc)) from None
+    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
+    if encoding != "identity":
+        raise HTTPException(
+            status_code=415, detail=f"Content-Encoding {encoding!r} is not supported"
+        )
+    if ingestor.over_backlog():
+        raise TooManyRequestsException(
+            f"the spool holds more than {ingestor.ingest.max_backlog_events} events "
+            "(MAX_BACKLOG_EVENTS) waiting for the consumer: retry later",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    body = await request.body()
+    try:
+        result = await ingestor.take(body, media)
+    except BodyError as exc:
+        raise ClientException(str(exc)) from None
+    except (CommitterClosedError, OSError) as exc:
+        raise ServiceUnavailableException(
+            f"the events were not stored: {exc}", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+        ) from None
+    return Response(result, status_code=202)
+
+
+class IngestPlugin(InitPlugin):
+    """Adds POST /ad_events, the API-key guards and the committer's lifecycle to an app."""
+
+    def __init__(self, settings: Settings, ingest: IngestSettings | None = None) -> None:
+        self.settings = settings
+        self.ingest = ingest or settings.ingest
+        self.keys = ApiKeys(
+            self.ingest.ingest_api_keys, required_for_read=self.ingest.api_keys_required_for_read
+        )
+        self.ingestor = Ingestor(settings, self.ingest)
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        ingestor = self.ingestor
+        router = Router(
+            "/",
+            route_handlers=[post_ad_events],
+            dependencies={"ingestor": Provide(lambda: ingestor, sync_to_thread=False)},
+            guards=[self.keys.ingest_guard],
+            request_max_body_size=self.ingest.ingest_max_body_bytes,
+            exception_handlers={RequestEntityTooLarge: _too_large},
+        )
+        app_config.route_handlers.append(router)
+        app_config.guards.append(self.keys.read_guard)
+        app_config.on_startup.append(ingestor.start)
+        app_config.on_shutdown.append(ingestor.close)
+        openapi = app_config.openapi_config
+        if openapi is not None and isinstance(openapi.components, Components):
+            schemes = dict(openapi.components.security_schemes or {})
+            schemes[API_KEY_SCHEME] = SecurityScheme(
+                type="apiKey", name="X-API-Key", security_scheme_in="header"
+            )
+            openapi.components.security_schemes = schemes
+        return app_config
+
+
+__all__ = ["IngestPlugin", "IngestResult", "IngestSettings", "Ingestor", "RejectedRow"]

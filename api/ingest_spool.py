@@ -1,0 +1,346 @@
+"""The ingest's edge on DATA_DIR: group commit into incoming/ and quarantine/, and the backlog.
+
+Accepted rows of many requests are written as one Arrow IPC file per micro-batch (by size or
+interval, whichever comes first); rejected rows go to ``quarantine/`` with a ledger row. A request
+is answered only after the micro-batch holding its rows is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import polars as pl
+import pyarrow as pa
+from pyarrow import ipc
+
+from pipeline.schema import LEDGER_SCHEMA, QUARANTINE_SCHEMA, REASONS, Layout
+from pipeline.spool import SUFFIX, SpoolWriter, atomic_write_bytes, fsync_dir
+
+log = logging.getLogger("adevents.ingest")
+
+#: How long a listing of incoming/ is reused by the backlog check.
+BACKLOG_TTL: Final = 0.25
+#: Bytes per event assumed for a spool file whose footer cannot be read.
+BYTES_PER_EVENT: Final = 100
+#: Temporary spool files of an ingest process (``SpoolWriter``'s names, producer ``http…``).
+_INGEST_TMP: Final = re.compile(r"^\.\d{15}-http[0-9a-f]+-\d{9}\.arrow\.tmp$")
+#: A temporary file this old was left by an ingest killed while writing it.
+STALE_TMP_SECONDS: Final = 600.0
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one group commit made durable."""
+
+    spool_file: str | None
+    spooled_rows: int
+    quarantined_rows: int
+
+
+def _mkdir_durable(path: Path) -> None:
+    """Create ``path`` (and parents) so that the new entries survive a crash."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for d in reversed(missing):
+        fsync_dir(d.parent)
+
+
+def _parquet_bytes(frame: pl.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    frame.write_parquet(buf, compression="zstd")
+    return buf.getvalue()
+
+
+class SpoolBatchWriter:
+    """Writes one micro-batch: rejected rows to quarantine/ (+ a ledger row), accepted rows to
+    incoming/. Every file is fsynced and renamed into place, and the rename fsynced, before
+    :meth:`write` returns; on an error nothing may be acknowledged (a retry may repeat rows,
+    which the consumer deduplicates)."""
+
+    def __init__(self, layout: Layout, producer: str) -> None:
+        self.layout = layout
+        self.producer = producer
+        _mkdir_durable(layout.incoming)
+        self.spool = SpoolWriter(layout.incoming, producer, durable=True)
+        self._sweep(layout.incoming)
+
+    @staticmethod
+    def _sweep(incoming: Path) -> None:
+        """Remove temporary files that ingest processes killed mid-write left behind."""
+        cutoff = time.time() - STALE_TMP_SECONDS
+        with os.scandir(incoming) as entries:
+            for e in entries:
+                try:
+                    if _INGEST_TMP.match(e.name) and e.stat().st_mtime < cutoff:
+                        os.unlink(e.path)
+                except FileNotFoundError:
+                    continue
+
+    def write(
+        self, accepted: list[pa.Table], rejected: list[pl.DataFrame], arrived_ms: int
+    ) -> Written:
+        started = time.perf_counter()
+        quarantined = sum(len(r) for r in rejected)
+        if quarantined:
+            self._quarantine(pl.concat(rejected), arrived_ms, started)
+        rows = sum(t.num_rows for t in accepted)
+        if not rows:
+            return Written(None, 0, quarantined)
+        table = pa.concat_tables(accepted) if len(accepted) > 1 else accepted[0]
+        path = self.spool.write(table)
+        return Written(path.name, rows, quarantined)
+
+    def _quarantine(self, rejected: pl.DataFrame, arrived_ms: int, started: float) -> None:
+        now = datetime.now(UTC)
+        stem = self.spool.next_name().removesuffix(SUFFIX)
+        batch_id, source = f"{stem}-rejected", f"{stem}.http"
+        frame = rejected.with_columns(
+            source_file=pl.lit(source),
+            batch_id=pl.lit(batch_id),
+            ingested_at=pl.lit(now).cast(QUARANTINE_SCHEMA["ingested_at"]),
+        ).select(QUARANTINE_SCHEMA.names())
+        target = self.layout.quarantine / f"date={now:%Y-%m-%d}" / f"{batch_id}.parquet"
+        _mkdir_durable(target.parent)
+        atomic_write_bytes(target, _parquet_bytes(frame.cast(QUARANTINE_SCHEMA)))
+        # A ledger row keeps rows_in = accepted + duplicates + quarantined true for the lake as
+        # a whole: these rows never reach a spool file, so the consumer never counts them.
+        counts = dict(rejected["reason"].value_counts().iter_rows())
+        now_ms = int(now.timestamp() * 1000)
+        row: dict[str, Any] = {
+            name: 0 if LEDGER_SCHEMA[name] == pl.Int64 else None for name in LEDGER_SCHEMA
+        }
+        row.update(
+            batch_id=batch_id,
+            source_file=source,
+            status="ok",
+            rows_in=len(rejected),
+            quarantined=len(rejected),
+            **{f"quarantined_{r}": int(counts.get(r, 0)) for r in REASONS},
+            arrived_at=arrived_ms,
+            committed_at=now_ms,
+            lag_ms=now_ms - arrived_ms,
+            processing_ms=(time.perf_counter() - started) * 1000,
+            write_ms=(time.perf_counter() - started) * 1000,
+            consumer=f"ingest-{self.producer}",
+        )
+        ledger = self.layout.ledger / f"date={now:%Y-%m-%d}" / f"{batch_id}.parquet"
+        _mkdir_durable(ledger.parent)
+        atomic_write_bytes(ledger, _parquet_bytes(pl.DataFrame([row], schema=LEDGER_SCHEMA)))
+
+
+class Backlog:
+    """Events waiting in incoming/. Rows of files this process wrote are known; other files'
+    rows are read from their footers once (files never change after their rename). Used only
+    from the event loop's thread."""
+
+    def __init__(self, incoming: Path, *, ttl: float = BACKLOG_TTL) -> None:
+        self.incoming = incoming
+        self.ttl = ttl
+        self._rows: dict[str, int] = {}
+        self._total = 0
+        self._listed_at = -float("inf")
+
+    def add(self, name: str, rows: int) -> None:
+        """Count a file this process has just written."""
+        if name not in self._rows:
+            self._rows[name] = rows
+            self._total += rows
+
+    @staticmethod
+    def _rows_of(entry: os.DirEntry[str]) -> int:
+        try:
+            with pa.memory_map(entry.path) as source:
+                reader = ipc.open_file(source)
+                return sum(
+                    reader.get_record_batch(i).num_rows for i in range(reader.num_record_batches)
+                )
+        except FileNotFoundError:
+            return 0
+        except (pa.ArrowException, OSError):  # not ours to judge: estimate from the size
+            try:
+                return entry.stat().st_size // BYTES_PER_EVENT
+            except FileNotFoundError:
+                return 0
+
+    def _list(self) -> None:
+        rows: dict[str, int] = {}
+        try:
+            with os.scandir(self.incoming) as entries:
+                for e in entries:
+                    if e.name.endswith(SUFFIX):
+                        known = self._rows.get(e.name)
+                        rows[e.name] = self._rows_of(e) if known is None else known
+        except FileNotFoundError:
+            pass
+        self._rows = rows
+        self._total = sum(rows.values())
+        self._listed_at = time.monotonic()
+
+    def events(self) -> int:
+        """Events in incoming/ (listed at most once per ``ttl``)."""
+        if time.monotonic() - self._listed_at >= self.ttl:
+            self._list()
+        return self._total
+
+
+class CommitterClosedError(RuntimeError):
+    """The server is shutting down; the request was not taken."""
+
+
+@dataclass
+class _Waiter:
+    accepted: pa.Table | None
+    rejected: pl.DataFrame | None
+    rows: int
+    arrived_ms: int
+    future: asyncio.Future[Written]
+
+
+@dataclass
+class CommitStats:
+    """Running totals of one committer, for logs and tests."""
+
+    commits: int = 0
+    requests: int = 0
+    spooled_rows: int = 0
+    quarantined_rows: int = 0
+
+
+class GroupCommitter:
+    """Shares one durable write among all requests waiting when it starts.
+
+    :meth:`commit` returns when the micro-batch holding the caller's rows is durable, and raises
+    if writing it failed. A micro-batch is written when it reaches ``max_rows`` rows or
+    ``interval`` seconds after its first request, whichever comes first; one write runs at a
+    time, on a thread of its own, while the next micro-batch fills.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[list[pa.Table], list[pl.DataFrame], int], Written],
+        *,
+        max_rows: int,
+        interval: float,
+        on_written: Callable[[Written], None] = lambda w: None,
+    ) -> None:
+        self._write = write
+        self.max_rows = max_rows
+        self.interval = interval
+        self._on_written = on_written
+        self.stats = CommitStats()
+        self._waiting: list[_Waiter] = []
+        self._rows = 0
+        self._in_flight_rows = 0
+        self._first_at = 0.0
+        self._closing = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._flush_now: asyncio.Event | None = None
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows taken but not yet durable (waiting or being written)."""
+        return self._rows + self._in_flight_rows
+
+    def start(self) -> None:
+        """Start the flusher on the running event loop."""
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-commit")
+        self._wake, self._flush_now = asyncio.Event(), asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ingest-commit")
+
+    async def commit(
+        self, accepted: pa.Table | None, rejected: pl.DataFrame | None, arrived_ms: int
+    ) -> Written:
+        """Wait until these rows are durable; return what the shared write made durable."""
+        if self._task is None or self._closing:
+            raise CommitterClosedError("the server is shutting down")
+        assert self._wake is not None and self._flush_now is not None
+        rows = (0 if accepted is None else accepted.num_rows) + (
+            0 if rejected is None else len(rejected)
+        )
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(accepted, rejected, rows, arrived_ms, loop.create_future())
+        if not self._waiting:
+            self._first_at = loop.time()
+        self._waiting.append(waiter)
+        self._rows += rows
+        self._wake.set()
+        if self._rows >= self.max_rows:
+            self._flush_now.set()
+        return await waiter.future
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._flush_now is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._waiting:
+                if self._closing:
+                    return
+                continue
+            delay = self._first_at + self.interval - loop.time()
+            if delay > 0 and self._rows < self.max_rows and not self._closing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flush_now.wait(), delay)
+            batch, self._waiting = self._waiting, []
+            self._in_flight_rows, self._rows = self._rows, 0
+            self._flush_now.clear()
+            await self._flush(loop, batch)
+            self._in_flight_rows = 0
+            if self._waiting or self._closing:
+                self._wake.set()
+
+    async def _flush(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiter]) -> None:
+        accepted = [w.accepted for w in batch if w.accepted is not None and w.accepted.num_rows]
+        rejected = [w.rejected for w in batch if w.rejected is not None and len(w.rejected)]
+        arrived = min(w.arrived_ms for w in batch)
+        try:
+            written = await loop.run_in_executor(
+                self._executor, self._write, accepted, rejected, arrived
+            )
+        except Exception as exc:  # every waiter hears of it; none is acknowledged
+            log.error("ingest: writing a micro-batch of %d requests failed: %s", len(batch), exc)
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+            return
+        self.stats.commits += 1
+        self.stats.requests += len(batch)
+        self.stats.spooled_rows += written.spooled_rows
+        self.stats.quarantined_rows += written.quarantined_rows
+        self._on_written(written)
+        for w in batch:
+            if not w.future.done():  # the client may have gone; its rows are durable anyway
+                w.future.set_result(written)
+
+    async def close(self) -> None:
+        """Write what is waiting, then stop."""
+        self._closing = True
+        if self._task is not None:
+            assert self._wake is not None and self._flush_now is not None
+            self._wake.set()
+            self._flush_now.set()
+            await self._task
+            self._task = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

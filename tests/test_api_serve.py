@@ -1,0 +1,50 @@
+"""`adevents serve --workers N` and the API load benchmark, run for real (tiny) so neither rots."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_load_benchmark_runs_against_several_workers(tmp_path: Path) -> None:
+    """bench/api_load.py builds a lake, compacts and rolls it up, starts `adevents serve
+    --workers 2` and loads every endpoint from two processes: all 200s, numbers printed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "api_load.py"),
+            "--data-dir",
+            str(tmp_path / "lake"),
+            "--events",
+            "20000",
+            "--prepare",
+            "--workers",
+            "2",
+            "--processes",
+            "2",
+            "--clients",
+            "4",
+            "--seconds",
+            "0.3",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "server: 2 worker(s); load: 2 process(es)" in out
+    assert "compacted partitions=" in out and "rollup batches=" in out
+    assert re.search(r"lake: 19,\d{3} events", out), out
+    lines = [line for line in out.splitlines() if " req/s " in line]
+    prefixes = ["/health", "/ad_events/latest", "/campaigns/", "/ad_events/by_campaign/"]
+    assert len(lines) == 4 and all(ln.startswith(p) for ln, p in zip(lines, prefixes, strict=True))
+    assert all(line.rstrip().endswith("5xx 0") for line in lines), out
