@@ -57,9 +57,14 @@ class HealthChecker:
                 if self._redis is None:
                     import redis
 
-                    self._redis = redis.Redis.from_url(
-                        self.settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5
-                    )
+                    url = self.settings.redis_url
+                    timeouts = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
+                    if url.startswith("redis+cluster://"):
+                        self._redis = redis.RedisCluster.from_url(
+                            "redis://" + url.removeprefix("redis+cluster://"), **timeouts
+                        )
+                    else:
+                        self._redis = redis.Redis.from_url(url, **timeouts)
                 self._redis.ping()
             except Exception as exc:  # any failure to reach Redis makes the cache unhealthy
                 return KeyCacheHealth("redis", False, f"Redis ping failed: {exc}")

@@ -11,6 +11,8 @@ Several consumers may attempt one batch (a takeover after a lost lease): each at
 under its own ``<batch_id>.<attempt>.partial``; only one rename to ``<batch_id>.committed`` can
 succeed (the target then exists and is not empty), and a takeover deletes the partial
 directories of earlier attempts first, which fences a stalled consumer out of committing.
+A fence renames the directory away before deleting it: a stalled attempt renaming the same
+directory to ``.committed`` at that moment either wins (its batch stays whole) or cannot commit.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,12 +86,12 @@ class StagedBatch:
         """The commit point: after this returns, the batch will be published even after a crash."""
         manifest = {"batch_id": self.batch_id, "files": self.files, **self.extra}
         mpath = self.partial_dir / MANIFEST
-        mpath.write_text(json.dumps(manifest))
-        if self.durable:
-            _fsync_file(mpath)
-            for d in {(self.partial_dir / f).parent for f in self.files} | {self.partial_dir}:
-                fsync_dir(d)
         try:
+            mpath.write_text(json.dumps(manifest))
+            if self.durable:
+                _fsync_file(mpath)
+                for d in {(self.partial_dir / f).parent for f in self.files} | {self.partial_dir}:
+                    fsync_dir(d)
             os.replace(self.partial_dir, self.committed_dir)
         except FileNotFoundError:
             raise CommitConflictError(
@@ -113,7 +116,10 @@ def publish(root: Path, committed_dir: Path, *, durable: bool = True) -> dict[st
         src, dst = committed_dir / rel, root / rel
         if src.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
+            try:
+                os.replace(src, dst)
+            except FileNotFoundError:  # another consumer finishing this batch moved it first
+                continue
             touched.add(dst.parent)
             faults.point("mid_publish")
     if durable:
@@ -123,8 +129,38 @@ def publish(root: Path, committed_dir: Path, *, durable: bool = True) -> dict[st
 
 
 def finish(committed_dir: Path) -> None:
-    """Forget a published batch's staging directory."""
-    shutil.rmtree(committed_dir, ignore_errors=True)
+    """Forget a published batch's staging directory.
+
+    Renamed away first: a crash in the middle of deleting it in place would leave a
+    ``.committed`` directory without its manifest, which recovery could not finish. The new
+    name reads as a discarded attempt of the batch, so recovery removes what a crash leaves.
+    """
+    batch_id = committed_dir.name[: -len(COMMITTED)]
+    done = committed_dir.with_name(f"{batch_id}.finished-{uuid.uuid4().hex[:8]}{PARTIAL}")
+    try:
+        os.rename(committed_dir, done)
+    except FileNotFoundError:  # another consumer finished it
+        return
+    shutil.rmtree(done, ignore_errors=True)
+
+
+def _fence(staging_dir: Path) -> None:
+    """Take a staging directory away atomically, then delete it.
+
+    A plain rmtree racing an attempt's own rename to ``.committed`` could delete half of a
+    batch that had just committed. The new name still ends in ``.partial`` and names the same
+    batch, so a crash in the middle leaves something ``pending`` that recovery removes.
+    """
+    name = staging_dir.name
+    attempt = (
+        name[: -len(PARTIAL)] if name.endswith(PARTIAL) else f"{batch_id_of(staging_dir)}.gone"
+    )
+    fenced = staging_dir.with_name(f"{attempt}~{uuid.uuid4().hex[:8]}{PARTIAL}")
+    try:
+        os.rename(staging_dir, fenced)
+    except FileNotFoundError:  # it committed, or someone else fenced it
+        return
+    shutil.rmtree(fenced, ignore_errors=True)
 
 
 def discard_partials(root: Path, batch_id: str) -> None:
@@ -133,7 +169,28 @@ def discard_partials(root: Path, batch_id: str) -> None:
     if staging.exists():
         for name in os.listdir(staging):
             if name.startswith(f"{batch_id}.") and name.endswith(PARTIAL):
-                shutil.rmtree(staging / name, ignore_errors=True)
+                _fence(staging / name)
+
+
+def fence_uncommitted(root: Path) -> list[tuple[Path, Path]]:
+    """Fence off every uncommitted attempt of every batch; list what is committed but unpublished.
+
+    For a key cache that lost its claims: an attempt that has not committed now never will, and
+    the events files of committed batches still being published are returned as (staged path,
+    published path) pairs — read the staged one, or the published one if it moved meanwhile —
+    so that together with events/ (read afterwards) nothing committed is missed.
+    """
+    committed, partial = pending(root)
+    for d in partial:
+        _fence(d)
+    out = []
+    for d in committed:
+        try:
+            manifest = json.loads((d / MANIFEST).read_text())
+        except FileNotFoundError:  # finished meanwhile: everything is in events/
+            continue
+        out += [(d / f, root / f) for f in manifest["files"] if f.startswith("events/")]
+    return out
 
 
 def committed_dir_of(root: Path, batch_id: str) -> Path:
@@ -154,6 +211,15 @@ def pending(root: Path) -> tuple[list[Path], list[Path]]:
     if not staging.exists():
         return [], []
     names = sorted(os.listdir(staging))
-    committed = [staging / n for n in names if n.endswith(COMMITTED)]
+    committed = []
+    for n in names:
+        if not n.endswith(COMMITTED):
+            continue
+        if (staging / n / MANIFEST).exists():
+            committed.append(staging / n)
+        else:
+            # What finish() deleting in place (before it renamed first) left when killed: the
+            # batch was published completely, so nothing is left to do but to remove it.
+            _fence(staging / n)
     partial = [staging / n for n in names if n.endswith(PARTIAL)]
     return committed, partial

@@ -206,7 +206,7 @@ class Consumer:
             try:
                 if d in partial:
                     log.info("discarding uncommitted attempt %s", d.name)
-                    shutil.rmtree(d, ignore_errors=True)
+                    commit.discard_partials(self.layout.root, batch_id)
                 elif d.exists():
                     log.info("finishing batch %s committed before a crash", batch_id)
                     self._roll_forward(d)
@@ -218,7 +218,15 @@ class Consumer:
         started = time.perf_counter()
 
         def loader(since: float | None) -> tuple[Keys, int | None]:
-            return window_keys(self.layout, self.window_ms, self.slice_ms, since)
+            if since is not None:
+                return window_keys(self.layout, self.window_ms, self.slice_ms, since)
+            # The cache lost the claims of every batch not committed yet: fence those attempts
+            # off (they can no longer commit), then read the committed ones still in staging/
+            # before events/ (where they move), so the rebuild misses nothing whatever the timing.
+            staged, staged_max = self._staged_keys(commit.fence_uncommitted(self.layout.root))
+            keys, watermark = window_keys(self.layout, self.window_ms, self.slice_ms, None)
+            marks = [m for m in (watermark, staged_max) if m is not None]
+            return Keys.concat([staged, keys]), max(marks, default=None)
 
         if self.cache.ensure(loader):
             log.info("rebuilt the key cache from events/ in %.1fs", time.perf_counter() - started)
@@ -229,6 +237,23 @@ class Consumer:
         keys, max_ms = self._keys_of(manifest)
         self.cache.restore(str(manifest["batch_id"]), keys, max_ms)
         return self._complete(committed_dir, manifest)
+
+    def _staged_keys(self, files: list[tuple[Path, Path]]) -> tuple[Keys, int | None]:
+        """Keys of committed events files: each at its staged path, or published if it moved."""
+        frames = []
+        for staged, published in files:
+            for path in (staged, published):
+                try:
+                    frames.append(pl.read_parquet(path, columns=["event_id", "event_time"]))
+                    break
+                except FileNotFoundError:
+                    continue
+        if not frames:
+            return empty_keys(), None
+        frame = pl.concat(frames)
+        max_ms = frame["event_time"].dt.epoch("ms").max()
+        keys = compute_keys(frame["event_id"], frame["event_time"], self.slice_ms)
+        return keys, None if max_ms is None else int(str(max_ms))
 
     def _keys_of(self, manifest: dict[str, Any]) -> tuple[Keys, int | None]:
         files = [self.layout.root / f for f in manifest["files"] if f.startswith("events/")]
@@ -405,7 +430,7 @@ class Consumer:
         )
         staged.extra = {"source_file": d.path.name, "ledger": row}
         faults.point("after_stage")
-        if not (self.leases.held(lease) and self.cache.valid()):
+        if not (self.leases.held(lease) and self.cache.valid(d.batch_id)):
             log.warning("%s: lost the lease or the key cache meanwhile; not committing", d.path)
             shutil.rmtree(staged.partial_dir, ignore_errors=True)
             self._decided_watermark = None

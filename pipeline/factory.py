@@ -27,6 +27,7 @@ def make_key_cache(settings: Settings) -> KeyCache:
             window_ms=window_ms,
             slice_ms=slice_ms,
             rebuild_grace_s=settings.rebuild_grace,
+            lock_timeout_s=settings.lease_timeout,
         )
         return cache
     layout = Layout(settings.data_dir)

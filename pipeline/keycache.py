@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.fingerprint import Keys, empty_keys, fingerprint_check
-from pipeline.spool import atomic_write_bytes
+from pipeline.spool import atomic_write_bytes, fsync_dir
 
 Mask = npt.NDArray[np.bool_]
 #: Reads the window's keys and the watermark from the lake; with a time, only files written
@@ -57,8 +57,9 @@ class KeyCache(Protocol):
     def ensure(self, loader: Loader) -> bool:
         """Rebuild from ``loader`` if the cache lost its state; True if it rebuilt."""
 
-    def valid(self) -> bool:
-        """True while claims made since the last ensure() still stand (no loss since)."""
+    def valid(self, batch_id: str | None = None) -> bool:
+        """True while the claims ``batch_id`` made still stand (no loss since); without a
+        batch, those made since the last ensure()."""
 
     def claim(self, batch_id: str, keys: Keys) -> Mask:
         """Per key, True when this batch is the first to claim it. Raises CacheLostError."""
@@ -249,12 +250,16 @@ class EmbeddedKeyCache:
                 self._raise_watermark(wm)
 
     def _write_npz(self, path: Path, keys: Keys) -> None:
-        import io
-
-        buf = io.BytesIO()
+        # Streamed to a temporary file (not built in memory first: a snapshot of a large
+        # window would otherwise need several copies of it at once), fsynced, then renamed.
         wm = -1 if self._watermark is None else self._watermark
-        np.savez(buf, slice=keys.slice, hi=keys.hi, lo=keys.lo, watermark=np.int64(wm))
-        atomic_write_bytes(path, buf.getvalue())
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, slice=keys.slice, hi=keys.hi, lo=keys.lo, watermark=np.int64(wm))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
     def _write_meta(self) -> None:
         meta = {"fingerprint": fingerprint_check(), "slice_ms": self.slice_ms}
@@ -302,7 +307,7 @@ class EmbeddedKeyCache:
         self.rebuild(keys, watermark)
         return True
 
-    def valid(self) -> bool:
+    def valid(self, batch_id: str | None = None) -> bool:
         return True
 
     def claim(self, batch_id: str, keys: Keys) -> Mask:

@@ -77,11 +77,26 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def process_space() -> str:
+    """Names the space this process's pid is meaningful in: host name plus pid namespace.
+
+    Containers often share a host name (``network_mode: host``) or reuse small pids (pid 1 in
+    every container), so a pid alone says nothing about another container's process; only
+    holders in this very pid namespace can be checked with ``kill(pid, 0)``.
+    """
+    host = socket.gethostname().replace("|", "_")
+    try:
+        return f"{host}@{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc (not Linux): the host name alone
+        return host
+
+
 class RedisLeases:
     """Leases as Redis keys ``<prefix>:{l}:<name>`` (SET NX PX), renewed by a heartbeat thread.
 
-    The value names the holder's host and pid, so a consumer restarted on the same host takes
-    over the leases of a dead predecessor at once instead of waiting for them to expire.
+    The value names the holder's host (with its pid namespace) and pid, so a consumer restarted
+    next to a dead predecessor takes over its leases at once instead of waiting for them to
+    expire. All leases share the hash tag ``{l}``: on Redis Cluster they live in one slot.
     """
 
     def __init__(
@@ -89,8 +104,8 @@ class RedisLeases:
     ) -> None:
         self.r = client
         self.prefix = prefix
-        self.owner = owner
-        self.host = socket.gethostname()
+        self.owner = owner.replace("|", "_")
+        self.space = process_space()
         self.timeout_ms = max(1, int(timeout_s * 1000))
         self._renew = client.register_script(_RENEW)
         self._take_over = client.register_script(_TAKE_OVER)
@@ -105,7 +120,7 @@ class RedisLeases:
         return f"{self.prefix}:{{l}}:{name}"
 
     def acquire(self, name: str) -> Lease | None:
-        token = f"{self.host}|{os.getpid()}|{self.owner}|{uuid.uuid4().hex[:8]}"
+        token = f"{self.space}|{os.getpid()}|{self.owner}|{uuid.uuid4().hex[:8]}"
         key = self._key(name)
         if not self.r.set(key, token, nx=True, px=self.timeout_ms):
             current = _text(self.r.get(key))
@@ -115,15 +130,16 @@ class RedisLeases:
             # its lease to expire.
             if not self._take_over(keys=[key], args=[current, token, self.timeout_ms]):
                 return None
+            log.info("took over the lease on %s from a dead holder (%s)", name, current)
         lease = Lease(name, token)
         with self._guard:
             self._held[name] = lease
         return lease
 
     def _holder_is_dead(self, value: str) -> bool:
-        host, _, rest = value.partition("|")
+        space, _, rest = value.partition("|")
         pid_text = rest.partition("|")[0]
-        if host != self.host or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        if space != self.space or not pid_text.isdigit() or int(pid_text) == os.getpid():
             return False
         try:
             os.kill(int(pid_text), 0)
@@ -139,7 +155,8 @@ class RedisLeases:
 
     def release(self, lease: Lease) -> None:
         with self._guard:
-            self._held.pop(lease.name, None)
+            if self._held.get(lease.name) == lease:
+                del self._held[lease.name]
         try:
             self._release(keys=[self._key(lease.name)], args=[lease.token])
         except redis.RedisError as exc:  # it expires by itself anyway
@@ -158,6 +175,10 @@ class RedisLeases:
                     log.warning("lease heartbeat failed for %s: %s", lease.name, exc)
                     continue
                 if not ok:
+                    # Lost for good (expired, taken over, or Redis lost it): stop renewing.
+                    with self._guard:
+                        if self._held.get(lease.name) == lease:
+                            del self._held[lease.name]
                     log.warning("lost the lease on %s; its batch will not be committed", lease.name)
 
     def close(self) -> None:

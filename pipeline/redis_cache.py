@@ -1,6 +1,7 @@
 """The Redis key cache: fingerprints in compact intsets, a whole batch per round trip.
 
-Layout (``P`` is REDIS_KEY_PREFIX; ``{...}`` are Redis Cluster hash tags):
+Layout (``P`` is REDIS_KEY_PREFIX; ``{...}`` are Redis Cluster hash tags, so every multi-key
+operation stays inside one slot):
 
 - ``P:{m}:meta`` hash: ``watermark`` (epoch ms), ``fingerprint`` (the function's check value);
   ``P:{m}:slices`` zset of registered slices, ``P:{m}:bits`` hash slice -> bucket bits.
@@ -10,25 +11,48 @@ Layout (``P`` is REDIS_KEY_PREFIX; ``{...}`` are Redis Cluster hash tags):
   own overhead is a fraction of a byte per member.
 - ``P:{gN}:alive`` sentinel per group: missing means Redis lost data, so the claim script
   refuses and the consumer rebuilds from events/ (a Redis loss never produces a duplicate).
+  Its value is ``<fingerprint check>:<epoch>``; every rebuild starts a new epoch, and a batch
+  whose claims were made in an earlier epoch is not committed.
+- ``P:{gN}:floor`` zset holding the lowest live slice: slices below it were expired. A claim
+  that reaches below it was validated against a watermark that has moved on since (another
+  consumer finished a batch meanwhile) and is refused, so the batch is validated again; it
+  never lands an event whose earlier copy was just expired.
 - ``P:{gN}:claim:<batch_id>`` the members a batch won, kept until the batch is finished, so a
   retried batch (after a crash) gets the same answers: claims are idempotent per batch.
+
+With GROUPS = 16 groups, a Redis Cluster spreads the sets over up to 16 slots (so over its
+primaries); the small ``{m}`` keys live on one primary, leases (``{l}``) on one.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
 import redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.retry import Retry
 
 from pipeline.fingerprint import Keys, fingerprint_check
 from pipeline.keycache import CacheLostError, CacheStats, Loader, Mask, expired_before
+
+log = logging.getLogger("adevents.redis_cache")
 
 GROUPS = 16
 TARGET_PER_BUCKET = 256
@@ -39,22 +63,33 @@ CLAIM_RECORD_TTL_S = 7 * 24 * 3600
 REBUILD_LOCK = "rebuild-lock"
 REBUILD_LOCK_TIMEOUT_S = 30.0
 REBUILD_WAIT_S = 3600.0
+#: Connection failures a batch's pipelined commands ride out (claims are idempotent per batch,
+#: so resending them is safe), with a back-off capped at SEND_BACKOFF_CAP_S: about a minute.
+SEND_RETRIES = 30
+SEND_BACKOFF_CAP_S = 2.0
+UNLINK_CHUNK = 1000
+MAX_REMEMBERED_EPOCHS = 1024
 
 # Per bucket: which members were already present, then add them all; no per-member Lua loop.
 # The claim record appends "<members,>|<present mask>;" per attempt, so a retry of the batch
 # (after a crash) learns which members its earlier attempts won. Returns {mask, earlier record}.
+# KEYS: alive, record, floor, buckets...; ARGV: epoch, record TTL, lowest slice, counts..., members
 _CLAIM_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('ADEVENTS_LOST key cache lost its data')
 end
-local nkeys = #KEYS - 2
-local first = 3 + nkeys
+local floor = redis.call('ZSCORE', KEYS[3], 'f')
+if floor and tonumber(ARGV[3]) < tonumber(floor) then
+  return redis.error_reply('ADEVENTS_EXPIRED slices below ' .. floor .. ' expired')
+end
+local nkeys = #KEYS - 3
+local first = 4 + nkeys
 local pos = first
 local out = {}
 for i = 1, nkeys do
-  local last = pos + tonumber(ARGV[2 + i]) - 1
-  local present = redis.call('SMISMEMBER', KEYS[2 + i], unpack(ARGV, pos, last))
-  redis.call('SADD', KEYS[2 + i], unpack(ARGV, pos, last))
+  local last = pos + tonumber(ARGV[3 + i]) - 1
+  local present = redis.call('SMISMEMBER', KEYS[3 + i], unpack(ARGV, pos, last))
+  redis.call('SADD', KEYS[3 + i], unpack(ARGV, pos, last))
   out[i] = table.concat(present)
   pos = last + 1
 end
@@ -71,6 +106,18 @@ local new = tonumber(ARGV[1])
 if new > cur then redis.call('HSET', KEYS[1], 'watermark', ARGV[1]) return ARGV[1] end
 return tostring(cur)
 """
+
+
+class ExpiredSliceError(CacheLostError):
+    """A claim reached slices another consumer expired since this batch was validated.
+
+    Nothing was claimed in the refusing group. Validate the batch again (its events there are
+    late now); the consumer's retry of a batch on a CacheLostError does exactly that.
+    """
+
+
+class _TopologyChangedError(Exception):
+    """A cluster reply said the slot moved (MOVED/ASK/TRYAGAIN/CLUSTERDOWN): refresh, resend."""
 
 
 def _resp_bulk(values: pl.Series) -> bytes:
@@ -90,6 +137,11 @@ def _resp_args(args: list[str | bytes]) -> bytes:
     return b"".join(out)
 
 
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by SCAN MATCH."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
 def _won_mask(mask: bytes, earlier: bytes, members: pl.Series) -> Mask:
     """True where the member was new now, or was won by an earlier attempt of this batch."""
     won: Mask = np.frombuffer(mask, dtype=np.uint8) == ord("0")
@@ -104,6 +156,21 @@ def _won_mask(mask: bytes, earlier: bytes, members: pl.Series) -> Mask:
     return won
 
 
+def connect(url: str) -> redis.Redis | redis.RedisCluster:
+    """A client for ``redis://`` / ``rediss://`` (one server) or ``redis+cluster://`` (Cluster).
+
+    For a cluster, the URL names any one node (``redis+cluster://host:port``); the client
+    discovers the others. ``rediss+cluster://`` is the TLS variant. Commands are retried on
+    lost connections for about a minute, so a consumer pauses while Redis restarts (and then
+    rebuilds the cache it finds empty) instead of failing.
+    """
+    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=SEND_BACKOFF_CAP_S), SEND_RETRIES)
+    for scheme, base in (("redis+cluster://", "redis://"), ("rediss+cluster://", "rediss://")):
+        if url.startswith(scheme):
+            return redis.RedisCluster.from_url(base + url[len(scheme) :], retry=retry)
+    return redis.Redis.from_url(url, retry=retry)
+
+
 class RedisKeyCache:
     """Key cache on a Redis server (or a Redis Cluster); shared by any number of consumers."""
 
@@ -115,6 +182,7 @@ class RedisKeyCache:
         window_ms: int,
         slice_ms: int,
         rebuild_grace_s: float = 0.0,
+        lock_timeout_s: float = REBUILD_LOCK_TIMEOUT_S,
     ) -> None:
         self.r = client
         self.p = prefix
@@ -123,31 +191,44 @@ class RedisKeyCache:
         self.check = fingerprint_check()
         self.alive_value = ""
         self.rebuild_grace_s = rebuild_grace_s
+        self.lock_timeout_s = lock_timeout_s
         self.meta = f"{prefix}:{{m}}:meta"
         self.slices_key = f"{prefix}:{{m}}:slices"
         self.bits_key = f"{prefix}:{{m}}:bits"
-        self._bits: dict[int, int] = {}
+        #: The epoch each recent batch claimed in (a consumer decides one batch while it commits
+        #: the previous one, on another thread: the epoch may change in between).
+        self._epochs: dict[str, str] = {}
+        self._epochs_guard = threading.Lock()
+        #: The highest expiry floor this instance has set (floors only ever rise).
+        self._floor: int | None = None
         self._claim_sha = ""
         self._wm_sha = ""
         self._load_scripts()
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str, window_ms: int, slice_ms: int, rebuild_grace_s: float = 0.0
+        cls,
+        url: str,
+        *,
+        prefix: str,
+        window_ms: int,
+        slice_ms: int,
+        rebuild_grace_s: float = 0.0,
+        lock_timeout_s: float = REBUILD_LOCK_TIMEOUT_S,
     ) -> RedisKeyCache:
         """Connect to ``redis://`` (single server) or ``redis+cluster://`` (Redis Cluster)."""
-        client: redis.Redis | redis.RedisCluster
-        if url.startswith("redis+cluster://"):
-            client = redis.RedisCluster.from_url("redis://" + url[len("redis+cluster://") :])
-        else:
-            client = redis.Redis.from_url(url)
         return cls(
-            client,
+            connect(url),
             prefix=prefix,
             window_ms=window_ms,
             slice_ms=slice_ms,
             rebuild_grace_s=rebuild_grace_s,
+            lock_timeout_s=lock_timeout_s,
         )
+
+    @property
+    def clustered(self) -> bool:
+        return isinstance(self.r, redis.RedisCluster)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _group_key(self, group: int, suffix: str) -> str:
@@ -158,11 +239,16 @@ class RedisKeyCache:
         self._wm_sha = self._script_load(_RAISE_WATERMARK_LUA)
 
     def _script_load(self, body: str) -> str:
-        if isinstance(self.r, redis.RedisCluster):
-            result = self.r.script_load(body)  # loads on every primary
-        else:
-            result = self.r.script_load(body)
+        # On a cluster, redis-py sends SCRIPT LOAD to every primary and returns the one sha.
+        result = self.r.script_load(body)
         return str(result.decode() if isinstance(result, bytes) else result)
+
+    def _servers(self) -> list[redis.Redis]:
+        """One client per server holding data: every primary of a cluster, or the one server."""
+        if isinstance(self.r, redis.RedisCluster):
+            primaries = self.r.get_primaries()  # type: ignore[no-untyped-call]
+            return [self.r.get_redis_connection(node) for node in primaries]
+        return [self.r]
 
     def _connection_for(self, key: str) -> tuple[Any, Any]:
         """(pool, connection) serving ``key``; the caller releases the connection to the pool."""
@@ -172,6 +258,37 @@ class RedisKeyCache:
         else:
             pool = self.r.connection_pool
         return pool, pool.get_connection()
+
+    def _refresh_topology(self) -> None:
+        if isinstance(self.r, redis.RedisCluster):
+            try:
+                self.r.nodes_manager.initialize()
+            except redis.RedisError as exc:  # the next attempt reports it if it persists
+                log.warning("could not refresh the cluster topology: %s", exc)
+
+    def _scan(self, pattern: str) -> Iterator[tuple[redis.Redis, list[bytes]]]:
+        """(server, chunk of matching keys), SCANning every server that holds data."""
+        for server in self._servers():
+            chunk: list[bytes] = []
+            for key in server.scan_iter(match=pattern, count=10_000):
+                chunk.append(key)
+                if len(chunk) >= UNLINK_CHUNK:
+                    yield server, chunk
+                    chunk = []
+            if chunk:
+                yield server, chunk
+
+    def _unlink_matching(self, pattern: str) -> int:
+        """UNLINK every key matching ``pattern`` on every server; one key per command, pipelined
+        (keys of different slots may share a node, and a multi-key UNLINK must not span slots)."""
+        n = 0
+        for server, chunk in self._scan(pattern):
+            pipe = server.pipeline(transaction=False)
+            for key in chunk:
+                pipe.unlink(key)
+            pipe.execute()
+            n += len(chunk)
+        return n
 
     # -- KeyCache ------------------------------------------------------------------------------
     def watermark(self) -> int | None:
@@ -195,29 +312,32 @@ class RedisKeyCache:
         self.alive_value = current
         return False
 
-    def valid(self) -> bool:
-        """True while the cache still holds the epoch this consumer's claims were made in."""
+    def valid(self, batch_id: str | None = None) -> bool:
+        """True while the cache still holds the epoch ``batch_id`` claimed in (without a batch:
+        this consumer's current epoch), i.e. Redis has not lost those claims since."""
+        with self._epochs_guard:
+            epoch = self._epochs.get(batch_id or "", self.alive_value)
         pipe = self.r.pipeline(transaction=False)
         for g in range(GROUPS):
             pipe.get(self._group_key(g, "alive"))
-        expected = self.alive_value.encode()
-        return all(v == expected for v in pipe.execute())
+        expected = epoch.encode()
+        return bool(epoch) and all(v == expected for v in pipe.execute())
 
     def ensure(self, loader: Loader) -> bool:
         """Rebuild from the lake if Redis lost its data; one consumer rebuilds, the others wait.
 
         The rebuilder waits ``rebuild_grace_s`` first, so that batches whose commit was already
         under way land before it reads events/, then catches up with files written meanwhile.
+        ``loader(None)`` is expected to fence off uncommitted attempts (their claims are gone),
+        which is what keeps the rebuild exact whatever the timing; see ``Consumer.ensure_cache``.
         """
         if not self.needs_rebuild():
             return False
         from pipeline.leases import RedisLeases
 
         # The rebuild lock is a lease: renewed while the rebuild runs, taken over at once when
-        # its holder died on this host, and expiring otherwise.
-        locks = RedisLeases(
-            self.r, prefix=self.p, owner="rebuild", timeout_s=REBUILD_LOCK_TIMEOUT_S
-        )
+        # its holder died on this host, and expiring otherwise (after LEASE_TIMEOUT).
+        locks = RedisLeases(self.r, prefix=self.p, owner="rebuild", timeout_s=self.lock_timeout_s)
         try:
             deadline = time.monotonic() + REBUILD_WAIT_S
             while (lock := locks.acquire(REBUILD_LOCK)) is None:
@@ -229,56 +349,72 @@ class RedisKeyCache:
             if not self.needs_rebuild():
                 locks.release(lock)
                 return False
+            log.warning(
+                "the Redis key cache is empty or lost its data (a first start, a restart, a "
+                "flush): rebuilding it from events/"
+            )
             time.sleep(self.rebuild_grace_s)
             started = time.time()
             keys, watermark = loader(None)
-            self.rebuild(keys, watermark)
+            self._replace_content(keys, watermark)
             late_keys, late_watermark = loader(started - self.rebuild_grace_s - 1.0)
             self._add_plain(late_keys)
             if late_watermark is not None:
                 self.finish("rebuild", late_watermark)
+            # Redis may have lost the lock too meanwhile (a second loss) and another consumer
+            # may be rebuilding: then its epoch, not this one, must be the one that stands.
+            if not locks.held(lock):
+                raise CacheLostError("lost the rebuild lock during the rebuild; starting again")
+            self._open_epoch()
             locks.release(lock)
             return True
         finally:
             locks.close()
 
     def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
-        # Drop the whole key cache first: stale slices must not survive a rebuild. (Leases and
-        # the rebuild lock live under other hash tags and are kept.)
+        self._replace_content(keys, watermark_ms)
+        self._open_epoch()
+
+    def _replace_content(self, keys: Keys, watermark_ms: int | None) -> None:
+        """Drop the whole key cache, then load ``keys``; the cache stays closed (no epoch)."""
         # Sentinels go first, so that no claim can succeed while the old keys are deleted.
+        # (Leases and the rebuild lock live under {l} and are kept.)
         self.r.delete(*[self._group_key(g, "alive") for g in range(GROUPS)])
-        for pattern in (f"{self.p}:{{g*", f"{self.p}:{{m}}:*"):
-            for key in self.r.scan_iter(match=pattern, count=10_000):
-                self.r.unlink(key)
-        self._bits.clear()
+        prefix = _glob_escape(self.p)
+        for pattern in (f"{prefix}:{{g*", f"{prefix}:{{m}}:*"):
+            self._unlink_matching(pattern)
+        self._floor = None
         self.r.hset(self.meta, mapping={"watermark": -1 if watermark_ms is None else watermark_ms})
         self._expire(watermark_ms)
         cutoff = expired_before(watermark_ms, self.window_ms, self.slice_ms)
         if cutoff is not None:
             keys = keys.take(keys.slice >= cutoff)
-        self.alive_value = f"{self.check}:{uuid.uuid4().hex[:12]}"
         self._add_plain(keys)
-        # Only now is the cache whole again: sentinels and the check go in last.
+
+    def _open_epoch(self) -> None:
+        """The cache is whole again: sentinels of a new epoch and the check go in last."""
+        self.alive_value = f"{self.check}:{uuid.uuid4().hex[:12]}"
         pipe = self.r.pipeline(transaction=False)
         for g in range(GROUPS):
             pipe.set(self._group_key(g, "alive"), self.alive_value)
         pipe.hset(self.meta, "fingerprint", self.check)
         pipe.execute()
 
-    def _register_slices(self, keys: Keys) -> None:
-        """Agree with other consumers on each new slice's bucket bits (first proposal wins)."""
+    def _register_slices(self, keys: Keys) -> dict[int, int]:
+        """Each slice's bucket bits, agreed with other consumers (first proposal wins)."""
         slices, counts = np.unique(keys.slice, return_counts=True)
-        # Read the bits every time rather than trust self._bits: another consumer may have
-        # rebuilt (re-sizing the slices) or expired a slice since this one cached it.
+        # Read the bits every time rather than cache them: another consumer may have rebuilt
+        # (re-sizing the slices) or expired a slice since this one last saw it.
         stored = self.r.hmget(self.bits_key, [str(int(s)) for s in slices])
+        table: dict[int, int] = {}
         new = []
         for s, c, b in zip(slices, counts, stored, strict=True):
             if b is None:
                 new.append((int(s), int(c)))
             else:
-                self._bits[int(s)] = int(b)
+                table[int(s)] = int(b)
         if not new:
-            return
+            return table
         # Events per slice, estimated from how densely the bulk of this batch covers event time
         # (a slice that overflows its buckets stays correct; it only costs more memory).
         density = 0.0
@@ -295,34 +431,42 @@ class RedisKeyCache:
             pipe.hget(self.bits_key, str(sl))
         replies = pipe.execute()
         for (sl, _), bits_reply in zip(new, replies[2 * len(new) :], strict=True):
-            self._bits[sl] = int(bits_reply)
+            table[sl] = int(bits_reply)
+        return table
 
-    def _buckets(self, keys: Keys) -> npt.NDArray[np.int64]:
-        bits = self._bits_vector(keys.slice)
+    @staticmethod
+    def _buckets(keys: Keys, table: dict[int, int]) -> npt.NDArray[np.int64]:
+        uniq, inverse = np.unique(keys.slice, return_inverse=True)
+        bits = np.array([table[int(s)] for s in uniq], dtype=np.int64)[inverse]
         shift = (64 - bits).astype(np.uint64)
         bucket = np.where(bits > 0, keys.hi >> np.minimum(shift, np.uint64(63)), 0)
         return bucket.astype(np.int64)
 
-    def _bits_vector(self, slices: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        uniq, inverse = np.unique(slices, return_inverse=True)
-        table = np.array([self._bits[int(s)] for s in uniq], dtype=np.int64)
-        return table[inverse]
-
     def _grouped(self, keys: Keys) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
         """Rows ordered by (group, slice, bucket), split by group; ``row`` is the input index."""
-        self._register_slices(keys)
+        table = self._register_slices(keys)
         frame = pl.DataFrame(
             {
                 "row": np.arange(len(keys), dtype=np.int64),
                 "slice": keys.slice,
-                "bucket": self._buckets(keys),
+                "bucket": self._buckets(keys, table),
                 "member": keys.lo.view(np.int64),
             }
         ).with_columns(group=(pl.col("bucket") % GROUPS))
         frame = frame.sort(["group", "slice", "bucket"], maintain_order=True)
         return frame, frame.partition_by("group", maintain_order=True)
 
-    def _packed_claim(self, batch_id: str, part: pl.DataFrame) -> tuple[str, bytes]:
+    def _remember_epoch(self, batch_id: str, epoch: str | None) -> None:
+        """Record (or, with None, forget) the epoch ``batch_id`` claimed in."""
+        with self._epochs_guard:
+            self._epochs.pop(batch_id, None)
+            if epoch is not None:
+                self._epochs[batch_id] = epoch
+            while len(self._epochs) > MAX_REMEMBERED_EPOCHS:
+                # Oldest first; a consumer has at most a few batches between claim and commit.
+                del self._epochs[next(iter(self._epochs))]
+
+    def _packed_claim(self, batch_id: str, epoch: str, part: pl.DataFrame) -> tuple[str, bytes]:
         group = int(part["group"][0])
         runs = (
             part.with_row_index("i")
@@ -336,46 +480,72 @@ class RedisKeyCache:
         ]
         alive = self._group_key(group, "alive")
         record = self._group_key(group, f"claim:{batch_id}")
-        keys = [alive, record, *bucket_keys]
+        floor = self._group_key(group, "floor")
+        keys = [alive, record, floor, *bucket_keys]
         head: list[str | bytes] = [
             "EVALSHA",
             self._claim_sha,
             str(len(keys)),
             *keys,
-            self.alive_value,
+            epoch,
             str(CLAIM_RECORD_TTL_S),
+            str(int(part["slice"][0])),  # sorted by slice within the group: the lowest
             *[str(n) for n in runs["n"].to_list()],
         ]
         nargs = len(head) + len(part)
         packed = b"*%d\r\n" % nargs + _resp_args(head) + _resp_bulk(part["member"])
         return alive, packed
 
-    def _send_all(self, commands: list[tuple[str, bytes]]) -> list[Any]:
-        """Send every packed command (pipelined per connection) and collect replies in order."""
-        by_conn: dict[int, tuple[Any, Any, list[int]]] = {}
-        for i, (key, _) in enumerate(commands):
-            pool, conn = self._connection_for(key)
-            slot = id(pool)
-            if slot in by_conn:
-                pool.release(conn)
-            else:
-                by_conn[slot] = (pool, conn, [])
-            by_conn[slot][2].append(i)
+    def _send_once(self, commands: list[tuple[str, bytes]]) -> list[Any]:
+        """Send every packed command, pipelined per server, and collect replies in order.
+
+        Everything is sent before any reply is read, so the servers of a cluster work on their
+        share of a batch in parallel.
+        """
+        by_pool: dict[int, tuple[Any, Any, list[int]]] = {}
         replies: list[Any] = [None] * len(commands)
-        for pool, conn, indexes in by_conn.values():
-            try:
+        try:
+            for i, (key, _) in enumerate(commands):
+                pool, conn = self._connection_for(key)
+                if id(pool) in by_pool:
+                    pool.release(conn)
+                else:
+                    by_pool[id(pool)] = (pool, conn, [])
+                by_pool[id(pool)][2].append(i)
+            for _, conn, indexes in by_pool.values():
                 conn.send_packed_command([commands[i][1] for i in indexes])
+            for _, conn, indexes in by_pool.values():
                 for i in indexes:
                     try:
                         replies[i] = conn.read_response()
                     except ResponseError as exc:
                         replies[i] = exc
-            except BaseException:
+        except BaseException:
+            # Replies may still be on their way on any of them: never reuse those connections.
+            for _, conn, _ in by_pool.values():
                 conn.disconnect()
-                raise
-            finally:
+            raise
+        finally:
+            for pool, conn, _ in by_pool.values():
                 pool.release(conn)
+        if any(isinstance(r, AskError | TryAgainError | ClusterDownError) for r in replies):
+            raise _TopologyChangedError(next(r for r in replies if isinstance(r, ResponseError)))
         return replies
+
+    def _send_all(self, commands: list[tuple[str, bytes]]) -> list[Any]:
+        """:meth:`_send_once`, riding out lost connections (a Redis restart, a failover) and
+        cluster topology changes by sending everything again: every command sent this way is
+        idempotent (SADD, and claims, which are idempotent per batch)."""
+        for attempt in range(SEND_RETRIES + 1):
+            try:
+                return self._send_once(commands)
+            except (redis.ConnectionError, redis.TimeoutError, _TopologyChangedError) as exc:
+                if attempt == SEND_RETRIES:
+                    raise redis.ConnectionError(f"Redis unreachable: {exc}") from exc
+                log.warning("Redis: %s; sending the batch again", exc)
+                time.sleep(min(SEND_BACKOFF_CAP_S, 0.05 * 2**attempt))
+                self._refresh_topology()
+        raise AssertionError("unreachable")
 
     def claim(self, batch_id: str, keys: Keys) -> Mask:
         result = np.zeros(len(keys), dtype=bool)
@@ -383,9 +553,11 @@ class RedisKeyCache:
             return result
         frame, parts = self._grouped(keys)
         for attempt in range(2):
-            replies = self._send_all([self._packed_claim(batch_id, p) for p in parts])
+            epoch = self.alive_value
+            replies = self._send_all([self._packed_claim(batch_id, epoch, p) for p in parts])
             errors = [r for r in replies if isinstance(r, Exception)]
             if not errors:
+                self._remember_epoch(batch_id, epoch)
                 break
             if any(isinstance(e, NoScriptError) for e in errors) and attempt == 0:
                 self._load_scripts()  # Redis restarted and forgot the scripts
@@ -394,6 +566,11 @@ class RedisKeyCache:
                 if attempt == 0 and not self.needs_rebuild():
                     continue  # another consumer rebuilt the cache: claim in its new epoch
                 raise CacheLostError("the Redis key cache lost its data; rebuilding from events/")
+            expired = [e for e in errors if "ADEVENTS_EXPIRED" in str(e)]
+            if expired:
+                raise ExpiredSliceError(
+                    f"batch {batch_id}: {expired[0]} since it was validated; validating it again"
+                )
             raise errors[0]
         won = np.concatenate(
             [
@@ -434,6 +611,7 @@ class RedisKeyCache:
         for g in range(GROUPS):
             pipe.unlink(self._group_key(g, f"claim:{batch_id}"))
         pipe.execute()
+        self._remember_epoch(batch_id, None)
         self._expire(new_wm if new_wm >= 0 else None)
 
     def restore(self, batch_id: str, keys: Keys, max_event_time_ms: int | None) -> None:
@@ -444,6 +622,16 @@ class RedisKeyCache:
         cutoff = expired_before(watermark_ms, self.window_ms, self.slice_ms)
         if cutoff is None:
             return
+        if self._floor is None or cutoff > self._floor:
+            # Raise every group's floor before deleting anything: from then on, a claim that
+            # still reaches an expired slice (validated against an older watermark, or made
+            # again in the epoch of a rebuild that left those slices out) is refused instead of
+            # finding the slice empty and taking a copy of an expired event for a new one.
+            pipe = self.r.pipeline(transaction=False)
+            for g in range(GROUPS):
+                pipe.zadd(self._group_key(g, "floor"), {"f": cutoff}, gt=True)
+            pipe.execute()
+            self._floor = cutoff
         old = cast(list[bytes], self.r.zrangebyscore(self.slices_key, "-inf", f"({cutoff}"))
         if not old:
             return
@@ -456,12 +644,25 @@ class RedisKeyCache:
                 pipe.unlink(self._group_key(bucket % GROUPS, f"{sl}:{bucket}"))
             pipe.zrem(self.slices_key, sl_raw)
             pipe.hdel(self.bits_key, sl_raw)
-            self._bits.pop(sl, None)
         pipe.execute()
 
+    def expired_below(self) -> int | None:
+        """The lowest slice claims may still reach (slices below it were expired), if any."""
+        pipe = self.r.pipeline(transaction=False)
+        for g in range(GROUPS):
+            pipe.zscore(self._group_key(g, "floor"), "f")
+        floors = [int(f) for f in pipe.execute() if f is not None]
+        return max(floors, default=None)
+
+    def memory_used(self) -> int:
+        """Bytes of memory used, summed over every server that holds data."""
+        total = 0
+        for server in self._servers():
+            info = server.info("memory")
+            total += int(info.get("used_memory", 0)) if isinstance(info, dict) else 0
+        return total
+
     def stats(self) -> CacheStats:
-        info = self.r.info("memory")
-        used = info["used_memory"] if isinstance(info, dict) and "used_memory" in info else 0
         keys = 0
         for sl_raw, _ in self.r.zscan_iter(self.slices_key):
             sl = int(sl_raw)
@@ -470,7 +671,7 @@ class RedisKeyCache:
             for bucket in range(1 << bits):
                 pipe.scard(self._group_key(bucket % GROUPS, f"{sl}:{bucket}"))
             keys += sum(pipe.execute())
-        return CacheStats(keys=keys, bytes=int(used))
+        return CacheStats(keys=keys, bytes=self.memory_used())
 
     def close(self) -> None:
         self.r.close()
@@ -482,7 +683,7 @@ class RedisKeyCache:
             try:
                 self.r.ping()
                 return
-            except redis.ConnectionError as exc:
+            except (redis.ConnectionError, redis.exceptions.RedisClusterException) as exc:
                 if time.monotonic() > deadline:
                     raise ConnectionError(f"Redis is unreachable: {exc}") from exc
                 time.sleep(0.2)

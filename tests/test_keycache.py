@@ -62,8 +62,16 @@ _probes = itertools.count()
 
 
 def probe(cache: KeyCache, keys: Keys) -> np.ndarray:
-    """Which keys the cache holds (claims them under a throwaway batch, so call it last)."""
-    return ~cache.claim(f"probe-{next(_probes)}", keys)
+    """Which keys the cache holds (claims them under a throwaway batch, so call it last).
+
+    The Redis cache refuses claims below the slices it expired (ExpiredSliceError): keys there
+    are not held, and only the others are probed.
+    """
+    floor = cache.expired_below() if isinstance(cache, RedisKeyCache) else None
+    held = np.zeros(len(keys), dtype=bool)
+    live = np.ones(len(keys), dtype=bool) if floor is None else keys.slice >= floor
+    held[live] = ~cache.claim(f"probe-{next(_probes)}", keys.take(live))
+    return held
 
 
 @pytest.fixture(params=["embedded", "redis"])
@@ -683,7 +691,12 @@ def test_redis_consumer_follows_a_rebuild_by_another(redis_url: str, redis_prefi
 
 
 def test_redis_consumer_follows_an_expiry_by_another(redis_url: str, redis_prefix: str) -> None:
-    """A slice expired by consumer A and claimed again by B is registered again, so it expires."""
+    """A claim reaching a slice another consumer expired is refused, not taken for new.
+
+    B validated its batch just before A moved the watermark past slice 5: accepting the
+    straggler as new would store a second copy of an event whose key A just dropped. Refused,
+    the batch is validated again, against the new watermark (its slice-5 events are late now).
+    """
 
     def open_one() -> RedisKeyCache:
         return RedisKeyCache.from_url(
@@ -692,16 +705,22 @@ def test_redis_consumer_follows_an_expiry_by_another(redis_url: str, redis_prefi
 
     a, b = open_one(), open_one()
     a.rebuild(empty_keys(), None)
-    assert b.claim("b1", keys_in_slice(10, 5, seed=99)).all()
+    first = keys_in_slice(10, 5, seed=99)
+    assert b.claim("b1", first).all()
     b.finish("b1", 5_999)
     a.finish("a1", 16_000)  # slice 5 is late as a whole: A drops it
     assert a.stats().keys == 0
-    # A straggler for slice 5 (validated just before the watermark moved) reaches B.
-    assert b.claim("b2", keys_in_slice(10, 5, seed=100)).all()
+    assert b.expired_below() == 6
+    straggler = Keys.concat([first, keys_in_slice(10, 5, seed=100)])
+    with pytest.raises(redis_cache_module.ExpiredSliceError):
+        b.claim("b2", straggler)
+    assert isinstance(redis_cache_module.ExpiredSliceError("x"), CacheLostError)
     a.finish("a2", 16_000)
     client = redis.Redis.from_url(redis_url)
     assert not list(client.scan_iter(match=f"{redis_prefix}:{{g*}}:5:*"))
     client.close()
+    # Slices still in the window are claimed as before.
+    assert b.claim("b3", keys_in_slice(10, 7, seed=101)).all()
     a.close()
     b.close()
 

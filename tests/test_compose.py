@@ -1,0 +1,208 @@
+"""docker-compose.yml and the Dockerfile, checked without Docker: every command is a real command
+of this version, every variable one the settings know, and the image is slim and non-root."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.cli import COMMANDS, build_parser
+from pipeline.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = {"redis", "generator", "consumer", "api", "scheduler"}
+RESTART_POLICIES = {"always", "unless-stopped", "on-failure"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found = compose["services"]
+    assert isinstance(found, dict)
+    return found
+
+
+def app_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in services.items() if n != "redis"}
+
+
+def argv(command: str | list[str]) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+
+
+def check_adevents(args: list[str]) -> None:
+    """Parse ``adevents ARGS`` as the CLI of this version does; fail on anything unknown."""
+    assert args and args[0] in COMMANDS, f"no adevents subcommand {args[:1]}"
+    try:
+        parsed = build_parser().parse_args(args)
+    except SystemExit as exc:
+        pytest.fail(f"`adevents {shlex.join(args)}` does not parse (exit {exc.code})")
+    assert parsed.command == args[0]
+
+
+def check_litestar(args: list[str]) -> None:
+    """``litestar --app module:attribute run ...``: the app must exist."""
+    assert "--app" in args and "run" in args, args
+    module, _, attribute = args[args.index("--app") + 1].partition(":")
+    assert hasattr(importlib.import_module(module), attribute)
+
+
+def check_python_snippet(code: str) -> None:
+    """A ``python -c`` health check: it compiles, and what it imports from adevents exists."""
+    tree = ast.parse(code)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"{node.module}.{alias.name} does not exist"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                importlib.import_module(alias.name)
+
+
+def check_command(args: list[str]) -> None:
+    if args[0] == "adevents":
+        check_adevents(args[1:])
+    elif args[0] == "litestar":
+        check_litestar(args[1:])
+    elif args[0] == "python" and args[1] == "-c":
+        check_python_snippet(args[2])
+    else:
+        pytest.fail(f"not an adevents, litestar or python -c command: {args}")
+
+
+# -- compose -----------------------------------------------------------------------------------
+def test_the_services(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) == SERVICES
+    assert services["consumer"]["deploy"]["replicas"] == 2
+
+
+def test_every_service_has_a_health_check_and_a_restart_policy(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, service in services.items():
+        assert service.get("restart") in RESTART_POLICIES, name
+        test = service.get("healthcheck", {}).get("test")
+        assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
+
+
+def test_every_command_is_a_real_command_of_this_version(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    expected = {"generator": "generate", "consumer": "consume", "api": "serve"}
+    expected["scheduler"] = "scheduler"
+    for name, service in app_services(services).items():
+        args = argv(service["command"])
+        assert args[0] in ("adevents", "litestar"), name
+        check_command(args)
+        if args[0] == "adevents":
+            assert args[1] == expected[name], name
+    assert argv(services["redis"]["healthcheck"]["test"][1:])[:2] == ["redis-cli", "ping"]
+
+
+def test_health_checks_run_real_code(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in app_services(services).items():
+        test = service["healthcheck"]["test"]
+        args = argv(test[1]) if test[0] == "CMD-SHELL" else argv(test[1:])
+        check_command(args)
+        assert args != argv(service["command"]), f"{name}: a health check must not start one"
+
+
+def test_every_variable_is_a_known_setting_with_a_valid_value(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    known = {name for name, _, _ in Settings.describe()}
+    for name, service in app_services(services).items():
+        env = service.get("environment", {})
+        assert isinstance(env, dict), f"{name}: use the mapping form of environment"
+        unknown = set(env) - known
+        assert not unknown, f"{name} sets variables adevents does not read: {sorted(unknown)}"
+        settings = Settings.from_env({k: str(v) for k, v in env.items()})  # values parse
+        assert settings.data_dir == "/data"
+        assert settings.redis_url == "redis://redis:6379/0"
+
+
+def test_services_share_the_data_volume_and_wait_for_redis(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    assert "data" in compose["volumes"]
+    for name, service in app_services(services).items():
+        assert "data:/data" in service["volumes"], name
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+    # Redis as a key cache: never evicting, and restarting empty rather than half-restored.
+    redis_args = argv(services["redis"]["command"])
+    assert redis_args[redis_args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert redis_args[redis_args.index("--appendonly") + 1] == "no"
+    assert redis_args[redis_args.index("--save") + 1] == ""
+
+
+def test_api_is_published(services: dict[str, dict[str, Any]]) -> None:
+    args = argv(services["api"]["command"])
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    port = args[args.index("--port") + 1]
+    assert f"{port}:{port}" in services["api"]["ports"]
+    assert f":{port}/health" in " ".join(argv(services["api"]["healthcheck"]["test"][1:]))
+
+
+# -- Dockerfile --------------------------------------------------------------------------------
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    out = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            instruction, _, rest = line.partition(" ")
+            out.append((instruction.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_is_slim_and_non_root() -> None:
+    steps = dockerfile()
+    bases = [args for ins, args in steps if ins == "FROM"]
+    assert bases and all(re.match(r"python:3\.1[1-9][\w.-]*-slim", b.split()[0]) for b in bases)
+    users = [(i, args) for i, (ins, args) in enumerate(steps) if ins == "USER"]
+    assert users, "the image must not run as root"
+    last_user_at, user = users[-1]
+    assert user.split(":")[0] not in ("root", "0")
+    # Nothing runs as root after the switch, and the switch precedes the command.
+    assert all(ins != "RUN" for ins, _ in steps[last_user_at:])
+    assert last_user_at < max(i for i, (ins, _) in enumerate(steps) if ins == "CMD")
+
+
+def test_dockerfile_caches_dependencies_apart_from_the_code() -> None:
+    steps = dockerfile()
+    copies = [(i, args.split()) for i, (ins, args) in enumerate(steps) if ins == "COPY"]
+    pyproject_at = next(i for i, args in copies if "pyproject.toml" in args[:-1])
+    code_at = min(i for i, args in copies if {"pipeline", ".", "api"} & set(args[:-1]))
+    installs = [
+        i
+        for i, (ins, args) in enumerate(steps)
+        if ins == "RUN" and "pip install" in args and "--no-deps" not in args
+    ]
+    assert pyproject_at < code_at, "pyproject.toml must be copied before the code"
+    assert installs and pyproject_at < installs[0] < code_at, "dependencies install first"
+    code_installs = [
+        i for i, (ins, args) in enumerate(steps) if ins == "RUN" and "--no-deps" in args
+    ]
+    assert code_installs and code_installs[0] > code_at
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", "ad_event_data"} <= ignored
+    assert "pyproject.toml" not in ignored and "README.md" not in ignored  # the build needs them

@@ -1,0 +1,315 @@
+"""The Redis key cache and leases on a real 3-primary Redis Cluster started by the test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import redis
+from conftest import free_port
+
+from generator.runner import generate
+from pipeline.fingerprint import Keys, empty_keys
+from pipeline.leases import RedisLeases, process_space
+from pipeline.reconcile import reconcile
+from pipeline.redis_cache import GROUPS, RedisKeyCache
+from pipeline.settings import Settings
+from pipeline.spool import SpoolWriter, list_incoming
+from pipeline.testing import event_table
+
+
+@dataclass
+class Cluster:
+    ports: list[int]
+    procs: list[subprocess.Popen[bytes]]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def nodes(self) -> list[redis.Redis]:
+        return [redis.Redis(port=p) for p in self.ports]
+
+    def flush_all_primaries(self) -> None:
+        for node in self.nodes():
+            node.flushall()
+            node.close()
+
+
+def _wait_cluster_ok(ports: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        node = redis.Redis(port=port)
+        while node.cluster("info").get("cluster_state") != "ok":
+            assert time.monotonic() < deadline, f"cluster not ok on {port}"
+            time.sleep(0.1)
+        node.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three primaries, no replicas, on free ports (and free cluster-bus ports)."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.fail("redis-server and redis-cli must be on PATH to test Redis Cluster")
+    work = tmp_path_factory.mktemp("cluster")
+    ports, procs = [], []
+    try:
+        for _ in range(3):
+            port, bus = free_port(), free_port()
+            node_dir = work / str(port)
+            node_dir.mkdir()
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "redis-server",
+                        "--port",
+                        str(port),
+                        "--cluster-port",
+                        str(bus),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(node_dir / "nodes.conf"),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(node_dir),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            ports.append(port)
+        for port in ports:
+            node = redis.Redis(port=port)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    node.ping()
+                    break
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline, f"redis-server on {port} did not start"
+                    time.sleep(0.05)
+            node.close()
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{p}" for p in ports],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        _wait_cluster_ok(ports)
+        yield Cluster(ports, procs)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _cache(cluster: Cluster, prefix: str, **kw: float) -> RedisKeyCache:
+    return RedisKeyCache.from_url(
+        cluster.url, prefix=prefix, window_ms=3_600_000, slice_ms=1_000, **kw
+    )
+
+
+def _random_keys(n: int, first_slice: int, seed: int) -> Keys:
+    rng = np.random.default_rng(seed)
+    ms = first_slice * 1_000 + rng.integers(0, 20_000, n)
+    hi = rng.integers(0, 2**64, n, dtype=np.uint64)
+    lo = rng.integers(0, 2**64, n, dtype=np.uint64)
+    return Keys(ms // 1_000, hi, lo, ms)
+
+
+def _consume(data: Path, url: str, prefix: str, *extra: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADEVENTS_")}
+    env |= {
+        "DATA_DIR": str(data),
+        "REDIS_URL": url,
+        "REDIS_KEY_PREFIX": prefix,
+        "FSYNC": "false",
+        "MAX_EVENTS_PER_SECOND": "0",
+        "LEASE_TIMEOUT": "3s",
+        "REBUILD_GRACE": "100ms",
+        "LOG_LEVEL": "WARNING",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "consume", "--once", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> str:
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err, err.decode()
+    return err.decode()
+
+
+def _spool(data: Path, truth: Path, events: int, seed: int) -> None:
+    settings = Settings.from_env({}, data_dir=str(data), dup_rate=0.02)
+    generate(settings, events=events, rate=0, batch_size=5_000, seed=seed, truth=truth)
+
+
+# -- the key layout on a cluster ------------------------------------------------------------
+def test_keys_spread_over_every_primary_and_each_operation_stays_in_one_slot(
+    cluster: Cluster,
+) -> None:
+    cache = _cache(cluster, "layout")
+    cache.rebuild(empty_keys(), None)
+    keys = _random_keys(50_000, 100, seed=1)
+    assert cache.claim("b1", keys).all()  # one EVALSHA per group: alive, record, floor, sets
+    assert cache.claim("b1", keys).all()  # idempotent per batch
+    assert not cache.claim("b2", keys).any()
+    cache.finish("b1", 119_999)
+    cache.finish("b2", 119_999)
+    assert cache.stats().keys == 50_000
+    per_node = [
+        sum(1 for _ in n.scan_iter(match="layout:{g*", count=1000)) for n in cluster.nodes()
+    ]
+    assert all(count > 0 for count in per_node), per_node  # 16 group tags over 3 primaries
+    # The claim records of a finished batch are gone from every slot.
+    for node in cluster.nodes():
+        assert not list(node.scan_iter(match="layout:{g*}:claim:*"))
+    cache.close()
+
+
+def test_scripts_are_loaded_on_every_primary_and_reloaded_after_a_flush(cluster: Cluster) -> None:
+    cache = _cache(cluster, "scripts")
+    cache.rebuild(empty_keys(), None)
+    for node in cluster.nodes():
+        assert node.script_exists(cache._claim_sha, cache._wm_sha) == [True, True]
+        node.script_flush()
+    assert cache.claim("s1", _random_keys(1_000, 10, seed=2)).all()
+    cache.finish("s1", 30_000)
+    assert cache.watermark() == 30_000
+    cache.close()
+
+
+def test_rebuild_scans_and_unlinks_on_every_primary(cluster: Cluster) -> None:
+    cache = _cache(cluster, "rb")
+    cache.rebuild(empty_keys(), None)
+    assert cache.claim("old", _random_keys(20_000, 500, seed=3)).all()
+    client = redis.RedisCluster.from_url(f"redis://127.0.0.1:{cluster.ports[0]}")
+    for g in range(GROUPS):  # strays in every group's slot, so on every primary
+        client.set(f"rb:{{g{g}}}:stray", "x")
+    fresh = _random_keys(5_000, 600, seed=4)
+    cache.rebuild(fresh, 619_999)
+    for node in cluster.nodes():
+        assert not list(node.scan_iter(match="rb:{g*}:stray"))
+        assert not list(node.scan_iter(match="rb:{g*}:claim:*"))
+        assert not list(node.scan_iter(match="rb:{g*}:5[01][0-9]:*"))  # the old slices
+    assert cache.stats().keys == 5_000
+    assert not cache.claim("again", fresh).any()
+    client.close()
+    cache.close()
+
+
+# -- leases --------------------------------------------------------------------------------
+def test_leases_on_a_cluster(cluster: Cluster) -> None:
+    client = redis.RedisCluster.from_url(f"redis://127.0.0.1:{cluster.ports[0]}")
+    a = RedisLeases(client, prefix="lz", owner="a", timeout_s=0.6)
+    b = RedisLeases(client, prefix="lz", owner="b", timeout_s=0.6)
+    lease = a.acquire("f1.arrow")
+    assert lease is not None and a.held(lease)
+    assert b.acquire("f1.arrow") is None  # exclusive
+    time.sleep(1.5)  # well past the timeout: the heartbeat keeps it
+    assert a.held(lease) and b.acquire("f1.arrow") is None
+    a.release(lease)
+    assert not a.held(lease)
+    taken = b.acquire("f1.arrow")
+    assert taken is not None
+    b.release(taken)
+    # A holder elsewhere that stopped renewing: its lease expires, then it can be taken.
+    client.set("lz:{l}:f2.arrow", "elsewhere@1|1|gone|x", px=500)
+    assert b.acquire("f2.arrow") is None
+    time.sleep(0.7)
+    assert b.acquire("f2.arrow") is not None
+    # A holder of this host that died: taken over at once.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client.set("lz:{l}:f3.arrow", f"{process_space()}|{dead.pid}|gone|x", px=60_000)
+    assert b.acquire("f3.arrow") is not None
+    a.close()
+    b.close()
+    client.close()
+
+
+# -- consumers on a cluster ---------------------------------------------------------------
+def test_two_consumers_land_a_spool_with_duplicates_exactly_once(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    data, truth = tmp_path / "data", tmp_path / "truth.parquet"
+    _spool(data, truth, 300_000, seed=11)
+    procs = [_consume(data, cluster.url, "two") for _ in range(2)]
+    for proc in procs:
+        _finish(proc)
+    result = reconcile(data, truth)
+    assert result.stored == result.truth_distinct_valid and result.expected_duplicates > 0
+    ledger = pl.read_parquet(sorted((data / "ledger").rglob("*.parquet")))
+    assert ledger["source_file"].is_unique().all()
+    assert ledger["consumer"].n_unique() == 2  # both took files
+
+
+def test_flush_of_every_primary_triggers_a_rebuild(cluster: Cluster, tmp_path: Path) -> None:
+    data, truth = tmp_path / "data", tmp_path / "truth.parquet"
+    _spool(data, truth, 100_000, seed=12)
+    _finish(_consume(data, cluster.url, "fl"))
+    reconcile(data, truth)
+    cluster.flush_all_primaries()
+    # Re-sends of stored events (with their event_time, as the contract says) and new ones.
+    stored = pl.read_parquet(sorted((data / "events").rglob("*.parquet")))
+    again = stored.sample(2_000, seed=1).sort("event_time")
+    ids = again["event_id"].to_list() + [f"after-flush-{i}" for i in range(1_000)]
+    times = again["event_time"].dt.epoch("ms").to_list() + [int(time.time() * 1000) - 1_000] * 1_000
+    path = SpoolWriter(data / "incoming", "resend").write(event_table(ids, time_ms=times))
+    err = _finish(_consume(data, cluster.url, "fl"))
+    assert "rebuilding it from events/" in err
+    assert not list_incoming(data / "incoming")
+    ledger = pl.read_parquet(sorted((data / "ledger").rglob("*.parquet")))
+    row = ledger.row(by_predicate=pl.col("source_file") == path.name, named=True)
+    assert (row["accepted"], row["duplicates"]) == (1_000, 2_000)
+    events = pl.read_parquet(sorted((data / "events").rglob("*.parquet")), columns=["event_id"])
+    assert events["event_id"].is_unique().all()
+    assert len(events) == len(stored) + 1_000
+    cache = _cache(cluster, "fl")
+    assert not cache.needs_rebuild()
+    cache.close()
+
+
+def test_killed_consumer_on_a_cluster_is_taken_over(cluster: Cluster, tmp_path: Path) -> None:
+    """kill -9 mid-run; a second consumer finishes the spool and the lake reconciles."""
+    data, truth = tmp_path / "data", tmp_path / "truth.parquet"
+    _spool(data, truth, 200_000, seed=13)
+    first = _consume(data, cluster.url, "kill", "--max-events-per-second", "50000")
+    deadline = time.monotonic() + 60
+    while not list((data / "ledger").rglob("*.parquet")):
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    _finish(_consume(data, cluster.url, "kill"))
+    result = reconcile(data, truth)
+    assert result.stored == result.truth_distinct_valid
