@@ -180,9 +180,8 @@ def measure_naive(
             pq.write_table(pa.Table.from_pylist(out_rows), os.devnull, compression="zstd")
         elapsed = time.perf_counter() - started
     finally:
-        for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
-            client.unlink(key)
         client.close()
+        _drop_prefix(url, prefix)
     return seen, seen / elapsed if elapsed > 0 else 0.0
 
 

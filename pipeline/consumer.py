@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -84,8 +84,6 @@ class Totals:
     duplicates: int = 0
     quarantined: int = 0
     bad_files: int = 0
-    seconds: float = 0.0
-    by_reason: dict[str, int] = field(default_factory=dict)
 
     def add(self, row: dict[str, Any]) -> None:
         self.files += 1
@@ -94,9 +92,6 @@ class Totals:
         self.duplicates += row["duplicates"]
         self.quarantined += row["quarantined"]
         self.bad_files += row["status"] != "ok"
-        self.seconds += row["processing_ms"] / 1000
-        for r in REASONS:
-            self.by_reason[r] = self.by_reason.get(r, 0) + row[f"quarantined_{r}"]
 
     def line(self, wall_seconds: float) -> str:
         rate = self.rows_in / wall_seconds if wall_seconds > 0 else 0.0

@@ -675,15 +675,3 @@ class RedisKeyCache:
 
     def close(self) -> None:
         self.r.close()
-
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Block until Redis answers PING (a clear error after ``timeout_s``)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.r.ping()
-                return
-            except (redis.ConnectionError, redis.exceptions.RedisClusterException) as exc:
-                if time.monotonic() > deadline:
-                    raise ConnectionError(f"Redis is unreachable: {exc}") from exc
-                time.sleep(0.2)
