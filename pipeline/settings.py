@@ -314,6 +314,12 @@ class IngestSettings:
         _positive_int,
         "events waiting in incoming/ above which POST /ad_events answers 429 (disk guard)",
     )
+    ingest_max_json_depth: int = _setting(
+        16, _positive_int, "deepest JSON nesting POST /ad_events decodes (400 above)"
+    )
+    ingest_max_events_per_request: int = _setting(
+        100_000, _positive_int, "most events one POST /ad_events request may carry (413 above)"
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> IngestSettings:
@@ -363,6 +369,22 @@ class Settings:
     keep_processed: bool = _setting(False, _bool, "keep committed input files under processed/")
     poll_interval: float = _setting(0.05, _positive_duration, "idle consumer's spool poll period")
     consumer_name: str = _setting("", str, "name of this consumer in the ledger (default host-pid)")
+    disk_min_free: int = _setting(
+        1024**3,
+        parse_size,
+        "free space DATA_DIR's disk must keep: below it /health is 503, the ingest answers 503 "
+        "and the consumer pauses (e.g. 1GiB; 0 = no check)",
+    )
+    retry_max_delay: float = _setting(
+        30.0,
+        _positive_duration,
+        "longest wait between retries of a transient fault (Redis, disk, lake)",
+    )
+    once_retry_timeout: float = _setting(
+        60.0,
+        _positive_duration,
+        "with --once, give up on a transient fault after this long and exit non-zero",
+    )
     #: The scheduled jobs' settings (their own subsystem, read from the same environment).
     jobs: JobSettings = field(default_factory=JobSettings)
     #: The HTTP ingest's settings (``POST /ad_events``).

@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     "keep_processed": False,
     "poll_interval": 0.05,
     "consumer_name": "",
+    "disk_min_free": 1024**3,
+    "retry_max_delay": 30.0,
+    "once_retry_timeout": 60.0,
 }
 
 
@@ -169,6 +172,10 @@ ENV_CASES: list[tuple[str, str, Any]] = [
     ("KEEP_PROCESSED", " on ", True),
     ("POLL_INTERVAL", "5ms", 0.005),
     ("CONSUMER_NAME", "consumer-a", "consumer-a"),
+    ("DISK_MIN_FREE", "512MiB", 512 * 1024**2),
+    ("DISK_MIN_FREE", "0", 0),
+    ("RETRY_MAX_DELAY", "5s", 5.0),
+    ("ONCE_RETRY_TIMEOUT", "2m", 120.0),
 ]
 
 

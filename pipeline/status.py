@@ -1,0 +1,98 @@
+"""A consumer's live state (running, or retrying a transient fault), for /health and /metrics.
+
+The consumer and the API are separate processes, so the consumer publishes its state as one
+small JSON file per consumer under ``state/consumers/``: rewritten atomically on every change of
+state and at least every :data:`HEARTBEAT_SECONDS` while it runs. Writing is best effort (a full
+disk is one of the faults reported), so a reader treats a file older than :data:`STALE_SECONDS`
+as a consumer that is gone, not as one that is healthy.
+
+``detail`` may name hosts or paths: it is for the log and for authenticated readers only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+#: A running consumer rewrites its file at least this often.
+HEARTBEAT_SECONDS: Final = 5.0
+#: A file not rewritten for this long belongs to a consumer that stopped or died.
+STALE_SECONDS: Final = 3 * HEARTBEAT_SECONDS
+
+State = Literal["running", "retrying", "stopped"]
+#: The transient faults a consumer waits out, as shown in /health and /metrics.
+FAULTS: Final = (
+    "redis_unavailable",  # Redis does not answer (down, restarting, network)
+    "redis_lost",  # Redis answered but lost the key cache; a rebuild is under way or failed
+    "disk_full",  # DATA_DIR's disk is below DISK_MIN_FREE or a write failed with ENOSPC
+    "lake_unavailable",  # the lake (S3 or its filesystem) refused or timed out
+)
+
+
+@dataclass(frozen=True)
+class ConsumerStatus:
+    """One consumer's state at ``updated_at`` (epoch seconds)."""
+
+    name: str
+    pid: int
+    state: State
+    fault: str | None = None
+    detail: str | None = None
+    #: When the current state (and fault) began, epoch seconds.
+    since: float = 0.0
+    #: Retries of the current fault so far.
+    attempts: int = 0
+    #: When the next retry is due, epoch seconds (None when not retrying).
+    next_retry_at: float | None = None
+    updated_at: float = 0.0
+
+    def is_stale(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return now - self.updated_at > STALE_SECONDS
+
+
+def status_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / "consumers"
+
+
+def _file_name(name: str) -> str:
+    # Consumer names come from settings and may hold any character: keep the file name safe.
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:100]
+    return f"{safe or 'consumer'}.json"
+
+
+def write_status(state_dir: Path, status: ConsumerStatus) -> bool:
+    """Publish ``status``; False (never an exception) when it could not be written."""
+    directory = status_dir(state_dir)
+    target = directory / _file_name(status.name)
+    tmp = directory / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(asdict(status)))
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def read_statuses(state_dir: Path) -> list[ConsumerStatus]:
+    """Every consumer's last published status (stale ones included; see ``is_stale``)."""
+    out: list[ConsumerStatus] = []
+    try:
+        entries = sorted(status_dir(state_dir).glob("*.json"))
+    except OSError:
+        return out
+    for path in entries:
+        try:
+            raw = json.loads(path.read_text())
+            out.append(ConsumerStatus(**raw))
+        except (OSError, ValueError, TypeError):
+            continue  # a file being replaced, or not ours: skip it
+    return out
