@@ -35,6 +35,12 @@ KEY_COLUMN: Final = "event_id"
 EVENT_TYPES: Final = ("impression", "click", "conversion")
 DEVICE_TYPES: Final = ("mobile", "desktop", "tablet", "ctv", "other")
 MAX_EVENT_ID_BYTES: Final = 128
+#: Longest campaign_id, ad_id, publisher_id and user_id in bytes of UTF-8 (``field_too_long``
+#: above): ids are keys for joins, sorting and the dashboard, and one 150 KB value would bloat
+#: every row group and answer it lands in.
+MAX_ID_BYTES: Final = 256
+#: The columns MAX_ID_BYTES applies to.
+ID_COLUMNS: Final = ("campaign_id", "ad_id", "publisher_id", "user_id")
 #: An event this far ahead of the consumer's clock is quarantined as ``future_event``.
 MAX_FUTURE_MS: Final = 5 * 60 * 1000
 
@@ -43,6 +49,7 @@ REASONS: Final = (
     "invalid_event_id",
     "invalid_event_type",
     "missing_field",
+    "field_too_long",
     "invalid_money",
     "invalid_country",
     "invalid_device_type",

@@ -7,8 +7,10 @@ import polars as pl
 from pipeline.schema import (
     DEVICE_TYPES,
     EVENT_TYPES,
+    ID_COLUMNS,
     MAX_EVENT_ID_BYTES,
     MAX_FUTURE_MS,
+    MAX_ID_BYTES,
     MONEY_COLUMNS,
     TIME_COLUMN,
 )
@@ -34,6 +36,8 @@ def reason_expr(*, now_ms: int, watermark_ms: int | None, window_ms: int) -> pl.
         else time_ms < pl.lit(watermark_ms - window_ms, pl.Int64)
     )
     missing = pl.any_horizontal(pl.col(TIME_COLUMN).is_null(), *[_blank(c) for c in _REQUIRED_TEXT])
+    # len_bytes is O(1) per row on Arrow strings, so this costs nothing on the happy path.
+    too_long = pl.any_horizontal([pl.col(c).str.len_bytes() > MAX_ID_BYTES for c in ID_COLUMNS])
     money_bad = pl.any_horizontal([pl.col(c).is_null() | (pl.col(c) < 0) for c in MONEY_COLUMNS])
     return (
         pl.when(pl.col("event_id").is_null() | ~event_id_len.is_between(1, MAX_EVENT_ID_BYTES))
@@ -42,6 +46,8 @@ def reason_expr(*, now_ms: int, watermark_ms: int | None, window_ms: int) -> pl.
         .then(pl.lit("invalid_event_type"))
         .when(missing)
         .then(pl.lit("missing_field"))
+        .when(too_long.fill_null(False))
+        .then(pl.lit("field_too_long"))
         .when(money_bad)
         .then(pl.lit("invalid_money"))
         .when(pl.col("country").is_not_null() & ~pl.col("country").str.contains(r"^[A-Z]{2}$"))

@@ -109,6 +109,9 @@ class Table:
     #: A path, once published, always holds the same bytes (never rewritten in place), so an
     #: answer over the same files is the same answer.
     immutable: bool = False
+    #: Columns are added over time (a new reason code adds a ``quarantined_<reason>`` ledger
+    #: column): files are read by column name, and a column an older file lacks reads as null.
+    grows: bool = False
 
     @property
     def single_file(self) -> bool:
@@ -146,7 +149,15 @@ for _table in (
         exclude=frozenset({"files"}),
         immutable=True,
     ),
-    Table("ledger", "ledger", LEDGER_SCHEMA, (("date", "DATE"),), "committed_at", immutable=True),
+    Table(
+        "ledger",
+        "ledger",
+        LEDGER_SCHEMA,
+        (("date", "DATE"),),
+        "committed_at",
+        immutable=True,
+        grows=True,
+    ),
     Table("campaigns", "dimensions/campaigns.parquet", CAMPAIGN_SCHEMA),
     # Written by pipeline/jobs/rollup.py: one file per hour (minute) or per date (hour, day).
     Table("rollups_minute", "rollups/minute", ROLLUP_SCHEMA, _DATE_HOUR, "bucket"),
@@ -189,10 +200,16 @@ def empty_relation(table: Table) -> str:
 
 def reader(table: Table, files: str) -> str:
     """``read_parquet`` over ``files`` (a ``$parameter`` or a list literal) for ``table``."""
-    if not table.partitions:
-        return f"read_parquet({files})"
-    types = ", ".join(f"{quote_literal(k)}: {t}" for k, t in table.partitions)
-    return f"read_parquet({files}, hive_partitioning = true, hive_types = {{{types}}})"
+    options = ", union_by_name = true" if table.grows else ""
+    if table.partitions:
+        types = ", ".join(f"{quote_literal(k)}: {t}" for k, t in table.partitions)
+        options += f", hive_partitioning = true, hive_types = {{{types}}}"
+    relation = f"read_parquet({files}{options})"
+    if not table.grows:
+        return relation
+    # union_by_name only knows the columns some file has: a union with the empty relation
+    # adds the ones no listed file has yet (all files older than a new column), as nulls.
+    return f"(SELECT * FROM {empty_relation(table)} UNION ALL BY NAME SELECT * FROM {relation})"
 
 
 @dataclass(frozen=True)

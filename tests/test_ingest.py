@@ -25,7 +25,14 @@ from api.ingest_testing import arrow_body, body_of, json_rows
 from generator import model
 from pipeline.consumer import Consumer
 from pipeline.factory import make_key_cache
-from pipeline.schema import EVENT_SCHEMA, LEDGER_SCHEMA, QUARANTINE_SCHEMA, REASONS, Layout
+from pipeline.schema import (
+    EVENT_SCHEMA,
+    LEDGER_SCHEMA,
+    MAX_ID_BYTES,
+    QUARANTINE_SCHEMA,
+    REASONS,
+    Layout,
+)
 from pipeline.settings import Settings, SettingsError
 from pipeline.spool import SpoolWriter, list_incoming
 from pipeline.testing import event_table
@@ -168,17 +175,17 @@ def test_json_event_time_forms(client: TestClient[Litestar], data_dir: Path) -> 
 def one_row_per_reason() -> tuple[pa.Table, list[tuple[int, str]]]:
     """A valid row, then a row failing each rule the endpoint checks, then a valid one."""
     future = NOW_MS + 3_600_000
-    ids = ["ok-1", "", "x", "m", "n", "c", "d", "f", "ok-2"]
+    ids = ["ok-1", "", "x", "m", "L", "n", "c", "d", "f", "ok-2"]
     table = event_table(
         ids,
-        time_ms=[NOW_MS] * 7 + [future, NOW_MS],
-        event_type=["click", "click", "view", *["click"] * 6],
-        ad_id=["a", "a", "a", "", *["a"] * 5],
-        cost_micros=[1, 1, 1, 1, -1, 1, 1, 1, 1],
-        country=["US", "US", "US", "US", "US", "usa", "US", "US", "US"],
-        device_type=["ctv", "ctv", "ctv", "ctv", "ctv", "ctv", "phone", "ctv", "ctv"],
+        time_ms=[NOW_MS] * 8 + [future, NOW_MS],
+        event_type=["click", "click", "view", *["click"] * 7],
+        ad_id=["a", "a", "a", "", "a" * (MAX_ID_BYTES + 1), *["a"] * 5],
+        cost_micros=[1, 1, 1, 1, 1, -1, 1, 1, 1, 1],
+        country=["US", "US", "US", "US", "US", "US", "usa", "US", "US", "US"],
+        device_type=["ctv", "ctv", "ctv", "ctv", "ctv", "ctv", "ctv", "phone", "ctv", "ctv"],
     )
-    expected = list(enumerate(REASONS[:7], start=1))
+    expected = list(enumerate(REASONS[:8], start=1))
     return table, expected
 
 
@@ -190,20 +197,20 @@ def test_rejected_rows_are_reported_and_quarantined(
     r = post(client, body_of(table, media), media)
     assert r.status_code == 202, r.text
     answer = r.json()
-    assert answer["received"] == 9 and answer["accepted"] == 2
+    assert answer["received"] == 10 and answer["accepted"] == 2
     assert [(x["index"], x["reason"]) for x in answer["rejected"]] == expected
     assert spooled(data_dir).column("event_id").to_pylist() == ["ok-1", "ok-2"]
     q = quarantined(data_dir)
     assert q.schema == QUARANTINE_SCHEMA
     assert q["reason"].to_list() == [reason for _, reason in expected]
-    assert q["event_id"].to_list() == table.column("event_id").to_pylist()[1:8]
-    assert q["cost_micros"].to_list()[3] == -1  # the values as received
+    assert q["event_id"].to_list() == table.column("event_id").to_pylist()[1:9]
+    assert q["cost_micros"].to_list()[4] == -1  # the values as received
     assert q["source_file"][0].endswith(".http") and q["batch_id"][0].endswith("-rejected")
     # rows_in = accepted + duplicates + quarantined stays true over the whole ledger.
     led = ledger(data_dir)
     assert led.schema == LEDGER_SCHEMA
     row = led.row(0, named=True)
-    assert (row["rows_in"], row["quarantined"], row["accepted"]) == (7, 7, 0)
+    assert (row["rows_in"], row["quarantined"], row["accepted"]) == (8, 8, 0)
     assert all(row[f"quarantined_{reason}"] == 1 for _, reason in expected)
 
 
@@ -292,9 +299,7 @@ def test_generator_invalid_rows_get_the_consumers_reasons(tmp_path: Path) -> Non
         )
     assert lakes[0] == lakes[1]
     assert len(lakes[0][1]) > 500  # the batch really had malformed rows of each kind
-    assert {r for _, r in lakes[0][1]} == {
-        r for r in REASONS if r not in ("future_event", "late_event")
-    }
+    assert {r for _, r in lakes[0][1]} == set(model.ROW_REASONS)
 
 
 # -- bad input: 400, 413, 415, never 500 -----------------------------------------------------------

@@ -23,7 +23,8 @@ from pipeline.jobs.alerts import Alert, save_alerts
 from pipeline.jobs.compact import CompactConfig
 from pipeline.jobs.compact import compact as compact_lake
 from pipeline.jobs.rollup import run_rollup
-from pipeline.schema import Layout
+from pipeline.jobs.storage import read_ledger
+from pipeline.schema import LEDGER_SCHEMA, Layout
 from pipeline.settings import Settings
 from pipeline.spool import SpoolWriter
 from pipeline.testing import event_table
@@ -496,9 +497,17 @@ def test_a_reader_loops_exactly_while_compaction_swaps(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=reader)
     thread.start()
-    config = CompactConfig(
-        target_rows=150, min_age_s=0, durable=False, on_step=lambda _: time.sleep(0.005)
-    )
+
+    def hold(_: object) -> None:
+        # Hold each compaction phase open until the reader has done a whole read inside it,
+        # however slow the machine is (the second read started after the phase began).
+        seen = exact[0]
+        deadline = time.monotonic() + 30
+        while exact[0] < seen + 2 and not errors and thread.is_alive():
+            assert time.monotonic() < deadline, "the reader made no progress"
+            time.sleep(0.001)
+
+    config = CompactConfig(target_rows=150, min_age_s=0, durable=False, on_step=hold)
     try:
         for batches in rounds:
             window[1] = window[0] + 25 * len(batches)
@@ -550,6 +559,36 @@ def test_remembered_listings_never_hide_a_new_file(tmp_path: Path) -> None:
 
 
 # -- ledger ------------------------------------------------------------------------------------
+def _as_old_ledger(path: Path, dropped: str = "quarantined_field_too_long") -> None:
+    """Rewrite a ledger file as a version before ``dropped`` was a column wrote it."""
+    pl.read_parquet(path, hive_partitioning=False).drop(dropped).write_parquet(path)
+
+
+@pytest.mark.parametrize("all_old", [True, False], ids=["only-old-files", "old-and-new"])
+def test_ledger_files_from_before_a_new_reason_code_still_read(
+    tmp_path: Path, all_old: bool
+) -> None:
+    """A reason code adds a ``quarantined_<reason>`` ledger column; older files lack it and
+    every reader (counters, dashboard, ad-hoc SQL, the jobs' reader) takes them as null."""
+    settings = Settings.from_env({}, data_dir=str(tmp_path), fsync="false")
+    land(settings, event_table(["a", "b"], time_ms=NOW_MS, country=["US", "usa"]))
+    for path in (tmp_path / "ledger").rglob("*.parquet"):
+        _as_old_ledger(path)
+    if not all_old:
+        land(settings, event_table(["c", "d"], time_ms=NOW_MS, campaign_id=["c", "x" * 300]))
+    lake = Lake(tmp_path)
+    totals = ops.LedgerCounter(lake).update()
+    assert totals.quarantined_by_reason["invalid_country"] == 1
+    assert totals.quarantined_by_reason["field_too_long"] == (0 if all_old else 1)
+    view = ops.overview(lake, int(time.time() * 1000))
+    assert view.rows_in == (2 if all_old else 4)
+    _, rows = lake.sql("SELECT sum(quarantined_field_too_long), count(*) FROM ledger")
+    assert rows == [(None if all_old else 1, 1 if all_old else 2)]
+    files = sorted((tmp_path / "ledger").rglob("*.parquet"))
+    frame = read_ledger(files)
+    assert frame.schema == LEDGER_SCHEMA and len(frame) == len(files)
+
+
 def test_ledger_totals_grow_with_each_new_batch(tmp_path: Path) -> None:
     settings = Settings.from_env({}, data_dir=str(tmp_path), fsync="false")
     lake = Lake(tmp_path)

@@ -12,7 +12,9 @@ import pytest
 from pipeline.schema import (
     DEVICE_TYPES,
     EVENT_TYPES,
+    ID_COLUMNS,
     MAX_FUTURE_MS,
+    MAX_ID_BYTES,
     MONEY_COLUMNS,
     POLARS_EVENT_SCHEMA,
     REASONS,
@@ -152,7 +154,7 @@ def test_required_text_null_or_empty_is_missing(name: str, value: str | None) ->
 
 
 @pytest.mark.parametrize("name", ["campaign_id", "ad_id", "publisher_id"])
-@pytest.mark.parametrize("value", [" ", "x", "0", "a" * 1_000])
+@pytest.mark.parametrize("value", [" ", "x", "0", "a" * MAX_ID_BYTES])
 def test_required_text_any_non_empty_value_is_present(name: str, value: str) -> None:
     assert _reason(_row(**{name: value})) is None
 
@@ -173,6 +175,45 @@ def test_optional_columns_are_not_required(name: str) -> None:
 
 def test_empty_user_id_is_accepted() -> None:
     assert _reason(_row(user_id="")) is None
+
+
+# --- field_too_long -----------------------------------------------------------------------------
+
+ID_LENGTH_CASES = [
+    ("a" * MAX_ID_BYTES, None),
+    ("a" * (MAX_ID_BYTES + 1), "field_too_long"),
+    # Bytes of UTF-8, not characters: 64 four-byte emoji are exactly the limit.
+    ("😀" * (MAX_ID_BYTES // 4), None),
+    ("😀" * (MAX_ID_BYTES // 4) + "a", "field_too_long"),
+    ("é" * (MAX_ID_BYTES // 2 + 1), "field_too_long"),
+    ("a" * 150_000, "field_too_long"),
+]
+
+
+def test_max_id_bytes_is_the_contracts() -> None:
+    assert MAX_ID_BYTES == 256
+    assert ID_COLUMNS == ("campaign_id", "ad_id", "publisher_id", "user_id")
+
+
+@pytest.mark.parametrize("name", ID_COLUMNS)
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    ID_LENGTH_CASES,
+    ids=[f"{len(v.encode())}B-{'ok' if r is None else 'bad'}" for v, r in ID_LENGTH_CASES],
+)
+def test_ids_are_at_most_max_id_bytes(name: str, value: str, reason: str | None) -> None:
+    assert _reason(_row(**{name: value})) == reason
+
+
+def test_a_long_id_in_a_row_with_nulls_is_still_too_long() -> None:
+    """Null optional columns must not hide a long required one (Kleene logic in any_horizontal)."""
+    row = _row(user_id=None, device_type=None, country=None, ad_id="a" * (MAX_ID_BYTES + 1))
+    assert _reason(row) == "field_too_long"
+
+
+def test_device_type_and_country_have_their_own_rules_not_the_id_limit() -> None:
+    assert _reason(_row(device_type="x" * 1_000)) == "invalid_device_type"
+    assert _reason(_row(country="X" * 1_000)) == "invalid_country"
 
 
 # --- invalid_money ------------------------------------------------------------------------------
@@ -288,6 +329,7 @@ BREAKERS: dict[str, dict[str, Any]] = {
     "invalid_event_id": {"event_id": ""},
     "invalid_event_type": {"event_type": "Click"},
     "missing_field": {"publisher_id": ""},
+    "field_too_long": {"user_id": "u" * (MAX_ID_BYTES + 1)},
     "invalid_money": {"cost_micros": -1},
     "invalid_country": {"country": "us"},
     "invalid_device_type": {"device_type": "Mobile"},
@@ -301,6 +343,7 @@ def test_reason_codes_are_the_contracts() -> None:
         "invalid_event_id",
         "invalid_event_type",
         "missing_field",
+        "field_too_long",
         "invalid_money",
         "invalid_country",
         "invalid_device_type",

@@ -215,7 +215,18 @@ def read_ledger(paths: list[Path], columns: list[str] | None = None) -> pl.DataF
         chunk = [p for p in paths[i : i + 4096] if p.exists()]
         if chunk:
             frames.append(
-                pl.scan_parquet(chunk, hive_partitioning=False).select(cols).collect().cast(schema)
+                # Ledger files written before a reason code was added lack its column: read
+                # them as null rather than failing on the older files.
+                pl.scan_parquet(
+                    chunk,
+                    hive_partitioning=False,
+                    schema=LEDGER_SCHEMA,
+                    missing_columns="insert",
+                    extra_columns="ignore",
+                )
+                .select(cols)
+                .collect()
+                .cast(schema)
             )
     return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
 
