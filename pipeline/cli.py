@@ -50,18 +50,23 @@ def _consume_configure(parser: argparse.ArgumentParser) -> None:
 def _consume_run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.consumer import ConsumerLockedError
     from pipeline.factory import make_consumer
+    from pipeline.retry import GaveUpError
 
     stop = _stop_on_signals()
-    consumer = make_consumer(settings)
+    consumer = make_consumer(settings)  # connects lazily: Redis may be down at this point
     try:
-        consumer.start()
+        consumer.start(resume=False)  # run() resumes, waiting out Redis or the disk if need be
     except ConsumerLockedError as exc:
         print(f"adevents consume: {exc}", file=sys.stderr)
         consumer.cache.close()
         return 2
     started = time.perf_counter()
     try:
-        totals = consumer.run(once=args.once, stop=stop)
+        try:
+            totals = consumer.run(once=args.once, stop=stop)
+        except GaveUpError as exc:
+            print(f"adevents consume: {exc}", file=sys.stderr)
+            return 1
         cache = consumer.cache.stats() if args.stats else None
         stats = (
             {}

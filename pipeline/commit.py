@@ -17,6 +17,7 @@ directory to ``.committed`` at that moment either wins (its batch stays whole) o
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -66,6 +67,10 @@ class StagedBatch:
     def committed_dir(self) -> Path:
         return self.root / "staging" / f"{self.batch_id}{COMMITTED}"
 
+    def abandon(self) -> None:
+        """Remove what this attempt staged (a write failed): nothing partial stays behind."""
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
+
     def begin(self) -> StagedBatch:
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         self.partial_dir.mkdir(parents=True)
@@ -97,8 +102,10 @@ class StagedBatch:
             raise CommitConflictError(
                 f"batch {self.batch_id}: this attempt was fenced off by a takeover"
             ) from None
-        except OSError as exc:  # ENOTEMPTY / EEXIST: another attempt committed first
+        except OSError as exc:
             shutil.rmtree(self.partial_dir, ignore_errors=True)
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise  # e.g. ENOSPC writing the manifest: a fault to wait out, not a conflict
             raise CommitConflictError(
                 f"batch {self.batch_id} was committed by another attempt: {exc}"
             ) from None

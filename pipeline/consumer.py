@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
-import shutil
 import socket
 import threading
 import time
@@ -21,8 +21,6 @@ from typing import IO, Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-from pyarrow import ipc
 
 from pipeline import commit, faults
 from pipeline.enrich import empty_campaigns, enrich, load_campaigns, partition_by_hour
@@ -31,6 +29,7 @@ from pipeline.keycache import CacheLostError, KeyCache
 from pipeline.lake import window_keys
 from pipeline.leases import Lease, Leases, LocalLeases
 from pipeline.normalize import SchemaMismatchError, normalize
+from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
 from pipeline.schema import (
     LEDGER_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -39,11 +38,26 @@ from pipeline.schema import (
     event_partition,
 )
 from pipeline.settings import Settings
-from pipeline.spool import SUFFIX, atomic_write_bytes, list_incoming
+from pipeline.spool import (
+    ENTRY_REASONS,
+    MAX_FILE_BYTES,
+    SUFFIX,
+    PoisonInputError,
+    atomic_write_bytes,
+    display_name,
+    internal_stem,
+    list_incoming,
+    read_spool_file,
+    remove_quietly,
+)
 
 log = logging.getLogger("adevents.consumer")
 
 ROW_GROUP_SIZE = 128 * 1024
+#: Every whole-file quarantine reason this consumer writes (the ledger's ``status``).
+FILE_REASONS = ("unreadable_file", "schema_mismatch", *ENTRY_REASONS)
+#: Longest attempt name kept as is in a staging directory's name (it holds the consumer name).
+MAX_ATTEMPT_NAME = 64
 _STAGES = ("read_ms", "validate_ms", "dedupe_ms", "enrich_ms", "write_ms")
 
 
@@ -55,15 +69,30 @@ def batch_id_for(path: Path, st: os.stat_result) -> str:
     """A batch's identity: the file name plus what tells this file from a later one of that name.
 
     Stable across restarts (rename keeps inode and mtime), so a retried file keeps its batch_id
-    and its outputs land under the same names.
+    and its outputs land under the same names. ``st`` is the entry's ``lstat``. A long or odd
+    name is replaced by a hash of it (see ``internal_stem``), so a batch_id is at most ~110
+    bytes and every name derived from it stays far below NAME_MAX.
     """
     ident = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode()
-    return f"{path.stem}-{hashlib.blake2b(ident, digest_size=4).hexdigest()}"
+    return f"{internal_stem(path.name)}-{hashlib.blake2b(ident, digest_size=4).hexdigest()}"
+
+
+def lease_name(file_name: str) -> str:
+    """The name a spool file is leased under: the file name itself when it is plain."""
+    return internal_stem(file_name) + SUFFIX
 
 
 def source_name(batch_id: str) -> str:
-    """The spool file name a batch was made from."""
+    """The lease name of a batch's spool file (the file name itself when it is plain)."""
     return batch_id.rsplit("-", 1)[0] + SUFFIX
+
+
+def attempt_name(token: str) -> str:
+    """A lease token as a staging directory's attempt name: safe characters, bounded length."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", token)
+    if len(safe) <= MAX_ATTEMPT_NAME:
+        return safe
+    return f"{safe[:40]}_{hashlib.blake2b(token.encode(), digest_size=8).hexdigest()}"
 
 
 def _ms(dt: datetime) -> int:
@@ -157,6 +186,9 @@ class Consumer:
         self._next_allowed = 0.0
         self._decided_watermark: int | None = None
         self._in_flight: tuple[Future[dict[str, Any] | None], Lease] | None = None
+        #: Largest spool file read; bigger ones are quarantined as ``file_too_large``.
+        self.max_file_bytes = MAX_FILE_BYTES
+        self.status = StatusBoard(self.layout.state, self.name)
 
     # -- start-up ----------------------------------------------------------------------------
     def lock(self) -> None:
@@ -179,10 +211,24 @@ class Consumer:
         fh.flush()
         self._lock_file = fh
 
-    def start(self) -> None:
-        """Lock (when alone), finish what a crash interrupted, and make the key cache whole."""
+    def start(self, *, resume: bool = True) -> None:
+        """Lock (when alone), finish what a crash interrupted, and make the key cache whole.
+
+        With ``resume=False`` only the lock is taken: :meth:`run` resumes first thing, waiting
+        out a Redis that is down or lost (``adevents consume`` does this).
+        """
         if isinstance(self.leases, LocalLeases):
             self.lock()
+        if resume:
+            self.resume()
+
+    def resume(self) -> None:
+        """What a restart does: make the key cache whole, finish or drop interrupted batches.
+
+        Run at start and after every transient fault, so riding a fault out is exactly as safe
+        as the kill -9 and restart that tests/test_crash.py checks at every step.
+        """
+        self._decided_watermark = None
         self.ensure_cache()
         self.recover()
 
@@ -277,7 +323,7 @@ class Consumer:
         (another consumer finished it) or this attempt lost its lease or its key-cache epoch
         before committing; the file is then simply taken again.
         """
-        lease = lease or Lease(path.name, "local")
+        lease = lease or Lease(lease_name(path.name), "local")
         decided = self._stage_one(path)
         return self._write_batch(decided, lease) if isinstance(decided, Decided) else decided
 
@@ -294,7 +340,7 @@ class Consumer:
 
     def _process(self, path: Path) -> Decided | dict[str, Any] | None:
         try:
-            st = path.stat()
+            st = os.lstat(path)  # the entry itself: a link is never followed
         except FileNotFoundError:
             return None
         started = time.perf_counter()
@@ -311,19 +357,12 @@ class Consumer:
         """Stage one: read, normalise, validate and claim keys. Bad files end here."""
         arrived = datetime.fromtimestamp(st.st_mtime, UTC)
         try:
-            with pa.memory_map(str(path)) as source:
-                table = ipc.open_file(source).read_all()
+            table = read_spool_file(path, st, max_bytes=self.max_file_bytes)
         except FileNotFoundError:
             return None
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        except PoisonInputError as exc:
             return self._quarantine_file(
-                path,
-                batch_id,
-                arrived,
-                started,
-                reason="unreadable_file",
-                message=f"the file cannot be read as Arrow IPC file format: {exc}",
-                rows=0,
+                path, batch_id, arrived, started, reason=exc.reason, message=exc.message, rows=0
             )
         t_read = time.perf_counter()
         faults.point("after_read")
@@ -375,15 +414,35 @@ class Consumer:
     def _write_batch(self, d: Decided, lease: Lease) -> dict[str, Any] | None:
         """Stage two: enrich, write the staged files, commit, publish and retire the input."""
         t_start = time.perf_counter()
-        committed_dir = commit.committed_dir_of(self.layout.root, d.batch_id)
         enriched, unknown = enrich(
             d.accepted, self.campaigns(), batch_id=d.batch_id, ingested_at=d.now
         )
         t_enrich = time.perf_counter()
-        attempt = re.sub(r"[^A-Za-z0-9_-]", "_", lease.token)
         staged = commit.StagedBatch(
-            self.layout.root, d.batch_id, durable=self.durable, attempt=attempt
-        ).begin()
+            self.layout.root, d.batch_id, durable=self.durable, attempt=attempt_name(lease.token)
+        )
+        try:
+            return self._stage_and_commit(
+                d, lease, staged, enriched=enriched, unknown=unknown, times=(t_start, t_enrich)
+            )
+        except BaseException:
+            staged.abandon()  # a failed write (a full disk) leaves nothing partial behind
+            raise
+
+    def _stage_and_commit(
+        self,
+        d: Decided,
+        lease: Lease,
+        staged: commit.StagedBatch,
+        *,
+        enriched: pl.DataFrame,
+        unknown: int,
+        times: tuple[float, float],
+    ) -> dict[str, Any] | None:
+        t_start, t_enrich = times
+        committed_dir = commit.committed_dir_of(self.layout.root, d.batch_id)
+        source = display_name(d.path.name)
+        staged.begin()
         for (date, hour), part in partition_by_hour(enriched).items():
             staged.write_parquet(
                 f"events/{event_partition(date, hour)}/{d.batch_id}.parquet",
@@ -393,7 +452,7 @@ class Consumer:
         rejected = d.rejected
         if len(rejected):
             quarantined = rejected.with_columns(
-                source_file=pl.lit(d.path.name),
+                source_file=pl.lit(source),
                 batch_id=pl.lit(d.batch_id),
                 ingested_at=pl.lit(d.now).cast(QUARANTINE_SCHEMA["ingested_at"]),
             ).select(QUARANTINE_SCHEMA.names())
@@ -409,7 +468,7 @@ class Consumer:
                 reasons[reason] = int(n)
         row = _ledger_row(
             batch_id=d.batch_id,
-            source_file=d.path.name,
+            source_file=source,
             status="ok",
             rows_in=d.rows_in,
             accepted=len(d.accepted),
@@ -423,11 +482,12 @@ class Consumer:
             write_ms=(t_write - t_enrich) * 1000,
             consumer=self.name,
         )
+        # The manifest keeps the exact name (JSON escapes any byte) to retire the input by.
         staged.extra = {"source_file": d.path.name, "ledger": row}
         faults.point("after_stage")
         if not (self.leases.held(lease) and self.cache.valid(d.batch_id)):
-            log.warning("%s: lost the lease or the key cache meanwhile; not committing", d.path)
-            shutil.rmtree(staged.partial_dir, ignore_errors=True)
+            log.warning("%r: lost the lease or the key cache meanwhile; not committing", source)
+            staged.abandon()
             self._decided_watermark = None
             return None
         try:
@@ -501,11 +561,15 @@ class Consumer:
         target = self.layout.ledger / f"date={at:%Y-%m-%d}" / f"{row['batch_id']}.parquet"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
-        frame.write_parquet(tmp, compression="zstd")
-        os.replace(tmp, target)
+        try:
+            frame.write_parquet(tmp, compression="zstd")
+            os.replace(tmp, target)
+        except BaseException:
+            remove_quietly(tmp)
+            raise
 
     def _retire_input(self, path: Path) -> None:
-        if not path.exists():
+        if not os.path.lexists(path):
             return
         if self.settings.keep_processed:
             self.layout.processed.mkdir(parents=True, exist_ok=True)
@@ -528,25 +592,33 @@ class Consumer:
         message: str,
         rows: int,
     ) -> dict[str, Any]:
-        """Move a file that cannot be processed to quarantine/files/ with a reason sidecar."""
-        log.warning("quarantined file %s: %s: %s", path.name, reason, message)
+        """Move an entry that cannot be processed to ``quarantine/files/<batch_id>/``, as is
+        (a link or a directory is moved, not followed), with ``reason.json`` beside it.
+
+        One directory per batch: two bad files of one name keep both copies and both sidecars.
+        The sidecar and the ledger carry the original name, escaped; only the copy keeps its
+        exact bytes. A crash before the move redoes it into the same directory.
+        """
+        shown = display_name(path.name)
+        log.warning("quarantined %r: %s: %s", shown, reason, message)
         now = self.clock()
-        sidecar = {
-            "file": path.name,
+        sidecar: dict[str, Any] = {
+            "file": shown,
             "reason": reason,
             "message": message,
             "quarantined_at": now.isoformat(),
             "batch_id": batch_id,
         }
-        dest = self.layout.quarantine_files / path.name
+        if shown != path.name:  # undecodable bytes: keep the exact name too
+            sidecar["file_bytes_hex"] = os.fsencode(path.name).hex()
+        dest_dir = self._quarantine_dir(batch_id, path.name)
+        dest_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(
-            dest.with_name(dest.name + ".reason.json"),
-            json.dumps(sidecar, indent=2).encode(),
-            durable=self.durable,
+            dest_dir / "reason.json", json.dumps(sidecar, indent=2).encode(), durable=self.durable
         )
         row = _ledger_row(
             batch_id=batch_id,
-            source_file=path.name,
+            source_file=shown,
             status=reason,
             rows_in=rows,
             quarantined=rows,
@@ -558,8 +630,25 @@ class Consumer:
         )
         self._write_ledger(row, now)
         faults.point("after_quarantine_sidecar")
-        os.replace(path, dest)
+        try:
+            os.replace(path, dest_dir / path.name)
+        except FileNotFoundError:  # another consumer moved it meanwhile
+            return row
+        if self.durable:
+            from pipeline.spool import fsync_dir
+
+            fsync_dir(dest_dir)
+            fsync_dir(path.parent)
         return row
+
+    def _quarantine_dir(self, batch_id: str, name: str) -> Path:
+        """``quarantine/files/<batch_id>/``, or a numbered sibling if it already holds a copy."""
+        base = self.layout.quarantine_files / batch_id
+        for n in itertools.count(1):
+            candidate = base if n == 1 else base.with_name(f"{batch_id}~{n}")
+            if not os.path.lexists(candidate / name):
+                return candidate
+        raise AssertionError("unreachable")
 
     # -- the loop ------------------------------------------------------------------------------
     def _pace(self, rows: int) -> None:
@@ -578,33 +667,72 @@ class Consumer:
         Two stages overlap: while one batch is written and committed on a writer thread, the
         next is read, validated and its keys claimed (Polars and Redis release the GIL).
         Batches still commit one at a time, in order.
+
+        A transient fault (Redis down or lost, a full disk, a failing lake) never ends the run:
+        the batches in hand are dropped, and after a backoff the consumer resumes as a restart
+        would (see :meth:`resume`), for as long as it takes. With ``once`` it gives up after
+        ONCE_RETRY_TIMEOUT with :class:`pipeline.retry.GaveUpError`. Anything else is a bug or
+        a poison input that escaped isolation, and is raised.
         """
         stop = stop or threading.Event()
+        supervisor = Supervisor(
+            self.status,
+            stop,
+            max_delay=self.settings.retry_max_delay,
+            give_up_after=self.settings.once_retry_timeout if once else None,
+        )
+        self.status.start()
+        resumed = False
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adevents-writer") as writer:
+            while not stop.is_set():
+                try:
+                    if not resumed:
+                        self.resume()
+                        resumed = True
+                    more = self._pass(writer, once, stop)
+                    if not more:
+                        self._settle()
+                    supervisor.ok()
+                    if not more:
+                        break
+                except Exception as exc:
+                    self._abandon()
+                    supervisor.failed(exc)  # waits, or raises what is not transient
+                    resumed = False
             try:
-                while not stop.is_set():
-                    files = list_incoming(self.layout.incoming)
-                    if not files:
-                        if once:
-                            break
-                        stop.wait(self.settings.poll_interval)
-                        continue
-                    landed_any = False
-                    for path in files:
-                        if stop.is_set():
-                            break
-                        landed_any |= self._take(path, writer)
-                    landed_any |= self._settle()
-                    if not landed_any:
-                        # Everything waiting is leased by other consumers (or just taken): wait.
-                        stop.wait(self.settings.poll_interval)
-            finally:
                 self._settle()
+            except Exception as exc:
+                if classify(exc) is None:
+                    raise
+                # Stopping during a fault: the batch is redone, exactly, at the next start.
+                log.warning("stopped with a batch unfinished (%s); the next start redoes it", exc)
+        self.status.stop()
         return self.totals
+
+    def _pass(self, writer: ThreadPoolExecutor, once: bool, stop: threading.Event) -> bool:
+        """Take every file waiting now; False when ``once`` and nothing is left."""
+        files = list_incoming(self.layout.incoming)
+        if not files:
+            if once:
+                return False
+            stop.wait(self.settings.poll_interval)
+            return True
+        landed_any = False
+        for path in files:
+            if stop.is_set():
+                break
+            landed_any |= self._take(path, writer)
+        landed_any |= self._settle()
+        if not landed_any:
+            # Everything waiting is leased by other consumers (or just taken): wait.
+            stop.wait(self.settings.poll_interval)
+        return True
 
     def _take(self, path: Path, writer: ThreadPoolExecutor) -> bool:
         """Decide ``path`` and hand it to the writer; True if some batch landed meanwhile."""
-        lease = self.leases.acquire(path.name)
+        # One statvfs per batch: pause before the disk is full rather than fail half-way.
+        check_free_space(self.layout.root, self.settings.disk_min_free)
+        lease = self.leases.acquire(lease_name(path.name))
         if lease is None:
             return False  # another consumer has it
         try:
@@ -618,6 +746,23 @@ class Consumer:
         landed = self._settle()  # one batch in the writer at a time: commits stay in order
         self._in_flight = (writer.submit(self._write_batch, decided, lease), lease)
         return landed
+
+    def _abandon(self) -> None:
+        """After a fault: let the batch in the writer finish or fail, and forget decisions made
+        since, so that the next try starts from what is durable, as a restart would."""
+        in_flight, self._in_flight = self._in_flight, None
+        self._decided_watermark = None
+        if in_flight is None:
+            return
+        future, lease = in_flight
+        try:
+            self._account(future.result())
+        except Exception as exc:
+            if classify(exc) is None:
+                raise
+            log.debug("the batch being written failed too: %s", exc)
+        finally:
+            self.leases.release(lease)
 
     def _settle(self) -> bool:
         """Wait for the batch in the writer, if any; True if it landed."""

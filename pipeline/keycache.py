@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.fingerprint import Keys, empty_keys, fingerprint_check
-from pipeline.spool import atomic_write_bytes, fsync_dir
+from pipeline.spool import atomic_write_bytes, fsync_dir, remove_quietly
 
 Mask = npt.NDArray[np.bool_]
 #: Reads the window's keys and the watermark from the lake; with a time, only files written
@@ -254,11 +254,15 @@ class EmbeddedKeyCache:
         # window would otherwise need several copies of it at once), fsynced, then renamed.
         wm = -1 if self._watermark is None else self._watermark
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, slice=keys.slice, hi=keys.hi, lo=keys.lo, watermark=np.int64(wm))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, slice=keys.slice, hi=keys.hi, lo=keys.lo, watermark=np.int64(wm))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            remove_quietly(tmp)  # a full disk must not keep a partial snapshot's space
+            raise
         fsync_dir(path.parent)
 
     def _write_meta(self) -> None:

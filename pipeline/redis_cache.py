@@ -26,6 +26,7 @@ primaries); the small ``{m}`` keys live on one primary, leases (``{l}``) on one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -49,6 +50,7 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
+from pipeline import faults
 from pipeline.fingerprint import Keys, fingerprint_check
 from pipeline.keycache import CacheLostError, CacheStats, Loader, Mask, expired_before
 
@@ -63,10 +65,12 @@ CLAIM_RECORD_TTL_S = 7 * 24 * 3600
 REBUILD_LOCK = "rebuild-lock"
 REBUILD_LOCK_TIMEOUT_S = 30.0
 REBUILD_WAIT_S = 3600.0
-#: Connection failures a batch's pipelined commands ride out (claims are idempotent per batch,
-#: so resending them is safe), with a back-off capped at SEND_BACKOFF_CAP_S: about a minute.
-SEND_RETRIES = 30
-SEND_BACKOFF_CAP_S = 2.0
+#: Connection failures one command (or a batch's pipelined commands: claims are idempotent per
+#: batch, so resending them is safe) rides out, with a back-off capped at SEND_BACKOFF_CAP_S:
+#: about two seconds, enough for a blip. Longer outages reach the consumer, which waits them
+#: out with its own backoff and shows it in its status (``pipeline.retry``).
+SEND_RETRIES = 6
+SEND_BACKOFF_CAP_S = 1.0
 UNLINK_CHUNK = 1000
 MAX_REMEMBERED_EPOCHS = 1024
 
@@ -161,8 +165,8 @@ def connect(url: str) -> redis.Redis | redis.RedisCluster:
 
     For a cluster, the URL names any one node (``redis+cluster://host:port``); the client
     discovers the others. ``rediss+cluster://`` is the TLS variant. Commands are retried on
-    lost connections for about a minute, so a consumer pauses while Redis restarts (and then
-    rebuilds the cache it finds empty) instead of failing.
+    lost connections for a couple of seconds; a longer outage raises, and the consumer waits
+    it out (``pipeline.retry``), then rebuilds the cache if it finds it empty.
     """
     retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=SEND_BACKOFF_CAP_S), SEND_RETRIES)
     for scheme, base in (("redis+cluster://", "redis://"), ("rediss+cluster://", "rediss://")):
@@ -201,9 +205,10 @@ class RedisKeyCache:
         self._epochs_guard = threading.Lock()
         #: The highest expiry floor this instance has set (floors only ever rise).
         self._floor: int | None = None
-        self._claim_sha = ""
-        self._wm_sha = ""
-        self._load_scripts()
+        # The sha of a script is known without Redis: nothing is sent until the first call,
+        # so a consumer starts (and waits) while Redis is down; NOSCRIPT loads them.
+        self._claim_sha = hashlib.sha1(_CLAIM_LUA.encode()).hexdigest()
+        self._wm_sha = hashlib.sha1(_RAISE_WATERMARK_LUA.encode()).hexdigest()
 
     @classmethod
     def from_url(
@@ -237,6 +242,17 @@ class RedisKeyCache:
     def _load_scripts(self) -> None:
         self._claim_sha = self._script_load(_CLAIM_LUA)
         self._wm_sha = self._script_load(_RAISE_WATERMARK_LUA)
+
+    def _raise_watermark(self, value: int) -> int:
+        # A Redis restarted (even twice in a row) forgets its scripts: load them and try again.
+        for attempt in range(3):
+            try:
+                return int(self.r.evalsha(self._wm_sha, 1, self.meta, value))
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                self._load_scripts()
+        raise AssertionError("unreachable")
 
     def _script_load(self, body: str) -> str:
         # On a cluster, redis-py sends SCRIPT LOAD to every primary and returns the one sha.
@@ -357,6 +373,7 @@ class RedisKeyCache:
             started = time.time()
             keys, watermark = loader(None)
             self._replace_content(keys, watermark)
+            faults.point("mid_rebuild")
             late_keys, late_watermark = loader(started - self.rebuild_grace_s - 1.0)
             self._add_plain(late_keys)
             if late_watermark is not None:
@@ -399,6 +416,9 @@ class RedisKeyCache:
             pipe.set(self._group_key(g, "alive"), self.alive_value)
         pipe.hset(self.meta, "fingerprint", self.check)
         pipe.execute()
+        # A rebuild follows a Redis that lost everything, scripts included: load them now rather
+        # than on every consumer's first NOSCRIPT.
+        self._load_scripts()
 
     def _register_slices(self, keys: Keys) -> dict[int, int]:
         """Each slice's bucket bits, agreed with other consumers (first proposal wins)."""
@@ -552,18 +572,20 @@ class RedisKeyCache:
         if len(keys) == 0:
             return result
         frame, parts = self._grouped(keys)
-        for attempt in range(2):
+        adopted = False
+        for attempt in range(3):
             epoch = self.alive_value
             replies = self._send_all([self._packed_claim(batch_id, epoch, p) for p in parts])
             errors = [r for r in replies if isinstance(r, Exception)]
             if not errors:
                 self._remember_epoch(batch_id, epoch)
                 break
-            if any(isinstance(e, NoScriptError) for e in errors) and attempt == 0:
+            if any(isinstance(e, NoScriptError) for e in errors) and attempt < 2:
                 self._load_scripts()  # Redis restarted and forgot the scripts
                 continue
             if any("ADEVENTS_LOST" in str(e) for e in errors):
-                if attempt == 0 and not self.needs_rebuild():
+                if not adopted and attempt < 2 and not self.needs_rebuild():
+                    adopted = True
                     continue  # another consumer rebuilt the cache: claim in its new epoch
                 raise CacheLostError("the Redis key cache lost its data; rebuilding from events/")
             expired = [e for e in errors if "ADEVENTS_EXPIRED" in str(e)]
@@ -600,11 +622,7 @@ class RedisKeyCache:
 
     def finish(self, batch_id: str, max_event_time_ms: int | None) -> None:
         if max_event_time_ms is not None:
-            try:
-                new_wm = int(self.r.evalsha(self._wm_sha, 1, self.meta, max_event_time_ms))
-            except NoScriptError:
-                self._load_scripts()
-                new_wm = int(self.r.evalsha(self._wm_sha, 1, self.meta, max_event_time_ms))
+            new_wm = self._raise_watermark(max_event_time_ms)
         else:
             new_wm = self.watermark() or -1
         pipe = self.r.pipeline(transaction=False)

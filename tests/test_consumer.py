@@ -321,11 +321,12 @@ def test_bad_files_are_moved_aside_with_a_reason(
     writer(settings).write(event_table(["good"], time_ms=NOW_MS))
     new_consumer().run(once=True)
     layout = Layout(settings.data_dir)
-    moved = layout.quarantine_files / "000000000000001-bad-000000001.arrow"
-    assert moved.exists()
+    (moved,) = layout.quarantine_files.glob("*/000000000000001-bad-000000001.arrow")
+    assert moved.parent.name.startswith("000000000000001-bad-000000001-")  # the batch_id
     import json
 
-    sidecar = json.loads(moved.with_name(moved.name + ".reason.json").read_text())
+    sidecar = json.loads((moved.parent / "reason.json").read_text())
+    assert sidecar["file"] == moved.name
     assert sidecar["reason"] == reason
     assert words in sidecar["message"]
     assert events(settings)["event_id"].to_list() == ["good"]  # a bad file never stops the consumer
