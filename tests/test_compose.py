@@ -19,6 +19,7 @@ from pipeline.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = {"redis", "generator", "consumer", "api", "scheduler"}
 RESTART_POLICIES = {"always", "unless-stopped", "on-failure"}
+RUNTIME_LOCK = "requirements/runtime.lock"
 
 
 @pytest.fixture(scope="module")
@@ -183,26 +184,52 @@ def test_dockerfile_is_slim_and_non_root() -> None:
     assert last_user_at < max(i for i, (ins, _) in enumerate(steps) if ins == "CMD")
 
 
+def pip_installs() -> list[tuple[int, list[str]]]:
+    """(step index, argv) of every ``pip install`` the Dockerfile runs, ``&&`` chains split."""
+    found = []
+    for i, (ins, args) in enumerate(dockerfile()):
+        if ins != "RUN":
+            continue
+        command: list[str] = []
+        for word in [*shlex.split(args), "&&"]:
+            if word not in ("&&", ";"):
+                command.append(word)
+                continue
+            if command[:2] == ["pip", "install"] or command[1:3] == ["-m", "pip"]:
+                found.append((i, command))
+            command = []
+    return found
+
+
 def test_dockerfile_caches_dependencies_apart_from_the_code() -> None:
     steps = dockerfile()
     copies = [(i, args.split()) for i, (ins, args) in enumerate(steps) if ins == "COPY"]
-    pyproject_at = next(i for i, args in copies if "pyproject.toml" in args[:-1])
+    lock_at = next(i for i, args in copies if RUNTIME_LOCK in args[:-1])
     code_at = min(i for i, args in copies if {"pipeline", ".", "api"} & set(args[:-1]))
-    installs = [
-        i
-        for i, (ins, args) in enumerate(steps)
-        if ins == "RUN" and "pip install" in args and "--no-deps" not in args
-    ]
-    assert pyproject_at < code_at, "pyproject.toml must be copied before the code"
-    assert installs and pyproject_at < installs[0] < code_at, "dependencies install first"
-    code_installs = [
-        i for i, (ins, args) in enumerate(steps) if ins == "RUN" and "--no-deps" in args
-    ]
+    installs = [i for i, command in pip_installs() if "--no-deps" not in command]
+    assert lock_at < code_at, "the lock must be copied before the code"
+    assert installs and lock_at < installs[0] < code_at, "dependencies install first"
+    code_installs = [i for i, command in pip_installs() if "--no-deps" in command]
     assert code_installs and code_installs[0] > code_at
+
+
+def test_dockerfile_installs_the_runtime_lock_with_hashes() -> None:
+    """The image gets exactly the locked versions (those the tests ran on), each file's hash
+    checked; the code's own install adds nothing unlocked."""
+    installs = pip_installs()
+    assert installs
+    for _, command in installs:
+        if "--no-deps" in command:
+            continue
+        assert "--require-hashes" in command, shlex.join(command)
+        assert command[command.index("-r") + 1] == RUNTIME_LOCK, shlex.join(command)
+    assert any("--no-deps" not in command for _, command in installs)
+    assert "--hash=sha256:" in (ROOT / RUNTIME_LOCK).read_text()
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "ad_event_data"} <= ignored
-    assert "pyproject.toml" not in ignored and "README.md" not in ignored  # the build needs them
+    needed = {"pyproject.toml", "README.md", "requirements", RUNTIME_LOCK}  # the build needs them
+    assert not needed & ignored
