@@ -1,0 +1,283 @@
+"""The lake's commit path: Parquet written by us, committed as Delta add actions with an app txn.
+
+Exactly once through the Delta log (the kafka-delta-ingest design). A source names itself with
+an ``app_id`` (a spool's id, later a Kafka group-topic-partition) and numbers its batches, or
+groups of batches, with a ``version`` that only grows. A batch's commit to a table carries the
+application transaction ``(app_id, version)`` in the same Delta commit as its add actions, so
+"the rows are in the table" and "the table has seen version" become true together, atomically.
+
+Protocol, per table, in a fixed order (events, quarantine, ledger: the ledger last):
+
+1. Read the table's txn version for ``app_id`` (``committed_version``). If it is ≥ ``version``
+   the batch is already in this table: skip it. On start and after any failure the caller just
+   redoes the batches after the lowest committed version; each table skips what it has.
+2. Write the table's Parquet files under its partition directories with unique names. A crash
+   here leaves orphan files: not in the log, so no reader sees them, and ``vacuum(full=True)``
+   removes them once older than its retention.
+3. Commit the add actions with ``CommitProperties(app_transactions=[Transaction(app_id,
+   version)])``. A commit is a put-if-absent of the next log file (an atomic create on local
+   disk, ``If-None-Match: *`` on S3), so exactly one writer gets each table version; losers
+   re-read the log and retry.
+
+Two writers with the same ``(app_id, version)`` (a stalled consumer and its successor): delta-rs's
+conflict checker fails a commit when a commit that landed after its snapshot carries a txn
+for the same ``app_id`` (verified in ``tests/test_lake_writer.py``, locally and on S3), and
+the snapshot is refreshed at step 1, so the second commit either sees the version at step 1 and
+skips, or fails at step 3. On any commit failure the log is read again: if it now holds
+``version`` for ``app_id`` the outcome is ``CONCEDED`` (the rows are in, once; our files are
+orphans), else the error propagates and the caller retries the batch. Not guaranteed, and the
+caller's job: one writer per ``app_id`` at a time in the normal case, and versions committed in
+increasing order (delta-rs accepts a lower version and the txn then goes backwards).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake.exceptions import DeltaError
+from deltalake.transaction import AddAction
+
+from lake.location import LakeLocation
+from lake.tables import TABLES, TableSpec, ensure_table
+from pipeline.schema import PARQUET_COMPRESSION
+
+#: Rows per Parquet row group. Rows are sorted by campaign then time, so a group whose
+#: campaign_id min/max exclude a campaign is skipped; 16k rows keep a campaign of a 100k-row
+#: batch inside a few groups (see docs/decisions/0001-delta-lake.md for the measurement).
+ROW_GROUP_ROWS: Final = 16_384
+_TS_FORMAT: Final = "%Y-%m-%dT%H:%M:%S.%f"
+_MS: Final = timedelta(milliseconds=1)
+
+
+class Outcome(enum.Enum):
+    """What a commit of ``(app_id, version)`` to one table did."""
+
+    COMMITTED = "committed"  # our files are in the table with the txn
+    SKIPPED = "skipped"  # the table already had the version: nothing written
+    CONCEDED = "conceded"  # another writer committed the version first: our files are orphans
+
+
+@dataclass(frozen=True)
+class TableCommit:
+    """One table's part of a batch commit."""
+
+    table: str
+    outcome: Outcome
+    rows: int = 0
+    files: int = 0
+
+
+@dataclass
+class WrittenFiles:
+    """Parquet files written for one table and not committed yet."""
+
+    actions: list[AddAction] = field(default_factory=list)
+    rows: int = 0
+
+
+def committed_version(table: DeltaTable, app_id: str) -> int | None:
+    """The latest version ``app_id`` committed to ``table`` (refreshed to the latest log)."""
+    table.update_incremental()
+    return table.transaction_version(app_id)
+
+
+def _with_partitions(spec: TableSpec, frame: pl.DataFrame) -> pl.DataFrame:
+    missing = [c for c in spec.columns.names if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame for table {spec.name} lacks columns {missing}")
+    keys = [*spec.partition_by, *spec.sort_keys]
+    framed = frame.select(*spec.columns.names, *spec.partition_exprs())
+    return framed.sort(keys) if keys else framed
+
+
+def _iso(value: datetime, *, up: bool) -> str:
+    # Delta stats keep milliseconds: round a max up so the range still covers every value.
+    micros = value.microsecond % 1000
+    if up and micros:
+        value = value.replace(microsecond=value.microsecond - micros) + _MS
+    else:
+        value = value.replace(microsecond=value.microsecond - micros)
+    return value.strftime(_TS_FORMAT)[:-3] + "Z"
+
+
+def _json_value(value: Any, *, up: bool) -> Any:
+    if isinstance(value, datetime):
+        return _iso(value, up=up)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def file_stats(table: pa.Table) -> str:
+    """Delta ``stats`` JSON for a file: numRecords, and per column min, max and null count."""
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    nulls: dict[str, int] = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        nulls[name] = column.null_count
+        if column.null_count == len(column):
+            continue
+        bounds = pc.min_max(column)
+        low = _json_value(bounds["min"].as_py(), up=False)
+        high = _json_value(bounds["max"].as_py(), up=True)
+        if low is not None and high is not None:
+            mins[name], maxs[name] = low, high
+    stats = {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+    return json.dumps(stats, separators=(",", ":"))
+
+
+def write_files(
+    location: LakeLocation,
+    spec: TableSpec,
+    frame: pl.DataFrame,
+    *,
+    version: int = 0,
+    filesystem: pafs.FileSystem | None = None,
+    row_group_rows: int = ROW_GROUP_ROWS,
+    fsync: bool = True,
+) -> WrittenFiles:
+    """Write ``frame`` as one zstd Parquet file per partition; return their add actions."""
+    fs = filesystem or location.filesystem()
+    written = WrittenFiles()
+    if frame.height == 0:
+        return written
+    framed = _with_partitions(spec, frame)
+    parts = framed.partition_by(list(spec.partition_by), maintain_order=True, as_dict=True)
+    local = not location.is_s3
+    for key, part in parts.items():
+        values = dict(zip(spec.partition_by, (str(k) for k in key), strict=True))
+        relative = "/".join([*(f"{p}={values[p]}" for p in spec.partition_by), _file_name(version)])
+        data = part.drop(list(spec.partition_by)).to_arrow().cast(spec.columns)
+        path = location.path(spec.name, relative)
+        if local:
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(
+            data,
+            path,
+            filesystem=fs,
+            compression=PARQUET_COMPRESSION,
+            row_group_size=row_group_rows,
+            write_statistics=True,
+        )
+        if local and fsync:
+            _fsync(path)
+        size = fs.get_file_info(path).size
+        now_ms = int(time.time() * 1000)
+        written.actions.append(
+            AddAction(relative, int(size), values, now_ms, True, file_stats(data))
+        )
+        written.rows += data.num_rows
+    return written
+
+
+def _file_name(version: int) -> str:
+    return f"part-{version:015d}-{uuid.uuid4().hex}.parquet"
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_files(
+    table: DeltaTable,
+    spec: TableSpec,
+    files: WrittenFiles,
+    app_id: str,
+    version: int,
+) -> TableCommit:
+    """Commit ``files`` with txn ``(app_id, version)``; see the module docstring for races."""
+    txn = Transaction(app_id, version, int(time.time() * 1000))
+    try:
+        table.create_write_transaction(
+            list(files.actions),
+            "append",
+            table.schema(),
+            partition_by=list(spec.partition_by),
+            commit_properties=CommitProperties(app_transactions=[txn]),
+        )
+    except (DeltaError, OSError):
+        # Conflict with a commit carrying our app_id, or an I/O error after which the put may
+        # have landed: the log decides.
+        seen = committed_version(table, app_id)
+        if seen is not None and seen >= version:
+            return TableCommit(spec.name, Outcome.CONCEDED)
+        raise
+    table.update_incremental()
+    return TableCommit(spec.name, Outcome.COMMITTED, files.rows, len(files.actions))
+
+
+def commit_table(
+    location: LakeLocation,
+    table: DeltaTable,
+    spec: TableSpec,
+    frame: pl.DataFrame,
+    *,
+    app_id: str,
+    version: int,
+    fsync: bool = True,
+) -> TableCommit:
+    """Steps 1-3 of the protocol for one table: skip if done, else write and commit."""
+    seen = committed_version(table, app_id)
+    if seen is not None and seen >= version:
+        return TableCommit(spec.name, Outcome.SKIPPED)
+    files = write_files(location, spec, frame, version=version, fsync=fsync)
+    return commit_files(table, spec, files, app_id, version)
+
+
+def commit_batch(
+    location: LakeLocation,
+    app_id: str,
+    version: int,
+    frames: Mapping[str, pl.DataFrame],
+    *,
+    tables: Mapping[str, DeltaTable] | None = None,
+    specs: Mapping[str, TableSpec] = TABLES,
+    fsync: bool = True,
+) -> list[TableCommit]:
+    """Commit a batch (or group of batches) to each table of ``frames``, in ``specs`` order.
+
+    Every named table gets a commit with ``(app_id, version)``, even an empty one, so that
+    after the batch every table's txn version is ≥ ``version``. Pass ``tables`` (open
+    ``DeltaTable`` objects, refreshed here) to save re-reading the log between batches.
+    """
+    unknown = set(frames) - set(specs)
+    if unknown:
+        raise ValueError(f"unknown tables {sorted(unknown)}; known: {sorted(specs)}")
+    results = []
+    for name, spec in specs.items():
+        if name not in frames:
+            continue
+        table = tables[name] if tables is not None else ensure_table(location, spec)
+        results.append(
+            commit_table(
+                location, table, spec, frames[name], app_id=app_id, version=version, fsync=fsync
+            )
+        )
+    return results
+
+
+def lowest_committed(tables: Mapping[str, DeltaTable], app_id: str) -> int | None:
+    """The lowest committed version of ``app_id`` over ``tables``: redo every batch after it."""
+    versions = [committed_version(t, app_id) for t in tables.values()]
+    if any(v is None for v in versions):
+        return None
+    return min(v for v in versions if v is not None)
