@@ -5,35 +5,22 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import duckdb
-from litestar import Litestar, MediaType, Request, Response
+from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 
 from api.docs import swagger_plugin
+from api.errors import EXCEPTION_HANDLERS, add_request_id
 from api.health import HealthChecker
 from api.ingest import IngestPlugin
 from api.metrics import Metrics, RequestLatency
 from api.routes import ROUTES
 from pipeline.settings import Settings
-from queries.lake import Lake, LakeBusyError
-
-log = logging.getLogger("adevents.api")
-
-
-def _unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    """The lake could not be read (it kept changing, or a file is damaged): 503, not 500."""
-    log.warning("%s %s: %s", request.method, request.url.path, exc)
-    return Response(
-        {"status_code": 503, "detail": f"the lake could not be read right now: {exc}"},
-        status_code=503,
-        media_type=MediaType.JSON,
-    )
+from queries.lake import Lake
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -55,7 +42,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "metrics": Provide(lambda: metrics, sync_to_thread=False, use_cache=True),
         },
         middleware=[RequestLatency(metrics.requests)],
-        exception_handlers={LakeBusyError: _unavailable, duckdb.Error: _unavailable},
+        # Every error body carries the request id and nothing internal (api/errors.py).
+        exception_handlers=EXCEPTION_HANDLERS,
+        before_send=[add_request_id],
         openapi_config=OpenAPIConfig(
             title="adevents",
             version="0.1.0",

@@ -254,7 +254,7 @@ def panel(s: Snapshot) -> str:
         step_ms=60_000,
         unit="ms",
     )
-    reasons = escape("; ".join(h.reasons))
+    reasons = escape("; ".join(h.messages))
     status = (
         '<span id="health-status">healthy</span>'
         if h.status == "ok"
@@ -274,7 +274,7 @@ def panel(s: Snapshot) -> str:
     )
 
 
-def page(s: Snapshot, data_dir: str) -> str:
+def page(s: Snapshot) -> str:
     """The whole dashboard page."""
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -282,7 +282,8 @@ def page(s: Snapshot, data_dir: str) -> str:
         f"<title>adevents dashboard</title><style>{_STYLE}</style>"
         f'<noscript><meta http-equiv="refresh" content="{REFRESH_MS // 1000}"></noscript>'
         "</head><body>"
-        f"<header><h1>adevents</h1><span>{escape(data_dir)}</span>"
+        # No DATA_DIR here: the page may be open to anyone, and a path is an internal.
+        "<header><h1>adevents</h1>"
         '<span><a style="color:#93c5fd" href="/docs">API</a> · '
         '<a style="color:#93c5fd" href="/metrics">metrics</a></span></header>'
         f'<main id="panel" data-refresh-ms="{REFRESH_MS}" data-refreshes="0">{panel(s)}</main>'

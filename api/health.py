@@ -1,7 +1,14 @@
-"""Health checks: key cache, DATA_DIR writable, consumer lag, last commit; cached for a second."""
+"""Health checks: key cache, DATA_DIR writable and its free space, consumer lag and state, last
+commit; cached for a second.
+
+Reasons are codes (``disk_low``, ``consumer_retrying:redis_unavailable``, ...) that anyone may
+see on ``/health``; sentences and raw errors are for ``/health/detail`` (see ``api/routes.py``).
+Raw errors, which may name hosts or paths, are logged when a check fails.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -11,16 +18,46 @@ from typing import Any, Final
 
 import anyio.to_thread
 
-from api.models import Health, KeyCacheHealth
+from api.disk import DiskSpace
+from api.models import ConsumerHealth, Health, KeyCacheHealth
 from pipeline.settings import Settings
 from pipeline.spool import list_incoming, oldest_waiting_age
+from pipeline.status import ConsumerStatus, read_statuses
 from queries import ops
 from queries.lake import Lake
+
+log = logging.getLogger("adevents.api")
 
 #: Unhealthy when the oldest file in incoming/ has waited longer than this.
 MAX_LAG_SECONDS: Final = 60.0
 #: How long a report is reused; the checks touch the disk and Redis.
 TTL_SECONDS: Final = 1.0
+#: Bytes written to prove DATA_DIR takes writes (an empty file needs no free block).
+_PROBE: Final = b"\0" * 4096
+
+
+def consumer_health(s: ConsumerStatus, now: float) -> ConsumerHealth:
+    """``s`` for the API: a consumer that stopped reporting is ``stale``, not running."""
+
+    def ms(t: float | None) -> int | None:
+        return None if t is None else int(t * 1000)
+
+    stale = s.is_stale(now)
+    return ConsumerHealth(
+        name=s.name,
+        state="stale" if stale else s.state,
+        fault=None if stale else s.fault,
+        since=int(s.since * 1000),
+        attempts=s.attempts,
+        next_retry_at=None if stale else ms(s.next_retry_at),
+        updated_at=int(s.updated_at * 1000),
+        detail=s.detail,
+    )
+
+
+def retrying(consumers: list[ConsumerHealth]) -> list[ConsumerHealth]:
+    """Consumers that are alive and waiting out a transient fault."""
+    return [c for c in consumers if c.state == "retrying"]
 
 
 def lock_is_held(path: Path) -> bool | None:
@@ -50,6 +87,7 @@ class HealthChecker:
         self._at = 0.0
         self._lock = threading.Lock()
         self._redis: Any = None
+        self.disk = DiskSpace(lake.root, settings.disk_min_free)
 
     def _key_cache(self) -> KeyCacheHealth:
         if self.settings.redis_url:
@@ -67,7 +105,8 @@ class HealthChecker:
                         self._redis = redis.Redis.from_url(url, **timeouts)
                 self._redis.ping()
             except Exception as exc:  # any failure to reach Redis makes the cache unhealthy
-                return KeyCacheHealth("redis", False, f"Redis ping failed: {exc}")
+                log.warning("health: Redis ping failed: %s", exc)
+                return KeyCacheHealth("redis", False, "Redis did not answer PING", error=str(exc))
             return KeyCacheHealth("redis", True, "Redis answered PING")
         layout = self.lake.layout
         running = lock_is_held(layout.state / "consumer.lock")
@@ -75,51 +114,87 @@ class HealthChecker:
             return KeyCacheHealth(
                 "embedded",
                 False,
-                f"{layout.state / 'embedded'} does not exist: no consumer has run on this DATA_DIR",
+                "the embedded key cache has no state: no consumer has run on this DATA_DIR",
                 running,
             )
         return KeyCacheHealth("embedded", True, "state directory present", running)
 
     def _writable(self) -> bool:
+        """Whether a file can be created and written in DATA_DIR right now (a full disk or a
+        read-only mount says no: creating an empty file alone would still succeed)."""
         try:
-            with tempfile.TemporaryFile(dir=self.lake.root):
-                return True
-        except OSError:
+            with tempfile.TemporaryFile(dir=self.lake.root) as fh:
+                fh.write(_PROBE)
+                fh.flush()
+            return True
+        except OSError as exc:
+            log.warning("health: DATA_DIR is not writable: %s", exc)
             return False
 
     def check(self) -> Health:
         """Run every check now."""
         now = time.time()
         reasons: list[str] = []
+        messages: list[str] = []
+
+        def fail(code: str, message: str) -> None:
+            reasons.append(code)
+            messages.append(message)
+
         cache = self._key_cache()
         if not cache.ok:
-            reasons.append(f"key cache: {cache.detail}")
+            if cache.kind == "redis":
+                fail("key_cache_unavailable", "key cache: Redis did not answer PING")
+            else:
+                fail("key_cache_missing", f"key cache: {cache.detail}")
         writable = self._writable()
         if not writable:
-            reasons.append(f"DATA_DIR {self.lake.root} is not writable")
+            fail("data_dir_not_writable", "DATA_DIR is not writable")
+        free = self.disk.free()
+        if self.disk.low():
+            fail(
+                "disk_low",
+                f"DATA_DIR's disk has {free} bytes free, less than DISK_MIN_FREE "
+                f"({self.settings.disk_min_free}): the ingest refuses events until space is freed",
+            )
         incoming = self.lake.layout.incoming
         lag = oldest_waiting_age(incoming, now)
         if lag > MAX_LAG_SECONDS:
-            reasons.append(
+            fail(
+                "consumer_lag",
                 f"consumer lag: the oldest file in incoming/ has waited {lag:.1f}s "
-                f"(more than {MAX_LAG_SECONDS:.0f}s)"
+                f"(more than {MAX_LAG_SECONDS:.0f}s)",
+            )
+        consumers = [consumer_health(s, now) for s in read_statuses(self.lake.layout.state)]
+        for fault in sorted({c.fault or "unknown" for c in retrying(consumers)}):
+            stuck = [c for c in retrying(consumers) if (c.fault or "unknown") == fault]
+            longest = max(now - c.since / 1000 for c in stuck)
+            fail(
+                f"consumer_retrying:{fault}",
+                f"{len(stuck)} consumer(s) retrying a transient fault, {fault}, "
+                f"for up to {longest:.0f}s",
             )
         try:
             last = ops.last_commit_ms(self.lake, int(now * 1000))
         except Exception as exc:  # an unreadable ledger is a reason, not a crash
-            reasons.append(f"ledger unreadable: {exc}")
+            log.warning("health: the ledger could not be read: %r", exc)
+            fail("ledger_unreadable", "the ledger could not be read")
             last = None
         return Health(
             status="unhealthy" if reasons else "ok",
             reasons=reasons,
+            messages=messages,
             checked_at=int(now * 1000),
             key_cache=cache,
-            data_dir=str(self.lake.root),
             data_dir_writable=writable,
+            disk_free_bytes=free,
+            disk_min_free_bytes=self.settings.disk_min_free,
             consumer_lag_seconds=round(lag, 3),
             files_waiting=len(list_incoming(incoming)),
             last_commit=last,
             seconds_since_last_commit=None if last is None else round(now - last / 1000, 3),
+            consumers=consumers,
+            data_dir=str(self.lake.root.resolve()),
         )
 
     def cached(self) -> Health:

@@ -7,6 +7,7 @@ start/stop hooks.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any, Final
 import anyio.to_thread
 import polars as pl
 import pyarrow as pa
-from litestar import MediaType, Request, Response, Router, post
+from litestar import Request, Response, Router, post
 from litestar.config.app import AppConfig
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
@@ -46,12 +47,16 @@ from litestar.openapi.spec import (
 from litestar.plugins import InitPlugin
 from msgspec import Struct
 
+from api.disk import DiskSpace
+from api.errors import EXCEPTION_HANDLERS, add_request_id, error_response, request_id
 from api.ingest_decode import (
+    ARROW_FILE,
     ARROW_STREAM,
     JSON,
     NDJSON,
     BodyError,
     Checked,
+    TooManyEventsError,
     UnsupportedMediaTypeError,
     check,
     decode,
@@ -100,10 +105,12 @@ class IngestResult(Struct):
 
 
 class ErrorBody(Struct):
-    """Litestar's error body."""
+    """Every error's body (see ``api/errors.py``)."""
 
     status_code: int
     detail: str
+    #: Also in the X-Request-ID header; quote it to the operator, who finds it in the log.
+    request_id: str
 
 
 # -- API keys ------------------------------------------------------------------------------------
@@ -124,6 +131,18 @@ class ApiKeys:
                 key = value.strip()
         return None if key is None else key.encode("latin-1", "replace")
 
+    def _matches(self, key: bytes) -> bool:
+        # Compare with every key, so the time taken does not say which prefix matched.
+        matched = False
+        for k in self._keys:
+            matched |= hmac.compare_digest(key, k)
+        return matched
+
+    def valid(self, connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+        """Whether the request carries one of the keys (never raises)."""
+        key = self.presented(connection)
+        return key is not None and self._matches(key)
+
     def check(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
         """Raise 401 unless the request carries one of the keys."""
         key = self.presented(connection)
@@ -134,11 +153,7 @@ class ApiKeys:
                 "Authorization: Bearer <key>",
                 headers=challenge,
             )
-        # Compare with every key, so the time taken does not say which prefix matched.
-        matched = False
-        for k in self._keys:
-            matched |= hmac.compare_digest(key, k)
-        if not matched:
+        if not self._matches(key):
             raise NotAuthorizedException("the API key is not valid", headers=challenge)
 
     def ingest_guard(
@@ -168,6 +183,7 @@ class Ingestor:
         # Unique per process (and per start), so two servers on one DATA_DIR never collide.
         self.producer = f"http{os.getpid()}{secrets.token_hex(2)}"
         self.backlog = Backlog(self.layout.incoming)
+        self.disk = DiskSpace(self.layout.root, settings.disk_min_free)
         self.committer = GroupCommitter(
             self._write,
             max_rows=ingest.ingest_batch_events,
@@ -201,9 +217,14 @@ class Ingestor:
     def over_backlog(self) -> bool:
         return self.backlog_events() >= self.ingest.max_backlog_events
 
-    @staticmethod
-    def _decode_and_check(body: bytes, media: str) -> Checked:
-        return check(decode(body, media), now_ms=int(time.time() * 1000))
+    def _decode_and_check(self, body: bytes, media: str) -> Checked:
+        table = decode(
+            body,
+            media,
+            max_depth=self.ingest.ingest_max_json_depth,
+            max_events=self.ingest.ingest_max_events_per_request,
+        )
+        return check(table, now_ms=int(time.time() * 1000))
 
     async def take(self, body: bytes, media: str) -> IngestResult:
         """Validate the body's rows; return once the accepted (and rejected) rows are durable."""
@@ -246,14 +267,18 @@ def _request_body_schema() -> RequestBody:
     }
     event = Schema(type=OpenAPIType.OBJECT, properties=props)
     binary = Schema(type=OpenAPIType.STRING, description="Arrow IPC stream bytes")
+    file = Schema(type=OpenAPIType.STRING, description="Arrow IPC file bytes")
     return RequestBody(
         required=True,
         description="Events in the contract's columns: a JSON array, NDJSON (one object per "
-        "line) or an Arrow IPC stream. Money is integer USD micros.",
+        "line), an Arrow IPC stream or an Arrow IPC file. Money is integer USD micros. JSON may "
+        "nest at most INGEST_MAX_JSON_DEPTH levels (an event object is level 1); a request may "
+        "carry at most INGEST_MAX_EVENTS_PER_REQUEST events.",
         content={
             JSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.ARRAY, items=event)),
             NDJSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING)),
             ARROW_STREAM: OpenAPIMediaType(schema=binary),
+            ARROW_FILE: OpenAPIMediaType(schema=file),
         },
     )
 
@@ -268,24 +293,53 @@ class _IngestOperation(Operation):
 
 def _too_large(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     limit = request.route_handler.resolve_request_max_body_size()
-    return Response(
-        {
-            "status_code": 413,
-            "detail": f"the body is larger than {limit} bytes "
-            "(INGEST_MAX_BODY_BYTES): send fewer events per request",
-        },
-        status_code=413,
-        media_type=MediaType.JSON,
+    return error_response(
+        request,
+        413,
+        f"the body is larger than {limit} bytes (INGEST_MAX_BODY_BYTES): send fewer events "
+        "per request",
+    )
+
+
+def _not_stored(request: Request[Any, Any, Any], exc: Exception) -> ServiceUnavailableException:
+    """503 for a write that failed: the client hears what to do, the log hears why."""
+    log.error(
+        "request %s: POST /ad_events: the events were not stored: %r",
+        request_id(request.scope),
+        exc,
+    )
+    if isinstance(exc, CommitterClosedError):
+        why = "the server is shutting down"
+    elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "DATA_DIR's disk is full"
+    else:
+        why = "the spool could not be written"
+    return ServiceUnavailableException(
+        f"the events were not stored ({why}): nothing of this request was kept, send it again "
+        "later",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 
 
 _ERRORS: Final = {
-    400: ResponseSpec(ErrorBody, description="the body cannot be read as events"),
+    400: ResponseSpec(
+        ErrorBody,
+        description="the body cannot be read as events (not JSON/NDJSON/Arrow, or JSON nested "
+        "deeper than INGEST_MAX_JSON_DEPTH)",
+    ),
     401: ResponseSpec(ErrorBody, description="missing or invalid API key"),
-    413: ResponseSpec(ErrorBody, description="the body is larger than INGEST_MAX_BODY_BYTES"),
+    413: ResponseSpec(
+        ErrorBody,
+        description="the body is larger than INGEST_MAX_BODY_BYTES, or holds more than "
+        "INGEST_MAX_EVENTS_PER_REQUEST events",
+    ),
     415: ResponseSpec(ErrorBody, description="unsupported Content-Type or Content-Encoding"),
     429: ResponseSpec(ErrorBody, description="the spool's backlog is full; see Retry-After"),
-    503: ResponseSpec(ErrorBody, description="the spool cannot be written right now"),
+    503: ResponseSpec(
+        ErrorBody,
+        description="the spool cannot be written right now (disk below DISK_MIN_FREE, disk "
+        "full, shutting down); see Retry-After",
+    ),
 }
 
 
@@ -312,6 +366,13 @@ async def post_ad_events(
         raise HTTPException(
             status_code=415, detail=f"Content-Encoding {encoding!r} is not supported"
         )
+    if ingestor.disk.low():
+        # Refuse before the disk fills: a full disk would fail this write and the consumer's.
+        raise ServiceUnavailableException(
+            f"DATA_DIR's disk has less free space than DISK_MIN_FREE "
+            f"({ingestor.settings.disk_min_free} bytes): retry later",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     if ingestor.over_backlog():
         raise TooManyRequestsException(
             f"the spool holds more than {ingestor.ingest.max_backlog_events} events "
@@ -321,12 +382,12 @@ async def post_ad_events(
     body = await request.body()
     try:
         result = await ingestor.take(body, media)
+    except TooManyEventsError as exc:
+        raise HTTPException(status_code=413, detail=str(exc)) from None
     except BodyError as exc:
         raise ClientException(str(exc)) from None
     except (CommitterClosedError, OSError) as exc:
-        raise ServiceUnavailableException(
-            f"the events were not stored: {exc}", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
-        ) from None
+        raise _not_stored(request, exc) from None
     return Response(result, status_code=202)
 
 
@@ -352,6 +413,12 @@ class IngestPlugin(InitPlugin):
             exception_handlers={RequestEntityTooLarge: _too_large},
         )
         app_config.route_handlers.append(router)
+        # The ingest's errors carry request ids however the app was built.
+        app_config.exception_handlers = {**EXCEPTION_HANDLERS, **app_config.exception_handlers}
+        if add_request_id not in app_config.before_send:
+            app_config.before_send.append(add_request_id)
+        keys = self.keys
+        app_config.dependencies["api_keys"] = Provide(lambda: keys, sync_to_thread=False)
         app_config.guards.append(self.keys.read_guard)
         app_config.on_startup.append(ingestor.start)
         app_config.on_shutdown.append(ingestor.close)

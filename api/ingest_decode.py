@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import ipc
 
+from api.json_depth import openers, too_deep
 from pipeline.normalize import SchemaMismatchError, normalize
 from pipeline.schema import (
     EVENT_COLUMNS,
@@ -54,8 +55,21 @@ _NULLABLE: Final = pa.schema([pa.field(f.name, f.type) for f in EVENT_SCHEMA])
 Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 
 
+#: Defaults of the limits :func:`decode` applies (the settings INGEST_MAX_JSON_DEPTH and
+#: INGEST_MAX_EVENTS_PER_REQUEST pass their own).
+DEFAULT_MAX_DEPTH: Final = 16
+DEFAULT_MAX_EVENTS: Final = 100_000
+
+
 class BodyError(ValueError):
-    """The body cannot be read as events at all; the message says why, in words (400)."""
+    """The body cannot be read as events at all; the message says why, in words (400).
+
+    The only exception :func:`decode` raises for any body (``fuzz/ingest_decoders.py`` checks
+    this); its message never holds more than a short excerpt of the body."""
+
+
+class TooManyEventsError(BodyError):
+    """The body holds more events than one request may carry (413)."""
 
 
 class UnsupportedMediaTypeError(ValueError):
@@ -181,26 +195,55 @@ def _table(events: list[_Event]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=_NULLABLE)
 
 
-def _decode_json_array(body: bytes) -> list[_Event]:
+def _too_deep(max_depth: int, where: str = "the body") -> BodyError:
+    return BodyError(
+        f"{where} nests arrays or objects more than {max_depth} levels deep (an event object "
+        "is level 1; INGEST_MAX_JSON_DEPTH): send flat event objects"
+    )
+
+
+def _decode_array(text: bytes, max_depth: int) -> list[_Event]:
+    """The events of a JSON array, refusing one that nests deeper than ``max_depth`` below it.
+
+    The typed decode runs first: it descends only into values it skips (unknown keys), and a
+    body it takes whole holds one opening bracket per event plus the array's, unless some value
+    nests (or some string holds a bracket). Only then is the depth scanned, so the usual body
+    pays one ``openers`` pass, not the scan. The loose decode stores any value, recursing into
+    it, so it never runs before the scan.
+    """
     try:
-        return _STRICT.decode(body)
+        events = _STRICT.decode(text)
     except msgspec.ValidationError:
-        pass  # some value has the wrong type: find out whether the shape at least is right
+        events = None  # some value has the wrong type: find out whether the shape is right
+    except RecursionError:  # a skipped value nests deeper than msgspec goes: clean, no harm
+        raise _too_deep(max_depth) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BodyError(f"the body is not valid JSON: {exc}") from None
+    if events is not None and openers(text) <= len(events) + 1:
+        return events
+    if too_deep(text, max_depth + 1):
+        raise _too_deep(max_depth)
+    if events is not None:
+        return events
     try:
-        return _coerce(_LOOSE.decode(body))
+        return _coerce(_LOOSE.decode(text))
     except msgspec.ValidationError as exc:
         raise BodyError(f"the body must be a JSON array of event objects: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # pragma: no cover - decoded above
         raise BodyError(f"the body is not valid JSON: {exc}") from None
 
 
-def _ndjson_error(body: bytes) -> BodyError:
+def _decode_json_array(body: bytes, max_depth: int) -> list[_Event]:
+    return _decode_array(body, max_depth)
+
+
+def _ndjson_error(body: bytes, max_depth: int) -> BodyError:
     """Which line of an NDJSON body is not one event object, and why."""
     for number, line in enumerate(body.split(b"\n"), start=1):
         if not line.strip():
             continue
+        if too_deep(line, max_depth):
+            return _too_deep(max_depth, f"line {number}")
         try:
             _LOOSE_ONE.decode(line)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
@@ -208,21 +251,16 @@ def _ndjson_error(body: bytes) -> BodyError:
     return BodyError("the body is not NDJSON: one JSON event object per line")
 
 
-def _decode_ndjson(body: bytes) -> list[_Event]:
+def _decode_ndjson(body: bytes, max_depth: int) -> list[_Event]:
     lines = [line for line in body.split(b"\n") if line.strip()]
     # One decoder call for the whole body: the lines become the elements of one array.
     joined = b"[" + b",".join(lines) + b"]"
     try:
-        events = _STRICT.decode(joined)
-    except msgspec.ValidationError:
-        try:
-            events = _coerce(_LOOSE.decode(joined))
-        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
-            raise _ndjson_error(body) from None
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        raise _ndjson_error(body) from None
+        events = _decode_array(joined, max_depth)
+    except BodyError:
+        raise _ndjson_error(body, max_depth) from None
     if len(events) != len(lines):  # a line held two values, e.g. `{...},{...}`
-        raise _ndjson_error(body)
+        raise _ndjson_error(body, max_depth)
     return events
 
 
@@ -247,16 +285,40 @@ def _read_arrow(body: bytes, media: str) -> pa.Table:
 
 
 # -- the one entry point -------------------------------------------------------------------------
-def decode(body: bytes, media: str) -> pa.Table:
-    """The events of a body in the contract's types (nullable); BodyError when unreadable."""
+def _check_count(n: int, max_events: int) -> None:
+    if n > max_events:
+        raise TooManyEventsError(
+            f"the body holds {n} events; one request may carry at most {max_events} "
+            "(INGEST_MAX_EVENTS_PER_REQUEST): send them in several requests"
+        )
+
+
+def decode(
+    body: bytes,
+    media: str,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_events: int = DEFAULT_MAX_EVENTS,
+) -> pa.Table:
+    """The events of a body in the contract's types (nullable).
+
+    Raises BodyError when the body cannot be read as events, TooManyEventsError (a BodyError)
+    when it holds more than ``max_events``. JSON nesting deeper than ``max_depth`` (an event
+    object is level 1) is a BodyError, found before any decoder recurses into it.
+    """
     if not body or body.isspace():
         raise BodyError("the body is empty: send at least an empty JSON array or Arrow stream")
     if media in (ARROW_STREAM, ARROW_FILE):
         table = _read_arrow(body, media)
-    elif media == NDJSON:
-        table = _table(_decode_ndjson(body))
+        _check_count(table.num_rows, max_events)
     else:
-        table = _table(_decode_json_array(body))
+        events = (
+            _decode_ndjson(body, max_depth)
+            if media == NDJSON
+            else _decode_json_array(body, max_depth)
+        )
+        _check_count(len(events), max_events)
+        table = _table(events)
     try:
         normalized, _ignored = normalize(table)
     except SchemaMismatchError as exc:

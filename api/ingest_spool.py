@@ -95,16 +95,36 @@ class SpoolBatchWriter:
     def write(
         self, accepted: list[pa.Table], rejected: list[pl.DataFrame], arrived_ms: int
     ) -> Written:
+        """Make the micro-batch durable, or raise having left no temporary file behind.
+
+        Accepted rows go first: if the quarantine write then fails, the client's retry repeats
+        rows the consumer deduplicates, rather than quarantine rows nothing would.
+        """
         started = time.perf_counter()
+        rows = sum(t.num_rows for t in accepted)
+        path = None
+        if rows:
+            table = pa.concat_tables(accepted) if len(accepted) > 1 else accepted[0]
+            try:
+                path = self.spool.write(table)
+            except BaseException:
+                self._remove_own_temporaries()
+                raise
         quarantined = sum(len(r) for r in rejected)
         if quarantined:
             self._quarantine(pl.concat(rejected), arrived_ms, started)
-        rows = sum(t.num_rows for t in accepted)
-        if not rows:
-            return Written(None, 0, quarantined)
-        table = pa.concat_tables(accepted) if len(accepted) > 1 else accepted[0]
-        path = self.spool.write(table)
-        return Written(path.name, rows, quarantined)
+        return Written(None if path is None else path.name, rows, quarantined)
+
+    def _remove_own_temporaries(self) -> None:
+        """After a failed spool write: remove this producer's temporary files. Writes run one at
+        a time per process, so every such file is the failed write's (whatever the spool
+        writer itself cleaned up)."""
+        own = re.compile(rf"^\.\d{{15}}-{re.escape(self.producer)}-\d{{9}}\.arrow\.tmp$")
+        with contextlib.suppress(OSError), os.scandir(self.layout.incoming) as entries:
+            for e in entries:
+                if own.match(e.name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(e.path)
 
     def _quarantine(self, rejected: pl.DataFrame, arrived_ms: int, started: float) -> None:
         now = datetime.now(UTC)
@@ -140,8 +160,15 @@ class SpoolBatchWriter:
             consumer=f"ingest-{self.producer}",
         )
         ledger = self.layout.ledger / f"date={now:%Y-%m-%d}" / f"{batch_id}.parquet"
-        _mkdir_durable(ledger.parent)
-        atomic_write_bytes(ledger, _parquet_bytes(pl.DataFrame([row], schema=LEDGER_SCHEMA)))
+        try:
+            _mkdir_durable(ledger.parent)
+            atomic_write_bytes(ledger, _parquet_bytes(pl.DataFrame([row], schema=LEDGER_SCHEMA)))
+        except BaseException:
+            # Without its ledger row the quarantine file would break rows_in = accepted +
+            # duplicates + quarantined; the client is not acknowledged and sends the rows again.
+            with contextlib.suppress(OSError):
+                target.unlink()
+            raise
 
 
 class Backlog:

@@ -14,8 +14,11 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from api.disk import DiskSpace
+from api.health import consumer_health
 from pipeline.settings import Settings
 from pipeline.spool import list_incoming, oldest_waiting_age
+from pipeline.status import FAULTS, read_statuses
 from queries import ops
 from queries.lake import Lake
 
@@ -44,6 +47,7 @@ class LakeCollector(Collector):
         self.lake = lake
         self.ledger = ops.LedgerCounter(lake)
         self._redis: Any = None
+        self.disk = DiskSpace(lake.root, settings.disk_min_free)
 
     def _key_cache_bytes(self) -> tuple[str, float]:
         if self.settings.redis_url:
@@ -113,12 +117,61 @@ class LakeCollector(Collector):
         )
         cache.add_metric([kind], size)
         yield cache
+        yield from self._consumers()
+        free = self.disk.free()
+        yield GaugeMetricFamily(
+            "adevents_disk_free_bytes",
+            "Free bytes on DATA_DIR's filesystem (NaN when unknown)",
+            value=float("nan") if free is None else free,
+        )
+        yield GaugeMetricFamily(
+            "adevents_disk_min_free_bytes",
+            "DISK_MIN_FREE: below it the ingest answers 503 and consumers pause (0 = no check)",
+            value=self.disk.min_free,
+        )
         last = ops.last_commit_ms(self.lake, int(time.time() * 1000))
         yield GaugeMetricFamily(
             "adevents_last_commit_timestamp_seconds",
             "When the newest batch was committed (Unix time; 0 when none)",
             value=(last or 0) / 1000,
         )
+
+    def _consumers(self) -> Iterator[Any]:
+        """Each consumer's state from ``state/consumers/``: retrying which fault, since when.
+        A consumer that stopped reporting counts as not running and retrying nothing."""
+        now = time.time()
+        consumers = [consumer_health(s, now) for s in read_statuses(self.lake.layout.state)]
+        running = GaugeMetricFamily(
+            "adevents_consumer_running",
+            "1 while a consumer reports itself running or retrying; 0 when stopped or silent",
+            labels=["consumer"],
+        )
+        retrying = GaugeMetricFamily(
+            "adevents_consumer_retrying",
+            "1 while a consumer waits out this transient fault, else 0",
+            labels=["consumer", "fault"],
+        )
+        seconds = GaugeMetricFamily(
+            "adevents_consumer_fault_seconds",
+            "How long a consumer has been retrying this fault (0 when it is not)",
+            labels=["consumer", "fault"],
+        )
+        attempts = GaugeMetricFamily(
+            "adevents_consumer_retry_attempts",
+            "Retries of the current fault so far (0 when none)",
+            labels=["consumer"],
+        )
+        for c in consumers:
+            alive = c.state in ("running", "retrying")
+            running.add_metric([c.name], 1.0 if alive else 0.0)
+            faults = dict.fromkeys(FAULTS, False)
+            if c.state == "retrying":
+                faults[c.fault or "unknown"] = True
+            for fault, on in faults.items():
+                retrying.add_metric([c.name, fault], 1.0 if on else 0.0)
+                seconds.add_metric([c.name, fault], max(0.0, now - c.since / 1000) if on else 0.0)
+            attempts.add_metric([c.name], c.attempts if c.state == "retrying" else 0)
+        yield from (running, retrying, seconds, attempts)
 
 
 class Metrics:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import msgspec
 from msgspec import Struct
 
 from pipeline.jobs.alerts import Alert
@@ -214,21 +215,71 @@ class Alerts(Struct):
 class KeyCacheHealth(Struct):
     kind: str
     ok: bool
+    #: What was found, in words that name no host or path.
     detail: str
     consumer_running: bool | None = None
+    #: The error as raised (it may name a host:port): only for a caller with an API key.
+    error: str | None = None
+
+
+class ConsumerHealth(Struct):
+    """A consumer's last published state (``state/consumers/``)."""
+
+    name: str
+    #: running, retrying or stopped; ``stale`` when it has not reported for a while (gone).
+    state: str
+    #: The transient fault it is waiting out while retrying (e.g. redis_unavailable).
+    fault: str | None
+    #: Since when (epoch ms) it has been in this state, and how many retries so far.
+    since: int
+    attempts: int
+    next_retry_at: int | None
+    updated_at: int
+    #: The fault's own words (may name a host or path): only for a caller with an API key.
+    detail: str | None = None
+
+
+class PublicHealth(Struct):
+    """What /health tells anyone: ok or unhealthy, and why as reason codes."""
+
+    status: str
+    #: Reason codes, e.g. ``consumer_lag``, ``disk_low``, ``consumer_retrying:redis_unavailable``.
+    reasons: list[str]
+    checked_at: int
 
 
 class Health(Struct):
+    """/health/detail: every check's result."""
+
     status: str
-    #: Why the service is unhealthy; empty when healthy.
+    #: Reason codes (see PublicHealth); empty when healthy.
     reasons: list[str]
+    #: One sentence per reason, for people (no hosts or paths).
+    messages: list[str]
     checked_at: int
     key_cache: KeyCacheHealth
-    data_dir: str
     data_dir_writable: bool
+    #: Free bytes on DATA_DIR's filesystem (for unprivileged users), and the configured minimum.
+    disk_free_bytes: int | None
+    disk_min_free_bytes: int
     #: Age in seconds of the oldest file waiting in incoming/ (0 when none).
     consumer_lag_seconds: float
     files_waiting: int
     #: When the newest batch was committed (epoch ms), null when none ever was.
     last_commit: int | None
     seconds_since_last_commit: float | None
+    consumers: list[ConsumerHealth]
+    #: The absolute DATA_DIR: only for a caller with an API key.
+    data_dir: str | None = None
+
+    def public(self) -> PublicHealth:
+        return PublicHealth(self.status, self.reasons, self.checked_at)
+
+    def redacted(self) -> Health:
+        """Without what only a key holder may see: paths, hosts, raw errors."""
+        return msgspec.structs.replace(
+            self,
+            data_dir=None,
+            key_cache=msgspec.structs.replace(self.key_cache, error=None),
+            consumers=[msgspec.structs.replace(c, detail=None) for c in self.consumers],
+        )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from litestar import MediaType, Response, get
+from litestar import MediaType, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
@@ -12,6 +12,7 @@ from litestar.params import PathParameter, QueryParameter
 
 from api import dashboard, docs, params
 from api.health import HealthChecker
+from api.ingest import ApiKeys
 from api.metrics import Metrics
 from api.models import (
     AdEvent,
@@ -24,6 +25,7 @@ from api.models import (
     Leaderboard,
     LeaderboardRow,
     Performance,
+    PublicHealth,
     StatsPoint,
 )
 from queries import campaigns, events, ops
@@ -67,10 +69,25 @@ OpenOnly = Annotated[
 ]
 
 
-@get("/health", responses={503: ResponseSpec(Health, description="unhealthy")})
-async def health(checker: NamedDependency[HealthChecker]) -> Response[Health]:
-    """Key cache, DATA_DIR writable, consumer lag, last commit; 503 with reasons when unhealthy."""
+@get("/health", responses={503: ResponseSpec(PublicHealth, description="unhealthy")})
+async def health(checker: NamedDependency[HealthChecker]) -> Response[PublicHealth]:
+    """200 or 503, with reason codes (e.g. ``disk_low``, ``consumer_lag``,
+    ``consumer_retrying:redis_unavailable``). Always open: load balancers probe it."""
     report = await checker.report()
+    return Response(report.public(), status_code=200 if report.status == "ok" else 503)
+
+
+@get("/health/detail", responses={503: ResponseSpec(Health, description="unhealthy")})
+async def health_detail(
+    request: Request[Any, Any, Any],
+    checker: NamedDependency[HealthChecker],
+    api_keys: NamedDependency[ApiKeys],
+) -> Response[Health]:
+    """Every check's result. Needs an API key when API_KEYS_REQUIRED_FOR_READ; otherwise open,
+    but raw errors and DATA_DIR's path are shown only to a caller that sends a valid key."""
+    report = await checker.report()
+    if not api_keys.valid(request):
+        report = report.redacted()
     return Response(report, status_code=200 if report.status == "ok" else 503)
 
 
@@ -185,7 +202,7 @@ def _snapshot(lake: Lake, checker: HealthChecker) -> dashboard.Snapshot:
 @get("/", sync_to_thread=True, media_type=MediaType.HTML, include_in_schema=False)
 def dashboard_page(lake: NamedDependency[Lake], checker: NamedDependency[HealthChecker]) -> str:
     """The dashboard."""
-    return dashboard.page(_snapshot(lake, checker), str(lake.root))
+    return dashboard.page(_snapshot(lake, checker))
 
 
 @get("/dashboard/panel", sync_to_thread=True, media_type=MediaType.HTML, include_in_schema=False)
@@ -196,6 +213,7 @@ def dashboard_panel(lake: NamedDependency[Lake], checker: NamedDependency[Health
 
 ROUTES: Final = [
     health,
+    health_detail,
     latest,
     by_campaign,
     campaign_stats,

@@ -416,26 +416,54 @@ def test_bad_input_is_a_400_that_says_why(
     assert says in text
 
 
-def test_an_unreadable_lake_is_a_503(
-    app: Litestar, client: TestClient[Litestar], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "error",
+    [
+        LakeBusyError("files of the lake kept vanishing: /srv/data/events/x.parquet"),
+        __import__("duckdb").IOException(
+            'IO Error: Could not open file "/srv/data/events/date=2026-01-01/x.parquet": '
+            "SELECT * FROM read_parquet($files_events) WHERE campaign_id = $1"
+        ),
+    ],
+    ids=["busy", "duckdb"],
+)
+def test_an_unreadable_lake_is_a_503_without_internals(
+    client: TestClient[Litestar],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
 ) -> None:
-    def busy(*args: object, **kwargs: object) -> None:
-        raise LakeBusyError("files of the lake kept vanishing")
+    def broken(*args: object, **kwargs: object) -> None:
+        raise error
 
-    monkeypatch.setattr("queries.events.newest", busy)
-    response = client.get("/ad_events/latest")
+    monkeypatch.setattr("queries.events.newest", broken)
+    response = client.get("/ad_events/latest", headers={"X-Request-ID": "trace-123"})
     assert response.status_code == 503
-    assert "kept vanishing" in response.json()["detail"]
+    body = response.json()
+    assert "could not be read right now" in body["detail"]
+    assert body["request_id"] == response.headers["x-request-id"] == "trace-123"
+    assert response.headers["retry-after"] == "1"
+    for internal in ("/srv", "parquet", "SELECT", "read_parquet", "Error"):
+        assert internal not in response.text, internal
+    # ... and the operator finds the details under the same id.
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("trace-123" in m and "/srv/data" in m for m in logged)
 
 
 # -- /health ------------------------------------------------------------------------------------
 def test_health_reports_its_checks(client: TestClient[Litestar]) -> None:
-    body = ok(client, "/health")
-    assert body["status"] == "ok" and body["reasons"] == []
+    public = ok(client, "/health")
+    assert public == {"status": "ok", "reasons": [], "checked_at": public["checked_at"]}
+    body = ok(client, "/health/detail")
+    assert body["status"] == "ok" and body["reasons"] == [] and body["messages"] == []
     assert body["key_cache"]["kind"] == "embedded" and body["key_cache"]["ok"]
     assert body["data_dir_writable"] is True
+    assert body["disk_free_bytes"] > 0 and body["disk_min_free_bytes"] == 1024**3
     assert body["consumer_lag_seconds"] == 0.0 and body["files_waiting"] == 0
     assert body["last_commit"] and 0 <= body["seconds_since_last_commit"] < 600
+    assert body["consumers"] == []
+    # No API key configured, none presented: no path in the detail either.
+    assert body["data_dir"] is None
     assert client.get("/health").json()["checked_at"] == body["checked_at"]  # cached
 
 
@@ -448,26 +476,35 @@ def test_health_is_503_with_reasons(tmp_path: Path) -> None:
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     with TestClient(create_app(settings)) as c:
         response = c.get("/health")
+        detail = c.get("/health/detail").json()
     assert response.status_code == 503
-    reasons = " | ".join(response.json()["reasons"])
-    assert "no consumer has run" in reasons
-    assert "consumer lag" in reasons and "waited 36" in reasons
+    assert response.json()["reasons"] == ["key_cache_missing", "consumer_lag"]
+    assert str(tmp_path) not in response.text
+    messages = " | ".join(detail["messages"])
+    assert "no consumer has run" in messages
+    assert "consumer lag" in messages and "waited 36" in messages
 
 
 def test_health_pings_redis(tmp_path: Path, redis_url: str) -> None:
     with TestClient(create_app(make_settings(tmp_path, redis_url=redis_url))) as c:
-        body = c.get("/health").json()
+        body = c.get("/health/detail").json()
     assert body["key_cache"] == {
         "kind": "redis",
         "ok": True,
         "detail": "Redis answered PING",
         "consumer_running": None,
+        "error": None,
     }
     dead = make_settings(tmp_path, redis_url="redis://127.0.0.1:1/0")
     with TestClient(create_app(dead)) as c:
         response = c.get("/health")
+        detail = c.get("/health/detail").json()
     assert response.status_code == 503
-    assert "Redis ping failed" in response.json()["reasons"][0]
+    assert response.json()["reasons"] == ["key_cache_unavailable"]
+    assert "127.0.0.1" not in response.text
+    assert detail["messages"] == ["key cache: Redis did not answer PING"]
+    assert detail["key_cache"]["error"] is None  # no key presented: the error text is withheld
+    assert "127.0.0.1" not in str(detail)
 
 
 # -- /metrics ---------------------------------------------------------------------------------

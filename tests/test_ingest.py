@@ -560,14 +560,16 @@ def test_a_failed_write_is_503_and_nothing_is_acknowledged(
     monkeypatch.setattr(ingest_spool.SpoolBatchWriter, "write", broken)
     with TestClient(make_app()) as c:
         r = post(c, body_of(sample(3), JSON), JSON)
-        assert r.status_code == 503 and "No space left" in r.json()["detail"]
+        assert r.status_code == 503 and "disk is full" in r.json()["detail"]
+        assert "No space left" not in r.text  # the error's own words go to the log
+        assert r.json()["request_id"] == r.headers["x-request-id"]
         assert r.headers["retry-after"] == "1"
     assert spooled(data_dir).num_rows == 0
 
 
 def test_openapi_documents_the_endpoint(client: TestClient[Litestar]) -> None:
     op = client.get("/schema/openapi.json").json()["paths"]["/ad_events"]["post"]
-    assert set(op["requestBody"]["content"]) == {JSON, NDJSON, ARROW_STREAM}
+    assert set(op["requestBody"]["content"]) == {JSON, NDJSON, ARROW_STREAM, ARROW_FILE}
     assert {"202", "400", "401", "413", "415", "429", "503"} <= set(op["responses"])
 
 
