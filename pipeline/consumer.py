@@ -328,15 +328,22 @@ class Consumer:
         return self._write_batch(decided, lease) if isinstance(decided, Decided) else decided
 
     def _stage_one(self, path: Path) -> Decided | dict[str, Any] | None:
-        """Decide a file's batch, rebuilding the key cache first if it lost its data."""
+        """Decide a file's batch; a key cache that lost its data is raised to the caller.
+
+        A loss is not repaired here: the batch being written meanwhile (claimed before the
+        loss) will not commit, so deciding this one now would land it first and break file
+        order. :meth:`run` drops both and resumes, in order, once the cache is rebuilt. A
+        claim refused for another reason (slices another consumer expired meanwhile) is simply
+        decided again.
+        """
         for _ in range(3):
             try:
                 return self._process(path)
             except CacheLostError:
-                log.warning("the key cache lost its data; rebuilding it from events/")
                 self._decided_watermark = None
-                self.ensure_cache()
-        raise CacheLostError(f"{path.name}: the key cache kept losing its data")
+                if self.cache.needs_rebuild():
+                    raise
+        raise CacheLostError(f"{display_name(path.name)!r}: claims kept being refused")
 
     def _process(self, path: Path) -> Decided | dict[str, Any] | None:
         try:

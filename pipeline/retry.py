@@ -205,7 +205,7 @@ class Supervisor:
         now = time.monotonic()
         if fault != self.fault:
             log.warning(
-                "pausing: %s (%s: %s); retrying with backoff (at most %.0fs apart)",
+                "pausing: %s (%s: %s); retrying with backoff (at most %gs apart)",
                 fault,
                 type(exc).__name__,
                 exc,
