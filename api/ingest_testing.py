@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,14 +49,24 @@ class Server:
 
 
 def start_server(
-    data_dir: str, log: Path, env: Mapping[str, str], *, timeout: float = 30.0
+    data_dir: str,
+    log: Path,
+    env: Mapping[str, str],
+    *,
+    timeout: float = 30.0,
+    prefix: Sequence[str] = (),
 ) -> Server:
-    """Start ``uvicorn api.app:app`` over ``data_dir`` with ``env`` added; wait until it answers."""
+    """Start ``uvicorn api.app:app`` over ``data_dir`` with ``env`` added; wait until it answers.
+
+    ``prefix`` runs the server under another command (e.g. ``unshare`` with a private mount of
+    DATA_DIR); that command must exec the server, so ``Server.proc`` is the server itself.
+    """
     port = free_port()
     full_env = {**os.environ, "DATA_DIR": data_dir, "LOG_LEVEL": "WARNING", **env}
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 "-m",
                 "uvicorn",
