@@ -95,6 +95,11 @@ def attempt_name(token: str) -> str:
     return f"{safe[:40]}_{hashlib.blake2b(token.encode(), digest_size=8).hexdigest()}"
 
 
+def _printable(name: str) -> str:
+    """A file name for one log line: control characters (a newline) escaped, quoted."""
+    return '"' + "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in name) + '"'
+
+
 def _ms(dt: datetime) -> int:
     return int(dt.timestamp() * 1000)
 
@@ -343,7 +348,7 @@ class Consumer:
                 self._decided_watermark = None
                 if self.cache.needs_rebuild():
                     raise
-        raise CacheLostError(f"{display_name(path.name)!r}: claims kept being refused")
+        raise CacheLostError(f"{_printable(display_name(path.name))}: claims kept being refused")
 
     def _process(self, path: Path) -> Decided | dict[str, Any] | None:
         try:
@@ -493,7 +498,9 @@ class Consumer:
         staged.extra = {"source_file": d.path.name, "ledger": row}
         faults.point("after_stage")
         if not (self.leases.held(lease) and self.cache.valid(d.batch_id)):
-            log.warning("%r: lost the lease or the key cache meanwhile; not committing", source)
+            log.warning(
+                "%s: lost the lease or the key cache meanwhile; not committing", _printable(source)
+            )
             staged.abandon()
             self._decided_watermark = None
             return None
@@ -607,7 +614,7 @@ class Consumer:
         exact bytes. A crash before the move redoes it into the same directory.
         """
         shown = display_name(path.name)
-        log.warning("quarantined %r: %s: %s", shown, reason, message)
+        log.warning("quarantined %s: %s: %s", _printable(shown), reason, message)
         now = self.clock()
         sidecar: dict[str, Any] = {
             "file": shown,
