@@ -194,6 +194,9 @@ class Consumer:
         #: Largest spool file read; bigger ones are quarantined as ``file_too_large``.
         self.max_file_bytes = MAX_FILE_BYTES
         self.status = StatusBoard(self.layout.state, self.name)
+        #: Poison entries quarantined in the ledger that could not be moved out of incoming/
+        #: (a mount point, say): passed over for the life of this process, logged once.
+        self._stuck: set[str] = set()
 
     # -- start-up ----------------------------------------------------------------------------
     def lock(self) -> None:
@@ -648,6 +651,14 @@ class Consumer:
             os.replace(path, dest_dir / path.name)
         except FileNotFoundError:  # another consumer moved it meanwhile
             return row
+        except OSError as exc:
+            if classify(exc) is not None:
+                raise  # a full disk: wait, and quarantine it then
+            # EBUSY (a mount point), EXDEV, EPERM: it cannot leave incoming/. Its ledger row
+            # says why; pass over it rather than stop for it.
+            log.error("cannot move %s out of incoming/: %s; skipped", _printable(shown), exc)
+            self._stuck.add(path.name)
+            return row
         if self.durable:
             from pipeline.spool import fsync_dir
 
@@ -696,36 +707,43 @@ class Consumer:
             give_up_after=self.settings.once_retry_timeout if once else None,
         )
         self.status.start()
-        resumed = False
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adevents-writer") as writer:
-            while not stop.is_set():
-                try:
-                    if not resumed:
-                        self.resume()
-                        resumed = True
-                    more = self._pass(writer, once, stop)
-                    if not more:
-                        self._settle()
-                    supervisor.ok()
-                    if not more:
-                        break
-                except Exception as exc:
-                    self._abandon()
-                    supervisor.failed(exc)  # waits, or raises what is not transient
-                    resumed = False
-            try:
-                self._settle()
-            except Exception as exc:
-                if classify(exc) is None:
-                    raise
-                # Stopping during a fault: the batch is redone, exactly, at the next start.
-                log.warning("stopped with a batch unfinished (%s); the next start redoes it", exc)
-        self.status.stop()
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adevents-writer") as writer:
+                self._supervised(writer, supervisor, once, stop)
+        finally:
+            self.status.stop()
         return self.totals
+
+    def _supervised(
+        self, writer: ThreadPoolExecutor, supervisor: Supervisor, once: bool, stop: threading.Event
+    ) -> None:
+        resumed = False
+        while not stop.is_set():
+            try:
+                if not resumed:
+                    self.resume()
+                    resumed = True
+                more = self._pass(writer, once, stop)
+                if not more:
+                    self._settle()
+                supervisor.ok()
+                if not more:
+                    break
+            except Exception as exc:
+                self._abandon()
+                supervisor.failed(exc)  # waits, or raises what is not transient
+                resumed = False
+        try:
+            self._settle()
+        except Exception as exc:
+            if classify(exc) is None:
+                raise
+            # Stopping during a fault: the batch is redone, exactly, at the next start.
+            log.warning("stopped with a batch unfinished (%s); the next start redoes it", exc)
 
     def _pass(self, writer: ThreadPoolExecutor, once: bool, stop: threading.Event) -> bool:
         """Take every file waiting now; False when ``once`` and nothing is left."""
-        files = list_incoming(self.layout.incoming)
+        files = [p for p in list_incoming(self.layout.incoming) if p.name not in self._stuck]
         if not files:
             if once:
                 return False

@@ -318,3 +318,29 @@ def test_any_name_and_entry_kind_is_landed_or_quarantined(
             assert len(os.fsencode(name)) <= NAME_MAX
     for raw, _ in entries:
         assert len(internal_stem(os.fsdecode(raw))) <= 100
+
+
+def test_an_entry_that_cannot_be_moved_is_recorded_and_passed_over(tmp_path: Path) -> None:
+    """A mount point under a *.arrow name cannot be renamed (EBUSY): ledger row, one log line,
+    and the consumer goes on with the files after it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    data = tmp_path / "data"
+    incoming = data / "incoming"
+    mount = incoming / "mounted.arrow"
+    mount.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    consumer = ConsumerProcess(base_env(data), tmp_path / "consumer.log").start()
+    try:
+        write(incoming / "~after.arrow", arrow_bytes(["after-1"]))
+        wait_for(
+            lambda: len(ledger(data)) == 2 or not consumer.running(), "both entries in the ledger"
+        )
+        statuses = dict(ledger(data).select("source_file", "status").iter_rows())
+        assert statuses == {"mounted.arrow": "not_a_regular_file", "~after.arrow": "ok"}
+        assert consumer.running()
+        assert consumer.terminate() == 0, consumer.text()
+        assert consumer.text().count("cannot move") == 1, consumer.text()
+    finally:
+        consumer.kill()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
