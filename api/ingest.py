@@ -172,6 +172,10 @@ class ApiKeys:
         self.check(connection)
 
 
+class BacklogFullError(RuntimeError):
+    """The spool's backlog is at MAX_BACKLOG_EVENTS (429)."""
+
+
 # -- the service -----------------------------------------------------------------------------------
 class Ingestor:
     """Decode, check, and commit one body; knows nothing of HTTP."""
@@ -233,6 +237,11 @@ class Ingestor:
             checked = await anyio.to_thread.run_sync(self._decode_and_check, body, media)
         else:
             checked = self._decode_and_check(body, media)
+        # Checked again now that the rows are known: between here and the committer counting
+        # them there is no await, so concurrent requests each see the ones before them, and the
+        # backlog ends at most one request's events over MAX_BACKLOG_EVENTS (per process).
+        if self.over_backlog():
+            raise BacklogFullError
         if checked.received:
             await self.committer.commit(checked.accepted, checked.rejected, arrived_ms)
         return IngestResult(
@@ -298,6 +307,14 @@ def _too_large(request: Request[Any, Any, Any], exc: Exception) -> Response[dict
         413,
         f"the body is larger than {limit} bytes (INGEST_MAX_BODY_BYTES): send fewer events "
         "per request",
+    )
+
+
+def _backlog_full(ingestor: Ingestor) -> TooManyRequestsException:
+    return TooManyRequestsException(
+        f"the spool holds more than {ingestor.ingest.max_backlog_events} events "
+        "(MAX_BACKLOG_EVENTS) waiting for the consumer: retry later",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 
 
@@ -373,15 +390,13 @@ async def post_ad_events(
             f"({ingestor.settings.disk_min_free} bytes): retry later",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    if ingestor.over_backlog():
-        raise TooManyRequestsException(
-            f"the spool holds more than {ingestor.ingest.max_backlog_events} events "
-            "(MAX_BACKLOG_EVENTS) waiting for the consumer: retry later",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+    if ingestor.over_backlog():  # before reading the body: the cheap refusal
+        raise _backlog_full(ingestor)
     body = await request.body()
     try:
         result = await ingestor.take(body, media)
+    except BacklogFullError:
+        raise _backlog_full(ingestor) from None
     except TooManyEventsError as exc:
         raise HTTPException(status_code=413, detail=str(exc)) from None
     except BodyError as exc:

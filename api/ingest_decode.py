@@ -9,6 +9,7 @@ consumer's own implementations.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Final
@@ -59,6 +60,18 @@ Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 #: INGEST_MAX_EVENTS_PER_REQUEST pass their own).
 DEFAULT_MAX_DEPTH: Final = 16
 DEFAULT_MAX_EVENTS: Final = 100_000
+
+
+#: The longest library message quoted in a BodyError (a schema can name thousands of columns).
+_MAX_QUOTED: Final = 300
+#: A C++ source location some Arrow builds append to their messages: internal, not for clients.
+_SOURCE_LOCATION: Final = re.compile(r"\S*/\S+\.(?:cc|cpp|h|hpp)(?::\d+)?\s*")
+
+
+def _quoted(exc: BaseException) -> str:
+    """A decoder library's message, fit for a client: first line, no source paths, short."""
+    text = _SOURCE_LOCATION.sub("", str(exc).strip().split("\n", 1)[0])
+    return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 1] + "…"
 
 
 class BodyError(ValueError):
@@ -218,7 +231,7 @@ def _decode_array(text: bytes, max_depth: int) -> list[_Event]:
     except RecursionError:  # a skipped value nests deeper than msgspec goes: clean, no harm
         raise _too_deep(max_depth) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise BodyError(f"the body is not valid JSON: {exc}") from None
+        raise BodyError(f"the body is not valid JSON: {_quoted(exc)}") from None
     if events is not None and openers(text) <= len(events) + 1:
         return events
     if too_deep(text, max_depth + 1):
@@ -228,9 +241,9 @@ def _decode_array(text: bytes, max_depth: int) -> list[_Event]:
     try:
         return _coerce(_LOOSE.decode(text))
     except msgspec.ValidationError as exc:
-        raise BodyError(f"the body must be a JSON array of event objects: {exc}") from None
+        raise BodyError(f"the body must be a JSON array of event objects: {_quoted(exc)}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # pragma: no cover - decoded above
-        raise BodyError(f"the body is not valid JSON: {exc}") from None
+        raise BodyError(f"the body is not valid JSON: {_quoted(exc)}") from None
 
 
 def _decode_json_array(body: bytes, max_depth: int) -> list[_Event]:
@@ -247,7 +260,7 @@ def _ndjson_error(body: bytes, max_depth: int) -> BodyError:
         try:
             _LOOSE_ONE.decode(line)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            return BodyError(f"line {number} is not one JSON event object: {exc}")
+            return BodyError(f"line {number} is not one JSON event object: {_quoted(exc)}")
     return BodyError("the body is not NDJSON: one JSON event object per line")
 
 
@@ -280,7 +293,7 @@ def _read_arrow(body: bytes, media: str) -> pa.Table:
         if media == ARROW_STREAM and body[:6] == b"ARROW1":
             hint = f" (this is the Arrow IPC file format: send it as {ARROW_FILE})"
         kind = "file" if media == ARROW_FILE else "stream"
-        raise BodyError(f"the body is not a valid Arrow IPC {kind}{hint}: {exc}") from None
+        raise BodyError(f"the body is not a valid Arrow IPC {kind}{hint}: {_quoted(exc)}") from None
     return table
 
 
@@ -322,7 +335,7 @@ def decode(
     try:
         normalized, _ignored = normalize(table)
     except SchemaMismatchError as exc:
-        raise BodyError(str(exc)) from None
+        raise BodyError(_quoted(exc)) from None
     return normalized
 
 

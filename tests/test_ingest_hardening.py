@@ -7,6 +7,7 @@ test client where a fault has to be injected. Hypothesis runs with bounded examp
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -252,6 +253,45 @@ def test_spool_files_with_long_ids_are_quarantined_by_the_consumer(tmp_path: Pat
     ledger = pl.read_parquet(tmp_path / "ledger" / "**" / "*.parquet")
     assert ledger["quarantined_field_too_long"].to_list() == [2]
     assert ledger["accepted"].to_list() == [1]
+
+
+# -- MAX_BACKLOG_EVENTS: soft by at most one request ----------------------------------------------
+def test_concurrent_requests_overshoot_the_backlog_by_at_most_one_request(tmp_path: Path) -> None:
+    """Five requests of 40 events arrive together with MAX_BACKLOG_EVENTS=50, all past the
+    route's early check: the check made when their rows are counted lets two through (0 and 40
+    waiting, both under 50) and refuses the rest, so the backlog ends at 80, not 200."""
+    from api.ingest import BacklogFullError, Ingestor
+    from pipeline.settings import IngestSettings
+
+    settings = Settings.from_env({}, data_dir=str(tmp_path), fsync="false", batch_interval="5ms")
+    ingestor = Ingestor(settings, IngestSettings.from_env({}, max_backlog_events="50"))
+
+    async def run() -> list[object]:
+        await ingestor.start()
+        try:
+            bodies = [body_of(sample(40, prefix=f"b{i}-"), JSON) for i in range(5)]
+            return await asyncio.gather(
+                *(ingestor.take(b, JSON) for b in bodies), return_exceptions=True
+            )
+        finally:
+            await ingestor.close()
+
+    outcomes = asyncio.run(run())
+    assert [type(o).__name__ for o in outcomes] == ["IngestResult"] * 2 + [
+        BacklogFullError.__name__
+    ] * 3
+    assert ingestor.backlog_events() == 80
+
+
+def test_a_400_quotes_the_decoder_briefly_and_without_source_paths() -> None:
+    from api.ingest_decode import _quoted
+
+    wide = pa.table({f"col{i:05d}": [1] for i in range(5_000)})
+    with pytest.raises(BodyError) as caught:
+        decode(arrow_body(wide), ARROW_STREAM)
+    assert "are missing" in str(caught.value) and len(str(caught.value)) <= 300
+    cpp = ValueError("Invalid: /arrow/cpp/src/arrow/ipc/reader.cc:123  bad message\nmore")
+    assert _quoted(cpp) == "Invalid: bad message"
 
 
 # -- request ids and error bodies ------------------------------------------------------------------
