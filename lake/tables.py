@@ -18,7 +18,7 @@ from typing import Final
 
 import polars as pl
 import pyarrow as pa
-from deltalake import DeltaTable
+from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from lake.location import LakeLocation
@@ -119,6 +119,10 @@ def ensure_table(location: LakeLocation, spec: TableSpec) -> DeltaTable:
                 partition_by=list(spec.partition_by),
                 name=spec.name,
                 storage_options=options,
+                # A loser of the race for version 0 must fail, not retry: delta-rs would
+                # commit its CREATE TABLE again as version 1, replacing the table's metadata
+                # (seen on S3 with three processes creating at once).
+                commit_properties=CommitProperties(max_commit_retries=0),
             )
         except DeltaError:
             # Lost the race for version 0: fine if the winner's table is there.

@@ -33,8 +33,11 @@ def free_port() -> int:
 
 def _serve(port: int) -> None:
     """Child process body: serve until stdin closes (the parent exited or called stop)."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     print("ready", flush=True)
@@ -87,7 +90,7 @@ class S3Server:
         return self
 
     def client(self, service: str = "s3", **keys: str) -> Any:
-        import boto3
+        import boto3  # type: ignore[import-untyped]  # no stubs; tests only
 
         return boto3.client(
             service,
@@ -123,6 +126,8 @@ class S3Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.proc = None
 
 

@@ -1,0 +1,354 @@
+"""The lake's exactly-once commit path on local disk and on a real S3 server (moto, loopback).
+
+Covers table creation (also racing processes), commits carrying an application transaction,
+skip/redo after a crash between the Parquet write and the commit (orphans invisible, vacuum
+removes them), concurrent writers (threads and processes), and the same (app_id, version)
+committed twice, sequentially and racing. Every assertion is on final state, never on timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pyarrow.fs as pafs
+import pytest
+from s3_server import S3Server
+
+from lake import maintenance, snapshot
+from lake.location import LakeLocation
+from lake.tables import EVENTS, ensure_table, ensure_tables
+from lake.testing import HOUR_MS, enriched_frame, ledger_frame, quarantine_frame
+from lake.writer import (
+    Outcome,
+    commit_batch,
+    commit_files,
+    committed_version,
+    write_files,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 120.0
+
+#: A writer process: waits for the ``go`` file, then commits ``versions`` of ``app_id``.
+WORKER = """
+import json, os, sys, time
+from pathlib import Path
+from lake.location import LakeLocation
+from lake.tables import ensure_tables
+from lake.testing import enriched_frame
+from lake.writer import commit_batch, write_files
+from lake.tables import EVENTS
+args = json.loads(sys.argv[1])
+location = LakeLocation.from_env(args["env"])
+go = Path(args["go"])
+while not go.exists():
+    time.sleep(0.005)
+if args.get("crash_after_write"):
+    write_files(location, EVENTS, enriched_frame(args["rows"], seed=99, id_prefix="crash"))
+    print("written", flush=True)
+    time.sleep(3600)
+tables = ensure_tables(location)
+out = []
+for v in args["versions"]:
+    frame = enriched_frame(args["rows"], seed=v, id_prefix=args["app_id"])
+    res = commit_batch(location, args["app_id"], v, {"events": frame}, tables=tables)
+    out.append(res[0].outcome.value)
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """The lake's settings: a fresh local directory or a fresh prefix of the S3 bucket."""
+    if request.param == "local":
+        return {"LAKE_URI": str(tmp_path / "lake")}
+    server: S3Server = request.getfixturevalue("s3")
+    return server.env()
+
+
+@pytest.fixture
+def location(env: dict[str, str]) -> LakeLocation:
+    loc = LakeLocation.from_env(env)
+    loc.check()
+    return loc
+
+
+def count(location: LakeLocation, table: str = "events", where: str = "true") -> int:
+    con = duckdb.connect()
+    snapshot.register(con, snapshot.snapshot(location))
+    return int(con.sql(f"SELECT count(*) FROM {table} WHERE {where}").fetchall()[0][0])
+
+
+def files_on_storage(location: LakeLocation, table: str) -> set[str]:
+    fs = location.filesystem()
+    root = location.path(table)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return {
+        i.path[len(root) + 1 :]
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.endswith(".parquet")
+        and "_delta_log" not in i.path
+    }
+
+
+def spawn(args: dict[str, object]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, json.dumps(args)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_create_is_idempotent_and_tables_have_their_partitions(location: LakeLocation) -> None:
+    tables = ensure_tables(location)
+    again = ensure_tables(location)
+    assert {n: t.version() for n, t in tables.items()} == {n: 0 for n in tables}
+    assert again["events"].metadata().partition_columns == ["date", "hour"]
+    assert again["quarantine"].metadata().partition_columns == ["date"]
+    assert again["ledger"].metadata().partition_columns == ["date", "hour"]
+    assert count(location) == 0
+
+
+def test_racing_processes_create_one_table(
+    location: LakeLocation, env: dict[str, str], tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    args = {"env": env, "app_id": "x", "versions": [], "rows": 0, "go": str(go)}
+    procs = [spawn(args) for _ in range(3)]
+    go.touch()
+    for p in procs:
+        out, _ = p.communicate(timeout=TIMEOUT_S)
+        assert p.returncode == 0 and json.loads(out) == []
+    table = ensure_table(location, EVENTS)
+    assert table.version() == 0
+
+
+def test_commit_records_txn_stats_and_partitions(location: LakeLocation) -> None:
+    tables = ensure_tables(location)
+    assert committed_version(tables["events"], "spool-a") is None
+    frame = enriched_frame(40_000, seed=1, span_ms=2 * HOUR_MS)
+    result = commit_batch(
+        location,
+        "spool-a",
+        7,
+        {
+            "events": frame,
+            "quarantine": quarantine_frame(3),
+            "ledger": ledger_frame("b7", rows_in=40_003),
+        },
+        tables=tables,
+    )
+    assert [(r.table, r.outcome, r.rows, r.files) for r in result] == [
+        ("events", Outcome.COMMITTED, 40_000, 2),
+        ("quarantine", Outcome.COMMITTED, 3, 1),
+        ("ledger", Outcome.COMMITTED, 1, 1),
+    ]
+    for table in tables.values():
+        assert committed_version(table, "spool-a") == 7
+        assert committed_version(table, "spool-b") is None
+    assert count(location) == 40_000
+    assert (
+        count(location, "events", "date = '2026-12-02' AND hour = '01'")
+        == frame.filter(frame["event_time"].dt.hour() == 1).height
+    )
+    adds = tables["events"].get_add_actions(flatten=True)
+    assert adds.column("num_records").to_pylist() == [
+        frame.filter(frame["event_time"].dt.hour() == h).height for h in (0, 1)
+    ]
+    assert adds.column("min.campaign_id").to_pylist()[0] == frame["campaign_id"].min()
+    assert adds.column("null_count.event_id").to_pylist() == [0, 0]
+    # Pruning: a campaign's query reads only the row groups whose statistics admit it.
+    one = str(frame["campaign_id"].min())
+    assert (
+        count(location, "events", f"campaign_id = '{one}'") == (frame["campaign_id"] == one).sum()
+    )
+
+
+def test_same_app_version_twice_lands_once(location: LakeLocation) -> None:
+    tables = ensure_tables(location)
+    frame = enriched_frame(1_000, seed=2)
+    first = commit_batch(location, "spool-a", 1, {"events": frame}, tables=tables)
+    again = commit_batch(location, "spool-a", 1, {"events": frame}, tables=tables)
+    older = commit_batch(location, "spool-a", 0, {"events": frame}, tables=tables)
+    assert [r.outcome for r in first + again + older] == [
+        Outcome.COMMITTED,
+        Outcome.SKIPPED,
+        Outcome.SKIPPED,
+    ]
+    assert count(location) == 1_000
+    assert committed_version(tables["events"], "spool-a") == 1
+
+
+def test_racing_same_version_is_refused_by_the_txn_conflict_check(
+    location: LakeLocation,
+) -> None:
+    """Both writers passed the skip check on the same snapshot; the second commit must fail."""
+    first = ensure_table(location, EVENTS)
+    second = ensure_table(location, EVENTS)
+    ours = write_files(location, EVENTS, enriched_frame(500, seed=3), version=1)
+    theirs = write_files(location, EVENTS, enriched_frame(500, seed=3), version=1)
+    assert commit_files(first, EVENTS, ours, "spool-a", 1).outcome is Outcome.COMMITTED
+    assert commit_files(second, EVENTS, theirs, "spool-a", 1).outcome is Outcome.CONCEDED
+    assert count(location) == 500
+    # The loser's files are orphans: on storage, not in the table; vacuum removes them.
+    orphans = {a.path for a in theirs.actions}
+    assert orphans <= files_on_storage(location, "events")
+    removed = maintenance.vacuum(first, 0, allow_short_retention=True)
+    assert {Path(p).name for p in removed} == {Path(p).name for p in orphans}
+    assert files_on_storage(location, "events") == {a.path for a in ours.actions}
+    assert count(location) == 500
+
+
+def test_different_writers_on_one_snapshot_both_land(location: LakeLocation) -> None:
+    """Two handles on one version commit: put-if-absent makes the second retry, not overwrite."""
+    first = ensure_table(location, EVENTS)
+    second = ensure_table(location, EVENTS)
+    a = write_files(location, EVENTS, enriched_frame(300, seed=4, id_prefix="a"))
+    b = write_files(location, EVENTS, enriched_frame(200, seed=4, id_prefix="b"))
+    assert commit_files(first, EVENTS, a, "spool-a", 1).outcome is Outcome.COMMITTED
+    assert commit_files(second, EVENTS, b, "spool-b", 1).outcome is Outcome.COMMITTED
+    assert count(location) == 500
+    assert ensure_table(location, EVENTS).version() == 2
+
+
+def test_crash_between_write_and_commit_then_redo(location: LakeLocation) -> None:
+    tables = ensure_tables(location)
+    frame = enriched_frame(2_000, seed=5)
+    # The crashed attempt: files written, no commit.
+    crashed = write_files(location, EVENTS, frame, version=1)
+    assert len(crashed.actions) == 1
+    assert count(location) == 0
+    # A crash between the events commit and the ledger commit.
+    commit_batch(location, "spool-a", 1, {"events": frame}, tables=tables)
+    # Restart: the caller redoes batch 1 for every table; each skips what it has.
+    redo = commit_batch(
+        location,
+        "spool-a",
+        1,
+        {
+            "events": frame,
+            "quarantine": quarantine_frame(0),
+            "ledger": ledger_frame("b1", rows_in=2_000),
+        },
+        tables=tables,
+    )
+    assert [(r.table, r.outcome) for r in redo] == [
+        ("events", Outcome.SKIPPED),
+        ("quarantine", Outcome.COMMITTED),
+        ("ledger", Outcome.COMMITTED),
+    ]
+    assert committed_version(tables["quarantine"], "spool-a") == 1  # an empty commit, txn only
+    assert (count(location), count(location, "quarantine"), count(location, "ledger")) == (
+        2_000,
+        0,
+        1,
+    )
+    orphan = crashed.actions[0].path
+    assert orphan in files_on_storage(location, "events")
+    maintenance.vacuum(tables["events"], 0, allow_short_retention=True)
+    assert orphan not in files_on_storage(location, "events")
+    assert count(location) == 2_000
+
+
+def test_killed_writer_leaves_invisible_orphans(
+    location: LakeLocation, env: dict[str, str], tmp_path: Path
+) -> None:
+    ensure_tables(location)
+    go = tmp_path / "go"
+    go.touch()
+    proc = spawn(
+        {
+            "env": env,
+            "app_id": "k",
+            "versions": [],
+            "rows": 1_000,
+            "go": str(go),
+            "crash_after_write": True,
+        }
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=TIMEOUT_S)
+    proc.stdout.close()
+    assert len(files_on_storage(location, "events")) == 1
+    assert count(location) == 0
+    table = ensure_table(location, EVENTS)
+    assert committed_version(table, "k") is None
+    assert maintenance.vacuum(table, 0, allow_short_retention=True, dry_run=True)
+
+
+def test_concurrent_threads_commit_different_versions(location: LakeLocation) -> None:
+    ensure_tables(location)
+    errors: list[BaseException] = []
+
+    def run(app: str) -> None:
+        try:
+            tables = ensure_tables(location)
+            for v in range(1, 4):
+                frame = enriched_frame(500, seed=v, id_prefix=app)
+                commit_batch(
+                    location,
+                    app,
+                    v,
+                    {"events": frame, "ledger": ledger_frame(app, rows_in=500)},
+                    tables=tables,
+                )
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(f"spool-{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT_S)
+    assert not errors
+    assert count(location) == 3 * 3 * 500
+    assert count(location, "ledger") == 9
+    events = ensure_table(location, EVENTS)
+    assert [committed_version(events, f"spool-{i}") for i in range(3)] == [3, 3, 3]
+
+
+def test_concurrent_processes_commit_and_duplicate_racers_land_once(
+    location: LakeLocation, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Three processes with their own app_id, plus two racing the same versions of one app_id."""
+    ensure_tables(location)
+    go = tmp_path / "go"
+    base = {"env": env, "rows": 400, "go": str(go), "versions": [1, 2, 3]}
+    procs = [spawn({**base, "app_id": f"proc-{i}"}) for i in range(3)]
+    procs += [spawn({**base, "app_id": "twin"}) for _ in range(2)]
+    go.touch()
+    outcomes = []
+    for p in procs:
+        out, _ = p.communicate(timeout=TIMEOUT_S)
+        assert p.returncode == 0, out
+        outcomes.append(json.loads(out))
+    assert outcomes[:3] == [["committed"] * 3] * 3
+    # Each of the twin's versions was committed by exactly one of the two racers.
+    for v in range(3):
+        pair = sorted(o[v] for o in outcomes[3:])
+        assert pair[0] == "committed" and pair[1] in ("conceded", "skipped"), outcomes
+    assert count(location) == 4 * 3 * 400
+    twin = count(location, "events", "starts_with(event_id, 'twin')")
+    assert twin == 3 * 400
+    table = ensure_table(location, EVENTS)
+    assert committed_version(table, "twin") == 3
