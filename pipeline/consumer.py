@@ -775,7 +775,13 @@ class Consumer:
         if not isinstance(decided, Decided):
             self.leases.release(lease)
             return self._account(decided)
-        landed = self._settle()  # one batch in the writer at a time: commits stay in order
+        try:
+            landed = self._settle()  # one batch in the writer at a time: commits stay in order
+        except BaseException:
+            # The batch before failed (a fault): this one, decided after it, is dropped too
+            # and redone after it, in order; its claims are idempotent per batch.
+            self.leases.release(lease)
+            raise
         self._in_flight = (writer.submit(self._write_batch, decided, lease), lease)
         return landed
 

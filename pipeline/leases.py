@@ -124,7 +124,9 @@ class RedisLeases:
         key = self._key(name)
         if not self.r.set(key, token, nx=True, px=self.timeout_ms):
             current = _text(self.r.get(key))
-            if current is None or not self._holder_is_dead(current):
+            if current is None or not (
+                self._holder_is_dead(current) or self._forgotten_by_me(name, current)
+            ):
                 return None
             # A consumer of this host that died (kill -9, then a restart): no need to wait for
             # its lease to expire.
@@ -148,6 +150,14 @@ class RedisLeases:
         except PermissionError:
             return False
         return False
+
+    def _forgotten_by_me(self, name: str, value: str) -> bool:
+        """A lease of this very process that it released while Redis was unreachable (so the
+        key outlived the release): take it back at once rather than wait for it to expire."""
+        space, _, rest = value.partition("|")
+        with self._guard:
+            mine_now = name in self._held
+        return space == self.space and rest.partition("|")[0] == str(os.getpid()) and not mine_now
 
     def held(self, lease: Lease) -> bool:
         """Re-read the lease from Redis: True only if it is still ours."""

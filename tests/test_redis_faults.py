@@ -192,7 +192,7 @@ def test_redis_down_for_a_while_then_back(
 
         def retried_a_few_times() -> bool:
             found = statuses(data)
-            return bool(found) and found[0].state == "retrying" and found[0].attempts >= 3
+            return bool(found) and found[0].state == "retrying" and found[0].attempts >= 2
 
         wait_for(retried_a_few_times, "the status to show several retries")
         (status,) = statuses(data)
