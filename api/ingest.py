@@ -381,7 +381,7 @@ async def post_ad_events(
     encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
     if encoding != "identity":
         raise HTTPException(
-            status_code=415, detail=f"Content-Encoding {encoding!r} is not supported"
+            status_code=415, detail=f"Content-Encoding {encoding[:100]!r} is not supported"
         )
     if ingestor.disk.low():
         # Refuse before the disk fills: a full disk would fail this write and the consumer's.

@@ -10,6 +10,7 @@ consumer's own implementations.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Final
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import ipc
 
-from api.json_depth import openers, too_deep
+from api.json_depth import too_deep
 from pipeline.normalize import SchemaMismatchError, normalize
 from pipeline.schema import (
     EVENT_COLUMNS,
@@ -106,6 +107,10 @@ class _Event(msgspec.Struct, gc=False):
     revenue_micros: Int64 | None = None
 
 
+class _ExactEvent(_Event, forbid_unknown_fields=True):
+    """An event with no key outside the contract: the fast path, which never skips a value."""
+
+
 class _AnyEvent(msgspec.Struct, gc=False):
     """The same keys with any JSON value: the fallback when some value has the wrong type."""
 
@@ -124,6 +129,7 @@ class _AnyEvent(msgspec.Struct, gc=False):
 
 assert _Event.__struct_fields__ == EVENT_COLUMNS == _AnyEvent.__struct_fields__
 
+_EXACT: Final = msgspec.json.Decoder(list[_ExactEvent])
 _STRICT: Final = msgspec.json.Decoder(list[_Event])
 _LOOSE: Final = msgspec.json.Decoder(list[_AnyEvent])
 _STRICT_ONE: Final = msgspec.json.Decoder(_Event)
@@ -135,7 +141,7 @@ def media_type(content_type: str | None) -> str:
     base = (content_type or "").split(";", 1)[0].strip().lower()
     base = _ALIASES.get(base, base)
     if base not in MEDIA_TYPES:
-        shown = f"Content-Type {content_type!r}" if content_type else "a missing Content-Type"
+        shown = f"Content-Type {content_type[:100]!r}" if content_type else "a missing Content-Type"
         raise UnsupportedMediaTypeError(
             f"{shown} is not supported: send {JSON} (an array of event objects), {NDJSON} "
             f"(one event object per line) or {ARROW_STREAM} (an Arrow IPC stream)"
@@ -194,7 +200,7 @@ def _event_times(values: list[Any]) -> pa.Array:
     return pc.coalesce(ints, as_ms).cast(_TIME_MS)
 
 
-def _table(events: list[_Event]) -> pa.Table:
+def _table(events: Sequence[_Event]) -> pa.Table:
     """Columns of the decoded events, in the contract's types."""
     columns = list(zip(*(msgspec.structs.astuple(e) for e in events), strict=True))
     if not columns:
@@ -215,29 +221,28 @@ def _too_deep(max_depth: int, where: str = "the body") -> BodyError:
     )
 
 
-def _decode_array(text: bytes, max_depth: int) -> list[_Event]:
+def _decode_array(text: bytes, max_depth: int) -> Sequence[_Event]:
     """The events of a JSON array, refusing one that nests deeper than ``max_depth`` below it.
 
-    The typed decode runs first: it descends only into values it skips (unknown keys), and a
-    body it takes whole holds one opening bracket per event plus the array's, unless some value
-    nests (or some string holds a bracket). Only then is the depth scanned, so the usual body
-    pays one ``openers`` pass, not the scan. The loose decode stores any value, recursing into
-    it, so it never runs before the scan.
+    The usual body (known keys, values of the right types) is taken by the exact decode, which
+    never descends into a value: a nested value or an unknown key stops it at once. Only then
+    can the body nest deeper than its events, so only then is the depth scanned, before the
+    decodes that skip unknown values (recursively) or store any value (recursively).
     """
     try:
-        events = _STRICT.decode(text)
+        return _EXACT.decode(text)
     except msgspec.ValidationError:
-        events = None  # some value has the wrong type: find out whether the shape is right
-    except RecursionError:  # a skipped value nests deeper than msgspec goes: clean, no harm
-        raise _too_deep(max_depth) from None
+        pass  # an unknown key, or a value of another type: it may nest
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BodyError(f"the body is not valid JSON: {_quoted(exc)}") from None
-    if events is not None and openers(text) <= len(events) + 1:
-        return events
     if too_deep(text, max_depth + 1):
         raise _too_deep(max_depth)
-    if events is not None:
-        return events
+    try:
+        return _STRICT.decode(text)
+    except msgspec.ValidationError:
+        pass  # some value has the wrong type: find out whether the shape at least is right
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # pragma: no cover - decoded above
+        raise BodyError(f"the body is not valid JSON: {_quoted(exc)}") from None
     try:
         return _coerce(_LOOSE.decode(text))
     except msgspec.ValidationError as exc:
@@ -246,7 +251,7 @@ def _decode_array(text: bytes, max_depth: int) -> list[_Event]:
         raise BodyError(f"the body is not valid JSON: {_quoted(exc)}") from None
 
 
-def _decode_json_array(body: bytes, max_depth: int) -> list[_Event]:
+def _decode_json_array(body: bytes, max_depth: int) -> Sequence[_Event]:
     return _decode_array(body, max_depth)
 
 
@@ -264,7 +269,7 @@ def _ndjson_error(body: bytes, max_depth: int) -> BodyError:
     return BodyError("the body is not NDJSON: one JSON event object per line")
 
 
-def _decode_ndjson(body: bytes, max_depth: int) -> list[_Event]:
+def _decode_ndjson(body: bytes, max_depth: int) -> Sequence[_Event]:
     lines = [line for line in body.split(b"\n") if line.strip()]
     # One decoder call for the whole body: the lines become the elements of one array.
     joined = b"[" + b",".join(lines) + b"]"
