@@ -105,26 +105,12 @@ class SpoolBatchWriter:
         path = None
         if rows:
             table = pa.concat_tables(accepted) if len(accepted) > 1 else accepted[0]
-            try:
-                path = self.spool.write(table)
-            except BaseException:
-                self._remove_own_temporaries()
-                raise
+            # SpoolWriter removes its temporary file on any failure (ENOSPC included).
+            path = self.spool.write(table)
         quarantined = sum(len(r) for r in rejected)
         if quarantined:
             self._quarantine(pl.concat(rejected), arrived_ms, started)
         return Written(None if path is None else path.name, rows, quarantined)
-
-    def _remove_own_temporaries(self) -> None:
-        """After a failed spool write: remove this producer's temporary files. Writes run one at
-        a time per process, so every such file is the failed write's (whatever the spool
-        writer itself cleaned up)."""
-        own = re.compile(rf"^\.\d{{15}}-{re.escape(self.producer)}-\d{{9}}\.arrow\.tmp$")
-        with contextlib.suppress(OSError), os.scandir(self.layout.incoming) as entries:
-            for e in entries:
-                if own.match(e.name):
-                    with contextlib.suppress(OSError):
-                        os.unlink(e.path)
 
     def _quarantine(self, rejected: pl.DataFrame, arrived_ms: int, started: float) -> None:
         now = datetime.now(UTC)
