@@ -84,6 +84,8 @@ def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dic
     """Errors the API raises on purpose (400, 401, 404, 413, 429, ...): their message is ours,
     written for the client. A 5xx among them is logged."""
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 500:  # the framework's own internal errors: their text is internal
+        return _internal_error(request, exc)
     if exc.status_code >= 500:
         log.warning(
             "request %s: %s %s answered %d: %s",

@@ -367,6 +367,21 @@ def test_an_unexpected_exception_is_logged_with_its_id_and_the_client_gets_only_
         assert "secret detail" in str(logged[0].exc_info[1])
 
 
+def test_a_framework_500_is_as_generic_as_any_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from litestar.exceptions import InternalServerException
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise InternalServerException("dependency failed reading /srv/data/state/x.json")
+
+    monkeypatch.setattr("queries.events.count", broken)
+    with TestClient(create_app(Settings.from_env({}, data_dir=str(tmp_path)))) as c:
+        r = c.get("/ad_events/latest")
+    assert r.status_code == 500 and "/srv" not in r.text
+    assert r.json()["detail"].startswith("internal error")
+
+
 # -- /health: public part, detail behind a key -----------------------------------------------------
 def test_health_shows_no_internals_and_its_detail_needs_a_read_key(tmp_path: Path) -> None:
     """Issue 14 item 7: /health showed DATA_DIR and Redis host:port with read keys required."""
