@@ -45,7 +45,6 @@ from typing import Any, Final
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction
@@ -53,7 +52,7 @@ from deltalake.exceptions import DeltaError
 from deltalake.transaction import AddAction
 
 from lake.location import LakeLocation
-from lake.tables import TABLES, TableSpec, ensure_table
+from lake.tables import PARTITION_FORMATS, TABLES, TableSpec, ensure_table
 from pipeline.schema import PARQUET_COMPRESSION
 
 #: Rows per Parquet row group. Rows are sorted by campaign then time, so a group whose
@@ -62,6 +61,8 @@ from pipeline.schema import PARQUET_COMPRESSION
 ROW_GROUP_ROWS: Final = 16_384
 _TS_FORMAT: Final = "%Y-%m-%dT%H:%M:%S.%f"
 _MS: Final = timedelta(milliseconds=1)
+_BUCKET: Final = "__partition_bucket"
+_FLOATS: Final = frozenset({"FLOAT", "DOUBLE"})
 
 
 class Outcome(enum.Enum):
@@ -96,13 +97,23 @@ def committed_version(table: DeltaTable, app_id: str) -> int | None:
     return table.transaction_version(app_id)
 
 
-def _with_partitions(spec: TableSpec, frame: pl.DataFrame) -> pl.DataFrame:
+def prepare(spec: TableSpec, frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame``'s table columns plus its partition bucket (the UTC hour or day), sorted by
+    bucket then sort keys (an integer bucket sorts faster than the partitions' strings)."""
     missing = [c for c in spec.columns.names if c not in frame.columns]
     if missing:
         raise ValueError(f"frame for table {spec.name} lacks columns {missing}")
-    keys = [*spec.partition_by, *spec.sort_keys]
-    framed = frame.select(*spec.columns.names, *spec.partition_exprs())
-    return framed.sort(keys) if keys else framed
+    every = "1h" if "hour" in spec.partition_by else "1d"
+    utc = pl.col(spec.partition_time).dt.convert_time_zone("UTC")
+    framed = frame.select(*spec.columns.names, utc.dt.truncate(every).alias(_BUCKET))
+    if framed[_BUCKET].null_count():
+        raise ValueError(f"{spec.partition_time} is null in rows for table {spec.name}")
+    return framed.sort([_BUCKET, *spec.sort_keys])
+
+
+def with_partition_columns(spec: TableSpec, frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` prepared as for ``write_files``, with the partition columns as strings."""
+    return prepare(spec, frame).drop(_BUCKET).with_columns(spec.partition_exprs())
 
 
 def _iso(value: datetime, *, up: bool) -> str:
@@ -123,21 +134,44 @@ def _json_value(value: Any, *, up: bool) -> Any:
     return value
 
 
-def file_stats(table: pa.Table) -> str:
-    """Delta ``stats`` JSON for a file: numRecords, and per column min, max and null count."""
+def file_stats(metadata: pq.FileMetaData) -> str:
+    """Delta ``stats`` JSON (numRecords; per column min, max, null count) from a file's footer.
+
+    Read from the row-group statistics pyarrow wrote, not from the data: a few dozen footer
+    entries per file instead of a second pass over every column.
+    """
     mins: dict[str, Any] = {}
     maxs: dict[str, Any] = {}
     nulls: dict[str, int] = {}
-    for name, column in zip(table.column_names, table.columns, strict=True):
-        nulls[name] = column.null_count
-        if column.null_count == len(column):
-            continue
-        bounds = pc.min_max(column)
-        low = _json_value(bounds["min"].as_py(), up=False)
-        high = _json_value(bounds["max"].as_py(), up=True)
-        if low is not None and high is not None:
-            mins[name], maxs[name] = low, high
-    stats = {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+    uncounted: set[str] = set()  # a group without a null count: no nullCount for the column
+    unknown: set[str] = set()  # a group without bounds (but with values): no min/max
+    for r in range(metadata.num_row_groups):
+        group = metadata.row_group(r)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            name, st = column.path_in_schema, column.statistics
+            if st is None or not st.has_null_count:
+                uncounted.add(name)
+                unknown.add(name)
+                continue
+            nulls[name] = nulls.get(name, 0) + st.null_count
+            if column.physical_type in _FLOATS:
+                # Parquet bounds leave NaN out, while Spark orders NaN above every number:
+                # no float bounds, so no engine skips a file that holds a NaN it wants.
+                unknown.add(name)
+                continue
+            if not st.has_min_max:
+                if st.null_count < group.num_rows:
+                    unknown.add(name)  # values but no bounds (e.g. all NaN)
+                continue
+            mins[name] = st.min if name not in mins else min(mins[name], st.min)
+            maxs[name] = st.max if name not in maxs else max(maxs[name], st.max)
+    stats = {
+        "numRecords": metadata.num_rows,
+        "minValues": {n: _json_value(v, up=False) for n, v in mins.items() if n not in unknown},
+        "maxValues": {n: _json_value(v, up=True) for n, v in maxs.items() if n not in unknown},
+        "nullCount": {n: v for n, v in nulls.items() if n not in uncounted},
+    }
     return json.dumps(stats, separators=(",", ":"))
 
 
@@ -156,45 +190,48 @@ def write_files(
     written = WrittenFiles()
     if frame.height == 0:
         return written
-    framed = _with_partitions(spec, frame)
-    parts = framed.partition_by(list(spec.partition_by), maintain_order=True, as_dict=True)
-    local = not location.is_s3
-    for key, part in parts.items():
-        values = dict(zip(spec.partition_by, (str(k) for k in key), strict=True))
+    framed = prepare(spec, frame)
+    for (bucket,), part in framed.partition_by(_BUCKET, maintain_order=True, as_dict=True).items():
+        assert isinstance(bucket, datetime)
+        values = {p: bucket.strftime(PARTITION_FORMATS[p]) for p in spec.partition_by}
         relative = "/".join([*(f"{p}={values[p]}" for p in spec.partition_by), _file_name(version)])
-        data = part.drop(list(spec.partition_by)).to_arrow().cast(spec.columns)
-        path = location.path(spec.name, relative)
-        if local:
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        data = part.drop(_BUCKET).to_arrow().cast(spec.columns)
+        sink = pa.BufferOutputStream()
+        footer: list[pq.FileMetaData] = []
         pq.write_table(
             data,
-            path,
-            filesystem=fs,
+            sink,
             compression=PARQUET_COMPRESSION,
             row_group_size=row_group_rows,
             write_statistics=True,
+            metadata_collector=footer,
         )
-        if local and fsync:
-            _fsync(path)
-        size = fs.get_file_info(path).size
+        body = sink.getvalue()
+        _put(fs, location.path(spec.name, relative), body, local=not location.is_s3, fsync=fsync)
         now_ms = int(time.time() * 1000)
         written.actions.append(
-            AddAction(relative, int(size), values, now_ms, True, file_stats(data))
+            AddAction(relative, body.size, values, now_ms, True, file_stats(footer[0]))
         )
         written.rows += data.num_rows
     return written
 
 
+def _put(fs: pafs.FileSystem, path: str, body: pa.Buffer, *, local: bool, fsync: bool) -> None:
+    """Store one whole file: one stream on S3; locally a plain write, fsynced if asked."""
+    if not local:
+        with fs.open_output_stream(path) as out:
+            out.write(body)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as out:
+        out.write(memoryview(body))
+        if fsync:
+            out.flush()
+            os.fsync(out.fileno())
+
+
 def _file_name(version: int) -> str:
     return f"part-{version:015d}-{uuid.uuid4().hex}.parquet"
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def commit_files(

@@ -352,3 +352,31 @@ def test_concurrent_processes_commit_and_duplicate_racers_land_once(
     assert twin == 3 * 400
     table = ensure_table(location, EVENTS)
     assert committed_version(table, "twin") == 3
+
+
+def test_file_stats_from_the_footer() -> None:
+    """Bounds over row groups; a max in microseconds rounds up to the millisecond; float and
+    all-null columns get no bounds but keep their null counts."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lake.writer import file_stats
+
+    t0 = dt.datetime(2026, 12, 2, 9, 0, 0, 1500, tzinfo=dt.UTC)
+    data = pa.table(
+        {
+            "t": pa.array([t0, None, t0 + dt.timedelta(seconds=1)], pa.timestamp("us", tz="UTC")),
+            "s": ["b", "a", "c"],
+            "f": [1.0, float("nan"), 2.0],
+            "n": pa.array([None, None, None], pa.int64()),
+        }
+    )
+    footer: list[pq.FileMetaData] = []
+    pq.write_table(data, pa.BufferOutputStream(), row_group_size=2, metadata_collector=footer)
+    stats = json.loads(file_stats(footer[0]))
+    assert stats["numRecords"] == 3
+    assert stats["minValues"] == {"t": "2026-12-02T09:00:00.001Z", "s": "a"}
+    assert stats["maxValues"] == {"t": "2026-12-02T09:00:01.002Z", "s": "c"}
+    assert stats["nullCount"] == {"t": 1, "s": 0, "f": 0, "n": 3}
