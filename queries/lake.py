@@ -198,18 +198,32 @@ def empty_relation(table: Table) -> str:
     return f"(SELECT {', '.join(cols)} WHERE false)"
 
 
-def reader(table: Table, files: str) -> str:
-    """``read_parquet`` over ``files`` (a ``$parameter`` or a list literal) for ``table``."""
-    options = ", union_by_name = true" if table.grows else ""
+def reader(table: Table, files: str, *, by_name: bool = False) -> str:
+    """``read_parquet`` over ``files`` (a ``$parameter`` or a list literal) for ``table``;
+    ``by_name`` matches columns by name across files whose columns differ."""
+    options = ", union_by_name = true" if by_name else ""
     if table.partitions:
         types = ", ".join(f"{quote_literal(k)}: {t}" for k, t in table.partitions)
         options += f", hive_partitioning = true, hive_types = {{{types}}}"
-    relation = f"read_parquet({files}{options})"
-    if not table.grows:
-        return relation
-    # union_by_name only knows the columns some file has: a union with the empty relation
-    # adds the ones no listed file has yet (all files older than a new column), as nulls.
-    return f"(SELECT * FROM {empty_relation(table)} UNION ALL BY NAME SELECT * FROM {relation})"
+    return f"read_parquet({files}{options})"
+
+
+def grown_reader(table: Table, current: str | None, older: str | None) -> str:
+    """A table that gained columns, over files with every column (``current``) and files from
+    before some were added (``older``; None when there are none, the usual case).
+
+    Older files are read by name, and the union with the empty relation adds, as nulls, the
+    columns none of them has. Only they pay for ``union_by_name``, which reads every file's
+    schema first (measured: 2-3x slower over 3,000 ledger files).
+    """
+    if older is None:
+        assert current is not None
+        return reader(table, current)
+    parts = [f"SELECT * FROM {empty_relation(table)}"]
+    if current is not None:
+        parts.append(f"SELECT * FROM {reader(table, current)}")
+    parts.append(f"SELECT * FROM {reader(table, older, by_name=True)}")
+    return "(" + " UNION ALL BY NAME ".join(parts) + ")"
 
 
 @dataclass(frozen=True)
@@ -325,6 +339,8 @@ class Lake:
         #: column -> file -> what its footer says about the column.
         self._stats: dict[str, dict[str, FileStats]] = {}
         self._bounds: dict[str, dict[str, tuple[str | None, str | None]]] = {}
+        #: table -> file -> whether it has every column, for tables that gain columns.
+        self._complete: dict[str, dict[str, bool]] = {}
         self._mtimes: dict[str, float] = {}
         #: What each directory held when last listed; see :meth:`_listing`.
         self._listings: dict[str, _Listing] = {}
@@ -584,6 +600,33 @@ class Lake:
                 known.update(fresh)
         return {f: known[f] for f in files}
 
+    def split_by_columns(self, table: Table, files: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(files with every column of ``table``, files without some), from each file's footer
+        once and then remembered (only for files never rewritten)."""
+        known = self._complete.setdefault(table.name, {})
+        missing = [f for f in files if f not in known]
+        if missing:
+            wanted = frozenset(table.schema.names())
+            names: dict[str, set[str]] = {f: set() for f in missing}
+            for i in range(0, len(missing), 2048):
+                rows = (
+                    self.cursor()
+                    .execute(
+                        "SELECT file_name, name FROM parquet_schema($files)",
+                        {"files": missing[i : i + 2048]},
+                    )
+                    .fetchall()
+                )
+                for file_name, column in rows:
+                    names.setdefault(file_name, set()).add(column)
+            with self._stats_lock:
+                known.update({f: wanted <= n for f, n in names.items()})
+        current: list[str] = []
+        older: list[str] = []
+        for f in files:
+            (current if known[f] else older).append(f)
+        return current, older
+
     def mtimes(self, files: Sequence[str]) -> dict[str, float]:
         """Modification time (epoch s) of each file, read once and then remembered (for files
         that are never rewritten); a file that is gone is left out."""
@@ -611,6 +654,9 @@ class Lake:
                     del bounds[f]
             for f in [f for f in self._mtimes if f not in wanted]:
                 del self._mtimes[f]
+            for complete in self._complete.values():
+                for f in [f for f in complete if f not in wanted]:
+                    del complete[f]
 
     # -- queries -----------------------------------------------------------------------------
     def query(
@@ -667,8 +713,16 @@ class Lake:
             files = list(sources[name])
             if not files:
                 return empty_relation(table)
-            bound[f"files_{name}"] = files
-            return reader(table, f"$files_{name}")
+            if not table.grows:
+                bound[f"files_{name}"] = files
+                return reader(table, f"$files_{name}")
+            current, older = self.split_by_columns(table, files)
+            refs = []
+            for key, group in ((f"files_{name}", current), (f"older_{name}", older)):
+                if group:
+                    bound[key] = group
+                refs.append(f"${key}" if group else None)
+            return grown_reader(table, *refs)
 
         text = _TABLE_REF.sub(relation, sql)
         return self.cursor().execute(text, bound)
@@ -711,13 +765,19 @@ class Lake:
         """
         con = con or self.cursor()
         names = []
+
+        def literal(files: list[str]) -> str | None:
+            return "[" + ", ".join(map(quote_literal, files)) + "]" if files else None
+
         for name, table in TABLES.items():
             files = self.files(name)
-            body = (
-                f"SELECT * FROM {reader(table, '[' + ', '.join(map(quote_literal, files)) + ']')}"
-                if files
-                else f"SELECT * FROM {empty_relation(table)}"
-            )
+            if not files:
+                body = f"SELECT * FROM {empty_relation(table)}"
+            elif table.grows:
+                current, older = self.split_by_columns(table, files)
+                body = f"SELECT * FROM {grown_reader(table, literal(current), literal(older))}"
+            else:
+                body = f"SELECT * FROM {reader(table, literal(files) or '[]')}"
             con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS {body}')
             names.append(name)
         return names
