@@ -825,7 +825,14 @@ class Consumer:
 
     def close(self) -> None:
         self.leases.close()
-        self.cache.close()
+        try:
+            self.cache.close()
+        except Exception as exc:
+            if classify(exc) is None:
+                raise
+            # E.g. no room for the embedded cache's closing snapshot: its segments are on disk,
+            # so the next start loads them; nothing is lost by skipping it.
+            log.warning("closing the key cache: %s", exc)
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
