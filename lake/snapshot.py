@@ -31,10 +31,17 @@ class Snapshot:
     versions: dict[str, int] = field(default_factory=dict)
 
 
-def table_dataset(location: LakeLocation, spec: TableSpec, table: DeltaTable) -> pads.Dataset:
-    """``table``'s current version as a dataset read through the location's native filesystem."""
+def table_dataset(
+    location: LakeLocation, spec: TableSpec, table: DeltaTable, prune: str | None = None
+) -> pads.Dataset:
+    """``table``'s current version as a dataset read through the location's native filesystem.
+
+    ``prune`` is a SQL predicate (``"campaign_id = 'c1'"``) evaluated on each file's partition
+    values and log statistics: files it excludes are left out of the dataset. Row-group and
+    partition pruning inside the dataset happen anyway, from the filters DuckDB pushes down.
+    """
     root = pafs.SubTreeFileSystem(location.path(spec.name), location.filesystem())
-    return table.to_pyarrow_dataset(filesystem=root)
+    return table.to_pyarrow_dataset(filesystem=root, file_pruning_predicate=prune)
 
 
 def snapshot(
@@ -42,8 +49,10 @@ def snapshot(
     specs: Mapping[str, TableSpec] = TABLES,
     *,
     versions: Mapping[str, int] | None = None,
+    prune: Mapping[str, str] | None = None,
 ) -> Snapshot:
-    """Open each table at its latest version (or at ``versions[name]``, for time travel)."""
+    """Open each table at its latest version (or at ``versions[name]``, for time travel),
+    keeping only the files that may match ``prune[name]`` (see ``table_dataset``)."""
     snap = Snapshot()
     options = location.storage_options()
     for name, spec in specs.items():
@@ -54,7 +63,7 @@ def snapshot(
             snap.datasets[name] = pads.dataset(spec.schema.empty_table())
             snap.versions[name] = -1
             continue
-        snap.datasets[name] = table_dataset(location, spec, table)
+        snap.datasets[name] = table_dataset(location, spec, table, (prune or {}).get(name))
         snap.versions[name] = table.version()
     return snap
 

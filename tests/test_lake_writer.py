@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
+import polars as pl
 import pyarrow.fs as pafs
 import pytest
 from s3_server import S3Server
@@ -175,8 +176,23 @@ def test_commit_records_txn_stats_and_partitions(location: LakeLocation) -> None
     ]
     assert adds.column("min.campaign_id").to_pylist()[0] == frame["campaign_id"].min()
     assert adds.column("null_count.event_id").to_pylist() == [0, 0]
-    # Pruning: a campaign's query reads only the row groups whose statistics admit it.
+    # Pruning: a campaign's query reads only the row groups whose statistics admit it...
     one = str(frame["campaign_id"].min())
+    # ...and the log's file statistics leave out the files that cannot hold it.
+    later = commit_batch(
+        location,
+        "spool-a",
+        8,
+        {
+            "events": frame.with_columns(campaign_id=pl.lit("zzz")),
+            "ledger": ledger_frame("b8", rows_in=1),
+        },
+        tables=tables,
+    )
+    assert later[0].files == 2
+    pruned = snapshot.snapshot(location, prune={"events": f"campaign_id = '{one}'"})
+    assert len(pruned.datasets["events"].files) == 2  # of 4
+    assert pruned.datasets["events"].count_rows() == 40_000
     assert (
         count(location, "events", f"campaign_id = '{one}'") == (frame["campaign_id"] == one).sum()
     )
