@@ -95,9 +95,13 @@ class LakeLocation:
     s3: S3Settings | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> LakeLocation:
-        """Parse LAKE_URI (default ``DATA_DIR/lake``) and, for ``s3://``, the AWS_* variables."""
-        raw = env.get("LAKE_URI") or str(Path(env.get("DATA_DIR") or DEFAULT_DATA_DIR, "lake"))
+    def from_env(cls, env: Mapping[str, str], *, data_dir: str | None = None) -> LakeLocation:
+        """Parse LAKE_URI (default ``<data_dir>/lake``) and, for ``s3://``, the AWS_* variables.
+
+        Pass the settings tree's ``data_dir``; without it DATA_DIR (or its default) is read.
+        """
+        data_dir = data_dir or env.get("DATA_DIR") or DEFAULT_DATA_DIR
+        raw = env.get("LAKE_URI") or str(Path(data_dir, "lake"))
         if raw.startswith("s3://"):
             return cls._s3(raw, env)
         if "://" in raw and not raw.startswith("file://"):

@@ -57,6 +57,8 @@ def test_default_is_data_dir_lake_and_tables_live_under_it(tmp_path: Path) -> No
     assert location.table_uri("events") == str(tmp_path / "lake" / "events")
     assert location.storage_options() == {}
     assert not location.is_s3
+    passed = LakeLocation.from_env({}, data_dir=str(tmp_path / "d"))
+    assert passed.uri == str(tmp_path / "d" / "lake")
 
 
 def test_s3_settings_and_redaction() -> None:

@@ -32,6 +32,7 @@ from lake.writer import (
     commit_batch,
     commit_files,
     committed_version,
+    lowest_committed,
     write_files,
 )
 
@@ -254,6 +255,7 @@ def test_crash_between_write_and_commit_then_redo(location: LakeLocation) -> Non
     assert count(location) == 0
     # A crash between the events commit and the ledger commit.
     commit_batch(location, "spool-a", 1, {"events": frame}, tables=tables)
+    assert lowest_committed(tables, "spool-a") is None  # quarantine and ledger lack batch 1
     # Restart: the caller redoes batch 1 for every table; each skips what it has.
     redo = commit_batch(
         location,
@@ -272,6 +274,7 @@ def test_crash_between_write_and_commit_then_redo(location: LakeLocation) -> Non
         ("ledger", Outcome.COMMITTED),
     ]
     assert committed_version(tables["quarantine"], "spool-a") == 1  # an empty commit, txn only
+    assert lowest_committed(tables, "spool-a") == 1
     assert (count(location), count(location, "quarantine"), count(location, "ledger")) == (
         2_000,
         0,
