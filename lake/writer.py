@@ -25,9 +25,16 @@ for the same ``app_id`` (verified in ``tests/test_lake_writer.py``, locally and 
 the snapshot is refreshed at step 1, so the second commit either sees the version at step 1 and
 skips, or fails at step 3. On any commit failure the log is read again: if it now holds
 ``version`` for ``app_id`` the outcome is ``CONCEDED`` (the rows are in, once; our files are
-orphans), else the error propagates and the caller retries the batch. Not guaranteed, and the
-caller's job: one writer per ``app_id`` at a time in the normal case, and versions committed in
-increasing order (delta-rs accepts a lower version and the txn then goes backwards).
+orphans, unless the failure was an I/O error after our own put landed), else the error
+propagates and the caller retries the batch (new files; the old ones become orphans).
+
+Not guaranteed, and the caller's job: one writer per ``app_id`` at a time in the normal case;
+versions committed in increasing order (delta-rs accepts a lower version and the txn then goes
+backwards); a redo of ``version`` carrying the same rows as the first attempt (tables that
+have the version skip it, so a batch must not be regrouped); and a vacuum retention longer than
+any write-to-commit time (``vacuum(full=True)`` deletes unreferenced files by age).
+A ``DeltaTable`` handle is refreshed before each skip check and after each commit: a stale
+handle's commit would conflict with its own previous commit's app txn.
 """
 
 from __future__ import annotations
@@ -313,7 +320,10 @@ def commit_batch(
 
 
 def lowest_committed(tables: Mapping[str, DeltaTable], app_id: str) -> int | None:
-    """The lowest committed version of ``app_id`` over ``tables``: redo every batch after it."""
+    """The lowest committed version of ``app_id`` over ``tables``: redo every batch after it.
+
+    ``None`` when some table has never committed for ``app_id``: redo from the first batch.
+    """
     versions = [committed_version(t, app_id) for t in tables.values()]
     if any(v is None for v in versions):
         return None
