@@ -73,6 +73,12 @@ return 0
 """
 
 
+#: Tokens of the leases held right now by any RedisLeases of this process: a lease key holding a
+#: token of this process that is not here was released (or lost) and may be taken back.
+_HELD_HERE: set[str] = set()
+_HELD_HERE_GUARD = threading.Lock()
+
+
 def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -125,7 +131,7 @@ class RedisLeases:
         if not self.r.set(key, token, nx=True, px=self.timeout_ms):
             current = _text(self.r.get(key))
             if current is None or not (
-                self._holder_is_dead(current) or self._forgotten_by_me(name, current)
+                self._holder_is_dead(current) or self._forgotten_by_me(current)
             ):
                 return None
             # A consumer of this host that died (kill -9, then a restart): no need to wait for
@@ -136,6 +142,8 @@ class RedisLeases:
         lease = Lease(name, token)
         with self._guard:
             self._held[name] = lease
+        with _HELD_HERE_GUARD:
+            _HELD_HERE.add(token)
         return lease
 
     def _holder_is_dead(self, value: str) -> bool:
@@ -151,13 +159,13 @@ class RedisLeases:
             return False
         return False
 
-    def _forgotten_by_me(self, name: str, value: str) -> bool:
+    def _forgotten_by_me(self, value: str) -> bool:
         """A lease of this very process that it released while Redis was unreachable (so the
         key outlived the release): take it back at once rather than wait for it to expire."""
         space, _, rest = value.partition("|")
-        with self._guard:
-            mine_now = name in self._held
-        return space == self.space and rest.partition("|")[0] == str(os.getpid()) and not mine_now
+        with _HELD_HERE_GUARD:
+            held_here = value in _HELD_HERE
+        return space == self.space and rest.partition("|")[0] == str(os.getpid()) and not held_here
 
     def held(self, lease: Lease) -> bool:
         """Re-read the lease from Redis: True only if it is still ours."""
@@ -167,6 +175,8 @@ class RedisLeases:
         with self._guard:
             if self._held.get(lease.name) == lease:
                 del self._held[lease.name]
+        with _HELD_HERE_GUARD:
+            _HELD_HERE.discard(lease.token)
         try:
             self._release(keys=[self._key(lease.name)], args=[lease.token])
         except redis.RedisError as exc:  # it expires by itself anyway
@@ -189,6 +199,8 @@ class RedisLeases:
                     with self._guard:
                         if self._held.get(lease.name) == lease:
                             del self._held[lease.name]
+                    with _HELD_HERE_GUARD:
+                        _HELD_HERE.discard(lease.token)
                     log.warning("lost the lease on %s; its batch will not be committed", lease.name)
 
     def close(self) -> None:

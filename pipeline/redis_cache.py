@@ -562,7 +562,7 @@ class RedisKeyCache:
             except (redis.ConnectionError, redis.TimeoutError, _TopologyChangedError) as exc:
                 if attempt == SEND_RETRIES:
                     raise redis.ConnectionError(f"Redis unreachable: {exc}") from exc
-                log.warning("Redis: %s; sending the batch again", exc)
+                log.debug("Redis: %s; sending the batch again", exc)  # the consumer logs the pause
                 time.sleep(min(SEND_BACKOFF_CAP_S, 0.05 * 2**attempt))
                 self._refresh_topology()
         raise AssertionError("unreachable")
