@@ -485,6 +485,80 @@ def test_a_retrying_consumer_shows_in_health_and_metrics(tmp_path: Path) -> None
     assert float(free.rsplit(" ", 1)[1]) > 0
 
 
+def _metric(url: str, prefix: str) -> float | None:
+    text = http(f"{url}/metrics")[2]
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_a_real_consumer_waiting_for_redis_shows_in_health_and_metrics(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """A real ``adevents consume`` on a private Redis that is stopped: while the consumer waits,
+    /health is 503 with ``consumer_retrying:redis_unavailable`` and /metrics says which consumer
+    and how long; once Redis is back and the consumer has recovered, both clear."""
+    data = tmp_path / "data"
+    env = {
+        **os.environ,
+        "DATA_DIR": str(data),
+        "REDIS_URL": redis_server.url,
+        "REDIS_KEY_PREFIX": f"hard{os.getpid()}",
+        "CONSUMER_NAME": "c1",
+        "FSYNC": "false",
+        "DISK_MIN_FREE": "0",
+        "RETRY_MAX_DELAY": "200ms",
+        "LOG_LEVEL": "WARNING",
+    }
+    consumer_log = open(tmp_path / "consumer.log", "wb")  # noqa: SIM115 - closed below
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "consume"],
+        env=env,
+        stdout=consumer_log,
+        stderr=subprocess.STDOUT,
+    )
+    api_env = {"REDIS_URL": redis_server.url, "DISK_MIN_FREE": "0"}
+    try:
+        with running(str(data), tmp_path / "server.log", api_env) as s:
+
+            def state() -> str | None:
+                consumers = http(f"{s.url}/health/detail")[2]["consumers"]
+                return consumers[0]["state"] if consumers else None
+
+            _wait_for(lambda: state() == "running", "the consumer to report itself running")
+            redis_server.stop()
+            # Work that needs Redis: the consumer must claim these events' keys.
+            SpoolWriter(Layout(str(data)).incoming, "gen").write(sample(10, "r-"))
+            _wait_for(
+                lambda: (
+                    "consumer_retrying:redis_unavailable" in http(f"{s.url}/health")[2]["reasons"]
+                ),
+                "/health to show the consumer retrying",
+            )
+            status, _, public = http(f"{s.url}/health")
+            assert status == 503 and "127.0.0.1" not in json.dumps(public)
+            retrying = 'adevents_consumer_retrying{consumer="c1",fault="redis_unavailable"}'
+            assert _metric(s.url, retrying) == 1.0
+            redis_server.start()
+            _wait_for(lambda: state() == "running", "the consumer to recover", timeout=60)
+            _wait_for(
+                lambda: (
+                    not any(
+                        r.startswith("consumer_retrying")
+                        for r in http(f"{s.url}/health")[2]["reasons"]
+                    )
+                ),
+                "/health to clear",
+            )
+            assert _metric(s.url, retrying) == 0.0
+            assert consumer.poll() is None  # it rode the fault out
+    finally:
+        consumer.terminate()
+        consumer.wait(timeout=30)
+        consumer_log.close()
+
+
 # -- disk pressure ---------------------------------------------------------------------------------
 def test_below_disk_min_free_health_is_503_and_the_ingest_refuses_before_writing(
     tmp_path: Path,
