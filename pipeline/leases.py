@@ -180,7 +180,7 @@ class RedisLeases:
         try:
             self._release(keys=[self._key(lease.name)], args=[lease.token])
         except redis.RedisError as exc:  # it expires by itself anyway
-            log.warning("could not release lease on %s: %s", lease.name, exc)
+            log.debug("could not release lease on %s: %s", lease.name, exc)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.timeout_ms / 3000):
