@@ -9,9 +9,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from pipeline.consumer import Consumer
 
 Runner = Callable[[argparse.Namespace, Settings], int]
 Configure = Callable[[argparse.ArgumentParser], None]
@@ -49,11 +52,16 @@ def _consume_configure(parser: argparse.ArgumentParser) -> None:
 
 def _consume_run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.consumer import ConsumerLockedError
-    from pipeline.factory import make_consumer
     from pipeline.retry import GaveUpError
 
     stop = _stop_on_signals()
-    consumer = make_consumer(settings)  # connects lazily: Redis may be down at this point
+    try:
+        consumer = _wait_for_consumer(settings, stop, once=args.once)
+    except GaveUpError as exc:
+        print(f"adevents consume: {exc}", file=sys.stderr)
+        return 1
+    if consumer is None:  # stopped while waiting
+        return 0
     try:
         consumer.start(resume=False)  # run() resumes, waiting out Redis or the disk if need be
     except ConsumerLockedError as exc:
@@ -82,6 +90,37 @@ def _consume_run(args: argparse.Namespace, settings: Settings) -> int:
 
         Path(args.stats).write_text(json.dumps(stats))
     return 0
+
+
+def _wait_for_consumer(settings: Settings, stop: threading.Event, *, once: bool) -> Consumer | None:
+    """Build the consumer, waiting out a key cache that cannot be reached yet.
+
+    A single Redis is connected lazily (the consumer's run waits for it); a Redis Cluster's
+    client needs a reachable node to be built at all. None when stopped meanwhile.
+    """
+    import os
+    import socket
+
+    from pipeline.factory import make_consumer
+    from pipeline.retry import StatusBoard, Supervisor
+    from pipeline.schema import Layout
+
+    supervisor: Supervisor | None = None
+    while not stop.is_set():
+        try:
+            return make_consumer(settings)
+        except Exception as exc:
+            if supervisor is None:
+                name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+                board = StatusBoard(Layout(settings.data_dir).state, name)
+                supervisor = Supervisor(
+                    board,
+                    stop,
+                    max_delay=settings.retry_max_delay,
+                    give_up_after=settings.once_retry_timeout if once else None,
+                )
+            supervisor.failed(exc)  # waits, or raises what is not transient
+    return None
 
 
 def _generate_configure(parser: argparse.ArgumentParser) -> None:

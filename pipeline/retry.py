@@ -82,7 +82,11 @@ def classify(exc: BaseException) -> str | None:
     if isinstance(exc, CacheLostError | redis.exceptions.NoScriptError):
         return "redis_lost"  # Redis answered, but without our keys or scripts
     busy = isinstance(exc, redis.ResponseError) and str(exc).startswith(_REDIS_BUSY)
-    if busy or isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+    # A Redis Cluster client cannot even be built while no node answers.
+    no_node = isinstance(
+        exc, redis.exceptions.RedisClusterException
+    ) and "cannot be connected" in str(exc)
+    if busy or no_node or isinstance(exc, redis.ConnectionError | redis.TimeoutError):
         return "redis_unavailable"
     # Polars and Arrow wrap some I/O errors in their own types; the OS message survives.
     if any(t in str(exc).lower() for t in _NO_SPACE_TEXT) or (

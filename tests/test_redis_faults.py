@@ -346,3 +346,25 @@ def test_any_redis_fault_schedule_lands_everything_once(
     assert not errors, errors
     event(f"faults struck: {len(schedule.struck)}")
     assert_same_lake(data, small_reference)
+
+
+def test_a_redis_cluster_without_a_reachable_node_is_waited_for(
+    tmp_path: Path, small_spool: Path
+) -> None:
+    """A cluster client cannot even be built with no node up: that is waited out too (shown in
+    the status), and with --once given up on after ONCE_RETRY_TIMEOUT, without a traceback."""
+    from conftest import free_port
+
+    data = tmp_path / "data"
+    copy_spool(small_spool, data)
+    env = base_env(
+        data, REDIS_URL=f"redis+cluster://127.0.0.1:{free_port()}", ONCE_RETRY_TIMEOUT="1s"
+    )
+    consumer = ConsumerProcess(env, tmp_path / "c.log", ("--once",)).start()
+    assert consumer.proc is not None
+    assert consumer.proc.wait(timeout=TIMEOUT_S) == 1
+    text = consumer.text()
+    assert "gave up after" in text and "redis_unavailable" in text, text
+    assert "Traceback" not in text, text
+    (status,) = statuses(data)
+    assert (status.state, status.fault) == ("retrying", "redis_unavailable")
