@@ -49,6 +49,22 @@ _REDIS_BUSY: Final = ("LOADING", "BUSY", "MISCONF", "OOM", "READONLY", "MASTERDO
 _RNG: Final = random.Random()
 
 
+def _redis_not_now() -> tuple[type[Exception], ...]:
+    # redis-py maps some "not now" replies to types of its own, without the reply's prefix.
+    from redis import exceptions as e
+
+    return (
+        e.ClusterDownError,  # and MasterDownError
+        e.TryAgainError,
+        e.SlotNotCoveredError,
+        e.ReadOnlyError,  # a replica being promoted
+        e.OutOfMemoryError,  # noeviction at maxmemory: expiry or more memory frees it
+    )
+
+
+_REDIS_NOT_NOW: Final = _redis_not_now()
+
+
 class DiskFullError(OSError):
     """DATA_DIR's disk has less free space than DISK_MIN_FREE: wait before writing more."""
 
@@ -81,11 +97,12 @@ def classify(exc: BaseException) -> str | None:
 
     if isinstance(exc, CacheLostError | redis.exceptions.NoScriptError):
         return "redis_lost"  # Redis answered, but without our keys or scripts
-    busy = isinstance(exc, redis.ResponseError) and str(exc).startswith(_REDIS_BUSY)
+    busy = isinstance(exc, _REDIS_NOT_NOW) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith(_REDIS_BUSY)
+    )
     # A Redis Cluster client cannot even be built while no node answers.
-    no_node = isinstance(
-        exc, redis.exceptions.RedisClusterException
-    ) and "cannot be connected" in str(exc)
+    cluster = isinstance(exc, redis.exceptions.RedisClusterException)
+    no_node = cluster and "cannot be connected" in str(exc)
     if busy or no_node or isinstance(exc, redis.ConnectionError | redis.TimeoutError):
         return "redis_unavailable"
     # Polars and Arrow wrap some I/O errors in their own types; the OS message survives.
