@@ -21,6 +21,7 @@ COPY pipeline ./pipeline
 COPY generator ./generator
 COPY queries ./queries
 COPY api ./api
+COPY lake ./lake
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
 
 # Not root: a system user owning only the data directory (a named volume mounted on /data
