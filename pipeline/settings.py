@@ -298,7 +298,10 @@ class IngestSettings:
         "none = every ingest request is refused",
     )
     api_keys_required_for_read: bool = _setting(
-        False, _bool, "require one of INGEST_API_KEYS on the read endpoints too (not /health; /health/detail needs it)"
+        False,
+        _bool,
+        "require one of INGEST_API_KEYS on the read endpoints too "
+        "(not /health; /health/detail needs it)",
     )
     ingest_max_body_bytes: int = _setting(
         32 * 1024**2, _positive_size, "largest request body POST /ad_events reads (413 above)"
