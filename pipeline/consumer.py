@@ -39,7 +39,6 @@ from pipeline.schema import (
 )
 from pipeline.settings import Settings
 from pipeline.spool import (
-    ENTRY_REASONS,
     MAX_FILE_BYTES,
     SUFFIX,
     PoisonInputError,
@@ -54,8 +53,6 @@ from pipeline.spool import (
 log = logging.getLogger("adevents.consumer")
 
 ROW_GROUP_SIZE = 128 * 1024
-#: Every whole-file quarantine reason this consumer writes (the ledger's ``status``).
-FILE_REASONS = ("unreadable_file", "schema_mismatch", *ENTRY_REASONS)
 #: Longest attempt name kept as is in a staging directory's name (it holds the consumer name).
 MAX_ATTEMPT_NAME = 64
 _STAGES = ("read_ms", "validate_ms", "dedupe_ms", "enrich_ms", "write_ms")

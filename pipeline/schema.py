@@ -56,8 +56,17 @@ REASONS: Final = (
     "future_event",
     "late_event",
 )
-#: Whole-file quarantine reasons (the file is moved to ``quarantine/files/``).
-FILE_REASONS: Final = ("unreadable_file", "schema_mismatch")
+#: Whole-file quarantine reasons for entries of ``incoming/`` that are not a readable regular
+#: file that belongs to DATA_DIR (the entry is moved as it is, never followed).
+ENTRY_REASONS: Final = (
+    "symlink",  # a symbolic link (dangling or not): never followed
+    "hard_link",  # a regular file with other names, possibly outside DATA_DIR: never read
+    "not_a_regular_file",  # a directory, FIFO, socket or device under a *.arrow name
+    "permission_denied",  # the consumer may not open it
+    "file_too_large",  # larger than the spool's size limit: never mapped
+)
+#: Whole-file quarantine reasons (the file is moved to ``quarantine/files/<batch_id>/``).
+FILE_REASONS: Final = ("unreadable_file", "schema_mismatch", *ENTRY_REASONS)
 
 UTC_MS: Final = pl.Datetime("ms", "UTC")
 

@@ -129,14 +129,6 @@ def oldest_waiting_age(incoming: Path, now: float | None = None) -> float:
 
 
 # -- reading what producers left: names and entries that may be hostile ---------------------------
-#: Whole-file quarantine reasons for entries that are not a readable regular file in DATA_DIR.
-ENTRY_REASONS: Final = (
-    "symlink",  # a symbolic link (dangling or not): never followed
-    "hard_link",  # a regular file with other names, possibly outside DATA_DIR: never read
-    "not_a_regular_file",  # a directory, FIFO, socket or device under a *.arrow name
-    "permission_denied",  # the consumer may not open it
-    "file_too_large",  # larger than MAX_FILE_BYTES: never mapped, however much memory there is
-)
 #: Largest spool file the consumer reads (1 GiB: 10x a 1M-row file). A file is memory-mapped,
 #: and its decoded batch takes a few times its size in memory: this bounds a consumer's memory
 #: whatever a producer writes, far above what any producer of micro-batches needs.
