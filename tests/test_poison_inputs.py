@@ -14,7 +14,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -213,43 +212,37 @@ def test_quarantined_copies_of_one_name_never_overwrite_each_other(tmp_path: Pat
 
 
 def test_an_unreadable_file_is_quarantined_as_permission_denied(tmp_path: Path) -> None:
-    """A consumer running as an unprivileged user meets a file it may not open."""
+    """A consumer without the right to read one file meets it: quarantined, the rest lands.
+
+    Root reads every file (CAP_DAC_OVERRIDE), so the consumer runs as root with the two
+    capabilities that bypass file permissions dropped from its bounding set: the interpreter
+    under /root stays readable, and a mode-000 file is not.
+    """
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root (to make a file another user cannot read) and setpriv")
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
-    probe = subprocess.run(
-        [*as_nobody, "-c", "import pipeline.consumer"], capture_output=True, check=False
+        pytest.skip("needs root (to drop the capabilities that bypass permissions) and setpriv")
+    no_override = [
+        "setpriv",
+        "--inh-caps=-all",
+        "--bounding-set=-dac_override,-dac_read_search",
+        sys.executable,
+    ]
+    data = tmp_path / "data"
+    (data / "incoming").mkdir(parents=True)
+    write(data / "incoming" / "0-good.arrow", arrow_bytes(["readable"]))
+    secret = data / "incoming" / "1-secret.arrow"
+    write(secret, arrow_bytes(["secret"]))
+    os.chmod(secret, 0o000)
+    proc = subprocess.run(
+        [*no_override, "-m", "pipeline.cli", "consume", "--once"],
+        env=base_env(data),
+        capture_output=True,
+        timeout=TIMEOUT_S,
+        check=False,
     )
-    if probe.returncode != 0:
-        pytest.skip(f"this Python cannot run as an unprivileged user: {probe.stderr[-200:]!r}")
-    # Outside pytest's private tmp directory, which other users cannot enter.
-    root = Path(tempfile.mkdtemp(prefix="adevents-perm-", dir="/tmp"))
-    try:
-        os.chmod(root, 0o755)
-        data = root / "data"
-        (data / "incoming").mkdir(parents=True)
-        write(data / "incoming" / "0-good.arrow", arrow_bytes(["readable"]))
-        secret = data / "incoming" / "1-secret.arrow"
-        write(secret, arrow_bytes(["secret"]))
-        os.chmod(secret, 0o000)
-        for dirpath, dirnames, filenames in os.walk(data):
-            for name in [*dirnames, *filenames, "."]:
-                p = os.path.join(dirpath, name)
-                if p != str(secret):
-                    os.chown(p, 65534, 65534)
-        proc = subprocess.run(
-            [*as_nobody, "-m", "pipeline.cli", "consume", "--once"],
-            env=base_env(data, HOME=str(root)),
-            capture_output=True,
-            timeout=TIMEOUT_S,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stderr.decode()
-        statuses = dict(ledger(data).select("source_file", "status").iter_rows())
-        assert statuses == {"0-good.arrow": "ok", "1-secret.arrow": "permission_denied"}
-        assert not (data / "incoming" / "1-secret.arrow").exists()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    statuses = dict(ledger(data).select("source_file", "status").iter_rows())
+    assert statuses == {"0-good.arrow": "ok", "1-secret.arrow": "permission_denied"}
+    assert not (data / "incoming" / "1-secret.arrow").exists()
 
 
 # -- property: names and entry kinds, in-process -------------------------------------------------
