@@ -26,7 +26,13 @@ import pyarrow as pa
 from pyarrow import ipc
 
 from pipeline.schema import LEDGER_SCHEMA, QUARANTINE_SCHEMA, REASONS, Layout
-from pipeline.spool import SUFFIX, SpoolWriter, atomic_write_bytes, fsync_dir
+from pipeline.spool import (
+    SUFFIX,
+    SpoolWriter,
+    atomic_write_bytes,
+    fsync_dir,
+    sweep_stale_temp_files,
+)
 
 log = logging.getLogger("adevents.ingest")
 
@@ -78,19 +84,9 @@ class SpoolBatchWriter:
         self.producer = producer
         _mkdir_durable(layout.incoming)
         self.spool = SpoolWriter(layout.incoming, producer, durable=True)
-        self._sweep(layout.incoming)
-
-    @staticmethod
-    def _sweep(incoming: Path) -> None:
-        """Remove temporary files that ingest processes killed mid-write left behind."""
-        cutoff = time.time() - STALE_TMP_SECONDS
-        with os.scandir(incoming) as entries:
-            for e in entries:
-                try:
-                    if _INGEST_TMP.match(e.name) and e.stat().st_mtime < cutoff:
-                        os.unlink(e.path)
-                except FileNotFoundError:
-                    continue
+        # Temporary files of ingest processes killed mid-write (other producers' are the
+        # consumer's to sweep, after longer).
+        sweep_stale_temp_files(layout.incoming, older_than=STALE_TMP_SECONDS, pattern=_INGEST_TMP)
 
     def write(
         self, accepted: list[pa.Table], rejected: list[pl.DataFrame], arrived_ms: int

@@ -48,9 +48,12 @@ from pipeline.spool import (
     list_incoming,
     read_spool_file,
     remove_quietly,
+    sweep_stale_temp_files,
 )
 
 log = logging.getLogger("adevents.consumer")
+#: How often a running consumer sweeps incoming/ for producers' stale temp files.
+SWEEP_INTERVAL_SECONDS = 300.0
 
 ROW_GROUP_SIZE = 128 * 1024
 #: Longest attempt name kept as is in a staging directory's name (it holds the consumer name).
@@ -194,6 +197,7 @@ class Consumer:
         #: Poison entries quarantined in the ledger that could not be moved out of incoming/
         #: (a mount point, say): passed over for the life of this process, logged once.
         self._stuck: set[str] = set()
+        self._next_sweep = 0.0
 
     # -- start-up ----------------------------------------------------------------------------
     def lock(self) -> None:
@@ -740,6 +744,7 @@ class Consumer:
 
     def _pass(self, writer: ThreadPoolExecutor, once: bool, stop: threading.Event) -> bool:
         """Take every file waiting now; False when ``once`` and nothing is left."""
+        self._sweep_temp_files()
         files = [p for p in list_incoming(self.layout.incoming) if p.name not in self._stuck]
         if not files:
             if once:
@@ -756,6 +761,15 @@ class Consumer:
             # Everything waiting is leased by other consumers (or just taken): wait.
             stop.wait(self.settings.poll_interval)
         return True
+
+    def _sweep_temp_files(self) -> None:
+        """Every few minutes, remove temp files that producers killed mid-write left behind."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_INTERVAL_SECONDS
+        for name in sweep_stale_temp_files(self.layout.incoming):
+            log.warning("removed %r: a producer's temp file untouched for an hour", name)
 
     def _take(self, path: Path, writer: ThreadPoolExecutor) -> bool:
         """Decide ``path`` and hand it to the writer; True if some batch landed meanwhile."""

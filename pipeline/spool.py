@@ -100,6 +100,41 @@ class SpoolWriter:
         return final
 
 
+#: A temporary spool file (``.<name>.tmp``, SpoolWriter's convention) untouched for this long
+#: was left by a producer killed while writing it: no live writer keeps a file open that long.
+STALE_TEMP_SECONDS: Final = 3600.0
+_TEMP_NAME: Final = re.compile(r"^\..+\.tmp$", re.DOTALL)
+
+
+def sweep_stale_temp_files(
+    incoming: Path, *, older_than: float = STALE_TEMP_SECONDS, pattern: re.Pattern[str] = _TEMP_NAME
+) -> list[str]:
+    """Remove regular files named like ``pattern`` not modified for ``older_than`` seconds.
+
+    Producers killed mid-write (``kill -9``, a crash, a lost machine) leave ``.<name>.tmp``
+    files that nobody will rename; without a sweep they pile up until the disk is full.
+    Links and directories are never touched. Returns the names removed.
+    """
+    cutoff = time.time() - older_than
+    removed = []
+    try:
+        with os.scandir(incoming) as entries:
+            for e in entries:
+                try:
+                    if (
+                        pattern.match(e.name)
+                        and e.is_file(follow_symlinks=False)
+                        and e.stat(follow_symlinks=False).st_mtime < cutoff
+                    ):
+                        os.unlink(e.path)
+                        removed.append(e.name)
+                except FileNotFoundError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return removed
+
+
 def list_incoming(incoming: Path) -> list[Path]:
     """Every entry waiting in ``incoming/`` under a final name (``*.arrow``), in name order.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -399,3 +400,28 @@ def test_redis_loss_between_batches_is_rebuilt_without_duplicates(
     consumer.close()
     assert sorted(events(settings)["event_id"]) == ["a", "b", "c", "d"]
     assert int(ledger(settings)["duplicates"].sum()) == 3
+
+
+def test_stale_temp_files_of_dead_producers_are_swept(
+    settings: Settings, new_consumer: ConsumerFactory
+) -> None:
+    """A producer killed mid-write leaves ``.<name>.tmp``; after an hour the consumer removes it.
+
+    A fresh temp file (a live writer), a link and a directory named like one stay untouched.
+    """
+    spool = writer(settings)
+    incoming = spool.incoming
+    hour_ago = time.time() - 3601
+    stale, fresh = incoming / ".1-dead-000000001.arrow.tmp", incoming / ".2-live.arrow.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(b"partial")
+    link, directory = incoming / ".3-link.tmp", incoming / ".4-dir.tmp"
+    link.symlink_to(stale)
+    directory.mkdir()
+    for path in (stale, link, directory):
+        os.utime(path, (hour_ago, hour_ago), follow_symlinks=False)
+    spool.write(event_table(["a"], time_ms=NOW_MS))
+    new_consumer().run(once=True)
+    assert not stale.exists()
+    assert fresh.exists() and link.is_symlink() and directory.is_dir()
+    assert events(settings)["event_id"].to_list() == ["a"]
