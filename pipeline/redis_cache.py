@@ -231,10 +231,6 @@ class RedisKeyCache:
             lock_timeout_s=lock_timeout_s,
         )
 
-    @property
-    def clustered(self) -> bool:
-        return isinstance(self.r, redis.RedisCluster)
-
     # -- helpers ---------------------------------------------------------------------------------
     def _group_key(self, group: int, suffix: str) -> str:
         return f"{self.p}:{{g{group}}}:{suffix}"

@@ -164,9 +164,6 @@ class Layout:
         self.rollups = self.root / "rollups"
         self.alerts = self.root / "alerts"
 
-    def events_glob(self) -> str:
-        return str(self.events / "**" / "*.parquet")
-
     def ensure(self) -> None:
         for d in (
             self.incoming,
