@@ -14,12 +14,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import anyio.to_thread
 
 from api.disk import DiskSpace
 from api.models import ConsumerHealth, Health, KeyCacheHealth
+from pipeline.redis_client import Client, connect
 from pipeline.settings import Settings
 from pipeline.spool import list_incoming, oldest_waiting_age
 from pipeline.status import ConsumerStatus, read_statuses
@@ -32,6 +33,8 @@ log = logging.getLogger("adevents.api")
 MAX_LAG_SECONDS: Final = 60.0
 #: How long a report is reused; the checks touch the disk and Redis.
 TTL_SECONDS: Final = 1.0
+#: Connect and reply timeout of the Redis probes (/health, /metrics): a down Redis answers fast.
+REDIS_TIMEOUT_S: Final = 0.5
 #: Bytes written to prove DATA_DIR takes writes (an empty file needs no free block).
 _PROBE: Final = b"\0" * 4096
 
@@ -86,23 +89,14 @@ class HealthChecker:
         self._report: Health | None = None
         self._at = 0.0
         self._lock = threading.Lock()
-        self._redis: Any = None
+        self._redis: Client | None = None
         self.disk = DiskSpace(lake.root, settings.disk_min_free)
 
     def _key_cache(self) -> KeyCacheHealth:
         if self.settings.redis_url:
             try:
                 if self._redis is None:
-                    import redis
-
-                    url = self.settings.redis_url
-                    timeouts = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
-                    if url.startswith("redis+cluster://"):
-                        self._redis = redis.RedisCluster.from_url(
-                            "redis://" + url.removeprefix("redis+cluster://"), **timeouts
-                        )
-                    else:
-                        self._redis = redis.Redis.from_url(url, **timeouts)
+                    self._redis = connect(self.settings.redis_url, timeout=REDIS_TIMEOUT_S)
                 self._redis.ping()
             except Exception as exc:  # any failure to reach Redis makes the cache unhealthy
                 log.warning("health: Redis ping failed: %s", exc)

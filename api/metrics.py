@@ -15,7 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from api.disk import DiskSpace
-from api.health import consumer_health
+from api.health import REDIS_TIMEOUT_S, consumer_health
+from pipeline.redis_client import Client, connect, used_memory
 from pipeline.settings import Settings
 from pipeline.spool import list_incoming, oldest_waiting_age
 from pipeline.status import FAULTS, read_statuses
@@ -46,19 +47,15 @@ class LakeCollector(Collector):
         self.settings = settings
         self.lake = lake
         self.ledger = ops.LedgerCounter(lake)
-        self._redis: Any = None
+        self._redis: Client | None = None
         self.disk = DiskSpace(lake.root, settings.disk_min_free)
 
     def _key_cache_bytes(self) -> tuple[str, float]:
         if self.settings.redis_url:
             try:
                 if self._redis is None:
-                    import redis
-
-                    self._redis = redis.Redis.from_url(
-                        self.settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5
-                    )
-                return "redis", float(self._redis.info("memory")["used_memory"])
+                    self._redis = connect(self.settings.redis_url, timeout=REDIS_TIMEOUT_S)
+                return "redis", float(used_memory(self._redis))
             except Exception:  # an unreachable Redis shows as NaN, /health says why
                 return "redis", float("nan")
         return "embedded", float(_dir_bytes(str(self.lake.layout.state / "embedded")))

@@ -50,9 +50,10 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from pipeline import faults
+from pipeline import faults, redis_client
 from pipeline.fingerprint import Keys, fingerprint_check
 from pipeline.keycache import CacheLostError, CacheStats, Loader, Mask, expired_before
+from pipeline.redis_client import Client
 
 log = logging.getLogger("adevents.redis_cache")
 
@@ -160,19 +161,15 @@ def _won_mask(mask: bytes, earlier: bytes, members: pl.Series) -> Mask:
     return won
 
 
-def connect(url: str) -> redis.Redis | redis.RedisCluster:
-    """A client for ``redis://`` / ``rediss://`` (one server) or ``redis+cluster://`` (Cluster).
+def connect(url: str) -> Client:
+    """The key cache's client for ``url`` (see ``pipeline.redis_client`` for the schemes).
 
-    For a cluster, the URL names any one node (``redis+cluster://host:port``); the client
-    discovers the others. ``rediss+cluster://`` is the TLS variant. Commands are retried on
-    lost connections for a couple of seconds; a longer outage raises, and the consumer waits
-    it out (``pipeline.retry``), then rebuilds the cache if it finds it empty.
+    Commands are retried on lost connections for a couple of seconds; a longer outage raises,
+    and the consumer waits it out (``pipeline.retry``), then rebuilds the cache if it finds it
+    empty.
     """
     retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=SEND_BACKOFF_CAP_S), SEND_RETRIES)
-    for scheme, base in (("redis+cluster://", "redis://"), ("rediss+cluster://", "rediss://")):
-        if url.startswith(scheme):
-            return redis.RedisCluster.from_url(base + url[len(scheme) :], retry=retry)
-    return redis.Redis.from_url(url, retry=retry)
+    return redis_client.connect(url, retry=retry)
 
 
 class RedisKeyCache:
@@ -180,7 +177,7 @@ class RedisKeyCache:
 
     def __init__(
         self,
-        client: redis.Redis | redis.RedisCluster,
+        client: Client,
         *,
         prefix: str,
         window_ms: int,

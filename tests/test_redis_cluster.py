@@ -313,3 +313,44 @@ def test_killed_consumer_on_a_cluster_is_taken_over(cluster: Cluster, tmp_path: 
     _finish(_consume(data, cluster.url, "kill"))
     result = reconcile(data, truth)
     assert result.stored == result.truth_distinct_valid
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster", "unreachable"])
+def test_health_and_metrics_reach_the_key_cache(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """/health pings and /metrics sizes the Redis REDIS_URL names, a cluster as well as one
+    server (both through pipeline.redis_client); an unreachable one is unhealthy and NaN."""
+    from api.health import HealthChecker
+    from api.metrics import Metrics
+    from queries.lake import Lake
+
+    if kind == "cluster":
+        url = request.getfixturevalue("cluster").url
+    elif kind == "single":
+        url = request.getfixturevalue("redis_url")
+    else:
+        url = f"redis+cluster://127.0.0.1:{free_port()}"
+    settings = Settings.from_env({}, data_dir=str(tmp_path), redis_url=url)
+    lake = Lake(settings.data_dir)
+    checker, metrics = HealthChecker(settings, lake), Metrics(settings, lake)
+    try:
+        health = checker.check()
+        sizes = [
+            line.split()[-1]
+            for line in metrics.render().decode().splitlines()
+            if line.startswith('adevents_key_cache_bytes{cache="redis"} ')
+        ]
+    finally:
+        checker.close()
+        lake.close()
+    assert health.key_cache.kind == "redis"
+    assert len(sizes) == 1
+    if kind == "unreachable":
+        assert not health.key_cache.ok
+        assert "key_cache_unavailable" in health.reasons
+        assert sizes == ["NaN"]
+    else:
+        assert health.key_cache.ok, health.key_cache.error
+        assert "key_cache_unavailable" not in health.reasons
+        assert float(sizes[0]) > 0
