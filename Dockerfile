@@ -21,6 +21,7 @@ COPY pipeline ./pipeline
 COPY generator ./generator
 COPY queries ./queries
 COPY api ./api
+COPY jobs ./jobs
 COPY lake ./lake
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
 

@@ -19,7 +19,7 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.types import ExceptionHandlersMap, Message, Scope
 
-from queries.lake import LakeBusyError
+from pipeline.livefiles import LakeBusyError
 
 log = logging.getLogger("adevents.api")
 

@@ -7,7 +7,7 @@ from datetime import datetime
 import msgspec
 from msgspec import Struct
 
-from pipeline.jobs.alerts import Alert
+from pipeline.tables import Alert
 from queries.campaigns import Bucket, CampaignTotals, Totals, ratios
 from queries.events import Event
 

@@ -12,11 +12,10 @@ from typing import Final
 import numpy as np
 import polars as pl
 
-from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA, QUARANTINE_SCHEMA, UTC_MS
+from pipeline.schema import ENRICHED_SCHEMA, HOUR_MS, LEDGER_SCHEMA, QUARANTINE_SCHEMA, UTC_MS
 
 #: 2026-12-02T00:00:00Z, the default start of generated event times.
 START_MS: Final = int(datetime(2026, 12, 2, tzinfo=UTC).timestamp() * 1000)
-HOUR_MS: Final = 3_600_000
 
 
 def enriched_frame(

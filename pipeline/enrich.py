@@ -7,9 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.schema import CAMPAIGN_COLUMNS, CAMPAIGN_SCHEMA, ENRICHED_SCHEMA, SORT_KEYS
-
-_HOUR_MS = 3_600_000
+from pipeline.schema import CAMPAIGN_COLUMNS, CAMPAIGN_SCHEMA, ENRICHED_SCHEMA, HOUR_MS, SORT_KEYS
 
 
 def empty_campaigns() -> pl.DataFrame:
@@ -48,7 +46,7 @@ def partition_by_hour(events: pl.DataFrame) -> dict[tuple[str, int], pl.DataFram
     if events.is_empty():
         return {}
     # Integer hour numbers are far cheaper to group by than formatted dates.
-    hours = events["event_time"].dt.epoch("ms") // _HOUR_MS
+    hours = events["event_time"].dt.epoch("ms") // HOUR_MS
     out: dict[tuple[str, int], pl.DataFrame] = {}
     keyed = events.with_columns(_hour=hours)
     for (hour_number,), part in keyed.partition_by("_hour", as_dict=True).items():

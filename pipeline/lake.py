@@ -1,6 +1,6 @@
 """Reads of the lake the pipeline itself needs: the dedupe window's keys, rebuilt from events/.
 
-They follow compaction's reader rule (:func:`pipeline.jobs.compact.consistent`): each stored
+They follow compaction's reader rule (:func:`pipeline.livefiles.consistent`): each stored
 event is read once even while a compaction swaps an hour's files, and a file that a swap deletes
 between listing and reading makes the whole read start over.
 """
@@ -15,8 +15,7 @@ from typing import Final
 import polars as pl
 
 from pipeline.fingerprint import Keys, compute_keys
-from pipeline.jobs.compact import consistent
-from pipeline.jobs.storage import HourPartition, hour_partitions, parquet_names
+from pipeline.livefiles import HourPartition, consistent, hour_partitions, parquet_names
 from pipeline.schema import Layout
 
 #: Reads started over because a file vanished (a compaction swap) before giving up.

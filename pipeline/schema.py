@@ -69,6 +69,10 @@ ENTRY_REASONS: Final = (
 FILE_REASONS: Final = ("unreadable_file", "schema_mismatch", *ENTRY_REASONS)
 
 UTC_MS: Final = pl.Datetime("ms", "UTC")
+#: Epoch-millisecond lengths of the lake's time buckets and partitions (UTC minutes, hours, days).
+MINUTE_MS: Final = 60_000
+HOUR_MS: Final = 60 * MINUTE_MS
+DAY_MS: Final = 24 * HOUR_MS
 
 
 def _polars_type(name: str) -> pl.DataType:
@@ -140,6 +144,40 @@ LEDGER_SCHEMA: Final = pl.Schema(
         "write_ms": pl.Float64(),
         "commit_ms": pl.Float64(),
         "consumer": pl.String(),
+    }
+)
+
+#: ``rollups/<granularity>/``: one row per campaign per bucket, written by the rollup job.
+#: unique_users is a HyperLogLog estimate of distinct non-null user_id in that bucket (~1.6 %
+#: error): it does not add up across buckets or levels.
+ROLLUP_SCHEMA: Final = pl.Schema(
+    {
+        "campaign_id": pl.String(),
+        "bucket": UTC_MS,
+        "impressions": pl.Int64(),
+        "clicks": pl.Int64(),
+        "conversions": pl.Int64(),
+        "spend_micros": pl.Int64(),
+        "revenue_micros": pl.Int64(),
+        "unique_users": pl.Int64(),
+    }
+)
+
+#: ``alerts/alerts.parquet``: stored alerts, newest first by ``started_at`` (the first column,
+#: which readers sort by), written by the alerts job.
+ALERT_SCHEMA: Final = pl.Schema(
+    {
+        "started_at": UTC_MS,
+        "alert_id": pl.String(),
+        "rule": pl.String(),
+        "subject": pl.String(),
+        "severity": pl.String(),
+        "status": pl.String(),
+        "value": pl.Float64(),
+        "threshold": pl.Float64(),
+        "message": pl.String(),
+        "updated_at": UTC_MS,
+        "ended_at": UTC_MS,
     }
 )
 

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
+from pipeline.schema import MINUTE_MS
 from queries import rollups
 from queries.lake import FileStats, Lake
-from queries.rollups import MINUTE_MS, Coverage
+from queries.rollups import Coverage
 
 Granularity = Literal["minute", "hour", "day"]
 GRANULARITIES: Final[tuple[Granularity, ...]] = ("minute", "hour", "day")

@@ -14,8 +14,9 @@ from typing import Any, TextIO
 
 import duckdb
 
+from pipeline.livefiles import LakeBusyError
 from pipeline.settings import Settings
-from queries.lake import TABLES, Lake, LakeBusyError
+from queries.lake import TABLES, Lake
 
 FORMATS = ("table", "csv", "json")
 MAX_CELL = 60

@@ -14,11 +14,11 @@ gained no file between the two table listings: each batch it keeps is whole (a b
 half-published at the first listing either shows up in flight, or had finished, and then has
 more files at the second).
 
-Compaction (``pipeline/jobs/compact.py``) swaps an hour's small files for a few large ones in
+Compaction (``jobs/compact.py``) swaps an hour's small files for a few large ones in
 phases recorded under ``staging/compact/``, with a generation counter bumped at every phase
 change. For ``events``, the four listings above run inside
-:func:`pipeline.jobs.compact.consistent` (generation, units, listings, generation again; taken
-again if the generation moved) and every file its :class:`~pipeline.jobs.compact.View` hides
+:func:`pipeline.livefiles.consistent` (generation, units, listings, generation again; taken
+again if the generation moved) and every file its :class:`~pipeline.livefiles.View` hides
 (a committed unit's outputs, a swapped unit's replaced files) is dropped from both table
 listings, so each row is listed exactly once. A file that still vanishes (retention, or a swap
 between listing and reading) makes :meth:`Lake.read` retry the whole read on a fresh snapshot.
@@ -51,21 +51,22 @@ from typing import Any, Final, TypeVar
 import duckdb
 import polars as pl
 
-from pipeline.jobs import compact
-from pipeline.jobs.alerts import ALERT_SCHEMA
-from pipeline.jobs.rollup import ROLLUP_SCHEMA
+from pipeline import livefiles
+from pipeline.livefiles import LakeBusyError
 from pipeline.schema import (
+    ALERT_SCHEMA,
     CAMPAIGN_SCHEMA,
+    DAY_MS,
     ENRICHED_SCHEMA,
+    HOUR_MS,
     LEDGER_SCHEMA,
     QUARANTINE_SCHEMA,
+    ROLLUP_SCHEMA,
     Layout,
 )
 
 T = TypeVar("T")
 
-HOUR_MS: Final = 3_600_000
-DAY_MS: Final = 24 * HOUR_MS
 _COMMITTED: Final = ".committed"
 _PARQUET: Final = ".parquet"
 #: DuckDB's messages for a file that was listed but is gone when it is opened.
@@ -78,10 +79,6 @@ ANSWERS: Final = 512
 SNAPSHOTS: Final = 64
 _GENERATION: Final = "compaction generation"
 MAX_ANSWER_ROWS: Final = 5_000
-
-
-class LakeBusyError(RuntimeError):
-    """The lake kept changing under a read (files vanished on every attempt)."""
 
 
 class SnapshotChangedError(FileNotFoundError):
@@ -159,11 +156,11 @@ for _table in (
         grows=True,
     ),
     Table("campaigns", "dimensions/campaigns.parquet", CAMPAIGN_SCHEMA),
-    # Written by pipeline/jobs/rollup.py: one file per hour (minute) or per date (hour, day).
+    # Written by jobs/rollup.py: one file per hour (minute) or per date (hour, day).
     Table("rollups_minute", "rollups/minute", ROLLUP_SCHEMA, _DATE_HOUR, "bucket"),
     Table("rollups_hour", "rollups/hour", ROLLUP_SCHEMA, (("date", "DATE"),), "bucket"),
     Table("rollups_day", "rollups/day", ROLLUP_SCHEMA, (("date", "DATE"),), "bucket"),
-    # Written by pipeline/jobs/alerts.py; started_at (the first column) orders it.
+    # Written by jobs/alerts.py; started_at (the first column) orders it.
     Table("alerts", "alerts/alerts.parquet", ALERT_SCHEMA),
 ):
     register_table(_table)
@@ -478,7 +475,7 @@ class Lake:
         """Whether every stamped directory (or the generation) is as it was when listed."""
         for what, value, listed_at in stamps:
             if what == _GENERATION:
-                if compact.read_generation(self.layout) != value:
+                if livefiles.read_generation(self.layout) != value:
                     return False
                 continue
             try:
@@ -507,10 +504,7 @@ class Lake:
             return before, first, after, self._walk(table, since_ms, until_ms)
 
         if table.name == "events":
-            try:
-                (before, first, after, second), view = compact.consistent(self.layout, listing)
-            except compact.LakeBusyError as exc:
-                raise LakeBusyError(str(exc)) from exc
+            (before, first, after, second), view = livefiles.consistent(self.layout, listing)
             self._stamp(_GENERATION, view.generation, 0)
             hidden = view.hidden_paths(self.layout.events)
             if hidden:

@@ -7,8 +7,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from pipeline.jobs.alerts import Alert, list_alerts
 from pipeline.schema import FILE_REASONS, REASONS
+from pipeline.tables import Alert, list_alerts
 from queries.lake import Lake
 
 #: Upper bounds (seconds) of the batch processing latency histogram.
@@ -222,5 +222,5 @@ class LedgerCounter:
 
 def alerts(lake: Lake, *, open_only: bool = False, limit: int = 100) -> list[Alert]:
     """Stored alerts: open ones first (critical, then newest), then resolved ones, most recently
-    ended first; the order of :func:`pipeline.jobs.alerts.list_alerts`, which reads the store."""
+    ended first; the order of :func:`pipeline.tables.list_alerts`, which reads the store."""
     return list_alerts(lake.layout, open_only=open_only, limit=limit)

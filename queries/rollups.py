@@ -1,6 +1,6 @@
 """What the rollup tables answer exactly: every minute but those new batches touched, since when.
 
-The rollup job (``pipeline/jobs/rollup.py``) recomputes each minute a batch touched from the live
+The rollup job (``jobs/rollup.py``) recomputes each minute a batch touched from the live
 events, and records in ``rollups/_state.json`` which ledger files it has seen: every file
 modified before ``cursor - LEDGER_LAG_S`` and the batch ids in ``recent``. So a minute row of a
 rollup equals the events of that minute unless a batch the job has not seen yet touched it.
@@ -24,11 +24,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from pipeline.jobs.rollup import LEDGER_LAG_S, Paths
+from pipeline.schema import HOUR_MS, MINUTE_MS
+from pipeline.tables import LEDGER_LAG_S
+from pipeline.tables import RollupPaths as Paths
 from queries.lake import Lake
 
-MINUTE_MS: Final = 60_000
-HOUR_MS: Final = 3_600_000
 LEVELS: Final = ("minute", "hour", "day")
 #: A ledger file is written just after its batch's committed_at: files whose committed_at is
 #: older than the job's cursor by more than this are not even stat-ed.

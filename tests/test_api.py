@@ -18,10 +18,11 @@ from litestar.testing import TestClient
 
 from api.app import create_app
 from api.testing import running_server
-from pipeline.jobs.alerts import Alert, Thresholds, check_alerts, save_alerts
-from pipeline.jobs.rollup import run_rollup
+from jobs.alerts import Thresholds, check_alerts, save_alerts
+from jobs.rollup import run_rollup
 from pipeline.schema import Layout
 from pipeline.settings import Settings
+from pipeline.tables import Alert
 from pipeline.testing import event_table
 from queries import campaigns
 from queries.lake import LakeBusyError

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from api.testing import running_server
-from pipeline.jobs.alerts import Thresholds, check_alerts
+from jobs.alerts import Thresholds, check_alerts
 from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.testing import event_table

@@ -14,26 +14,25 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
-from pipeline.jobs.alerts import (
-    Alert,
+from jobs.alerts import (
     Observation,
     Thresholds,
     advance,
     budget_rules,
     check_alerts,
     lag_rule,
-    list_alerts,
-    load_alerts,
     ops_rules,
 )
-from pipeline.jobs.rollup import run_rollup
-from pipeline.jobs.scheduler import build_scheduler
-from pipeline.jobs.tasks import JobSpec
-from pipeline.jobs.testing import land, wait_for, webhook_server, write_ledger
-from pipeline.jobs.webhook import deliver, enqueue, pending
+from jobs.outbox import enqueue, pending
+from jobs.rollup import run_rollup
+from jobs.scheduler import build_scheduler
+from jobs.tasks import JobSpec
+from jobs.testing import land, wait_for, webhook_server, write_ledger
+from jobs.webhook import deliver
 from pipeline.schema import CAMPAIGN_SCHEMA, LEDGER_SCHEMA, Layout
 from pipeline.settings import Settings
 from pipeline.spool import SpoolWriter
+from pipeline.tables import Alert, list_alerts, load_alerts
 from pipeline.testing import event_table
 
 T = Thresholds()  # the documented defaults: 100k/50k ev/s, 50/100 ms, 1 %/5 %, 30s/5m lag
@@ -263,7 +262,7 @@ def test_list_alerts_puts_open_ones_first_by_severity(settings: Settings) -> Non
         [obs("warning", subject="w"), obs("critical", subject="c")],
         now=t0 + timedelta(minutes=2),
     )
-    from pipeline.jobs.alerts import save_alerts
+    from jobs.alerts import save_alerts
 
     save_alerts(layout, alerts, durable=False)
     got = list_alerts(layout)

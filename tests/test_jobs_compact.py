@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline.jobs.compact import (
+from jobs.compact import (
     OUTPUT_PREFIX,
     POINTS,
     CompactConfig,
@@ -28,12 +28,11 @@ from pipeline.jobs.compact import (
     assign_bins,
     compact,
     plan,
-    read_live,
-    read_units,
     rows_per_output,
 )
-from pipeline.jobs.testing import land, random_batch
+from jobs.testing import land, random_batch
 from pipeline.lake import window_keys
+from pipeline.livefiles import read_live, read_units
 from pipeline.schema import ENRICHED_SCHEMA, Layout
 from pipeline.settings import Settings
 from queries.lake import Lake
@@ -323,7 +322,7 @@ def run_compaction(
     if crash_at:
         env["ADEVENTS_CRASH_AT"] = crash_at
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.jobs", "compact", "--once", "--log-level", "WARNING"],
+        [sys.executable, "-m", "jobs", "compact", "--once", "--log-level", "WARNING"],
         env=env,
         capture_output=True,
         timeout=120,
@@ -370,11 +369,20 @@ def test_kill_during_compaction_keeps_readers_exact_and_the_next_run_finishes(
 
 def test_bench_smoke(tmp_path: Path) -> None:
     """The compaction benchmark runs (tiny), so it does not rot."""
-    from pipeline.jobs import bench
-
-    result = bench.run(tmp_path / "bench", events=20_000, batch_rows=500, hours=2, repeat=1)
-    assert result.files_after < result.files_before
-    assert result.rows == 20_000
+    bench = Path(__file__).resolve().parent.parent / "bench" / "compaction.py"
+    args = ["--events", "20000", "--batch-rows", "500", "--hours", "2", "--repeat", "1"]
+    out = subprocess.run(
+        [sys.executable, str(bench), "--dir", str(tmp_path / "bench"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    first = out.stdout.splitlines()[0]  # events=20,000 files <before> -> <after>, ...
+    assert first.startswith("events=20,000 files "), out.stdout
+    before, after = first.split(" files ")[1].split(",")[0].split(" -> ")
+    assert int(after) < int(before)
 
 
 def test_at_every_step_of_a_swap_a_reader_sees_each_row_once(settings: Settings) -> None:
@@ -397,7 +405,7 @@ def test_at_every_step_of_a_swap_a_reader_sees_each_row_once(settings: Settings)
 
 
 def test_a_listing_that_straddles_a_phase_change_is_taken_again(settings: Settings) -> None:
-    from pipeline.jobs import compact as module
+    from jobs import compact as module
 
     layout = Layout(settings.data_dir)
     calls: list[int] = []

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.jobs.compact import live_event_files
-from pipeline.jobs.retention import RetentionConfig, cutoff_ms, expired, run_retention
-from pipeline.jobs.rollup import read_rollups, run_rollup
-from pipeline.jobs.testing import land, random_batch
+from jobs.retention import RetentionConfig, cutoff_ms, expired, run_retention
+from jobs.rollup import read_rollups, run_rollup
+from jobs.testing import land, random_batch
+from pipeline.livefiles import live_event_files
 from pipeline.schema import Layout
 from pipeline.settings import Settings
 
@@ -88,7 +88,7 @@ def test_rollups_outlive_their_events_even_through_a_rebuild(aged_lake: Layout) 
 
 
 def test_a_partition_being_compacted_is_not_deleted_under_it(aged_lake: Layout) -> None:
-    from pipeline.jobs import compact
+    from pipeline.livefiles import read_units
 
     layout = aged_lake
     oldest = sorted(layout.events.glob("date=*/hour=*"))[0]
@@ -98,6 +98,6 @@ def test_a_partition_being_compacted_is_not_deleted_under_it(aged_lake: Layout) 
     (unit / "manifest.json").write_text(
         f'{{"unit": "compacted-1-x", "partition": "{key}", "outputs": [], "replaces": []}}'
     )
-    assert compact.read_units(layout)[0].partition == key
+    assert read_units(layout)[0].partition == key
     run_retention(layout, RetentionConfig(events_days=30, durable=False), now=NOW)
     assert oldest.exists()

@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline.jobs import hll
-from pipeline.jobs.compact import CompactConfig, compact, live_event_files
-from pipeline.jobs.rollup import (
+from jobs import hll
+from jobs.compact import CompactConfig, compact
+from jobs.rollup import (
     GRANULARITIES,
     ROLLUP_SCHEMA,
     full_rollups,
@@ -25,7 +25,8 @@ from pipeline.jobs.rollup import (
     run_rollup,
     touched_minutes,
 )
-from pipeline.jobs.testing import land, random_batch
+from jobs.testing import land, random_batch
+from pipeline.livefiles import live_event_files
 from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA, Layout
 from pipeline.settings import Settings
 

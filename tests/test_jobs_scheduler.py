@@ -17,14 +17,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.jobs.compact import OUTPUT_PREFIX, live_event_files
-from pipeline.jobs.config import JobSettings, parse_size
-from pipeline.jobs.rollup import full_rollups, read_rollups
-from pipeline.jobs.scheduler import build_scheduler
-from pipeline.jobs.tasks import JobSpec
-from pipeline.jobs.testing import land, random_batch, wait_for, webhook_server
+from jobs.rollup import full_rollups, read_rollups
+from jobs.scheduler import build_scheduler
+from jobs.tasks import JobSpec
+from jobs.testing import land, random_batch, wait_for, webhook_server
+from pipeline.livefiles import OUTPUT_PREFIX, live_event_files
 from pipeline.schema import ENRICHED_SCHEMA, Layout
-from pipeline.settings import Settings, SettingsError
+from pipeline.settings import JobSettings, Settings, SettingsError, parse_size
 from pipeline.spool import SpoolWriter
 from pipeline.testing import event_table
 
@@ -113,7 +112,7 @@ def jobs_cli(data: Path, *args: str, env: dict[str, str] | None = None) -> str:
     run_env = {k: v for k, v in os.environ.items() if k != "ADEVENTS_CRASH_AT"}
     run_env.update(DATA_DIR=str(data), FSYNC="false", **(env or {}))
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.jobs", *args, "--log-level", "WARNING"],
+        [sys.executable, "-m", "jobs", *args, "--log-level", "WARNING"],
         env=run_env,
         capture_output=True,
         timeout=60,
@@ -169,7 +168,7 @@ def test_the_scheduler_runs_every_job_against_a_live_pipeline(tmp_path: Path) ->
             stderr=subprocess.PIPE,
         )
         scheduler = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.jobs", "scheduler", "--log-level", "INFO"],
+            [sys.executable, "-m", "jobs", "scheduler", "--log-level", "INFO"],
             env=env,
             stderr=subprocess.PIPE,
         )

@@ -17,16 +17,17 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from jobs.alerts import save_alerts
+from jobs.compact import CompactConfig
+from jobs.compact import compact as compact_lake
+from jobs.rollup import run_rollup
+from jobs.storage import read_ledger
 from pipeline.consumer import Consumer
 from pipeline.factory import make_key_cache
-from pipeline.jobs.alerts import Alert, save_alerts
-from pipeline.jobs.compact import CompactConfig
-from pipeline.jobs.compact import compact as compact_lake
-from pipeline.jobs.rollup import run_rollup
-from pipeline.jobs.storage import read_ledger
 from pipeline.schema import LEDGER_SCHEMA, Layout
 from pipeline.settings import Settings
 from pipeline.spool import SpoolWriter
+from pipeline.tables import Alert
 from pipeline.testing import event_table
 from queries import campaigns, command, events, ops
 from queries.campaigns import Bucket, RawEventsSource, RollupSource, Totals

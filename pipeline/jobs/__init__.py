@@ -1,1 +1,5 @@
-"""Scheduled jobs over the lake: rollups, compaction, threshold alerts and retention."""
+"""Temporary alias: the scheduled jobs moved to the top-level ``jobs`` package.
+
+Only ``pipeline/cli.py`` still imports ``pipeline.jobs.command``; delete this package when it
+imports ``jobs.command`` instead (issue 13).
+"""

@@ -2,7 +2,7 @@
 
 Swapping N files for M by renames cannot be atomic for a plain glob, so compaction works in
 *units* with a phase that readers consult, and a generation counter that tells a reader whether
-a phase changed while it listed (see :func:`consistent` and :func:`live_files`).
+a phase changed while it listed (the reader rule: :mod:`pipeline.livefiles`).
 
 A unit (one partition) lives under ``staging/compact/`` — outside the consumer's own
 ``staging/*.committed`` namespace, which its crash recovery owns — and goes through:
@@ -33,34 +33,33 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
 import polars as pl
 import pyarrow.parquet as pq
 
+from jobs.storage import EVENTS_LOCK, fsync_file, job_lock
 from pipeline import faults
-from pipeline.jobs.storage import (
-    EVENTS_LOCK,
+from pipeline.livefiles import (
+    COMMITTED,
+    GENERATION,
+    MANIFEST,
+    OUTPUT_PREFIX,
+    PARTIAL,
+    SWAPPED,
     HourPartition,
+    consistent,
     hour_partitions,
-    job_lock,
     parquet_names,
+    phase_of,
+    read_generation,
+    units_dir,
 )
 from pipeline.schema import ENRICHED_SCHEMA, PARQUET_COMPRESSION, SORT_KEYS, Layout
 from pipeline.spool import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger("adevents.jobs.compact")
 
-T = TypeVar("T")
-
-UNITS: Final = "compact"
-GENERATION: Final = "generation"
-MANIFEST: Final = "manifest.json"
-PARTIAL: Final = ".partial"
-COMMITTED: Final = ".committed"
-SWAPPED: Final = ".swapped"
-#: Compaction outputs are named ``compacted-<unit>-<n>.parquet``; consumer batches never are.
-OUTPUT_PREFIX: Final = "compacted-"
 #: Crash points (``ADEVENTS_CRASH_AT=<point>[:<nth>]``, see :mod:`pipeline.faults`).
 POINTS: Final = (
     "compact_after_stage",
@@ -75,172 +74,16 @@ POINTS: Final = (
 ORDER: Final = (*SORT_KEYS, "event_id")
 
 
-class LakeBusyError(RuntimeError):
-    """The compaction generation kept changing while a reader listed files."""
-
-
 class CompactionError(RuntimeError):
     """Some partitions could not be compacted (the others were; the details are in the log)."""
 
 
-# -- the reader side ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Unit:
-    """A compaction unit in flight: which files of which partition it swaps, and its phase."""
-
-    unit_id: str
-    partition: str
-    outputs: tuple[str, ...]
-    replaces: tuple[str, ...]
-    phase: str  # "committed" or "swapped"
-
-    @property
-    def hidden(self) -> tuple[str, ...]:
-        """The files readers must ignore in this phase."""
-        return self.outputs if self.phase == "committed" else self.replaces
-
-
-@dataclass(frozen=True)
-class View:
-    """Compaction state as of one generation: what readers hide in each partition."""
-
-    generation: int
-    units: tuple[Unit, ...] = ()
-
-    def hidden(self, partition: str) -> frozenset[str]:
-        """File names to ignore in ``partition`` (``date=YYYY-MM-DD/hour=HH``)."""
-        return frozenset(n for u in self.units if u.partition == partition for n in u.hidden)
-
-    def visible(self, partition: str, names: Sequence[str]) -> list[str]:
-        hidden = self.hidden(partition)
-        return [n for n in names if n not in hidden]
-
-    def hidden_paths(self, events: Path) -> frozenset[str]:
-        """Paths (as ``str(events / partition / name)``) readers must ignore, for filtering
-        a listing of the whole events table."""
-        return frozenset(str(events / u.partition / n) for u in self.units for n in u.hidden)
-
-
-def units_dir(layout: Layout) -> Path:
-    return layout.staging / UNITS
-
-
-def read_generation(layout: Layout) -> int:
-    """The compaction generation: bumped after every phase change of every unit."""
-    try:
-        return int((units_dir(layout) / GENERATION).read_text() or 0)
-    except FileNotFoundError:
-        return 0
-
-
+# -- the writer side: units and their phases --------------------------------------------------
 def _bump(layout: Layout, *, durable: bool) -> None:
     directory = units_dir(layout)
     directory.mkdir(parents=True, exist_ok=True)
     value = read_generation(layout) + 1
     atomic_write_bytes(directory / GENERATION, str(value).encode(), durable=durable)
-
-
-def _phase(name: str) -> str | None:
-    if name.endswith(COMMITTED):
-        return "committed"
-    if name.endswith(SWAPPED):
-        return "swapped"
-    return None
-
-
-def read_units(layout: Layout) -> tuple[Unit, ...]:
-    """Units in phase 2 or 3; raises FileNotFoundError if one moves on while being read."""
-    try:
-        names = sorted(os.listdir(units_dir(layout)))
-    except FileNotFoundError:
-        return ()
-    units = []
-    for name in names:
-        phase = _phase(name)
-        if phase is None:
-            continue
-        manifest = json.loads((units_dir(layout) / name / MANIFEST).read_text())
-        units.append(
-            Unit(
-                unit_id=manifest["unit"],
-                partition=manifest["partition"],
-                outputs=tuple(manifest["outputs"]),
-                replaces=tuple(manifest["replaces"]),
-                phase=phase,
-            )
-        )
-    return tuple(units)
-
-
-def consistent(layout: Layout, listing: Callable[[], T], *, attempts: int = 200) -> tuple[T, View]:
-    """Run ``listing`` (which lists events/ directories) under one compaction generation.
-
-    Reads the generation, the units, calls ``listing``, reads the generation again, and starts
-    over if it changed (a phase flipped meanwhile; phases are short, so this converges fast).
-    """
-    delay = 0.001
-    for _ in range(attempts):
-        before = read_generation(layout)
-        try:
-            units = read_units(layout)
-        except FileNotFoundError:
-            units = None  # a unit moved on while its manifest was read
-        if units is not None:
-            result = listing()
-            if read_generation(layout) == before:
-                return result, View(before, units)
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    raise LakeBusyError(f"compaction under {units_dir(layout)} kept changing while listing")
-
-
-def _partition_key(layout: Layout, partition_dir: Path) -> str:
-    rel = Path(partition_dir).resolve().relative_to(layout.events.resolve())
-    return rel.as_posix()
-
-
-def live_files(layout: Layout, partition_dir: Path) -> list[Path]:
-    """The files of one events partition a reader should read now: each row exactly once.
-
-    A file listed here may still be deleted before it is opened (by a later swap): a reader
-    that gets FileNotFoundError (DuckDB: "No files found"/"Cannot open file") lists again.
-    """
-    key = _partition_key(layout, partition_dir)
-    names, view = consistent(layout, lambda: parquet_names(Path(partition_dir)))
-    return [Path(partition_dir) / n for n in view.visible(key, names)]
-
-
-def live_event_files(
-    layout: Layout, *, since_ms: int | None = None, until_ms: int | None = None
-) -> list[Path]:
-    """Every live events file in partitions that can hold rows in [since, until), sorted."""
-
-    def listing() -> list[tuple[HourPartition, list[str]]]:
-        parts = hour_partitions(layout.events)
-        return [
-            (p, parquet_names(p.path))
-            for p in parts
-            if (since_ms is None or p.end_ms > since_ms)
-            and (until_ms is None or p.start_ms < until_ms)
-        ]
-
-    listed, view = consistent(layout, listing)
-    return [p.path / n for p, names in listed for n in view.visible(p.key, names)]
-
-
-def read_live(
-    layout: Layout, read: Callable[[list[Path]], T], *, attempts: int = 50, **window: int | None
-) -> T:
-    """``read(live_event_files(...))``, listed again if a file vanishes before it is read."""
-    for attempt in range(attempts):
-        files = live_event_files(layout, **window)
-        try:
-            return read(files)
-        except FileNotFoundError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.005)
-    raise AssertionError("unreachable")
 
 
 # -- the pure part: what to rewrite and how to cut it ------------------------------------------
@@ -353,14 +196,6 @@ class CompactConfig:
         self.on_step(name)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _consumer_in_flight(layout: Layout) -> set[str]:
     """Batches the consumer is publishing: their files are not ours to touch yet.
 
@@ -385,7 +220,7 @@ def _write_output(frame: pl.DataFrame, path: Path, cfg: CompactConfig) -> int:
         row_group_size=cfg.row_group_rows,
     )
     if cfg.durable:
-        _fsync_file(path)
+        fsync_file(path)
     return len(frame)
 
 
@@ -477,7 +312,7 @@ def recover(layout: Layout, cfg: CompactConfig) -> int:
         path = directory / name
         if name.endswith(PARTIAL):
             shutil.rmtree(path, ignore_errors=True)
-        elif _phase(name) is not None:
+        elif phase_of(name) is not None:
             log.info("finishing compaction unit %s interrupted by a crash", name)
             # The crash may have come between a phase change and its bump: bump first.
             _bump(layout, durable=cfg.durable)
@@ -537,7 +372,7 @@ def compact_partition(
     }
     (partial / MANIFEST).write_text(json.dumps(manifest))
     if cfg.durable:
-        _fsync_file(partial / MANIFEST)
+        fsync_file(partial / MANIFEST)
         fsync_dir(partial)
     cfg.step("compact_after_stage")
     committed = partial.with_name(f"{unit_id}{COMMITTED}")

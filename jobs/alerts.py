@@ -4,55 +4,47 @@ Rules are pure: ledger rows, spool age, spend and budgets in, :class:`Observatio
 fires now, with severity, value and threshold) out. :func:`advance` turns the open alerts and
 this tick's observations into the next alerts and the notifications to send: an alert fires
 once, changes severity in place, and resolves when its rule stops firing — never a repeat per
-tick. The store is ``alerts/alerts.parquet``, replaced atomically.
+tick. The store is ``alerts/alerts.parquet`` (:mod:`pipeline.tables`), replaced atomically;
+notifications go to the outbox (:mod:`jobs.outbox`) that the webhook job reads.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import polars as pl
 
-from pipeline.jobs.config import JobSettings
-from pipeline.jobs.storage import job_lock, read_parquet_or, recent_ledger, write_parquet_atomic
-from pipeline.schema import UTC_MS, Layout
+from jobs import outbox
+from jobs.outbox import Notification
+from jobs.storage import job_lock, recent_ledger, write_parquet_atomic
+from pipeline.schema import ROLLUP_SCHEMA, Layout
+from pipeline.settings import JobSettings
 from pipeline.spool import oldest_waiting_age
+from pipeline.tables import (
+    FIRING,
+    RESOLVED,
+    SEVERITIES,
+    Alert,
+    RollupPaths,
+    alerts_frame,
+    alerts_path,
+    load_alerts,
+    read_parquet_or,
+)
 
 log = logging.getLogger("adevents.jobs.alerts")
 
-RULES: Final = ("throughput", "latency_p95", "error_rate", "consumer_lag", "budget")
-SEVERITIES: Final = ("warning", "critical")
-FIRING: Final = "firing"
-RESOLVED: Final = "resolved"
 #: Subject of the rules about the pipeline as a whole (budget alerts are per campaign_id).
 PIPELINE: Final = "pipeline"
-
-#: Stored alerts, newest first by ``started_at`` (the first column, which readers sort by).
-ALERT_SCHEMA: Final = pl.Schema(
-    {
-        "started_at": UTC_MS,
-        "alert_id": pl.String(),
-        "rule": pl.String(),
-        "subject": pl.String(),
-        "severity": pl.String(),
-        "status": pl.String(),
-        "value": pl.Float64(),
-        "threshold": pl.Float64(),
-        "message": pl.String(),
-        "updated_at": UTC_MS,
-        "ended_at": UTC_MS,
-    }
-)
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The rules' levels (from :class:`~pipeline.jobs.config.JobSettings`)."""
+    """The rules' levels (from :class:`~jobs.config.JobSettings`)."""
 
     window_s: float = 60.0
     throughput_warning: float = 100_000.0
@@ -95,44 +87,6 @@ class Observation:
     value: float
     threshold: float
     message: str
-
-
-@dataclass(frozen=True)
-class Alert:
-    """One alert over its life: firing from ``started_at``, resolved at ``ended_at``."""
-
-    alert_id: str
-    rule: str
-    subject: str
-    severity: str
-    status: str
-    value: float
-    threshold: float
-    message: str
-    started_at: datetime
-    updated_at: datetime
-    ended_at: datetime | None = None
-
-    @property
-    def open(self) -> bool:
-        return self.status == FIRING
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        for k in ("started_at", "updated_at", "ended_at"):
-            out[k] = None if out[k] is None else out[k].isoformat()
-        return out
-
-
-@dataclass(frozen=True)
-class Notification:
-    """A change to tell someone about: ``fired``, ``escalated``, ``deescalated``, ``resolved``."""
-
-    event: str
-    alert: Alert
-
-    def payload(self) -> dict[str, Any]:
-        return {"event": self.event, **self.alert.to_json()}
 
 
 # -- rules (pure) ------------------------------------------------------------------------------
@@ -341,40 +295,9 @@ def advance(
 
 
 # -- the store ---------------------------------------------------------------------------------
-def _path(layout: Layout) -> Path:
-    return layout.alerts / "alerts.parquet"
-
-
-def _to_frame(alerts: Sequence[Alert]) -> pl.DataFrame:
-    rows = [{k: getattr(a, k) for k in ALERT_SCHEMA.names()} for a in alerts]
-    return pl.DataFrame(rows, schema=ALERT_SCHEMA).sort("started_at", "alert_id", descending=True)
-
-
-def _from_frame(frame: pl.DataFrame) -> list[Alert]:
-    return [Alert(**row) for row in frame.iter_rows(named=True)]
-
-
-def load_alerts(layout: Layout) -> list[Alert]:
-    """Every stored alert (open and recently resolved), newest first."""
-    return _from_frame(read_parquet_or(_path(layout), ALERT_SCHEMA))
-
-
 def save_alerts(layout: Layout, alerts: Sequence[Alert], *, durable: bool) -> None:
-    write_parquet_atomic(_to_frame(alerts), _path(layout), durable=durable)
-
-
-def list_alerts(layout: Layout, *, open_only: bool = False, limit: int = 100) -> list[Alert]:
-    """Alerts for ``GET /alerts`` and the dashboard: open ones first (critical, then newest),
-    then resolved ones, most recently ended first."""
-    alerts = [a for a in load_alerts(layout) if a.open or not open_only]
-
-    def order(a: Alert) -> tuple[int, int, float]:
-        if a.open:
-            return (0, -SEVERITIES.index(a.severity), -a.started_at.timestamp())
-        ended = a.ended_at or a.updated_at
-        return (1, 0, -ended.timestamp())
-
-    return sorted(alerts, key=order)[: max(0, limit)]
+    """Replace the alert store with ``alerts`` (atomically)."""
+    write_parquet_atomic(alerts_frame(alerts), alerts_path(layout), durable=durable)
 
 
 # -- the job -----------------------------------------------------------------------------------
@@ -394,9 +317,7 @@ class AlertReport:
 
 
 def _today_spend(layout: Layout, now: datetime) -> pl.DataFrame:
-    from pipeline.jobs.rollup import ROLLUP_SCHEMA, Paths
-
-    day = read_parquet_or(Paths(layout).day(f"{now.astimezone(UTC):%Y-%m-%d}"), ROLLUP_SCHEMA)
+    day = read_parquet_or(RollupPaths(layout).day(f"{now.astimezone(UTC):%Y-%m-%d}"), ROLLUP_SCHEMA)
     return day.group_by("campaign_id").agg(pl.col("spend_micros").sum())
 
 
@@ -454,10 +375,8 @@ def check_alerts(
     """Evaluate every rule once, store the alerts, log and return what changed.
 
     With ``webhook``, the changes are queued in the outbox first (so a crash in between can
-    repeat a notification but never lose one); :func:`pipeline.jobs.webhook.deliver` sends them.
+    repeat a notification but never lose one); :func:`jobs.webhook.deliver` sends them.
     """
-    from pipeline.jobs import webhook as outbox
-
     now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # stored to the millisecond
     with job_lock(layout, "alerts"):
         observations = observe(layout, t, now=now)
@@ -465,7 +384,7 @@ def check_alerts(
         after, notes = advance(before, observations, now=now, history_days=history_days)
         if webhook and notes:
             outbox.enqueue(layout, notes, now=now, durable=durable)
-        if after != before or not _path(layout).exists():
+        if after != before or not alerts_path(layout).exists():
             save_alerts(layout, after, durable=durable)
     for note in notes:
         _log(note)

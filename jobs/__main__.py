@@ -1,4 +1,4 @@
-"""``python -m pipeline.jobs <command>``: the jobs' subcommands as ``adevents`` runs them."""
+"""``python -m jobs <command>``: the jobs' subcommands as ``adevents`` runs them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline.jobs.command import COMMANDS
+from jobs.command import COMMANDS
 from pipeline.settings import Settings, SettingsError
 
 

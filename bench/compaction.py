@@ -1,6 +1,6 @@
 """Compaction benchmark: files before/after and DuckDB query times on a realistic micro-batch lake.
 
-``python -m pipeline.jobs.bench --events 3000000`` draws events with the generator's model
+``python bench/compaction.py --events 3000000`` draws events with the generator's model
 (Zipf campaigns, funnel, prices), lands them as the consumer does (one file per batch per hour,
 sorted, zstd), then times DuckDB queries over the live files before and after compaction.
 """
@@ -19,11 +19,10 @@ import duckdb
 import numpy as np
 import polars as pl
 
+from jobs.compact import CompactConfig, compact
 from pipeline.enrich import enrich, partition_by_hour
-from pipeline.jobs.compact import CompactConfig, compact, live_event_files
-from pipeline.schema import PARQUET_COMPRESSION, Layout, event_partition
-
-HOUR_MS = 3_600_000
+from pipeline.livefiles import live_event_files
+from pipeline.schema import HOUR_MS, PARQUET_COMPRESSION, Layout, event_partition
 
 QUERIES = {
     "by_campaign": """

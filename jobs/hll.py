@@ -23,8 +23,6 @@ _SEED: Final = 0x5F3759DF6A09E667
 _ALPHA: Final = 0.7213 / (1 + 1.079 / REGISTERS)
 _CHECK_VALUES: Final = ("adevents-hll-check", "", "user-1")
 
-SKETCH_TYPES: Final = {"reg": pl.UInt16(), "rho": pl.UInt8()}
-
 
 def registers(frame: pl.LazyFrame, keys: Sequence[str], value: str = "user_id") -> pl.LazyFrame:
     """The sketch of ``value`` per group of ``keys`` (nulls are not counted)."""

@@ -1,6 +1,6 @@
-"""Alert notifications to ALERT_WEBHOOK_URL: a durable outbox, delivered in order with retries.
+"""Alert notifications to ALERT_WEBHOOK_URL: the outbox, delivered in order with retries.
 
-The alert job only writes notifications to ``alerts/outbox/`` (atomic files), so a dead or
+The alerts job only queues notifications in the outbox (:mod:`jobs.outbox`), so a dead or
 hanging webhook never holds up alert evaluation; :func:`deliver` sends them, each POST bounded
 by a timeout and retried a few times with a short backoff. Delivery is at least once. A
 notification the receiver rejects (4xx other than 408/429) or that stays undeliverable longer
@@ -9,55 +9,21 @@ than the maximum age is dropped with an error in the log.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import httpx
 
-from pipeline.jobs.alerts import Notification
-from pipeline.jobs.storage import job_lock
+from jobs import outbox
+from jobs.storage import job_lock
 from pipeline.schema import Layout
-from pipeline.spool import atomic_write_bytes
 
 log = logging.getLogger("adevents.jobs.webhook")
 
 _RETRYABLE_4XX = (408, 429)
-
-
-def outbox(layout: Layout) -> Path:
-    return layout.alerts / "outbox"
-
-
-def enqueue(
-    layout: Layout, notes: Sequence[Notification], *, now: datetime, durable: bool
-) -> list[Path]:
-    """Store ``notes`` for delivery, in order; returns their outbox files."""
-    directory = outbox(layout)
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = int(now.timestamp() * 1000)
-    paths = []
-    for i, note in enumerate(notes):
-        path = directory / f"{stamp:015d}-{i:04d}-{secrets.token_hex(3)}.json"
-        body = {"queued_at": now.isoformat(), "payload": note.payload()}
-        atomic_write_bytes(path, json.dumps(body).encode(), durable=durable)
-        paths.append(path)
-    return paths
-
-
-def pending(layout: Layout) -> list[Path]:
-    """Outbox files waiting for delivery, oldest first."""
-    try:
-        names = sorted(n for n in os.listdir(outbox(layout)) if n.endswith(".json"))
-    except FileNotFoundError:
-        return []
-    return [outbox(layout) / n for n in names if not n.startswith(".")]
 
 
 @dataclass
@@ -112,29 +78,26 @@ def deliver(
     """Send what the outbox holds, oldest first; stop at the first failure (order matters)."""
     report = DeliveryReport()
     with job_lock(layout, "webhook"), httpx.Client(timeout=timeout) as client:
-        files = pending(layout)
+        files = outbox.pending(layout)
         for i, path in enumerate(files):
-            try:
-                body = json.loads(path.read_text())
-            except (FileNotFoundError, ValueError):
-                path.unlink(missing_ok=True)
+            entry = outbox.read(path)
+            if entry is None:
                 continue
-            status = _post(client, url, body["payload"], retries=retries, sleep=sleep)
+            status = _post(client, url, entry.payload, retries=retries, sleep=sleep)
             if status is not None and status < 300:
-                path.unlink(missing_ok=True)
+                outbox.ack(path)
                 report.sent += 1
                 continue
-            queued = datetime.fromisoformat(body["queued_at"])
-            too_old = (now - queued).total_seconds() > max_age_s
+            too_old = (now - entry.queued_at).total_seconds() > max_age_s
             rejected = status is not None and 400 <= status < 500 and status not in _RETRYABLE_4XX
             if rejected or too_old:
                 log.error(
                     "dropping alert notification %s after %s: %s",
                     path.name,
                     f"HTTP {status}" if rejected else f"{max_age_s:.0f}s undelivered",
-                    body["payload"],
+                    entry.payload,
                 )
-                path.unlink(missing_ok=True)
+                outbox.ack(path)
                 report.dropped += 1
                 continue
             report.failed = True

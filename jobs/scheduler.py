@@ -19,8 +19,8 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from pipeline.jobs.storage import JobBusyError
-from pipeline.jobs.tasks import JobSpec
+from jobs.storage import JobBusyError
+from jobs.tasks import JobSpec
 
 log = logging.getLogger("adevents.jobs.scheduler")
 

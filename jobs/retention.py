@@ -17,14 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.jobs.storage import (
-    DAY_MS,
-    EVENTS_LOCK,
-    date_dirs,
-    hour_partitions,
-    job_lock,
-)
-from pipeline.schema import Layout
+from jobs.storage import EVENTS_LOCK, job_lock
+from pipeline.livefiles import date_dirs, hour_partitions, read_units
+from pipeline.schema import DAY_MS, HOUR_MS, Layout
+from pipeline.tables import RollupPaths
 
 log = logging.getLogger("adevents.jobs.retention")
 
@@ -91,11 +87,8 @@ def _prune_empty_dates(root: Path) -> None:
 
 def run_retention(layout: Layout, cfg: RetentionConfig, *, now: datetime) -> RetentionReport:
     """Delete what is past its retention; returns counts per kind."""
-    from pipeline.jobs.compact import read_units
-    from pipeline.jobs.rollup import Paths
-
     report = RetentionReport()
-    paths = Paths(layout)
+    paths = RollupPaths(layout)
     with job_lock(layout, "retention"):
         # Leftovers of an interrupted run.
         shutil.rmtree(layout.staging / "trash", ignore_errors=True)
@@ -113,7 +106,7 @@ def run_retention(layout: Layout, cfg: RetentionConfig, *, now: datetime) -> Ret
         gone = expired([(p.path, p.end_ms) for p in minutes], minute_cut)
         sketch_root = paths.sketches / "hour"
         sketches = [
-            (path, _date_end_ms(date) - (23 - int(path.stem[5:])) * 3_600_000)
+            (path, _date_end_ms(date) - (23 - int(path.stem[5:])) * HOUR_MS)
             for date, directory in date_dirs(sketch_root)
             for path in directory.glob("hour=*.parquet")
         ]

@@ -3,7 +3,8 @@
 Layout under ``rollups/`` (one file per partition, each replaced atomically):
 
 - ``minute/date=D/hour=HH/rollup.parquet``, ``hour/date=D/rollup.parquet``,
-  ``day/date=D/rollup.parquet``: ROLLUP_SCHEMA rows, one per campaign per bucket.
+  ``day/date=D/rollup.parquet``: ROLLUP_SCHEMA rows (:mod:`pipeline.schema`; the paths are
+  :class:`pipeline.tables.RollupPaths`), one per campaign per bucket.
 - ``_hll/hour/date=D/hour=HH.parquet``, ``_hll/day/date=D.parquet``: the unique-user sketches
   of each hour and day (``_`` keeps them out of ``rollups/<granularity>/`` readers).
 - ``_state.json``: which ledger files were already seen.
@@ -24,53 +25,33 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Final
 
 import polars as pl
 
-from pipeline.jobs import hll
-from pipeline.jobs.compact import live_files
-from pipeline.jobs.storage import (
+from jobs import hll
+from jobs.storage import (
     job_lock,
     ledger_files_since,
-    partition_of,
     read_json,
     read_ledger,
-    read_parquet_or,
     write_json_atomic,
     write_parquet_atomic,
 )
-from pipeline.schema import ENRICHED_SCHEMA, UTC_MS, Layout
+from pipeline.livefiles import live_files, partition_of
+from pipeline.schema import ENRICHED_SCHEMA, MINUTE_MS, ROLLUP_SCHEMA, UTC_MS, Layout
+from pipeline.tables import LEDGER_LAG_S, RollupPaths, read_parquet_or
 
 log = logging.getLogger("adevents.jobs.rollup")
 
 GRANULARITIES: Final = ("minute", "hour", "day")
 _EVERY: Final = {"minute": "1m", "hour": "1h", "day": "1d"}
-MINUTE_MS: Final = 60_000
 
-#: One row per campaign per bucket. unique_users is a HyperLogLog estimate of distinct non-null
-#: user_id in that bucket (~1.6 % error): it does not add up across buckets or levels.
-ROLLUP_SCHEMA: Final = pl.Schema(
-    {
-        "campaign_id": pl.String(),
-        "bucket": UTC_MS,
-        "impressions": pl.Int64(),
-        "clicks": pl.Int64(),
-        "conversions": pl.Int64(),
-        "spend_micros": pl.Int64(),
-        "revenue_micros": pl.Int64(),
-        "unique_users": pl.Int64(),
-    }
-)
 SKETCH_SCHEMA: Final = pl.Schema(
     {"campaign_id": pl.String(), "bucket": UTC_MS, "reg": pl.UInt16(), "rho": pl.UInt8()}
 )
 _KEYS: Final = ("campaign_id", "bucket")
 _SUMS: Final = ("impressions", "clicks", "conversions", "spend_micros", "revenue_micros")
-#: Ledger files written up to this long before the last run's listing are listed again (their
-#: ids remembered), so a file renamed into place late is never missed.
-LEDGER_LAG_S: Final = 300.0
 _EVENT_COLUMNS: Final = (
     "campaign_id",
     "event_type",
@@ -193,40 +174,7 @@ class _State:
     recent: dict[str, float] = field(default_factory=dict)
 
 
-class Paths:
-    """Where each rollup level and sketch of a date/hour lives."""
-
-    def __init__(self, layout: Layout) -> None:
-        self.root = layout.rollups
-
-    def level(self, granularity: str) -> Path:
-        return self.root / granularity
-
-    def minute(self, date: str, hour: int) -> Path:
-        return self.root / "minute" / f"date={date}" / f"hour={hour:02d}" / "rollup.parquet"
-
-    def hour(self, date: str) -> Path:
-        return self.root / "hour" / f"date={date}" / "rollup.parquet"
-
-    def day(self, date: str) -> Path:
-        return self.root / "day" / f"date={date}" / "rollup.parquet"
-
-    def hour_sketch(self, date: str, hour: int) -> Path:
-        return self.root / "_hll" / "hour" / f"date={date}" / f"hour={hour:02d}.parquet"
-
-    def day_sketch(self, date: str) -> Path:
-        return self.root / "_hll" / "day" / f"date={date}.parquet"
-
-    @property
-    def sketches(self) -> Path:
-        return self.root / "_hll"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "_state.json"
-
-
-def _load_state(paths: Paths) -> _State:
+def _load_state(paths: RollupPaths) -> _State:
     raw = read_json(paths.state)
     if not isinstance(raw, dict):
         return _State(hll.check())
@@ -269,7 +217,7 @@ def _read_minutes(layout: Layout, date: str, hour: int, minutes: list[int]) -> p
 
 
 def _update_hour(
-    layout: Layout, paths: Paths, date: str, hour: int, *, minutes: list[int], durable: bool
+    layout: Layout, paths: RollupPaths, date: str, hour: int, *, minutes: list[int], durable: bool
 ) -> pl.DataFrame:
     """Recompute ``minutes`` of one hour and the hour's row; returns the hour's sketch delta."""
     events = _read_minutes(layout, date, hour, minutes).lazy()
@@ -298,7 +246,7 @@ def _update_hour(
     return delta
 
 
-def _update_day(paths: Paths, date: str, deltas: list[pl.DataFrame], durable: bool) -> None:
+def _update_day(paths: RollupPaths, date: str, deltas: list[pl.DataFrame], durable: bool) -> None:
     delta = coarsen(pl.concat(deltas), "day") if deltas else pl.DataFrame(schema=SKETCH_SCHEMA)
     day_sketch = read_parquet_or(paths.day_sketch(date), SKETCH_SCHEMA)
     grown = hll.merge_into(day_sketch, delta, _KEYS)
@@ -316,7 +264,7 @@ def run_rollup(layout: Layout, *, durable: bool = True, rebuild: bool = False) -
     """Bring every rollup level up to date with the batches committed since the last run."""
     started = time.perf_counter()
     report = RollupReport()
-    paths = Paths(layout)
+    paths = RollupPaths(layout)
     with job_lock(layout, "rollup"):
         state = _load_state(paths)
         if rebuild or state.hll_check != hll.check():
@@ -368,7 +316,7 @@ def run_rollup(layout: Layout, *, durable: bool = True, rebuild: bool = False) -
 
 def read_rollups(layout: Layout, granularity: str) -> pl.DataFrame:
     """Every stored row of one level, sorted (for tests and ad-hoc use)."""
-    files = sorted(Paths(layout).level(granularity).rglob("rollup.parquet"))
+    files = sorted(RollupPaths(layout).level(granularity).rglob("rollup.parquet"))
     if not files:
         return pl.DataFrame(schema=ROLLUP_SCHEMA)
     frame = pl.read_parquet(files, hive_partitioning=False).cast(ROLLUP_SCHEMA)

@@ -1,4 +1,4 @@
-"""The jobs' edges on DATA_DIR: atomic writes, job locks, partition listings, recent ledger rows."""
+"""The jobs' edges on DATA_DIR: atomic writes, job locks and recent ledger rows."""
 
 from __future__ import annotations
 
@@ -7,21 +7,19 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from pipeline.livefiles import date_dirs
 from pipeline.schema import LEDGER_SCHEMA, PARQUET_COMPRESSION, Layout
 from pipeline.spool import atomic_write_bytes, fsync_dir
 
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 
-
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s bytes to disk (before a rename publishes it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -44,7 +42,7 @@ def write_parquet_atomic(
         tmp, compression=PARQUET_COMPRESSION, statistics=True, row_group_size=row_group_size
     )
     if durable:
-        _fsync_file(tmp)
+        fsync_file(tmp)
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
@@ -61,14 +59,6 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-
-
-def read_parquet_or(path: Path, schema: pl.Schema) -> pl.DataFrame:
-    """The frame in ``path`` cast to ``schema``, or an empty one when there is no such file."""
-    try:
-        return pl.read_parquet(path, hive_partitioning=False).select(schema.names()).cast(schema)
-    except FileNotFoundError:
-        return pl.DataFrame(schema=schema)
 
 
 class JobBusyError(RuntimeError):
@@ -97,82 +87,6 @@ def job_lock(layout: Layout, name: str, *, wait: bool = False) -> Iterator[None]
 #: Held by every job that deletes files from events/ (compaction, retention), so that one never
 #: deletes a partition the other is rewriting.
 EVENTS_LOCK = "events-maintenance"
-
-
-@dataclass(frozen=True)
-class HourPartition:
-    """One ``date=YYYY-MM-DD/hour=HH`` directory and the hour it holds."""
-
-    date: str
-    hour: int
-    path: Path
-
-    @property
-    def key(self) -> str:
-        return f"date={self.date}/hour={self.hour:02d}"
-
-    @property
-    def start_ms(self) -> int:
-        start = datetime.strptime(self.date, "%Y-%m-%d").replace(tzinfo=UTC)
-        return int(start.timestamp() * 1000) + self.hour * HOUR_MS
-
-    @property
-    def end_ms(self) -> int:
-        return self.start_ms + HOUR_MS
-
-
-def date_dirs(root: Path) -> list[tuple[str, Path]]:
-    """(date, directory) of every ``date=YYYY-MM-DD`` directory under ``root``, oldest first."""
-    out: list[tuple[str, Path]] = []
-    try:
-        entries = list(os.scandir(root))
-    except FileNotFoundError:
-        return out
-    for entry in entries:
-        if entry.name.startswith("date=") and entry.is_dir():
-            value = entry.name[5:]
-            try:
-                datetime.strptime(value, "%Y-%m-%d")
-            except ValueError:
-                continue
-            out.append((value, Path(entry.path)))
-    out.sort()
-    return out
-
-
-def hour_partitions(root: Path) -> list[HourPartition]:
-    """Every ``date=…/hour=…`` directory under ``root`` (events/, rollups/minute/), oldest first."""
-    out: list[HourPartition] = []
-    for date, directory in date_dirs(root):
-        try:
-            entries = list(os.scandir(directory))
-        except FileNotFoundError:
-            continue
-        for entry in entries:
-            if entry.name.startswith("hour=") and entry.is_dir():
-                try:
-                    hour = int(entry.name[5:])
-                except ValueError:
-                    continue
-                if 0 <= hour < 24:
-                    out.append(HourPartition(date, hour, Path(entry.path)))
-    out.sort(key=lambda p: (p.date, p.hour))
-    return out
-
-
-def partition_of(time_ms: int) -> tuple[str, int]:
-    """(date, hour) of the events partition that holds ``time_ms``."""
-    start = datetime.fromtimestamp(time_ms / 1000, UTC)
-    return f"{start:%Y-%m-%d}", start.hour
-
-
-def parquet_names(directory: Path) -> list[str]:
-    """Published Parquet files in ``directory`` (not hidden temporary ones), sorted."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n.endswith(".parquet") and not n.startswith("."))
 
 
 def ledger_files_since(layout: Layout, since: float | None) -> list[tuple[str, float, Path]]:

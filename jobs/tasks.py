@@ -6,15 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pipeline.jobs.alerts import Thresholds, check_alerts
-from pipeline.jobs.compact import CompactConfig
-from pipeline.jobs.compact import compact as run_compact
-from pipeline.jobs.config import JobSettings
-from pipeline.jobs.retention import RetentionConfig, run_retention
-from pipeline.jobs.rollup import run_rollup
-from pipeline.jobs.webhook import deliver
+from jobs.alerts import Thresholds, check_alerts
+from jobs.compact import CompactConfig
+from jobs.compact import compact as run_compact
+from jobs.retention import RetentionConfig, run_retention
+from jobs.rollup import run_rollup
+from jobs.webhook import deliver
 from pipeline.schema import Layout
-from pipeline.settings import Settings
+from pipeline.settings import JobSettings, Settings
 
 Clock = Callable[[], datetime]
 

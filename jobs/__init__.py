@@ -1,0 +1,1 @@
+"""Scheduled jobs over the lake: rollups, compaction, threshold alerts and retention."""
