@@ -19,10 +19,11 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from jobs.compact import CompactConfig, compact
+from jobs.compact import compact
 from pipeline.enrich import enrich, partition_by_hour
 from pipeline.livefiles import live_event_files
 from pipeline.schema import HOUR_MS, PARQUET_COMPRESSION, Layout, event_partition
+from pipeline.settings import JobSettings
 
 QUERIES = {
     "by_campaign": """
@@ -128,7 +129,7 @@ def run(root: Path, *, events: int, batch_rows: int, hours: int, repeat: int = 5
     bytes_before = sum(p.stat().st_size for p in before)
     before_ms = measure(layout, repeat)
     started = time.perf_counter()
-    compact(layout, CompactConfig(min_age_s=0, durable=False), now=datetime.now(UTC))
+    compact(layout, JobSettings(compact_min_age=0), now=datetime.now(UTC), durable=False)
     seconds = time.perf_counter() - started
     after = live_event_files(layout)
     return BenchResult(

@@ -6,9 +6,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
 from jobs.command import COMMANDS
-from pipeline.settings import Settings, SettingsError
+from pipeline.settings import JobSettings, Settings, SettingsError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,7 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)")
         configure(p)
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in ("data_dir", "log_level") if getattr(args, k)}
+    # Flags that name a setting (--data-dir, --compact-target-rows, ...) override the environment.
+    names = {f.name for cls in (Settings, JobSettings) for f in fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     try:
         settings = Settings.from_env(**overrides)
     except SettingsError as exc:

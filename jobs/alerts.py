@@ -43,41 +43,6 @@ PIPELINE: Final = "pipeline"
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    """The rules' levels (from :class:`~jobs.config.JobSettings`)."""
-
-    window_s: float = 60.0
-    throughput_warning: float = 100_000.0
-    throughput_critical: float = 50_000.0
-    latency_warning_ms: float = 50.0
-    latency_critical_ms: float = 100.0
-    error_warning: float = 0.01
-    error_critical: float = 0.05
-    budget_warning: float = 0.8
-    budget_warning_before: float = 0.8
-    budget_critical: float = 1.0
-    lag_warning_s: float = 30.0
-    lag_critical_s: float = 300.0
-
-    @classmethod
-    def from_settings(cls, s: JobSettings) -> Thresholds:
-        return cls(
-            window_s=s.alert_window,
-            throughput_warning=s.alert_throughput_warning,
-            throughput_critical=s.alert_throughput_critical,
-            latency_warning_ms=s.alert_latency_p95_warning * 1000,
-            latency_critical_ms=s.alert_latency_p95_critical * 1000,
-            error_warning=s.alert_error_rate_warning,
-            error_critical=s.alert_error_rate_critical,
-            budget_warning=s.alert_budget_warning,
-            budget_warning_before=s.alert_budget_warning_before,
-            budget_critical=s.alert_budget_critical,
-            lag_warning_s=s.alert_lag_warning,
-            lag_critical_s=s.alert_lag_critical,
-        )
-
-
-@dataclass(frozen=True)
 class Observation:
     """A rule firing now for a subject."""
 
@@ -107,7 +72,7 @@ def _grade(
     return None
 
 
-def ops_rules(ledger: pl.DataFrame, *, backlog_age_s: float, t: Thresholds) -> list[Observation]:
+def ops_rules(ledger: pl.DataFrame, *, backlog_age_s: float, t: JobSettings) -> list[Observation]:
     """Throughput, batch latency p95 and error rate over ``ledger`` (the window's batches).
 
     Throughput is judged only when the oldest waiting spool file has waited the whole window:
@@ -116,9 +81,9 @@ def ops_rules(ledger: pl.DataFrame, *, backlog_age_s: float, t: Thresholds) -> l
     """
     out: list[Observation] = []
     rows_in = int(ledger["rows_in"].sum()) if len(ledger) else 0
-    if backlog_age_s >= t.window_s:
-        rate = rows_in / t.window_s
-        grade = _grade(rate, t.throughput_warning, t.throughput_critical, above=False)
+    if backlog_age_s >= t.alert_window:
+        rate = rows_in / t.alert_window
+        grade = _grade(rate, t.alert_throughput_warning, t.alert_throughput_critical, above=False)
         if grade:
             out.append(
                 Observation(
@@ -136,7 +101,9 @@ def ops_rules(ledger: pl.DataFrame, *, backlog_age_s: float, t: Thresholds) -> l
     )
     if len(latencies):
         p95 = float(latencies.quantile(0.95, "linear") or 0.0)
-        grade = _grade(p95, t.latency_warning_ms, t.latency_critical_ms, above=True)
+        grade = _grade(
+            p95, t.alert_latency_p95_warning * 1000, t.alert_latency_p95_critical * 1000, above=True
+        )
         if grade:
             out.append(
                 Observation(
@@ -151,7 +118,7 @@ def ops_rules(ledger: pl.DataFrame, *, backlog_age_s: float, t: Thresholds) -> l
             )
     if rows_in > 0:
         rate = int(ledger["quarantined"].sum()) / rows_in
-        grade = _grade(rate, t.error_warning, t.error_critical, above=True)
+        grade = _grade(rate, t.alert_error_rate_warning, t.alert_error_rate_critical, above=True)
         if grade:
             out.append(
                 Observation(
@@ -166,9 +133,9 @@ def ops_rules(ledger: pl.DataFrame, *, backlog_age_s: float, t: Thresholds) -> l
     return out
 
 
-def lag_rule(oldest_waiting_s: float, t: Thresholds) -> list[Observation]:
+def lag_rule(oldest_waiting_s: float, t: JobSettings) -> list[Observation]:
     """Consumer lag: how long the oldest spool file has been waiting."""
-    grade = _grade(oldest_waiting_s, t.lag_warning_s, t.lag_critical_s, above=True)
+    grade = _grade(oldest_waiting_s, t.alert_lag_warning, t.alert_lag_critical, above=True)
     if not grade:
         return []
     return [
@@ -184,14 +151,14 @@ def lag_rule(oldest_waiting_s: float, t: Thresholds) -> list[Observation]:
 
 
 def budget_rules(
-    spend: pl.DataFrame, budgets: pl.DataFrame, *, now: datetime, t: Thresholds
+    spend: pl.DataFrame, budgets: pl.DataFrame, *, now: datetime, t: JobSettings
 ) -> list[Observation]:
     """Today's spend per campaign against its daily budget.
 
     ``spend`` has campaign_id and spend_micros for the current UTC day; ``budgets`` has
     campaign_id and daily_budget_micros (null or 0: no budget, no alert). Critical above
-    ``budget_critical`` of the budget; warning at ``budget_warning`` of it while less than
-    ``budget_warning_before`` of the day has passed (spending too fast).
+    ALERT_BUDGET_CRITICAL of the budget; warning at ALERT_BUDGET_WARNING of it while less than
+    ALERT_BUDGET_WARNING_BEFORE of the day has passed (spending too fast).
     """
     if spend.is_empty() or budgets.is_empty():
         return []
@@ -203,9 +170,12 @@ def budget_rules(
         .filter(pl.col("daily_budget_micros") > 0)
         .with_columns(ratio=ratio)
         .with_columns(
-            severity=pl.when(pl.col("ratio") > t.budget_critical)
+            severity=pl.when(pl.col("ratio") > t.alert_budget_critical)
             .then(pl.lit("critical"))
-            .when((pl.col("ratio") >= t.budget_warning) & (day_fraction < t.budget_warning_before))
+            .when(
+                (pl.col("ratio") >= t.alert_budget_warning)
+                & (day_fraction < t.alert_budget_warning_before)
+            )
             .then(pl.lit("warning")),
         )
         .filter(pl.col("severity").is_not_null())
@@ -213,7 +183,9 @@ def budget_rules(
     )
     out = []
     for row in graded.iter_rows(named=True):  # only the campaigns that fire
-        threshold = t.budget_critical if row["severity"] == "critical" else t.budget_warning
+        threshold = (
+            t.alert_budget_critical if row["severity"] == "critical" else t.alert_budget_warning
+        )
         out.append(
             Observation(
                 "budget",
@@ -336,9 +308,9 @@ def _budgets(layout: Layout) -> pl.DataFrame:
     )
 
 
-def observe(layout: Layout, t: Thresholds, *, now: datetime) -> list[Observation]:
+def observe(layout: Layout, t: JobSettings, *, now: datetime) -> list[Observation]:
     """Every rule's observations now (the I/O edge around the pure rules)."""
-    ledger = recent_ledger(layout, now, t.window_s)
+    ledger = recent_ledger(layout, now, t.alert_window)
     age = oldest_waiting_age(layout.incoming, now.timestamp())
     return (
         ops_rules(ledger, backlog_age_s=age, t=t)
@@ -365,24 +337,23 @@ def _log(note: Notification) -> None:
 
 def check_alerts(
     layout: Layout,
-    t: Thresholds,
+    t: JobSettings,
     *,
     now: datetime,
-    history_days: int = 30,
-    webhook: bool = False,
     durable: bool = True,
 ) -> AlertReport:
     """Evaluate every rule once, store the alerts, log and return what changed.
 
-    With ``webhook``, the changes are queued in the outbox first (so a crash in between can
-    repeat a notification but never lose one); :func:`jobs.webhook.deliver` sends them.
+    With ALERT_WEBHOOK_URL set, the changes are queued in the outbox first (so a crash in
+    between can repeat a notification but never lose one); :func:`jobs.webhook.deliver` sends
+    them. Thresholds, window and history are the ALERT_* settings of ``t``.
     """
     now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # stored to the millisecond
     with job_lock(layout, "alerts"):
         observations = observe(layout, t, now=now)
         before = load_alerts(layout)
-        after, notes = advance(before, observations, now=now, history_days=history_days)
-        if webhook and notes:
+        after, notes = advance(before, observations, now=now, history_days=t.alert_history_days)
+        if t.alert_webhook_url is not None and notes:
             outbox.enqueue(layout, notes, now=now, durable=durable)
         if after != before or not alerts_path(layout).exists():
             save_alerts(layout, after, durable=durable)

@@ -4,6 +4,8 @@
 :func:`configure`/:func:`run` pick the subcommand from the parser's name / ``args.command``.
 ``rollup``, ``compact`` and ``retention`` run once with ``--once`` (for cron) and otherwise
 alone on their schedule; ``alerts check`` evaluates the rules once and delivers the webhook.
+Every run function takes the :class:`~pipeline.settings.Settings` its caller read once (job
+flags such as ``--compact-target-rows`` included, in ``settings.jobs``) and reads nothing else.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
-from pipeline.settings import JobSettings, Settings, SettingsError
+from pipeline.settings import JobSettings, Settings
 
 log = logging.getLogger("adevents.jobs")
 
@@ -44,13 +46,6 @@ def _stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
-
-
-def _job_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from dataclasses import fields
-
-    names = {f.name for f in fields(JobSettings)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
 # -- configure ---------------------------------------------------------------------------------
@@ -101,14 +96,6 @@ def configure_retention(parser: argparse.ArgumentParser) -> None:
 
 
 # -- run ---------------------------------------------------------------------------------------
-def _job_settings(name: str, args: argparse.Namespace) -> JobSettings | None:
-    try:
-        return JobSettings.from_env(**_job_overrides(args))
-    except SettingsError as exc:
-        print(f"adevents {name}: {exc}", file=sys.stderr)
-        return None
-
-
 def _once(name: str, call: Callable[[], str]) -> int:
     from jobs.storage import JobBusyError
 
@@ -124,18 +111,15 @@ def _once(name: str, call: Callable[[], str]) -> int:
     return 0
 
 
-def _serve(names: list[str], settings: Settings, cfg: JobSettings) -> int:
+def _serve(names: list[str], settings: Settings) -> int:
     from jobs.scheduler import serve
     from jobs.tasks import job_specs
 
-    specs = [s for s in job_specs(settings, cfg) if s.name in names]
+    specs = [s for s in job_specs(settings) if s.name in names]
     return serve(specs, _stop_on_signals())
 
 
 def run_scheduler(args: argparse.Namespace, settings: Settings) -> int:
-    cfg = _job_settings("scheduler", args)
-    if cfg is None:
-        return 2
     names = list(SCHEDULED)
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -143,23 +127,20 @@ def run_scheduler(args: argparse.Namespace, settings: Settings) -> int:
         if unknown:
             print(f"adevents scheduler: unknown job(s) {', '.join(unknown)}", file=sys.stderr)
             return 2
-    return _serve(names, settings, cfg)
+    return _serve(names, settings)
 
 
 def _run_job(name: str) -> Runner:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from jobs import tasks
 
-        cfg = _job_settings(name, args)
-        if cfg is None:
-            return 2
         if not args.once:
-            return _serve([name], settings, cfg)
+            return _serve([name], settings)
         if name == "rollup":
-            return _once(name, lambda: tasks.rollup(settings, cfg, rebuild=args.rebuild))
+            return _once(name, lambda: tasks.rollup(settings, rebuild=args.rebuild))
         if name == "compact":
-            return _once(name, lambda: tasks.compact(settings, cfg))
-        return _once(name, lambda: tasks.retention(settings, cfg))
+            return _once(name, lambda: tasks.compact(settings))
+        return _once(name, lambda: tasks.retention(settings))
 
     return run
 
@@ -169,9 +150,6 @@ def run_alerts(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.schema import Layout
     from pipeline.tables import list_alerts
 
-    cfg = _job_settings("alerts", args)
-    if cfg is None:
-        return 2
     if args.action == "list":
         for a in list_alerts(Layout(settings.data_dir), open_only=args.open, limit=args.limit):
             if args.json:
@@ -182,9 +160,9 @@ def run_alerts(args: argparse.Namespace, settings: Settings) -> int:
                     f"{a.rule}/{a.subject}: {a.message}"
                 )
         return 0
-    code = _once("alerts", lambda: tasks.alerts(settings, cfg))
-    if code == 0 and cfg.alert_webhook_url:
-        code = _once("alerts", lambda: tasks.webhook(settings, cfg))
+    code = _once("alerts", lambda: tasks.alerts(settings))
+    if code == 0 and settings.jobs.alert_webhook_url:
+        code = _once("alerts", lambda: tasks.webhook(settings))
     return code
 
 

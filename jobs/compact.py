@@ -56,6 +56,7 @@ from pipeline.livefiles import (
     units_dir,
 )
 from pipeline.schema import ENRICHED_SCHEMA, PARQUET_COMPRESSION, SORT_KEYS, Layout
+from pipeline.settings import JobSettings
 from pipeline.spool import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger("adevents.jobs.compact")
@@ -180,15 +181,12 @@ def _no_step(name: str) -> None:
 
 
 @dataclass(frozen=True)
-class CompactConfig:
-    """How big outputs are, when an hour counts as closed, and whether writes are fsynced."""
+class Run:
+    """One compaction run: the job settings (sizes, when an hour is closed), whether writes are
+    fsynced, and a hook called at each crash point (tests hold a phase open with it)."""
 
-    target_rows: int = 1_000_000
-    target_bytes: int = 128 * 1024**2
-    row_group_rows: int = 122_880
-    min_age_s: float = 600.0
+    jobs: JobSettings
     durable: bool = True
-    #: Called at each crash point (tests use it to hold a phase open while readers read).
     on_step: Callable[[str], None] = _no_step
 
     def step(self, name: str) -> None:
@@ -212,34 +210,37 @@ def _scan(files: Sequence[Path]) -> pl.LazyFrame:
     return pl.scan_parquet(list(files), hive_partitioning=False, schema=ENRICHED_SCHEMA)
 
 
-def _write_output(frame: pl.DataFrame, path: Path, cfg: CompactConfig) -> int:
+def _write_output(frame: pl.DataFrame, path: Path, run: Run) -> int:
     frame.sort(list(ORDER)).write_parquet(
         path,
         compression=PARQUET_COMPRESSION,
         statistics=True,
-        row_group_size=cfg.row_group_rows,
+        row_group_size=run.jobs.compact_row_group_rows,
     )
-    if cfg.durable:
+    if run.durable:
         fsync_file(path)
     return len(frame)
 
 
 def _stage_outputs(
-    files: Sequence[Path], unit_dir: Path, unit_id: str, cfg: CompactConfig, total_bytes: int
+    files: Sequence[Path], unit_dir: Path, unit_id: str, run: Run, total_bytes: int
 ) -> list[str]:
     """Write the sorted outputs of ``files`` into ``unit_dir``; return their names."""
     minute = pl.col("event_time").dt.truncate("1m").alias("minute")
     counts = _scan(files).group_by("campaign_id", minute).len().collect()
     total = int(counts["len"].sum())
     per_output = rows_per_output(
-        total, total_bytes, target_rows=cfg.target_rows, target_bytes=cfg.target_bytes
+        total,
+        total_bytes,
+        target_rows=run.jobs.compact_target_rows,
+        target_bytes=run.jobs.compact_target_bytes,
     )
     bins = assign_bins(counts, per_output)
     n_bins = int(bins["_bin"].n_unique()) if len(bins) else 1  # dense: 0 .. n_bins - 1
     names = [f"{unit_id}-{k:04d}.parquet" for k in range(n_bins)]
     written = 0
     if n_bins == 1:
-        written += _write_output(_scan(files).collect(), unit_dir / names[0], cfg)
+        written += _write_output(_scan(files).collect(), unit_dir / names[0], run)
     else:
         # Route rows to their bins in one streaming pass, then sort one bin at a time: memory
         # stays at about one output whatever the size of the partition.
@@ -256,7 +257,7 @@ def _stage_outputs(
                 if parts
                 else pl.DataFrame(schema=ENRICHED_SCHEMA)
             )
-            written += _write_output(frame, unit_dir / name, cfg)
+            written += _write_output(frame, unit_dir / name, run)
         shutil.rmtree(spill)
     if written != total:
         raise RuntimeError(f"compaction wrote {written} rows of {total}; the unit is discarded")
@@ -268,9 +269,9 @@ def _rename(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-def _finish(layout: Layout, unit_dir: Path, cfg: CompactConfig) -> None:
+def _finish(layout: Layout, unit_dir: Path, run: Run) -> None:
     """Roll a committed or swapped unit forward to the end (idempotent)."""
-    durable = cfg.durable
+    durable = run.durable
     manifest = json.loads((unit_dir / MANIFEST).read_text())
     partition = layout.events / manifest["partition"]
     if unit_dir.name.endswith(COMMITTED):
@@ -278,29 +279,29 @@ def _finish(layout: Layout, unit_dir: Path, cfg: CompactConfig) -> None:
         for i, name in enumerate(manifest["outputs"]):
             _rename(unit_dir / name, partition / name)
             if i == 0:
-                cfg.step("compact_mid_place")
+                run.step("compact_mid_place")
         if durable:
             fsync_dir(partition)
-        cfg.step("compact_after_place")
+        run.step("compact_after_place")
         swapped = unit_dir.with_name(unit_dir.name[: -len(COMMITTED)] + SWAPPED)
         os.replace(unit_dir, swapped)
         if durable:
             fsync_dir(swapped.parent)
         _bump(layout, durable=durable)
-        cfg.step("compact_after_swap")
+        run.step("compact_after_swap")
         unit_dir = swapped
     for i, name in enumerate(manifest["replaces"]):
         (partition / name).unlink(missing_ok=True)
         if i == 0:
-            cfg.step("compact_mid_delete")
+            run.step("compact_mid_delete")
     if durable and partition.exists():
         fsync_dir(partition)
-    cfg.step("compact_after_delete")
+    run.step("compact_after_delete")
     shutil.rmtree(unit_dir)
     _bump(layout, durable=durable)
 
 
-def recover(layout: Layout, cfg: CompactConfig) -> int:
+def recover(layout: Layout, run: Run) -> int:
     """Finish units a crash interrupted and discard unfinished stagings; how many were finished."""
     directory = units_dir(layout)
     try:
@@ -315,8 +316,8 @@ def recover(layout: Layout, cfg: CompactConfig) -> int:
         elif phase_of(name) is not None:
             log.info("finishing compaction unit %s interrupted by a crash", name)
             # The crash may have come between a phase change and its bump: bump first.
-            _bump(layout, durable=cfg.durable)
-            _finish(layout, path, cfg)
+            _bump(layout, durable=run.durable)
+            _finish(layout, path, run)
             finished += 1
     return finished
 
@@ -332,7 +333,7 @@ def _file_infos(directory: Path, names: Sequence[str]) -> list[FileInfo]:
 
 
 def compact_partition(
-    layout: Layout, partition: HourPartition, cfg: CompactConfig, *, unit_id: str | None = None
+    layout: Layout, partition: HourPartition, run: Run, *, unit_id: str | None = None
 ) -> PartitionReport | None:
     """Rewrite one partition's small files as one unit; None when it is already compact."""
     started = time.perf_counter()
@@ -349,8 +350,8 @@ def compact_partition(
     ]
     chosen = plan(
         _file_infos(partition.path, names),
-        target_rows=cfg.target_rows,
-        target_bytes=cfg.target_bytes,
+        target_rows=run.jobs.compact_target_rows,
+        target_bytes=run.jobs.compact_target_bytes,
     )
     if not chosen:
         return None
@@ -360,7 +361,7 @@ def compact_partition(
     partial.mkdir(parents=True)
     inputs = [partition.path / f.name for f in chosen]
     try:
-        outputs = _stage_outputs(inputs, partial, unit_id, cfg, sum(f.bytes for f in chosen))
+        outputs = _stage_outputs(inputs, partial, unit_id, run, sum(f.bytes for f in chosen))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -371,17 +372,17 @@ def compact_partition(
         "replaces": [f.name for f in chosen],
     }
     (partial / MANIFEST).write_text(json.dumps(manifest))
-    if cfg.durable:
+    if run.durable:
         fsync_file(partial / MANIFEST)
         fsync_dir(partial)
-    cfg.step("compact_after_stage")
+    run.step("compact_after_stage")
     committed = partial.with_name(f"{unit_id}{COMMITTED}")
     os.replace(partial, committed)
-    if cfg.durable:
+    if run.durable:
         fsync_dir(committed.parent)
-    _bump(layout, durable=cfg.durable)
-    cfg.step("compact_after_commit")
-    _finish(layout, committed, cfg)
+    _bump(layout, durable=run.durable)
+    run.step("compact_after_commit")
+    _finish(layout, committed, run)
     rows = sum(pq.read_metadata(partition.path / n).num_rows for n in outputs)
     return PartitionReport(
         partition.key,
@@ -398,19 +399,30 @@ def closed_partitions(layout: Layout, now: datetime, min_age_s: float) -> list[H
     return [p for p in hour_partitions(layout.events) if p.end_ms <= limit_ms]
 
 
-def compact(layout: Layout, cfg: CompactConfig, *, now: datetime) -> CompactReport:
-    """Finish interrupted units, then compact every closed partition that needs it."""
+def compact(
+    layout: Layout,
+    jobs: JobSettings,
+    *,
+    now: datetime,
+    durable: bool = True,
+    on_step: Callable[[str], None] = _no_step,
+) -> CompactReport:
+    """Finish interrupted units, then compact every closed partition that needs it.
+
+    Sizes and the age at which an hour counts as closed are COMPACT_* of ``jobs``.
+    """
+    run = Run(jobs, durable, on_step)
     report = CompactReport()
     with job_lock(layout, "compact"):
         with job_lock(layout, EVENTS_LOCK, wait=True):
-            report.recovered = recover(layout, cfg)
-        for partition in closed_partitions(layout, now, cfg.min_age_s):
+            report.recovered = recover(layout, run)
+        for partition in closed_partitions(layout, now, jobs.compact_min_age):
             # Retention deletes whole partitions: never both on one partition at once.
             with job_lock(layout, EVENTS_LOCK, wait=True):
                 if not partition.path.exists():
                     continue
                 try:
-                    done = compact_partition(layout, partition, cfg)
+                    done = compact_partition(layout, partition, run)
                 except Exception:
                     # One bad partition must not keep the others from being compacted.
                     log.exception(

@@ -20,20 +20,10 @@ from pathlib import Path
 from jobs.storage import EVENTS_LOCK, job_lock
 from pipeline.livefiles import date_dirs, hour_partitions, read_units
 from pipeline.schema import DAY_MS, HOUR_MS, Layout
+from pipeline.settings import JobSettings
 from pipeline.tables import RollupPaths
 
 log = logging.getLogger("adevents.jobs.retention")
-
-
-@dataclass(frozen=True)
-class RetentionConfig:
-    """Days to keep each kind of data; 0 keeps it forever."""
-
-    events_days: int = 30
-    minute_days: int = 7
-    hour_days: int = 90
-    day_days: int = 0
-    durable: bool = True
 
 
 def cutoff_ms(now: datetime, days: int) -> int | None:
@@ -85,8 +75,9 @@ def _prune_empty_dates(root: Path) -> None:
             directory.rmdir()  # only when empty
 
 
-def run_retention(layout: Layout, cfg: RetentionConfig, *, now: datetime) -> RetentionReport:
-    """Delete what is past its retention; returns counts per kind."""
+def run_retention(layout: Layout, jobs: JobSettings, *, now: datetime) -> RetentionReport:
+    """Delete what is past its retention (RETENTION_DAYS, ROLLUP_*_RETENTION_DAYS of ``jobs``);
+    returns counts per kind."""
     report = RetentionReport()
     paths = RollupPaths(layout)
     with job_lock(layout, "retention"):
@@ -95,13 +86,13 @@ def run_retention(layout: Layout, cfg: RetentionConfig, *, now: datetime) -> Ret
         with job_lock(layout, EVENTS_LOCK, wait=True):
             busy = {u.partition for u in read_units(layout)}
             parts = [p for p in hour_partitions(layout.events) if p.key not in busy]
-            gone = expired([(p.path, p.end_ms) for p in parts], cutoff_ms(now, cfg.events_days))
+            gone = expired([(p.path, p.end_ms) for p in parts], cutoff_ms(now, jobs.retention_days))
             for path in gone:
                 _remove(layout, path)
             _prune_empty_dates(layout.events)
             report.deleted["events_hours"] = len(gone)
 
-        minute_cut = cutoff_ms(now, cfg.minute_days)
+        minute_cut = cutoff_ms(now, jobs.rollup_minute_retention_days)
         minutes = hour_partitions(paths.level("minute"))
         gone = expired([(p.path, p.end_ms) for p in minutes], minute_cut)
         sketch_root = paths.sketches / "hour"
@@ -121,7 +112,10 @@ def run_retention(layout: Layout, cfg: RetentionConfig, *, now: datetime) -> Ret
         report.deleted["minute_rollup_hours"] = len(gone)
         report.deleted["sketches"] = len(gone_sketches)
 
-        for level, days in (("hour", cfg.hour_days), ("day", cfg.day_days)):
+        for level, days in (
+            ("hour", jobs.rollup_hour_retention_days),
+            ("day", jobs.rollup_day_retention_days),
+        ):
             dates = date_dirs(paths.level(level))
             gone = expired([(d, _date_end_ms(date)) for date, d in dates], cutoff_ms(now, days))
             for path in gone:

@@ -18,7 +18,7 @@ from litestar.testing import TestClient
 
 from api.app import create_app
 from api.testing import running_server
-from jobs.alerts import Thresholds, check_alerts, save_alerts
+from jobs.alerts import check_alerts, save_alerts
 from jobs.rollup import run_rollup
 from pipeline.schema import Layout
 from pipeline.settings import Settings
@@ -363,7 +363,7 @@ def test_a_real_alert_fires_and_is_listed(tmp_path: Path) -> None:
     """The alert job's own evaluation over a real ledger: 2 of 4 rows quarantined."""
     settings = make_settings(tmp_path)
     land(settings, table(ROWS[:2]), event_table(["x", "y"], time_ms=H, country=["usa", "gbr"]))
-    check_alerts(Layout(settings.data_dir), Thresholds(), now=datetime.now(UTC), durable=False)
+    check_alerts(Layout(settings.data_dir), settings.jobs, now=datetime.now(UTC), durable=False)
     with TestClient(create_app(settings)) as c:
         (alert,) = [a for a in ok(c, "/alerts?open=true")["alerts"] if a["rule"] == "error_rate"]
     assert (alert["severity"], alert["status"], alert["value"]) == ("critical", "firing", 0.5)

@@ -16,7 +16,6 @@ import pytest
 
 from jobs.alerts import (
     Observation,
-    Thresholds,
     advance,
     budget_rules,
     check_alerts,
@@ -30,12 +29,12 @@ from jobs.tasks import JobSpec
 from jobs.testing import land, wait_for, webhook_server, write_ledger
 from jobs.webhook import deliver
 from pipeline.schema import CAMPAIGN_SCHEMA, LEDGER_SCHEMA, Layout
-from pipeline.settings import Settings
+from pipeline.settings import JobSettings, Settings
 from pipeline.spool import SpoolWriter
 from pipeline.tables import Alert, list_alerts, load_alerts
 from pipeline.testing import event_table
 
-T = Thresholds()  # the documented defaults: 100k/50k ev/s, 50/100 ms, 1 %/5 %, 30s/5m lag
+T = JobSettings()  # the documented defaults: 100k/50k ev/s, 50/100 ms, 1 %/5 %, 30s/5m lag
 
 
 def ledger(rows_in: int, quarantined: int = 0, ms: list[float] | None = None) -> pl.DataFrame:
@@ -285,8 +284,8 @@ def fire(layout: Layout, n: int = 1) -> None:
             spool, (now.timestamp() - 60 - 400 * (i % 2), now.timestamp() - 60 - 400 * (i % 2))
         )
         # (a window longer than the backlog: only the lag rule fires)
-        lag_only = dataclasses.replace(T, window_s=10**6)
-        check_alerts(layout, lag_only, now=now + timedelta(seconds=i), webhook=True, durable=False)
+        lag_only = dataclasses.replace(T, alert_window=10**6, alert_webhook_url="http://unused/")
+        check_alerts(layout, lag_only, now=now + timedelta(seconds=i), durable=False)
 
 
 def test_webhook_delivers_in_order_and_empties_the_outbox(settings: Settings) -> None:

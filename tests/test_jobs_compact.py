@@ -23,7 +23,6 @@ from polars.testing import assert_frame_equal
 from jobs.compact import (
     OUTPUT_PREFIX,
     POINTS,
-    CompactConfig,
     FileInfo,
     assign_bins,
     compact,
@@ -34,7 +33,7 @@ from jobs.testing import land, random_batch
 from pipeline.lake import window_keys
 from pipeline.livefiles import read_live, read_units
 from pipeline.schema import ENRICHED_SCHEMA, Layout
-from pipeline.settings import Settings
+from pipeline.settings import JobSettings, Settings
 from queries.lake import Lake
 
 HOUR_MS = 3_600_000
@@ -44,10 +43,10 @@ BASE_MS = NOW_MS - NOW_MS % HOUR_MS - 3 * HOUR_MS
 LATER = datetime.fromtimestamp(NOW_MS / 1000, UTC)
 
 
-def cfg(**changes: object) -> CompactConfig:
-    values: dict[str, object] = {"target_rows": 300, "min_age_s": 0, "durable": False}
+def cfg(**changes: object) -> JobSettings:
+    values: dict[str, object] = {"compact_target_rows": 300, "compact_min_age": 0}
     values.update(changes)
-    return CompactConfig(**values)  # type: ignore[arg-type]
+    return JobSettings(**values)  # type: ignore[arg-type]
 
 
 def _read(files: list[Path]) -> pl.DataFrame:
@@ -134,7 +133,7 @@ def test_compaction_rewrites_closed_hours_sorted_and_a_second_run_is_a_no_op(
     before = live(layout)
     open_hour = layout.events / f"date={LATER:%Y-%m-%d}" / f"hour={LATER:%H}"
     open_files = sorted(open_hour.iterdir())
-    report = compact(layout, cfg(row_group_rows=100), now=LATER)
+    report = compact(layout, cfg(compact_row_group_rows=100), now=LATER, durable=False)
     assert len(report.partitions) == 2
     for part in report.partitions:
         assert part.files_before == 12
@@ -154,7 +153,7 @@ def test_compaction_rewrites_closed_hours_sorted_and_a_second_run_is_a_no_op(
     assert not list((layout.staging / "compact").glob("*.*"))
 
     listing = [(p, p.stat().st_mtime_ns) for p in raw_files(layout)]
-    again = compact(layout, cfg(row_group_rows=100), now=LATER)
+    again = compact(layout, cfg(compact_row_group_rows=100), now=LATER, durable=False)
     assert again.partitions == []
     assert [(p, p.stat().st_mtime_ns) for p in raw_files(layout)] == listing
 
@@ -164,7 +163,7 @@ def test_late_events_after_compaction_merge_with_small_outputs_only(
 ) -> None:
     build_lake(settings, hours=1)
     layout = Layout(settings.data_dir)
-    compact(layout, cfg(target_rows=250), now=LATER)
+    compact(layout, cfg(compact_target_rows=250), now=LATER, durable=False)
     partition = next(layout.events.glob("date=*/hour=*"))
     outputs = {p.name: pq.read_metadata(p).num_rows for p in partition.iterdir()}
     big = {n for n, rows in outputs.items() if rows >= 125}
@@ -177,7 +176,7 @@ def test_late_events_after_compaction_merge_with_small_outputs_only(
         ],
     )
     before = live(layout)
-    report = compact(layout, cfg(target_rows=250), now=LATER)
+    report = compact(layout, cfg(compact_target_rows=250), now=LATER, durable=False)
     assert len(report.partitions) == 1
     after = {p.name for p in partition.iterdir()}
     assert big <= after  # the big outputs were not rewritten
@@ -193,7 +192,7 @@ def test_files_of_a_batch_the_consumer_is_publishing_are_left_alone(
     busy = sorted(partition.iterdir())[0]
     # As if the consumer crashed mid-publish: it will re-read this file when it recovers.
     (layout.staging / f"{busy.stem}.committed").mkdir(parents=True)
-    compact(layout, cfg(), now=LATER)
+    compact(layout, cfg(), now=LATER, durable=False)
     assert busy.exists()
     assert sum(not p.name.startswith(OUTPUT_PREFIX) for p in partition.iterdir()) == 1
 
@@ -292,8 +291,9 @@ def test_readers_never_see_a_row_twice_or_miss_one(settings: Settings) -> None:
             ]
             land(settings, late)
             # Each phase is held open a little so that reads land inside every one of them.
-            config = cfg(target_rows=rng.choice([150, 400]), on_step=lambda _: time.sleep(0.01))
-            swaps += len(compact(layout, config, now=LATER).partitions)
+            config = cfg(compact_target_rows=rng.choice([150, 400]))
+            hold = lambda _: time.sleep(0.01)  # noqa: E731
+            swaps += len(compact(layout, config, now=LATER, durable=False, on_step=hold).partitions)
             if errors:
                 break
     finally:
@@ -397,7 +397,7 @@ def test_at_every_step_of_a_swap_a_reader_sees_each_row_once(settings: Settings)
         views[step] = live(layout)
         others[step] = other_readers(layout)
 
-    compact(layout, cfg(target_rows=200, on_step=look), now=LATER)
+    compact(layout, cfg(compact_target_rows=200), now=LATER, durable=False, on_step=look)
     assert set(views) == set(others) == set(POINTS)
     for frame in views.values():
         assert_frame_equal(frame, reference)

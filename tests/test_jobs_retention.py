@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs.retention import RetentionConfig, cutoff_ms, expired, run_retention
+from jobs.retention import cutoff_ms, expired, run_retention
 from jobs.rollup import read_rollups, run_rollup
 from jobs.testing import land, random_batch
 from pipeline.livefiles import live_event_files
 from pipeline.schema import Layout
-from pipeline.settings import Settings
+from pipeline.settings import JobSettings, Settings
 
 DAY_MS = 86_400_000
 NOW_MS = int(time.time() * 1000)
@@ -58,7 +58,12 @@ def test_each_kind_is_kept_for_its_own_number_of_days(aged_lake: Layout) -> None
     assert len(_days(layout, "minute")) == 4
     report = run_retention(
         layout,
-        RetentionConfig(events_days=30, minute_days=2, hour_days=5, day_days=0, durable=False),
+        JobSettings(
+            retention_days=30,
+            rollup_minute_retention_days=2,
+            rollup_hour_retention_days=5,
+            rollup_day_retention_days=0,
+        ),
         now=NOW,
     )
     assert report.deleted["events_hours"] == 1
@@ -70,7 +75,12 @@ def test_each_kind_is_kept_for_its_own_number_of_days(aged_lake: Layout) -> None
     assert len(sketches) == 2  # the hour and day sketch of the day kept at minute level
     again = run_retention(
         layout,
-        RetentionConfig(events_days=30, minute_days=2, hour_days=5, day_days=0, durable=False),
+        JobSettings(
+            retention_days=30,
+            rollup_minute_retention_days=2,
+            rollup_hour_retention_days=5,
+            rollup_day_retention_days=0,
+        ),
         now=NOW,
     )
     assert sum(again.deleted.values()) == 0
@@ -80,7 +90,7 @@ def test_each_kind_is_kept_for_its_own_number_of_days(aged_lake: Layout) -> None
 def test_rollups_outlive_their_events_even_through_a_rebuild(aged_lake: Layout) -> None:
     layout = aged_lake
     before = read_rollups(layout, "hour")
-    run_retention(layout, RetentionConfig(events_days=5, durable=False), now=NOW)
+    run_retention(layout, JobSettings(retention_days=5), now=NOW)
     assert len({f.parent for f in live_event_files(layout)}) == 2
     report = run_rollup(layout, durable=False, rebuild=True)
     assert report.rebuilt and report.hours == 2  # only hours that still have events
@@ -99,5 +109,5 @@ def test_a_partition_being_compacted_is_not_deleted_under_it(aged_lake: Layout) 
         f'{{"unit": "compacted-1-x", "partition": "{key}", "outputs": [], "replaces": []}}'
     )
     assert read_units(layout)[0].partition == key
-    run_retention(layout, RetentionConfig(events_days=30, durable=False), now=NOW)
+    run_retention(layout, JobSettings(retention_days=30), now=NOW)
     assert oldest.exists()

@@ -15,7 +15,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from jobs import hll
-from jobs.compact import CompactConfig, compact
+from jobs.compact import compact
 from jobs.rollup import (
     GRANULARITIES,
     ROLLUP_SCHEMA,
@@ -28,7 +28,7 @@ from jobs.rollup import (
 from jobs.testing import land, random_batch
 from pipeline.livefiles import live_event_files
 from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA, Layout
-from pipeline.settings import Settings
+from pipeline.settings import JobSettings, Settings
 
 HOUR_MS = 3_600_000
 NOW_MS = int(time.time() * 1000)
@@ -145,8 +145,9 @@ def test_incremental_rollups_equal_a_full_recomputation(
         if b == batches // 2:
             compact(
                 layout,
-                CompactConfig(target_rows=300, min_age_s=0, durable=False),
+                JobSettings(compact_target_rows=300, compact_min_age=0),
                 now=datetime.fromtimestamp(NOW_MS / 1000, UTC),
+                durable=False,
             )
     run_rollup(layout, durable=False)
     _assert_reconciled(layout)

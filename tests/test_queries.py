@@ -18,14 +18,13 @@ import polars as pl
 import pytest
 
 from jobs.alerts import save_alerts
-from jobs.compact import CompactConfig
 from jobs.compact import compact as compact_lake
 from jobs.rollup import run_rollup
 from jobs.storage import read_ledger
 from pipeline.consumer import Consumer
 from pipeline.factory import make_key_cache
 from pipeline.schema import LEDGER_SCHEMA, Layout
-from pipeline.settings import Settings
+from pipeline.settings import JobSettings, Settings
 from pipeline.spool import SpoolWriter
 from pipeline.tables import Alert
 from pipeline.testing import event_table
@@ -144,8 +143,8 @@ def test_campaign_pages_are_exact_over_compacted_files(tmp_path: Path) -> None:
         {}, data_dir=str(tmp_path), fsync="false", max_events_per_second="0", dedupe_window="3h"
     )
     land(settings, *random_batches(11, batches=10, size=60))  # type: ignore[arg-type]
-    config = CompactConfig(target_rows=120, min_age_s=0, durable=False)
-    assert compact_lake(Layout(settings.data_dir), config, now=LATER).partitions
+    config = JobSettings(compact_target_rows=120, compact_min_age=0)
+    assert compact_lake(Layout(settings.data_dir), config, now=LATER, durable=False).partitions
     lake = Lake(tmp_path)
     files = lake.files("events")
     stored = pl.concat([pl.read_parquet(f) for f in files]).with_columns(
@@ -243,7 +242,7 @@ def test_rollups_give_the_same_series(tmp_path: Path) -> None:
         land(settings, *batches[4:7])  # type: ignore[arg-type]  # not rolled up yet
         same_answers()
         run_rollup(layout, durable=False)
-        compact_lake(layout, CompactConfig(min_age_s=0, durable=False), now=LATER)
+        compact_lake(layout, JobSettings(compact_min_age=0), now=LATER, durable=False)
         land(settings, *batches[7:])  # type: ignore[arg-type]
         same_answers()
         run_rollup(layout, durable=False)
@@ -415,10 +414,18 @@ def test_reads_during_concurrent_writes_and_compaction_are_exact(tmp_path: Path)
             stop.set()
 
     def compactor() -> None:
-        config = CompactConfig(min_age_s=0, durable=False, on_step=lambda _: time.sleep(0.002))
+        config = JobSettings(compact_min_age=0)
         while not stop.is_set():
             try:
-                swaps[0] += len(compact_lake(layout, config, now=LATER).partitions)
+                swaps[0] += len(
+                    compact_lake(
+                        layout,
+                        config,
+                        now=LATER,
+                        durable=False,
+                        on_step=lambda _: time.sleep(0.002),
+                    ).partitions
+                )
             except BaseException as exc:
                 errors.append(exc)
                 return
@@ -508,13 +515,13 @@ def test_a_reader_loops_exactly_while_compaction_swaps(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the reader made no progress"
             time.sleep(0.001)
 
-    config = CompactConfig(target_rows=150, min_age_s=0, durable=False, on_step=hold)
+    config = JobSettings(compact_target_rows=150, compact_min_age=0)
     try:
         for batches in rounds:
             window[1] = window[0] + 25 * len(batches)
             land(settings, *batches)  # type: ignore[arg-type]
             window[0] = window[1]
-            assert compact_lake(layout, config, now=LATER).partitions
+            assert compact_lake(layout, config, now=LATER, durable=False, on_step=hold).partitions
     finally:
         stop.set()
         thread.join()
