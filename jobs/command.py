@@ -1,7 +1,8 @@
 """The jobs' subcommands: ``scheduler``, ``rollup``, ``compact``, ``alerts`` and ``retention``.
 
-:data:`COMMANDS` has the shape of ``pipeline.cli.COMMANDS`` (help, configure, run); the generic
-:func:`configure`/:func:`run` pick the subcommand from the parser's name / ``args.command``.
+:data:`COMMANDS` maps each name to (help, configure, run), which the ``adevents`` CLI registers;
+the generic :func:`configure`/:func:`run` pick the subcommand from the parser's name /
+``args.command``.
 ``rollup``, ``compact`` and ``retention`` run once with ``--once`` (for cron) and otherwise
 alone on their schedule; ``alerts check`` evaluates the rules once and delivers the webhook.
 Every run function takes the :class:`~pipeline.settings.Settings` its caller read once (job
