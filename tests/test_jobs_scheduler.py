@@ -136,7 +136,9 @@ def test_each_cli_form_runs_once(make_settings: Callable[..., Settings]) -> None
     assert out.startswith("compacted partitions=1 files_before=6 files_after=1")
     SpoolWriter(data / "incoming", "late").write(event_table(["x"], time_ms=NOW_MS))
     os.utime(next((data / "incoming").iterdir()), (time.time() - 45, time.time() - 45))
-    assert "fired=1" in jobs_cli(data, "alerts", "check")
+    # Only the lag rule may fire: batches processed slowly on a busy machine must not add one.
+    slow_ok = {"ALERT_LATENCY_P95_WARNING": "1h", "ALERT_LATENCY_P95_CRITICAL": "1h"}
+    assert "fired=1" in jobs_cli(data, "alerts", "check", env=slow_ok)
     listed = [json.loads(line) for line in jobs_cli(data, "alerts", "list", "--json").splitlines()]
     assert [(a["rule"], a["status"]) for a in listed] == [("consumer_lag", "firing")]
     assert jobs_cli(data, "retention", "--once").startswith("retention deleted ")
