@@ -39,6 +39,7 @@ def aged_lake(make_settings: Callable[..., Settings]) -> Layout:
     rng = random.Random(2)
     for i, days in enumerate((40, 10, 3, 1)):
         at = NOW_MS - days * DAY_MS
+        at -= at % 60_000  # one minute bucket per batch: _days() counts each age once
         land(
             settings,
             [random_batch(rng, batch=i, rows=30, time_ms=at, spread_ms=1000)],
