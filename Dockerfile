@@ -23,6 +23,7 @@ COPY queries ./queries
 COPY api ./api
 COPY jobs ./jobs
 COPY lake ./lake
+COPY cli ./cli
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
 
 # Not root: a system user owning only the data directory (a named volume mounted on /data

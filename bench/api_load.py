@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from api.testing import free_port
 
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "cli"]
 
 
 def _env(**extra: str) -> dict[str, str]:

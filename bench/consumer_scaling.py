@@ -27,9 +27,7 @@ from pipeline.reconcile import reconcile
 
 
 def adevents(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=subprocess.PIPE
-    )
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, stdout=subprocess.PIPE)
 
 
 def main() -> None:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
 import queue
 import secrets
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Final
 
 import numpy as np
@@ -27,6 +24,7 @@ from generator import model
 from generator.http import HttpSender, SendTotals
 from pipeline.schema import KEY_COLUMN, TIME_COLUMN, Layout
 from pipeline.settings import Settings
+from pipeline.signals import stop_on_signals
 from pipeline.spool import SpoolWriter
 
 #: Events per file when writing as fast as possible.
@@ -502,7 +500,7 @@ def generate(
     )
     stop = threading.Event() if stop is None else stop
     began = time.perf_counter()
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop, what="stopping the generator"):
         try:
             if rate > 0:
                 run.realtime(rate, batch_size, events, duration, stop)
@@ -532,21 +530,3 @@ def generate(
         truth=truth_path,
         sent=None if sender is None else sender.totals,
     )
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM set ``stop`` (from a helper thread: Event.set can deadlock in a handler)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=stop.set, daemon=True).start()
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

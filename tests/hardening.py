@@ -86,7 +86,7 @@ class ConsumerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "consume", *self.args],
+                [sys.executable, "-m", "cli", "consume", *self.args],
                 env=self.env,
                 stdout=subprocess.DEVNULL,
                 stderr=err,

@@ -15,16 +15,16 @@ from typing import Any
 
 from api.testing import free_port
 
-#: ``adevents demo`` without pipeline/cli.py: the same configure/run pair the CLI wires.
+#: ``adevents demo`` without the installed script: the same configure/run pair the CLI wires.
 DRIVER = """
 import argparse, sys
-from api.command import configure_demo, run_demo
+from cli.demo import configure, run
 from pipeline.settings import Settings
 p = argparse.ArgumentParser(prog="adevents demo")
 p.add_argument("--data-dir")
-configure_demo(p)
+configure(p)
 a = p.parse_args(sys.argv[1:])
-sys.exit(run_demo(a, Settings.from_env(data_dir=a.data_dir)))
+sys.exit(run(a, Settings.from_env(data_dir=a.data_dir)))
 """
 
 

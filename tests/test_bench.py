@@ -22,7 +22,7 @@ def test_bench_smoke_run_reconciles(tmp_path: Path, key_cache: str, redis_url: s
         [
             sys.executable,
             "-m",
-            "pipeline.cli",
+            "cli",
             "bench",
             "--events",
             "60000",
@@ -69,7 +69,7 @@ def test_bench_refuses_a_data_dir_that_is_not_empty(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pipeline.cli",
+            "cli",
             "bench",
             "--events",
             "1000",

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.cli import COMMANDS, build_parser
+from cli import COMMANDS, build_parser
 from pipeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -49,7 +49,7 @@ def consume(data_dir: Path, env: dict[str, str], crash_at: str | None = None) ->
     if crash_at:
         run_env["ADEVENTS_CRASH_AT"] = crash_at
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "consume", "--once", "--log-level", "WARNING"],
+        [sys.executable, "-m", "cli", "consume", "--once", "--log-level", "WARNING"],
         env=run_env,
         check=False,
         capture_output=True,
@@ -148,7 +148,7 @@ def test_kill_at_random_moments(tmp_path: Path, cache_env: dict[str, str]) -> No
         if not list_incoming(data / "incoming"):
             break
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "consume", "--once", "--log-level", "ERROR"],
+            [sys.executable, "-m", "cli", "consume", "--once", "--log-level", "ERROR"],
             env=run_env,
         )
         time.sleep(rng.uniform(0.8, 1.6))

@@ -513,7 +513,7 @@ def test_a_real_consumer_waiting_for_redis_shows_in_health_and_metrics(
     }
     consumer_log = open(tmp_path / "consumer.log", "wb")  # noqa: SIM115 - closed below
     consumer = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "consume"],
+        [sys.executable, "-m", "cli", "consume"],
         env=env,
         stdout=consumer_log,
         stderr=subprocess.STDOUT,

@@ -115,7 +115,7 @@ def test_generate_over_http_then_consume_reconciles(tmp_path: Path) -> None:
     data_dir, truth = tmp_path / "data", tmp_path / "truth.parquet"
     # Batches of 5000 (~0.5 MB as Arrow) are over the limit: the generator halves them on 413.
     env = {"INGEST_API_KEYS": KEY, "BATCH_INTERVAL": "50ms", "INGEST_MAX_BODY_BYTES": "400KiB"}
-    cli = [sys.executable, "-m", "pipeline.cli"]
+    cli = [sys.executable, "-m", "cli"]
     run_env = {**os.environ, "FSYNC": "false", "MAX_EVENTS_PER_SECOND": "0", "INGEST_API_KEYS": KEY}
     with running(str(data_dir), tmp_path / "server.log", env) as server:
         out = subprocess.run(

@@ -233,7 +233,7 @@ def test_an_unreadable_file_is_quarantined_as_permission_denied(tmp_path: Path) 
     write(secret, arrow_bytes(["secret"]))
     os.chmod(secret, 0o000)
     proc = subprocess.run(
-        [*no_override, "-m", "pipeline.cli", "consume", "--once"],
+        [*no_override, "-m", "cli", "consume", "--once"],
         env=base_env(data),
         capture_output=True,
         timeout=TIMEOUT_S,

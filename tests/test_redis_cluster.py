@@ -154,7 +154,7 @@ def _consume(data: Path, url: str, prefix: str, *extra: str) -> subprocess.Popen
         "LOG_LEVEL": "WARNING",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "consume", "--once", *extra],
+        [sys.executable, "-m", "cli", "consume", "--once", *extra],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

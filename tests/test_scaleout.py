@@ -103,7 +103,7 @@ class Fleet:
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "consume", *args],
+                [sys.executable, "-m", "cli", "consume", *args],
                 env=self.env(name, **extra),
                 stdout=subprocess.DEVNULL,
                 stderr=err,

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from pyarrow import ipc
 
 from pipeline.reconcile import reconcile
+from pipeline.redis_client import connect, used_memory
 from pipeline.schema import EVENT_TYPES, PARQUET_COMPRESSION, Layout
 from pipeline.settings import Settings
 from pipeline.spool import list_incoming
@@ -78,12 +79,9 @@ def _rss_mb(pid: int) -> float:
 
 
 def _redis_used_memory(url: str) -> int:
-    import redis
-
-    client = redis.Redis.from_url(url)
+    client = connect(url)
     try:
-        info = client.info("memory")
-        return int(info["used_memory"])
+        return used_memory(client)
     finally:
         client.close()
 
@@ -93,7 +91,7 @@ def run_consumer(
 ) -> tuple[int, float, list[float], dict[str, Any]]:
     """Run ``adevents consume --once`` as a process; (exit code, peak RSS MB, samples, stats)."""
     stats_path = Path(tempfile.mkdtemp()) / "stats.json"
-    cmd = [sys.executable, "-m", "pipeline.cli", "consume", "--once", "--log-level", "WARNING"]
+    cmd = [sys.executable, "-m", "cli", "consume", "--once", "--log-level", "WARNING"]
     cmd += ["--stats", str(stats_path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     samples: list[float] = []
@@ -137,10 +135,8 @@ def measure_naive(
     files: list[Path], redis_url: str | None, campaigns: Path, limit: int
 ) -> tuple[int, float]:
     """The original design, labelled as such: per-event Python, per-event Redis SET NX."""
-    import redis
-
     url = redis_url or "redis://127.0.0.1:6379/0"
-    client = redis.Redis.from_url(url)
+    client = connect(url)
     prefix = f"adevents-naive-{os.getpid()}-{time.time_ns()}"
     dim = (
         {r["campaign_id"]: r for r in pl.read_parquet(campaigns).to_dicts()}
@@ -332,12 +328,12 @@ def bench_live(
     layout.ensure()
     env = _child_env(settings, KEEP_PROCESSED="false")
     consumer = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "consume", "--log-level", "WARNING"], env=env
+        [sys.executable, "-m", "cli", "consume", "--log-level", "WARNING"], env=env
     )
     gen_cmd = [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "cli",
         "generate",
         "--rate",
         str(rate),
@@ -431,9 +427,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _drop_prefix(url: str, prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
+    client = connect(url)
     for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
         client.unlink(key)
     client.close()

@@ -1,0 +1,103 @@
+"""``adevents consume``: land spool files in the lake, waiting out a key cache that is down."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from pipeline.settings import Settings
+from pipeline.signals import stop_on_signals
+
+if TYPE_CHECKING:
+    from pipeline.consumer import Consumer
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--once", action="store_true", help="process what is waiting, then exit")
+    parser.add_argument("--redis-url", help="Redis key cache URL (overrides REDIS_URL)")
+    parser.add_argument("--dedupe-window", help="dedupe window, e.g. 15m, 1h (DEDUPE_WINDOW)")
+    parser.add_argument(
+        "--max-events-per-second", help="throughput cap, 0 = none (MAX_EVENTS_PER_SECOND)"
+    )
+    parser.add_argument("--stats", help="at exit, write key-cache statistics as JSON here")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the consumer until SIGINT/SIGTERM (or, with ``--once``, until the spool is empty)."""
+    with stop_on_signals(what="stopping after the current batch") as stop:
+        return _consume(args, settings, stop)
+
+
+def _consume(args: argparse.Namespace, settings: Settings, stop: threading.Event) -> int:
+    from pipeline.consumer import ConsumerLockedError
+    from pipeline.retry import GaveUpError
+
+    try:
+        consumer = _wait_for_consumer(settings, stop, once=args.once)
+    except GaveUpError as exc:
+        print(f"adevents consume: {exc}", file=sys.stderr)
+        return 1
+    if consumer is None:  # stopped while waiting
+        return 0
+    try:
+        consumer.start(resume=False)  # run() resumes, waiting out Redis or the disk if need be
+    except ConsumerLockedError as exc:
+        print(f"adevents consume: {exc}", file=sys.stderr)
+        consumer.cache.close()
+        return 2
+    started = time.perf_counter()
+    try:
+        try:
+            totals = consumer.run(once=args.once, stop=stop)
+        except GaveUpError as exc:
+            print(f"adevents consume: {exc}", file=sys.stderr)
+            return 1
+        cache = consumer.cache.stats() if args.stats else None
+        stats = (
+            {}
+            if cache is None
+            else {"keys": cache.keys, "bytes": cache.bytes, "bytes_per_key": cache.bytes_per_key}
+        )
+    finally:
+        consumer.close()
+    print(totals.line(time.perf_counter() - started))
+    if args.stats:
+        import json
+        from pathlib import Path
+
+        Path(args.stats).write_text(json.dumps(stats))
+    return 0
+
+
+def _wait_for_consumer(settings: Settings, stop: threading.Event, *, once: bool) -> Consumer | None:
+    """Build the consumer, waiting out a key cache that cannot be reached yet.
+
+    A single Redis is connected lazily (the consumer's run waits for it); a Redis Cluster's
+    client needs a reachable node to be built at all. None when stopped meanwhile.
+    """
+    import os
+    import socket
+
+    from pipeline.factory import make_consumer
+    from pipeline.retry import StatusBoard, Supervisor
+    from pipeline.schema import Layout
+
+    supervisor: Supervisor | None = None
+    while not stop.is_set():
+        try:
+            return make_consumer(settings)
+        except Exception as exc:
+            if supervisor is None:
+                name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+                board = StatusBoard(Layout(settings.data_dir).state, name)
+                supervisor = Supervisor(
+                    board,
+                    stop,
+                    max_delay=settings.retry_max_delay,
+                    give_up_after=settings.once_retry_timeout if once else None,
+                )
+            supervisor.failed(exc)  # waits, or raises what is not transient
+    return None
