@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from pipeline.settings import JobSettings, Settings
 
@@ -35,18 +33,6 @@ def _add_epilog(parser: argparse.ArgumentParser) -> None:
     text = "job settings (environment variables):\n" + "\n".join(rows)
     parser.epilog = f"{parser.epilog}\n\n{text}" if parser.epilog else text
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-
-    def handler(signum: int, _frame: Any) -> None:
-        log.info("signal %d: stopping after the running jobs", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
 
 
 # -- configure ---------------------------------------------------------------------------------
@@ -115,9 +101,11 @@ def _once(name: str, call: Callable[[], str]) -> int:
 def _serve(names: list[str], settings: Settings) -> int:
     from jobs.scheduler import serve
     from jobs.tasks import job_specs
+    from pipeline.signals import stop_on_signals
 
     specs = [s for s in job_specs(settings) if s.name in names]
-    return serve(specs, _stop_on_signals())
+    with stop_on_signals(what="stopping after the running jobs") as stop:
+        return serve(specs, stop)
 
 
 def run_scheduler(args: argparse.Namespace, settings: Settings) -> int:
