@@ -44,7 +44,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -636,22 +636,6 @@ class Lake:
             out[f] = known
         return out
 
-    def forget(self, keep: Iterable[str]) -> None:
-        """Drop remembered statistics of files not in ``keep`` (files that were replaced)."""
-        wanted = set(keep)
-        with self._stats_lock:
-            for stats in self._stats.values():
-                for f in [f for f in stats if f not in wanted]:
-                    del stats[f]
-            for bounds in self._bounds.values():
-                for f in [f for f in bounds if f not in wanted]:
-                    del bounds[f]
-            for f in [f for f in self._mtimes if f not in wanted]:
-                del self._mtimes[f]
-            for complete in self._complete.values():
-                for f in [f for f in complete if f not in wanted]:
-                    del complete[f]
-
     # -- queries -----------------------------------------------------------------------------
     def query(
         self,
@@ -720,18 +704,6 @@ class Lake:
 
         text = _TABLE_REF.sub(relation, sql)
         return self.cursor().execute(text, bound)
-
-    def records(
-        self,
-        sql: str,
-        params: Mapping[str, Any] | None = None,
-        *,
-        sources: Mapping[str, Sequence[str]],
-    ) -> list[dict[str, Any]]:
-        """Like :meth:`query` (never from memory), as one dict per row keyed by column name."""
-        result = self._execute(sql, params, sources)
-        names = [d[0] for d in result.description or ()]
-        return [dict(zip(names, r, strict=True)) for r in result.fetchall()]
 
     def read(self, fn: Callable[[], T]) -> T:
         """Call ``fn`` (which lists and queries), again on a fresh snapshot if a file vanished."""
