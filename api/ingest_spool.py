@@ -30,7 +30,7 @@ from pipeline.spool import (
     SUFFIX,
     SpoolWriter,
     atomic_write_bytes,
-    fsync_dir,
+    fsync,
     sweep_stale_temp_files,
 )
 
@@ -64,7 +64,7 @@ def _mkdir_durable(path: Path) -> None:
         p = p.parent
     path.mkdir(parents=True, exist_ok=True)
     for d in reversed(missing):
-        fsync_dir(d.parent)
+        fsync(d.parent)
 
 
 def _parquet_bytes(frame: pl.DataFrame) -> bytes:

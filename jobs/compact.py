@@ -38,7 +38,7 @@ from typing import Final
 import polars as pl
 import pyarrow.parquet as pq
 
-from jobs.storage import EVENTS_LOCK, fsync_file, job_lock
+from jobs.storage import EVENTS_LOCK, job_lock
 from pipeline import faults
 from pipeline.livefiles import (
     COMMITTED,
@@ -57,7 +57,7 @@ from pipeline.livefiles import (
 )
 from pipeline.schema import ENRICHED_SCHEMA, PARQUET_COMPRESSION, SORT_KEYS, Layout
 from pipeline.settings import JobSettings
-from pipeline.spool import atomic_write_bytes, fsync_dir
+from pipeline.spool import atomic_write_bytes, fsync
 
 log = logging.getLogger("adevents.jobs.compact")
 
@@ -218,7 +218,7 @@ def _write_output(frame: pl.DataFrame, path: Path, run: Run) -> int:
         row_group_size=run.jobs.compact_row_group_rows,
     )
     if run.durable:
-        fsync_file(path)
+        fsync(path)
     return len(frame)
 
 
@@ -281,12 +281,12 @@ def _finish(layout: Layout, unit_dir: Path, run: Run) -> None:
             if i == 0:
                 run.step("compact_mid_place")
         if durable:
-            fsync_dir(partition)
+            fsync(partition)
         run.step("compact_after_place")
         swapped = unit_dir.with_name(unit_dir.name[: -len(COMMITTED)] + SWAPPED)
         os.replace(unit_dir, swapped)
         if durable:
-            fsync_dir(swapped.parent)
+            fsync(swapped.parent)
         _bump(layout, durable=durable)
         run.step("compact_after_swap")
         unit_dir = swapped
@@ -295,7 +295,7 @@ def _finish(layout: Layout, unit_dir: Path, run: Run) -> None:
         if i == 0:
             run.step("compact_mid_delete")
     if durable and partition.exists():
-        fsync_dir(partition)
+        fsync(partition)
     run.step("compact_after_delete")
     shutil.rmtree(unit_dir)
     _bump(layout, durable=durable)
@@ -373,13 +373,13 @@ def compact_partition(
     }
     (partial / MANIFEST).write_text(json.dumps(manifest))
     if run.durable:
-        fsync_file(partial / MANIFEST)
-        fsync_dir(partial)
+        fsync(partial / MANIFEST)
+        fsync(partial)
     run.step("compact_after_stage")
     committed = partial.with_name(f"{unit_id}{COMMITTED}")
     os.replace(partial, committed)
     if run.durable:
-        fsync_dir(committed.parent)
+        fsync(committed.parent)
     _bump(layout, durable=run.durable)
     run.step("compact_after_commit")
     _finish(layout, committed, run)

@@ -15,16 +15,7 @@ import polars as pl
 
 from pipeline.livefiles import date_dirs
 from pipeline.schema import LEDGER_SCHEMA, PARQUET_COMPRESSION, Layout
-from pipeline.spool import atomic_write_bytes, fsync_dir
-
-
-def fsync_file(path: Path) -> None:
-    """Flush ``path``'s bytes to disk (before a rename publishes it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from pipeline.spool import atomic_write_bytes, fsync
 
 
 def tmp_name(path: Path) -> Path:
@@ -42,10 +33,10 @@ def write_parquet_atomic(
         tmp, compression=PARQUET_COMPRESSION, statistics=True, row_group_size=row_group_size
     )
     if durable:
-        fsync_file(tmp)
+        fsync(tmp)
     os.replace(tmp, path)
     if durable:
-        fsync_dir(path.parent)
+        fsync(path.parent)
 
 
 def write_json_atomic(value: Any, path: Path, *, durable: bool) -> None:

@@ -29,7 +29,7 @@ import polars as pl
 
 from pipeline import faults
 from pipeline.schema import PARQUET_COMPRESSION
-from pipeline.spool import fsync_dir
+from pipeline.spool import fsync
 
 PARTIAL = ".partial"
 COMMITTED = ".committed"
@@ -38,14 +38,6 @@ MANIFEST = "manifest.json"
 
 class CommitConflictError(RuntimeError):
     """This attempt may not commit: another attempt committed the batch or fenced this one."""
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -84,7 +76,7 @@ class StagedBatch:
             path, compression=PARQUET_COMPRESSION, statistics=True, row_group_size=row_group_size
         )
         if self.durable:
-            _fsync_file(path)
+            fsync(path)
         self.files.append(relpath)
 
     def commit(self) -> None:
@@ -94,9 +86,9 @@ class StagedBatch:
         try:
             mpath.write_text(json.dumps(manifest))
             if self.durable:
-                _fsync_file(mpath)
+                fsync(mpath)
                 for d in {(self.partial_dir / f).parent for f in self.files} | {self.partial_dir}:
-                    fsync_dir(d)
+                    fsync(d)
             os.replace(self.partial_dir, self.committed_dir)
         except FileNotFoundError:
             raise CommitConflictError(
@@ -110,7 +102,7 @@ class StagedBatch:
                 f"batch {self.batch_id} was committed by another attempt: {exc}"
             ) from None
         if self.durable:
-            fsync_dir(self.committed_dir.parent)
+            fsync(self.committed_dir.parent)
 
 
 def publish(root: Path, committed_dir: Path, *, durable: bool = True) -> dict[str, object]:
@@ -131,7 +123,7 @@ def publish(root: Path, committed_dir: Path, *, durable: bool = True) -> dict[st
             faults.point("mid_publish")
     if durable:
         for d in touched:
-            fsync_dir(d)
+            fsync(d)
     return manifest
 
 

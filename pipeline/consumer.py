@@ -595,9 +595,9 @@ class Consumer:
         else:
             path.unlink(missing_ok=True)
         if self.durable:
-            from pipeline.spool import fsync_dir
+            from pipeline.spool import fsync
 
-            fsync_dir(path.parent)
+            fsync(path.parent)
 
     def _quarantine_file(
         self,
@@ -661,10 +661,10 @@ class Consumer:
             self._stuck.add(path.name)
             return row
         if self.durable:
-            from pipeline.spool import fsync_dir
+            from pipeline.spool import fsync
 
-            fsync_dir(dest_dir)
-            fsync_dir(path.parent)
+            fsync(dest_dir)
+            fsync(path.parent)
         return row
 
     def _quarantine_dir(self, batch_id: str, name: str) -> Path:

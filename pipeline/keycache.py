@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.fingerprint import Keys, empty_keys, fingerprint_check
-from pipeline.spool import atomic_write_bytes, fsync_dir, remove_quietly
+from pipeline.spool import atomic_write_bytes, fsync, remove_quietly
 
 Mask = npt.NDArray[np.bool_]
 #: Reads the window's keys and the watermark from the lake; with a time, only files written
@@ -263,7 +263,7 @@ class EmbeddedKeyCache:
         except BaseException:
             remove_quietly(tmp)  # a full disk must not keep a partial snapshot's space
             raise
-        fsync_dir(path.parent)
+        fsync(path.parent)
 
     def _write_meta(self) -> None:
         meta = {"fingerprint": fingerprint_check(), "slice_ms": self.slice_ms}

@@ -20,8 +20,9 @@ from pyarrow import ipc
 SUFFIX: Final = ".arrow"
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink inside ``path`` durable."""
+def fsync(path: Path) -> None:
+    """Flush ``path`` to disk: a file's bytes (before a rename publishes it), or a directory's
+    entries (so that a rename or unlink inside it survives a power loss)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -53,7 +54,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
         remove_quietly(tmp)
         raise
     if durable:
-        fsync_dir(path.parent)
+        fsync(path.parent)
 
 
 class SpoolWriter:
@@ -84,11 +85,7 @@ class SpoolWriter:
             with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
                 writer.write(table)
             if self.durable:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync(tmp)
             os.replace(tmp, final)
         except BaseException:
             # A full disk (or a kill between write and rename) must not leave partial files
@@ -96,7 +93,7 @@ class SpoolWriter:
             remove_quietly(tmp)
             raise
         if self.durable:
-            fsync_dir(self.incoming)
+            fsync(self.incoming)
         return final
 
 
