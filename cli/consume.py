@@ -55,12 +55,7 @@ def _consume(args: argparse.Namespace, settings: Settings, stop: threading.Event
         except GaveUpError as exc:
             print(f"adevents consume: {exc}", file=sys.stderr)
             return 1
-        cache = consumer.cache.stats() if args.stats else None
-        stats = (
-            {}
-            if cache is None
-            else {"keys": cache.keys, "bytes": cache.bytes, "bytes_per_key": cache.bytes_per_key}
-        )
+        stats = _cache_stats(consumer) if args.stats else {}
     finally:
         consumer.close()
     print(totals.line(time.perf_counter() - started))
@@ -70,6 +65,20 @@ def _consume(args: argparse.Namespace, settings: Settings, stop: threading.Event
 
         Path(args.stats).write_text(json.dumps(stats))
     return 0
+
+
+def _cache_stats(consumer: Consumer) -> dict[str, object]:
+    """The key cache's size, or why it could not be read (Redis down at exit is no crash)."""
+    from pipeline.retry import classify
+
+    try:
+        cache = consumer.cache.stats()
+    except Exception as exc:
+        if classify(exc) is None:
+            raise
+        print(f"adevents consume: no key-cache statistics: {classify(exc)}", file=sys.stderr)
+        return {"unavailable": classify(exc)}
+    return {"keys": cache.keys, "bytes": cache.bytes, "bytes_per_key": cache.bytes_per_key}
 
 
 def _wait_for_consumer(settings: Settings, stop: threading.Event, *, once: bool) -> Consumer | None:

@@ -368,3 +368,25 @@ def test_a_redis_cluster_without_a_reachable_node_is_waited_for(
     assert "Traceback" not in text, text
     (status,) = statuses(data)
     assert (status.state, status.fault) == ("retrying", "redis_unavailable")
+
+
+def test_key_cache_statistics_at_exit_survive_redis_down(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """``consume --stats`` asks Redis for the cache's size at exit: Redis down then is no crash."""
+    from types import SimpleNamespace
+
+    from cli.consume import _cache_stats
+    from pipeline.factory import make_key_cache
+
+    settings = Settings.from_env(
+        {}, data_dir=str(tmp_path / "data"), redis_url=redis_server.url, redis_key_prefix="s"
+    )
+    cache = make_key_cache(settings)
+    try:
+        assert "keys" in _cache_stats(SimpleNamespace(cache=cache))  # type: ignore[arg-type]
+        redis_server.stop()
+        stats = _cache_stats(SimpleNamespace(cache=cache))  # type: ignore[arg-type]
+        assert stats == {"unavailable": "redis_unavailable"}
+    finally:
+        cache.close()
