@@ -322,7 +322,7 @@ def run_compaction(
     if crash_at:
         env["ADEVENTS_CRASH_AT"] = crash_at
     return subprocess.run(
-        [sys.executable, "-m", "jobs", "compact", "--once", "--log-level", "WARNING"],
+        [sys.executable, "-m", "cli", "compact", "--once", "--log-level", "WARNING"],
         env=env,
         capture_output=True,
         timeout=120,

@@ -112,7 +112,7 @@ def jobs_cli(data: Path, *args: str, env: dict[str, str] | None = None) -> str:
     run_env = {k: v for k, v in os.environ.items() if k != "ADEVENTS_CRASH_AT"}
     run_env.update(DATA_DIR=str(data), FSYNC="false", **(env or {}))
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs", *args, "--log-level", "WARNING"],
+        [sys.executable, "-m", "cli", *args, "--log-level", "WARNING"],
         env=run_env,
         capture_output=True,
         timeout=60,
@@ -173,7 +173,7 @@ def test_the_scheduler_runs_every_job_against_a_live_pipeline(tmp_path: Path) ->
             stderr=subprocess.PIPE,
         )
         scheduler = subprocess.Popen(
-            [sys.executable, "-m", "jobs", "scheduler", "--log-level", "INFO"],
+            [sys.executable, "-m", "cli", "scheduler", "--log-level", "INFO"],
             env=env,
             stderr=subprocess.PIPE,
         )
