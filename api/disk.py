@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Final
+
+from pipeline import retry
 
 #: How long one statvfs answer is reused: the ingest asks on every request.
 TTL_SECONDS: Final = 1.0
 
 
 def free_bytes(path: Path) -> int | None:
-    """Bytes an unprivileged writer may still use on ``path``'s filesystem (its nearest existing
-    ancestor's, if it does not exist yet); None if unknown."""
-    for candidate in (path, *path.parents):
-        try:
-            st = os.statvfs(candidate)
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return None
-        return st.f_bavail * st.f_frsize
-    return None
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem; None if unknown."""
+    try:
+        return retry.free_bytes(path)
+    except OSError:
+        return None
 
 
 class DiskSpace:

@@ -76,12 +76,23 @@ class GaveUpError(RuntimeError):
     """With ``--once``, a transient fault lasted longer than ONCE_RETRY_TIMEOUT."""
 
 
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem (its nearest existing
+    ancestor's, if it does not exist yet)."""
+    for candidate in (path, *path.parents):
+        try:
+            st = os.statvfs(candidate)
+        except FileNotFoundError:
+            continue
+        return st.f_bavail * st.f_frsize
+    raise FileNotFoundError(errno.ENOENT, "no existing directory on the path", str(path))
+
+
 def check_free_space(path: Path, minimum: int) -> None:
     """Raise :class:`DiskFullError` when ``path``'s filesystem has less than ``minimum`` free."""
     if minimum <= 0:
         return
-    st = os.statvfs(path)
-    free = st.f_bavail * st.f_frsize
+    free = free_bytes(path)
     if free < minimum:
         raise DiskFullError(
             f"{free} bytes free on DATA_DIR's disk, below DISK_MIN_FREE ({minimum} bytes)"
