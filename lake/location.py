@@ -17,10 +17,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 DEFAULT_DATA_DIR: Final = "./ad_event_data"
 DEFAULT_REGION: Final = "us-east-1"
@@ -112,6 +115,19 @@ class LakeLocation:
             )
         path = raw.removeprefix("file://")
         return cls(uri=os.path.abspath(path))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LakeLocation:
+        """The location the settings tree names (LAKE_URI and the AWS_* settings)."""
+        env = {
+            "LAKE_URI": settings.lake_uri,
+            "AWS_ENDPOINT_URL": settings.aws_endpoint_url,
+            "AWS_REGION": settings.aws_region,
+            "AWS_ACCESS_KEY_ID": settings.aws_access_key_id,
+            "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key,
+            "AWS_ALLOW_HTTP": "true" if settings.aws_allow_http else "",
+        }
+        return cls.from_env(env, data_dir=settings.data_dir)
 
     @classmethod
     def _s3(cls, raw: str, env: Mapping[str, str]) -> LakeLocation:

@@ -82,8 +82,9 @@ def _bool(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "help": help})
+def _setting(default: Any, parse: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
+    """A setting field; a ``secret`` one is left out of the repr (and so of every log line)."""
+    return field(default=default, repr=not secret, metadata={"parse": parse, "help": help})
 
 
 def _read_fields(cls: type, env: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -387,6 +388,33 @@ class Settings:
         60.0,
         _positive_duration,
         "with --once, give up on a transient fault after this long and exit non-zero",
+    )
+    lake_uri: str = _setting(
+        "",
+        str,
+        "where the Delta tables live: a local path or s3://bucket/prefix (default DATA_DIR/lake)",
+    )
+    aws_endpoint_url: str = _setting(
+        "", str, "S3-compatible endpoint for an s3:// LAKE_URI (unset = AWS)"
+    )
+    aws_region: str = _setting("", str, "S3 region (unset = AWS_DEFAULT_REGION or us-east-1)")
+    aws_access_key_id: str = _setting("", str, "S3 access key id", secret=True)
+    aws_secret_access_key: str = _setting("", str, "S3 secret access key", secret=True)
+    aws_allow_http: bool = _setting(
+        False, _bool, "allow a plain-http AWS_ENDPOINT_URL (a loopback or private S3 server)"
+    )
+    commit_interval: float = _setting(
+        1.0,
+        _positive_duration,
+        "the consumer gathers spool files into one lake commit for at most this long",
+    )
+    commit_target_rows: int = _setting(
+        1_000_000, _positive_int, "a lake commit closes early once its files hold this many rows"
+    )
+    consumer_slot: int = _setting(
+        0,
+        _non_negative_int,
+        "this consumer's slot among several on one spool (each slot a separate process)",
     )
     #: The scheduled jobs' settings (their own subsystem, read from the same environment).
     jobs: JobSettings = field(default_factory=JobSettings)

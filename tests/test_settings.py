@@ -43,6 +43,15 @@ DEFAULTS: dict[str, Any] = {
     "disk_min_free": 1024**3,
     "retry_max_delay": 30.0,
     "once_retry_timeout": 60.0,
+    "lake_uri": "",
+    "aws_endpoint_url": "",
+    "aws_region": "",
+    "aws_access_key_id": "",
+    "aws_secret_access_key": "",
+    "aws_allow_http": False,
+    "commit_interval": 1.0,
+    "commit_target_rows": 1_000_000,
+    "consumer_slot": 0,
 }
 
 
@@ -375,3 +384,12 @@ def test_describe_lists_every_variable_with_its_default_and_help() -> None:
 
 def test_log_levels() -> None:
     assert LOG_LEVELS == ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def test_secrets_stay_out_of_the_settings_repr() -> None:
+    settings = Settings.from_env(
+        {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY1234", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
+    )
+    assert settings.aws_secret_access_key == "s3cr3t-value"
+    assert "s3cr3t-value" not in repr(settings)
+    assert "AKIAEXAMPLEKEY1234" not in repr(settings)
