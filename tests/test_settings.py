@@ -145,6 +145,15 @@ def test_environment_mapping_replaces_os_environ(monkeypatch: pytest.MonkeyPatch
 
 
 ENV_CASES: list[tuple[str, str, Any]] = [
+    ("LAKE_URI", "s3://lake/prod", "s3://lake/prod"),
+    ("AWS_ENDPOINT_URL", "http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+    ("AWS_REGION", "eu-west-1", "eu-west-1"),
+    ("AWS_ACCESS_KEY_ID", "AKIA1234", "AKIA1234"),
+    ("AWS_SECRET_ACCESS_KEY", "abc/def", "abc/def"),
+    ("AWS_ALLOW_HTTP", "true", True),
+    ("COMMIT_INTERVAL", "250ms", 0.25),
+    ("COMMIT_TARGET_ROWS", "200000", 200_000),
+    ("CONSUMER_SLOT", "3", 3),
     ("LEASE_TIMEOUT", "45s", 45.0),
     ("REBUILD_GRACE", "0", 0.0),
     ("DATA_DIR", "/srv/adevents", "/srv/adevents"),
