@@ -6,12 +6,16 @@ Deterministic for a seed, built column-wise with NumPy (no per-row Python), so a
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Final
 
 import numpy as np
 import polars as pl
 
+from lake.location import LakeLocation
+from lake.writer import commit_batch
 from pipeline.schema import ENRICHED_SCHEMA, HOUR_MS, LEDGER_SCHEMA, QUARANTINE_SCHEMA, UTC_MS
 
 #: 2026-12-02T00:00:00Z, the default start of generated event times.
@@ -78,3 +82,10 @@ def ledger_frame(batch_id: str, *, rows_in: int, at_ms: int = START_MS) -> pl.Da
         committed_at=datetime.fromtimestamp(at_ms / 1000, UTC),
     )
     return pl.DataFrame([row], schema=LEDGER_SCHEMA)
+
+
+def append(
+    location: LakeLocation, frames: Mapping[str, pl.DataFrame], *, fsync: bool = False
+) -> None:
+    """Commit ``frames`` (by table name) as one fresh writer's batch: how tests fill a lake."""
+    commit_batch(location, f"test:{uuid.uuid4().hex}", 0, frames, fsync=fsync)
