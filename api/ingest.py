@@ -90,7 +90,7 @@ API_KEY_SCHEME: Final = "apiKey"
 
 # -- response models -----------------------------------------------------------------------------
 class RejectedRow(Struct):
-    """A row that failed a rule; it is in quarantine/ with the same reason."""
+    """A row that failed a rule; it is in the spool on its way to quarantine, with this reason."""
 
     index: int
     reason: str
@@ -199,14 +199,17 @@ class Ingestor:
     def _write(
         self, accepted: list[pa.Table], rejected: list[pl.DataFrame], arrived_ms: int
     ) -> Written:
-        # Made on first use, so an API over a read-only lake starts (and only ingest fails).
+        # Made on first use, so an API over a read-only DATA_DIR starts (and only ingest fails).
         if self._writer is None:
             self._writer = SpoolBatchWriter(self.layout, self.producer)
         return self._writer.write(accepted, rejected, arrived_ms)
 
     def _written(self, written: Written) -> None:
+        # Rejected rows wait in incoming/ for the consumer too, so they count like accepted ones.
         if written.spool_file is not None:
             self.backlog.add(written.spool_file, written.spooled_rows)
+        if written.rejected_file is not None:
+            self.backlog.add(written.rejected_file, written.quarantined_rows)
 
     async def start(self) -> None:
         self.committer.start()
@@ -372,8 +375,8 @@ _ERRORS: Final = {
 async def post_ad_events(
     request: Request[Any, Any, Any], ingestor: NamedDependency[Ingestor]
 ) -> Response[IngestResult]:
-    """Take ad events; 202 once every accepted row is durable in the spool (and every rejected
-    row, with its reason, in quarantine)."""
+    """Take ad events; 202 once every row is durable in the spool (every rejected row with its
+    reason, for the consumer to quarantine)."""
     try:
         media = media_type(request.headers.get("content-type"))
     except UnsupportedMediaTypeError as exc:

@@ -1,15 +1,16 @@
-"""The ingest's edge on DATA_DIR: group commit into incoming/ and quarantine/, and the backlog.
+"""The ingest's edge on DATA_DIR: group commit into incoming/, and the backlog.
 
 Accepted rows of many requests are written as one Arrow IPC file per micro-batch (by size or
-interval, whichever comes first); rejected rows go to ``quarantine/`` with a ledger row. A request
-is answered only after the micro-batch holding its rows is durable.
+interval, whichever comes first); the micro-batch's rejected rows go beside them as one
+``<stem>.rejected.arrow`` file, which the consumer commits to the lake's quarantine table (with
+its ledger row). The ingest never writes the lake itself. A request is answered only after the
+micro-batch holding its rows is durable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import os
 import re
@@ -17,15 +18,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import polars as pl
 import pyarrow as pa
 from pyarrow import ipc
 
-from pipeline.schema import LEDGER_SCHEMA, QUARANTINE_SCHEMA, REASONS, Layout
+from pipeline.schema import EVENT_SCHEMA, Layout
 from pipeline.spool import (
     SUFFIX,
     SpoolWriter,
@@ -40,18 +40,38 @@ log = logging.getLogger("adevents.ingest")
 BACKLOG_TTL: Final = 0.25
 #: Bytes per event assumed for a spool file whose footer cannot be read.
 BYTES_PER_EVENT: Final = 100
-#: Temporary spool files of an ingest process (``SpoolWriter``'s names, producer ``http…``).
-_INGEST_TMP: Final = re.compile(r"^\.\d{15}-http[0-9a-f]+-\d{9}\.arrow\.tmp$")
+#: A micro-batch's rejected rows: ``<stem>.rejected.arrow``, where ``<stem>`` is the spool
+#: writer's next name stem, so the file sorts right after its accepted sibling.
+REJECTED_SUFFIX: Final = ".rejected.arrow"
+#: Schema metadata of a rejected file: the request's arrival time, epoch ms as a decimal string
+#: (the consumer's ledger row measures the lag from it).
+ARRIVED_AT_KEY: Final = b"adevents.arrived_at_ms"
+#: A rejected file's columns: ``QUARANTINE_SCHEMA``'s, in its order and types, less those the
+#: consumer fills in when it commits them (``source_file`` = ``<stem>.http``, ``batch_id``,
+#: ``ingested_at``).
+REJECTED_SCHEMA: Final = pa.schema(
+    [
+        *(field.with_nullable(True) for field in EVENT_SCHEMA),  # rejected rows may lack any
+        pa.field("reason", pa.string()),
+    ]
+)
+#: Temporary spool files of an ingest process: ``SpoolWriter``'s (producer ``http…``) and
+#: ``atomic_write_bytes``'s for rejected files.
+_INGEST_TMP: Final = re.compile(
+    rf"^\.\d{{15}}-http[0-9a-f]+-\d{{9}}"
+    rf"(?:{re.escape(SUFFIX)}|{re.escape(REJECTED_SUFFIX)}\.\d+)\.tmp$"
+)
 #: A temporary file this old was left by an ingest killed while writing it.
 STALE_TMP_SECONDS: Final = 600.0
 
 
 @dataclass(frozen=True)
 class Written:
-    """What one group commit made durable."""
+    """What one group commit made durable: the files in incoming/ and their rows."""
 
     spool_file: str | None
     spooled_rows: int
+    rejected_file: str | None
     quarantined_rows: int
 
 
@@ -67,36 +87,42 @@ def _mkdir_durable(path: Path) -> None:
         fsync(d.parent)
 
 
-def _parquet_bytes(frame: pl.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    frame.write_parquet(buf, compression="zstd")
-    return buf.getvalue()
+def rejected_table(rejected: pl.DataFrame, arrived_ms: int) -> pa.Table:
+    """The rows of a rejected file, in ``REJECTED_SCHEMA``, stamped with their arrival time."""
+    table = rejected.select(REJECTED_SCHEMA.names).to_arrow().cast(REJECTED_SCHEMA)
+    return table.replace_schema_metadata({ARRIVED_AT_KEY: str(arrived_ms).encode()})
+
+
+def _ipc_file_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
 
 
 class SpoolBatchWriter:
-    """Writes one micro-batch: rejected rows to quarantine/ (+ a ledger row), accepted rows to
-    incoming/. Every file is fsynced and renamed into place, and the rename fsynced, before
-    :meth:`write` returns; on an error nothing may be acknowledged (a retry may repeat rows,
-    which the consumer deduplicates)."""
+    """Writes one micro-batch into incoming/: accepted rows as a spool file, rejected rows as a
+    ``.rejected.arrow`` file. Every file is fsynced and renamed into place, and the rename
+    fsynced, before :meth:`write` returns; on an error nothing may be acknowledged (a retry may
+    repeat rows, which the consumer deduplicates)."""
 
     def __init__(self, layout: Layout, producer: str) -> None:
-        self.layout = layout
-        self.producer = producer
-        _mkdir_durable(layout.incoming)
-        self.spool = SpoolWriter(layout.incoming, producer, durable=True)
+        self.incoming = layout.incoming
+        _mkdir_durable(self.incoming)
+        self.spool = SpoolWriter(self.incoming, producer, durable=True)
         # Temporary files of ingest processes killed mid-write (other producers' are the
         # consumer's to sweep, after longer).
-        sweep_stale_temp_files(layout.incoming, older_than=STALE_TMP_SECONDS, pattern=_INGEST_TMP)
+        sweep_stale_temp_files(self.incoming, older_than=STALE_TMP_SECONDS, pattern=_INGEST_TMP)
 
     def write(
         self, accepted: list[pa.Table], rejected: list[pl.DataFrame], arrived_ms: int
     ) -> Written:
         """Make the micro-batch durable, or raise having left no temporary file behind.
 
-        Accepted rows go first: if the quarantine write then fails, the client's retry repeats
-        rows the consumer deduplicates, rather than quarantine rows nothing would.
+        Accepted rows go first: if the rejected file then fails, the accepted file stays in
+        incoming/ and the client's retry repeats rows the consumer deduplicates; the other way
+        round, a retry would repeat rejected rows, which nothing deduplicates.
         """
-        started = time.perf_counter()
         rows = sum(t.num_rows for t in accepted)
         path = None
         if rows:
@@ -104,53 +130,24 @@ class SpoolBatchWriter:
             # SpoolWriter removes its temporary file on any failure (ENOSPC included).
             path = self.spool.write(table)
         quarantined = sum(len(r) for r in rejected)
+        rejected_path = None
         if quarantined:
-            self._quarantine(pl.concat(rejected), arrived_ms, started)
-        return Written(None if path is None else path.name, rows, quarantined)
-
-    def _quarantine(self, rejected: pl.DataFrame, arrived_ms: int, started: float) -> None:
-        now = datetime.now(UTC)
-        stem = self.spool.next_name().removesuffix(SUFFIX)
-        batch_id, source = f"{stem}-rejected", f"{stem}.http"
-        frame = rejected.with_columns(
-            source_file=pl.lit(source),
-            batch_id=pl.lit(batch_id),
-            ingested_at=pl.lit(now).cast(QUARANTINE_SCHEMA["ingested_at"]),
-        ).select(QUARANTINE_SCHEMA.names())
-        target = self.layout.quarantine / f"date={now:%Y-%m-%d}" / f"{batch_id}.parquet"
-        _mkdir_durable(target.parent)
-        atomic_write_bytes(target, _parquet_bytes(frame.cast(QUARANTINE_SCHEMA)))
-        # A ledger row keeps rows_in = accepted + duplicates + quarantined true for the lake as
-        # a whole: these rows never reach a spool file, so the consumer never counts them.
-        counts = dict(rejected["reason"].value_counts().iter_rows())
-        now_ms = int(now.timestamp() * 1000)
-        row: dict[str, Any] = {
-            name: 0 if LEDGER_SCHEMA[name] == pl.Int64 else None for name in LEDGER_SCHEMA
-        }
-        row.update(
-            batch_id=batch_id,
-            source_file=source,
-            status="ok",
-            rows_in=len(rejected),
-            quarantined=len(rejected),
-            **{f"quarantined_{r}": int(counts.get(r, 0)) for r in REASONS},
-            arrived_at=arrived_ms,
-            committed_at=now_ms,
-            lag_ms=now_ms - arrived_ms,
-            processing_ms=(time.perf_counter() - started) * 1000,
-            write_ms=(time.perf_counter() - started) * 1000,
-            consumer=f"ingest-{self.producer}",
+            rejected_path = self._write_rejected(pl.concat(rejected), arrived_ms)
+        return Written(
+            None if path is None else path.name,
+            rows,
+            None if rejected_path is None else rejected_path.name,
+            quarantined,
         )
-        ledger = self.layout.ledger / f"date={now:%Y-%m-%d}" / f"{batch_id}.parquet"
-        try:
-            _mkdir_durable(ledger.parent)
-            atomic_write_bytes(ledger, _parquet_bytes(pl.DataFrame([row], schema=LEDGER_SCHEMA)))
-        except BaseException:
-            # Without its ledger row the quarantine file would break rows_in = accepted +
-            # duplicates + quarantined; the client is not acknowledged and sends the rows again.
-            with contextlib.suppress(OSError):
-                target.unlink()
-            raise
+
+    def _write_rejected(self, rejected: pl.DataFrame, arrived_ms: int) -> Path:
+        # The next name's stem: after the accepted sibling in name order, and unique.
+        stem = self.spool.next_name().removesuffix(SUFFIX)
+        path = self.incoming / f"{stem}{REJECTED_SUFFIX}"
+        # Like SpoolWriter: temporary file, fsync, rename, fsync of incoming/; a failure
+        # removes the temporary file.
+        atomic_write_bytes(path, _ipc_file_bytes(rejected_table(rejected, arrived_ms)))
+        return path
 
 
 class Backlog:

@@ -21,13 +21,15 @@ from pyarrow import ipc
 
 from api.ingest import Ingestor, IngestPlugin, IngestSettings
 from api.ingest_decode import ARROW_FILE, ARROW_STREAM, JSON, NDJSON
+from api.ingest_spool import ARRIVED_AT_KEY, REJECTED_SCHEMA, REJECTED_SUFFIX
 from api.ingest_testing import arrow_body, body_of, json_rows
 from generator import model
+from lake.location import LakeLocation
+from lake.snapshot import connect
 from pipeline.consumer import Consumer
 from pipeline.factory import make_key_cache
 from pipeline.schema import (
     EVENT_SCHEMA,
-    LEDGER_SCHEMA,
     MAX_ID_BYTES,
     QUARANTINE_SCHEMA,
     REASONS,
@@ -43,22 +45,40 @@ NOW_MS = int(time.time() * 1000)
 FORMATS = (JSON, NDJSON, ARROW_STREAM)
 
 
-def spooled(data_dir: Path) -> pa.Table:
-    """Every row in incoming/, in file then row order."""
+def accepted_files(data_dir: Path) -> list[Path]:
     files = list_incoming(Layout(str(data_dir)).incoming)
+    return [f for f in files if not f.name.endswith(REJECTED_SUFFIX)]
+
+
+def rejected_files(data_dir: Path) -> list[Path]:
+    files = list_incoming(Layout(str(data_dir)).incoming)
+    return [f for f in files if f.name.endswith(REJECTED_SUFFIX)]
+
+
+def spooled(data_dir: Path) -> pa.Table:
+    """Every accepted row in incoming/, in file then row order."""
+    files = accepted_files(data_dir)
     if not files:
         return EVENT_SCHEMA.empty_table()
     return pa.concat_tables([ipc.open_file(str(f)).read_all() for f in files])
 
 
-def quarantined(data_dir: Path) -> pl.DataFrame:
-    files = sorted((data_dir / "quarantine").glob("date=*/*.parquet"))
-    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
-
-
-def ledger(data_dir: Path) -> pl.DataFrame:
-    files = sorted((data_dir / "ledger").glob("date=*/*.parquet"))
-    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+def rejected(data_dir: Path) -> pl.DataFrame:
+    """Every rejected row in incoming/, in file then row order; each file in the contract's
+    schema (``QUARANTINE_SCHEMA`` less what the consumer adds) and stamped with its arrival."""
+    tables = []
+    for f in rejected_files(data_dir):
+        table = ipc.open_file(str(f)).read_all()
+        assert table.schema.equals(REJECTED_SCHEMA), table.schema
+        assert table.schema.metadata[ARRIVED_AT_KEY].decode().isdecimal()
+        tables.append(table)
+    added = ("source_file", "batch_id", "ingested_at")
+    schema = pl.Schema({n: t for n, t in QUARANTINE_SCHEMA.items() if n not in added})
+    if not tables:
+        return pl.DataFrame(schema=schema)
+    frame = pl.from_arrow(pa.concat_tables(tables))
+    assert isinstance(frame, pl.DataFrame) and frame.schema == schema
+    return frame
 
 
 def contract(table: pa.Table) -> pa.Table:
@@ -200,18 +220,41 @@ def test_rejected_rows_are_reported_and_quarantined(
     assert answer["received"] == 10 and answer["accepted"] == 2
     assert [(x["index"], x["reason"]) for x in answer["rejected"]] == expected
     assert spooled(data_dir).column("event_id").to_pylist() == ["ok-1", "ok-2"]
-    q = quarantined(data_dir)
-    assert q.schema == QUARANTINE_SCHEMA
+    q = rejected(data_dir)
     assert q["reason"].to_list() == [reason for _, reason in expected]
     assert q["event_id"].to_list() == table.column("event_id").to_pylist()[1:9]
     assert q["cost_micros"].to_list()[4] == -1  # the values as received
-    assert q["source_file"][0].endswith(".http") and q["batch_id"][0].endswith("-rejected")
-    # rows_in = accepted + duplicates + quarantined stays true over the whole ledger.
-    led = ledger(data_dir)
-    assert led.schema == LEDGER_SCHEMA
-    row = led.row(0, named=True)
-    assert (row["rows_in"], row["quarantined"], row["accepted"]) == (8, 8, 0)
-    assert all(row[f"quarantined_{reason}"] == 1 for _, reason in expected)
+    assert q["event_time"].dt.epoch("ms").to_list() == [NOW_MS] * 7 + [NOW_MS + 3_600_000]
+
+
+def test_rejected_rows_travel_as_one_file_beside_their_accepted_sibling(
+    client: TestClient[Litestar], data_dir: Path
+) -> None:
+    """``<stem>.rejected.arrow``: the spool writer's next stem, so it sorts right after the
+    micro-batch's accepted file; stamped with the request's arrival; nothing else is written."""
+    table, _ = one_row_per_reason()
+    before = int(time.time() * 1000)
+    assert post(client, body_of(table, JSON), JSON).status_code == 202
+    after = int(time.time() * 1000)
+    [accepted] = accepted_files(data_dir)
+    [rejected_file] = rejected_files(data_dir)
+    assert list_incoming(data_dir / "incoming") == [accepted, rejected_file]
+    stamp, producer, seq = accepted.name.removesuffix(".arrow").split("-")
+    r_stamp, r_producer, r_seq = rejected_file.name.removesuffix(REJECTED_SUFFIX).split("-")
+    assert (r_producer, int(r_seq)) == (producer, int(seq) + 1) and r_stamp >= stamp
+    metadata = ipc.open_file(str(rejected_file)).schema.metadata
+    assert metadata == {ARRIVED_AT_KEY: metadata[ARRIVED_AT_KEY]}
+    assert before <= int(metadata[ARRIVED_AT_KEY]) <= after
+    assert sorted(p.name for p in data_dir.iterdir()) == ["incoming"]  # the lake is not ours
+
+
+def test_a_request_of_only_rejected_rows_writes_only_a_rejected_file(
+    client: TestClient[Litestar], data_dir: Path
+) -> None:
+    r = post(client, body_of(sample(3, event_type=["view"] * 3), NDJSON), NDJSON)
+    assert r.status_code == 202 and r.json()["accepted"] == 0
+    assert accepted_files(data_dir) == [] and len(rejected_files(data_dir)) == 1
+    assert rejected(data_dir)["reason"].to_list() == ["invalid_event_type"] * 3
 
 
 def test_wrongly_typed_json_values_are_row_reasons_not_400(
@@ -254,12 +297,15 @@ def test_wrongly_typed_json_values_are_row_reasons_not_400(
         assert r.json()["accepted"] == 1
     stored = spooled(data_dir)
     assert stored.column("user_id").to_pylist() == ["12345", "12345"]
-    q = quarantined(data_dir)
+    q = rejected(data_dir)
     assert q.filter(pl.col("event_id") == "w9")["country"].to_list() == ["44", "44"]
+    assert len(rejected_files(data_dir)) == 2
 
 
 def test_generator_invalid_rows_get_the_consumers_reasons(tmp_path: Path) -> None:
-    """The same malformed batch through the spool and through HTTP: same lake, same reasons."""
+    """The same malformed batch through the spool and through HTTP: same lake, same reasons;
+    the ingest's rejected rows reach the quarantine table as ``<stem>.http`` with a ledger row
+    of their own, so rows_in = accepted + duplicates + quarantined holds for every batch."""
     rng = np.random.default_rng(7)
     campaigns = model.build_campaigns(rng, 20)
     population = model.build_population(rng, model.campaign_ids(campaigns))
@@ -287,16 +333,32 @@ def test_generator_invalid_rows_get_the_consumers_reasons(tmp_path: Path) -> Non
             with TestClient(app) as c:
                 r = post(c, arrow_body(table), ARROW_STREAM)
                 assert r.status_code == 202 and r.json()["rejected"], r.text
+            [rejected_file] = rejected_files(tmp_path / way)
+            http_source = rejected_file.name.removesuffix(REJECTED_SUFFIX) + ".http"
+            http_rejected = len(r.json()["rejected"])
         consume(settings)
-        events = pl.read_parquet(tmp_path / way / "events" / "**" / "*.parquet")
-        q = quarantined(tmp_path / way)
-        lakes.append(
-            (
-                events["event_id"].sort().to_list(),
-                q.select("event_id", "reason").sort("event_id", "reason").rows(),
-                int(ledger(tmp_path / way)["rows_in"].sum()),
-            )
-        )
+        con = connect(LakeLocation.from_settings(settings))
+        events = con.execute("SELECT event_id FROM events ORDER BY event_id").fetchall()
+        quarantine = con.execute(
+            "SELECT event_id, reason FROM quarantine ORDER BY event_id, reason"
+        ).fetchall()
+        unbalanced = con.execute(
+            "SELECT batch_id FROM ledger WHERE rows_in <> accepted + duplicates + quarantined"
+        ).fetchall()
+        assert unbalanced == []
+        rows_in = con.execute("SELECT sum(rows_in) FROM ledger").fetchone()
+        lakes.append((events, quarantine, rows_in))
+        if way == "http":
+            from_http = con.execute(
+                "SELECT count(*) FROM quarantine WHERE source_file = ?", [http_source]
+            ).fetchone()
+            ledger_row = con.execute(
+                "SELECT rows_in, accepted, duplicates, quarantined FROM ledger "
+                "WHERE source_file = ?",
+                [http_source],
+            ).fetchall()
+            assert from_http == (http_rejected,)
+            assert ledger_row == [(http_rejected, 0, 0, http_rejected)]
     assert lakes[0] == lakes[1]
     assert len(lakes[0][1]) > 500  # the batch really had malformed rows of each kind
     assert {r for _, r in lakes[0][1]} == set(model.ROW_REASONS)
@@ -487,6 +549,22 @@ def test_other_producers_files_count_towards_the_backlog(
         assert post(c, body_of(sample(1), JSON), JSON).status_code == 429
 
 
+def test_rejected_rows_count_towards_the_backlog_until_consumed(
+    make_app: Callable[..., Litestar], data_dir: Path
+) -> None:
+    """They wait in incoming/ for the consumer like accepted rows: counted when written, and
+    read from the file's footer by a process that did not write it."""
+    invalid = body_of(sample(40, event_type=["view"] * 40), JSON)
+    with TestClient(make_app(max_backlog_events="50")) as c:
+        assert post(c, invalid, JSON).status_code == 202
+        assert post(c, invalid, JSON).status_code == 202  # 40 waiting: still under the bound
+        assert post(c, body_of(sample(1), JSON), JSON).status_code == 429
+    assert accepted_files(data_dir) == [] and len(rejected_files(data_dir)) == 2
+    with TestClient(make_app(max_backlog_events="81")) as c:  # another process: 80 waiting
+        assert post(c, body_of(sample(1), JSON), JSON).status_code == 202
+        assert post(c, body_of(sample(1), JSON), JSON).status_code == 429
+
+
 # -- group commit ----------------------------------------------------------------------------------
 @pytest.fixture
 def make_ingestor(data_dir: Path) -> Callable[..., Ingestor]:
@@ -567,6 +645,33 @@ def test_a_failed_write_is_503_and_nothing_is_acknowledged(
     assert spooled(data_dir).num_rows == 0
 
 
+def test_a_failed_rejected_file_is_503_and_keeps_the_accepted_file(
+    make_app: Callable[..., Litestar], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accepted rows go first: when the rejected file then fails, the accepted file stays and
+    the client's retry repeats only rows the consumer deduplicates."""
+    real_fsync = os.fsync
+
+    def fsync_failing_for_rejected_files(fd: int) -> None:
+        if REJECTED_SUFFIX in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    table, _ = one_row_per_reason()
+    with TestClient(make_app()) as c:
+        monkeypatch.setattr(os, "fsync", fsync_failing_for_rejected_files)
+        r = post(c, body_of(table, JSON), JSON)
+        assert r.status_code == 503 and "disk is full" in r.json()["detail"]
+        assert len(accepted_files(data_dir)) == 1 and rejected_files(data_dir) == []
+        assert sorted(p.name for p in (data_dir / "incoming").iterdir()) == [
+            accepted_files(data_dir)[0].name  # no temporary file left behind
+        ]
+        monkeypatch.undo()
+        assert post(c, body_of(table, JSON), JSON).status_code == 202  # the client's retry
+    assert spooled(data_dir).column("event_id").to_pylist() == ["ok-1", "ok-2"] * 2
+    assert len(rejected(data_dir)) == 8
+
+
 def test_openapi_documents_the_endpoint(client: TestClient[Litestar]) -> None:
     op = client.get("/schema/openapi.json").json()["paths"]["/ad_events"]["post"]
     assert set(op["requestBody"]["content"]) == {JSON, NDJSON, ARROW_STREAM, ARROW_FILE}
@@ -580,11 +685,13 @@ def test_temporary_files_of_killed_ingests_are_swept(
     incoming.mkdir(parents=True, exist_ok=True)
     stale = incoming / ".001764236000000-http123abcd-000000007.arrow.tmp"
     fresh = incoming / ".001764236000000-http456abcd-000000001.arrow.tmp"
+    stale_rejected = incoming / f".001764236000000-http123abcd-000000008{REJECTED_SUFFIX}.77.tmp"
     foreign = incoming / ".001764236000000-gen-000000001.arrow.tmp"
-    for p in (stale, fresh, foreign):
+    for p in (stale, stale_rejected, fresh, foreign):
         p.write_bytes(b"partial")
     old = time.time() - 3600
-    for p in (stale, foreign):
+    for p in (stale, stale_rejected, foreign):
         os.utime(p, (old, old))
     assert post(client, body_of(sample(1), JSON), JSON).status_code == 202
-    assert not stale.exists() and fresh.exists() and foreign.exists()
+    assert not stale.exists() and not stale_rejected.exists()
+    assert fresh.exists() and foreign.exists()
