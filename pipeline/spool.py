@@ -18,6 +18,11 @@ import pyarrow as pa
 from pyarrow import ipc
 
 SUFFIX: Final = ".arrow"
+#: A spool file of rows the HTTP ingest rejected (event columns plus ``reason``): the consumer
+#: commits them to quarantine with a ledger row, so that only the consumer writes the lake.
+REJECTED_SUFFIX: Final = ".rejected.arrow"
+#: Schema metadata of a rejected-rows file: when its request arrived (epoch ms, decimal).
+ARRIVED_AT_KEY: Final = b"adevents.arrived_at_ms"
 
 
 def fsync(path: Path) -> None:
