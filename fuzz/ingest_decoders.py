@@ -1,8 +1,9 @@
 """Fuzz target: the ingest's three decoders (JSON array, NDJSON, Arrow IPC stream and file).
 
-Any body must either decode (and pass the row check) or raise :class:`api.ingest_decode.BodyError`,
-the decoders' documented client error (400, or 413 for its subclass TooManyEventsError). Anything
-else (RecursionError, an Arrow or Polars exception that escaped, a crash in C) is a finding.
+Any body must either decode (and pass the row check, its rejected rows becoming a rejected
+spool file's table) or raise :class:`api.ingest_decode.BodyError`, the decoders' documented client
+error (400, or 413 for its subclass TooManyEventsError). Anything else (RecursionError, an Arrow or
+Polars exception that escaped, a crash in C) is a finding.
 
     python fuzz/ingest_decoders.py [corpus_dir] -runs=100000      # libFuzzer options
 
@@ -17,6 +18,7 @@ import atheris
 
 with atheris.instrument_imports(include=["api", "pipeline.normalize", "pipeline.validate"]):
     from api.ingest_decode import ARROW_FILE, ARROW_STREAM, JSON, NDJSON, BodyError, check, decode
+    from api.ingest_spool import rejected_table
 
 #: The first byte of an input picks the decoder; the rest is the body.
 MEDIA = (JSON, NDJSON, ARROW_STREAM, ARROW_FILE)
@@ -34,7 +36,9 @@ def one_input(data: bytes) -> None:
         table = decode(data[1:], media, max_depth=MAX_DEPTH, max_events=MAX_EVENTS)
     except BodyError:
         return
-    check(table, now_ms=NOW_MS)
+    checked = check(table, now_ms=NOW_MS)
+    if checked.rejected is not None:
+        rejected_table(checked.rejected, NOW_MS)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,6 +41,8 @@ from api.ingest_decode import (
 )
 from api.ingest_testing import Server, arrow_body, body_of, json_rows, running, start_server
 from api.json_depth import nesting_depth, too_deep
+from lake.location import LakeLocation
+from lake.snapshot import connect
 from pipeline.consumer import Consumer
 from pipeline.factory import make_key_cache
 from pipeline.schema import (
@@ -245,14 +246,13 @@ def test_spool_files_with_long_ids_are_quarantined_by_the_consumer(tmp_path: Pat
         consumer.run(once=True)
     finally:
         consumer.close()
-    q = pl.read_parquet(tmp_path / "quarantine" / "**" / "*.parquet")
-    assert sorted(zip(q["event_id"], q["reason"], strict=True)) == [
+    con = connect(LakeLocation.from_settings(settings))
+    assert con.execute("SELECT event_id, reason FROM quarantine ORDER BY 1").fetchall() == [
         ("long-campaign", "field_too_long"),
         ("long-user", "field_too_long"),
     ]
-    ledger = pl.read_parquet(tmp_path / "ledger" / "**" / "*.parquet")
-    assert ledger["quarantined_field_too_long"].to_list() == [2]
-    assert ledger["accepted"].to_list() == [1]
+    ledger = con.execute("SELECT quarantined_field_too_long, accepted FROM ledger").fetchall()
+    assert ledger == [(2, 1)]
 
 
 # -- MAX_BACKLOG_EVENTS: soft by at most one request ----------------------------------------------

@@ -15,9 +15,13 @@ import httpx
 from pyarrow import ipc
 
 from api.ingest_decode import ARROW_STREAM, JSON, NDJSON
+from api.ingest_spool import REJECTED_SUFFIX
 from api.ingest_testing import body_of, running, start_server
+from lake.location import LakeLocation
+from lake.snapshot import connect
 from pipeline.reconcile import reconcile
 from pipeline.schema import Layout
+from pipeline.settings import Settings
 from pipeline.spool import list_incoming
 from pipeline.testing import event_table
 
@@ -25,22 +29,26 @@ KEY = "server-test-key"
 FORMATS = (JSON, NDJSON, ARROW_STREAM)
 
 
-def spooled_ids(data_dir: Path) -> set[str]:
-    """Every event_id in incoming/; every file there must be whole and readable."""
+def spooled_ids(data_dir: Path, *, rejected: bool) -> set[str]:
+    """Every event_id in incoming/'s accepted (or rejected) files; every file there must be
+    whole and readable."""
     ids: set[str] = set()
     for f in list_incoming(Layout(str(data_dir)).incoming):
-        ids.update(ipc.open_file(str(f)).read_all().column("event_id").to_pylist())
+        if f.name.endswith(REJECTED_SUFFIX) == rejected:
+            ids.update(ipc.open_file(str(f)).read_all().column("event_id").to_pylist())
     return ids
 
 
 class Clients:
-    """Threads posting bodies of unique events until the server goes away; they record the
-    event_ids of every 202 and call ``on_ack`` right after each."""
+    """Threads posting bodies of unique events until the server goes away, every third body
+    with a row the ingest rejects; they record the event_ids of every 202 (accepted and
+    rejected apart) and call ``on_ack`` right after each."""
 
     def __init__(self, url: str, round_no: int, threads: int, on_ack: threading.Event) -> None:
         self.url = url
         self.round_no = round_no
         self.acked: set[str] = set()
+        self.acked_rejected: set[str] = set()
         self.acks = 0
         self.lock = threading.Lock()
         self.on_ack = on_ack
@@ -59,7 +67,9 @@ class Clients:
                 ids = [f"k{self.round_no}-{worker}-{seq}-{j}" for j in range(n)]
                 seq += 1
                 media = FORMATS[seq % 3]
-                body = body_of(event_table(ids, time_ms=now), media)
+                bad = [f"{ids[0]}-bad"] if seq % 3 == 0 else []
+                kinds = ["impression"] * n + ["view"] * len(bad)
+                body = body_of(event_table(ids + bad, time_ms=now, event_type=kinds), media)
                 try:
                     r = client.post(
                         f"{self.url}/ad_events", content=body, headers={"content-type": media}
@@ -71,6 +81,7 @@ class Clients:
                     return
                 with self.lock:
                     self.acked.update(ids)
+                    self.acked_rejected.update(bad)
                     self.acks += 1
                     if self.acks >= self.kill_after:
                         self.on_ack.set()
@@ -90,6 +101,7 @@ def test_kill_9_right_after_acknowledgements_loses_no_acknowledged_event(tmp_pat
     data_dir = tmp_path / "data"
     env = {"INGEST_API_KEYS": KEY, "BATCH_INTERVAL": "20ms"}
     acked_total: set[str] = set()
+    rejected_total: set[str] = set()
     rnd = random.Random(42)
     for round_no in range(4):
         server = start_server(str(data_dir), tmp_path / "server.log", env)
@@ -103,12 +115,13 @@ def test_kill_9_right_after_acknowledgements_loses_no_acknowledged_event(tmp_pat
             clients.join()
         assert not clients.errors
         with clients.lock:
-            acked = set(clients.acked)
-        acked_total |= acked
-        stored = spooled_ids(data_dir)
-        missing = acked_total - stored
+            acked_total |= clients.acked
+            rejected_total |= clients.acked_rejected
+        missing = acked_total - spooled_ids(data_dir, rejected=False)
         assert not missing, f"round {round_no}: {len(missing)} acknowledged events lost"
-    assert len(acked_total) > 1000
+        missing = rejected_total - spooled_ids(data_dir, rejected=True)
+        assert not missing, f"round {round_no}: {len(missing)} acknowledged rejections lost"
+    assert len(acked_total) > 1000 and rejected_total
 
 
 def test_generate_over_http_then_consume_reconciles(tmp_path: Path) -> None:
@@ -153,7 +166,8 @@ def test_generate_over_http_then_consume_reconciles(tmp_path: Path) -> None:
         files = int(re.search(r"generated (\d+) files", out.stdout).group(1))  # type: ignore[union-attr]
         requests = int(re.search(r"in (\d+) requests", out.stdout).group(1))  # type: ignore[union-attr]
         assert requests > files  # some batches were split
-    assert not list((data_dir / "events").rglob("*.parquet"))  # nothing landed yet
+    lake = LakeLocation.from_settings(Settings.from_env({}, data_dir=str(data_dir)))
+    assert connect(lake).execute("SELECT count(*) FROM events").fetchone() == (0,)  # not yet
     consumed = subprocess.run(
         [*cli, "consume", "--once", "--data-dir", str(data_dir)],
         env=run_env,
