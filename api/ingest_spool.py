@@ -27,6 +27,8 @@ from pyarrow import ipc
 
 from pipeline.schema import EVENT_SCHEMA, Layout
 from pipeline.spool import (
+    ARRIVED_AT_KEY,
+    REJECTED_SUFFIX,
     SUFFIX,
     SpoolWriter,
     atomic_write_bytes,
@@ -40,12 +42,6 @@ log = logging.getLogger("adevents.ingest")
 BACKLOG_TTL: Final = 0.25
 #: Bytes per event assumed for a spool file whose footer cannot be read.
 BYTES_PER_EVENT: Final = 100
-#: A micro-batch's rejected rows: ``<stem>.rejected.arrow``, where ``<stem>`` is the spool
-#: writer's next name stem, so the file sorts right after its accepted sibling.
-REJECTED_SUFFIX: Final = ".rejected.arrow"
-#: Schema metadata of a rejected file: the request's arrival time, epoch ms as a decimal string
-#: (the consumer's ledger row measures the lag from it).
-ARRIVED_AT_KEY: Final = b"adevents.arrived_at_ms"
 #: A rejected file's columns: ``QUARANTINE_SCHEMA``'s, in its order and types, less those the
 #: consumer fills in when it commits them (``source_file`` = ``<stem>.http``, ``batch_id``,
 #: ``ingested_at``).
@@ -88,7 +84,8 @@ def _mkdir_durable(path: Path) -> None:
 
 
 def rejected_table(rejected: pl.DataFrame, arrived_ms: int) -> pa.Table:
-    """The rows of a rejected file, in ``REJECTED_SCHEMA``, stamped with their arrival time."""
+    """The rows of a rejected file, in ``REJECTED_SCHEMA``, stamped with their arrival time
+    (epoch ms, a decimal string under ``ARRIVED_AT_KEY``)."""
     table = rejected.select(REJECTED_SCHEMA.names).to_arrow().cast(REJECTED_SCHEMA)
     return table.replace_schema_metadata({ARRIVED_AT_KEY: str(arrived_ms).encode()})
 
@@ -141,7 +138,9 @@ class SpoolBatchWriter:
         )
 
     def _write_rejected(self, rejected: pl.DataFrame, arrived_ms: int) -> Path:
-        # The next name's stem: after the accepted sibling in name order, and unique.
+        # ``<stem>.rejected.arrow`` with the spool writer's next stem: unique, and right after
+        # the accepted sibling in name order. Stamped with the earliest arrival of the
+        # micro-batch's requests (``ARRIVED_AT_KEY``), which the ledger's lag is measured from.
         stem = self.spool.next_name().removesuffix(SUFFIX)
         path = self.incoming / f"{stem}{REJECTED_SUFFIX}"
         # Like SpoolWriter: temporary file, fsync, rename, fsync of incoming/; a failure

@@ -21,7 +21,7 @@ from pyarrow import ipc
 
 from api.ingest import Ingestor, IngestPlugin, IngestSettings
 from api.ingest_decode import ARROW_FILE, ARROW_STREAM, JSON, NDJSON
-from api.ingest_spool import ARRIVED_AT_KEY, REJECTED_SCHEMA, REJECTED_SUFFIX
+from api.ingest_spool import REJECTED_SCHEMA
 from api.ingest_testing import arrow_body, body_of, json_rows
 from generator import model
 from lake.location import LakeLocation
@@ -36,7 +36,7 @@ from pipeline.schema import (
     Layout,
 )
 from pipeline.settings import Settings, SettingsError
-from pipeline.spool import SpoolWriter, list_incoming
+from pipeline.spool import ARRIVED_AT_KEY, REJECTED_SUFFIX, SpoolWriter, list_incoming
 from pipeline.testing import event_table
 
 KEY = "test-key-0123456789"

@@ -15,14 +15,13 @@ import httpx
 from pyarrow import ipc
 
 from api.ingest_decode import ARROW_STREAM, JSON, NDJSON
-from api.ingest_spool import REJECTED_SUFFIX
 from api.ingest_testing import body_of, running, start_server
 from lake.location import LakeLocation
 from lake.snapshot import connect
 from pipeline.reconcile import reconcile
 from pipeline.schema import Layout
 from pipeline.settings import Settings
-from pipeline.spool import list_incoming
+from pipeline.spool import REJECTED_SUFFIX, list_incoming
 from pipeline.testing import event_table
 
 KEY = "server-test-key"
