@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from typing import TYPE_CHECKING
 
 from pipeline.keycache import EmbeddedKeyCache, KeyCache
@@ -36,21 +34,7 @@ def make_key_cache(settings: Settings) -> KeyCache:
 
 
 def make_consumer(settings: Settings) -> Consumer:
-    """A consumer for ``adevents consume``: with Redis, it shares files with other consumers."""
+    """A consumer for ``adevents consume``, on its slot of this machine's spool."""
     from pipeline.consumer import Consumer
 
-    cache = make_key_cache(settings)
-    leases = None
-    if settings.redis_url:
-        from pipeline.leases import RedisLeases
-        from pipeline.redis_cache import RedisKeyCache
-
-        assert isinstance(cache, RedisKeyCache)
-        consumer_name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
-        leases = RedisLeases(
-            cache.r,
-            prefix=settings.redis_key_prefix,
-            owner=consumer_name,
-            timeout_s=settings.lease_timeout,
-        )
-    return Consumer(settings, cache, leases=leases)
+    return Consumer(settings, make_key_cache(settings))

@@ -22,15 +22,17 @@ _stops_left = _parse("ADEVENTS_STOP_AT")
 
 POINTS = (
     "after_read",
+    "after_intent",
     "after_claim",
-    "after_stage",
-    "after_commit",
-    "mid_publish",
-    "after_publish",
+    "after_events_parquet",
+    "after_events_commit",
+    "after_quarantine_parquet",
+    "after_quarantine_commit",
+    "after_ledger_parquet",
+    "after_ledger_commit",
     "after_finish",
-    "after_ledger",
-    "after_retire",
     "after_quarantine_sidecar",
+    "after_retire",
 )
 
 

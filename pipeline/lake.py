@@ -1,89 +1,113 @@
-"""Reads of the lake the pipeline itself needs: the dedupe window's keys, rebuilt from events/.
+"""Reads of the lake the pipeline itself needs: the dedupe window's keys from the events table.
 
-They follow compaction's reader rule (:func:`pipeline.livefiles.consistent`): each stored
-event is read once even while a compaction swaps an hour's files, and a file that a swap deletes
-between listing and reading makes the whole read start over.
+Each read is of one Delta snapshot, so a concurrent commit, optimize or vacuum never makes it
+miss or double a row, on local disk and on S3 alike. The watermark comes from the log's file
+statistics (no data read); the keys from the files whose event times reach into the window
+(partition and statistics pruning), reading only event_id and event_time.
 """
 
 from __future__ import annotations
 
-import os
-import time
+from collections.abc import Collection
 from datetime import UTC, datetime
-from typing import Final
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
 
-from pipeline.fingerprint import Keys, compute_keys
-from pipeline.livefiles import HourPartition, consistent, hour_partitions, parquet_names
-from pipeline.schema import Layout
+from lake.location import LakeLocation
+from lake.snapshot import table_dataset
+from lake.tables import EVENTS, open_table
+from pipeline.fingerprint import Keys, compute_keys, empty_keys
 
-#: Reads started over because a file vanished (a compaction swap) before giving up.
-ATTEMPTS: Final = 50
-
-
-def _live_partitions(
-    layout: Layout, modified_since: float | None
-) -> list[tuple[HourPartition, list[str]]]:
-    """Every events partition, oldest first, with the files to read now (sorted).
-
-    With ``modified_since`` (epoch seconds), only files written since then.
-    """
-
-    def listing() -> list[tuple[HourPartition, list[str]]]:
-        return [(p, parquet_names(p.path)) for p in hour_partitions(layout.events)]
-
-    listed, view = consistent(layout, listing)
-    out = []
-    for partition, names in listed:
-        files = [str(partition.path / n) for n in view.visible(partition.key, names)]
-        if modified_since is not None:
-            files = [f for f in files if os.stat(f).st_mtime >= modified_since]
-        out.append((partition, files))
-    return out
+_COLUMNS = ["event_id", "event_time"]
 
 
-def _window_keys(
-    layout: Layout, window_ms: int, slice_ms: int, modified_since: float | None
-) -> tuple[Keys, int | None]:
-    parts = _live_partitions(layout, modified_since)
-    empty = pl.DataFrame(schema={"event_id": pl.String, "event_time": pl.Datetime("ms", "UTC")})
-    watermark = None
-    for _, files in reversed(parts):
-        if files:
-            top = pl.scan_parquet(files).select(pl.col("event_time").max()).collect().item()
-            if top is not None:
-                watermark = int(top.timestamp() * 1000)
-                break
-    if watermark is None:
-        return compute_keys(empty["event_id"], empty["event_time"], slice_ms), None
-    cutoff_ms = watermark - window_ms
-    files = [f for p, names in parts if p.end_ms > cutoff_ms for f in names]
-    cutoff = datetime.fromtimestamp(cutoff_ms / 1000, UTC)
-    frame = (
-        pl.scan_parquet(files)
-        .select("event_id", "event_time")
-        .filter(pl.col("event_time") >= cutoff)
-        .collect()
-        if files
-        else empty
+def _events(location: LakeLocation) -> DeltaTable | None:
+    try:
+        return open_table(location, EVENTS)
+    except TableNotFoundError:
+        return None
+
+
+def _keys(frame: pl.DataFrame, slice_ms: int) -> tuple[Keys, int | None]:
+    if not len(frame):
+        return empty_keys(), None
+    top = frame["event_time"].dt.epoch("ms").max()
+    return compute_keys(frame["event_id"], frame["event_time"], slice_ms), int(str(top))
+
+
+def _read(dataset: pads.Dataset, predicate: pc.Expression | None) -> pl.DataFrame:
+    table = dataset.to_table(columns=_COLUMNS, filter=predicate)
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame.with_columns(pl.col("event_time").cast(pl.Datetime("ms", "UTC")))
+
+
+def _add_actions(table: DeltaTable, modified_since_ms: int | None) -> pl.DataFrame:
+    """The snapshot's files with their event_time bounds (optionally only files added since)."""
+    frame = pl.from_arrow(pa.table(table.get_add_actions(flatten=True)))
+    assert isinstance(frame, pl.DataFrame)
+    if not len(frame):
+        return pl.DataFrame(schema={"path": pl.String, "max_ms": pl.Int64})
+    frame = frame.select(
+        "path",
+        pl.col("modification_time").cast(pl.Int64),
+        pl.col("max.event_time").dt.epoch("ms").alias("max_ms"),
     )
-    return compute_keys(frame["event_id"], frame["event_time"], slice_ms), watermark
+    if modified_since_ms is not None:
+        frame = frame.filter(pl.col("modification_time") >= modified_since_ms)
+    return frame
 
 
 def window_keys(
-    layout: Layout, window_ms: int, slice_ms: int, modified_since: float | None = None
+    location: LakeLocation, window_ms: int, slice_ms: int, modified_since: float | None = None
 ) -> tuple[Keys, int | None]:
     """Keys of every stored event in the dedupe window, and the watermark (max event_time).
 
-    With ``modified_since`` (epoch seconds), only files written since then are read.
+    With ``modified_since`` (epoch seconds), only files added since then are read: the
+    catch-up of a Redis rebuild after commits that raced its first read. The watermark comes
+    from the log's statistics; only files whose newest event reaches into the window are read.
     """
-    for attempt in range(ATTEMPTS):
-        try:
-            return _window_keys(layout, window_ms, slice_ms, modified_since)
-        except FileNotFoundError:
-            # A compaction swap deleted a listed file before it was read: list again.
-            if attempt == ATTEMPTS - 1:
-                raise
-            time.sleep(0.005)
-    raise AssertionError("unreachable")
+    table = _events(location)
+    if table is None:
+        return empty_keys(), None
+    since_ms = None if modified_since is None else int(modified_since * 1000)
+    actions = _add_actions(table, since_ms)
+    top = actions["max_ms"].max()
+    if top is None:
+        return empty_keys(), None
+    watermark = int(str(top))
+    cutoff_ms = watermark - window_ms
+    paths = actions.filter(pl.col("max_ms") >= cutoff_ms)["path"].to_list()
+    dataset = pads.dataset(
+        [location.path(EVENTS.name, p) for p in paths],
+        filesystem=location.filesystem(),
+        format="parquet",
+    )
+    cutoff = datetime.fromtimestamp(cutoff_ms / 1000, UTC)
+    keys, _ = _keys(_read(dataset, pc.field("event_time") >= cutoff), slice_ms)
+    return keys, watermark
+
+
+def batch_keys(
+    location: LakeLocation,
+    batch_ids: Collection[str],
+    span_ms: tuple[int, int],
+    slice_ms: int,
+) -> tuple[Keys, int | None]:
+    """Keys of the committed events of ``batch_ids`` (event times within ``span_ms``)."""
+    table = _events(location)
+    if table is None or not batch_ids:
+        return empty_keys(), None
+    low, high = (datetime.fromtimestamp(ms / 1000, UTC) for ms in span_ms)
+    dataset = table_dataset(location, EVENTS, table)
+    predicate = (
+        (pc.field("event_time") >= low)
+        & (pc.field("event_time") <= high)
+        & pc.field("batch_id").isin(list(batch_ids))
+    )
+    return _keys(_read(dataset, predicate), slice_ms)

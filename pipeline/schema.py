@@ -203,16 +203,7 @@ class Layout:
         self.alerts = self.root / "alerts"
 
     def ensure(self) -> None:
-        for d in (
-            self.incoming,
-            self.events,
-            self.quarantine,
-            self.quarantine_files,
-            self.dimensions,
-            self.ledger,
-            self.staging,
-            self.state,
-        ):
+        for d in (self.incoming, self.quarantine_files, self.dimensions, self.state):
             d.mkdir(parents=True, exist_ok=True)
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import pyarrow as pa
 
 from pipeline.schema import EVENT_SCHEMA
+
+if TYPE_CHECKING:
+    from lake.location import LakeLocation
 
 
 def event_table(
@@ -52,18 +55,23 @@ def read_parquet_dir(directory: Path, *, drop: Sequence[str] = ()) -> pl.DataFra
 
 
 def lake_contents(data_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(events, quarantine rows) without per-run columns, for comparing two runs."""
-    per_run = ("ingested_at", "batch_id")
-    root = Path(data_dir)
-    quarantine = root / "quarantine"
-    rows = [
-        f for f in quarantine.rglob("*.parquet") if "files" not in f.relative_to(quarantine).parts
-    ]
-    q = (
-        pl.concat([pl.read_parquet(f) for f in sorted(rows)]).drop(list(per_run))
-        if rows
-        else pl.DataFrame()
-    )
-    if len(q):
-        q = q.sort(q.columns, nulls_last=True)
-    return read_parquet_dir(root / "events", drop=per_run), q
+    """(events, quarantine rows) of the default lake (DATA_DIR/lake) without per-run columns,
+    in a canonical order, for comparing two runs."""
+    from lake.location import LakeLocation
+
+    return tables_contents(LakeLocation.from_env({}, data_dir=str(data_dir)))
+
+
+def tables_contents(location: LakeLocation) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(events, quarantine rows) of the lake at ``location``; see :func:`lake_contents`."""
+    from lake.snapshot import snapshot
+
+    per_run = ("ingested_at", "batch_id", "date", "hour")
+    snap = snapshot(location)
+    out = []
+    for name in ("events", "quarantine"):
+        frame = pl.from_arrow(snap.datasets[name].to_table())
+        assert isinstance(frame, pl.DataFrame)
+        frame = frame.drop([c for c in per_run if c in frame.columns])
+        out.append(frame.sort(frame.columns, nulls_last=True))
+    return out[0], out[1]

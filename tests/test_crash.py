@@ -16,7 +16,8 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from pipeline.faults import POINTS
-from pipeline.spool import SpoolWriter, list_incoming
+from pipeline.groups import waiting_entries
+from pipeline.spool import SpoolWriter
 from pipeline.testing import event_table, lake_contents
 
 BASE_MS = int(time.time() * 1000) - 3_600_000
@@ -45,6 +46,8 @@ def build_spool(incoming: Path, files: int = 8, rows: int = 400) -> None:
 
 def consume(data_dir: Path, env: dict[str, str], crash_at: str | None = None) -> int:
     run_env = {**env, "DATA_DIR": str(data_dir), "FSYNC": "false", "MAX_EVENTS_PER_SECOND": "0"}
+    # Two 400-row files per commit group: several groups, so every step is visited 4 times.
+    run_env["COMMIT_TARGET_ROWS"] = "800"
     run_env.pop("ADEVENTS_CRASH_AT", None)
     if crash_at:
         run_env["ADEVENTS_CRASH_AT"] = crash_at
@@ -94,8 +97,8 @@ def assert_same_lake(data_dir: Path, reference: tuple[pl.DataFrame, pl.DataFrame
     assert events["event_id"].is_unique().all()
     assert_frame_equal(events, reference[0])
     assert_frame_equal(quarantine, reference[1])
-    assert not list_incoming(data_dir / "incoming")
-    assert not list((data_dir / "staging").iterdir())
+    assert not waiting_entries(data_dir / "incoming")
+    assert not list((data_dir / "state" / "groups" / "slot-0").iterdir())
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -145,7 +148,7 @@ def test_kill_at_random_moments(tmp_path: Path, cache_env: dict[str, str]) -> No
     run_env["MAX_EVENTS_PER_SECOND"] = "100000"
     kills = 0
     for _ in range(15):
-        if not list_incoming(data / "incoming"):
+        if not waiting_entries(data / "incoming"):
             break
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "consume", "--once", "--log-level", "ERROR"],

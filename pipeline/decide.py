@@ -1,0 +1,244 @@
+"""The decide step of a commit group: files in; events, quarantine rows and ledger rows out.
+
+Pure but for the key cache's claim, which is passed in: given the same files, the same clock
+reading, the same watermark and the same claim answers, it decides the same (which is what
+lets a redo after a crash reproduce the first attempt exactly). normalise → validate → dedupe
+within the group (first copy wins, in file then row order) → claim what is left → enrich.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline.enrich import enrich
+from pipeline.fingerprint import Keys, compute_keys
+from pipeline.groups import GroupFile
+from pipeline.keycache import Mask
+from pipeline.normalize import SchemaMismatchError, normalize
+from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA, QUARANTINE_SCHEMA, REASONS
+from pipeline.spool import REJECTED_SUFFIX, PoisonInputError, display_name
+from pipeline.validate import split_valid
+
+_FILE: Final = "__file"
+#: Columns a rejected-rows file from the HTTP ingest carries (the rest are added here).
+REJECTED_COLUMNS: Final = [
+    c for c in QUARANTINE_SCHEMA.names() if c not in ("source_file", "batch_id", "ingested_at")
+]
+
+
+@dataclass(frozen=True)
+class FileInput:
+    """One file of a group as read: its table, or why it can never be read."""
+
+    file: GroupFile
+    arrived_ms: int
+    table: pa.Table | None
+    poison: PoisonInputError | None = None
+    read_ms: float = 0.0
+
+
+@dataclass
+class FileOutcome:
+    """What one file contributes to its group's commits."""
+
+    file: GroupFile
+    events: pl.DataFrame  # ENRICHED_SCHEMA
+    quarantine: pl.DataFrame  # QUARANTINE_SCHEMA
+    ledger: dict[str, Any]  # a LEDGER_SCHEMA row without the commit's own columns
+    poison: PoisonInputError | None = None
+
+
+def ledger_row(**values: Any) -> dict[str, Any]:
+    """A LEDGER_SCHEMA row: counters default to 0, everything else to null."""
+    row: dict[str, Any] = {n: 0 if t == pl.Int64 else None for n, t in LEDGER_SCHEMA.items()}
+    unknown = set(values) - set(row)
+    if unknown:
+        raise KeyError(f"not ledger columns: {sorted(unknown)}")
+    row.update(values)
+    return row
+
+
+def _ms(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp() * 1000)
+
+
+def _source(file: GroupFile) -> str:
+    name = display_name(file.name)
+    if name.endswith(REJECTED_SUFFIX):  # rows the HTTP ingest rejected: name the request
+        return name.removesuffix(REJECTED_SUFFIX) + ".http"
+    return name
+
+
+def _quarantine_rows(rows: pl.DataFrame, file: GroupFile, now: datetime) -> pl.DataFrame:
+    return (
+        rows.with_columns(
+            source_file=pl.lit(_source(file)),
+            batch_id=pl.lit(file.batch_id),
+            ingested_at=pl.lit(now).cast(QUARANTINE_SCHEMA["ingested_at"]),
+        )
+        .select(QUARANTINE_SCHEMA.names())
+        .cast(dict(QUARANTINE_SCHEMA))  # type: ignore[arg-type]
+    )
+
+
+def _poisoned(inp: FileInput, poison: PoisonInputError, rows: int) -> FileOutcome:
+    return FileOutcome(
+        file=inp.file,
+        events=ENRICHED_SCHEMA.to_frame(),
+        quarantine=QUARANTINE_SCHEMA.to_frame(),
+        ledger=ledger_row(
+            batch_id=inp.file.batch_id,
+            source_file=_source(inp.file),
+            status=poison.reason,
+            rows_in=rows,
+            quarantined=rows,
+            arrived_at=inp.arrived_ms,
+            read_ms=inp.read_ms,
+        ),
+        poison=poison,
+    )
+
+
+def _rejected_file(inp: FileInput, table: pa.Table, now: datetime) -> FileOutcome:
+    """A file of rows the HTTP ingest already rejected: every row goes to quarantine."""
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    missing = [c for c in REJECTED_COLUMNS if c not in frame.columns]
+    if missing:
+        poison = PoisonInputError("schema_mismatch", f"rejected-rows file lacks {missing}")
+        return _poisoned(inp, poison, table.num_rows)
+    try:
+        rows = frame.select(REJECTED_COLUMNS).cast(
+            {c: QUARANTINE_SCHEMA[c] for c in REJECTED_COLUMNS}
+        )
+    except pl.exceptions.PolarsError as exc:
+        return _poisoned(inp, PoisonInputError("schema_mismatch", str(exc)), table.num_rows)
+    quarantine = _quarantine_rows(rows, inp.file, now)
+    return FileOutcome(
+        file=inp.file,
+        events=ENRICHED_SCHEMA.to_frame(),
+        quarantine=quarantine,
+        ledger=_counts(inp, rows_in=len(rows), rejected=rows)
+        | {"quarantined": len(rows), "read_ms": inp.read_ms},
+    )
+
+
+def _counts(inp: FileInput, *, rows_in: int, rejected: pl.DataFrame) -> dict[str, Any]:
+    reasons = dict.fromkeys(REASONS, 0)
+    for reason, n in rejected["reason"].value_counts().iter_rows():
+        reasons[reason] = int(n)
+    return ledger_row(
+        batch_id=inp.file.batch_id,
+        source_file=_source(inp.file),
+        status="ok",
+        rows_in=rows_in,
+        quarantined=len(rejected),
+        arrived_at=inp.arrived_ms,
+        **{f"quarantined_{r}": n for r, n in reasons.items()},
+    )
+
+
+@dataclass
+class _Split:
+    inp: FileInput
+    valid: pl.DataFrame
+    outcome: FileOutcome
+
+
+def _split(inp: FileInput, now: datetime, watermark_ms: int | None, window_ms: int) -> _Split:
+    assert inp.table is not None
+    try:
+        table, ignored = normalize(inp.table)
+    except SchemaMismatchError as exc:
+        poison = PoisonInputError("schema_mismatch", str(exc))
+        return _Split(inp, pl.DataFrame(), _poisoned(inp, poison, inp.table.num_rows))
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    valid, rejected = split_valid(
+        frame, now_ms=_ms(now) or 0, watermark_ms=watermark_ms, window_ms=window_ms
+    )
+    ledger = _counts(inp, rows_in=len(frame), rejected=rejected)
+    ledger.update(ignored_columns=len(ignored), read_ms=inp.read_ms)
+    quarantine = _quarantine_rows(rejected, inp.file, now)
+    return _Split(inp, valid, FileOutcome(inp.file, ENRICHED_SCHEMA.to_frame(), quarantine, ledger))
+
+
+Claim = Callable[[Keys], Mask]
+
+
+def decide(
+    inputs: Sequence[FileInput],
+    *,
+    now: datetime,
+    watermark_ms: int | None,
+    window_ms: int,
+    slice_ms: int,
+    campaigns: pl.DataFrame,
+    claim: Claim,
+) -> list[FileOutcome]:
+    """Decide a group. ``claim`` gets the keys of the group's first copies (in order) and
+    answers which are new to the key cache; it is not called when no row is valid."""
+    now = now.astimezone(UTC)
+    outcomes: list[FileOutcome] = []
+    splits: list[_Split] = []
+    for inp in inputs:
+        if inp.poison is not None or inp.table is None:
+            poison = inp.poison or PoisonInputError("unreadable_file", "no table")
+            outcomes.append(_poisoned(inp, poison, 0))
+        elif inp.file.name.endswith(REJECTED_SUFFIX):
+            outcomes.append(_rejected_file(inp, inp.table, now))
+        else:
+            split = _split(inp, now, watermark_ms, window_ms)
+            outcomes.append(split.outcome)
+            if split.outcome.poison is None:
+                splits.append(split)
+    _dedupe(splits, slice_ms, claim)
+    for split in splits:
+        _enrich(split, campaigns, now)
+    return outcomes
+
+
+def _dedupe(splits: list[_Split], slice_ms: int, claim: Claim) -> None:
+    """Keep each event's first copy in the group if the key cache has not seen it."""
+    frames = [s.valid.with_columns(pl.lit(i, pl.Int32).alias(_FILE)) for i, s in enumerate(splits)]
+    valid = pl.concat(frames) if frames else pl.DataFrame(schema={_FILE: pl.Int32})
+    if not len(valid):
+        return
+    keys = compute_keys(valid["event_id"], valid["event_time"], slice_ms)
+    # Copies within the group, found on the 128-bit fingerprints (far cheaper than on the
+    # strings); the key cache then decides between groups.
+    first = (
+        pl.DataFrame({"hi": keys.hi, "lo": keys.lo})
+        .select(pl.struct("hi", "lo").is_first_distinct())
+        .to_series()
+        .to_numpy()
+    )
+    is_new = np.zeros(len(keys), dtype=bool)
+    is_new[first] = claim(keys.take(first))
+    kept = valid.filter(pl.Series(is_new))
+    by_file = kept.partition_by(_FILE, as_dict=True, include_key=False)
+    for i, s in enumerate(splits):
+        s.valid = by_file.get((i,), s.valid.clear())
+        row = s.outcome.ledger
+        row["accepted"] = len(s.valid)
+        row["duplicates"] = row["rows_in"] - row["quarantined"] - len(s.valid)
+
+
+def _enrich(split: _Split, campaigns: pl.DataFrame, now: datetime) -> None:
+    events, unknown = enrich(
+        split.valid, campaigns, batch_id=split.inp.file.batch_id, ingested_at=now
+    )
+    times = events["event_time"]
+    split.outcome.events = events
+    split.outcome.ledger.update(
+        unknown_campaigns=unknown,
+        min_event_time=_ms(times.min()),  # type: ignore[arg-type]
+        max_event_time=_ms(times.max()),  # type: ignore[arg-type]
+    )
