@@ -21,6 +21,7 @@ import polars as pl
 from jobs import outbox
 from jobs.outbox import Notification
 from jobs.storage import job_lock, recent_ledger, write_parquet_atomic
+from lake.location import LakeLocation
 from pipeline.schema import ROLLUP_SCHEMA, Layout
 from pipeline.settings import JobSettings
 from pipeline.spool import oldest_waiting_age
@@ -308,9 +309,12 @@ def _budgets(layout: Layout) -> pl.DataFrame:
     )
 
 
-def observe(layout: Layout, t: JobSettings, *, now: datetime) -> list[Observation]:
-    """Every rule's observations now (the I/O edge around the pure rules)."""
-    ledger = recent_ledger(layout, now, t.alert_window)
+def observe(
+    layout: Layout, location: LakeLocation, t: JobSettings, *, now: datetime
+) -> list[Observation]:
+    """Every rule's observations now (the I/O edge around the pure rules): the ledger from the
+    lake at ``location``, the spool, rollups and budgets from ``layout``."""
+    ledger = recent_ledger(location, now, t.alert_window)
     age = oldest_waiting_age(layout.incoming, now.timestamp())
     return (
         ops_rules(ledger, backlog_age_s=age, t=t)
@@ -337,6 +341,7 @@ def _log(note: Notification) -> None:
 
 def check_alerts(
     layout: Layout,
+    location: LakeLocation,
     t: JobSettings,
     *,
     now: datetime,
@@ -350,7 +355,7 @@ def check_alerts(
     """
     now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # stored to the millisecond
     with job_lock(layout, "alerts"):
-        observations = observe(layout, t, now=now)
+        observations = observe(layout, location, t, now=now)
         before = load_alerts(layout)
         after, notes = advance(before, observations, now=now, history_days=t.alert_history_days)
         if t.alert_webhook_url is not None and notes:

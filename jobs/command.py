@@ -6,7 +6,9 @@ the generic :func:`configure`/:func:`run` pick the subcommand from the parser's 
 ``rollup``, ``compact`` and ``retention`` run once with ``--once`` (for cron) and otherwise
 alone on their schedule; ``alerts check`` evaluates the rules once and delivers the webhook.
 Every run function takes the :class:`~pipeline.settings.Settings` its caller read once (job
-flags such as ``--compact-target-rows`` included, in ``settings.jobs``) and reads nothing else.
+flags such as ``--compact-target-bytes`` included, in ``settings.jobs``) and reads nothing else;
+it builds the lake's :class:`~lake.location.LakeLocation` from them once, checks it (a bad
+LAKE_URI or AWS_* setting exits with status 2 and a message naming it) and passes it down.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from pipeline.settings import JobSettings, Settings
+
+if TYPE_CHECKING:
+    from lake.location import LakeLocation
 
 log = logging.getLogger("adevents.jobs")
 
@@ -49,7 +54,9 @@ def configure_rollup(parser: argparse.ArgumentParser) -> None:
     _add_epilog(parser)
     parser.add_argument("--once", action="store_true", help="bring rollups up to date, then exit")
     parser.add_argument(
-        "--rebuild", action="store_true", help="recompute every rollup from events/ (with --once)"
+        "--rebuild",
+        action="store_true",
+        help="recompute every rollup from the events table (with --once)",
     )
     parser.add_argument("--rollup-interval", help="period when not --once (ROLLUP_INTERVAL)")
 
@@ -57,7 +64,6 @@ def configure_rollup(parser: argparse.ArgumentParser) -> None:
 def configure_compact(parser: argparse.ArgumentParser) -> None:
     _add_epilog(parser)
     parser.add_argument("--once", action="store_true", help="compact what needs it, then exit")
-    parser.add_argument("--compact-target-rows", help="rows per file (COMPACT_TARGET_ROWS)")
     parser.add_argument("--compact-target-bytes", help="bytes per file (COMPACT_TARGET_BYTES)")
     parser.add_argument("--compact-min-age", help="hour closed after (COMPACT_MIN_AGE)")
     parser.add_argument("--compact-interval", help="period when not --once (COMPACT_INTERVAL)")
@@ -79,10 +85,26 @@ def configure_retention(parser: argparse.ArgumentParser) -> None:
     _add_epilog(parser)
     parser.add_argument("--once", action="store_true", help="delete what expired, then exit")
     parser.add_argument("--retention-days", help="days of events to keep (RETENTION_DAYS)")
+    parser.add_argument(
+        "--vacuum-retention", help="unused lake files deleted after (VACUUM_RETENTION)"
+    )
     parser.add_argument("--retention-interval", help="period when not --once (RETENTION_INTERVAL)")
 
 
 # -- run ---------------------------------------------------------------------------------------
+def _lake(name: str, settings: Settings) -> LakeLocation | None:
+    """The lake the settings name, checked; None (after saying which setting) when unusable."""
+    from lake.location import LakeConfigError, LakeLocation
+
+    try:
+        location = LakeLocation.from_settings(settings)
+        location.check()
+    except LakeConfigError as exc:
+        print(f"adevents {name}: {exc}", file=sys.stderr)
+        return None
+    return location
+
+
 def _once(name: str, call: Callable[[], str]) -> int:
     from jobs.storage import JobBusyError
 
@@ -98,12 +120,15 @@ def _once(name: str, call: Callable[[], str]) -> int:
     return 0
 
 
-def _serve(names: list[str], settings: Settings) -> int:
+def _serve(name: str, jobs: list[str], settings: Settings) -> int:
     from jobs.scheduler import serve
     from jobs.tasks import job_specs
     from pipeline.signals import stop_on_signals
 
-    specs = [s for s in job_specs(settings) if s.name in names]
+    location = _lake(name, settings)
+    if location is None:
+        return 2
+    specs = [s for s in job_specs(settings, location) if s.name in jobs]
     with stop_on_signals(what="stopping after the running jobs") as stop:
         return serve(specs, stop)
 
@@ -116,7 +141,7 @@ def run_scheduler(args: argparse.Namespace, settings: Settings) -> int:
         if unknown:
             print(f"adevents scheduler: unknown job(s) {', '.join(unknown)}", file=sys.stderr)
             return 2
-    return _serve(names, settings)
+    return _serve("scheduler", names, settings)
 
 
 def _run_job(name: str) -> Runner:
@@ -124,12 +149,15 @@ def _run_job(name: str) -> Runner:
         from jobs import tasks
 
         if not args.once:
-            return _serve([name], settings)
+            return _serve(name, [name], settings)
+        location = _lake(name, settings)
+        if location is None:
+            return 2
         if name == "rollup":
-            return _once(name, lambda: tasks.rollup(settings, rebuild=args.rebuild))
+            return _once(name, lambda: tasks.rollup(settings, location, rebuild=args.rebuild))
         if name == "compact":
-            return _once(name, lambda: tasks.compact(settings))
-        return _once(name, lambda: tasks.retention(settings))
+            return _once(name, lambda: tasks.compact(settings, location))
+        return _once(name, lambda: tasks.retention(settings, location))
 
     return run
 
@@ -149,7 +177,10 @@ def run_alerts(args: argparse.Namespace, settings: Settings) -> int:
                     f"{a.rule}/{a.subject}: {a.message}"
                 )
         return 0
-    code = _once("alerts", lambda: tasks.alerts(settings))
+    location = _lake("alerts", settings)
+    if location is None:
+        return 2
+    code = _once("alerts", lambda: tasks.alerts(settings, location))
     if code == 0 and settings.jobs.alert_webhook_url:
         code = _once("alerts", lambda: tasks.webhook(settings))
     return code
@@ -167,7 +198,7 @@ COMMANDS: Final[dict[str, tuple[str, Configure, Runner]]] = {
         _run_job("rollup"),
     ),
     "compact": (
-        "rewrite closed hours' small event files into few large sorted ones (--once)",
+        "compact the lake tables' small files, Z-order closed hours, checkpoint (--once)",
         configure_compact,
         _run_job("compact"),
     ),
@@ -177,7 +208,7 @@ COMMANDS: Final[dict[str, tuple[str, Configure, Runner]]] = {
         run_alerts,
     ),
     "retention": (
-        "delete events partitions and rollups past their retention (--once)",
+        "delete events and rollups past their retention, vacuum the lake (--once)",
         configure_retention,
         _run_job("retention"),
     ),

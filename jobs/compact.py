@@ -1,178 +1,101 @@
-"""Compaction: rewrite a closed hour's many small event files into few large sorted ones.
+"""Compaction: delta-rs ``optimize`` on every lake table, Z-order of closed hours, checkpoints.
 
-Swapping N files for M by renames cannot be atomic for a plain glob, so compaction works in
-*units* with a phase that readers consult, and a generation counter that tells a reader whether
-a phase changed while it listed (the reader rule: :mod:`pipeline.livefiles`).
+One run, table by table (events, quarantine, ledger):
 
-A unit (one partition) lives under ``staging/compact/`` — outside the consumer's own
-``staging/*.committed`` namespace, which its crash recovery owns — and goes through:
+1. **Compact** the small files of every partition, the open hour included, into files of about
+   COMPACT_TARGET_BYTES (:func:`lake.maintenance.optimize`). It is safe while the consumer
+   commits: the rewrite is one Delta commit that removes its inputs in the log only (a reader
+   keeps its snapshot; the files stay on disk until ``vacuum``), and an append never conflicts
+   with it. Compact partitions are left alone (a lone file is not rewritten), so a run after a
+   run changes nothing and the job is cheap to repeat.
+2. **Z-order** each events hour whose end is COMPACT_MIN_AGE in the past by (campaign_id,
+   event_time), once. The hours done are kept in ``DATA_DIR/state/zorder.json``, written after
+   each hour: a crash or a lost file only makes an hour Z-ordered again (same rows, same
+   clustering), never skipped. Late events of a Z-ordered hour are compacted in by step 1.
+3. **Checkpoint** each table at its current version and delete log files past the log
+   retention, so readers replay few JSON commits.
 
-1. ``<unit>.partial/``: outputs are written (sorted by campaign_id, event_time) with a
-   ``manifest.json`` naming the partition, the ``outputs`` and the files it ``replaces``.
-2. rename to ``<unit>.committed`` (the commit point), bump the generation; then the outputs
-   are renamed into the partition. Readers ignore the unit's outputs in this phase.
-3. rename to ``<unit>.swapped`` (all outputs are in place), bump; then the replaced files are
-   deleted. Readers ignore the replaced files in this phase.
-4. remove ``<unit>.swapped``, bump.
-
-The partition's files change only in phases 2 and 3, each begun after its bump, so a reader
-that reads the generation, lists the units, lists the partition and reads the generation again
-gets one phase for the whole listing when both reads agree. A crash leaves a unit in one phase;
-readers stay exact meanwhile and the next run rolls it forward (a ``.partial`` is discarded).
+A commit that does conflict (retention deleting the partition being rewritten) fails the
+optimize, never the other writer: the optimize is tried again on a fresh snapshot.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import secrets
-import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 
-import polars as pl
-import pyarrow.parquet as pq
+from deltalake import DeltaTable
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from jobs.storage import EVENTS_LOCK, job_lock
-from pipeline import faults
-from pipeline.livefiles import (
-    COMMITTED,
-    GENERATION,
-    MANIFEST,
-    OUTPUT_PREFIX,
-    PARTIAL,
-    SWAPPED,
-    HourPartition,
-    consistent,
-    hour_partitions,
-    parquet_names,
-    phase_of,
-    read_generation,
-    units_dir,
-)
-from pipeline.schema import ENRICHED_SCHEMA, PARQUET_COMPRESSION, SORT_KEYS, Layout
+from jobs.storage import job_lock, read_json, write_json_atomic
+from lake import maintenance
+from lake.location import LakeLocation
+from lake.tables import EVENTS, TABLES, TableSpec, open_table
+from pipeline.schema import Layout
 from pipeline.settings import JobSettings
-from pipeline.spool import atomic_write_bytes, fsync
 
 log = logging.getLogger("adevents.jobs.compact")
 
-#: Crash points (``ADEVENTS_CRASH_AT=<point>[:<nth>]``, see :mod:`pipeline.faults`).
-POINTS: Final = (
-    "compact_after_stage",
-    "compact_after_commit",
-    "compact_mid_place",
-    "compact_after_place",
-    "compact_after_swap",
-    "compact_mid_delete",
-    "compact_after_delete",
-)
-#: Rows are sorted by these; event_id breaks ties so a rewrite is deterministic.
-ORDER: Final = (*SORT_KEYS, "event_id")
+#: Tries of one optimize that loses commit races (each on a fresh snapshot).
+ATTEMPTS: Final = 5
+
+T = TypeVar("T")
 
 
 class CompactionError(RuntimeError):
-    """Some partitions could not be compacted (the others were; the details are in the log)."""
+    """Some tables or hours could not be compacted (the others were; the log has details)."""
 
 
-# -- the writer side: units and their phases --------------------------------------------------
-def _bump(layout: Layout, *, durable: bool) -> None:
-    directory = units_dir(layout)
-    directory.mkdir(parents=True, exist_ok=True)
-    value = read_generation(layout) + 1
-    atomic_write_bytes(directory / GENERATION, str(value).encode(), durable=durable)
+# -- the pure part: which hours to Z-order -----------------------------------------------------
+def hour_key(date: str, hour: str) -> str:
+    """The name of an hour partition: ``date=YYYY-MM-DD/hour=HH``."""
+    return f"date={date}/hour={hour}"
 
 
-# -- the pure part: what to rewrite and how to cut it ------------------------------------------
-@dataclass(frozen=True)
-class FileInfo:
-    """A file of a partition: name, size, and row count (known for compaction outputs)."""
-
-    name: str
-    bytes: int
-    rows: int | None = None
-
-    @property
-    def compacted(self) -> bool:
-        return self.name.startswith(OUTPUT_PREFIX)
-
-
-def plan(files: Sequence[FileInfo], *, target_rows: int, target_bytes: int) -> list[FileInfo]:
-    """The files to rewrite together: [] when the partition is already compact.
-
-    Every file the consumer wrote (new since the last compaction, e.g. late events) is merged
-    with the compaction outputs that are small (under half a target), so a run after a run
-    changes nothing and a trickle of late events never rewrites a partition's big files.
-    """
-    fresh = [f for f in files if not f.compacted]
-    small = [
-        f
-        for f in files
-        if f.compacted
-        and (f.rows is None or f.rows < target_rows // 2)
-        and f.bytes < target_bytes // 2
-    ]
-    chosen = fresh + small
-    if not fresh or len(chosen) < 2:
-        return []
-    return sorted(chosen, key=lambda f: f.name)
+def hours_to_zorder(
+    partitions: Iterable[Mapping[str, str]], done: set[str], *, now: datetime, min_age_s: float
+) -> list[tuple[str, str]]:
+    """(date, hour) of the partitions whose hour ended ``min_age_s`` before ``now`` and that
+    are not in ``done``, oldest first."""
+    limit = now - timedelta(seconds=min_age_s)
+    out = []
+    for p in partitions:
+        start = datetime.strptime(f"{p['date']} {p['hour']}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+        if start + timedelta(hours=1) <= limit and hour_key(p["date"], p["hour"]) not in done:
+            out.append((p["date"], p["hour"]))
+    return sorted(set(out))
 
 
-def rows_per_output(
-    total_rows: int, total_bytes: int, *, target_rows: int, target_bytes: int
-) -> int:
-    """Rows per output file: targets split evenly, so no output is a small remainder."""
-    if total_rows <= 0:
-        return 1
-    by_bytes = max(1, int(target_bytes * total_rows / max(1, total_bytes)))
-    cap = max(1, min(target_rows, by_bytes))
-    outputs = -(-total_rows // cap)
-    return -(-total_rows // outputs)
-
-
-def assign_bins(counts: pl.DataFrame, per_output: int) -> pl.DataFrame:
-    """Cut (campaign_id, minute, len) counts, in sort order, into consecutive output bins.
-
-    Bins are contiguous ranges of (campaign_id, minute), so outputs in bin order are sorted by
-    (campaign_id, event_time) as a whole; a bin holds about ``per_output`` rows (more when one
-    campaign-minute alone is bigger than that: it is never split).
-    """
-    ordered = counts.sort("campaign_id", "minute")
-    before = ordered["len"].cum_sum() - ordered["len"]
-    # Dense: a (campaign, minute) bigger than a whole output must not leave an empty bin.
-    bins = ((before // per_output).rank("dense") - 1).cast(pl.Int32)
-    return ordered.with_columns(_bin=bins).select("campaign_id", "minute", "_bin")
-
-
-# -- the writer side ---------------------------------------------------------------------------
+# -- the job -----------------------------------------------------------------------------------
 @dataclass
-class PartitionReport:
-    partition: str
+class TableReport:
+    """One table in one run: its live files before and after, and what optimize did."""
+
+    table: str
     files_before: int
     files_after: int
-    rows: int
-    seconds: float
+    files_removed: int = 0
+    files_added: int = 0
 
 
 @dataclass
 class CompactReport:
     """What one compaction run did."""
 
-    partitions: list[PartitionReport] = field(default_factory=list)
-    recovered: int = 0
+    tables: list[TableReport] = field(default_factory=list)
+    zordered: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        before = sum(p.files_before for p in self.partitions)
-        after = sum(p.files_after for p in self.partitions)
-        rows = sum(p.rows for p in self.partitions)
+        before = sum(t.files_before for t in self.tables)
+        after = sum(t.files_after for t in self.tables)
         return (
-            f"compacted partitions={len(self.partitions)} files_before={before} "
-            f"files_after={after} rows={rows} recovered_units={self.recovered}"
+            f"compacted tables={len(self.tables)} files_before={before} files_after={after} "
+            f"zordered_hours={len(self.zordered)}"
         )
 
 
@@ -180,266 +103,136 @@ def _no_step(name: str) -> None:
     return None
 
 
-@dataclass(frozen=True)
-class Run:
-    """One compaction run: the job settings (sizes, when an hour is closed), whether writes are
-    fsynced, and a hook called at each crash point (tests hold a phase open with it)."""
-
-    jobs: JobSettings
-    durable: bool = True
-    on_step: Callable[[str], None] = _no_step
-
-    def step(self, name: str) -> None:
-        faults.point(name)
-        self.on_step(name)
+def zorder_state(layout: Layout) -> Path:
+    """The file naming the events hours already Z-ordered."""
+    return layout.state / "zorder.json"
 
 
-def _consumer_in_flight(layout: Layout) -> set[str]:
-    """Batches the consumer is publishing: their files are not ours to touch yet.
-
-    Its crash recovery re-reads a committed batch's events files, so they must stay in place.
-    """
-    try:
-        names = os.listdir(layout.staging)
-    except FileNotFoundError:
-        return set()
-    return {n[: -len(COMMITTED)] for n in names if n.endswith(COMMITTED)}
+def _load_done(layout: Layout) -> set[str]:
+    raw = read_json(zorder_state(layout))
+    return {str(k) for k in raw.get("hours", ())} if isinstance(raw, dict) else set()
 
 
-def _scan(files: Sequence[Path]) -> pl.LazyFrame:
-    return pl.scan_parquet(list(files), hive_partitioning=False, schema=ENRICHED_SCHEMA)
+def _retrying(table: DeltaTable, what: str, action: Callable[[], T]) -> T:
+    """``action`` on a fresh snapshot of ``table``, again while a concurrent commit conflicts."""
+    for attempt in range(1, ATTEMPTS + 1):
+        table.update_incremental()
+        try:
+            return action()
+        except CommitFailedError as exc:
+            if attempt == ATTEMPTS:
+                raise
+            log.info("%s lost a commit race (%s); trying again on a fresh snapshot", what, exc)
+    raise AssertionError("unreachable")
 
 
-def _write_output(frame: pl.DataFrame, path: Path, run: Run) -> int:
-    frame.sort(list(ORDER)).write_parquet(
-        path,
-        compression=PARQUET_COMPRESSION,
-        statistics=True,
-        row_group_size=run.jobs.compact_row_group_rows,
+def _metric(metrics: Mapping[str, Any], name: str) -> int:
+    return sum(int(step.get(name, 0)) for step in metrics.values())
+
+
+def _compact_table(
+    table: DeltaTable, spec: TableSpec, jobs: JobSettings, on_step: Callable[[str], None]
+) -> TableReport:
+    before = len(table.file_uris())
+
+    def compact_once() -> dict[str, Any]:
+        on_step(f"compact:{spec.name}")
+        return maintenance.optimize(table, target_size=jobs.compact_target_bytes)
+
+    metrics = _retrying(table, f"compaction of {spec.name}", compact_once)
+    table.update_incremental()
+    return TableReport(
+        spec.name,
+        files_before=before,
+        files_after=len(table.file_uris()),
+        files_removed=_metric(metrics, "numFilesRemoved"),
+        files_added=_metric(metrics, "numFilesAdded"),
     )
-    if run.durable:
-        fsync(path)
-    return len(frame)
 
 
-def _stage_outputs(
-    files: Sequence[Path], unit_dir: Path, unit_id: str, run: Run, total_bytes: int
-) -> list[str]:
-    """Write the sorted outputs of ``files`` into ``unit_dir``; return their names."""
-    minute = pl.col("event_time").dt.truncate("1m").alias("minute")
-    counts = _scan(files).group_by("campaign_id", minute).len().collect()
-    total = int(counts["len"].sum())
-    per_output = rows_per_output(
-        total,
-        total_bytes,
-        target_rows=run.jobs.compact_target_rows,
-        target_bytes=run.jobs.compact_target_bytes,
-    )
-    bins = assign_bins(counts, per_output)
-    n_bins = int(bins["_bin"].n_unique()) if len(bins) else 1  # dense: 0 .. n_bins - 1
-    names = [f"{unit_id}-{k:04d}.parquet" for k in range(n_bins)]
-    written = 0
-    if n_bins == 1:
-        written += _write_output(_scan(files).collect(), unit_dir / names[0], run)
-    else:
-        # Route rows to their bins in one streaming pass, then sort one bin at a time: memory
-        # stays at about one output whatever the size of the partition.
-        spill = unit_dir / "spill"
-        _scan(files).with_columns(minute).join(bins.lazy(), on=["campaign_id", "minute"]).drop(
-            "minute"
-        ).sink_parquet(pl.PartitionBy(spill, key="_bin", include_key=False), mkdir=True)
-        for k, name in enumerate(names):
-            parts = sorted((spill / f"_bin={k}").glob("*.parquet"))
-            frame = (
-                pl.read_parquet(parts, hive_partitioning=False)
-                .select(ENRICHED_SCHEMA.names())
-                .cast(ENRICHED_SCHEMA)
-                if parts
-                else pl.DataFrame(schema=ENRICHED_SCHEMA)
+def _zorder_closed_hours(
+    layout: Layout,
+    table: DeltaTable,
+    jobs: JobSettings,
+    report: CompactReport,
+    *,
+    now: datetime,
+    durable: bool,
+    on_step: Callable[[str], None],
+) -> None:
+    partitions = table.partitions()
+    present = {hour_key(p["date"], p["hour"]) for p in partitions}
+    # Hours gone by retention are forgotten, so the state stays as small as the table.
+    done = _load_done(layout) & present
+    for date, hour in hours_to_zorder(partitions, done, now=now, min_age_s=jobs.compact_min_age):
+        key = hour_key(date, hour)
+
+        def zorder_once(date: str = date, hour: str = hour, key: str = key) -> dict[str, Any]:
+            on_step(f"zorder:{key}")
+            return maintenance.optimize(
+                table,
+                maintenance.hour_filter(date, hour),
+                z_order=maintenance.EVENTS_Z_ORDER,
+                target_size=jobs.compact_target_bytes,
             )
-            written += _write_output(frame, unit_dir / name, run)
-        shutil.rmtree(spill)
-    if written != total:
-        raise RuntimeError(f"compaction wrote {written} rows of {total}; the unit is discarded")
-    return names
 
-
-def _rename(src: Path, dst: Path) -> None:
-    if src.exists():
-        os.replace(src, dst)
-
-
-def _finish(layout: Layout, unit_dir: Path, run: Run) -> None:
-    """Roll a committed or swapped unit forward to the end (idempotent)."""
-    durable = run.durable
-    manifest = json.loads((unit_dir / MANIFEST).read_text())
-    partition = layout.events / manifest["partition"]
-    if unit_dir.name.endswith(COMMITTED):
-        partition.mkdir(parents=True, exist_ok=True)
-        for i, name in enumerate(manifest["outputs"]):
-            _rename(unit_dir / name, partition / name)
-            if i == 0:
-                run.step("compact_mid_place")
-        if durable:
-            fsync(partition)
-        run.step("compact_after_place")
-        swapped = unit_dir.with_name(unit_dir.name[: -len(COMMITTED)] + SWAPPED)
-        os.replace(unit_dir, swapped)
-        if durable:
-            fsync(swapped.parent)
-        _bump(layout, durable=durable)
-        run.step("compact_after_swap")
-        unit_dir = swapped
-    for i, name in enumerate(manifest["replaces"]):
-        (partition / name).unlink(missing_ok=True)
-        if i == 0:
-            run.step("compact_mid_delete")
-    if durable and partition.exists():
-        fsync(partition)
-    run.step("compact_after_delete")
-    shutil.rmtree(unit_dir)
-    _bump(layout, durable=durable)
-
-
-def recover(layout: Layout, run: Run) -> int:
-    """Finish units a crash interrupted and discard unfinished stagings; how many were finished."""
-    directory = units_dir(layout)
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return 0
-    finished = 0
-    for name in names:
-        path = directory / name
-        if name.endswith(PARTIAL):
-            shutil.rmtree(path, ignore_errors=True)
-        elif phase_of(name) is not None:
-            log.info("finishing compaction unit %s interrupted by a crash", name)
-            # The crash may have come between a phase change and its bump: bump first.
-            _bump(layout, durable=run.durable)
-            _finish(layout, path, run)
-            finished += 1
-    return finished
-
-
-def _file_infos(directory: Path, names: Sequence[str]) -> list[FileInfo]:
-    infos = []
-    for name in names:
-        path = directory / name
-        size = path.stat().st_size
-        rows = pq.read_metadata(path).num_rows if name.startswith(OUTPUT_PREFIX) else None
-        infos.append(FileInfo(name, size, rows))
-    return infos
-
-
-def compact_partition(
-    layout: Layout, partition: HourPartition, run: Run, *, unit_id: str | None = None
-) -> PartitionReport | None:
-    """Rewrite one partition's small files as one unit; None when it is already compact."""
-    started = time.perf_counter()
-
-    def listing() -> tuple[list[str], set[str]]:
-        names = parquet_names(partition.path)
-        # Listed after the partition: a batch file seen there is either still in flight here
-        # or its batch is finished.
-        return names, _consumer_in_flight(layout)
-
-    (names, in_flight), view = consistent(layout, listing)
-    names = [
-        n for n in view.visible(partition.key, names) if n[: -len(".parquet")] not in in_flight
-    ]
-    chosen = plan(
-        _file_infos(partition.path, names),
-        target_rows=run.jobs.compact_target_rows,
-        target_bytes=run.jobs.compact_target_bytes,
-    )
-    if not chosen:
-        return None
-    unit_id = unit_id or f"{OUTPUT_PREFIX}{int(time.time() * 1000)}-{secrets.token_hex(3)}"
-    partial = units_dir(layout) / f"{unit_id}{PARTIAL}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    inputs = [partition.path / f.name for f in chosen]
-    try:
-        outputs = _stage_outputs(inputs, partial, unit_id, run, sum(f.bytes for f in chosen))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    manifest = {
-        "unit": unit_id,
-        "partition": partition.key,
-        "outputs": outputs,
-        "replaces": [f.name for f in chosen],
-    }
-    (partial / MANIFEST).write_text(json.dumps(manifest))
-    if run.durable:
-        fsync(partial / MANIFEST)
-        fsync(partial)
-    run.step("compact_after_stage")
-    committed = partial.with_name(f"{unit_id}{COMMITTED}")
-    os.replace(partial, committed)
-    if run.durable:
-        fsync(committed.parent)
-    _bump(layout, durable=run.durable)
-    run.step("compact_after_commit")
-    _finish(layout, committed, run)
-    rows = sum(pq.read_metadata(partition.path / n).num_rows for n in outputs)
-    return PartitionReport(
-        partition.key,
-        files_before=len(names),
-        files_after=len(names) - len(chosen) + len(outputs),
-        rows=rows,
-        seconds=time.perf_counter() - started,
-    )
-
-
-def closed_partitions(layout: Layout, now: datetime, min_age_s: float) -> list[HourPartition]:
-    """Hour partitions whose hour ended at least ``min_age_s`` before ``now``."""
-    limit_ms = now.timestamp() * 1000 - min_age_s * 1000
-    return [p for p in hour_partitions(layout.events) if p.end_ms <= limit_ms]
+        try:
+            _retrying(table, f"Z-order of {key}", zorder_once)
+        except Exception:
+            # One bad hour must not keep the others from being Z-ordered.
+            log.exception("Z-order of events %s failed; it is tried again next run", key)
+            report.failed.append(f"events/{key}")
+            continue
+        done.add(key)
+        write_json_atomic({"hours": sorted(done)}, zorder_state(layout), durable=durable)
+        report.zordered.append(key)
+        log.info("Z-ordered events %s by %s", key, ", ".join(maintenance.EVENTS_Z_ORDER))
 
 
 def compact(
     layout: Layout,
+    location: LakeLocation,
     jobs: JobSettings,
     *,
     now: datetime,
     durable: bool = True,
+    specs: Sequence[TableSpec] = tuple(TABLES.values()),
     on_step: Callable[[str], None] = _no_step,
 ) -> CompactReport:
-    """Finish interrupted units, then compact every closed partition that needs it.
+    """Compact every table of ``location``, Z-order closed events hours, write checkpoints.
 
-    Sizes and the age at which an hour counts as closed are COMPACT_* of ``jobs``.
+    Sizes and the age at which an hour counts as closed are COMPACT_* of ``jobs``; the job's
+    lock and its Z-order state are under ``layout`` (DATA_DIR). ``on_step`` is called before
+    each optimize attempt with ``compact:<table>`` or ``zorder:<hour>`` (tests commit there).
     """
-    run = Run(jobs, durable, on_step)
     report = CompactReport()
     with job_lock(layout, "compact"):
-        with job_lock(layout, EVENTS_LOCK, wait=True):
-            report.recovered = recover(layout, run)
-        for partition in closed_partitions(layout, now, jobs.compact_min_age):
-            # Retention deletes whole partitions: never both on one partition at once.
-            with job_lock(layout, EVENTS_LOCK, wait=True):
-                if not partition.path.exists():
-                    continue
-                try:
-                    done = compact_partition(layout, partition, run)
-                except Exception:
-                    # One bad partition must not keep the others from being compacted.
-                    log.exception(
-                        "compaction of %s failed; it is tried again next run", partition.key
+        for spec in specs:
+            try:
+                table = open_table(location, spec)
+            except TableNotFoundError:
+                continue  # nothing committed to it yet
+            try:
+                done = _compact_table(table, spec, jobs, on_step)
+                if spec.name == EVENTS.name:
+                    _zorder_closed_hours(
+                        layout, table, jobs, report, now=now, durable=durable, on_step=on_step
                     )
-                    report.failed.append(partition.key)
-                    continue
-            if done is not None:
+                maintenance.checkpoint(table)
+                maintenance.cleanup_logs(table)
+            except Exception:
+                # One bad table must not keep the others from being compacted.
+                log.exception("compaction of %s failed; it is tried again next run", spec.name)
+                report.failed.append(spec.name)
+                continue
+            report.tables.append(done)
+            if done.files_removed:
                 log.info(
-                    "compacted %s: %d files -> %d (%d rows, %.2fs)",
-                    done.partition,
-                    done.files_before,
-                    done.files_after,
-                    done.rows,
-                    done.seconds,
+                    "compacted %s: %d files -> %d",
+                    spec.name,
+                    done.files_removed,
+                    done.files_added,
                 )
-                report.partitions.append(done)
     if report.failed:
         raise CompactionError(f"compaction failed for {', '.join(report.failed)} ({report.line()})")
     return report

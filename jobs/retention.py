@@ -1,24 +1,34 @@
-"""Retention: delete events partitions and rollups older than their configured number of days.
+"""Retention: expired events leave the lake by Delta delete + vacuum; old rollups are deleted.
 
-A partition disappears whole: it is renamed out of the lake (into ``staging/trash/``) first and
-deleted from there, so a reader lists either all of its files or none. Unique-user sketches
-follow the minute rollups (they only matter while an hour can still receive late events).
+Events older than RETENTION_DAYS are deleted by whole UTC days (``lake.maintenance.
+delete_before``: a commit that removes the days' files in the log, so a reader sees a day whole
+or not at all). ``vacuum`` then deletes, in every lake table, the files no version within
+VACUUM_RETENTION needs: files removed that long ago (by retention or by compaction) and, a full
+vacuum, orphans of failed writes older than that. Until then a reader's snapshot stays readable.
+
+Rollup files (DATA_DIR/rollups) go after their own number of days, a whole file at a time;
+unique-user sketches follow the minute rollups (they only matter while an hour can still
+receive late events).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-import secrets
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from jobs.storage import EVENTS_LOCK, job_lock
-from pipeline.livefiles import date_dirs, hour_partitions, read_units
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from jobs.storage import job_lock
+from lake import maintenance
+from lake.location import LakeLocation
+from lake.tables import EVENTS, TABLES, TableSpec, open_table
 from pipeline.schema import DAY_MS, HOUR_MS, Layout
 from pipeline.settings import JobSettings
 from pipeline.tables import RollupPaths
@@ -40,9 +50,67 @@ def expired(spans: Sequence[tuple[Path, int]], cutoff: int | None) -> list[Path]
     return [path for path, end_ms in spans if end_ms <= cutoff]
 
 
+def first_kept_date(cutoff: int) -> str:
+    """The first UTC date (``YYYY-MM-DD``) that has not ended at or before ``cutoff``: every
+    date before it is expired."""
+    return f"{datetime.fromtimestamp(cutoff / 1000, UTC):%Y-%m-%d}"
+
+
 def _date_end_ms(date: str) -> int:
     start = datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=UTC)
     return int(start.timestamp() * 1000) + DAY_MS
+
+
+def _dated(root: Path, prefix: str = "date=") -> list[tuple[str, Path]]:
+    """(date, path) of the entries ``<prefix>YYYY-MM-DD[...]`` directly under ``root``."""
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(root):
+            value = entry.name[len(prefix) : len(prefix) + 10]
+            if entry.name.startswith(prefix) and not entry.name.startswith("."):
+                try:
+                    datetime.strptime(value, "%Y-%m-%d")
+                except ValueError:
+                    continue
+                out.append((value, Path(entry.path)))
+    return sorted(out)
+
+
+def _hour_end_ms(date: str, name: str) -> int | None:
+    """End of hour ``HH`` of ``date`` from an entry named ``hour=HH[...]``."""
+    digits = name[5:7]
+    if not name.startswith("hour=") or not digits.isdigit() or int(digits) > 23:
+        return None
+    return _date_end_ms(date) - (23 - int(digits)) * HOUR_MS
+
+
+def _hours(root: Path) -> list[tuple[Path, int]]:
+    """(path, end ms) of each ``date=…/hour=…`` entry under ``root``."""
+    out = []
+    for date, directory in _dated(root):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.scandir(directory):
+                end = _hour_end_ms(date, entry.name)
+                if end is not None:
+                    out.append((Path(entry.path), end))
+    return out
+
+
+def _remove(path: Path) -> None:
+    """Delete a rollup file, or a directory of them (each file goes atomically)."""
+    if path.is_dir():
+        for child in path.iterdir():
+            _remove(child)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _prune_empty_dates(root: Path) -> None:
+    for _, directory in _dated(root):
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only when empty
 
 
 @dataclass
@@ -54,73 +122,75 @@ class RetentionReport:
         return f"retention deleted {parts or 'nothing'}"
 
 
-def _remove(layout: Layout, path: Path) -> None:
-    """Take ``path`` out of the lake in one rename, then delete it."""
-    trash = layout.staging / "trash"
-    trash.mkdir(parents=True, exist_ok=True)
-    target = trash / f"{path.name}-{secrets.token_hex(4)}"
-    try:
-        os.replace(path, target)
-    except FileNotFoundError:
-        return
-    if target.is_dir():
-        shutil.rmtree(target, ignore_errors=True)
-    else:
-        target.unlink(missing_ok=True)
+def _delete_expired(table: DeltaTable, cutoff: int | None) -> int:
+    """Delete the days of ``table`` that ended at or before ``cutoff``; how many rows went."""
+    if cutoff is None:
+        return 0
+    first = first_kept_date(cutoff)
+    if not any(p["date"] < first for p in table.partitions()):
+        return 0  # nothing expired: no empty commit
+    metrics = maintenance.delete_before(table, first)
+    return int(metrics.get("num_deleted_rows", 0))
 
 
-def _prune_empty_dates(root: Path) -> None:
-    for _, directory in date_dirs(root):
-        with contextlib.suppress(OSError):
-            directory.rmdir()  # only when empty
+def retain_lake(
+    location: LakeLocation,
+    jobs: JobSettings,
+    *,
+    now: datetime,
+    specs: Sequence[TableSpec] = tuple(TABLES.values()),
+) -> dict[str, int]:
+    """Delete expired events, then vacuum every table; counts by ``<table>_rows`` deleted and
+    ``<table>_files`` vacuumed."""
+    deleted: dict[str, int] = {}
+    hours = math.ceil(jobs.vacuum_retention / 3600)
+    for spec in specs:
+        try:
+            table = open_table(location, spec)
+        except TableNotFoundError:
+            continue  # nothing committed to it yet
+        if spec.name == EVENTS.name:
+            deleted["events_rows"] = _delete_expired(table, cutoff_ms(now, jobs.retention_days))
+        deleted[f"{spec.name}_files"] = len(maintenance.vacuum(table, hours, full=True))
+    return deleted
 
 
-def run_retention(layout: Layout, jobs: JobSettings, *, now: datetime) -> RetentionReport:
-    """Delete what is past its retention (RETENTION_DAYS, ROLLUP_*_RETENTION_DAYS of ``jobs``);
-    returns counts per kind."""
-    report = RetentionReport()
+def retain_rollups(layout: Layout, jobs: JobSettings, *, now: datetime) -> dict[str, int]:
+    """Delete rollup files and sketches past ROLLUP_*_RETENTION_DAYS; counts per kind."""
+    deleted: dict[str, int] = {}
     paths = RollupPaths(layout)
+    minute_cut = cutoff_ms(now, jobs.rollup_minute_retention_days)
+    gone = expired(_hours(paths.level("minute")), minute_cut)
+    sketch_root = paths.sketches / "hour"
+    day_sketches = [(p, _date_end_ms(d)) for d, p in _dated(paths.sketches / "day")]
+    gone_sketches = expired(_hours(sketch_root), minute_cut) + expired(day_sketches, minute_cut)
+    for path in gone + gone_sketches:
+        _remove(path)
+    _prune_empty_dates(paths.level("minute"))
+    _prune_empty_dates(sketch_root)
+    deleted["minute_rollup_hours"] = len(gone)
+    deleted["sketches"] = len(gone_sketches)
+    for level, days in (
+        ("hour", jobs.rollup_hour_retention_days),
+        ("day", jobs.rollup_day_retention_days),
+    ):
+        dates = _dated(paths.level(level))
+        gone = expired([(d, _date_end_ms(date)) for date, d in dates], cutoff_ms(now, days))
+        for path in gone:
+            _remove(path)
+        deleted[f"{level}_rollup_days"] = len(gone)
+    return deleted
+
+
+def run_retention(
+    layout: Layout, location: LakeLocation, jobs: JobSettings, *, now: datetime
+) -> RetentionReport:
+    """Delete what is past its retention (RETENTION_DAYS, VACUUM_RETENTION and
+    ROLLUP_*_RETENTION_DAYS of ``jobs``); returns counts per kind."""
+    report = RetentionReport()
     with job_lock(layout, "retention"):
-        # Leftovers of an interrupted run.
-        shutil.rmtree(layout.staging / "trash", ignore_errors=True)
-        with job_lock(layout, EVENTS_LOCK, wait=True):
-            busy = {u.partition for u in read_units(layout)}
-            parts = [p for p in hour_partitions(layout.events) if p.key not in busy]
-            gone = expired([(p.path, p.end_ms) for p in parts], cutoff_ms(now, jobs.retention_days))
-            for path in gone:
-                _remove(layout, path)
-            _prune_empty_dates(layout.events)
-            report.deleted["events_hours"] = len(gone)
-
-        minute_cut = cutoff_ms(now, jobs.rollup_minute_retention_days)
-        minutes = hour_partitions(paths.level("minute"))
-        gone = expired([(p.path, p.end_ms) for p in minutes], minute_cut)
-        sketch_root = paths.sketches / "hour"
-        sketches = [
-            (path, _date_end_ms(date) - (23 - int(path.stem[5:])) * HOUR_MS)
-            for date, directory in date_dirs(sketch_root)
-            for path in directory.glob("hour=*.parquet")
-        ]
-        day_sketches = [
-            (p, _date_end_ms(p.stem[5:])) for p in (paths.sketches / "day").glob("date=*.parquet")
-        ]
-        gone_sketches = expired(sketches, minute_cut) + expired(day_sketches, minute_cut)
-        for path in gone + gone_sketches:
-            _remove(layout, path)
-        _prune_empty_dates(paths.level("minute"))
-        _prune_empty_dates(sketch_root)
-        report.deleted["minute_rollup_hours"] = len(gone)
-        report.deleted["sketches"] = len(gone_sketches)
-
-        for level, days in (
-            ("hour", jobs.rollup_hour_retention_days),
-            ("day", jobs.rollup_day_retention_days),
-        ):
-            dates = date_dirs(paths.level(level))
-            gone = expired([(d, _date_end_ms(date)) for date, d in dates], cutoff_ms(now, days))
-            for path in gone:
-                _remove(layout, path)
-            report.deleted[f"{level}_rollup_days"] = len(gone)
+        report.deleted.update(retain_lake(location, jobs, now=now))
+        report.deleted.update(retain_rollups(layout, jobs, now=now))
     for kind, n in report.deleted.items():
         if n:
             log.info("retention: deleted %d %s", n, kind.replace("_", " "))

@@ -1,4 +1,4 @@
-"""The jobs' edges on DATA_DIR: atomic writes, job locks and recent ledger rows."""
+"""The jobs' edges: atomic writes and job locks on DATA_DIR, recent ledger rows from the lake."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline.livefiles import date_dirs
+from lake.location import LakeLocation
+from lake.snapshot import snapshot
+from lake.tables import LEDGER, TIMESTAMP
 from pipeline.schema import LEDGER_SCHEMA, PARQUET_COMPRESSION, Layout
 from pipeline.spool import atomic_write_bytes, fsync
 
@@ -75,72 +79,23 @@ def job_lock(layout: Layout, name: str, *, wait: bool = False) -> Iterator[None]
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-#: Held by every job that deletes files from events/ (compaction, retention), so that one never
-#: deletes a partition the other is rewriting.
-EVENTS_LOCK = "events-maintenance"
+def recent_ledger(location: LakeLocation, now: datetime, window_s: float) -> pl.DataFrame:
+    """Ledger rows (LEDGER_SCHEMA) of batches committed in (now - window, now], read from a
+    snapshot of the ledger table pruned to the hours of the window (none: no rows)."""
+    lo = (now - timedelta(seconds=window_s)).astimezone(UTC)
+    hours = pl.datetime_range(
+        lo.replace(minute=0, second=0, microsecond=0), now, "1h", time_zone="UTC", eager=True
+    )
+    prune = " OR ".join(f"(date = '{h:%Y-%m-%d}' AND hour = '{h:%H}')" for h in hours.to_list())
+    snap = snapshot(location, {LEDGER.name: LEDGER}, prune={LEDGER.name: prune})
+    committed = pc.field("committed_at")
+    rows = snap.datasets[LEDGER.name].to_table(
+        columns=LEDGER_SCHEMA.names(),
+        filter=(committed > pa.scalar(lo, TIMESTAMP)) & (committed <= pa.scalar(now, TIMESTAMP)),
+    )
+    return arrow_frame(rows, LEDGER_SCHEMA)
 
 
-def ledger_files_since(layout: Layout, since: float | None) -> list[tuple[str, float, Path]]:
-    """(batch_id, mtime, path) of ledger files written at or after ``since`` (epoch s; None = all).
-
-    A ledger file is written under a temporary name and renamed, so its mtime is when the
-    consumer wrote it, a moment before it appeared. Date directories are by commit date, so only
-    those that can hold such files are listed.
-    """
-    first_date = None
-    if since is not None:
-        first_date = f"{datetime.fromtimestamp(since, UTC) - timedelta(days=1):%Y-%m-%d}"
-    out: list[tuple[str, float, Path]] = []
-    for date, directory in date_dirs(layout.ledger):
-        if first_date is not None and date < first_date:
-            continue
-        try:
-            entries = list(os.scandir(directory))
-        except FileNotFoundError:
-            continue
-        for entry in entries:
-            name = entry.name
-            if not name.endswith(".parquet") or name.startswith("."):
-                continue
-            try:
-                mtime = entry.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if since is None or mtime >= since:
-                out.append((name[: -len(".parquet")], mtime, Path(entry.path)))
-    return out
-
-
-def read_ledger(paths: list[Path], columns: list[str] | None = None) -> pl.DataFrame:
-    """Ledger rows of ``paths`` (typed by LEDGER_SCHEMA), skipping files that vanished."""
-    cols = columns or LEDGER_SCHEMA.names()
-    schema = pl.Schema({c: LEDGER_SCHEMA[c] for c in cols})
-    frames = []
-    for i in range(0, len(paths), 4096):
-        chunk = [p for p in paths[i : i + 4096] if p.exists()]
-        if chunk:
-            frames.append(
-                # Ledger files written before a reason code was added lack its column: read
-                # them as null rather than failing on the older files.
-                pl.scan_parquet(
-                    chunk,
-                    hive_partitioning=False,
-                    schema=LEDGER_SCHEMA,
-                    missing_columns="insert",
-                    extra_columns="ignore",
-                )
-                .select(cols)
-                .collect()
-                .cast(schema)
-            )
-    return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
-
-
-def recent_ledger(layout: Layout, now: datetime, window_s: float) -> pl.DataFrame:
-    """Ledger rows of batches committed in (now - window, now]."""
-    since = now.timestamp() - window_s
-    # A ledger file is written a moment after its committed_at: look a little further back.
-    files = ledger_files_since(layout, since - 5.0)
-    frame = read_ledger([p for _, _, p in files])
-    lo = datetime.fromtimestamp(since, UTC)
-    return frame.filter((pl.col("committed_at") > lo) & (pl.col("committed_at") <= now))
+def arrow_frame(table: pa.Table, schema: pl.Schema) -> pl.DataFrame:
+    """``table`` (read from the lake: microsecond timestamps) as a frame typed by ``schema``."""
+    return pl.DataFrame(table).select(schema.names()).cast(dict(schema))  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """Each job as one call on the settings: what the scheduler runs on a tick and the CLI runs once.
 
-Every job reads its knobs from ``settings.jobs`` (:class:`pipeline.settings.JobSettings`) and
-fsyncs its writes when ``settings.fsync`` says so.
+Every job reads its knobs from ``settings.jobs`` (:class:`pipeline.settings.JobSettings`),
+fsyncs its local writes when ``settings.fsync`` says so, and reaches the lake through the one
+:class:`~lake.location.LakeLocation` its entry point built from the settings.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from jobs.compact import compact as run_compact
 from jobs.retention import run_retention
 from jobs.rollup import run_rollup
 from jobs.webhook import deliver
+from lake.location import LakeLocation
 from pipeline.schema import Layout
 from pipeline.settings import Settings
 
@@ -25,18 +27,19 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def rollup(settings: Settings, *, rebuild: bool = False) -> str:
-    return run_rollup(Layout(settings.data_dir), durable=settings.fsync, rebuild=rebuild).line()
-
-
-def compact(settings: Settings, *, now: Clock = utc_now) -> str:
+def rollup(settings: Settings, location: LakeLocation, *, rebuild: bool = False) -> str:
     layout = Layout(settings.data_dir)
-    return run_compact(layout, settings.jobs, now=now(), durable=settings.fsync).line()
+    return run_rollup(layout, location, durable=settings.fsync, rebuild=rebuild).line()
 
 
-def alerts(settings: Settings, *, now: Clock = utc_now) -> str:
+def compact(settings: Settings, location: LakeLocation, *, now: Clock = utc_now) -> str:
     layout = Layout(settings.data_dir)
-    return check_alerts(layout, settings.jobs, now=now(), durable=settings.fsync).line()
+    return run_compact(layout, location, settings.jobs, now=now(), durable=settings.fsync).line()
+
+
+def alerts(settings: Settings, location: LakeLocation, *, now: Clock = utc_now) -> str:
+    layout = Layout(settings.data_dir)
+    return check_alerts(layout, location, settings.jobs, now=now(), durable=settings.fsync).line()
 
 
 def webhook(settings: Settings, *, now: Clock = utc_now) -> str:
@@ -53,8 +56,9 @@ def webhook(settings: Settings, *, now: Clock = utc_now) -> str:
     ).line()
 
 
-def retention(settings: Settings, *, now: Clock = utc_now) -> str:
-    return run_retention(Layout(settings.data_dir), settings.jobs, now=now()).line()
+def retention(settings: Settings, location: LakeLocation, *, now: Clock = utc_now) -> str:
+    layout = Layout(settings.data_dir)
+    return run_retention(layout, location, settings.jobs, now=now()).line()
 
 
 @dataclass(frozen=True)
@@ -66,14 +70,16 @@ class JobSpec:
     run: Callable[[], str]
 
 
-def job_specs(settings: Settings, *, now: Clock = utc_now) -> list[JobSpec]:
+def job_specs(settings: Settings, location: LakeLocation, *, now: Clock = utc_now) -> list[JobSpec]:
     """Every job ``adevents scheduler`` runs (the webhook one only with ALERT_WEBHOOK_URL)."""
     cfg = settings.jobs
     specs = [
-        JobSpec("rollup", cfg.rollup_interval, lambda: rollup(settings)),
-        JobSpec("compact", cfg.compact_interval, lambda: compact(settings, now=now)),
-        JobSpec("alerts", cfg.alert_interval, lambda: alerts(settings, now=now)),
-        JobSpec("retention", cfg.retention_interval, lambda: retention(settings, now=now)),
+        JobSpec("rollup", cfg.rollup_interval, lambda: rollup(settings, location)),
+        JobSpec("compact", cfg.compact_interval, lambda: compact(settings, location, now=now)),
+        JobSpec("alerts", cfg.alert_interval, lambda: alerts(settings, location, now=now)),
+        JobSpec(
+            "retention", cfg.retention_interval, lambda: retention(settings, location, now=now)
+        ),
     ]
     if cfg.alert_webhook_url:
         specs.append(

@@ -1,4 +1,4 @@
-"""Helpers for tests of the jobs: land batches through a real consumer, ledger rows, a webhook."""
+"""Helpers for tests of the jobs: batches and ledger rows committed to a lake, a webhook."""
 
 from __future__ import annotations
 
@@ -6,44 +6,71 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
-from pipeline.schema import LEDGER_SCHEMA, Layout
-from pipeline.settings import Settings
-from pipeline.spool import SpoolWriter
+from lake.location import LakeLocation
+from lake.testing import append
+from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA
 from pipeline.testing import event_table
 
 EVENT_TYPES = ("impression", "impression", "impression", "click", "conversion")
 
 
-def land(
-    settings: Settings, tables: Iterable[pa.Table], *, clock: Callable[[], datetime] | None = None
-) -> None:
-    """Write ``tables`` to the spool and run a real consumer over them once."""
-    from pipeline.consumer import Consumer
-    from pipeline.factory import make_key_cache
-
-    writer = SpoolWriter(Layout(settings.data_dir).incoming, "jobs")
-    for table in tables:
-        writer.write(table)
-    consumer = (
-        Consumer(settings, make_key_cache(settings))
-        if clock is None
-        else Consumer(settings, make_key_cache(settings), clock=clock)
+def enriched(table: pa.Table, *, batch_id: str, at: datetime) -> pl.DataFrame:
+    """A spool batch of valid events as the consumer lands it (ENRICHED_SCHEMA), with no
+    campaign found in the catalog and no dedupe: the jobs take the events table as it is."""
+    frame = pl.DataFrame(table).with_columns(
+        advertiser_id=pl.lit(None, pl.String),
+        campaign_name=pl.lit(None, pl.String),
+        ingested_at=pl.lit(at),
+        batch_id=pl.lit(batch_id),
     )
-    consumer.start()
-    try:
-        consumer.run(once=True)
-    finally:
-        consumer.close()
+    return frame.select(ENRICHED_SCHEMA.names()).cast(dict(ENRICHED_SCHEMA))  # type: ignore[arg-type]
+
+
+def ledger_rows(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
+    """Ledger rows (LEDGER_SCHEMA) from partial dicts: missing counts are 0, the rest null."""
+    full_rows = []
+    for row in rows:
+        full: dict[str, Any] = dict.fromkeys(LEDGER_SCHEMA.names())
+        for name, dtype in LEDGER_SCHEMA.items():
+            if dtype == pl.Int64:
+                full[name] = 0
+        full.update(row)
+        full_rows.append(full)
+    return pl.DataFrame(full_rows, schema=LEDGER_SCHEMA)
+
+
+def commit_batches(
+    location: LakeLocation, tables: Sequence[pa.Table], *, at: datetime, prefix: str = "b"
+) -> list[str]:
+    """Commit ``tables`` (spool batches of valid events) to events and ledger in one commit,
+    as of ``at``, one ledger row per batch; returns their batch ids."""
+    ids = [f"{prefix}-{uuid.uuid4().hex[:12]}" for _ in tables]
+    events = [enriched(t, batch_id=i, at=at) for t, i in zip(tables, ids, strict=True)]
+    ledger = ledger_rows(
+        {
+            "batch_id": batch_id,
+            "source_file": f"{batch_id}.arrow",
+            "status": "ok",
+            "rows_in": len(frame),
+            "accepted": len(frame),
+            "min_event_time": frame["event_time"].min(),
+            "max_event_time": frame["event_time"].max(),
+            "committed_at": at,
+        }
+        for batch_id, frame in zip(ids, events, strict=True)
+    )
+    append(location, {"events": pl.concat(events), "ledger": ledger})
+    return ids
 
 
 def random_batch(
@@ -88,21 +115,9 @@ def random_batch(
     )
 
 
-def write_ledger(layout: Layout, rows: Iterable[dict[str, Any]]) -> list[Path]:
-    """Ledger files as the consumer writes them, one per row (missing counts are 0)."""
-    paths = []
-    for row in rows:
-        full: dict[str, Any] = dict.fromkeys(LEDGER_SCHEMA.names())
-        for name, dtype in LEDGER_SCHEMA.items():
-            if dtype == pl.Int64:
-                full[name] = 0
-        full.update(row)
-        committed: datetime = full["committed_at"]
-        path = layout.ledger / f"date={committed:%Y-%m-%d}" / f"{full['batch_id']}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pl.DataFrame([full], schema=LEDGER_SCHEMA).write_parquet(path)
-        paths.append(path)
-    return paths
+def write_ledger(location: LakeLocation, rows: Iterable[dict[str, Any]]) -> None:
+    """Commit ledger rows (see :func:`ledger_rows`) to the lake's ledger table."""
+    append(location, {"ledger": ledger_rows(rows)})
 
 
 class WebhookServer:

@@ -164,6 +164,15 @@ def _optional_url(text: str) -> str | None:
     return value
 
 
+def _vacuum_retention(text: str) -> float:
+    value = parse_duration(text)
+    if value < 3600:
+        # Below an hour, vacuum could delete files of a snapshot a reader still holds or of a
+        # commit still in flight (lake.maintenance.MIN_RETENTION_HOURS).
+        raise ValueError("must be at least 1h")
+    return value
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """Every knob of the scheduled jobs; field names are the environment variables in lower case."""
@@ -178,16 +187,12 @@ class JobSettings:
     retention_interval: float = _setting(3600.0, _positive_duration, "period of the retention job")
     # -- compaction -----------------------------------------------------------------------------
     compact_min_age: float = _setting(
-        600.0, _duration, "an hour partition is compacted once its end is this far in the past"
-    )
-    compact_target_rows: int = _setting(
-        1_000_000, _positive_int, "rows per compacted file (the smaller of this and the size)"
+        600.0,
+        _duration,
+        "an events hour is Z-ordered (once) when its end is this far in the past",
     )
     compact_target_bytes: int = _setting(
         128 * 1024**2, _positive_size, "approximate bytes per compacted file, e.g. 128MiB"
-    )
-    compact_row_group_rows: int = _setting(
-        122_880, _positive_int, "rows per row group of compacted files (DuckDB's unit of work)"
     )
     # -- alerts ---------------------------------------------------------------------------------
     alert_window: float = _setting(
@@ -243,7 +248,7 @@ class JobSettings:
     )
     # -- retention ------------------------------------------------------------------------------
     retention_days: int = _setting(
-        30, _non_negative_int, "days events partitions are kept (0 = forever)"
+        30, _non_negative_int, "days events are kept, deleted by whole UTC days (0 = forever)"
     )
     rollup_minute_retention_days: int = _setting(
         7, _non_negative_int, "days minute rollups are kept (0 = forever)"
@@ -253,6 +258,12 @@ class JobSettings:
     )
     rollup_day_retention_days: int = _setting(
         0, _non_negative_int, "days day rollups are kept (0 = forever)"
+    )
+    vacuum_retention: float = _setting(
+        24 * 3600.0,
+        _vacuum_retention,
+        "files a lake table no longer uses (and orphans of failed writes) are deleted after "
+        "this, at least 1h: the longest a reader may keep a snapshot",
     )
 
     @classmethod
