@@ -42,6 +42,26 @@ _LAKE_DOWN: Final = frozenset(
 )
 #: Polars and Arrow report I/O errors with the OS message but often without ``errno``.
 _NO_SPACE_TEXT: Final = ("no space left on device", "os error 28", "disk quota exceeded")
+#: What delta-rs (object_store) and pyarrow's S3 client say when the lake's store failed for
+#: a while: no connection, a timeout, a 5xx or throttling. Their errors carry no errno.
+_LAKE_DOWN_TEXT: Final = (
+    "error sending request",
+    "connection refused",
+    "connection reset",
+    "timed out",
+    "timeout",
+    "network_connection",
+    "service unavailable",
+    "slowdown",
+    "slow down",
+    "internal error",
+    "internalerror",
+    "status 500",
+    "status 502",
+    "status 503",
+    "status 504",
+    "broken pipe",
+)
 #: Redis replies that say "not now" rather than "never".
 _REDIS_BUSY: Final = ("LOADING", "BUSY", "MISCONF", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN")
 
@@ -123,6 +143,20 @@ def classify(exc: BaseException) -> str | None:
         return "disk_full"
     if isinstance(exc, OSError) and exc.errno in _LAKE_DOWN:
         return "lake_unavailable"
+    return _lake_fault(exc)
+
+
+def _lake_fault(exc: BaseException) -> str | None:
+    """``lake_unavailable`` for delta-rs and pyarrow errors of a store that failed for a while,
+    and for a commit that kept losing races with other writers (delta-rs retries those)."""
+    from deltalake.exceptions import CommitFailedError, DeltaError
+
+    if isinstance(exc, CommitFailedError):
+        return "lake_unavailable"
+    if isinstance(exc, DeltaError | OSError):
+        text = str(exc).lower()
+        if any(t in text for t in _LAKE_DOWN_TEXT):
+            return "lake_unavailable"
     return None
 
 
