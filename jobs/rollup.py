@@ -222,7 +222,7 @@ def _ledger_since(location: LakeLocation, table: DeltaTable, after: int | None) 
         try:
             if runs is not None:
                 return _change_feed(table, runs, schema)
-        except (DeltaError, OSError) as exc:
+        except (DeltaError, OSError, pa.ArrowException) as exc:
             # A compacted ledger file vacuumed since (a rollup behind by more than
             # VACUUM_RETENTION): recompute from every row, which is idempotent.
             log.warning("ledger change feed after version %d unreadable (%s)", after, exc)

@@ -26,8 +26,9 @@ from jobs.outbox import enqueue, pending
 from jobs.rollup import run_rollup
 from jobs.scheduler import build_scheduler
 from jobs.tasks import JobSpec
-from jobs.testing import land, wait_for, webhook_server, write_ledger
+from jobs.testing import commit_batches, wait_for, webhook_server, write_ledger
 from jobs.webhook import deliver
+from lake.location import LakeLocation
 from pipeline.schema import CAMPAIGN_SCHEMA, LEDGER_SCHEMA, Layout
 from pipeline.settings import JobSettings, Settings
 from pipeline.spool import SpoolWriter
@@ -191,22 +192,18 @@ def test_every_rule_fires_and_resolves_on_a_real_data_dir(
         schema=CAMPAIGN_SCHEMA,
     ).write_parquet(layout.campaigns)
     today = int(now.timestamp() * 1000)
-    land(
-        settings,
-        [
-            event_table(
-                ["s1", "s2"],
-                time_ms=today - 60_000,
-                cost_micros=[900_000_000, 300_000_000],
-                campaign_id=["cmp-0000", "cmp-0001"],
-            )
-        ],
-        clock=lambda: now,
+    location = LakeLocation.from_settings(settings)
+    spend = event_table(
+        ["s1", "s2"],
+        time_ms=today - 60_000,
+        cost_micros=[900_000_000, 300_000_000],
+        campaign_id=["cmp-0000", "cmp-0001"],
     )
-    run_rollup(layout, durable=False)
+    commit_batches(location, [spend], at=now - timedelta(minutes=5))
+    run_rollup(layout, location, durable=False)
     # a slow, failing, stuck consumer: 1 % of the throughput floor, 120 ms batches, 10 % bad
     write_ledger(
-        layout,
+        location,
         [
             {
                 "batch_id": f"b{i}",
@@ -220,12 +217,10 @@ def test_every_rule_fires_and_resolves_on_a_real_data_dir(
             for i in range(10)
         ],
     )
-    for f in layout.ledger.rglob("*.parquet"):  # written "now" as far as the job can tell
-        os.utime(f, (now.timestamp(), now.timestamp()))
     spool = SpoolWriter(layout.incoming, "stuck").write(event_table(["w"], time_ms=today))
     os.utime(spool, (now.timestamp() - 400, now.timestamp() - 400))
 
-    report = check_alerts(layout, T, now=now, durable=False)
+    report = check_alerts(layout, location, T, now=now, durable=False)
     assert open_rules(layout) == {
         ("throughput", "pipeline"): "critical",
         ("latency_p95", "pipeline"): "critical",
@@ -235,7 +230,7 @@ def test_every_rule_fires_and_resolves_on_a_real_data_dir(
         ("budget", "cmp-0001"): "critical",  # 150 % spent
     }
     assert report.fired == 6
-    again = check_alerts(layout, T, now=now + timedelta(seconds=15), durable=False)
+    again = check_alerts(layout, location, T, now=now + timedelta(seconds=15), durable=False)
     assert (again.fired, again.resolved, again.open) == (0, 0, 6)  # no repeat per tick
     stored = load_alerts(layout)
     assert len(stored) == 6 and all(a.started_at == now for a in stored)
@@ -244,7 +239,7 @@ def test_every_rule_fires_and_resolves_on_a_real_data_dir(
     # the backlog drains, batches stop (the window moves on), a new day starts
     spool.unlink()
     tomorrow = now + timedelta(days=1)
-    done = check_alerts(layout, T, now=tomorrow, durable=False)
+    done = check_alerts(layout, location, T, now=tomorrow, durable=False)
     assert (done.resolved, done.open) == (6, 0)
     assert all(a.ended_at == tomorrow for a in list_alerts(layout))
     assert list_alerts(layout, open_only=True) == []
@@ -285,7 +280,8 @@ def fire(layout: Layout, n: int = 1) -> None:
         )
         # (a window longer than the backlog: only the lag rule fires)
         lag_only = dataclasses.replace(T, alert_window=10**6, alert_webhook_url="http://unused/")
-        check_alerts(layout, lag_only, now=now + timedelta(seconds=i), durable=False)
+        location = LakeLocation.from_env({"LAKE_URI": str(layout.root / "lake")})
+        check_alerts(layout, location, lag_only, now=now + timedelta(seconds=i), durable=False)
 
 
 def test_webhook_delivers_in_order_and_empties_the_outbox(settings: Settings) -> None:

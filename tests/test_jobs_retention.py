@@ -1,25 +1,29 @@
-"""Retention: events partitions and each rollup level go after their own number of days."""
+"""Retention: expired events by Delta delete + vacuum, orphans by age, rollups by their own days."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from jobs.retention import cutoff_ms, expired, run_retention
+from jobs.retention import cutoff_ms, expired, first_kept_date, run_retention
 from jobs.rollup import read_rollups, run_rollup
-from jobs.testing import land, random_batch
-from pipeline.livefiles import live_event_files
+from jobs.testing import commit_batches, random_batch
+from lake.location import LakeLocation
+from lake.snapshot import snapshot
+from lake.tables import EVENTS, open_table
 from pipeline.schema import Layout
-from pipeline.settings import JobSettings, Settings
+from pipeline.settings import JobSettings, SettingsError
 
 DAY_MS = 86_400_000
 NOW_MS = int(time.time() * 1000)
 NOW = datetime.fromtimestamp(NOW_MS / 1000, UTC)
+AGES = (40, 10, 3, 1)
 
 
 def test_expired_is_by_end_of_span_and_zero_keeps_everything() -> None:
@@ -29,24 +33,39 @@ def test_expired_is_by_end_of_span_and_zero_keeps_everything() -> None:
     spans = [(Path("a"), cut - 1), (Path("b"), cut), (Path("c"), cut + 1)]
     assert expired(spans, cut) == [Path("a"), Path("b")]
     assert cutoff_ms(now, 0) is None and expired(spans, None) == []
+    # 2026-11-25 ended before the cutoff, 2026-11-26 has not ended by then
+    assert first_kept_date(cut) == "2026-11-26"
+    assert first_kept_date(int(datetime(2026, 11, 26, tzinfo=UTC).timestamp() * 1000)) == (
+        "2026-11-26"
+    )
+
+
+def test_vacuum_retention_is_at_least_an_hour() -> None:
+    assert JobSettings.from_env({}).vacuum_retention == 24 * 3600
+    assert JobSettings.from_env({"VACUUM_RETENTION": "1h"}).vacuum_retention == 3600
+    with pytest.raises(SettingsError, match="VACUUM_RETENTION"):
+        JobSettings.from_env({"VACUUM_RETENTION": "59m"})
 
 
 @pytest.fixture
-def aged_lake(make_settings: Callable[..., Settings]) -> Layout:
-    """Events and rollups 1, 3, 10 and 40 days old (the consumer takes them as of each day)."""
-    settings = make_settings()
-    layout = Layout(settings.data_dir)
+def aged(tmp_path: Path) -> tuple[Layout, LakeLocation]:
+    """Events and rollups 40, 10, 3 and 1 days old, every file written two hours ago."""
+    layout = Layout(str(tmp_path / "data"))
+    location = LakeLocation.from_env({"LAKE_URI": str(tmp_path / "lake")})
     rng = random.Random(2)
-    for i, days in enumerate((40, 10, 3, 1)):
+    for i, days in enumerate(AGES):
         at = NOW_MS - days * DAY_MS
         at -= at % 60_000  # one minute bucket per batch: _days() counts each age once
-        land(
-            settings,
-            [random_batch(rng, batch=i, rows=30, time_ms=at, spread_ms=1000)],
-            clock=lambda at=at: datetime.fromtimestamp(at / 1000 + 5, UTC),  # type: ignore[misc]
-        )
-    run_rollup(layout, durable=False)
-    return layout
+        batch = random_batch(rng, batch=i, rows=30, time_ms=at, spread_ms=1000)
+        commit_batches(location, [batch], at=datetime.fromtimestamp(at / 1000 + 5, UTC))
+    run_rollup(layout, location, durable=False)
+    _age(Path(location.uri), 2 * 3600)
+    return layout, location
+
+
+def _age(root: Path, seconds: float) -> None:
+    for f in root.rglob("*.parquet"):
+        os.utime(f, (time.time() - seconds, time.time() - seconds))
 
 
 def _days(layout: Layout, granularity: str) -> set[int]:
@@ -54,61 +73,88 @@ def _days(layout: Layout, granularity: str) -> set[int]:
     return {int((NOW - b).total_seconds() // 86_400) for b in rows["bucket"].to_list()}
 
 
-def test_each_kind_is_kept_for_its_own_number_of_days(aged_lake: Layout) -> None:
-    layout = aged_lake
+def _event_files(location: LakeLocation) -> set[str]:
+    root = Path(location.path("events"))
+    return {
+        p.relative_to(root).as_posix() for p in root.rglob("*.parquet") if "_delta" not in str(p)
+    }
+
+
+def _rows(location: LakeLocation) -> int:
+    return int(snapshot(location).datasets["events"].count_rows())
+
+
+def _age_removals(location: LakeLocation, seconds: float) -> None:
+    """Move the deletion time of every remove action in the events log ``seconds`` back, as if
+    that long had passed since retention's delete."""
+    for commit in Path(location.path("events", "_delta_log")).glob("*.json"):
+        actions = [json.loads(line) for line in commit.read_text().splitlines() if line]
+        for action in actions:
+            if "remove" in action:
+                action["remove"]["deletionTimestamp"] -= int(seconds * 1000)
+        commit.write_text("".join(json.dumps(a) + "\n" for a in actions))
+
+
+def test_expired_days_leave_the_table_then_the_disk(aged: tuple[Layout, LakeLocation]) -> None:
+    layout, location = aged
+    old_date = f"{datetime.fromtimestamp((NOW_MS - 40 * DAY_MS) / 1000, UTC):%Y-%m-%d}"
+    partition = Path(location.path("events")) / f"date={old_date}"
+    orphan_old = partition.parent / "date=2020-01-01" / "hour=00" / "crashed-old.parquet"
+    orphan_new = partition.parent / "date=2020-01-01" / "hour=00" / "crashed-new.parquet"
+    orphan_old.parent.mkdir(parents=True)
+    for orphan, age in ((orphan_old, 2 * 3600), (orphan_new, 60)):
+        orphan.write_bytes(b"PAR1 written, never committed")
+        os.utime(orphan, (time.time() - age, time.time() - age))
+    files = _event_files(location)
+    jobs = JobSettings(retention_days=30, vacuum_retention=3600)
+
+    report = run_retention(layout, location, jobs, now=NOW)
+    assert report.deleted["events_rows"] == 30
+    assert _rows(location) == 90
+    assert old_date not in {p["date"] for p in open_table(location, EVENTS).partitions()}
+    # The expired day's file stays on disk for readers of older snapshots; the orphan older
+    # than VACUUM_RETENTION is gone, the younger one (a write still to be committed) is not.
+    assert report.deleted["events_files"] == 1
+    assert _event_files(location) == files - {orphan_old.relative_to(partition.parent).as_posix()}
+    assert list(partition.rglob("*.parquet"))
+
+    again = run_retention(layout, location, jobs, now=NOW)
+    assert again.deleted["events_rows"] == 0 and again.deleted["events_files"] == 0
+    _age_removals(location, 3601)
+    later = run_retention(layout, location, jobs, now=NOW)
+    assert later.deleted["events_files"] == 1 and not list(partition.rglob("*.parquet"))
+    assert _rows(location) == 90
+
+
+def test_each_rollup_kind_is_kept_for_its_own_number_of_days(
+    aged: tuple[Layout, LakeLocation],
+) -> None:
+    layout, location = aged
     assert len(_days(layout, "minute")) == 4
-    report = run_retention(
-        layout,
-        JobSettings(
-            retention_days=30,
-            rollup_minute_retention_days=2,
-            rollup_hour_retention_days=5,
-            rollup_day_retention_days=0,
-        ),
-        now=NOW,
+    jobs = JobSettings(
+        retention_days=30,
+        rollup_minute_retention_days=2,
+        rollup_hour_retention_days=5,
+        rollup_day_retention_days=0,
     )
-    assert report.deleted["events_hours"] == 1
+    report = run_retention(layout, location, jobs, now=NOW)
+    assert report.deleted["minute_rollup_hours"] == 3
     assert _days(layout, "minute") == {1}
     assert _days(layout, "hour") == {1, 3}
     assert _days(layout, "day") == {1, 3, 10, 40}  # 0 = forever
-    assert len({f.parent for f in live_event_files(layout)}) == 3
     sketches = list((layout.rollups / "_hll").rglob("*.parquet"))
     assert len(sketches) == 2  # the hour and day sketch of the day kept at minute level
-    again = run_retention(
-        layout,
-        JobSettings(
-            retention_days=30,
-            rollup_minute_retention_days=2,
-            rollup_hour_retention_days=5,
-            rollup_day_retention_days=0,
-        ),
-        now=NOW,
-    )
+    again = run_retention(layout, location, jobs, now=NOW)
     assert sum(again.deleted.values()) == 0
-    assert not (layout.staging / "trash").exists() or not any((layout.staging / "trash").iterdir())
 
 
-def test_rollups_outlive_their_events_even_through_a_rebuild(aged_lake: Layout) -> None:
-    layout = aged_lake
+def test_rollups_outlive_their_events_even_through_a_rebuild(
+    aged: tuple[Layout, LakeLocation],
+) -> None:
+    layout, location = aged
     before = read_rollups(layout, "hour")
-    run_retention(layout, JobSettings(retention_days=5), now=NOW)
-    assert len({f.parent for f in live_event_files(layout)}) == 2
-    report = run_rollup(layout, durable=False, rebuild=True)
+    run_retention(layout, location, JobSettings(retention_days=5), now=NOW)
+    assert _rows(location) == 60
+    report = run_rollup(layout, location, durable=False, rebuild=True)
     assert report.rebuilt and report.hours == 2  # only hours that still have events
     assert read_rollups(layout, "hour").equals(before)
-
-
-def test_a_partition_being_compacted_is_not_deleted_under_it(aged_lake: Layout) -> None:
-    from pipeline.livefiles import read_units
-
-    layout = aged_lake
-    oldest = sorted(layout.events.glob("date=*/hour=*"))[0]
-    unit = layout.staging / "compact" / "compacted-1-x.committed"
-    unit.mkdir(parents=True)
-    key = oldest.relative_to(layout.events).as_posix()
-    (unit / "manifest.json").write_text(
-        f'{{"unit": "compacted-1-x", "partition": "{key}", "outputs": [], "replaces": []}}'
-    )
-    assert read_units(layout)[0].partition == key
-    run_retention(layout, JobSettings(retention_days=30), now=NOW)
-    assert oldest.exists()

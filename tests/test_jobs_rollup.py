@@ -1,16 +1,15 @@
-"""Rollups: HyperLogLog maths, and incremental runs reconciled with a full recomputation."""
+"""Rollups: HyperLogLog maths; incremental runs on a Delta lake equal a full recomputation."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -18,17 +17,21 @@ from jobs import hll
 from jobs.compact import compact
 from jobs.rollup import (
     GRANULARITIES,
-    ROLLUP_SCHEMA,
+    appended_ranges,
     full_rollups,
     minute_ranges,
     read_rollups,
     run_rollup,
     touched_minutes,
 )
-from jobs.testing import land, random_batch
-from pipeline.livefiles import live_event_files
-from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA, Layout
-from pipeline.settings import JobSettings, Settings
+from jobs.testing import commit_batches, random_batch
+from lake import maintenance
+from lake.location import LakeLocation
+from lake.snapshot import snapshot
+from lake.tables import LEDGER, open_table
+from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA, ROLLUP_SCHEMA, Layout
+from pipeline.settings import JobSettings
+from pipeline.testing import event_table
 
 HOUR_MS = 3_600_000
 NOW_MS = int(time.time() * 1000)
@@ -93,13 +96,26 @@ def test_touched_minutes_and_runs() -> None:
     assert minute_ranges([0, 60_000, 180_000]) == [(0, 120_000), (180_000, 240_000)]
 
 
-def _live_events(layout: Layout) -> pl.LazyFrame:
-    files = live_event_files(layout)
-    return pl.scan_parquet(files, hive_partitioning=False, schema=ENRICHED_SCHEMA)
+def test_appended_ranges_skip_deletes_and_need_the_whole_span() -> None:
+    ops = ["WRITE", "OPTIMIZE", "WRITE", "DELETE", "WRITE", "WRITE"]
+    history = [{"version": v, "operation": op} for v, op in enumerate(ops, start=1)]
+    assert appended_ranges(history, 0, 6) == [(1, 3), (5, 6)]
+    assert appended_ranges(history, 3, 4) == []
+    assert appended_ranges(history[2:], 0, 6) is None  # versions 1-2 are no longer in the log
 
 
-def _assert_reconciled(layout: Layout) -> None:
-    expected = full_rollups(_live_events(layout))
+@pytest.fixture
+def lake(tmp_path: Path) -> tuple[Layout, LakeLocation]:
+    return Layout(str(tmp_path / "data")), LakeLocation.from_env({"LAKE_URI": str(tmp_path / "l")})
+
+
+def _events(location: LakeLocation) -> pl.LazyFrame:
+    rows = snapshot(location).datasets["events"].to_table()
+    return pl.DataFrame(rows).lazy().cast(dict(ENRICHED_SCHEMA))  # type: ignore[arg-type]
+
+
+def _assert_reconciled(layout: Layout, location: LakeLocation) -> None:
+    expected = full_rollups(_events(location))
     for g in GRANULARITIES:
         got = read_rollups(layout, g)
         assert got.schema == ROLLUP_SCHEMA
@@ -107,7 +123,7 @@ def _assert_reconciled(layout: Layout) -> None:
         assert_frame_equal(got, expected[g])
 
 
-def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+def _files(root: Path) -> dict[str, tuple[int, bytes]]:
     return {
         str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
         for p in sorted(root.rglob("*"))
@@ -115,14 +131,17 @@ def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
     }
 
 
+def _commit(location: LakeLocation, *tables: pa.Table) -> None:
+    commit_batches(location, list(tables), at=datetime.now(UTC))
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_incremental_rollups_equal_a_full_recomputation(
-    make_settings: Callable[..., Settings], seed: int
+    lake: tuple[Layout, LakeLocation], seed: int
 ) -> None:
-    """Batches over 3 hours, late events within the window (old buckets), events too late for
-    it (quarantined), re-sent duplicates, runs after random batches, a compaction in between."""
-    settings = make_settings()
-    layout = Layout(settings.data_dir)
+    """Batches over 3 hours, late events (old buckets), re-sent copies, runs after random
+    batches, compactions (the open hour's too) and a Z-order in between."""
+    layout, location = lake
     rng = random.Random(seed)
     history: list[tuple[str, int]] = []
     start = NOW_MS - 3 * HOUR_MS
@@ -135,110 +154,107 @@ def test_incremental_rollups_equal_a_full_recomputation(
             rows=rng.choice([0, 1, 40, 150]),
             time_ms=t,
             history=history,
-            late_ms=50 * 60_000,  # within the 1h window: lands in old buckets
+            late_ms=50 * 60_000,
             late_rate=0.15,
         )
-        too_late = random_batch(rng, batch=1000 + b, rows=2, time_ms=t - 2 * HOUR_MS)
-        land(settings, [table, too_late] if b % 5 == 4 else [table])
+        _commit(location, table)
         if rng.random() < 0.5:
-            run_rollup(layout, durable=False)
-        if b == batches // 2:
+            run_rollup(layout, location, durable=False)
+        if b in (batches // 3, batches // 2):
             compact(
                 layout,
-                JobSettings(compact_target_rows=300, compact_min_age=0),
+                location,
+                JobSettings(compact_min_age=0),
                 now=datetime.fromtimestamp(NOW_MS / 1000, UTC),
                 durable=False,
             )
-    run_rollup(layout, durable=False)
-    _assert_reconciled(layout)
+    run_rollup(layout, location, durable=False)
+    _assert_reconciled(layout, location)
 
 
 def test_a_second_run_changes_nothing_and_a_replay_gives_the_same_rollups(
-    make_settings: Callable[..., Settings],
+    lake: tuple[Layout, LakeLocation],
 ) -> None:
-    settings = make_settings()
-    layout = Layout(settings.data_dir)
+    layout, location = lake
     rng = random.Random(5)
     history: list[tuple[str, int]] = []
-    land(
-        settings,
-        [
-            random_batch(
-                rng, batch=b, rows=80, time_ms=NOW_MS - 40 * 60_000 + b * 60_000, history=history
-            )
-            for b in range(6)
-        ],
-    )
-    first = run_rollup(layout, durable=False)
+    for b in range(6):
+        at = NOW_MS - 40 * 60_000 + b * 60_000
+        _commit(location, random_batch(rng, batch=b, rows=80, time_ms=at, history=history))
+    first = run_rollup(layout, location, durable=False)
     assert first.batches == 6 and first.minutes > 0
-    before = _snapshot(layout.rollups)
-    again = run_rollup(layout, durable=False)
+    before = _files(layout.rollups)
+    again = run_rollup(layout, location, durable=False)
     assert again.batches == 0
-    assert _snapshot(layout.rollups) == before  # not even rewritten
+    assert _files(layout.rollups) == before  # not even rewritten
+    # Compaction commits add no batch: the next run reads none.
+    compact(layout, location, JobSettings(compact_min_age=0), now=datetime.now(UTC), durable=False)
+    assert run_rollup(layout, location, durable=False).batches == 0
 
     # Forget which batches were seen (as a crash before the state write would): same answer.
     state = layout.rollups / "_state.json"
     saved = json.loads(state.read_text())
     state.write_text(json.dumps({"hll_check": saved["hll_check"]}))
-    replay = run_rollup(layout, durable=False)
+    replay = run_rollup(layout, location, durable=False)
     assert replay.batches == 6
-    after = _snapshot(layout.rollups)
+    after = _files(layout.rollups)
     changed = {k for k in after if k in before and after[k][1] != before[k][1]}
     assert changed <= {"_state.json"}
-    _assert_reconciled(layout)
+    _assert_reconciled(layout, location)
 
 
 def test_a_late_event_updates_its_old_minute_hour_and_day(
-    make_settings: Callable[..., Settings],
+    lake: tuple[Layout, LakeLocation],
 ) -> None:
-    settings = make_settings()
-    layout = Layout(settings.data_dir)
+    layout, location = lake
     rng = random.Random(9)
-    land(settings, [random_batch(rng, batch=0, rows=50, time_ms=NOW_MS - 30 * 60_000)])
-    run_rollup(layout, durable=False)
+    _commit(location, random_batch(rng, batch=0, rows=50, time_ms=NOW_MS - 30 * 60_000))
+    run_rollup(layout, location, durable=False)
     old = NOW_MS - 45 * 60_000
-    land(
-        settings,
-        [random_batch(rng, batch=1, rows=20, time_ms=NOW_MS - 60_000, spread_ms=1)],
+    _commit(location, random_batch(rng, batch=1, rows=20, time_ms=NOW_MS - 60_000, spread_ms=1))
+    late = event_table(
+        ["late-1"], time_ms=old, cost_micros=[123], user_id=["late-user"], campaign_id=["cmp-0000"]
     )
-    from pipeline.testing import event_table
-
-    land(
-        settings,
-        [
-            event_table(
-                ["late-1"],
-                time_ms=old,
-                cost_micros=[123],
-                user_id=["late-user"],
-                campaign_id=["cmp-0000"],
-            )
-        ],
-    )
-    report = run_rollup(layout, durable=False)
+    _commit(location, late)
+    report = run_rollup(layout, location, durable=False)
     assert report.batches == 2
     minute = datetime.fromtimestamp((old - old % 60_000) / 1000, UTC)
     rows = read_rollups(layout, "minute").filter(
         (pl.col("campaign_id") == "cmp-0000") & (pl.col("bucket") == minute)
     )
     assert rows["spend_micros"].to_list() == [123]
-    _assert_reconciled(layout)
+    _assert_reconciled(layout, location)
 
 
-def test_a_changed_hash_rebuilds_from_events(make_settings: Callable[..., Settings]) -> None:
-    settings = make_settings()
-    layout = Layout(settings.data_dir)
+def test_a_changed_hash_rebuilds_from_events(lake: tuple[Layout, LakeLocation]) -> None:
+    layout, location = lake
     rng = random.Random(3)
-    land(
-        settings,
-        [random_batch(rng, batch=b, rows=60, time_ms=NOW_MS - b * 600_000) for b in range(4)],
-    )
-    run_rollup(layout, durable=False)
+    for b in range(4):
+        _commit(location, random_batch(rng, batch=b, rows=60, time_ms=NOW_MS - b * 600_000))
+    run_rollup(layout, location, durable=False)
     state = layout.rollups / "_state.json"
     saved = json.loads(state.read_text())
     saved["hll_check"] = "from-another-polars"
     state.write_text(json.dumps(saved))
-    os.utime(state)
-    report = run_rollup(layout, durable=False)
+    report = run_rollup(layout, location, durable=False)
     assert report.rebuilt and report.batches == 4
-    _assert_reconciled(layout)
+    _assert_reconciled(layout, location)
+
+
+def test_an_unreadable_change_feed_falls_back_to_every_batch(
+    lake: tuple[Layout, LakeLocation],
+) -> None:
+    """The ledger files appended after the state's version were compacted and vacuumed away
+    (a rollup behind by more than VACUUM_RETENTION): the run reads the whole ledger instead."""
+    layout, location = lake
+    rng = random.Random(4)
+    _commit(location, random_batch(rng, batch=0, rows=30, time_ms=NOW_MS - 20 * 60_000))
+    run_rollup(layout, location, durable=False)
+    for b in range(1, 4):
+        _commit(location, random_batch(rng, batch=b, rows=30, time_ms=NOW_MS - b * 60_000))
+    compact(layout, location, JobSettings(compact_min_age=0), now=datetime.now(UTC), durable=False)
+    ledger = open_table(location, LEDGER)
+    assert maintenance.vacuum(ledger, 0, full=False, allow_short_retention=True)
+    report = run_rollup(layout, location, durable=False)
+    assert report.batches == 4
+    _assert_reconciled(layout, location)
