@@ -1,4 +1,4 @@
-"""The scheduler (no overlap, failures survive) and every CLI form, against a live pipeline."""
+"""The scheduler (no overlap, failures survive) and every CLI form, against a live Delta lake."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -20,10 +21,12 @@ import pytest
 from jobs.rollup import full_rollups, read_rollups
 from jobs.scheduler import build_scheduler
 from jobs.tasks import JobSpec
-from jobs.testing import land, random_batch, wait_for, webhook_server
-from pipeline.livefiles import OUTPUT_PREFIX, live_event_files
+from jobs.testing import commit_batches, random_batch, wait_for, webhook_server, write_ledger
+from lake.location import LakeLocation
+from lake.snapshot import snapshot
+from lake.tables import EVENTS, open_table
 from pipeline.schema import ENRICHED_SCHEMA, Layout
-from pipeline.settings import JobSettings, Settings, SettingsError, parse_size
+from pipeline.settings import JobSettings, SettingsError, parse_size
 from pipeline.spool import SpoolWriter
 from pipeline.testing import event_table
 
@@ -39,8 +42,8 @@ def test_job_settings_parse_and_name_the_variable_when_invalid() -> None:
     )
     assert cfg.compact_target_bytes == 64 * 1024**2 and cfg.alert_latency_p95_warning == 0.02
     assert parse_size("128MB") == 128_000_000
-    with pytest.raises(SettingsError, match="COMPACT_TARGET_ROWS='0' is invalid"):
-        JobSettings.from_env({"COMPACT_TARGET_ROWS": "0"})
+    with pytest.raises(SettingsError, match="COMPACT_TARGET_BYTES='0' is invalid"):
+        JobSettings.from_env({"COMPACT_TARGET_BYTES": "0"})
     with pytest.raises(SettingsError, match="ALERT_WEBHOOK_URL"):
         JobSettings.from_env({"ALERT_WEBHOOK_URL": "ftp://x"})
     with pytest.raises(SettingsError, match="ALERT_LAG_WARNING must be at most ALERT_LAG_CRITICAL"):
@@ -122,18 +125,17 @@ def jobs_cli(data: Path, *args: str, env: dict[str, str] | None = None) -> str:
     return proc.stdout.decode()
 
 
-def test_each_cli_form_runs_once(make_settings: Callable[..., Settings]) -> None:
-    settings = make_settings(dedupe_window="6h")
-    data = Path(settings.data_dir)
+def test_each_cli_form_runs_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    location = LakeLocation.from_env({"LAKE_URI": str(data / "lake")})
     rng = random.Random(1)
-    land(
-        settings,
-        [random_batch(rng, batch=b, rows=40, time_ms=CLOSED_MS + b * 60_000) for b in range(6)],
-    )
+    for b in range(6):
+        batch = random_batch(rng, batch=b, rows=40, time_ms=CLOSED_MS + b * 60_000)
+        commit_batches(location, [batch], at=datetime.now(UTC))
     assert jobs_cli(data, "rollup", "--once").startswith("rollup batches=6 ")
     assert "batches=0" in jobs_cli(data, "rollup", "--once")
     out = jobs_cli(data, "compact", "--once", env={"COMPACT_MIN_AGE": "0"})
-    assert out.startswith("compacted partitions=1 files_before=6 files_after=1")
+    assert out.startswith("compacted tables=2 files_before=12 files_after=2 zordered_hours=1")
     SpoolWriter(data / "incoming", "late").write(event_table(["x"], time_ms=NOW_MS))
     os.utime(next((data / "incoming").iterdir()), (time.time() - 45, time.time() - 45))
     # Only the lag rule may fire: batches processed slowly on a busy machine must not add one.
@@ -141,59 +143,80 @@ def test_each_cli_form_runs_once(make_settings: Callable[..., Settings]) -> None
     assert "fired=1" in jobs_cli(data, "alerts", "check", env=slow_ok)
     listed = [json.loads(line) for line in jobs_cli(data, "alerts", "list", "--json").splitlines()]
     assert [(a["rule"], a["status"]) for a in listed] == [("consumer_lag", "firing")]
-    assert jobs_cli(data, "retention", "--once").startswith("retention deleted ")
+    out = jobs_cli(data, "retention", "--once", env={"VACUUM_RETENTION": "1h"})
+    assert out.startswith("retention deleted ") and "events_rows=0" in out
+
+
+def test_a_bad_lake_setting_exits_2_naming_it(tmp_path: Path) -> None:
+    v1 = tmp_path / "v1"
+    (v1 / "staging").mkdir(parents=True)
+    (v1 / "events" / "date=2026-12-01").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "ADEVENTS_CRASH_AT"}
+    env.update(DATA_DIR=str(tmp_path / "data"), LAKE_URI=str(v1))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "compact", "--once"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "LAKE_URI" in proc.stderr.decode()
 
 
 @pytest.mark.timeout(120)
-def test_the_scheduler_runs_every_job_against_a_live_pipeline(tmp_path: Path) -> None:
-    """A real consumer and `scheduler` side by side; events arrive; every job does its part."""
+def test_the_scheduler_runs_every_job_against_a_live_lake(tmp_path: Path) -> None:
+    """`scheduler` runs while batches are committed to the lake; every job does its part."""
     data = tmp_path / "data"
+    location = LakeLocation.from_env({"LAKE_URI": str(data / "lake")})
     env = {k: v for k, v in os.environ.items() if k not in ("ADEVENTS_CRASH_AT", "REDIS_URL")}
     env.update(
         DATA_DIR=str(data),
         FSYNC="false",
-        DEDUPE_WINDOW="6h",
-        MAX_EVENTS_PER_SECOND="0",
         ROLLUP_INTERVAL="300ms",
         COMPACT_INTERVAL="500ms",
         COMPACT_MIN_AGE="0",
         ALERT_INTERVAL="300ms",
         ALERT_WEBHOOK_INTERVAL="200ms",
         RETENTION_INTERVAL="1s",
+        VACUUM_RETENTION="1h",
         ALERT_ERROR_RATE_WARNING="0",  # any quarantined row fires the error-rate rule
-        # ...and only it: batches processed slowly on a busy machine must not fire latency_p95.
         ALERT_LATENCY_P95_WARNING="1h",
         ALERT_LATENCY_P95_CRITICAL="1h",
     )
     with webhook_server("ok") as hook:
         env["ALERT_WEBHOOK_URL"] = hook.url
-        consumer = subprocess.Popen(
-            [sys.executable, "-m", "cli", "consume", "--log-level", "WARNING"],
-            env=env,
-            stderr=subprocess.PIPE,
-        )
+        rng = random.Random(3)
+        for b in range(8):
+            batch = random_batch(rng, batch=b, rows=50, time_ms=CLOSED_MS + b * 600_000)
+            commit_batches(location, [batch], at=datetime.now(UTC))
         scheduler = subprocess.Popen(
             [sys.executable, "-m", "cli", "scheduler", "--log-level", "INFO"],
             env=env,
             stderr=subprocess.PIPE,
         )
         try:
-            rng = random.Random(3)
-            writer = SpoolWriter(data / "incoming", "live")
-            for b in range(8):
-                writer.write(random_batch(rng, batch=b, rows=50, time_ms=CLOSED_MS + b * 600_000))
-            writer.write(event_table(["bad"], time_ms=NOW_MS, country=["usa"]))
+            write_ledger(
+                location,
+                [
+                    {
+                        "batch_id": "bad",
+                        "status": "ok",
+                        "rows_in": 1,
+                        "quarantined": 1,
+                        "committed_at": datetime.now(UTC),
+                    }
+                ],
+            )
             layout = Layout(str(data))
 
             def compacted() -> bool:
-                files = list(layout.events.rglob("*.parquet"))
-                return bool(files) and all(f.name.startswith(OUTPUT_PREFIX) for f in files)
+                table = open_table(location, EVENTS)
+                return len(table.file_uris()) == len(table.partitions())
 
             def rolled_up() -> bool:
-                files = live_event_files(layout)
-                if not files:
-                    return False
-                events = pl.scan_parquet(files, hive_partitioning=False, schema=ENRICHED_SCHEMA)
+                rows = snapshot(location).datasets["events"].to_table()
+                events = pl.DataFrame(rows).lazy().cast(dict(ENRICHED_SCHEMA))  # type: ignore[arg-type]
                 return read_rollups(layout, "hour").equals(full_rollups(events)["hour"])
 
             assert wait_for(compacted, timeout=30), "compaction never ran"
@@ -202,9 +225,7 @@ def test_the_scheduler_runs_every_job_against_a_live_pipeline(tmp_path: Path) ->
             assert hook.received[0]["rule"] == "error_rate"
         finally:
             scheduler.send_signal(signal.SIGTERM)
-            consumer.send_signal(signal.SIGTERM)
             _, log = scheduler.communicate(timeout=30)
-            consumer.communicate(timeout=30)
     assert scheduler.returncode == 0, log.decode()
     text = log.decode()
     for job in ("rollup", "compact", "alerts", "retention", "webhook"):
