@@ -1,8 +1,9 @@
-"""Compaction benchmark: files before/after and DuckDB query times on a realistic micro-batch lake.
+"""Compaction benchmark: files before/after and DuckDB query times on a micro-batch Delta lake.
 
 ``python bench/compaction.py --events 3000000`` draws events with the generator's model
-(Zipf campaigns, funnel, prices), lands them as the consumer does (one file per batch per hour,
-sorted, zstd), then times DuckDB queries over the live files before and after compaction.
+(Zipf campaigns, funnel, prices), commits them as the consumer does (one Delta commit per
+batch, one file per hour it touches), then times DuckDB queries over a snapshot of the events
+table before and after the compaction job (optimize, then Z-order of the closed hours).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import numpy as np
 import polars as pl
 
 from jobs.compact import compact
-from pipeline.enrich import enrich, partition_by_hour
-from pipeline.livefiles import live_event_files
-from pipeline.schema import HOUR_MS, PARQUET_COMPRESSION, Layout, event_partition
+from lake.location import LakeLocation
+from lake.snapshot import connect
+from lake.tables import EVENTS, open_table
+from lake.testing import append
+from pipeline.enrich import enrich
+from pipeline.schema import HOUR_MS, Layout
 from pipeline.settings import JobSettings
 
 QUERIES = {
@@ -31,10 +35,10 @@ QUERIES = {
                count(*) FILTER (WHERE event_type = 'impression') AS impressions,
                count(*) FILTER (WHERE event_type = 'click') AS clicks,
                sum(cost_micros) AS spend_micros
-        FROM read_parquet($files) GROUP BY campaign_id ORDER BY spend_micros DESC""",
+        FROM events GROUP BY campaign_id ORDER BY spend_micros DESC""",
     "one_campaign_series": """
         SELECT date_trunc('minute', event_time) AS m, count(*), sum(cost_micros)
-        FROM read_parquet($files) WHERE campaign_id = 'cmp-00007'
+        FROM events WHERE campaign_id = 'cmp-00007'
         GROUP BY m ORDER BY m""",
 }
 
@@ -94,29 +98,35 @@ def build(root: Path, *, events: int, batch_rows: int, hours: int, seed: int = 7
             pl.col(pl.Enum).cast(pl.String)
         )
         enriched, _ = enrich(frame, dimension, batch_id=f"bench-{b:06d}", ingested_at=ingested)
-        for (date, hour), part in partition_by_hour(enriched).items():
-            path = layout.events / event_partition(date, hour) / f"bench-{b:06d}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            part.write_parquet(path, compression=PARQUET_COMPRESSION, row_group_size=128 * 1024)
-            written += len(part)
+        append(_lake(root), {"events": enriched})
+        written += len(enriched)
     return written
 
 
-def _time(con: duckdb.DuckDBPyConnection, sql: str, files: list[str], repeat: int) -> float:
+def _lake(root: Path) -> LakeLocation:
+    return LakeLocation.from_env({"LAKE_URI": str(root / "lake")})
+
+
+def _files(root: Path) -> tuple[int, int]:
+    """(files, bytes) of the events table's current version."""
+    actions = pl.DataFrame(open_table(_lake(root), EVENTS).get_add_actions(flatten=True))
+    return len(actions), int(actions["size_bytes"].sum())
+
+
+def _time(con: duckdb.DuckDBPyConnection, sql: str, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
-        con.execute(sql, {"files": files}).fetchall()
+        con.execute(sql).fetchall()
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
 
 
-def measure(layout: Layout, repeat: int) -> dict[str, float]:
-    files = [str(p) for p in live_event_files(layout)]
-    con = duckdb.connect()
+def measure(root: Path, repeat: int) -> dict[str, float]:
+    con = connect(_lake(root))
     con.execute("SET TimeZone = 'UTC'")
     try:
-        return {name: _time(con, sql, files, repeat) for name, sql in QUERIES.items()}
+        return {name: _time(con, sql, repeat) for name, sql in QUERIES.items()}
     finally:
         con.close()
 
@@ -124,23 +134,27 @@ def measure(layout: Layout, repeat: int) -> dict[str, float]:
 def run(root: Path, *, events: int, batch_rows: int, hours: int, repeat: int = 5) -> BenchResult:
     shutil.rmtree(root, ignore_errors=True)
     rows = build(root, events=events, batch_rows=batch_rows, hours=hours)
-    layout = Layout(str(root))
-    before = live_event_files(layout)
-    bytes_before = sum(p.stat().st_size for p in before)
-    before_ms = measure(layout, repeat)
+    files_before, bytes_before = _files(root)
+    before_ms = measure(root, repeat)
     started = time.perf_counter()
-    compact(layout, JobSettings(compact_min_age=0), now=datetime.now(UTC), durable=False)
+    compact(
+        Layout(str(root)),
+        _lake(root),
+        JobSettings(compact_min_age=0),
+        now=datetime.now(UTC),
+        durable=False,
+    )
     seconds = time.perf_counter() - started
-    after = live_event_files(layout)
+    files_after, bytes_after = _files(root)
     return BenchResult(
         rows=rows,
-        files_before=len(before),
-        files_after=len(after),
+        files_before=files_before,
+        files_after=files_after,
         bytes_before=bytes_before,
-        bytes_after=sum(p.stat().st_size for p in after),
+        bytes_after=bytes_after,
         compact_seconds=seconds,
         before_ms=before_ms,
-        after_ms=measure(layout, repeat),
+        after_ms=measure(root, repeat),
     )
 
 
