@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+import pyarrow.dataset as pads
 
-from pipeline.schema import Layout
+from lake.location import LakeLocation
+from lake.snapshot import snapshot
 
 
 class ReconcileError(AssertionError):
@@ -45,22 +47,28 @@ class Reconciliation:
         return out
 
 
-def _lake_frame(directory: Path, columns: list[str]) -> pl.DataFrame:
-    files = sorted(str(p) for p in directory.rglob("*.parquet") if "files" not in p.parts)
-    if not files:
-        return pl.DataFrame({c: [] for c in columns})
-    return pl.scan_parquet(files, hive_partitioning=False).select(columns).collect()
+def _table_frame(dataset: pads.Dataset, columns: list[str]) -> pl.DataFrame:
+    frame = pl.from_arrow(dataset.to_table(columns=columns))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
-def reconcile(data_dir: str | Path, truth_path: str | Path) -> Reconciliation:
-    """Compare ``events/``, ``quarantine/`` and ``ledger/`` with the truth; raise if they differ."""
-    layout = Layout(str(data_dir))
+def reconcile(lake: LakeLocation | str | Path, truth_path: str | Path) -> Reconciliation:
+    """Compare the lake's ``events``, ``quarantine`` and ``ledger`` tables (one snapshot) with
+    the truth; raise :class:`ReconcileError` listing every discrepancy.
+
+    ``lake`` is a location, or a DATA_DIR whose lake is the default one (``DATA_DIR/lake``).
+    """
+    location = (
+        lake if isinstance(lake, LakeLocation) else LakeLocation.from_env({}, data_dir=str(lake))
+    )
+    tables = snapshot(location).datasets
     truth = pl.read_parquet(truth_path)
     valid = truth.filter(pl.col("valid"))
-    stored = _lake_frame(layout.events, ["event_id"])["event_id"]
-    quarantine = _lake_frame(layout.quarantine, ["event_id", "reason"])
+    stored = _table_frame(tables["events"], ["event_id"])["event_id"]
+    quarantine = _table_frame(tables["quarantine"], ["event_id", "reason"])
     late = quarantine.filter(pl.col("reason") == "late_event")["event_id"]
-    ledger = _lake_frame(layout.ledger, ["rows_in", "duplicates"])
+    ledger = _table_frame(tables["ledger"], ["rows_in", "duplicates"])
     problems: list[str] = []
 
     stored_ids = stored.unique()
