@@ -4,10 +4,12 @@
         --consumers 1 2 3 --work /tmp/scaling
 
 The spool is generated once (``adevents generate --events N --rate 0 --truth ...``, not timed);
-each run copies it into a fresh DATA_DIR, starts N consumers at once with FSYNC=false and
+each run copies it into a fresh DATA_DIR, starts N consumers at once (CONSUMER_SLOT 0 … N-1:
+each claims its own files from the shared incoming/) with FSYNC=false and
 MAX_EVENTS_PER_SECOND=0 under a fresh key prefix, and times from the start to the last exit
-(process start-up included) and, from the ledger, from the first read to the last commit. Every
-run is reconciled against the ground truth: a lost or duplicated event fails the benchmark.
+(process start-up included) and, from the ledger table, from the first read to the last commit.
+Every run's Delta tables (DATA_DIR/lake) are reconciled against the ground truth: a lost or
+duplicated event fails the benchmark.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
-import polars as pl
-
+from cli.bench import commit_groups, consumer_seconds, read_ledger
+from lake.location import LakeLocation
 from pipeline.reconcile import reconcile
 
 
@@ -64,13 +66,15 @@ def main() -> None:
                 "LOG_LEVEL": "WARNING",
             }
             started = time.perf_counter()
-            procs = [adevents("consume", "--once", env=env) for _ in range(n)]
+            procs = [
+                adevents("consume", "--once", env={**env, "CONSUMER_SLOT": str(slot)})
+                for slot in range(n)
+            ]
             assert all(p.wait() == 0 for p in procs)
             wall = time.perf_counter() - started
-            result = reconcile(data, truth)
-            ledger = pl.read_parquet(sorted((data / "ledger").rglob("*.parquet")))
-            first = (ledger["committed_at"].dt.epoch("ms") - ledger["processing_ms"]).min()
-            span = (ledger["committed_at"].dt.epoch("ms").max() - first) / 1000  # type: ignore[operator]
+            lake = LakeLocation.from_env({}, data_dir=str(data))
+            result = reconcile(lake, truth)
+            span = consumer_seconds(commit_groups(read_ledger(lake)))
             rows = result.ledger_rows_in
             print(
                 f"{n} | {rows:,} | {wall:.1f} | {rows / wall:,.0f} | {rows / span:,.0f}", flush=True

@@ -185,7 +185,7 @@ def measure_naive(
     return seen, seen / elapsed if elapsed > 0 else 0.0
 
 
-def _ledger(location: LakeLocation) -> pl.DataFrame:
+def read_ledger(location: LakeLocation) -> pl.DataFrame:
     """The ledger table's rows (one per spool file), at its latest version."""
     frame = pl.from_arrow(snapshot(location).datasets["ledger"].to_table())
     assert isinstance(frame, pl.DataFrame)
@@ -203,8 +203,10 @@ GROUP_STAGES = {
 STAGES = ("read", *GROUP_STAGES, "ledger commit and queueing")
 
 
-def _groups(ok: pl.DataFrame) -> pl.DataFrame:
-    """One row per commit group: its files share the consumer and the ledger commit's clock."""
+def commit_groups(ledger: pl.DataFrame) -> pl.DataFrame:
+    """One row per commit group of the ledger's landed files (status ok): a group's files share
+    the consumer and the ledger commit's clock reading."""
+    ok = ledger.filter(pl.col("status") == "ok")
     return ok.group_by("consumer", "committed_at").agg(
         pl.col("rows_in").sum(),
         pl.col("read_ms").fill_null(0.0).sum(),
@@ -212,16 +214,21 @@ def _groups(ok: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def summarise_ledger(result: BenchResult, ledger: pl.DataFrame) -> None:
-    """Events/s from the first file read to the last commit, stage times and batch latency.
+def consumer_seconds(groups: pl.DataFrame) -> float:
+    """Seconds from the first file read to the last ledger commit, over ``commit_groups``.
 
     A group's ``processing_ms`` runs from deciding it to its ledger commit; its files were read
     just before, so the group started ``read_ms`` (summed over its files) earlier.
     """
-    groups = _groups(ledger.filter(pl.col("status") == "ok"))
     committed = groups["committed_at"].dt.epoch("ms").cast(pl.Float64).to_numpy()
     began = committed - groups["processing_ms"].to_numpy() - groups["read_ms"].to_numpy()
-    seconds = float(committed.max() - began.min()) / 1000
+    return float(committed.max() - began.min()) / 1000
+
+
+def summarise_ledger(result: BenchResult, ledger: pl.DataFrame) -> None:
+    """Events/s from the first file read to the last commit, stage times and group latency."""
+    groups = commit_groups(ledger)
+    seconds = consumer_seconds(groups)
     result.files = len(ledger)
     result.consumer_seconds = seconds
     result.events_per_second = float(ledger["rows_in"].sum()) / seconds if seconds > 0 else 0.0
@@ -336,7 +343,7 @@ def bench(
         raise SystemExit(f"adevents bench: the consumer failed with exit code {code}")
     result.peak_rss_mb = peak
     result.rss_samples_mb = [round(s, 1) for s in samples[:: max(1, len(samples) // 20)]]
-    summarise_ledger(result, _ledger(location))
+    summarise_ledger(result, read_ledger(location))
     rec = reconcile(location, truth)  # raises ReconcileError on any loss or duplicate
     result.reconciled = True
     result.duplicates_expected = rec.expected_duplicates
@@ -390,7 +397,7 @@ def bench_live(
     backlog_after = len(waiting_entries(layout.incoming))
     consumer.terminate()
     consumer.wait(timeout=30)
-    ledger = _ledger(location)
+    ledger = read_ledger(location)
     lag = ledger["lag_ms"].to_numpy() if len(ledger) else np.zeros(1)
     rows = int(ledger["rows_in"].sum()) if len(ledger) else 0
     return {
