@@ -199,6 +199,12 @@ def decide(
             outcomes.append(split.outcome)
             if split.outcome.poison is None:
                 splits.append(split)
+                # Each file is judged late against the files before it, as if it were a
+                # group of its own: grouping (which depends on timing) never changes a verdict.
+                top = split.valid["event_time"].max()
+                if top is not None:
+                    top_ms = _ms(top)  # type: ignore[arg-type]
+                    watermark_ms = top_ms if watermark_ms is None else max(watermark_ms, top_ms)
     _dedupe(splits, slice_ms, claim)
     for split in splits:
         _enrich(split, campaigns, now)

@@ -15,12 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import ipc
 
+from lake.location import LakeLocation
+from lake.snapshot import snapshot
 from pipeline.consumer import Consumer, ConsumerLockedError
 from pipeline.factory import make_key_cache
+from pipeline.groups import waiting_entries
 from pipeline.schema import CAMPAIGN_SCHEMA, ENRICHED_SCHEMA, LEDGER_SCHEMA, REASONS, Layout
 from pipeline.settings import Settings
-from pipeline.spool import SpoolWriter, list_incoming
-from pipeline.testing import event_table, read_parquet_dir
+from pipeline.spool import SpoolWriter
+from pipeline.testing import event_table
 
 NOW_MS = int(time.time() * 1000)
 HOUR_MS = 3_600_000
@@ -66,18 +69,26 @@ def writer(settings: Settings) -> SpoolWriter:
     return SpoolWriter(Layout(settings.data_dir).incoming, "test")
 
 
+def table(settings: Settings, name: str) -> pl.DataFrame:
+    """One Delta table's rows (without the partition columns), in commit order."""
+    dataset = snapshot(LakeLocation.from_settings(settings)).datasets[name]
+    frame = pl.from_arrow(dataset.to_table())
+    assert isinstance(frame, pl.DataFrame)
+    # Delta stores timestamps in microseconds; the contract's columns are milliseconds.
+    ms = {c: pl.Datetime("ms", "UTC") for c, t in frame.schema.items() if t == pl.Datetime}
+    return frame.drop([c for c in ("date", "hour") if c in frame.columns]).cast(ms)  # type: ignore[arg-type]
+
+
 def events(settings: Settings) -> pl.DataFrame:
-    return read_parquet_dir(Layout(settings.data_dir).events)
+    return table(settings, "events")
 
 
 def quarantine(settings: Settings) -> pl.DataFrame:
-    root = Layout(settings.data_dir).quarantine
-    files = [f for f in sorted(root.rglob("*.parquet")) if "files" not in f.parts]
-    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+    return table(settings, "quarantine")
 
 
 def ledger(settings: Settings) -> pl.DataFrame:
-    return read_parquet_dir(Layout(settings.data_dir).ledger)
+    return table(settings, "ledger")
 
 
 def test_duplicates_within_and_across_batches(
@@ -92,7 +103,7 @@ def test_duplicates_within_and_across_batches(
     stored = events(settings)
     assert sorted(stored["event_id"]) == ["a", "b", "c", "d", "e"]
     assert (totals.rows_in, totals.accepted, totals.duplicates) == (10, 5, 5)
-    assert not list_incoming(Layout(settings.data_dir).incoming)
+    assert not waiting_entries(Layout(settings.data_dir).incoming)
 
 
 def test_first_copy_wins_in_file_then_row_order(
@@ -209,18 +220,19 @@ def test_output_layout_types_sorting_and_compression(
     writer(s).write(event_table(ids, time_ms=times, campaign_id=campaigns))
     consumer.run(once=True)
     consumer.close()
-    root = Layout(s.data_dir).events
+    root = Path(s.data_dir) / "lake" / "events"
     files = sorted(root.rglob("*.parquet"))
     parts = sorted(str(f.parent.relative_to(root)) for f in files)
     assert parts == ["date=2026-11-27/hour=09", "date=2026-11-27/hour=10"]
     for f in files:
         frame = pl.read_parquet(f, hive_partitioning=False)
-        assert frame.schema == ENRICHED_SCHEMA
+        assert frame.columns == ENRICHED_SCHEMA.names()
         assert frame.equals(frame.sort(["campaign_id", "event_time"]))
         meta = pq.ParquetFile(f).metadata
         assert meta.row_group(0).column(0).compression == "ZSTD"
         assert meta.row_group(0).column(0).statistics is not None
-    assert not any(p.name.startswith(".") for p in root.rglob("*"))
+    assert events(s).schema == ENRICHED_SCHEMA
+    assert not any(p.name.startswith(".") for p in root.glob("date=*/**/*"))
 
 
 def test_every_row_reason_lands_in_quarantine_with_source(
