@@ -1,9 +1,9 @@
-"""Leases on spool files, so that each file is processed by one consumer at a time.
+"""An expiring Redis lease: the lock that lets one consumer at a time rebuild the key cache.
 
-A lease is taken per file name, renewed by a heartbeat while held, and expires after
-LEASE_TIMEOUT when its holder dies; another consumer then takes the file over. Holding a lease
-is checked again right before a batch commits, and a takeover fences earlier attempts (see
-``pipeline.commit``), so a consumer that stalled past its lease never commits a stale batch.
+A lease is a Redis key (SET NX PX) renewed by a heartbeat thread while held, so it outlives a
+long rebuild; when its holder dies it expires after its timeout (LEASE_TIMEOUT), or is taken
+over at once by a process of the same host and pid namespace that sees the holder is gone.
+Spool files need no lease: each consumer owns the files of its own slot (``pipeline.groups``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Protocol
 
 import redis
 
@@ -25,34 +24,6 @@ log = logging.getLogger("adevents.leases")
 class Lease:
     name: str
     token: str
-
-
-class Leases(Protocol):
-    """Exclusive, expiring claims on names. ``acquire`` returns None when someone holds it."""
-
-    def acquire(self, name: str) -> Lease | None: ...
-
-    def held(self, lease: Lease) -> bool: ...
-
-    def release(self, lease: Lease) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class LocalLeases:
-    """For a consumer that has DATA_DIR to itself (the embedded key cache): always granted."""
-
-    def acquire(self, name: str) -> Lease | None:
-        return Lease(name, "local")
-
-    def held(self, lease: Lease) -> bool:
-        return True
-
-    def release(self, lease: Lease) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 _RENEW = """
@@ -101,8 +72,8 @@ class RedisLeases:
     """Leases as Redis keys ``<prefix>:{l}:<name>`` (SET NX PX), renewed by a heartbeat thread.
 
     The value names the holder's host (with its pid namespace) and pid, so a consumer restarted
-    next to a dead predecessor takes over its leases at once instead of waiting for them to
-    expire. All leases share the hash tag ``{l}``: on Redis Cluster they live in one slot.
+    next to a dead predecessor takes over its lease at once instead of waiting for it to expire.
+    All leases share the hash tag ``{l}``: on Redis Cluster they live in one slot.
     """
 
     def __init__(
@@ -126,6 +97,7 @@ class RedisLeases:
         return f"{self.prefix}:{{l}}:{name}"
 
     def acquire(self, name: str) -> Lease | None:
+        """The lease on ``name``, or None while someone else (alive) holds it."""
         token = f"{self.space}|{os.getpid()}|{self.owner}|{uuid.uuid4().hex[:8]}"
         key = self._key(name)
         if not self.r.set(key, token, nx=True, px=self.timeout_ms):
@@ -134,7 +106,7 @@ class RedisLeases:
                 self._holder_is_dead(current) or self._forgotten_by_me(current)
             ):
                 return None
-            # A consumer of this host that died (kill -9, then a restart): no need to wait for
+            # A holder of this host that died (kill -9, then a restart): no need to wait for
             # its lease to expire.
             if not self._take_over(keys=[key], args=[current, token, self.timeout_ms]):
                 return None
@@ -195,13 +167,14 @@ class RedisLeases:
                     log.warning("lease heartbeat failed for %s: %s", lease.name, exc)
                     continue
                 if not ok:
-                    # Lost for good (expired, taken over, or Redis lost it): stop renewing.
+                    # Lost for good (expired, taken over, or Redis lost it): stop renewing; the
+                    # holder finds out with held().
                     with self._guard:
                         if self._held.get(lease.name) == lease:
                             del self._held[lease.name]
                     with _HELD_HERE_GUARD:
                         _HELD_HERE.discard(lease.token)
-                    log.warning("lost the lease on %s; its batch will not be committed", lease.name)
+                    log.warning("lost the lease on %s", lease.name)
 
     def close(self) -> None:
         self._stop.set()

@@ -10,18 +10,19 @@ operation stays inside one slot):
   ~256 members: small enough to stay an intset (8 bytes a member), large enough that the key's
   own overhead is a fraction of a byte per member.
 - ``P:{gN}:alive`` sentinel per group: missing means Redis lost data, so the claim script
-  refuses and the consumer rebuilds from events/ (a Redis loss never produces a duplicate).
-  Its value is ``<fingerprint check>:<epoch>``; every rebuild starts a new epoch, and a batch
-  whose claims were made in an earlier epoch is not committed.
+  refuses and the consumer rebuilds from the events table (a Redis loss never produces a
+  duplicate). Its value is ``<fingerprint check>:<epoch>``; every rebuild starts a new epoch,
+  and a group whose claims were made in an earlier epoch is not committed (``valid``).
 - ``P:{gN}:floor`` zset holding the lowest live slice: slices below it were expired. A claim
   that reaches below it was validated against a watermark that has moved on since (another
   consumer finished a batch meanwhile) and is refused, so the batch is validated again; it
   never lands an event whose earlier copy was just expired.
 - ``P:{gN}:claim:<batch_id>`` the members a batch won, kept until the batch is finished, so a
-  retried batch (after a crash) gets the same answers: claims are idempotent per batch.
+  retried batch (after a crash) gets the same answers: claims are idempotent per batch. The
+  consumer's batch id is its commit group's claim id ``<app_id>:<version>``.
 
 With GROUPS = 16 groups, a Redis Cluster spreads the sets over up to 16 slots (so over its
-primaries); the small ``{m}`` keys live on one primary, leases (``{l}``) on one.
+primaries); the small ``{m}`` keys live on one primary, the rebuild lock (``{l}``) on one.
 """
 
 from __future__ import annotations
@@ -335,10 +336,11 @@ class RedisKeyCache:
     def ensure(self, loader: Loader) -> bool:
         """Rebuild from the lake if Redis lost its data; one consumer rebuilds, the others wait.
 
-        The rebuilder waits ``rebuild_grace_s`` first, so that batches whose commit was already
-        under way land before it reads events/, then catches up with files written meanwhile.
-        ``loader(None)`` is expected to fence off uncommitted attempts (their claims are gone),
-        which is what keeps the rebuild exact whatever the timing; see ``Consumer.ensure_cache``.
+        The rebuilder waits ``rebuild_grace_s`` first, so that groups whose commit was already
+        under way land before it reads the events table, then catches up with files committed
+        meanwhile. A group whose claims the loss took is never committed on them: the consumer
+        checks :meth:`valid` before its events commit and decides it again, which is what keeps
+        the rebuild exact whatever the timing; see ``Consumer._land``.
         """
         if not self.needs_rebuild():
             return False
@@ -388,7 +390,7 @@ class RedisKeyCache:
     def _replace_content(self, keys: Keys, watermark_ms: int | None) -> None:
         """Drop the whole key cache, then load ``keys``; the cache stays closed (no epoch)."""
         # Sentinels go first, so that no claim can succeed while the old keys are deleted.
-        # (Leases and the rebuild lock live under {l} and are kept.)
+        # (The rebuild lock lives under {l} and is kept.)
         self.r.delete(*[self._group_key(g, "alive") for g in range(GROUPS)])
         prefix = _glob_escape(self.p)
         for pattern in (f"{prefix}:{{g*", f"{prefix}:{{m}}:*"):

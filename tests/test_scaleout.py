@@ -1,7 +1,11 @@
-"""Several real consumers on one Redis: kill -9, a stalled consumer, Redis losing its data.
+"""Several real consumers on one spool and one Redis, each on its own slot: kill -9, SIGSTOP,
+Redis losing its data, a second consumer on a taken slot.
 
-Every test runs real ``adevents consume`` processes against a private redis-server (so that
-FLUSHALL and restarts are safe) and reconciles the lake with the generator's ground truth.
+A consumer owns the spool files it renamed into ``incoming/.slot-<n>/`` until it has landed them;
+a slot's files wait for that slot (restarted, they are its again), nobody takes them over. Every
+test runs real ``adevents consume`` processes against a private redis-server (so that FLUSHALL
+and restarts are safe) and checks the Delta tables against the generator's ground truth or the
+events it was given. The helpers below read the lake of a DATA_DIR (``DATA_DIR/lake``).
 """
 
 from __future__ import annotations
@@ -23,18 +27,60 @@ import polars as pl
 import pytest
 import redis
 from conftest import RedisServer
+from hardening import TIMEOUT_S, statuses, wait_for
+from polars.testing import assert_frame_equal
 
 from generator.runner import generate
-from pipeline.consumer import lease_name
+from lake.location import LakeLocation
+from lake.snapshot import snapshot
+from lake.tables import TABLES
 from pipeline.fingerprint import Keys, empty_keys
+from pipeline.groups import slot_dir, waiting_entries
+from pipeline.leases import process_space
 from pipeline.reconcile import reconcile
-from pipeline.redis_cache import ExpiredSliceError, RedisKeyCache
+from pipeline.redis_cache import REBUILD_LOCK, ExpiredSliceError, RedisKeyCache
 from pipeline.settings import Settings
-from pipeline.spool import list_incoming
+from pipeline.spool import SpoolWriter, list_incoming
+from pipeline.testing import event_table, lake_contents
 
-LEASE_TIMEOUT_S = 3.0
 #: What the consumer that rebuilds the Redis cache logs.
 REBUILT = "the Redis key cache is empty or lost its data"
+
+
+# -- the lake of a DATA_DIR ----------------------------------------------------------------------
+def lake_table(data: Path, name: str) -> pl.DataFrame:
+    """Every row of one Delta table of DATA_DIR/lake (none if the table does not exist yet)."""
+    location = LakeLocation.from_env({}, data_dir=str(data))
+    snap = snapshot(location, {name: TABLES[name]})
+    frame = pl.from_arrow(snap.datasets[name].to_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def ledger(data: Path) -> pl.DataFrame:
+    return lake_table(data, "ledger")
+
+
+def unfinished_groups(data: Path) -> list[Path]:
+    """Intent records of commit groups not retired yet, of every slot."""
+    return sorted((data / "state" / "groups").glob("slot-*/*.json"))
+
+
+def drained(data: Path) -> bool:
+    """Nothing waits in incoming/ or in any slot, and no group is left unfinished."""
+    return not waiting_entries(data / "incoming") and not unfinished_groups(data)
+
+
+def assert_same_lake(data: Path, reference: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    """The lake equals the reference run's: nothing lost, nothing duplicated, nothing left."""
+    events, quarantine = lake_contents(data)
+    assert events["event_id"].is_unique().all()
+    assert_frame_equal(events, reference[0])
+    assert_frame_equal(quarantine, reference[1])
+    assert drained(data)
+    rows = ledger(data)
+    assert rows["source_file"].is_unique().all() and rows["batch_id"].is_unique().all()
+    assert (rows["rows_in"] == rows["accepted"] + rows["duplicates"] + rows["quarantined"]).all()
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -58,18 +104,9 @@ def spool_ids(incoming: Path) -> pl.DataFrame:
     )
 
 
-def staging_empty(data: Path) -> bool:
-    staging = data / "staging"
-    return not staging.exists() or not any(staging.iterdir())
-
-
-def ledger(data: Path) -> pl.DataFrame:
-    return pl.read_parquet(sorted((data / "ledger").rglob("*.parquet")))
-
-
 @dataclass
 class Fleet:
-    """Numbered consumer slots, each running one real ``adevents consume`` process at a time."""
+    """Consumer slots of one spool, each running one real ``adevents consume`` at a time."""
 
     data: Path
     redis_url: str
@@ -79,19 +116,19 @@ class Fleet:
     names: dict[int, str] = field(default_factory=dict)
     generation: itertools.count[int] = field(default_factory=itertools.count)
     kills: int = 0
-    zombies: list[tuple[float, subprocess.Popen[bytes]]] = field(default_factory=list)
 
-    def env(self, name: str, **extra: str) -> dict[str, str]:
+    def env(self, slot: int, name: str, **extra: str) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("ADEVENTS_")}
         return {
             **base,
             "DATA_DIR": str(self.data),
             "REDIS_URL": self.redis_url,
             "REDIS_KEY_PREFIX": "scale",
+            "CONSUMER_SLOT": str(slot),
             "FSYNC": "false",
-            "LEASE_TIMEOUT": f"{LEASE_TIMEOUT_S}s",
             "REBUILD_GRACE": "200ms",
             "POLL_INTERVAL": "20ms",
+            "RETRY_MAX_DELAY": "500ms",
             "LOG_LEVEL": "WARNING",
             "CONSUMER_NAME": name,
             "MAX_EVENTS_PER_SECOND": "0",
@@ -101,34 +138,26 @@ class Fleet:
 
     def start(self, slot: int, *args: str, **extra: str) -> subprocess.Popen[bytes]:
         name = f"c{slot}-g{next(self.generation)}"
+        self.procs[slot], self.names[slot] = self.run(slot, name, *args, **extra), name
+        return self.procs[slot]
+
+    def run(self, slot: int, name: str, *args: str, **extra: str) -> subprocess.Popen[bytes]:
+        """A consumer process on ``slot`` that the fleet does not track (its log is kept)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "wb") as err:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-m", "cli", "consume", *args],
-                env=self.env(name, **extra),
+                env=self.env(slot, name, **extra),
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
-        self.procs[slot], self.names[slot] = proc, name
-        return proc
 
-    def kill(self, slot: int, *, reap: bool = True) -> None:
-        """kill -9 the slot's process. Unreaped, it stays a zombie whose pid still exists, so the
-        others cannot tell it died and must wait for its leases to expire."""
+    def kill(self, slot: int) -> None:
+        """kill -9 the slot's process (its slot lock goes with it)."""
         proc = self.procs[slot]
         proc.send_signal(signal.SIGKILL)
+        proc.wait()
         self.kills += 1
-        if reap:
-            proc.wait()
-        else:
-            self.zombies.append((time.monotonic() + 2 * LEASE_TIMEOUT_S, proc))
-
-    def reap_zombies(self, *, all_now: bool = False) -> None:
-        now = time.monotonic()
-        for entry in list(self.zombies):
-            if all_now or entry[0] <= now:
-                entry[1].wait()
-                self.zombies.remove(entry)
 
     def stop_all(self, timeout: float = 60) -> dict[str, int | None]:
         """SIGTERM every running consumer; their exit codes by name."""
@@ -143,7 +172,6 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes[self.names[slot]] = proc.wait()
-        self.reap_zombies(all_now=True)
         return codes
 
     def log_text(self) -> str:
@@ -168,6 +196,16 @@ def wait_catches_sigterm(proc: subprocess.Popen[bytes], timeout: float = 60) -> 
         time.sleep(0.05)
 
 
+def wait_stopped(proc: subprocess.Popen[bytes]) -> None:
+    """Wait until ``proc`` stopped itself at its ADEVENTS_STOP_AT point."""
+
+    def stopped() -> bool:
+        assert proc.poll() is None, "the consumer exited instead of stopping"
+        return Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "T"
+
+    wait_for(stopped, "the consumer to reach its stop point")
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, redis_server: RedisServer) -> Iterator[Fleet]:
     f = Fleet(tmp_path / "data", redis_server.url, tmp_path / "logs")
@@ -176,36 +214,29 @@ def fleet(tmp_path: Path, redis_server: RedisServer) -> Iterator[Fleet]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    f.reap_zombies(all_now=True)
 
 
-def overlapping_cross_consumer_copies(copies: pl.DataFrame, rows: pl.DataFrame) -> tuple[int, int]:
-    """(event_ids whose copies were landed by different consumers, of which in overlapping time).
+def files_across_consumers(copies: pl.DataFrame, rows: pl.DataFrame) -> int:
+    """Event ids whose copies were in files landed by different consumers.
 
     ``copies`` is (source_file, event_id) of duplicated ids; ``rows`` the ledger.
     """
-    end = pl.col("committed_at").dt.epoch("ms")
-    landed = rows.select(
-        "source_file", "consumer", end=end, begin=end - pl.col("processing_ms").cast(pl.Int64)
-    )
-    spans = copies.join(landed, on="source_file")
+    spans = copies.join(rows.select("source_file", "consumer"), on="source_file")
     pairs = spans.join(spans, on="event_id", suffix="_b").filter(
         pl.col("source_file") < pl.col("source_file_b"),
         pl.col("consumer") != pl.col("consumer_b"),
     )
-    together = pairs.filter(
-        (pl.col("begin") < pl.col("end_b")) & (pl.col("begin_b") < pl.col("end"))
-    )
-    return pairs["event_id"].n_unique(), together["event_id"].n_unique()
+    return pairs["event_id"].n_unique()
 
 
-# -- three consumers, kill -9 and a Redis flush ---------------------------------------------
+# -- three slots, kill -9 and a Redis flush ----------------------------------------------------
 @pytest.mark.slow
-def test_three_consumers_kill9_and_a_flush_land_every_event_once(
+def test_three_slots_kill9_and_a_flush_land_every_event_once(
     tmp_path: Path, fleet: Fleet, redis_server: RedisServer
 ) -> None:
-    """≥ 2M events over 3 consumers; a random one is killed every 1–2.5 s (half of the time left
-    unreaped, so its leases must expire) and restarted; Redis is flushed once half-way."""
+    """≥ 2M events over slots 0–2 of one spool; a random slot is killed (kill -9) every 1–2.5 s
+    and restarted on its slot, where it redoes its unfinished groups; Redis is flushed once
+    half-way, so every slot meets a lost cache with groups in hand."""
     data, truth = fleet.data, tmp_path / "truth.parquet"
     files = make_spool(data, truth, events=2_000_000, batch_size=10_000, seed=20_251_127)
     waiting = spool_ids(data / "incoming")
@@ -214,27 +245,27 @@ def test_three_consumers_kill9_and_a_flush_land_every_event_once(
     assert len(across) > 5_000  # copies in different files, up to 20 files apart
     copies = waiting.filter(pl.col("event_id").is_in(across.implode()))
 
-    # A cap per consumer stretches the run to ~20 s, so kills land all along it on any machine.
-    fleet.extra_env["MAX_EVENTS_PER_SECOND"] = "40000"
+    # A cap per consumer stretches the run to ~20 s, so kills land all along it on any machine;
+    # groups of two files make the slots take turns along the spool.
+    fleet.extra_env |= {"MAX_EVENTS_PER_SECOND": "40000", "COMMIT_TARGET_ROWS": "20000"}
     for slot in range(3):
         fleet.start(slot)
     rng = random.Random(7)
     client = redis.Redis.from_url(redis_server.url)
     flushed_at = None
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 300
     next_kill = time.monotonic() + rng.uniform(1.0, 2.5)
-    while list_incoming(data / "incoming") or not staging_empty(data):
+    while not drained(data):
         assert time.monotonic() < deadline, "the consumers did not finish\n" + fleet.log_text()
-        left = len(list_incoming(data / "incoming"))
+        left = len(waiting_entries(data / "incoming"))
         if flushed_at is None and left <= files // 2:
             client.flushall()
             flushed_at = left
         if time.monotonic() >= next_kill and left:
             slot = rng.randrange(3)
-            fleet.kill(slot, reap=fleet.kills % 2 == 0)
+            fleet.kill(slot)
             fleet.start(slot)
             next_kill = time.monotonic() + rng.uniform(1.0, 2.5)
-        fleet.reap_zombies()
         time.sleep(0.05)
     client.close()
     codes = fleet.stop_all()
@@ -253,75 +284,115 @@ def test_three_consumers_kill9_and_a_flush_land_every_event_once(
     rows = ledger(data)
     assert rows["source_file"].n_unique() == len(rows) == files
     assert rows["consumer"].n_unique() >= 4  # the three slots and some of their restarts
-    across_consumers, at_once = overlapping_cross_consumer_copies(copies, rows)
-    assert across_consumers > 1_000
-    assert at_once > 0  # copies of one event held by two consumers at the same moment
+    assert files_across_consumers(copies, rows) > 1_000
 
 
-# -- a stalled consumer -------------------------------------------------------------------------
-def wait_stopped(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{proc.pid}/stat").read_text().split(")")[-1].split()[0] != "T":
-        assert proc.poll() is None, "the consumer exited instead of stopping"
-        assert time.monotonic() < deadline, "the consumer never reached its stop point"
-        time.sleep(0.02)
-
-
-def held_files(data: Path, owner: str) -> set[str]:
-    """Spool files ``owner`` has staged (its attempt directories name it)."""
-    from pipeline.commit import batch_id_of
-    from pipeline.consumer import source_name
-
-    return {
-        source_name(batch_id_of(d))
-        for d in (data / "staging").iterdir()
-        if d.name.endswith(".partial") and f"_{owner}_" in d.name
-    }
-
-
-@pytest.mark.parametrize("point", ["after_claim", "after_stage"])
-def test_stalled_consumer_loses_its_lease_and_never_commits(
+# -- one slot stopped (a long GC pause) while the others run -----------------------------------
+@pytest.mark.parametrize("point", ["after_claim", "after_events_parquet", "after_events_commit"])
+def test_a_stopped_slot_keeps_its_files_and_lands_them_once_when_resumed(
     tmp_path: Path, fleet: Fleet, point: str
 ) -> None:
-    """SIGSTOP (a long GC pause) longer than the lease: the other consumer takes the file over
-    once the lease expires and lands it once; the stalled one, resumed, commits nothing stale."""
+    """SIGSTOP of slot 0 in its second group while slots 1 and 2 drain the spool: no one takes
+    slot 0's files (there is no lease to expire), and resumed, it lands them exactly once."""
     data, truth = fleet.data, tmp_path / "truth.parquet"
-    make_spool(data, truth, events=60_000, batch_size=3_000, seed=5)
+    files = make_spool(data, truth, events=60_000, batch_size=3_000, seed=5)
     names = [p.name for p in list_incoming(data / "incoming")]
-    # The third file stalls (after_claim: between its claim and staging; after_stage: just
-    # before the commit check), while the second may still be being written: both leases lapse.
-    stale = fleet.start(0, "--once", ADEVENTS_STOP_AT=f"{point}:3")
-    wait_stopped(stale)
-    # When the stalled consumer's lease on the third file runs out, read from Redis itself
-    # (its heartbeat thread is stopped too), so the check below depends on no timing.
-    client = redis.Redis.from_url(fleet.redis_url)
-    lease_ms = client.pttl(f"scale:{{l}}:{lease_name(names[2])}")
-    lease_expiry_ms = time.time() * 1000 + lease_ms
-    client.close()
-    assert lease_ms > 0, "the stalled consumer should hold the third file's lease"
-    stalled_name = fleet.names[0]
-    staged_by_stalled = held_files(data, stalled_name)
-    if point == "after_stage":
-        assert names[2] in staged_by_stalled
-    taker = fleet.start(1, "--once")
-    assert taker.wait(timeout=120) == 0, fleet.log_text()
-    assert not list_incoming(data / "incoming")
+    fleet.extra_env["COMMIT_TARGET_ROWS"] = "1"  # one file per group
+    stalled = fleet.start(0, "--once", ADEVENTS_STOP_AT=f"{point}:2")
+    wait_stopped(stalled)
+    # Slot 0 started alone: its first group is the first file (landed or not yet retired),
+    # the stopped one the second.
+    held = {p.name for p in list_incoming(slot_dir(data / "incoming", 0))}
+    assert names[1] in held and held <= set(names[:3]), held
+    for slot in (1, 2):
+        fleet.start(slot, "--once")
+    for slot in (1, 2):
+        assert fleet.procs[slot].wait(timeout=TIMEOUT_S) == 0, fleet.log_text()
+    # Everything else landed; what slot 0 owns still waits in its slot, for it alone.
+    assert {p.name for p in waiting_entries(data / "incoming")} == held
     rows = ledger(data)
-    third = rows.row(by_predicate=pl.col("source_file") == names[2], named=True)
-    assert third["consumer"] == fleet.names[1]  # the taker landed the stalled file
-    # ... never while the stalled consumer's lease was still valid (10 ms: PTTL's rounding).
-    assert third["committed_at"].timestamp() * 1000 >= lease_expiry_ms - 10
+    assert names[1] not in set(rows["source_file"])
+    assert set(rows.filter(pl.col("source_file").is_in(held))["consumer"]) <= {fleet.names[0]}
 
-    os.kill(stale.pid, signal.SIGCONT)
-    assert stale.wait(timeout=60) == 0, fleet.log_text()
-    assert "not committing" in (fleet.logs / f"{stalled_name}.log").read_text()
+    os.kill(stalled.pid, signal.SIGCONT)
+    assert stalled.wait(timeout=TIMEOUT_S) == 0, fleet.log_text()
     assert "Traceback" not in fleet.log_text(), fleet.log_text()
+    assert drained(data)
     rows = ledger(data)
-    assert len(rows) == rows["source_file"].n_unique() == len(names)
-    # The stalled consumer committed at most the two files before; never the stalled one.
-    assert set(rows.filter(pl.col("consumer") == stalled_name)["source_file"]) <= set(names[:2])
-    assert staging_empty(data)
+    assert len(rows) == rows["source_file"].n_unique() == files
+    assert held <= set(rows.filter(pl.col("consumer") == fleet.names[0])["source_file"])
     reconcile(data, truth)
+
+
+# -- copies of one event claimed by two slots at the same moment --------------------------------
+@pytest.mark.parametrize("then", ["resumed", "killed_and_restarted", "redis_flushed"])
+def test_copies_held_by_two_slots_at_once_land_once(
+    tmp_path: Path, fleet: Fleet, redis_server: RedisServer, then: str
+) -> None:
+    """Files a (slot 0) and b (slot 1) carry the same 500 events. Slot 0 stops right after
+    claiming a's keys, and slot 1 lands b meanwhile:
+
+    - resumed, or killed -9 and restarted (its redo claims again under the same claim id, and
+      gets the same answers), slot 0 lands a; b's copies were duplicates;
+    - Redis flushed before slot 1 starts: slot 1 rebuilds from the events table and wins the
+      keys; slot 0's claims belong to a lost epoch, so its group is decided again, and a's
+      copies are the duplicates.
+    """
+    data = fleet.data
+    incoming = data / "incoming"
+    base_ms = int(time.time() * 1000) - 1_800_000
+    ids = [f"ev-{i:04d}" for i in range(500)]
+    times = [base_ms + i for i in range(len(ids))]
+    a = SpoolWriter(incoming, "a").write(event_table(ids, time_ms=times))
+    first = fleet.start(0, "--once", ADEVENTS_STOP_AT="after_claim")
+    wait_stopped(first)
+    if then == "redis_flushed":
+        redis.Redis.from_url(redis_server.url).flushall()
+    b = SpoolWriter(incoming, "b").write(event_table(ids, time_ms=times, user_id=["other"] * 500))
+    assert fleet.start(1, "--once").wait(timeout=TIMEOUT_S) == 0, fleet.log_text()
+    assert {p.name for p in waiting_entries(incoming)} == {a.name}
+    if then == "killed_and_restarted":
+        fleet.kill(0)
+        fleet.start(0, "--once")
+    else:
+        os.kill(first.pid, signal.SIGCONT)
+    assert fleet.procs[0].wait(timeout=TIMEOUT_S) == 0, fleet.log_text()
+    assert "Traceback" not in fleet.log_text(), fleet.log_text()
+
+    assert drained(data)
+    events = lake_table(data, "events")
+    assert sorted(events["event_id"]) == ids
+    winner, loser = (b, a) if then == "redis_flushed" else (a, b)
+    assert set(events["user_id"]) == (
+        {"other"} if winner == b else {f"user-{i}" for i in range(500)}
+    )
+    rows = {r["source_file"]: r for r in ledger(data).iter_rows(named=True)}
+    assert (rows[winner.name]["accepted"], rows[winner.name]["duplicates"]) == (500, 0)
+    assert (rows[loser.name]["accepted"], rows[loser.name]["duplicates"]) == (0, 500)
+
+
+def test_a_second_consumer_on_a_taken_slot_is_refused(tmp_path: Path, fleet: Fleet) -> None:
+    """Two processes on one slot would land its files twice over: the second one exits at once
+    with a message naming the slot and the way out, and loses nothing; another slot may start."""
+    data = fleet.data
+    ids = [f"ev-{i}" for i in range(100)]
+    path = SpoolWriter(data / "incoming", "p").write(
+        event_table(ids, time_ms=int(time.time() * 1000) - 60_000)
+    )
+    first = fleet.start(0, "--once", ADEVENTS_STOP_AT="after_claim")
+    wait_stopped(first)
+    second = fleet.run(0, "second-on-slot-0", "--once")
+    assert second.wait(timeout=TIMEOUT_S) == 2
+    text = (fleet.logs / "second-on-slot-0.log").read_text()
+    assert "already running on slot 0" in text and "CONSUMER_SLOT" in text, text
+    assert "Traceback" not in text, text
+    assert fleet.run(1, "on-slot-1", "--once").wait(timeout=TIMEOUT_S) == 0, fleet.log_text()
+
+    os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=TIMEOUT_S) == 0, fleet.log_text()
+    assert drained(data)
+    assert sorted(lake_table(data, "events")["event_id"]) == sorted(ids)
+    assert ledger(data)["source_file"].to_list() == [path.name]
 
 
 # -- Redis restarts empty while consumers run -------------------------------------------------
@@ -329,22 +400,24 @@ def test_stalled_consumer_loses_its_lease_and_never_commits(
 def test_redis_restart_while_consumers_run(
     tmp_path: Path, fleet: Fleet, redis_server: RedisServer
 ) -> None:
-    """Redis goes away for a second and comes back empty: the consumers wait, rebuild, go on."""
+    """Redis goes away until a consumer shows it waits, and comes back empty: the consumers
+    rebuild from the events table and go on."""
     data, truth = fleet.data, tmp_path / "truth.parquet"
     files = make_spool(data, truth, events=400_000, batch_size=5_000, seed=9)
-    fleet.extra_env["MAX_EVENTS_PER_SECOND"] = "40000"
+    fleet.extra_env |= {"MAX_EVENTS_PER_SECOND": "40000", "COMMIT_TARGET_ROWS": "10000"}
     for slot in range(2):
         fleet.start(slot)
-    deadline = time.monotonic() + 120
-    while len(list_incoming(data / "incoming")) > files // 2:
-        assert time.monotonic() < deadline, fleet.log_text()
-        time.sleep(0.05)
+    wait_for(
+        lambda: len(waiting_entries(data / "incoming")) <= files // 2,
+        "half of the spool to land\n" + fleet.log_text(),
+    )
     redis_server.stop()
-    time.sleep(1.0)
+    wait_for(
+        lambda: any(s.fault == "redis_unavailable" for s in statuses(data)),
+        "a consumer to show it waits for Redis",
+    )
     redis_server.start()
-    while list_incoming(data / "incoming") or not staging_empty(data):
-        assert time.monotonic() < deadline, fleet.log_text()
-        time.sleep(0.05)
+    wait_for(lambda: drained(data), "the spool to drain")
     codes = fleet.stop_all()
     assert set(codes.values()) == {0}, f"{codes}\n{fleet.log_text()}"
     assert fleet.log_text().count(REBUILT) >= 2, fleet.log_text()
@@ -365,14 +438,14 @@ def _cache(url: str, **kw: Any) -> RedisKeyCache:
 
 
 def test_valid_is_per_batch_across_a_rebuild(redis_server: RedisServer) -> None:
-    """A consumer decides batch 2 while batch 1 is still being committed: after a rebuild by
-    another consumer in between, batch 2 (claimed in the new epoch) may commit, batch 1 not."""
+    """A consumer decides group 2 while group 1 is still being committed: after a rebuild by
+    another consumer in between, group 2 (claimed in the new epoch) may commit, group 1 not."""
     a, b = _cache(redis_server.url), _cache(redis_server.url)
     a.rebuild(empty_keys(), None)
     assert not b.needs_rebuild()
     assert b.claim("one", _keys(100, 5, seed=1)).all()
     redis.Redis.from_url(redis_server.url).flushall()
-    a.rebuild(empty_keys(), None)  # another consumer rebuilt: batch one's claims are gone
+    a.rebuild(empty_keys(), None)  # another consumer rebuilt: group one's claims are gone
     assert b.claim("two", _keys(100, 6, seed=2)).all()  # adopts the new epoch on the way
     assert b.valid("two")
     assert not b.valid("one")
@@ -382,7 +455,7 @@ def test_valid_is_per_batch_across_a_rebuild(redis_server: RedisServer) -> None:
 
 
 def test_a_rebuild_fences_claims_below_its_window(redis_server: RedisServer) -> None:
-    """A batch validated before Redis lost its data, claimed again in the rebuilt epoch, must
+    """A group validated before Redis lost its data, claimed again in the rebuilt epoch, must
     not find the slices the rebuild left out (late at the rebuilt watermark) empty."""
     a, b = _cache(redis_server.url), _cache(redis_server.url)
     a.rebuild(empty_keys(), None)
@@ -399,14 +472,26 @@ def test_a_rebuild_fences_claims_below_its_window(redis_server: RedisServer) -> 
     b.close()
 
 
-def test_rebuild_lock_follows_lease_timeout(redis_server: RedisServer) -> None:
-    """The rebuild lock of a consumer that died on another host expires after LEASE_TIMEOUT."""
-    cache = _cache(redis_server.url, lock_timeout_s=0.5)
+def test_rebuild_waits_for_a_live_holder_of_the_rebuild_lock(redis_server: RedisServer) -> None:
+    """The rebuild lock of a consumer on another host holds the rebuild off until it expires;
+    the lock this consumer then takes lasts LEASE_TIMEOUT (``lock_timeout_s``) at most."""
+    cache = _cache(redis_server.url, lock_timeout_s=5.0)
     client = redis.Redis.from_url(redis_server.url)
-    client.set("ep:{l}:rebuild-lock", "elsewhere@1|1|rebuild|x", px=500)
-    started = time.monotonic()
-    assert cache.ensure(lambda since: (empty_keys(), None))
-    assert 0.4 < time.monotonic() - started < 5
+    key = f"ep:{{l}}:{REBUILD_LOCK}"
+    client.set(key, "elsewhere@1|1|rebuild|x", px=300)
+    seen: list[tuple[str, int]] = []
+
+    def loader(since: float | None) -> tuple[Keys, int | None]:
+        holder = client.get(key)
+        seen.append((holder.decode() if isinstance(holder, bytes) else "", int(client.pttl(key))))
+        return empty_keys(), None
+
+    assert cache.ensure(loader)
+    assert seen, "the rebuild never read the lake"
+    for holder, ttl_ms in seen:
+        assert holder.startswith(f"{process_space()}|{os.getpid()}|"), holder
+        assert 0 < ttl_ms <= 5_000
     assert not cache.needs_rebuild()
+    assert client.get(key) is None  # released once the cache was whole
     cache.close()
     client.close()
