@@ -1,4 +1,4 @@
-"""The Redis key cache and leases on a real 3-primary Redis Cluster started by the test."""
+"""The Redis key cache, its rebuild lock and consumer slots on a real 3-primary Redis Cluster."""
 
 from __future__ import annotations
 
@@ -17,14 +17,18 @@ import polars as pl
 import pytest
 import redis
 from conftest import free_port
+from hardening import wait_for
+from test_scaleout import REBUILT, lake_table, ledger, wait_stopped
 
 from generator.runner import generate
+from lake.location import LakeLocation
 from pipeline.fingerprint import Keys, empty_keys
+from pipeline.groups import waiting_entries
 from pipeline.leases import RedisLeases, process_space
 from pipeline.reconcile import reconcile
-from pipeline.redis_cache import GROUPS, RedisKeyCache
+from pipeline.redis_cache import GROUPS, REBUILD_LOCK, RedisKeyCache
 from pipeline.settings import Settings
-from pipeline.spool import SpoolWriter, list_incoming
+from pipeline.spool import SpoolWriter
 from pipeline.testing import event_table
 
 
@@ -141,7 +145,8 @@ def _random_keys(n: int, first_slice: int, seed: int) -> Keys:
     return Keys(ms // 1_000, hi, lo, ms)
 
 
-def _consume(data: Path, url: str, prefix: str, *extra: str) -> subprocess.Popen[bytes]:
+def _consume(data: Path, url: str, prefix: str, **extra: str) -> subprocess.Popen[bytes]:
+    """``adevents consume --once`` on the cluster; groups of two spool files unless told."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADEVENTS_")}
     env |= {
         "DATA_DIR": str(data),
@@ -149,12 +154,13 @@ def _consume(data: Path, url: str, prefix: str, *extra: str) -> subprocess.Popen
         "REDIS_KEY_PREFIX": prefix,
         "FSYNC": "false",
         "MAX_EVENTS_PER_SECOND": "0",
-        "LEASE_TIMEOUT": "3s",
+        "COMMIT_TARGET_ROWS": "10000",
         "REBUILD_GRACE": "100ms",
         "LOG_LEVEL": "WARNING",
+        **extra,
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", "consume", "--once", *extra],
+        [sys.executable, "-m", "cli", "consume", "--once"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -227,50 +233,71 @@ def test_rebuild_scans_and_unlinks_on_every_primary(cluster: Cluster) -> None:
     cache.close()
 
 
-# -- leases --------------------------------------------------------------------------------
-def test_leases_on_a_cluster(cluster: Cluster) -> None:
+# -- the rebuild lock ------------------------------------------------------------------------
+def test_the_rebuild_lock_on_a_cluster(cluster: Cluster) -> None:
+    """The rebuild lock (a lease under the ``{l}`` tag) on a cluster: exclusive, renewed while
+    held, taken once its holder elsewhere lets it expire, taken over at once from a dead holder
+    of this host."""
     client = redis.RedisCluster.from_url(f"redis://127.0.0.1:{cluster.ports[0]}")
-    a = RedisLeases(client, prefix="lz", owner="a", timeout_s=0.6)
-    b = RedisLeases(client, prefix="lz", owner="b", timeout_s=0.6)
-    lease = a.acquire("f1.arrow")
+    a = RedisLeases(client, prefix="lz", owner="a", timeout_s=3.0)
+    b = RedisLeases(client, prefix="lz", owner="b", timeout_s=3.0)
+    lease = a.acquire(REBUILD_LOCK)
     assert lease is not None and a.held(lease)
-    assert b.acquire("f1.arrow") is None  # exclusive
-    time.sleep(1.5)  # well past the timeout: the heartbeat keeps it
-    assert a.held(lease) and b.acquire("f1.arrow") is None
+    assert b.acquire(REBUILD_LOCK) is None  # exclusive
+    # The heartbeat renews it: its time to live goes back up.
+    key = f"lz:{{l}}:{REBUILD_LOCK}"
+    first_ttl = int(client.pttl(key))
+    wait_for(lambda: int(client.pttl(key)) > first_ttl, "the heartbeat to renew the lock")
+    assert a.held(lease) and b.acquire(REBUILD_LOCK) is None
     a.release(lease)
     assert not a.held(lease)
-    taken = b.acquire("f1.arrow")
+    taken = b.acquire(REBUILD_LOCK)
     assert taken is not None
     b.release(taken)
-    # A holder elsewhere that stopped renewing: its lease expires, then it can be taken.
-    client.set("lz:{l}:f2.arrow", "elsewhere@1|1|gone|x", px=500)
-    assert b.acquire("f2.arrow") is None
-    time.sleep(0.7)
-    assert b.acquire("f2.arrow") is not None
+    # A holder elsewhere: held off until its lease expires (here: made to expire now).
+    client.set(key, "elsewhere@1|1|gone|x")
+    assert b.acquire(REBUILD_LOCK) is None
+    client.pexpire(key, 1)
+    wait_for(lambda: client.exists(key) == 0, "the lease to expire")
+    taken = b.acquire(REBUILD_LOCK)
+    assert taken is not None
+    b.release(taken)
     # A holder of this host that died: taken over at once.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    client.set("lz:{l}:f3.arrow", f"{process_space()}|{dead.pid}|gone|x", px=60_000)
-    assert b.acquire("f3.arrow") is not None
+    client.set(key, f"{process_space()}|{dead.pid}|gone|x", px=60_000)
+    assert b.acquire(REBUILD_LOCK) is not None
     a.close()
     b.close()
     client.close()
 
 
 # -- consumers on a cluster ---------------------------------------------------------------
-def test_two_consumers_land_a_spool_with_duplicates_exactly_once(
+def test_two_slots_land_a_spool_with_duplicates_exactly_once(
     cluster: Cluster, tmp_path: Path
 ) -> None:
+    """Slots 0 and 1 of one spool share the cluster. Each stops once it has claimed its second
+    group (so both own files, whoever started first), then they race over the rest."""
     data, truth = tmp_path / "data", tmp_path / "truth.parquet"
     _spool(data, truth, 300_000, seed=11)
-    procs = [_consume(data, cluster.url, "two") for _ in range(2)]
+    procs = [
+        _consume(
+            data, cluster.url, "two", CONSUMER_SLOT=str(slot), ADEVENTS_STOP_AT="after_claim:2"
+        )
+        for slot in range(2)
+    ]
+    for proc in procs:
+        wait_stopped(proc)
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGCONT)
     for proc in procs:
         _finish(proc)
+    assert not waiting_entries(data / "incoming")
     result = reconcile(data, truth)
     assert result.stored == result.truth_distinct_valid and result.expected_duplicates > 0
-    ledger = pl.read_parquet(sorted((data / "ledger").rglob("*.parquet")))
-    assert ledger["source_file"].is_unique().all()
-    assert ledger["consumer"].n_unique() == 2  # both took files
+    rows = ledger(data)
+    assert rows["source_file"].is_unique().all()
+    assert rows["consumer"].n_unique() == 2
 
 
 def test_flush_of_every_primary_triggers_a_rebuild(cluster: Cluster, tmp_path: Path) -> None:
@@ -280,18 +307,17 @@ def test_flush_of_every_primary_triggers_a_rebuild(cluster: Cluster, tmp_path: P
     reconcile(data, truth)
     cluster.flush_all_primaries()
     # Re-sends of stored events (with their event_time, as the contract says) and new ones.
-    stored = pl.read_parquet(sorted((data / "events").rglob("*.parquet")))
+    stored = lake_table(data, "events")
     again = stored.sample(2_000, seed=1).sort("event_time")
     ids = again["event_id"].to_list() + [f"after-flush-{i}" for i in range(1_000)]
     times = again["event_time"].dt.epoch("ms").to_list() + [int(time.time() * 1000) - 1_000] * 1_000
     path = SpoolWriter(data / "incoming", "resend").write(event_table(ids, time_ms=times))
     err = _finish(_consume(data, cluster.url, "fl"))
-    assert "rebuilding it from events/" in err
-    assert not list_incoming(data / "incoming")
-    ledger = pl.read_parquet(sorted((data / "ledger").rglob("*.parquet")))
-    row = ledger.row(by_predicate=pl.col("source_file") == path.name, named=True)
+    assert REBUILT in err, err
+    assert not waiting_entries(data / "incoming")
+    row = ledger(data).row(by_predicate=pl.col("source_file") == path.name, named=True)
     assert (row["accepted"], row["duplicates"]) == (1_000, 2_000)
-    events = pl.read_parquet(sorted((data / "events").rglob("*.parquet")), columns=["event_id"])
+    events = lake_table(data, "events")
     assert events["event_id"].is_unique().all()
     assert len(events) == len(stored) + 1_000
     cache = _cache(cluster, "fl")
@@ -299,18 +325,23 @@ def test_flush_of_every_primary_triggers_a_rebuild(cluster: Cluster, tmp_path: P
     cache.close()
 
 
-def test_killed_consumer_on_a_cluster_is_taken_over(cluster: Cluster, tmp_path: Path) -> None:
-    """kill -9 mid-run; a second consumer finishes the spool and the lake reconciles."""
+def test_killed_consumer_on_a_cluster_redoes_its_group(cluster: Cluster, tmp_path: Path) -> None:
+    """kill -9 right after a group's events commit; restarted on its slot, the consumer redoes
+    the group (its keys restored into the cluster from the events table) and the lake
+    reconciles."""
     data, truth = tmp_path / "data", tmp_path / "truth.parquet"
     _spool(data, truth, 200_000, seed=13)
-    first = _consume(data, cluster.url, "kill", "--max-events-per-second", "50000")
-    deadline = time.monotonic() + 60
-    while not list((data / "ledger").rglob("*.parquet")):
-        assert time.monotonic() < deadline and first.poll() is None
-        time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    first.communicate()
-    _finish(_consume(data, cluster.url, "kill"))
+    first = _consume(
+        data,
+        cluster.url,
+        "kill",
+        COMMIT_TARGET_ROWS="20000",
+        ADEVENTS_CRASH_AT="after_events_commit:3",
+    )
+    first.communicate(timeout=180)
+    assert first.returncode == -signal.SIGKILL
+    assert waiting_entries(data / "incoming")
+    _finish(_consume(data, cluster.url, "kill", COMMIT_TARGET_ROWS="20000"))
     result = reconcile(data, truth)
     assert result.stored == result.truth_distinct_valid
 
@@ -332,7 +363,7 @@ def test_health_and_metrics_reach_the_key_cache(
     else:
         url = f"redis+cluster://127.0.0.1:{free_port()}"
     settings = Settings.from_env({}, data_dir=str(tmp_path), redis_url=url)
-    lake = Lake(settings.data_dir)
+    lake = Lake(LakeLocation.from_settings(settings), data_dir=settings.data_dir)
     checker, metrics = HealthChecker(settings, lake), Metrics(settings, lake)
     try:
         health = checker.check()

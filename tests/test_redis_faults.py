@@ -1,9 +1,11 @@
 """A Redis that flaps never stops the consumer: it waits, rebuilds, and lands everything once.
 
 Real ``adevents consume`` processes against a private redis-server that the tests stop,
-restart empty (kill -9 and start) and flap, at named points of a batch and of the rebuild, and
-a hypothesis property over fault schedules run in-process against the same real Redis. Every
-test reconciles the lake with an uninterrupted run: nothing lost, nothing duplicated.
+restart empty (kill -9 and start) and flap, at named points of a commit group and of the
+rebuild (from the events table), and a hypothesis property over fault schedules run
+in-process against the same real Redis. Every test compares the Delta tables with an
+uninterrupted run's: nothing lost, nothing duplicated. Every group is one spool file
+(COMMIT_TARGET_ROWS=1), so the groups, and so the decisions, are the same in every run.
 """
 
 from __future__ import annotations
@@ -19,26 +21,17 @@ import polars as pl
 import pytest
 import redis
 from conftest import RedisServer
-from hardening import (
-    TIMEOUT_S,
-    ConsumerProcess,
-    assert_same_lake,
-    base_env,
-    copy_spool,
-    drained,
-    ledger,
-    statuses,
-    wait_for,
-)
-from hypothesis import HealthCheck, event, given, settings
+from hardening import TIMEOUT_S, ConsumerProcess, base_env, copy_spool, statuses, wait_for
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from test_crash import build_spool
+from test_scaleout import assert_same_lake, drained, ledger
 
 from pipeline import faults
 from pipeline.consumer import Consumer
 from pipeline.factory import make_consumer
+from pipeline.groups import waiting_entries
 from pipeline.settings import Settings
-from pipeline.spool import list_incoming
 from pipeline.testing import lake_contents
 
 Lake = tuple[pl.DataFrame, pl.DataFrame]
@@ -56,6 +49,7 @@ def consumer_settings(data: Path, url: str, prefix: str) -> Settings:
         rebuild_grace=0.05,
         retry_max_delay=0.5,
         disk_min_free=0,
+        commit_target_rows=1,
     )
 
 
@@ -99,7 +93,9 @@ def flush(server: RedisServer) -> None:
 
 
 def env_for(data: Path, server: RedisServer, **extra: str) -> dict[str, str]:
-    return base_env(data, REDIS_URL=server.url, REDIS_KEY_PREFIX="faults", **extra)
+    return base_env(
+        data, REDIS_URL=server.url, REDIS_KEY_PREFIX="faults", COMMIT_TARGET_ROWS="1", **extra
+    )
 
 
 def finish_and_check(consumer: ConsumerProcess, data: Path, reference: Lake) -> str:
@@ -128,10 +124,11 @@ def test_redis_lost_during_the_startup_rebuild(
         shutil.copy2(small_spool / name, data / "incoming" / name)
     flush(module_redis)
     first = ConsumerProcess(env_for(data, module_redis), tmp_path / "first.log", ("--once",))
-    assert first.start().proc is not None and first.proc.wait(timeout=TIMEOUT_S) == 0
+    proc = first.start().proc
+    assert proc is not None and proc.wait(timeout=TIMEOUT_S) == 0, first.text()
     for name in names[3:]:
         shutil.copy2(small_spool / name, data / "incoming" / name)
-    flush(module_redis)  # the next start must rebuild from events/
+    flush(module_redis)  # the next start must rebuild from the events table
     consumer = ConsumerProcess(
         env_for(data, module_redis, ADEVENTS_STOP_AT="mid_rebuild"), tmp_path / "c.log"
     ).start()
@@ -180,7 +177,7 @@ def test_redis_down_for_a_while_then_back(
     data = tmp_path / "data"
     copy_spool(small_spool, data)
     flush(module_redis)
-    stop_at = {"ADEVENTS_STOP_AT": "after_stage:2"} if when == "mid_run" else {}
+    stop_at = {"ADEVENTS_STOP_AT": "after_events_parquet:2"} if when == "mid_run" else {}
     if when == "at_start":
         module_redis.stop()
     consumer = ConsumerProcess(env_for(data, module_redis, **stop_at), tmp_path / "c.log").start()
@@ -227,23 +224,13 @@ def test_once_gives_up_after_the_retry_timeout(
     text = consumer.text()
     assert "adevents consume: gave up after" in text and "redis_unavailable" in text, text
     assert "Traceback" not in text, text
-    assert len(list_incoming(data / "incoming")) == len(list(small_spool.iterdir()))
+    assert len(waiting_entries(data / "incoming")) == len(list(small_spool.iterdir()))
     assert ledger(data).is_empty()
 
 
-# -- property: any schedule of Redis faults, at any point of a batch or of the rebuild ----------
-#: Points a fault may strike: the steps of a batch (both threads) and the middle of a rebuild.
-SCHEDULE_POINTS = (
-    "after_read",
-    "after_claim",
-    "after_stage",
-    "after_commit",
-    "mid_publish",
-    "after_publish",
-    "after_finish",
-    "after_ledger",
-    "mid_rebuild",
-)
+# -- property: any schedule of Redis faults, at any point of a group or of the rebuild ----------
+#: Points a fault may strike: the steps of a group (both threads) and the middle of a rebuild.
+SCHEDULE_POINTS = (*faults.POINTS, "mid_rebuild")
 #: restart: kill -9 and start empty; flap: that twice in a row; flush: FLUSHALL; down: stop,
 #: and start again only once the consumer's status shows it is retrying (or nothing is left).
 ACTIONS = ("restart", "flap", "flush", "down")
@@ -304,6 +291,14 @@ class FaultSchedule:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(events=schedules)
+# Redis loses the last group's claims between its claim and its events commit: valid() says
+# so, and the group is decided again in the new epoch instead of being committed on lost claims.
+@example(events=[("after_claim", 6, "flush")])
+# The same mid-run: the next group's claim or this one's valid() finds the loss first.
+@example(events=[("after_claim", 2, "flush")])
+@example(events=[("after_events_parquet", 3, "restart")])
+# Lost after the events commit: the redo restores the group's keys from the events table.
+@example(events=[("after_events_commit", 2, "flush"), ("after_ledger_commit", 4, "down")])
 def test_any_redis_fault_schedule_lands_everything_once(
     tmp_path_factory: pytest.TempPathFactory,
     module_redis: RedisServer,
