@@ -264,13 +264,13 @@ class Consumer:
     def _claim_id(self, version: int) -> str:
         return f"{self.app_id}:{version}"
 
-    def _read(self, path: Path) -> FileInput | None:
+    def _read(self, path: Path, *, in_place: bool = False) -> FileInput | None:
         """One owned file as a decide input; None if it vanished."""
         try:
             st = os.lstat(path)  # the entry itself: a link is never followed
         except FileNotFoundError:
             return None
-        file = GroupFile(path.name, batch_id_for(path, st))
+        file = GroupFile(path.name, batch_id_for(path, st), in_place)
         arrived_ms = int(st.st_mtime * 1000)
         started = time.perf_counter()
         try:
@@ -332,10 +332,10 @@ class Consumer:
         taken: set[str] = set()
         rows = 0
 
-        def take(path: Path) -> None:
+        def take(path: Path, *, in_place: bool = False) -> None:
             nonlocal rows
             taken.add(path.name)
-            inp = self._read(path)
+            inp = self._read(path, in_place=in_place)
             if inp is not None:
                 chosen.append(inp)
                 rows += 0 if inp.table is None else inp.table.num_rows
@@ -347,8 +347,13 @@ class Consumer:
             for path in list_incoming(self.layout.incoming):
                 if rows >= target or stop.is_set():
                     break
-                if path.name not in self._stuck and (claimed := self._claim(path)) is not None:
+                if path.name in self._stuck:
+                    continue
+                claimed = self._claim(path)
+                if claimed is not None:
                     take(claimed)
+                elif path.name in self._stuck:
+                    take(path, in_place=True)  # recorded once, then passed over
             if once or rows >= target or stop.is_set() or time.monotonic() >= deadline:
                 break
             stop.wait(min(self.settings.poll_interval, max(0.0, deadline - time.monotonic())))
@@ -363,12 +368,9 @@ class Consumer:
             if classify(exc) is not None:
                 raise
             # EBUSY (a mount point), EXDEV, EPERM: it cannot leave incoming/, so no slot can
-            # own it. Pass over it rather than stop for it.
-            log.error(
-                "cannot take %s from incoming/: %s; skipped",
-                _printable(display_name(path.name)),
-                exc,
-            )
+            # own it. It gets its ledger row where it is, and is passed over from then on.
+            shown = _printable(display_name(path.name))
+            log.error("cannot move %s out of incoming/: %s; recorded and passed over", shown, exc)
             self._stuck.add(path.name)
             return None
 
@@ -461,7 +463,7 @@ class Consumer:
         """Land a group left by a crash exactly as its first attempt would have."""
         inputs = []
         for f in intent.files:
-            inp = self._read(self.slot.dir / f.name)
+            inp = self._read((self.layout.incoming if f.in_place else self.slot.dir) / f.name)
             if inp is None:
                 continue  # retired already (the crash came mid-retire)
             if inp.file.batch_id != f.batch_id:
@@ -505,6 +507,8 @@ class Consumer:
 
     # -- retiring inputs -----------------------------------------------------------------------
     def _retire(self, outcome: FileOutcome, intent: Intent) -> None:
+        if outcome.file.in_place:
+            return  # it cannot be moved (logged when it could not be claimed)
         path = self.slot.dir / outcome.file.name
         if outcome.poison is not None:
             self._quarantine_file(path, outcome, intent)

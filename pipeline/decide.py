@@ -201,10 +201,9 @@ def decide(
                 splits.append(split)
                 # Each file is judged late against the files before it, as if it were a
                 # group of its own: grouping (which depends on timing) never changes a verdict.
-                top = split.valid["event_time"].max()
-                if top is not None:
-                    top_ms = _ms(top)  # type: ignore[arg-type]
-                    watermark_ms = top_ms if watermark_ms is None else max(watermark_ms, top_ms)
+                top_ms = _ms(split.valid["event_time"].max())  # type: ignore[arg-type]
+                if top_ms is not None:
+                    watermark_ms = max(top_ms, watermark_ms or top_ms)
     _dedupe(splits, slice_ms, claim)
     for split in splits:
         _enrich(split, campaigns, now)

@@ -75,6 +75,8 @@ class GroupFile:
 
     name: str
     batch_id: str
+    #: An entry no slot can own (it cannot be renamed: a mount point), decided in incoming/.
+    in_place: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from pathlib import Path
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from pipeline.spool import list_incoming
+from lake.location import LakeLocation
+from lake.snapshot import snapshot
+from pipeline.groups import waiting_entries
 from pipeline.status import ConsumerStatus, read_statuses
 from pipeline.testing import lake_contents
 
@@ -37,10 +39,10 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT_
 
 
 def drained(data: Path) -> bool:
-    """Nothing waits in incoming/ and nothing is left in staging/."""
-    staging = data / "staging"
-    return not list_incoming(data / "incoming") and (
-        not staging.exists() or not any(staging.iterdir())
+    """Nothing waits in incoming/ (claimed or not) and no commit group is unfinished."""
+    groups = data / "state" / "groups"
+    return not waiting_entries(data / "incoming") and (
+        not groups.exists() or not any(groups.glob("*/*.json"))
     )
 
 
@@ -48,9 +50,16 @@ def statuses(data: Path) -> list[ConsumerStatus]:
     return read_statuses(data / "state")
 
 
+def lake_table(data: Path, name: str) -> pl.DataFrame:
+    """One Delta table of DATA_DIR's default lake, as committed now (empty before the first)."""
+    dataset = snapshot(LakeLocation.from_env({}, data_dir=str(data))).datasets[name]
+    frame = pl.from_arrow(dataset.to_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
 def ledger(data: Path) -> pl.DataFrame:
-    files = sorted((data / "ledger").rglob("*.parquet"))
-    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+    return lake_table(data, "ledger")
 
 
 def base_env(data: Path, **extra: str) -> dict[str, str]:
@@ -69,6 +78,8 @@ def base_env(data: Path, **extra: str) -> dict[str, str]:
         "RETRY_MAX_DELAY": "500ms",
         "DISK_MIN_FREE": "0",
         "LOG_LEVEL": "INFO",
+        # One spool file per commit group, so that stop and crash points count files.
+        "COMMIT_TARGET_ROWS": "1",
         **extra,
     }
 

@@ -20,7 +20,15 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pytest
-from hardening import TIMEOUT_S, ConsumerProcess, base_env, drained, ledger, wait_for
+from hardening import (
+    TIMEOUT_S,
+    ConsumerProcess,
+    base_env,
+    drained,
+    lake_table,
+    ledger,
+    wait_for,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyarrow import ipc
@@ -29,7 +37,7 @@ from pipeline.consumer import Consumer
 from pipeline.factory import make_key_cache
 from pipeline.settings import Settings
 from pipeline.spool import MAX_FILE_BYTES, display_name, internal_stem
-from pipeline.testing import event_table, read_parquet_dir
+from pipeline.testing import event_table
 
 NOW_MS = int(__import__("time").time() * 1000)
 NAME_MAX = 255
@@ -163,7 +171,7 @@ def test_each_poison_entry_is_quarantined_once_and_the_consumer_moves_on(
         shown = display_name(os.fsdecode(raw_name))
         (row,) = rows.filter(pl.col("source_file") == shown).iter_rows(named=True)
         assert row["status"] == status
-        ids = set(read_parquet_dir(data / "events")["event_id"])
+        ids = set(lake_table(data, "events")["event_id"])
         assert {"good-1", "good-2"} <= ids
         assert not any(i.startswith(("outside", "in-a-dir")) for i in ids)  # never followed
         found = quarantined(data)
@@ -303,7 +311,7 @@ def test_any_name_and_entry_kind_is_landed_or_quarantined(
     assert drained(data)
     rows = dict(ledger(data).select("source_file", "status").iter_rows())
     assert rows == {name: status for name, (status, _) in expected.items()}
-    stored = read_parquet_dir(data / "events")
+    stored = lake_table(data, "events")
     landed = set(stored["event_id"]) if len(stored) else set()
     assert landed == {i for status, i in expected.values() if status == "ok"}
     for _dirpath, dirnames, filenames in os.walk(data):
