@@ -32,9 +32,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _consume(args: argparse.Namespace, settings: Settings, stop: threading.Event) -> int:
+    from lake.location import LakeConfigError, LakeLocation
     from pipeline.consumer import ConsumerLockedError
     from pipeline.retry import GaveUpError
 
+    try:
+        location = LakeLocation.from_settings(settings)
+        location.check()  # a wrong LAKE_URI or AWS_* setting stops here, naming the setting
+    except LakeConfigError as exc:
+        print(f"adevents consume: {exc}", file=sys.stderr)
+        return 2
     try:
         consumer = _wait_for_consumer(settings, stop, once=args.once)
     except GaveUpError as exc:
