@@ -51,6 +51,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> None:
 
     # Flags the CLI read reach the workers through the environment they inherit.
     os.environ["DATA_DIR"] = settings.data_dir
+    if settings.lake_uri:
+        os.environ["LAKE_URI"] = settings.lake_uri
     os.environ["LOG_LEVEL"] = settings.log_level
     uvicorn.run(
         "api.app:app",

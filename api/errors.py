@@ -15,11 +15,10 @@ import uuid
 from typing import Any, Final
 
 import duckdb
+from deltalake.exceptions import DeltaError
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.types import ExceptionHandlersMap, Message, Scope
-
-from pipeline.livefiles import LakeBusyError
 
 log = logging.getLogger("adevents.api")
 
@@ -101,8 +100,8 @@ def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dic
 
 
 def _lake_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    """The lake could not be read (it kept changing, or a file is damaged): 503, not 500. The
-    exception (paths, SQL) is logged, not returned."""
+    """The lake could not be read (storage unreachable, a file damaged or gone): 503, not 500.
+    The exception (paths, SQL, the lake's URI) is logged, not returned."""
     rid = request_id(request.scope)
     log.warning(
         "request %s: %s %s: the lake could not be read: %r",
@@ -114,8 +113,8 @@ def _lake_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return error_response(
         request,
         503,
-        "the lake could not be read right now (files were changing or one is damaged): retry "
-        f"shortly; if it persists, give the operator request id {rid}",
+        "the lake could not be read right now (its storage did not answer, or a file is damaged): "
+        f"retry shortly; if it persists, give the operator request id {rid}",
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 
@@ -134,7 +133,7 @@ def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response
 
 EXCEPTION_HANDLERS: Final[ExceptionHandlersMap] = {
     HTTPException: _http_error,
-    LakeBusyError: _lake_unavailable,
+    DeltaError: _lake_unavailable,
     duckdb.Error: _lake_unavailable,
     Exception: _internal_error,
 }

@@ -1,9 +1,10 @@
-"""Health checks: key cache, DATA_DIR writable and its free space, consumer lag and state, last
-commit; cached for a second.
+"""Health checks: key cache, DATA_DIR writable and its free space, consumer lag and state, the
+lake's tables (Delta versions, last commit from the ledger); cached for a second.
 
 Reasons are codes (``disk_low``, ``consumer_retrying:redis_unavailable``, ...) that anyone may
 see on ``/health``; sentences and raw errors are for ``/health/detail`` (see ``api/routes.py``).
-Raw errors, which may name hosts or paths, are logged when a check fails.
+Raw errors, which may name hosts or paths, are logged when a check fails. The lake's URI (which
+names a bucket) is never part of a report.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import anyio.to_thread
 from api.disk import DiskSpace
 from api.models import ConsumerHealth, Health, KeyCacheHealth
 from pipeline.redis_client import Client, connect
+from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.spool import list_incoming, oldest_waiting_age
 from pipeline.status import ConsumerStatus, read_statuses
@@ -90,7 +92,8 @@ class HealthChecker:
         self._at = 0.0
         self._lock = threading.Lock()
         self._redis: Client | None = None
-        self.disk = DiskSpace(lake.root, settings.disk_min_free)
+        self.layout = Layout(settings.data_dir)
+        self.disk = DiskSpace(self.layout.root, settings.disk_min_free)
 
     def _key_cache(self) -> KeyCacheHealth:
         if self.settings.redis_url:
@@ -102,7 +105,7 @@ class HealthChecker:
                 log.warning("health: Redis ping failed: %s", exc)
                 return KeyCacheHealth("redis", False, "Redis did not answer PING", error=str(exc))
             return KeyCacheHealth("redis", True, "Redis answered PING")
-        layout = self.lake.layout
+        layout = self.layout
         running = lock_is_held(layout.state / "consumer.lock")
         if not (layout.state / "embedded").is_dir():
             return KeyCacheHealth(
@@ -117,7 +120,7 @@ class HealthChecker:
         """Whether a file can be created and written in DATA_DIR right now (a full disk or a
         read-only mount says no: creating an empty file alone would still succeed)."""
         try:
-            with tempfile.TemporaryFile(dir=self.lake.root) as fh:
+            with tempfile.TemporaryFile(dir=self.layout.root) as fh:
                 fh.write(_PROBE)
                 fh.flush()
             return True
@@ -151,7 +154,7 @@ class HealthChecker:
                 f"DATA_DIR's disk has {free} bytes free, less than DISK_MIN_FREE "
                 f"({self.settings.disk_min_free}): the ingest refuses events until space is freed",
             )
-        incoming = self.lake.layout.incoming
+        incoming = self.layout.incoming
         lag = oldest_waiting_age(incoming, now)
         if lag > MAX_LAG_SECONDS:
             fail(
@@ -159,7 +162,7 @@ class HealthChecker:
                 f"consumer lag: the oldest file in incoming/ has waited {lag:.1f}s "
                 f"(more than {MAX_LAG_SECONDS:.0f}s)",
             )
-        consumers = [consumer_health(s, now) for s in read_statuses(self.lake.layout.state)]
+        consumers = [consumer_health(s, now) for s in read_statuses(self.layout.state)]
         for fault in sorted({c.fault or "unknown" for c in retrying(consumers)}):
             stuck = [c for c in retrying(consumers) if (c.fault or "unknown") == fault]
             longest = max(now - c.since / 1000 for c in stuck)
@@ -168,12 +171,19 @@ class HealthChecker:
                 f"{len(stuck)} consumer(s) retrying a transient fault, {fault}, "
                 f"for up to {longest:.0f}s",
             )
+        versions: dict[str, int] = {}
+        files: dict[str, int] = {}
+        last = None
         try:
-            last = ops.last_commit_ms(self.lake, int(now * 1000))
-        except Exception as exc:  # an unreadable ledger is a reason, not a crash
-            log.warning("health: the ledger could not be read: %r", exc)
-            fail("ledger_unreadable", "the ledger could not be read")
-            last = None
+            view = self.lake.view()
+            versions = view.versions
+            files = {name: len(view.table(name).stats) for name in versions}
+            last = ops.last_commit_ms(self.lake)
+        except Exception as exc:  # an unreadable lake is a reason, not a crash
+            log.warning(
+                "health: the lake could not be read: %s", self.lake.location.redact(repr(exc))
+            )
+            fail("lake_unreadable", "the lake's tables could not be read")
         return Health(
             status="unhealthy" if reasons else "ok",
             reasons=reasons,
@@ -188,7 +198,9 @@ class HealthChecker:
             last_commit=last,
             seconds_since_last_commit=None if last is None else round(now - last / 1000, 3),
             consumers=consumers,
-            data_dir=str(self.lake.root.resolve()),
+            lake_versions=versions,
+            lake_files=files,
+            data_dir=str(self.layout.root.resolve()),
         )
 
     def cached(self) -> Health:

@@ -1,4 +1,5 @@
-"""Prometheus metrics: pipeline totals from the ledger, lag, key-cache size, API latency."""
+"""Prometheus metrics: pipeline totals from the ledger table, lag, the lake's tables, key-cache
+size, API latency."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from prometheus_client.registry import Collector
 from api.disk import DiskSpace
 from api.health import REDIS_TIMEOUT_S, consumer_health
 from pipeline.redis_client import Client, connect, used_memory
+from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.spool import list_incoming, oldest_waiting_age
 from pipeline.status import FAULTS, read_statuses
@@ -41,14 +43,14 @@ def _dir_bytes(path: str) -> int:
 
 
 class LakeCollector(Collector):
-    """Computes the pipeline metrics at scrape time from the ledger and DATA_DIR."""
+    """Computes the pipeline metrics at scrape time from the lake's tables and DATA_DIR."""
 
     def __init__(self, settings: Settings, lake: Lake) -> None:
         self.settings = settings
         self.lake = lake
-        self.ledger = ops.LedgerCounter(lake)
+        self.layout = Layout(settings.data_dir)
         self._redis: Client | None = None
-        self.disk = DiskSpace(lake.root, settings.disk_min_free)
+        self.disk = DiskSpace(self.layout.root, settings.disk_min_free)
 
     def _key_cache_bytes(self) -> tuple[str, float]:
         if self.settings.redis_url:
@@ -58,15 +60,15 @@ class LakeCollector(Collector):
                 return "redis", float(used_memory(self._redis))
             except Exception:  # an unreachable Redis shows as NaN, /health says why
                 return "redis", float("nan")
-        return "embedded", float(_dir_bytes(str(self.lake.layout.state / "embedded")))
+        return "embedded", float(_dir_bytes(str(self.layout.state / "embedded")))
 
     def collect(self) -> Iterator[Any]:
-        t = self.ledger.update()
+        t = ops.ledger_totals(self.lake)
         yield CounterMetricFamily(
             "adevents_events_in", "Events read from spool files (ledger rows_in)", value=t.rows_in
         )
         yield CounterMetricFamily(
-            "adevents_events_accepted", "Events stored in events/", value=t.accepted
+            "adevents_events_accepted", "Events stored in the events table", value=t.accepted
         )
         yield CounterMetricFamily(
             "adevents_events_duplicates", "Events dropped as duplicates", value=t.duplicates
@@ -95,7 +97,7 @@ class LakeCollector(Collector):
             buckets=buckets,
             sum_value=t.latency_sum_s,
         )
-        incoming = self.lake.layout.incoming
+        incoming = self.layout.incoming
         yield GaugeMetricFamily(
             "adevents_consumer_lag_seconds",
             "Age of the oldest file waiting in incoming/",
@@ -126,18 +128,37 @@ class LakeCollector(Collector):
             "DISK_MIN_FREE: below it the ingest answers 503 and consumers pause (0 = no check)",
             value=self.disk.min_free,
         )
-        last = ops.last_commit_ms(self.lake, int(time.time() * 1000))
+        last = ops.last_commit_ms(self.lake)
         yield GaugeMetricFamily(
             "adevents_last_commit_timestamp_seconds",
             "When the newest batch was committed (Unix time; 0 when none)",
             value=(last or 0) / 1000,
         )
+        yield from self._tables()
+
+    def _tables(self) -> Iterator[Any]:
+        """Each Delta table's version and data files (small files slow every reader)."""
+        view = self.lake.view()
+        version = GaugeMetricFamily(
+            "adevents_lake_table_version",
+            "The Delta version of each lake table (-1 until it is created)",
+            labels=["table"],
+        )
+        files = GaugeMetricFamily(
+            "adevents_lake_table_files",
+            "Data files in the latest version of each lake table",
+            labels=["table"],
+        )
+        for name, v in view.versions.items():
+            version.add_metric([name], v)
+            files.add_metric([name], len(view.table(name).stats))
+        yield from (version, files)
 
     def _consumers(self) -> Iterator[Any]:
         """Each consumer's state from ``state/consumers/``: retrying which fault, since when.
         A consumer that stopped reporting counts as not running and retrying nothing."""
         now = time.time()
-        consumers = [consumer_health(s, now) for s in read_statuses(self.lake.layout.state)]
+        consumers = [consumer_health(s, now) for s in read_statuses(self.layout.state)]
         running = GaugeMetricFamily(
             "adevents_consumer_running",
             "1 while a consumer reports itself running or retrying; 0 when stopped or silent",

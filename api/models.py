@@ -269,6 +269,9 @@ class Health(Struct):
     last_commit: int | None
     seconds_since_last_commit: float | None
     consumers: list[ConsumerHealth]
+    #: Each lake table's Delta version and how many data files it has (-1 and 0: not created).
+    lake_versions: dict[str, int] = msgspec.field(default_factory=dict)
+    lake_files: dict[str, int] = msgspec.field(default_factory=dict)
     #: The absolute DATA_DIR: only for a caller with an API key.
     data_dir: str | None = None
 

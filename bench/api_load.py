@@ -44,8 +44,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def build_lake(data_dir: str, events: int, rate: int) -> None:
-    """Generate ``events`` into the spool and land them with one ``consume --once``."""
-    if any(Path(data_dir, "events").rglob("*.parquet")):
+    """Generate ``events`` into the spool and land them with one ``consume --once`` (unless the
+    lake at the default LAKE_URI, DATA_DIR/lake, already has an events table)."""
+    if Path(data_dir, "lake", "events", "_delta_log").is_dir():
         return
     env = _env(MAX_EVENTS_PER_SECOND="0")
     started = time.perf_counter()
@@ -68,9 +69,6 @@ def prepare(data_dir: str) -> None:
             text=True,
         )
         print(f"{done.stdout.strip()} ({time.perf_counter() - started:.1f}s)", flush=True)
-    now_hour = time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime())
-    if Path(data_dir, "events", now_hour).is_dir():
-        print(f"note: {now_hour} is the current hour: it is compacted once it has ended")
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from typing import Final, Literal, Protocol
 
 from pipeline.schema import MINUTE_MS
 from queries import rollups
-from queries.lake import FileStats, Lake
+from queries.lake import FileStats, Lake, View
 from queries.rollups import Coverage
 
 Granularity = Literal["minute", "hour", "day"]
@@ -204,31 +204,28 @@ _RAW_PART: Final = """
     FROM {{events}} WHERE campaign_id = $campaign_id AND {where} GROUP BY b"""
 
 
-def _overlapping(lake: Lake, name: str, runs: Sequence[Run]) -> list[str]:
+def _overlapping(view: View, name: str, runs: Sequence[Run]) -> list[str]:
     """Files of ``name`` that can hold rows in one of ``runs``."""
     lo, hi = runs[0][0], runs[-1][1]
-    files = lake.files(name, since_ms=lo, until_ms=hi)
     if name != "events":
-        return files
-    stats = lake.stats(name, files)
+        return view.local_files(name, lo, hi)
+    stats = view.table(name).stats
     ends = [end for _, end in runs]
 
     def overlaps(s: FileStats) -> bool:
-        if not s.overlaps(lo, hi):
-            return False
         if s.min_ms is None or s.max_ms is None:
             return True
         i = bisect.bisect_right(ends, s.min_ms)  # the first run that ends after the file begins
         return i < len(runs) and runs[i][0] <= s.max_ms
 
-    return [f for f in files if overlaps(stats[f])]
+    return [f for f in view.files(name, lo, hi) if overlaps(stats[f])]
 
 
-def read_plan(lake: Lake, campaign_id: str, granularity: Granularity, p: Plan) -> list[Bucket]:
+def read_plan(view: View, campaign_id: str, granularity: Granularity, p: Plan) -> list[Bucket]:
     """The series a plan describes: its parts read in one query and summed per bucket."""
     params: dict[str, object] = {"campaign_id": campaign_id, "granularity": granularity}
     parts: list[str] = []
-    sources: dict[str, set[str]] = {}
+    files: dict[str, set[str]] = {}
     for table, runs, key in (
         (f"rollups_{granularity}", p.rollup, "r"),
         ("rollups_minute", p.minutes, "m"),
@@ -236,10 +233,10 @@ def read_plan(lake: Lake, campaign_id: str, granularity: Granularity, p: Plan) -
     ):
         if not runs:
             continue
-        files = _overlapping(lake, table, runs)
-        if not files:
+        chosen = _overlapping(view, table, runs)
+        if not chosen:
             continue
-        sources.setdefault(table, set()).update(files)
+        files.setdefault(table, set()).update(chosen)
         column = "event_time" if table == "events" else "bucket"
         where = _within(column, runs, key, params)
         template = _RAW_PART if table == "events" else _ROLLUP_PART
@@ -250,34 +247,32 @@ def read_plan(lake: Lake, campaign_id: str, granularity: Granularity, p: Plan) -
         SELECT b, CAST(sum(i) AS BIGINT), CAST(sum(c) AS BIGINT), CAST(sum(v) AS BIGINT),
                CAST(sum(s) AS BIGINT), CAST(sum(r) AS BIGINT)
         FROM ({" UNION ALL ".join(parts)}) GROUP BY b ORDER BY b"""
-    rows = lake.query(sql, params, sources={k: sorted(v) for k, v in sources.items()})
+    rows = view.query(sql, params, files={k: sorted(v) for k, v in files.items()})
     return [Bucket(int(r[0]), Totals(*map(int, r[1:]))) for r in rows]
 
 
 class RawEventsSource:
-    """Aggregates events/ at query time."""
+    """Aggregates events at query time."""
 
     def series(
         self, lake: Lake, campaign_id: str, since_ms: int, until_ms: int, granularity: Granularity
     ) -> list[Bucket]:
         p = plan(since_ms, until_ms, granularity, None)
-        return lake.read(lambda: read_plan(lake, campaign_id, granularity, p))
+        return read_plan(lake.view("events"), campaign_id, granularity, p)
 
 
 class RollupSource:
     """Rollups (``rollups_<granularity>``, ``rollups_minute``) for what they answer exactly, and
-    events for the rest: minutes that batches not rolled up yet touched, minutes older than the
-    rollups kept, and the partial minute at ``until``. The same answer as :class:`RawEventsSource`,
-    to the micro, while reading a fraction of the data."""
+    events for the rest: minutes that batches the job has not rolled up touched,
+    minutes older than the rollups kept, and the partial minute at ``until``. The same answer as
+    :class:`RawEventsSource`, to the micro, while reading a fraction of the data."""
 
     def series(
         self, lake: Lake, campaign_id: str, since_ms: int, until_ms: int, granularity: Granularity
     ) -> list[Bucket]:
-        def attempt() -> list[Bucket]:
-            p = plan(since_ms, until_ms, granularity, rollups.coverage(lake))
-            return read_plan(lake, campaign_id, granularity, p)
-
-        return lake.read(attempt)
+        view = lake.view("ledger", "events")
+        p = plan(since_ms, until_ms, granularity, rollups.coverage(lake, view))
+        return read_plan(view, campaign_id, granularity, p)
 
 
 def stats_source(lake: Lake) -> StatsSource:
@@ -312,12 +307,5 @@ def top(
     if since_ms is not None:
         params["since_ms"] = since_ms
 
-    def attempt() -> list[CampaignTotals]:
-        files = lake.files("events", since_ms=since_ms)
-        if since_ms is not None:
-            stats = lake.stats("events", files)
-            files = [f for f in files if stats[f].overlaps(since_ms, None)]
-        rows = lake.query(sql, params, sources={"events": files})
-        return [CampaignTotals(r[0], r[1], r[2], Totals(*map(int, r[3:]))) for r in rows]
-
-    return lake.read(attempt)
+    rows = lake.view("events").query(sql, params)
+    return [CampaignTotals(r[0], r[1], r[2], Totals(*map(int, r[3:]))) for r in rows]

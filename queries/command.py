@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import duckdb
+from deltalake.exceptions import DeltaError
 
-from pipeline.livefiles import LakeBusyError
 from pipeline.settings import Settings
-from queries.lake import TABLES, Lake
+from queries.lake import TABLE_NAMES, Lake
 
 FORMATS = ("table", "csv", "json")
 MAX_CELL = 60
@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "query",
         nargs="?",
-        help="SQL over the views " + ", ".join(TABLES) + "; omit it for an interactive prompt",
+        help="SQL over the views " + ", ".join(TABLE_NAMES) + "; omit it for an interactive prompt",
     )
     parser.add_argument(
         "--format", choices=FORMATS, default="table", help="output format (default table)"
@@ -92,8 +92,8 @@ def execute(lake: Lake, query: str, fmt: str, out: TextIO) -> bool:
     """Run one statement and print its result; print the error and return False on failure."""
     try:
         columns, rows = lake.sql(query)
-    except (duckdb.Error, LakeBusyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (duckdb.Error, DeltaError) as exc:
+        print(f"error: {lake.location.redact(str(exc))}", file=sys.stderr)
         return False
     if columns:
         out.write(format_rows(columns, rows, fmt))
@@ -107,7 +107,7 @@ def repl(lake: Lake, fmt: str, stdin: TextIO, out: TextIO) -> int:
         import readline  # noqa: F401 - line editing and history for input()
 
         print(
-            f"adevents sql on {lake.root}: views {', '.join(TABLES)}. "
+            f"adevents sql: views {', '.join(TABLE_NAMES)}. "
             "End statements with ';', .tables lists views, .quit leaves.",
             file=out,
         )
@@ -130,7 +130,7 @@ def repl(lake: Lake, fmt: str, stdin: TextIO, out: TextIO) -> int:
         if not pending and stripped in (".quit", ".exit", "\\q", "quit", "exit"):
             break
         if not pending and stripped == ".tables":
-            out.write("\n".join(TABLES) + "\n")
+            out.write("\n".join(TABLE_NAMES) + "\n")
             continue
         if not stripped and not pending:
             continue
@@ -144,7 +144,7 @@ def repl(lake: Lake, fmt: str, stdin: TextIO, out: TextIO) -> int:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    lake = Lake(settings.data_dir)
+    lake = Lake.from_settings(settings)
     try:
         if args.query is not None:
             return 0 if execute(lake, args.query, args.format, sys.stdout) else 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from queries.lake import FileStats, Lake
+from queries.lake import FileStats, Lake, View
 
 #: Columns of an event as the API shows it, with event_time as epoch milliseconds.
 _COLUMNS: Final = """event_id, event_type, epoch_ms(event_time) AS time_ms, campaign_id, ad_id,
@@ -95,16 +95,24 @@ PROBE_MS: Final = 60_000
 
 
 def newest(lake: Lake, limit: int, where: EventFilter | None = None) -> list[Event]:
-    """Up to ``limit`` matching events by (event_time, event_id), newest first.
+    """Up to ``limit`` matching events by (event_time, event_id), newest first, from one
+    snapshot of ``events``.
 
     Reads as few files as it can, each once: files by newest event first (for a campaign, only
-    those whose footer says they can hold it), a growing chunk at a time, keeping the best
-    ``limit`` rows; it stops once the next file's newest event is older than the last of them,
-    as every file after it is too: the answer is exact. Within a chunk that spans a long time
-    (compacted files, sorted by campaign), bands of time are read newest first, so that row
-    groups older than what is needed are skipped by their statistics.
+    those whose log statistics say they can hold it), a growing chunk at a time, keeping the
+    best ``limit`` rows; it stops once the next file's newest event is older than the last of
+    them, as every file after it is too: the answer is exact. Within a chunk that spans a long
+    time (compacted files, Z-ordered by campaign), bands of time are read newest first, so that
+    row groups older than what is needed are skipped by their statistics.
     """
     where = where or EventFilter()
+    view = lake.view("events")
+    clause, params = where.where()
+    key = ("newest", limit, clause, tuple(sorted(params.items())))
+    return view.remember(key, lambda: _search(view, limit, where))
+
+
+def _search(view: View, limit: int, where: EventFilter) -> list[Event]:
     since, until = where.window()
     clause, params = where.where()
     params["limit"] = limit
@@ -117,46 +125,39 @@ def newest(lake: Lake, limit: int, where: EventFilter | None = None) -> list[Eve
         sql = f"SELECT {_COLUMNS} FROM {{events}} WHERE {' AND '.join([clause, *bounds])} {order}"
         values = {**params, **({"band_lo": lo} if lo is not None else {})}
         values |= {"band_hi": hi} if hi is not None else {}
-        return [Event(*r) for r in lake.query(sql, values, sources={"events": chunk})]
+        return [Event(*r) for r in view.query(sql, values, files={"events": chunk})]
 
-    def attempt() -> list[Event]:
-        files = lake.files("events", since_ms=since, until_ms=until)
-        key = ("newest", limit, clause, tuple(sorted(params.items())), tuple(files))
-        return list(lake.remember(key, lambda: search(files)))
-
-    def search(files: list[str]) -> list[Event]:
-        stats = lake.stats("events", files)
-        candidates = [f for f in files if stats[f].overlaps(since, until)]
-        if where.campaign_id is not None:
-            bounds = lake.bounds("events", candidates, "campaign_id")
-            candidates = [f for f in candidates if _may_hold(bounds[f], where.campaign_id)]
-        candidates.sort(key=lambda f: -_newest(stats[f]))
-        found: list[Event] = []
-        at, step, rows = 0, 0, 0
-        while step < len(candidates) and rows < limit:
-            rows += stats[candidates[step]].rows
-            step += 1
-        step = max(step, 1)
-        while at < len(candidates):
-            if len(found) >= limit and _newest(stats[candidates[at]]) < found[-1].time_ms:
-                break  # every file left holds only older events
-            chunk = candidates[at : at + step]
-            at, step = at + step, step * 2
-            top = _newest(stats[chunk[0]])
-            oldest = min((stats[f].min_ms for f in chunk), key=lambda m: -1 if m is None else m)
-            hi: int | None = None
-            width = PROBE_MS
-            while True:
-                lo: int | None = top - width
-                if oldest is None or top == _UNKNOWN or lo is None or lo <= oldest:
-                    lo = None  # the rest of the chunk
-                found = sorted([*found, *band(chunk, lo, hi)], key=_order, reverse=True)[:limit]
-                if lo is None or (len(found) >= limit and found[-1].time_ms >= lo):
-                    break  # what is left of the chunk is older than the last row kept
-                hi, width = lo, width * 8
-        return found
-
-    return lake.read(attempt)
+    table = view.table("events")
+    stats = table.stats
+    candidates = view.files("events", since, until)
+    if where.campaign_id is not None:
+        bounds = table.bounds("campaign_id")
+        candidates = [f for f in candidates if _may_hold(bounds[f], where.campaign_id)]
+    candidates.sort(key=lambda f: -_newest(stats[f]))
+    found: list[Event] = []
+    at, step, rows = 0, 0, 0
+    while step < len(candidates) and rows < limit:
+        rows += stats[candidates[step]].rows
+        step += 1
+    step = max(step, 1)
+    while at < len(candidates):
+        if len(found) >= limit and _newest(stats[candidates[at]]) < found[-1].time_ms:
+            break  # every file left holds only older events
+        chunk = candidates[at : at + step]
+        at, step = at + step, step * 2
+        top = _newest(stats[chunk[0]])
+        oldest = min((stats[f].min_ms for f in chunk), key=lambda m: -1 if m is None else m)
+        hi: int | None = None
+        width = PROBE_MS
+        while True:
+            lo: int | None = top - width
+            if oldest is None or top == _UNKNOWN or lo is None or lo <= oldest:
+                lo = None  # the rest of the chunk
+            found = sorted([*found, *band(chunk, lo, hi)], key=_order, reverse=True)[:limit]
+            if lo is None or (len(found) >= limit and found[-1].time_ms >= lo):
+                break  # what is left of the chunk is older than the last row kept
+            hi, width = lo, width * 8
+    return found
 
 
 def _order(e: Event) -> tuple[int, str]:
@@ -179,10 +180,5 @@ def page(lake: Lake, limit: int, where: EventFilter) -> tuple[list[Event], Posit
 
 
 def count(lake: Lake) -> int:
-    """How many events the lake holds (from Parquet footers: no data is read)."""
-
-    def attempt() -> int:
-        files = lake.files("events")
-        return sum(s.rows for s in lake.stats("events", files).values())
-
-    return lake.read(attempt)
+    """How many events the lake holds (from the Delta log: no data is read)."""
+    return lake.view("events").count("events")

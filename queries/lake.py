@@ -1,169 +1,194 @@
-"""The lake as DuckDB sees it: tables, consistent file snapshots, per-file statistics, retries.
+"""The lake as DuckDB sees it: consistent Delta snapshots, per-file log statistics, answer caching.
 
-Every query in ``queries/`` reads the lake through :class:`Lake`. A query names its tables as
-``{events}``, ``{ledger}``, ... and :meth:`Lake.query` replaces each with
-``read_parquet($param, ...)`` over a list of files bound as a parameter, or with an empty
-relation of the table's schema when there are no files yet (``read_parquet`` refuses an empty
-list or a glob that matches nothing). Values from users are always bound parameters.
+Every query in ``queries/`` reads through a :class:`View` from :meth:`Lake.view`: each Delta
+table (``events``, ``quarantine``, ``ledger``; see :mod:`lake.tables`) pinned at one version,
+as the pyarrow dataset :mod:`lake.snapshot` builds. A query names its tables as ``{events}``,
+``{ledger}``, ... and DuckDB scans the pinned datasets, pushing filters and projections into
+them: each file's fragment carries its partition values (``date``, ``hour``) and its min/max
+statistics from the log, so a file that cannot match a time range or a campaign is never
+opened. Values from users are always bound parameters.
 
-Consistency. The consumer publishes a batch by renaming its files into place one by one while
-``staging/<batch_id>.committed`` exists (see ``pipeline/commit.py``), and files are named
-``<batch_id>.parquet``. :meth:`Lake.files` lists in-flight batches, the table, in-flight batches
-again and the table again, and keeps only batches that were in flight at neither listing and
-gained no file between the two table listings: each batch it keeps is whole (a batch that was
-half-published at the first listing either shows up in flight, or had finished, and then has
-more files at the second).
+Consistency comes from Delta, not from us: a version lists exactly the committed files, so a
+Parquet file no commit names (an orphan of a crashed writer) is never read, and a file that a
+later optimize or retention removes stays on disk until ``vacuum`` deletes it after its
+retention (at least an hour), far longer than any query holds its view.
 
-Compaction (``jobs/compact.py``) swaps an hour's small files for a few large ones in
-phases recorded under ``staging/compact/``, with a generation counter bumped at every phase
-change. For ``events``, the four listings above run inside
-:func:`pipeline.livefiles.consistent` (generation, units, listings, generation again; taken
-again if the generation moved) and every file its :class:`~pipeline.livefiles.View` hides
-(a committed unit's outputs, a swapped unit's replaced files) is dropped from both table
-listings, so each row is listed exactly once. A file that still vanishes (retention, or a swap
-between listing and reading) makes :meth:`Lake.read` retry the whole read on a fresh snapshot.
+Refresh and caches, all exact. Opening a view asks each table for newer log entries
+(``DeltaTable.update_incremental``: one listing of ``_delta_log``) and builds the table's
+dataset and file index again only when the version moved. Answers are remembered by (query,
+parameters, the versions of the tables it read and, when it read part of a table, the files):
+a version never changes, so an answer stays exact until a commit moves the version.
 
-Caches, all exact. Each directory's listing is reused while its mtime is unchanged (and was
-not in the same clock tick as the listing); a table's snapshot while none of the directories it
-listed (nor the compaction generation) changed; per-file footer statistics forever (files are
-never rewritten). A query's answer is reused for the same SQL, parameters and files: the events,
-quarantine and ledger files never change once published, and a file replaced in place
-(rollups, alerts, campaigns) is keyed by its inode, size and mtime. New data means new files, so
-nothing is ever stale; on a lake that is not changing, repeated questions cost no I/O.
-
-Tables other issues add (``rollups_<granularity>`` under ``rollups/<granularity>/`` and
-``alerts``) are registered here with :func:`register_table`; they become views for ``adevents
-sql`` and ``{name}`` in queries. Their files are replaced in place by atomic renames.
+The jobs' own tables (``rollups_<granularity>``, ``alerts``, the ``campaigns`` dimension) are
+Parquet files on local disk under DATA_DIR that their jobs replace atomically; they are read as
+they are at query time, and answers that read them are not remembered.
 """
 
 from __future__ import annotations
 
 import calendar
-import os
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 from typing import Any, Final, TypeVar
+from urllib.parse import unquote
 
 import duckdb
 import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
 
-from pipeline import livefiles
-from pipeline.livefiles import LakeBusyError
-from pipeline.schema import (
-    ALERT_SCHEMA,
-    CAMPAIGN_SCHEMA,
-    DAY_MS,
-    ENRICHED_SCHEMA,
-    HOUR_MS,
-    LEDGER_SCHEMA,
-    QUARANTINE_SCHEMA,
-    ROLLUP_SCHEMA,
-    Layout,
-)
+from lake.location import LakeLocation
+from lake.snapshot import table_dataset
+from lake.tables import TABLES as DELTA_TABLES
+from lake.tables import TableSpec
+from pipeline.schema import ALERT_SCHEMA, CAMPAIGN_SCHEMA, DAY_MS, HOUR_MS, ROLLUP_SCHEMA, Layout
+from pipeline.settings import Settings
 
 T = TypeVar("T")
 
-_COMMITTED: Final = ".committed"
-_PARQUET: Final = ".parquet"
-#: DuckDB's messages for a file that was listed but is gone when it is opened.
-_MISSING = re.compile(r"No files found|No such file|Cannot open file|could not be opened", re.I)
-_TABLE_REF = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
-#: A directory listing is reused only if it began this long after the directory's mtime.
-_RACY_NS: Final = 50_000_000
+_TABLE_REF: Final = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 #: Answers remembered per Lake (small ones only), most recently used kept.
 ANSWERS: Final = 512
-SNAPSHOTS: Final = 64
-_GENERATION: Final = "compaction generation"
 MAX_ANSWER_ROWS: Final = 5_000
-
-
-class SnapshotChangedError(FileNotFoundError):
-    """Files vanished while a snapshot was taken; :meth:`Lake.read` takes another."""
+#: Pinned (time-travel) table versions kept open per Lake.
+PINNED: Final = 8
 
 
 @dataclass(frozen=True)
-class Table:
-    """A table of the lake: Parquet files under ``path`` (or one file), Hive-partitioned.
+class FileStats:
+    """What the log says of a file: rows, and the range of the table's time column (epoch ms)."""
 
-    ``partitions`` are the Hive keys with their DuckDB types, outermost first; a key named
-    ``date`` or ``hour`` lets :meth:`Lake.files` skip partitions outside a time window.
-    ``time_column`` is the column whose per-file min/max :meth:`Lake.stats` reports.
+    rows: int
+    min_ms: int | None
+    max_ms: int | None
+
+    def overlaps(self, since_ms: int | None, until_ms: int | None) -> bool:
+        """Whether the file can hold rows in [since, until) (an unknown bound: it can)."""
+        if self.rows == 0:
+            return False
+        if since_ms is not None and self.max_ms is not None and self.max_ms < since_ms:
+            return False
+        return not (until_ms is not None and self.min_ms is not None and self.min_ms >= until_ms)
+
+
+# -- Delta tables ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TableState:
+    """One Delta table at one version: its dataset and the log's add actions (one per file).
+
+    ``version`` is -1 for a table that does not exist yet (no rows). Immutable, so threads
+    share it freely.
+    """
+
+    spec: TableSpec
+    version: int
+    dataset: pads.Dataset
+    actions: pl.DataFrame = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @cached_property
+    def stats(self) -> dict[str, FileStats]:
+        """Each file's rows and time range (the spec's ``partition_time`` column)."""
+        frame = self.actions
+        column = self.spec.partition_time
+        rows = frame["num_records"].fill_null(-1).to_list()
+        lows = _epoch_ms(frame, f"min.{column}")
+        highs = _epoch_ms(frame, f"max.{column}")
+        return {
+            p: FileStats(n if n >= 0 else 1, lo, hi)  # rows unknown: it may hold some
+            for p, n, lo, hi in zip(frame["path"].to_list(), rows, lows, highs, strict=True)
+        }
+
+    def bounds(self, column: str) -> dict[str, tuple[str | None, str | None]]:
+        """(min, max) of a string column in each file (None where the log does not say)."""
+        frame = self.actions
+        paths = frame["path"].to_list()
+        lows, highs = (
+            frame[c].to_list() if c in frame.columns else [None] * len(paths)
+            for c in (f"min.{column}", f"max.{column}")
+        )
+        return dict(zip(paths, zip(lows, highs, strict=True), strict=True))
+
+    @cached_property
+    def _fragments(self) -> dict[str, pads.Fragment]:
+        return {unquote(f.path): f for f in self.dataset.get_fragments()}
+
+    def subset(self, paths: Iterable[str]) -> pads.Dataset:
+        """The dataset of only these files (paths of :attr:`stats`)."""
+        if not isinstance(self.dataset, pads.FileSystemDataset):
+            return self.dataset  # an empty table
+        fragments = [self._fragments[p] for p in paths]
+        ds = self.dataset
+        return pads.FileSystemDataset(fragments, ds.schema, ds.format, ds.filesystem)
+
+    def rows(self) -> int | None:
+        """Rows in this version from the log alone; None when a file's count is unknown."""
+        counts = self.actions["num_records"]
+        return None if counts.null_count() else int(counts.sum())
+
+
+def _epoch_ms(frame: pl.DataFrame, column: str) -> list[int | None]:
+    if column not in frame.columns:
+        return [None] * len(frame)
+    return frame[column].dt.epoch("ms").to_list()
+
+
+def _actions(table: DeltaTable) -> pl.DataFrame:
+    frame = pl.from_arrow(pa.table(table.get_add_actions(flatten=True)))
+    assert isinstance(frame, pl.DataFrame)
+    return frame.with_columns(pl.col("path").map_elements(unquote, return_dtype=pl.String))
+
+
+def _empty_state(spec: TableSpec) -> TableState:
+    actions = pl.DataFrame(schema={"path": pl.String, "num_records": pl.Int64})
+    return TableState(spec, -1, pads.dataset(spec.schema.empty_table()), actions)
+
+
+# -- the jobs' local tables ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalTable:
+    """A table a job keeps as Parquet files under DATA_DIR (one file, or Hive partitions).
+
+    ``partitions`` are the Hive keys with their DuckDB types, outermost first; ``date`` and
+    ``hour`` let :meth:`View.local_files` skip partitions outside a time window.
     """
 
     name: str
     path: str
     schema: pl.Schema
     partitions: tuple[tuple[str, str], ...] = ()
-    time_column: str | None = None
-    #: Files named ``<batch_id>.parquet`` and published by the consumer's staged commit.
-    batch_files: bool = False
-    #: Sub-directories that hold something else (``quarantine/files/``).
-    exclude: frozenset[str] = frozenset()
-    #: A path, once published, always holds the same bytes (never rewritten in place), so an
-    #: answer over the same files is the same answer.
-    immutable: bool = False
-    #: Columns are added over time (a new reason code adds a ``quarantined_<reason>`` ledger
-    #: column): files are read by column name, and a column an older file lacks reads as null.
-    grows: bool = False
 
     @property
     def single_file(self) -> bool:
-        return self.path.endswith(_PARQUET)
+        return self.path.endswith(".parquet")
 
 
-_DATE_HOUR = (("date", "DATE"), ("hour", "INTEGER"))
-TABLES: dict[str, Table] = {}
-
-
-def register_table(table: Table) -> None:
-    """Make ``table`` known to every :class:`Lake` (a view in ``adevents sql``, ``{name}``)."""
-    if not re.fullmatch(r"[a-z_][a-z0-9_]*", table.name):
-        raise ValueError(f"table name {table.name!r} must be a lower-case SQL identifier")
-    TABLES[table.name] = table
-
-
-for _table in (
-    Table(
-        "events",
-        "events",
-        ENRICHED_SCHEMA,
-        _DATE_HOUR,
-        "event_time",
-        batch_files=True,
-        immutable=True,
-    ),
-    Table(
-        "quarantine",
-        "quarantine",
-        QUARANTINE_SCHEMA,
-        (("date", "DATE"),),
-        "ingested_at",
-        batch_files=True,
-        exclude=frozenset({"files"}),
-        immutable=True,
-    ),
-    Table(
-        "ledger",
-        "ledger",
-        LEDGER_SCHEMA,
-        (("date", "DATE"),),
-        "committed_at",
-        immutable=True,
-        grows=True,
-    ),
-    Table("campaigns", "dimensions/campaigns.parquet", CAMPAIGN_SCHEMA),
-    # Written by jobs/rollup.py: one file per hour (minute) or per date (hour, day).
-    Table("rollups_minute", "rollups/minute", ROLLUP_SCHEMA, _DATE_HOUR, "bucket"),
-    Table("rollups_hour", "rollups/hour", ROLLUP_SCHEMA, (("date", "DATE"),), "bucket"),
-    Table("rollups_day", "rollups/day", ROLLUP_SCHEMA, (("date", "DATE"),), "bucket"),
-    # Written by jobs/alerts.py; started_at (the first column) orders it.
-    Table("alerts", "alerts/alerts.parquet", ALERT_SCHEMA),
-):
-    register_table(_table)
+_DATE_HOUR: Final = (("date", "DATE"), ("hour", "INTEGER"))
+LOCAL_TABLES: Final[Mapping[str, LocalTable]] = {
+    t.name: t
+    for t in (
+        LocalTable("campaigns", "dimensions/campaigns.parquet", CAMPAIGN_SCHEMA),
+        # Written by jobs/rollup.py: one file per hour (minute) or per date (hour, day).
+        LocalTable("rollups_minute", "rollups/minute", ROLLUP_SCHEMA, _DATE_HOUR),
+        LocalTable("rollups_hour", "rollups/hour", ROLLUP_SCHEMA, (("date", "DATE"),)),
+        LocalTable("rollups_day", "rollups/day", ROLLUP_SCHEMA, (("date", "DATE"),)),
+        # Written by jobs/alerts.py; started_at (the first column) orders it.
+        LocalTable("alerts", "alerts/alerts.parquet", ALERT_SCHEMA),
+    )
+}
+#: Every table a query or ``adevents sql`` can name.
+TABLE_NAMES: Final = (*DELTA_TABLES, *LOCAL_TABLES)
 
 
 def duckdb_type(dtype: pl.DataType) -> str:
@@ -188,56 +213,24 @@ def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def empty_relation(table: Table) -> str:
+def empty_relation(table: LocalTable) -> str:
     """A relation with ``table``'s columns and no rows, for a table with no files yet."""
     cols = [f'CAST(NULL AS {duckdb_type(t)}) AS "{n}"' for n, t in table.schema.items()]
     cols += [f'CAST(NULL AS {t}) AS "{k}"' for k, t in table.partitions]
     return f"(SELECT {', '.join(cols)} WHERE false)"
 
 
-def reader(table: Table, files: str, *, by_name: bool = False) -> str:
-    """``read_parquet`` over ``files`` (a ``$parameter`` or a list literal) for ``table``;
-    ``by_name`` matches columns by name across files whose columns differ."""
-    options = ", union_by_name = true" if by_name else ""
+def local_relation(table: LocalTable, files: Sequence[str]) -> str:
+    """``read_parquet`` over ``files`` (paths under DATA_DIR, embedded as literals: DuckDB
+    cannot bind parameters in a view) or an empty relation when there are none."""
+    if not files:
+        return empty_relation(table)
+    options = ""
     if table.partitions:
         types = ", ".join(f"{quote_literal(k)}: {t}" for k, t in table.partitions)
-        options += f", hive_partitioning = true, hive_types = {{{types}}}"
-    return f"read_parquet({files}{options})"
-
-
-def grown_reader(table: Table, current: str | None, older: str | None) -> str:
-    """A table that gained columns, over files with every column (``current``) and files from
-    before some were added (``older``; None when there are none, the usual case).
-
-    Older files are read by name, and the union with the empty relation adds, as nulls, the
-    columns none of them has. Only they pay for ``union_by_name``, which reads every file's
-    schema first (measured: 2-3x slower over 3,000 ledger files).
-    """
-    if older is None:
-        assert current is not None
-        return reader(table, current)
-    parts = [f"SELECT * FROM {empty_relation(table)}"]
-    if current is not None:
-        parts.append(f"SELECT * FROM {reader(table, current)}")
-    parts.append(f"SELECT * FROM {reader(table, older, by_name=True)}")
-    return "(" + " UNION ALL BY NAME ".join(parts) + ")"
-
-
-@dataclass(frozen=True)
-class FileStats:
-    """What a file's footer says: rows, and the range of the table's time column (epoch ms)."""
-
-    rows: int
-    min_ms: int | None
-    max_ms: int | None
-
-    def overlaps(self, since_ms: int | None, until_ms: int | None) -> bool:
-        """Whether the file can hold rows in [since, until) (an unknown bound: it can)."""
-        if self.rows == 0:
-            return False
-        if since_ms is not None and self.max_ms is not None and self.max_ms < since_ms:
-            return False
-        return not (until_ms is not None and self.min_ms is not None and self.min_ms >= until_ms)
+        options = f", hive_partitioning = true, hive_types = {{{types}}}"
+    listed = ", ".join(map(quote_literal, files))
+    return f"read_parquet([{listed}]{options})"
 
 
 def _partition_window(key: str, value: str, parent_start: int | None) -> tuple[int, int] | None:
@@ -254,107 +247,235 @@ def _partition_window(key: str, value: str, parent_start: int | None) -> tuple[i
     return None
 
 
-@dataclass
-class _Listing:
-    """A directory's names as listed at ``listed_at`` (epoch ns), when its mtime was ``mtime``."""
+def list_local(
+    root: Path, table: LocalTable, since_ms: int | None = None, until_ms: int | None = None
+) -> list[str]:
+    """The table's files under ``root`` (DATA_DIR), sorted, skipping partitions that cannot
+    hold rows in [since, until)."""
+    base = root / table.path
+    if table.single_file:
+        return [str(base)] if base.is_file() else []
+    out: list[str] = []
 
-    directory: str
-    mtime: int
-    listed_at: int
-    names: list[str]
-    _parquet: list[tuple[str, str]] | None = None
+    def visit(directory: Path, depth: int, start: int | None) -> None:
+        try:
+            names = sorted(p.name for p in directory.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if depth == len(table.partitions):
+            out.extend(str(directory / n) for n in names if n.endswith(".parquet"))
+            return
+        key = table.partitions[depth][0]
+        for name in names:
+            if not name.startswith(f"{key}="):
+                continue
+            window = _partition_window(key, name[len(key) + 1 :], start)
+            if window is not None and (
+                (until_ms is not None and window[0] >= until_ms)
+                or (since_ms is not None and window[1] <= since_ms)
+            ):
+                continue
+            visit(directory / name, depth + 1, window[0] if window else None)
 
-    def parquet(self) -> list[tuple[str, str]]:
-        """(stem, path) of the published Parquet files in it (hidden temporary ones left out)."""
-        if self._parquet is None:
-            self._parquet = [
-                (n[: -len(_PARQUET)], os.path.join(self.directory, n))
-                for n in self.names
-                if n.endswith(_PARQUET) and not n.startswith(".")
-            ]
-        return self._parquet
-
-
-def _without(listing: dict[str, list[str]], hidden: frozenset[str]) -> dict[str, list[str]]:
-    """``listing`` less the paths in ``hidden`` (and the names left with no path)."""
-    out: dict[str, list[str]] = {}
-    for name, paths in listing.items():
-        kept = [p for p in paths if p not in hidden]
-        if kept:
-            out[name] = kept
+    visit(base, 0, None)
     return out
 
 
-def _answer_key(
-    sql: str, params: Mapping[str, Any] | None, sources: Mapping[str, Sequence[str]]
-) -> Hashable | None:
-    """What an answer is remembered by: the query, its parameters and its files, each file of a
-    table that is rewritten in place with its inode, size and mtime. None when it must not be
-    remembered (no table, a list parameter, a file gone or changed too recently to tell)."""
-    if not sources:
-        return None
-    now = time.time_ns()
-    files: list[tuple[str, tuple[Any, ...]]] = []
-    for name, paths in sorted(sources.items()):
-        if TABLES[name].immutable:
-            files.append((name, tuple(paths)))
-            continue
-        stamped = []
-        for path in paths:
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                return None
-            if now - st.st_mtime_ns <= _RACY_NS:
-                return None
-            stamped.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
-        files.append((name, tuple(stamped)))
-    key = (sql, tuple(sorted((params or {}).items())), tuple(files))
+# -- answers -------------------------------------------------------------------------------------
+class _Answers:
+    """A small LRU of answers, shared by threads."""
+
+    def __init__(self, size: int = ANSWERS) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> tuple[bool, Any]:
+        with self._lock:
+            if key not in self._items:
+                return False, None
+            self._items.move_to_end(key)
+            return True, self._items[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+def _hashable(key: Hashable) -> bool:
     try:
         hash(key)
     except TypeError:  # a list parameter
-        return None
-    return key
+        return False
+    return True
 
 
-class Lake:
-    """Reads of one DATA_DIR through one in-memory DuckDB database, safe to share by threads.
+# -- views -------------------------------------------------------------------------------------
+class View:
+    """One consistent read of the lake: each Delta table at one version (:attr:`versions`).
 
-    Each thread gets its own DuckDB cursor. Parquet footers are cached by DuckDB; per-file row
-    counts and time ranges by :meth:`stats`; listings, snapshots and small answers as the
-    module's docstring says. One Lake per process: its caches are its own.
+    Everything asked of a view (files, statistics, queries) answers for those versions, however
+    many commits land meanwhile. Cheap to make; use one per question and let it go.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], *, attempts: int = 10) -> None:
-        self.layout = Layout(str(data_dir))
-        self.root = self.layout.root
-        self.attempts = attempts
+    def __init__(self, lake: Lake, states: Mapping[str, TableState]) -> None:
+        self.lake = lake
+        self.states = dict(states)
+
+    @property
+    def versions(self) -> dict[str, int]:
+        return {name: s.version for name, s in self.states.items()}
+
+    def table(self, name: str) -> TableState:
+        return self.states[name]
+
+    def files(
+        self, name: str, since_ms: int | None = None, until_ms: int | None = None
+    ) -> list[str]:
+        """Files of a Delta table that can hold rows of its time column in [since, until)."""
+        stats = self.table(name).stats
+        return sorted(p for p, s in stats.items() if s.overlaps(since_ms, until_ms))
+
+    def count(self, name: str) -> int:
+        """Rows of a Delta table, from the log (no data read when every file says)."""
+        rows = self.table(name).rows()
+        if rows is not None:
+            return rows
+        return int(self.query(f"SELECT count(*) FROM {{{name}}}")[0][0])
+
+    def local_files(
+        self, name: str, since_ms: int | None = None, until_ms: int | None = None
+    ) -> list[str]:
+        """Files of a job's local table that can hold rows in [since, until), as listed now."""
+        root = self.lake.data_dir
+        return [] if root is None else list_local(root, LOCAL_TABLES[name], since_ms, until_ms)
+
+    def query(
+        self,
+        sql: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        files: Mapping[str, Sequence[str]] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """Run ``sql`` with each ``{table}`` reading this view's version of it.
+
+        ``files[name]`` narrows a table to some of its files (paths from :meth:`files` or
+        :meth:`local_files`); a Delta table not named there is read whole, with DuckDB's filters
+        pruning its files. A small answer over Delta tables only is remembered by (sql, params,
+        versions, files).
+        """
+        files = files or {}
+        names = sorted(set(_TABLE_REF.findall(sql)))
+        key: Hashable | None = None
+        if all(n in self.states for n in names):
+            parts = tuple(
+                (n, self.states[n].version, tuple(files[n]) if n in files else None) for n in names
+            )
+            key = ("query", sql, tuple(sorted((params or {}).items())), parts)
+            if not _hashable(key):
+                key = None
+        if key is not None:
+            found, known = self.lake.answers.get(key)
+            if found:
+                return list(known)
+        rows = self._execute(sql, params, names, files).fetchall()
+        if key is not None and len(rows) <= MAX_ANSWER_ROWS:
+            self.lake.answers.put(key, rows)
+        return list(rows)
+
+    def remember(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()``, remembered by ``key`` and this view's versions: ``key`` must name
+        everything else the answer depends on."""
+        full = ("remember", key, tuple(sorted(self.versions.items())))
+        found, known = self.lake.answers.get(full)
+        if found:
+            value: T = known
+            return value
+        value = compute()
+        self.lake.answers.put(full, value)
+        return value
+
+    def _execute(
+        self,
+        sql: str,
+        params: Mapping[str, Any] | None,
+        names: Sequence[str],
+        files: Mapping[str, Sequence[str]],
+    ) -> duckdb.DuckDBPyConnection:
+        cur = self.lake.cursor()
+        relations: dict[str, str] = {}
+        for name in names:
+            if name in self.states:
+                state = self.states[name]
+                chosen = files.get(name)
+                dataset = state.dataset if chosen is None else state.subset(chosen)
+                # Registered on this thread's own cursor: other threads' names are their own.
+                alias = f"__{name}"
+                cur.register(alias, dataset)
+                relations[name] = alias
+            elif name in LOCAL_TABLES:
+                listed = files.get(name)
+                chosen = self.local_files(name) if listed is None else listed
+                relations[name] = local_relation(LOCAL_TABLES[name], chosen)
+            else:
+                raise KeyError(f"no table named {name!r}")
+        text = _TABLE_REF.sub(lambda m: relations[m.group(1)], sql)
+        return cur.execute(text, dict(params or {}))
+
+    def create_views(self, con: duckdb.DuckDBPyConnection) -> list[str]:
+        """One view per table over this view's versions in ``con``; returns their names."""
+        for name, state in self.states.items():
+            con.register(name, state.dataset)
+        for name, table in LOCAL_TABLES.items():
+            body = local_relation(table, self.local_files(name))
+            con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT * FROM {body}')
+        return list(TABLE_NAMES)
+
+
+# -- the lake ----------------------------------------------------------------------------------
+class Lake:
+    """Reads of one lake (``LAKE_URI``) and the jobs' tables under ``data_dir``; thread-safe.
+
+    One Lake per process: it keeps each Delta table open, refreshes it incrementally, and
+    remembers answers (see the module's docstring). Each thread gets its own DuckDB cursor.
+    """
+
+    def __init__(
+        self,
+        location: LakeLocation,
+        *,
+        data_dir: str | Path | None = None,
+        specs: Mapping[str, TableSpec] = DELTA_TABLES,
+    ) -> None:
+        self.location = location
+        self.data_dir = None if data_dir is None else Path(data_dir)
+        self.specs = dict(specs)
+        self.answers = _Answers()
         self._db = duckdb.connect(":memory:")
         self._db.execute("SET TimeZone = 'UTC'")
-        self._db.execute("SET parquet_metadata_cache = true")
         self._local = threading.local()
-        #: column -> file -> what its footer says about the column.
-        self._stats: dict[str, dict[str, FileStats]] = {}
-        self._bounds: dict[str, dict[str, tuple[str | None, str | None]]] = {}
-        #: table -> file -> whether it has every column, for tables that gain columns.
-        self._complete: dict[str, dict[str, bool]] = {}
-        self._mtimes: dict[str, float] = {}
-        #: What each directory held when last listed; see :meth:`_listing`.
-        self._listings: dict[str, _Listing] = {}
-        #: Answers of queries over immutable files, by (sql, params, files); see :meth:`query`.
-        self._answers: OrderedDict[Hashable, Any] = OrderedDict()
-        self._answers_lock = threading.Lock()
-        #: Snapshots of immutable tables by (table, since, until), with what they depend on.
-        self._snapshots: OrderedDict[
-            tuple[str, int | None, int | None],
-            tuple[tuple[tuple[str, int | None, int], ...], tuple[str, ...]],
-        ] = OrderedDict()
-        self._stats_lock = threading.Lock()
+        #: Open tables and the state of their latest version, refreshed under ``_lock``.
+        self._tables: dict[str, DeltaTable] = {}
+        self._latest: dict[str, TableState] = {}
+        self._pinned: OrderedDict[tuple[str, int], TableState] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Lake:
+        """The lake LAKE_URI names, with the jobs' tables under DATA_DIR."""
+        return cls(LakeLocation.from_settings(settings), data_dir=settings.data_dir)
+
+    @property
+    def layout(self) -> Layout | None:
+        """DATA_DIR's layout, where the jobs' tables are (None when the Lake has none)."""
+        return None if self.data_dir is None else Layout(str(self.data_dir))
 
     def close(self) -> None:
         self._db.close()
 
-    # -- connections -----------------------------------------------------------------------
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """This thread's connection to the lake's database."""
         cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
@@ -363,399 +484,72 @@ class Lake:
             self._local.cursor = cur
         return cur
 
-    # -- listing -----------------------------------------------------------------------------
-    def _walk(
-        self, table: Table, since_ms: int | None, until_ms: int | None
-    ) -> dict[str, list[str]]:
-        """Files of ``table`` grouped by name (batch id), skipping partitions outside the window."""
-        out: dict[str, list[str]] = {}
-        base = self.root / table.path
-        if table.single_file:
-            if base.is_file():
-                out[base.stem] = [str(base)]
-            return out
+    # -- snapshots ---------------------------------------------------------------------------
+    def view(self, *names: str, versions: Mapping[str, int] | None = None) -> View:
+        """A consistent view of the named Delta tables (all of them by default), each at its
+        latest version or at ``versions[name]`` (time travel)."""
+        wanted = names or tuple(self.specs)
+        pinned = versions or {}
+        states = {
+            n: self._pinned_state(n, pinned[n]) if n in pinned else self._latest_state(n)
+            for n in wanted
+        }
+        return View(self, states)
 
-        def visit(directory: str, depth: int, start: int | None) -> None:
-            try:
-                listing = self._listing(directory)
-            except (FileNotFoundError, NotADirectoryError):
-                return
-            if depth == len(table.partitions):
-                for stem, path in listing.parquet():
-                    out.setdefault(stem, []).append(path)
-                return
-            key = table.partitions[depth][0]
-            for name in listing.names:
-                if not name.startswith(f"{key}=") or name in table.exclude:
-                    continue
-                window = _partition_window(key, name[len(key) + 1 :], start)
-                if window is not None and (
-                    (until_ms is not None and window[0] >= until_ms)
-                    or (since_ms is not None and window[1] <= since_ms)
-                ):
-                    continue
-                visit(os.path.join(directory, name), depth + 1, window[0] if window else None)
-
-        visit(str(base), 0, None)
-        return out
-
-    def _listing(self, directory: str) -> _Listing:
-        """What ``directory`` holds: from memory while its mtime shows no change since it was
-        listed, listed again otherwise.
-
-        A directory's mtime changes whenever an entry is added, removed or renamed. The kernel
-        stamps it from a coarse clock, so a change just after a listing could carry the same
-        mtime as one just before: a listing is only reused when it began at least
-        ``_RACY_NS`` after the mtime it saw (git's "racily clean" rule).
-        """
-        try:
-            mtime = os.stat(directory).st_mtime_ns
-        except FileNotFoundError:
-            self._listings.pop(directory, None)
-            self._stamp(directory, None, 0)
-            raise
-        known = self._listings.get(directory)
-        if known is None or known.mtime != mtime or known.listed_at - mtime <= _RACY_NS:
-            known = _Listing(directory, mtime, time.time_ns(), os.listdir(directory))
-            self._listings[directory] = known
-        self._stamp(directory, mtime, known.listed_at)
-        return known
-
-    def listdir(self, directory: str | os.PathLike[str]) -> list[str]:
-        """The names in a directory under DATA_DIR (see :meth:`_listing`); [] when it is gone."""
-        try:
-            return list(self._listing(str(directory)).names)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-
-    def _in_flight(self) -> set[str]:
-        """Batch ids whose files are being published right now."""
-        try:
-            names = self._listing(str(self.layout.staging)).names
-        except FileNotFoundError:
-            return set()
-        return {n[: -len(_COMMITTED)] for n in names if n.endswith(_COMMITTED)}
-
-    def files(
-        self, name: str, *, since_ms: int | None = None, until_ms: int | None = None
-    ) -> list[str]:
-        """The files of a table that make a consistent snapshot (whole batches only), sorted.
-
-        ``since_ms``/``until_ms`` skip partitions that cannot hold rows in [since, until).
-        For an immutable table the snapshot is remembered with the mtime of every directory it
-        listed (and the compaction generation): while none of them changed, it is still exact.
-        """
-        table = TABLES[name]
-        # Partitions are whole hours or days: a window widened to whole hours prunes the same
-        # ones, and stays the same key for an hour.
-        if since_ms is not None:
-            since_ms -= since_ms % HOUR_MS
-        if until_ms is not None:
-            until_ms += -until_ms % HOUR_MS
-        if not table.immutable:
-            return self._snapshot(table, since_ms, until_ms)
-        key = (name, since_ms, until_ms)
-        known = self._snapshots.get(key)
-        if known is not None and self._unchanged(known[0]):
-            return list(known[1])
-        stamps: list[tuple[str, int | None, int]] = []
-        self._local.stamps = stamps
-        try:
-            files = self._snapshot(table, since_ms, until_ms)
-        finally:
-            self._local.stamps = None
-        with self._answers_lock:
-            self._snapshots[key] = (tuple(stamps), tuple(files))
-            self._snapshots.move_to_end(key)
-            while len(self._snapshots) > SNAPSHOTS:
-                self._snapshots.popitem(last=False)
-        return files
-
-    def _unchanged(self, stamps: Sequence[tuple[str, int | None, int]]) -> bool:
-        """Whether every stamped directory (or the generation) is as it was when listed."""
-        for what, value, listed_at in stamps:
-            if what == _GENERATION:
-                if livefiles.read_generation(self.layout) != value:
-                    return False
-                continue
-            try:
-                mtime: int | None = os.stat(what).st_mtime_ns
-            except FileNotFoundError:
-                mtime = None
-            if mtime != value or (mtime is not None and listed_at - mtime <= _RACY_NS):
-                return False
-        return True
-
-    def _stamp(self, what: str, value: int | None, listed_at: int) -> None:
-        stamps: list[tuple[str, int | None, int]] | None = getattr(self._local, "stamps", None)
-        if stamps is not None:
-            stamps.append((what, value, listed_at))
-
-    def _snapshot(self, table: Table, since_ms: int | None, until_ms: int | None) -> list[str]:
-        if not table.batch_files:
-            return sorted(
-                p for paths in self._walk(table, since_ms, until_ms).values() for p in paths
-            )
-
-        def listing() -> tuple[set[str], dict[str, list[str]], set[str], dict[str, list[str]]]:
-            before = self._in_flight()
-            first = self._walk(table, since_ms, until_ms)
-            after = self._in_flight()
-            return before, first, after, self._walk(table, since_ms, until_ms)
-
-        if table.name == "events":
-            (before, first, after, second), view = livefiles.consistent(self.layout, listing)
-            self._stamp(_GENERATION, view.generation, 0)
-            hidden = view.hidden_paths(self.layout.events)
-            if hidden:
-                first, second = _without(first, hidden), _without(second, hidden)
-        else:
-            before, first, after, second = listing()
-        moving = before | after
-        keep: list[str] = []
-        for batch, paths in first.items():
-            if batch in moving:
-                continue
-            now = set(second.get(batch, ()))
-            if not set(paths) <= now:
-                # Files were removed meanwhile (retention): list again.
-                raise SnapshotChangedError(f"{table.name}: files of {batch} vanished while listing")
-            if len(now) > len(paths):
-                continue  # it was being published during the first listing
-            keep.extend(paths)
-        keep.sort()
-        return keep
-
-    # -- per-file statistics -------------------------------------------------------------------
-    def stats(
-        self, name: str, files: Sequence[str], *, column: str | None = None
-    ) -> dict[str, FileStats]:
-        """Rows and range of a timestamp column (default: the table's time column) of each file,
-        read from footers once and then remembered (only for files that are never rewritten)."""
-        table = TABLES[name]
-        column = column or table.time_column or next(iter(table.schema))
-        known = self._stats.setdefault(column, {})
-        missing = [f for f in files if f not in known]
-        if missing:
-            fresh: dict[str, FileStats] = dict.fromkeys(missing, FileStats(0, None, None))
-            for i in range(0, len(missing), 2048):
-                chunk = missing[i : i + 2048]
-                rows = (
-                    self.cursor()
-                    .execute(
-                        """
-                        SELECT file_name,
-                               sum(row_group_num_rows),
-                               epoch_ms(min(TRY_CAST(stats_min_value AS TIMESTAMPTZ))),
-                               epoch_ms(max(TRY_CAST(stats_max_value AS TIMESTAMPTZ)))
-                        FROM parquet_metadata($files)
-                        WHERE path_in_schema = $column
-                        GROUP BY file_name
-                        """,
-                        {"files": chunk, "column": column},
-                    )
-                    .fetchall()
-                )
-                for file_name, n, lo, hi in rows:
-                    fresh[file_name] = FileStats(int(n or 0), lo, hi)
-            with self._stats_lock:
-                known.update(fresh)
-        return {f: known[f] for f in files}
-
-    def bounds(
-        self, name: str, files: Sequence[str], column: str
-    ) -> dict[str, tuple[str | None, str | None]]:
-        """(min, max) of a string column in each file, from footers once and then remembered
-        (None where unknown): which files can hold a value (only for files never rewritten)."""
-        known = self._bounds.setdefault(column, {})
-        missing = [f for f in files if f not in known]
-        if missing:
-            fresh: dict[str, tuple[str | None, str | None]] = dict.fromkeys(missing, (None, None))
-            for i in range(0, len(missing), 2048):
-                rows = (
-                    self.cursor()
-                    .execute(
-                        """
-                        SELECT file_name, min(stats_min_value), max(stats_max_value),
-                               count(*) = count(stats_min_value)
-                                   AND count(*) = count(stats_max_value)
-                        FROM parquet_metadata($files)
-                        WHERE path_in_schema = $column
-                        GROUP BY file_name
-                        """,
-                        {"files": missing[i : i + 2048], "column": column},
-                    )
-                    .fetchall()
-                )
-                for file_name, low, high, complete in rows:
-                    # A row group without statistics could hold anything.
-                    fresh[file_name] = (low, high) if complete else (None, None)
-            with self._stats_lock:
-                known.update(fresh)
-        return {f: known[f] for f in files}
-
-    def split_by_columns(self, table: Table, files: Sequence[str]) -> tuple[list[str], list[str]]:
-        """(files with every column of ``table``, files without some), from each file's footer
-        once and then remembered (only for files never rewritten)."""
-        known = self._complete.setdefault(table.name, {})
-        missing = [f for f in files if f not in known]
-        if missing:
-            wanted = frozenset(table.schema.names())
-            names: dict[str, set[str]] = {f: set() for f in missing}
-            for i in range(0, len(missing), 2048):
-                rows = (
-                    self.cursor()
-                    .execute(
-                        "SELECT file_name, name FROM parquet_schema($files)",
-                        {"files": missing[i : i + 2048]},
-                    )
-                    .fetchall()
-                )
-                for file_name, column in rows:
-                    names.setdefault(file_name, set()).add(column)
-            with self._stats_lock:
-                known.update({f: wanted <= n for f, n in names.items()})
-        current: list[str] = []
-        older: list[str] = []
-        for f in files:
-            (current if known[f] else older).append(f)
-        return current, older
-
-    def mtimes(self, files: Sequence[str]) -> dict[str, float]:
-        """Modification time (epoch s) of each file, read once and then remembered (for files
-        that are never rewritten); a file that is gone is left out."""
-        out: dict[str, float] = {}
-        for f in files:
-            known = self._mtimes.get(f)
-            if known is None:
+    def _latest_state(self, name: str) -> TableState:
+        """The table's latest version, built again only when the log moved."""
+        spec = self.specs[name]
+        with self._lock:
+            table = self._tables.get(name)
+            if table is None:
                 try:
-                    known = os.stat(f).st_mtime
-                except FileNotFoundError:
-                    continue
-                self._mtimes[f] = known
-            out[f] = known
-        return out
-
-    # -- queries -----------------------------------------------------------------------------
-    def query(
-        self,
-        sql: str,
-        params: Mapping[str, Any] | None = None,
-        *,
-        sources: Mapping[str, Sequence[str]],
-    ) -> list[tuple[Any, ...]]:
-        """Run ``sql`` with each ``{table}`` reading the files given for it in ``sources``.
-
-        A small answer is remembered by (sql, params, files; see :func:`_answer_key`): the same
-        question over the same files has the same answer, and new data means new files (or, for
-        a file replaced in place, a new inode).
-        """
-        key = _answer_key(sql, params, sources)
-        if key is not None:
-            with self._answers_lock:
-                known = self._answers.get(key)
-                if known is not None:
-                    self._answers.move_to_end(key)
-                    return list(known)
-        rows: list[tuple[Any, ...]] = self._execute(sql, params, sources).fetchall()
-        if key is not None and len(rows) <= MAX_ANSWER_ROWS:
-            with self._answers_lock:
-                self._answers[key] = rows
-                while len(self._answers) > ANSWERS:
-                    self._answers.popitem(last=False)
-        return list(rows)
-
-    def remember(self, key: Hashable, compute: Callable[[], T]) -> T:
-        """``compute()``, remembered by ``key`` among the answers of :meth:`query`. The key must
-        name everything the answer depends on, files included (immutable ones only)."""
-        with self._answers_lock:
-            if key in self._answers:
-                self._answers.move_to_end(key)
-                known: T = self._answers[key]
-                return known
-        value = compute()
-        with self._answers_lock:
-            self._answers[key] = value
-            while len(self._answers) > ANSWERS:
-                self._answers.popitem(last=False)
-        return value
-
-    def _execute(
-        self, sql: str, params: Mapping[str, Any] | None, sources: Mapping[str, Sequence[str]]
-    ) -> duckdb.DuckDBPyConnection:
-        bound = dict(params or {})
-
-        def relation(match: re.Match[str]) -> str:
-            name = match.group(1)
-            table = TABLES[name]
-            files = list(sources[name])
-            if not files:
-                return empty_relation(table)
-            if not table.grows:
-                bound[f"files_{name}"] = files
-                return reader(table, f"$files_{name}")
-            current, older = self.split_by_columns(table, files)
-            refs = []
-            for key, group in ((f"files_{name}", current), (f"older_{name}", older)):
-                if group:
-                    bound[key] = group
-                refs.append(f"${key}" if group else None)
-            return grown_reader(table, *refs)
-
-        text = _TABLE_REF.sub(relation, sql)
-        return self.cursor().execute(text, bound)
-
-    def read(self, fn: Callable[[], T]) -> T:
-        """Call ``fn`` (which lists and queries), again on a fresh snapshot if a file vanished."""
-        delay = 0.002
-        for attempt in range(self.attempts):
-            try:
-                return fn()
-            except (duckdb.IOException, FileNotFoundError) as exc:
-                if isinstance(exc, duckdb.IOException) and not _MISSING.search(str(exc)):
-                    raise
-                if attempt == self.attempts - 1:
-                    raise LakeBusyError(
-                        f"files of the lake kept vanishing while being read: {exc}"
-                    ) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
-        raise AssertionError("unreachable")
-
-    # -- views for ad-hoc SQL ----------------------------------------------------------------
-    def create_views(self, con: duckdb.DuckDBPyConnection | None = None) -> list[str]:
-        """(Re)define one view per table over its current snapshot; returns their names.
-
-        DuckDB cannot bind parameters inside a view, so each file path (which comes from a
-        listing of DATA_DIR, never from a user) is embedded as a quoted string literal.
-        """
-        con = con or self.cursor()
-        names = []
-
-        def literal(files: list[str]) -> str | None:
-            return "[" + ", ".join(map(quote_literal, files)) + "]" if files else None
-
-        for name, table in TABLES.items():
-            files = self.files(name)
-            if not files:
-                body = f"SELECT * FROM {empty_relation(table)}"
-            elif table.grows:
-                current, older = self.split_by_columns(table, files)
-                body = f"SELECT * FROM {grown_reader(table, literal(current), literal(older))}"
+                    table = DeltaTable(
+                        self.location.table_uri(name),
+                        storage_options=self.location.storage_options(),
+                    )
+                except TableNotFoundError:
+                    return _empty_state(spec)
+                self._tables[name] = table
             else:
-                body = f"SELECT * FROM {reader(table, literal(files) or '[]')}"
-            con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS {body}')
-            names.append(name)
-        return names
+                table.update_incremental()
+            known = self._latest.get(name)
+            if known is not None and known.version == table.version():
+                return known
+            state = self._state(spec, table)
+            self._latest[name] = state
+            return state
 
-    def sql(self, text: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Run ad-hoc SQL (trusted: the operator's own) over fresh views; (columns, rows)."""
+    def _pinned_state(self, name: str, version: int) -> TableState:
+        key = (name, version)
+        with self._lock:
+            known = self._pinned.get(key)
+            if known is not None:
+                self._pinned.move_to_end(key)
+                return known
+        table = DeltaTable(
+            self.location.table_uri(name),
+            version=version,
+            storage_options=self.location.storage_options(),
+        )
+        state = self._state(self.specs[name], table)
+        with self._lock:
+            self._pinned[key] = state
+            while len(self._pinned) > PINNED:
+                self._pinned.popitem(last=False)
+        return state
 
-        def run() -> tuple[list[str], list[tuple[Any, ...]]]:
-            con = self.cursor()
-            self.create_views(con)
-            result = con.execute(text)
-            columns = [d[0] for d in result.description] if result.description else []
-            return columns, result.fetchall() if result.description else []
+    def _state(self, spec: TableSpec, table: DeltaTable) -> TableState:
+        dataset = table_dataset(self.location, spec, table)
+        return TableState(spec, table.version(), dataset, _actions(table))
 
-        return self.read(run)
+    # -- ad-hoc SQL ----------------------------------------------------------------------------
+    def sql(
+        self, text: str, *, versions: Mapping[str, int] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run ad-hoc SQL (trusted: the operator's own) over views of every table at one
+        snapshot (or at ``versions``); (columns, rows)."""
+        con = self.cursor()
+        self.view(versions=versions).create_views(con)
+        result = con.execute(text)
+        columns = [d[0] for d in result.description] if result.description else []
+        return columns, result.fetchall() if result.description else []
