@@ -61,6 +61,8 @@ class Run:
     files: int
     groups: int
     stage_seconds: dict[str, float]
+    #: The machine's 1-minute load average as the run started (others share the cores).
+    load_before: float
 
 
 def tree_env(tree: Path, extra: dict[str, str]) -> dict[str, str]:
@@ -120,7 +122,8 @@ def s3_server(enabled: bool) -> Iterator[Any]:
 
 
 def summarise(runs: list[Run]) -> dict[str, Any]:
-    """Medians per case and the ratios the issue asks for."""
+    """Medians per case, the ratios of medians the issue asks for, and the median of the
+    same-round ratios (a round's runs are minutes apart, so they share the machine's load)."""
     by_case: dict[str, list[Run]] = {}
     for run in runs:
         by_case.setdefault(run.case.label, []).append(run)
@@ -136,18 +139,24 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
         }
         for label, rs in by_case.items()
     }
-    ratios = {}
+    ratios: dict[str, float] = {}
+    paired: dict[str, float] = {}
     for cache in ("embedded", "redis"):
-        v1, v2, s3 = (medians.get(f"{t} {cache}") for t in ("v1 local", "v2 local", "v2 s3"))
-        if v1 and v2:
-            ratios[f"v2 local / v1 local, {cache}"] = (
-                v2["median_events_per_second"] / v1["median_events_per_second"]
+        base = f"v1 local {cache}"
+        for other in (f"v2 local {cache}", f"v2 s3 {cache}"):
+            if base not in medians or other not in medians:
+                continue
+            name = f"{other} / {base}"
+            ratios[name] = (
+                medians[other]["median_events_per_second"]
+                / medians[base]["median_events_per_second"]
             )
-        if v1 and s3:
-            ratios[f"v2 s3 / v1 local, {cache}"] = (
-                s3["median_events_per_second"] / v1["median_events_per_second"]
-            )
-    return {"medians": medians, "ratios": ratios}
+            per_round = [
+                b.events_per_second / a.events_per_second
+                for a, b in zip(by_case[base], by_case[other], strict=True)
+            ]
+            paired[name] = statistics.median(per_round)
+    return {"medians": medians, "ratios": ratios, "paired_ratios": paired}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -160,7 +169,8 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"| {m['median_consumer_seconds']:.2f} | {m['median_peak_rss_mb']:,.0f} |"
         )
     for name, ratio in summary["ratios"].items():
-        print(f"{name}: {ratio:.3f}")
+        paired = summary["paired_ratios"][name]
+        print(f"{name}: {ratio:.3f} (ratio of medians); {paired:.3f} (median same-round ratio)")
 
 
 def main() -> None:
@@ -185,6 +195,7 @@ def main() -> None:
                 cases = [Case("v1", cache, "local"), Case("v2", cache, "local")]
                 cases += [Case("v2", cache, "s3")] if s3 is not None else []
                 for case in cases:
+                    load_before = os.getloadavg()[0]
                     extra = {"REDIS_URL": args.redis_url} if cache == "redis" else {}
                     if case.lake == "s3":
                         extra |= s3.env(prefix=f"v1v2-{rnd}-{cache}")
@@ -204,11 +215,12 @@ def main() -> None:
                         files=result["files"],
                         groups=result.get("groups", result["files"]),  # v1: a commit per file
                         stage_seconds=result["stage_seconds"],
+                        load_before=load_before,
                     )
                     runs.append(run)
                     print(
                         f"round {rnd} {case.label}: {run.events_per_second:,.0f} events/s "
-                        f"({run.consumer_seconds:.2f} s)",
+                        f"({run.consumer_seconds:.2f} s, load {load_before:.1f})",
                         flush=True,
                     )
     summary = summarise(runs)

@@ -181,7 +181,7 @@ def measure_naive(
         elapsed = time.perf_counter() - started
     finally:
         client.close()
-        _drop_prefix(url, prefix)
+        drop_prefix(url, prefix)
     return seen, seen / elapsed if elapsed > 0 else 0.0
 
 
@@ -468,11 +468,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if own_dir:
             shutil.rmtree(settings.data_dir, ignore_errors=True)
         if settings.redis_url:
-            _drop_prefix(settings.redis_url, settings.redis_key_prefix)
+            drop_prefix(settings.redis_url, settings.redis_key_prefix)
     return 0
 
 
-def _drop_prefix(url: str, prefix: str) -> None:
+def drop_prefix(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (a bench run's own key cache)."""
     client = connect(url)
     for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
         client.unlink(key)
