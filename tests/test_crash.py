@@ -9,16 +9,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
+from s3_server import S3Server
 
+from lake.location import LakeLocation
 from pipeline.faults import POINTS
 from pipeline.groups import waiting_entries
 from pipeline.spool import SpoolWriter
-from pipeline.testing import event_table, lake_contents
+from pipeline.testing import event_table, lake_contents, tables_contents
 
 BASE_MS = int(time.time() * 1000) - 3_600_000
 
@@ -132,6 +135,54 @@ def assert_same_lake_with_bad_file(
         "000000000000001-bad-000000000.arrow",
         "reason.json",
     ]
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_reference(
+    s3: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, tuple[pl.DataFrame, pl.DataFrame]]:
+    """A spool, and the S3 lake an uninterrupted consumer (embedded key cache) makes of it."""
+    root = tmp_path_factory.mktemp("s3-crash")
+    build_spool(root / "spool", files=4)
+    shutil.copytree(root / "spool", root / "ref" / "incoming")
+    env = {**os.environ, **s3.env()}
+    env.pop("REDIS_URL", None)
+    assert consume(root / "ref", env) == 0
+    return root / "spool", tables_contents(LakeLocation.from_env(env))
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_kill_at_each_step_on_an_s3_lake(
+    tmp_path: Path,
+    s3: S3Server,
+    s3_reference: tuple[Path, tuple[pl.DataFrame, pl.DataFrame]],
+    point: str,
+) -> None:
+    """The same steps with the tables on S3 (moto on loopback): a kill between a Parquet PUT
+    and its commit, or between two tables' commits, leaves the S3 lake as a clean run does."""
+    spool, reference = s3_reference
+    env = {**os.environ, **s3.env()}
+    env.pop("REDIS_URL", None)
+    data = tmp_path / "run"
+    shutil.copytree(spool, data / "incoming")
+    (data / "incoming" / "000000000000001-bad-000000000.arrow").write_bytes(b"not arrow")
+    nth = 1 if point == "after_quarantine_sidecar" else 2  # one bad file: one visit
+    assert consume(data, env, crash_at=f"{point}:{nth}") == -signal.SIGKILL
+    assert consume(data, env) == 0
+    events, quarantine = tables_contents(LakeLocation.from_env(env))
+    assert events["event_id"].is_unique().all()
+    assert_frame_equal(events, reference[0])
+    assert_frame_equal(quarantine, reference[1])
+    assert not waiting_entries(data / "incoming")
 
 
 @pytest.mark.slow
