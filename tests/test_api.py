@@ -1,4 +1,4 @@
-"""The API through Litestar's test client, over a real lake built by the consumer."""
+"""The API through Litestar's test client, over a real Delta lake filled by hand."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
+from deltalake.exceptions import DeltaError
 from litestar import Litestar
 from litestar.testing import TestClient
 
@@ -20,13 +22,14 @@ from api.app import create_app
 from api.testing import running_server
 from jobs.alerts import check_alerts, save_alerts
 from jobs.rollup import run_rollup
+from lake.location import LakeLocation
+from lake.testing import append, ledger_frame, quarantine_frame
 from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.tables import Alert
 from pipeline.testing import event_table
 from queries import campaigns
-from queries.lake import LakeBusyError
-from queries.testing import land, write_campaigns
+from queries.testing import enriched, write_campaigns
 
 HOUR_MS = 3_600_000
 NOW_MS = int(time.time() * 1000)
@@ -59,6 +62,30 @@ def table(rows: list[tuple[Any, ...]], **extra: Any) -> Any:
     )
 
 
+CAMPAIGNS = {"cmp-a": ("adv-1", "Alpha <launch>")}
+
+
+def store(settings: Settings, rows: list[tuple[Any, ...]], batch_id: str, **ledger: int) -> None:
+    """Commit ``rows`` as the consumer would store one batch: its events (enriched), its
+    quarantined rows (``quarantined`` of them) and its ledger row (``ledger`` overrides)."""
+    location = LakeLocation.from_settings(settings)
+    now = int(time.time() * 1000)
+    frame = enriched(table(rows), batch_id=batch_id, ingested_ms=now, campaigns=CAMPAIGNS)
+    row = ledger_frame(batch_id, rows_in=len(rows), at_ms=now)
+    values: dict[str, Any] = {"accepted": len(rows), "processing_ms": 20.0, **ledger}
+    if rows:
+        values |= {
+            "min_event_time": frame["event_time"].min(),
+            "max_event_time": frame["event_time"].max(),
+        }
+    row = row.with_columns(**{k: pl.lit(v).cast(row.schema[k]) for k, v in values.items()})
+    frames = {"events": frame, "ledger": row}
+    if ledger.get("quarantined"):
+        frames["quarantine"] = quarantine_frame(ledger["quarantined"], at_ms=now)
+    append(location, frames)
+    Layout(settings.data_dir).state.joinpath("embedded").mkdir(parents=True, exist_ok=True)
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     values = {"data_dir": str(data_dir), "fsync": "false", "dedupe_window": "3h", **overrides}
     return Settings.from_env({}, **values)
@@ -66,19 +93,22 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture(scope="module")
 def lake_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """Two batches: cmp-a and cmp-b in the previous hour, then cmp-a in the current one plus a
-    duplicate of a1 and a row with a bad country."""
+    """Two batches: cmp-a and cmp-b in the previous hour, then cmp-a in the current one, whose
+    spool file also held a duplicate of a1 and a row with a bad country."""
     settings = make_settings(tmp_path_factory.mktemp("api-lake"))
     write_campaigns(
         settings,
         [{"campaign_id": "cmp-a", "advertiser_id": "adv-1", "campaign_name": "Alpha <launch>"}],
     )
-    land(
+    store(settings, ROWS[:6], "batch-1")
+    store(
         settings,
-        table(ROWS[:6]),
-        table([*ROWS[6:], ROWS[0], ("bad", "impression", H + 7000, "cmp-b", 0, 0)]).set_column(
-            8, "country", __import__("pyarrow").array(["US", "US", "US", "usa"])
-        ),
+        ROWS[6:],
+        "batch-2",
+        rows_in=4,
+        duplicates=1,
+        quarantined=1,
+        quarantined_invalid_country=1,
     )
     return settings
 
@@ -251,20 +281,19 @@ def test_stats_from_rollups_are_the_same_json_as_from_events(
             ]
 
     with TestClient(create_app(settings)) as client:
-        run_rollup(Layout(str(data)), durable=False)
+        run_rollup(Layout(str(data)), LakeLocation.from_settings(settings), durable=False)
         rolled = answers(client, campaigns.RollupSource)
         assert rolled == answers(client, campaigns.RawEventsSource)
         assert any(p.rollup for p in plans)
         assert sum(len(body["series"]) for body in rolled) > 10
-        land(
+        store(settings, [("c1", "click", H + 2500, "cmp-a", 123_457, 0)], "late")  # old minute
+        store(
             settings,
-            table([("c1", "click", H + 2500, "cmp-a", 123_457, 0)]),  # late: an old minute
-            table(
-                [
-                    ("c2", "conversion", H + HOUR_MS + 1200, "cmp-a", 0, 7_654_321),
-                    ("c3", "impression", H + HOUR_MS + 61_000, "cmp-b", 11, 0),
-                ]
-            ),
+            [
+                ("c2", "conversion", H + HOUR_MS + 1200, "cmp-a", 0, 7_654_321),
+                ("c3", "impression", H + HOUR_MS + 61_000, "cmp-b", 11, 0),
+            ],
+            "fresh",
         )
         plans.clear()
         fresh = answers(client, campaigns.RollupSource)
@@ -362,8 +391,12 @@ def test_alerts_open_first_with_filters(tmp_path: Path) -> None:
 def test_a_real_alert_fires_and_is_listed(tmp_path: Path) -> None:
     """The alert job's own evaluation over a real ledger: 2 of 4 rows quarantined."""
     settings = make_settings(tmp_path)
-    land(settings, table(ROWS[:2]), event_table(["x", "y"], time_ms=H, country=["usa", "gbr"]))
-    check_alerts(Layout(settings.data_dir), settings.jobs, now=datetime.now(UTC), durable=False)
+    store(settings, ROWS[:2], "ok-rows")
+    store(settings, [], "bad-rows", rows_in=2, quarantined=2, quarantined_invalid_country=2)
+    location = LakeLocation.from_settings(settings)
+    check_alerts(
+        Layout(settings.data_dir), location, settings.jobs, now=datetime.now(UTC), durable=False
+    )
     with TestClient(create_app(settings)) as c:
         (alert,) = [a for a in ok(c, "/alerts?open=true")["alerts"] if a["rule"] == "error_rate"]
     assert (alert["severity"], alert["status"], alert["value"]) == ("critical", "firing", 0.5)
@@ -420,13 +453,13 @@ def test_bad_input_is_a_400_that_says_why(
 @pytest.mark.parametrize(
     "error",
     [
-        LakeBusyError("files of the lake kept vanishing: /srv/data/events/x.parquet"),
+        DeltaError("Generic S3 error: GET s3://bucket/srv/data/events/_delta_log/3.json"),
         __import__("duckdb").IOException(
             'IO Error: Could not open file "/srv/data/events/date=2026-01-01/x.parquet": '
             "SELECT * FROM read_parquet($files_events) WHERE campaign_id = $1"
         ),
     ],
-    ids=["busy", "duckdb"],
+    ids=["delta", "duckdb"],
 )
 def test_an_unreadable_lake_is_a_503_without_internals(
     client: TestClient[Litestar],
