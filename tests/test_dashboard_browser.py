@@ -16,6 +16,7 @@ import pytest
 
 from api.testing import running_server
 from jobs.alerts import check_alerts
+from lake.location import LakeLocation
 from pipeline.schema import Layout
 from pipeline.settings import JobSettings, Settings
 from pipeline.testing import event_table
@@ -57,7 +58,8 @@ def server(tmp_path: Path) -> Iterator[str]:
         event_table(["a0", "c0"], time_ms=NOW_MS, country=["US", "usa"]),
     )
     # 1 of 10 rows quarantined is above the 5 % error-rate level: a critical alert fires.
-    check_alerts(Layout(str(data)), JobSettings(), now=datetime.now(UTC), durable=False)
+    location = LakeLocation.from_settings(settings)
+    check_alerts(Layout(str(data)), location, JobSettings(), now=datetime.now(UTC), durable=False)
     with running_server(str(data), tmp_path / "server.log") as url:
         yield url
 
