@@ -173,7 +173,7 @@ class Consumer:
         self._tables: dict[str, DeltaTable] = {}
         self._campaigns = empty_campaigns()
         self._campaigns_mtime: float | None = -1.0
-        self._lock_file: IO[str] | None = None
+        self._lock_files: list[IO[str]] = []
         self._next_allowed = 0.0
         self._next_sweep = 0.0
         self._next_version = 0
@@ -185,28 +185,56 @@ class Consumer:
 
     # -- start-up ----------------------------------------------------------------------------
     def lock(self) -> None:
-        """Take this consumer's place: the whole DATA_DIR with the embedded key cache (it
-        lives in this process), else this slot. A second taker fails with a clear message."""
+        """Take this consumer's place, or fail with a clear message.
+
+        ``state/consumer.lock`` is held by every consumer of DATA_DIR: exclusively with the
+        embedded key cache (it lives in one process, and a Redis consumer beside it could not
+        see its claims), shared with Redis, where each also holds its slot's lock exclusively.
+        """
         shared = self.settings.redis_url is not None
-        name = f"consumer-slot-{self.slot.number}.lock" if shared else "consumer.lock"
+        whole = self._flock("consumer.lock", exclusive=not shared)
+        if whole is None:
+            raise self._locked("consumer.lock", slot=False)
+        self._lock_files = [whole]
+        if shared:
+            slot = self._flock(f"consumer-slot-{self.slot.number}.lock", exclusive=True)
+            if slot is None:
+                raise self._locked(f"consumer-slot-{self.slot.number}.lock", slot=True)
+            self._lock_files.append(slot)
+        for fh in self._lock_files[-1:]:  # the lock this process holds alone names it
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{self.name} pid={os.getpid()}\n")
+            fh.flush()
+
+    def _flock(self, name: str, *, exclusive: bool) -> IO[str] | None:
         fh = open(self.layout.state / name, "a+")  # noqa: SIM115 - held for the process's life
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
             fh.close()
-            where = f"slot {self.slot.number} of " if shared else ""
-            raise ConsumerLockedError(
-                f"another consumer ({holder}) is already running on {where}"
-                f"{self.layout.root}; two consumers there would write duplicates. Stop it "
-                "first" + (", or give this one another CONSUMER_SLOT." if shared else ".")
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{self.name} pid={os.getpid()}\n")
-        fh.flush()
-        self._lock_file = fh
+            return None
+        return fh
+
+    def _locked(self, name: str, *, slot: bool) -> ConsumerLockedError:
+        for fh in self._lock_files:
+            fh.close()
+        self._lock_files = []
+        try:
+            holder = (self.layout.state / name).read_text().strip() or "another process"
+        except OSError:
+            holder = "another process"
+        if slot:
+            where, hint = (
+                f"slot {self.slot.number} of ",
+                ", or give this one another CONSUMER_SLOT.",
+            )
+        else:
+            where, hint = "", " (a consumer with the embedded key cache needs DATA_DIR alone)."
+        return ConsumerLockedError(
+            f"another consumer ({holder}) is already running on {where}{self.layout.root}; "
+            f"two consumers there would write duplicates. Stop it first{hint}"
+        )
 
     def start(self, *, resume: bool = True) -> None:
         """Lock, then (``resume``) finish what a crash interrupted; :meth:`run` resumes too."""
@@ -695,9 +723,9 @@ class Consumer:
             # E.g. no room for the embedded cache's closing snapshot: its segments are on disk,
             # so the next start loads them; nothing is lost by skipping it.
             log.warning("closing the key cache: %s", exc)
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        for fh in self._lock_files:
+            fh.close()
+        self._lock_files = []
 
 
 def _max_event_ms(outcomes: Sequence[FileOutcome]) -> int | None:

@@ -179,7 +179,11 @@ class JobSettings:
 
     # -- schedule -------------------------------------------------------------------------------
     rollup_interval: float = _setting(60.0, _positive_duration, "period of the rollup job")
-    compact_interval: float = _setting(600.0, _positive_duration, "period of the compaction job")
+    compact_interval: float = _setting(
+        60.0,
+        _positive_duration,
+        "period of the compaction job (it keeps the open hour to a few files: readers stay fast)",
+    )
     alert_interval: float = _setting(15.0, _positive_duration, "period of the alert evaluation")
     alert_webhook_interval: float = _setting(
         5.0, _positive_duration, "period of the alert webhook delivery job"

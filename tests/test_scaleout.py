@@ -495,3 +495,27 @@ def test_rebuild_waits_for_a_live_holder_of_the_rebuild_lock(redis_server: Redis
     assert client.get(key) is None  # released once the cache was whole
     cache.close()
     client.close()
+
+
+def test_an_embedded_cache_consumer_is_refused_beside_a_redis_slot(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    """Two key caches on one spool could not see each other's claims: the second is refused."""
+    SpoolWriter(fleet.data / "incoming", "p").write(
+        event_table([f"e{i}" for i in range(10)], time_ms=int(time.time() * 1000) - 60_000)
+    )
+    first = fleet.start(0, "--once", ADEVENTS_STOP_AT="after_claim")
+    wait_stopped(first)
+    env = fleet.env(0, "embedded")
+    del env["REDIS_URL"]
+    embedded = subprocess.run(
+        [sys.executable, "-m", "cli", "consume", "--once"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert embedded.returncode == 2, embedded.stderr
+    assert "already running" in embedded.stderr and "embedded key cache" in embedded.stderr
+    os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=TIMEOUT_S) == 0
