@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.schema import CAMPAIGN_COLUMNS, CAMPAIGN_SCHEMA, ENRICHED_SCHEMA, HOUR_MS, SORT_KEYS
+from pipeline.schema import CAMPAIGN_COLUMNS, CAMPAIGN_SCHEMA, ENRICHED_SCHEMA
 
 
 def empty_campaigns() -> pl.DataFrame:
@@ -39,17 +39,3 @@ def enrich(
         batch_id=pl.lit(batch_id, pl.String),
     )
     return stamped.select(ENRICHED_SCHEMA.names()).cast(ENRICHED_SCHEMA), unknown
-
-
-def partition_by_hour(events: pl.DataFrame) -> dict[tuple[str, int], pl.DataFrame]:
-    """Split stored events into their UTC hour partitions, each sorted for row-group pruning."""
-    if events.is_empty():
-        return {}
-    # Integer hour numbers are far cheaper to group by than formatted dates.
-    hours = events["event_time"].dt.epoch("ms") // HOUR_MS
-    out: dict[tuple[str, int], pl.DataFrame] = {}
-    keyed = events.with_columns(_hour=hours)
-    for (hour_number,), part in keyed.partition_by("_hour", as_dict=True).items():
-        start = datetime.fromtimestamp(int(str(hour_number)) * 3600, UTC)
-        out[(f"{start:%Y-%m-%d}", start.hour)] = part.drop("_hour").sort(list(SORT_KEYS))
-    return out

@@ -1,9 +1,9 @@
 """Transient faults: which errors a consumer waits out, the backoff between tries, its status.
 
-A consumer treats a transient fault like a crash it survives: it drops the batch in hand (every
-step of a batch is idempotent, see ``pipeline.commit``), waits, then recovers exactly as a
-restart would. This module only decides *whether* and *how long* to wait, and tells the world
-(log and ``state/consumers/``); the consumer does the recovering.
+A consumer treats a transient fault like a crash it survives: it drops the group in hand
+(every commit group is redone exactly, see ``pipeline.consumer``), waits, then recovers
+exactly as a restart would. This module only decides *whether* and *how long* to wait, and
+tells the world (log and ``state/consumers/``); the consumer does the recovering.
 
 The backoff is hand-written in one small place (:class:`Backoff`) so that it can be swapped for
 stamina or tenacity once the project depends on one; it is a few lines of arithmetic.

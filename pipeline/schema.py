@@ -183,7 +183,8 @@ ALERT_SCHEMA: Final = pl.Schema(
 
 
 class Layout:
-    """Where everything lives under DATA_DIR; the only place that knows the directory names."""
+    """Where everything lives under DATA_DIR (the lake lives at LAKE_URI, see ``lake``); the only
+    place that knows the local directory names."""
 
     def __init__(self, data_dir: str) -> None:
         from pathlib import Path
@@ -191,13 +192,9 @@ class Layout:
         self.root = Path(data_dir)
         self.incoming = self.root / "incoming"
         self.processed = self.root / "processed"
-        self.events = self.root / "events"
-        self.quarantine = self.root / "quarantine"
-        self.quarantine_files = self.quarantine / "files"
+        self.quarantine_files = self.root / "quarantine" / "files"
         self.dimensions = self.root / "dimensions"
         self.campaigns = self.dimensions / "campaigns.parquet"
-        self.ledger = self.root / "ledger"
-        self.staging = self.root / "staging"
         self.state = self.root / "state"
         self.rollups = self.root / "rollups"
         self.alerts = self.root / "alerts"
@@ -205,8 +202,3 @@ class Layout:
     def ensure(self) -> None:
         for d in (self.incoming, self.quarantine_files, self.dimensions, self.state):
             d.mkdir(parents=True, exist_ok=True)
-
-
-def event_partition(date: str, hour: int) -> str:
-    """Hive partition path of events for one UTC hour, e.g. ``date=2026-11-27/hour=09``."""
-    return f"date={date}/hour={hour:02d}"

@@ -379,7 +379,9 @@ class Settings:
         1_000_000, _non_negative_int, "consumer throughput cap (0 = none)"
     )
     lease_timeout: float = _setting(
-        30.0, _positive_duration, "a dead consumer's Redis rebuild lock is taken over after this long"
+        30.0,
+        _positive_duration,
+        "a dead consumer's Redis rebuild lock is taken over after this long",
     )
     rebuild_grace: float = _setting(
         2.0, parse_duration, "wait before rebuilding a lost Redis cache, for commits under way"
