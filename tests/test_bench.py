@@ -6,45 +6,67 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3_server import S3Server
 
 from cli.bench import STAGES
+from lake.location import LakeLocation
+from lake.testing import append, enriched_frame
 
 
-@pytest.mark.parametrize("key_cache", ["embedded", "redis"])
-def test_bench_smoke_run_reconciles(tmp_path: Path, key_cache: str, redis_url: str) -> None:
-    out = tmp_path / "bench.json"
-    env = {**os.environ, "REDIS_URL": redis_url} if key_cache == "redis" else dict(os.environ)
-    env.pop("DATA_DIR", None)
-    if key_cache == "embedded":
-        env.pop("REDIS_URL", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "bench",
-            "--events",
-            "60000",
-            "--batch-size",
-            "10000",
-            "--naive-events",
-            "5000",
-            "--key-cache",
-            key_cache,
-            "--no-progress",
-            "--json",
-            str(out),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+def bench(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", "bench", *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
+    )
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without another lake, data directory or Redis, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "LAKE_URI", "REDIS_URL")}
+    return {**env, **extra}
+
+
+@pytest.mark.parametrize(
+    ("key_cache", "lake"), [("embedded", "local"), ("redis", "local"), ("embedded", "s3")]
+)
+def test_bench_smoke_run_reconciles(
+    tmp_path: Path, key_cache: str, lake: str, redis_url: str, request: pytest.FixtureRequest
+) -> None:
+    out = tmp_path / "bench.json"
+    env = clean_env(**({"REDIS_URL": redis_url} if key_cache == "redis" else {}))
+    if lake == "s3":
+        server: S3Server = request.getfixturevalue("s3")
+        env.update(server.env())
+    proc = bench(
+        "--events",
+        "60000",
+        "--batch-size",
+        "10000",
+        "--naive-events",
+        "5000",
+        "--key-cache",
+        key_cache,
+        "--no-progress",
+        "--json",
+        str(out),
+        "--data-dir",
+        str(tmp_path / "data"),
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
@@ -56,28 +78,38 @@ def test_bench_smoke_run_reconciles(tmp_path: Path, key_cache: str, redis_url: s
     assert 0 < result["groups"] <= result["files"]
     assert result["key_cache_bytes_per_key"] > 0
     assert "ratio to ceiling" in proc.stdout
+    if lake == "local":  # the default lake, DATA_DIR/lake; no v1 directories
+        assert (tmp_path / "data" / "lake" / "events" / "_delta_log").is_dir()
+        assert not (tmp_path / "data" / "events").exists()
 
 
 def test_bench_refuses_a_data_dir_that_is_not_empty(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "something").write_text("x")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "bench",
-            "--events",
-            "1000",
-            "--key-cache",
-            "embedded",
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    proc = bench(
+        "--events",
+        "1000",
+        "--key-cache",
+        "embedded",
+        "--data-dir",
+        str(tmp_path / "data"),
+        env=clean_env(),
     )
     assert proc.returncode != 0
     assert "not empty" in proc.stderr
+
+
+def test_bench_refuses_a_lake_that_has_tables(tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    append(LakeLocation.from_env({"LAKE_URI": str(lake)}), {"events": enriched_frame(10)})
+    proc = bench(
+        "--events",
+        "1000",
+        "--key-cache",
+        "embedded",
+        "--data-dir",
+        str(tmp_path / "data"),
+        env=clean_env(LAKE_URI=str(lake)),
+    )
+    assert proc.returncode != 0
+    assert "has tables" in proc.stderr
