@@ -42,6 +42,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
@@ -60,6 +61,13 @@ ANSWERS: Final = 512
 MAX_ANSWER_ROWS: Final = 5_000
 #: Pinned (time-travel) table versions kept open per Lake.
 PINNED: Final = 8
+#: Files at most this big are read once into memory and kept while they are live: the
+#: uncompacted tail of one-commit-a-second writing (compaction turns them into big files
+#: within COMPACT_INTERVAL). Scanning a file costs milliseconds per question whatever its size,
+#: so without this a question's cost would grow with the number of commits since compaction.
+SMALL_FILE_BYTES: Final = 8 * 1024**2
+#: Most bytes of small files kept in memory per table; past it, they are scanned per question.
+TAIL_BYTES: Final = 256 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,8 @@ class TableState:
     version: int
     dataset: pads.Dataset
     actions: pl.DataFrame = field(repr=False)
+    #: Rows of the small files, by path (see :class:`_Files`); ``dataset`` has the others.
+    small: Mapping[str, pa.Table] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -122,15 +132,48 @@ class TableState:
 
     @cached_property
     def _fragments(self) -> dict[str, pads.Fragment]:
+        if not isinstance(self.dataset, pads.FileSystemDataset):
+            return {}
         return {unquote(f.path): f for f in self.dataset.get_fragments()}
 
-    def subset(self, paths: Iterable[str]) -> pads.Dataset:
-        """The dataset of only these files (paths of :attr:`stats`)."""
-        if not isinstance(self.dataset, pads.FileSystemDataset):
-            return self.dataset  # an empty table
-        fragments = [self._fragments[p] for p in paths]
+    @cached_property
+    def in_memory(self) -> pa.Table | None:
+        """Every small file's rows as one table (None when there are none)."""
+        return pa.concat_tables(self.small.values()) if self.small else None
+
+    def parts(self, paths: Iterable[str] | None) -> tuple[pa.Table | None, pads.Dataset | None]:
+        """What to scan for these files (None: every file): (rows in memory, files on storage).
+
+        Small files come from memory, the others as fragments carrying the log's statistics,
+        which DuckDB's pushed-down filters use to skip whole files.
+        """
         ds = self.dataset
-        return pads.FileSystemDataset(fragments, ds.schema, ds.format, ds.filesystem)
+        if paths is None:
+            on_disk = ds if self._fragments else None
+            return self.in_memory, on_disk
+        chosen = list(paths)
+        cached = [self.small[p] for p in chosen if p in self.small]
+        fragments = [self._fragments[p] for p in chosen if p in self._fragments]
+        memory = pa.concat_tables(cached) if cached else None
+        if not fragments or not isinstance(ds, pads.FileSystemDataset):
+            return memory, None
+        return memory, pads.FileSystemDataset(fragments, ds.schema, ds.format, ds.filesystem)
+
+    def relation(
+        self, cur: duckdb.DuckDBPyConnection, alias: str, paths: Iterable[str] | None = None
+    ) -> str:
+        """Register this table's files (or ``paths`` of them) in ``cur``; the SQL to read them."""
+        memory, on_disk = self.parts(paths)
+        if memory is None and on_disk is None:
+            memory = self.spec.schema.empty_table()
+        names = []
+        for suffix, source in (("_mem", memory), ("_disk", on_disk)):
+            if source is not None:
+                cur.register(alias + suffix, source)
+                names.append(alias + suffix)
+        if len(names) == 1:
+            return names[0]
+        return "(" + " UNION ALL ".join(f"SELECT * FROM {n}" for n in names) + ")"
 
     def rows(self) -> int | None:
         """Rows in this version from the log alone; None when a file's count is unknown."""
@@ -148,6 +191,70 @@ def _actions(table: DeltaTable) -> pl.DataFrame:
     frame = pl.from_arrow(pa.table(table.get_add_actions(flatten=True)))
     assert isinstance(frame, pl.DataFrame)
     return frame.with_columns(pl.col("path").map_elements(unquote, return_dtype=pl.String))
+
+
+class _Files:
+    """One table's files as scan inputs, kept from version to version.
+
+    Guarantee: for a table version, :meth:`sync` gives exactly that version's files: the small
+    ones as rows read once into memory (with their partition values; files never change, so a
+    path read once stays right; TAIL_BYTES bounds it), the others as a dataset of fragments
+    carrying the log's statistics. That dataset is built again (delta-rs builds every
+    fragment's statistics expression, milliseconds a file) only when the set of large files
+    changed, which compaction does once per COMPACT_INTERVAL, not every commit.
+    """
+
+    def __init__(self) -> None:
+        self.small: dict[str, pa.Table] = {}
+        self.large: frozenset[str] | None = None
+        self.dataset: pads.Dataset | None = None
+
+    def sync(
+        self, location: LakeLocation, spec: TableSpec, table: DeltaTable, actions: pl.DataFrame
+    ) -> tuple[pads.Dataset, dict[str, pa.Table]]:
+        sizes = actions["size_bytes"] if "size_bytes" in actions.columns else None
+        is_small = (
+            (sizes <= SMALL_FILE_BYTES) if sizes is not None else pl.Series([False] * len(actions))
+        )
+        if sizes is not None and sizes.filter(is_small).sum() > TAIL_BYTES:
+            is_small = pl.Series([False] * len(actions))  # too much to keep: scan them instead
+        small = actions.filter(is_small)
+        large = frozenset(actions.filter(~is_small)["path"].to_list())
+        if large != self.large or self.dataset is None:
+            keep = list(large)
+            full = table_dataset(location, spec, table)
+            assert isinstance(full, pads.FileSystemDataset)
+            fragments = [f for f in full.get_fragments() if unquote(f.path) in large]
+            self.dataset = pads.FileSystemDataset(
+                fragments, full.schema, full.format, full.filesystem
+            )
+            self.large = frozenset(keep)
+        live = set(small["path"].to_list())
+        self.small = {p: t for p, t in self.small.items() if p in live}
+        missing = small.filter(~pl.col("path").is_in(list(self.small)))
+        if len(missing):
+            self.small.update(_read_small(location, spec, missing))
+        return self.dataset, dict(self.small)
+
+
+def _read_small(
+    location: LakeLocation, spec: TableSpec, files: pl.DataFrame
+) -> dict[str, pa.Table]:
+    """Each file's rows with its partition values as columns, in the table's schema."""
+    root = pafs.SubTreeFileSystem(location.path(spec.name), location.filesystem())
+    paths = files["path"].to_list()
+    read = pads.dataset(paths, filesystem=root, format="parquet")
+    batches: dict[str, list[pa.RecordBatch]] = {p: [] for p in paths}
+    for tagged in read.scanner().scan_batches():
+        batches[tagged.fragment.path].append(tagged.record_batch)
+    out = {}
+    for row in files.iter_rows(named=True):
+        data = pa.Table.from_batches(batches[row["path"]], schema=read.schema)
+        for column in spec.partition_by:
+            value = row[f"partition.{column}"]
+            data = data.append_column(column, pa.array([value] * data.num_rows, pa.string()))
+        out[row["path"]] = data.select(spec.schema.names).cast(spec.schema)
+    return out
 
 
 def _empty_state(spec: TableSpec) -> TableState:
@@ -411,11 +518,8 @@ class View:
             if name in self.states:
                 state = self.states[name]
                 chosen = files.get(name)
-                dataset = state.dataset if chosen is None else state.subset(chosen)
                 # Registered on this thread's own cursor: other threads' names are their own.
-                alias = f"__{name}"
-                cur.register(alias, dataset)
-                relations[name] = alias
+                relations[name] = state.relation(cur, f"__{name}", chosen)
             elif name in LOCAL_TABLES:
                 listed = files.get(name)
                 chosen = self.local_files(name) if listed is None else listed
@@ -428,7 +532,8 @@ class View:
     def create_views(self, con: duckdb.DuckDBPyConnection) -> list[str]:
         """One view per table over this view's versions in ``con``; returns their names."""
         for name, state in self.states.items():
-            con.register(name, state.dataset)
+            body = state.relation(con, f"__{name}")
+            con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT * FROM {body}')
         for name, table in LOCAL_TABLES.items():
             body = local_relation(table, self.local_files(name))
             con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT * FROM {body}')
@@ -461,6 +566,7 @@ class Lake:
         self._tables: dict[str, DeltaTable] = {}
         self._latest: dict[str, TableState] = {}
         self._pinned: OrderedDict[tuple[str, int], TableState] = OrderedDict()
+        self._files: dict[str, _Files] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -515,7 +621,7 @@ class Lake:
             known = self._latest.get(name)
             if known is not None and known.version == table.version():
                 return known
-            state = self._state(spec, table)
+            state = self._state(spec, table, self._files.setdefault(name, _Files()))
             self._latest[name] = state
             return state
 
@@ -538,9 +644,15 @@ class Lake:
                 self._pinned.popitem(last=False)
         return state
 
-    def _state(self, spec: TableSpec, table: DeltaTable) -> TableState:
-        dataset = table_dataset(self.location, spec, table)
-        return TableState(spec, table.version(), dataset, _actions(table))
+    def _state(self, spec: TableSpec, table: DeltaTable, files: _Files | None = None) -> TableState:
+        """A version's state; with ``files`` (kept across versions), small files from memory."""
+        actions = _actions(table)
+        if files is None:
+            return TableState(
+                spec, table.version(), table_dataset(self.location, spec, table), actions
+            )
+        dataset, small = files.sync(self.location, spec, table, actions)
+        return TableState(spec, table.version(), dataset, actions, small)
 
     # -- ad-hoc SQL ----------------------------------------------------------------------------
     def sql(

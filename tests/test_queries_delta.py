@@ -227,4 +227,31 @@ def test_a_time_window_prunes_files_by_partition_and_statistics(tmp_path: Path) 
         {"s": START_MS + HOUR_MS},
     )
     assert rows == [(40,)]
-    assert pa.table(view.table("events").subset(later).to_table()).num_rows == 40
+    memory, on_disk = view.table("events").parts(later)
+    rows_read = (0 if memory is None else memory.num_rows) + (
+        0 if on_disk is None else on_disk.count_rows()
+    )
+    assert rows_read == 40
+
+
+def test_small_files_are_read_once_and_forgotten_when_compacted(tmp_path: Path) -> None:
+    """The uncompacted tail of one-commit-a-second writing is read into memory once per file;
+    after an optimize the version has one big file and the small ones are gone from memory,
+    and every answer on the way is exact."""
+    location = local(tmp_path)
+    lake = Lake(location)
+    total = 0
+    for i in range(5):
+        append(location, {"events": enriched_frame(30, seed=i, batch_id=f"s{i}")})
+        total += 30
+        state = lake.view("events").table("events")
+        assert len(state.small) == i + 1 and not state._fragments
+        assert lake.view("events").query("SELECT count(*) FROM {events}") == [(total,)]
+    before = dict(lake.view("events").table("events").small)
+    append(location, {"events": enriched_frame(30, seed=9, batch_id="s9")})
+    after = lake.view("events").table("events").small
+    assert all(after[p] is t for p, t in before.items())  # not read again
+    maintenance.optimize(open_table(location, EVENTS))
+    compacted = lake.view("events").table("events")
+    assert lake.view("events").query("SELECT count(*) FROM {events}") == [(total + 30,)]
+    assert set(compacted.small).isdisjoint(before)
