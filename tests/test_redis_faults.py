@@ -281,7 +281,10 @@ class FaultSchedule:
                 "the consumer to show it is retrying",
             )
             with self.guard:
-                self.server.start()
+                # A restart scheduled while it was down may have brought it back already:
+                # starting a second server would leave the first one running, unreferenced.
+                if self.server.proc is None:
+                    self.server.start()
                 self.down.clear()
 
 
