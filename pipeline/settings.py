@@ -426,7 +426,7 @@ class Settings:
         "the consumer gathers spool files into one lake commit for at most this long",
     )
     commit_target_rows: int = _setting(
-        1_000_000, _positive_int, "a lake commit closes early once its files hold this many rows"
+        200_000, _positive_int, "a lake commit closes early once its files hold this many rows"
     )
     consumer_slot: int = _setting(
         0,

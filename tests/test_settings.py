@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "aws_secret_access_key": "",
     "aws_allow_http": False,
     "commit_interval": 1.0,
-    "commit_target_rows": 1_000_000,
+    "commit_target_rows": 200_000,
     "consumer_slot": 0,
 }
 
