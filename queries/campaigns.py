@@ -288,24 +288,102 @@ def series(
     return source.series(lake, campaign_id, since_ms, until_ms, granularity)
 
 
+def range_plan(since_ms: int, until_ms: int, cov: Coverage | None) -> Plan:
+    """How to read exactly [since, until) for every campaign: hour rollups for whole hours
+    they answer, minute rollups for whole minutes, events for the rest (the partial minutes
+    at both ends, minutes batches not rolled up yet touched, what the rollups do not cover)."""
+    if cov is None:
+        return Plan(raw=((since_ms, until_ms),))
+    first = -(-since_ms // MINUTE_MS) * MINUTE_MS
+    raw: list[Run] = []
+    minutes: list[Run] = []
+    hours: list[Run] = []
+    _extend(raw, since_ms, min(first, until_ms))
+    if first >= until_ms:
+        return Plan(raw=tuple(raw))
+    width = BUCKET_MS["hour"]
+    first_hour = -(-first // width) * width
+    last_hour = until_ms - until_ms % width
+    if first_hour >= last_hour:
+        _split_minutes(first, until_ms, cov, minutes, raw)
+    else:
+        _split_minutes(first, first_hour, cov, minutes, raw)
+        for hour in range(first_hour, last_hour, width):
+            if cov.answers("hour", hour, hour + width):
+                _extend(hours, hour, hour + width)
+            else:
+                _split_minutes(hour, hour + width, cov, minutes, raw)
+        _split_minutes(last_hour, until_ms, cov, minutes, raw)
+    if len(hours) + len(minutes) + len(raw) > MAX_RUNS:
+        return Plan(raw=((since_ms, until_ms),))
+    return Plan(tuple(hours), tuple(minutes), tuple(raw))
+
+
+_TOP_ROLLUP_PART: Final = """
+    SELECT campaign_id, impressions AS i, clicks AS c, conversions AS v, spend_micros AS s,
+           revenue_micros AS r
+    FROM {{{table}}} WHERE {where}"""
+_TOP_RAW_PART: Final = """
+    SELECT campaign_id, count(*) FILTER (WHERE event_type = 'impression') AS i,
+           count(*) FILTER (WHERE event_type = 'click') AS c,
+           count(*) FILTER (WHERE event_type = 'conversion') AS v,
+           coalesce(sum(cost_micros), 0) AS s, coalesce(sum(revenue_micros), 0) AS r
+    FROM {{events}} WHERE {where} GROUP BY campaign_id"""
+
+
 def top(
     lake: Lake, metric: Metric, limit: int, since_ms: int | None = None
 ) -> list[CampaignTotals]:
-    """The ``limit`` best campaigns by ``metric`` over events since ``since_ms`` (or all time)."""
-    order = _ORDER[metric]
-    since_clause = (
-        "event_time >= make_timestamptz($since_ms * 1000)" if since_ms is not None else "true"
-    )
-    sql = f"""
-        SELECT * FROM (
-            SELECT campaign_id, any_value(campaign_name) AS campaign_name,
-                   any_value(advertiser_id) AS advertiser_id, {_TOTALS}
-            FROM {{events}} WHERE {since_clause}
-            GROUP BY campaign_id)
-        ORDER BY {order} DESC NULLS LAST, campaign_id LIMIT $limit"""
-    params: dict[str, object] = {"limit": limit}
-    if since_ms is not None:
-        params["since_ms"] = since_ms
+    """The ``limit`` best campaigns by ``metric`` over events since ``since_ms`` (or all time).
 
-    rows = lake.view("events").query(sql, params)
+    Read like a time series (see :class:`RollupSource`): rollups for what they answer exactly,
+    events for the rest, so the cost follows the minutes not rolled up yet rather than the
+    table's size. Names come from the campaigns dimension.
+    """
+    view = lake.view("ledger", "events")
+    stats = [s for s in view.table("events").stats.values() if s.rows]
+    lows = [s.min_ms for s in stats if s.min_ms is not None]
+    highs = [s.max_ms for s in stats if s.max_ms is not None]
+    if not stats or len(lows) < len(stats) or len(highs) < len(stats):
+        return _top_of(view, Plan(raw=((since_ms or 0, 2**53),)), metric, limit)
+    until = max(highs) + 1
+    since = max(since_ms, min(lows)) if since_ms is not None else min(lows)
+    if since >= until:
+        return []
+    cov = rollups.coverage(lake, view) if rollups.has_rollups(lake) else None
+    return _top_of(view, range_plan(since, until, cov), metric, limit)
+
+
+def _top_of(view: View, p: Plan, metric: Metric, limit: int) -> list[CampaignTotals]:
+    params: dict[str, object] = {"limit": limit}
+    parts: list[str] = []
+    files: dict[str, list[str]] = {}
+    for table, runs, key in (
+        ("rollups_hour", p.rollup, "h"),
+        ("rollups_minute", p.minutes, "m"),
+        ("events", p.raw, "e"),
+    ):
+        if not runs:
+            continue
+        chosen = _overlapping(view, table, runs)
+        if not chosen:
+            continue
+        files[table] = chosen
+        column = "event_time" if table == "events" else "bucket"
+        template = _TOP_RAW_PART if table == "events" else _TOP_ROLLUP_PART
+        parts.append(template.format(table=table, where=_within(column, runs, key, params)))
+    if not parts:
+        return []
+    files["campaigns"] = view.local_files("campaigns")
+    sql = f"""
+        SELECT t.campaign_id, d.campaign_name, d.advertiser_id, t.impressions, t.clicks,
+               t.conversions, t.spend_micros, t.revenue_micros
+        FROM (
+            SELECT campaign_id, CAST(sum(i) AS BIGINT) AS impressions,
+                   CAST(sum(c) AS BIGINT) AS clicks, CAST(sum(v) AS BIGINT) AS conversions,
+                   CAST(sum(s) AS BIGINT) AS spend_micros, CAST(sum(r) AS BIGINT) AS revenue_micros
+            FROM ({" UNION ALL ".join(parts)}) GROUP BY campaign_id) t
+        LEFT JOIN {{campaigns}} d USING (campaign_id)
+        ORDER BY {_ORDER[metric]} DESC NULLS LAST, t.campaign_id LIMIT $limit"""
+    rows = view.query(sql, params, files=files)
     return [CampaignTotals(r[0], r[1], r[2], Totals(*map(int, r[3:]))) for r in rows]

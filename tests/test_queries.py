@@ -223,9 +223,26 @@ def test_rollups_give_the_same_series(tmp_path: Path) -> None:
                     raw = RawEventsSource().series(lake, cid, since, until, granularity)
                     rolled = RollupSource().series(lake, cid, since, until, granularity)
                     assert rolled == raw, (granularity, since, until, cid)
+        # The leaderboard too: from rollups and events, as from events alone.
+        view = lake.view("ledger", "events")
+        for since in (None, H - HOUR_MS, H + rng.randrange(HOUR_MS), NOW_MS - 90_500):
+            for metric in ("spend", "ctr"):
+                everything = campaigns.Plan(raw=((since or 0, 2**53),))
+                want = top_of(view, everything, metric, 5)
+                assert campaigns.top(lake, metric, 5, since) == want, (since, metric)
+
+    top_of = campaigns._top_of
+    top_plans: list[campaigns.Plan] = []
+
+    def top_spy(
+        view: View, p: campaigns.Plan, metric: campaigns.Metric, limit: int
+    ) -> list[campaigns.CampaignTotals]:
+        top_plans.append(p)
+        return top_of(view, p, metric, limit)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(campaigns, "read_plan", spy)
+        mp.setattr(campaigns, "_top_of", top_spy)
         assert isinstance(campaigns.stats_source(lake), RawEventsSource)  # no rollups yet
         commit(settings, batches[:4], "s")
         run_rollup(layout, location, durable=False)
@@ -240,6 +257,7 @@ def test_rollups_give_the_same_series(tmp_path: Path) -> None:
         run_rollup(layout, location, durable=False)
         same_answers()
     assert any(p.rollup and p.raw for p in plans) and any(p.minutes for p in plans)
+    assert any(p.minutes or p.rollup for p in top_plans)  # the leaderboard used rollups
     # Right after a run, a range on whole buckets is all rollups.
     coverage = rollups.coverage(lake, lake.view("ledger", "events"))
     assert coverage is not None and coverage.dirty == ()
@@ -413,3 +431,29 @@ def test_sql_without_a_query_reads_statements(
     assert "events\nquarantine\nledger\ncampaigns" in captured.out
     assert "x\n42\n" in captured.out
     assert "broken" in captured.err
+
+
+def test_range_plans_read_exactly_the_range() -> None:
+    """The leaderboard's plan: events for the partial minutes at both ends and for dirty
+    minutes, minute rollups for whole minutes, hour rollups for whole hours inside."""
+    day = 86_400_000
+    d0 = 20_000 * day
+    cov = rollups.Coverage(
+        dirty=(d0 + HOUR_MS + 5 * 60_000,),
+        since_ms={"minute": d0, "hour": d0, "day": d0},
+    )
+    p = campaigns.range_plan(d0 + 30_250, d0 + 2 * HOUR_MS + 90_500, cov)
+    assert p.raw == (
+        (d0 + 30_250, d0 + 60_000),
+        (d0 + HOUR_MS + 5 * 60_000, d0 + HOUR_MS + 6 * 60_000),
+        (d0 + 2 * HOUR_MS + 60_000, d0 + 2 * HOUR_MS + 90_500),
+    )
+    assert p.minutes == (
+        (d0 + 60_000, d0 + HOUR_MS + 5 * 60_000),
+        (d0 + HOUR_MS + 6 * 60_000, d0 + 2 * HOUR_MS + 60_000),
+    )
+    assert p.rollup == ()  # the only whole hour holds a dirty minute
+    clean = rollups.Coverage(dirty=(), since_ms=cov.since_ms)
+    p = campaigns.range_plan(d0 + 30_250, d0 + 2 * HOUR_MS + 90_500, clean)
+    assert p.rollup == ((d0 + HOUR_MS, d0 + 2 * HOUR_MS),)
+    assert campaigns.range_plan(d0, d0 + 500, None) == campaigns.Plan(raw=((d0, d0 + 500),))
