@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+from s3_server import S3Server
 
 from pipeline.settings import Settings
 
@@ -137,3 +138,14 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         return Settings.from_env({}, **overrides)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """One real S3 server (moto, loopback, IAM auth on) for the session; each test takes a
+    fresh prefix of its bucket through ``s3.env()``."""
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()

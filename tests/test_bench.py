@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,6 @@ from s3_server import S3Server
 from cli.bench import STAGES
 from lake.location import LakeLocation
 from lake.testing import append, enriched_frame
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    server = S3Server().start()
-    yield server
-    server.stop()
 
 
 def bench(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

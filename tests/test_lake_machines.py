@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -30,15 +29,6 @@ from pipeline.testing import event_table
 MACHINES = 3
 ROWS = 300
 BASE_MS = int(time.time() * 1000) - 1_800_000
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    server = S3Server().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def build_spools(root: Path) -> tuple[set[str], int]:

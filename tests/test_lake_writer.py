@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -65,13 +64,6 @@ for v in args["versions"]:
     out.append(res[0].outcome.value)
 print(json.dumps(out), flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    server = S3Server().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -21,13 +20,6 @@ from lake.testing import START_MS, append, enriched_frame, ledger_frame
 from pipeline.schema import HOUR_MS
 from queries import campaigns, events, ops
 from queries.lake import Lake
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    server = S3Server().start()
-    yield server
-    server.stop()
 
 
 def local(tmp_path: Path) -> LakeLocation:
