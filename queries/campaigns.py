@@ -221,33 +221,44 @@ def _overlapping(view: View, name: str, runs: Sequence[Run]) -> list[str]:
     return [f for f in view.files(name, lo, hi) if overlaps(stats[f])]
 
 
-def read_plan(view: View, campaign_id: str, granularity: Granularity, p: Plan) -> list[Bucket]:
-    """The series a plan describes: its parts read in one query and summed per bucket."""
-    params: dict[str, object] = {"campaign_id": campaign_id, "granularity": granularity}
+def _plan_parts(
+    view: View,
+    p: Plan,
+    rollup_table: str,
+    templates: tuple[str, str],
+    params: dict[str, object],
+) -> tuple[list[str], dict[str, list[str]]]:
+    """One SQL part per source a plan reads (``templates``: for rollups, for events), with the
+    runs' bounds bound in ``params``, and the files each source needs."""
     parts: list[str] = []
     files: dict[str, set[str]] = {}
     for table, runs, key in (
-        (f"rollups_{granularity}", p.rollup, "r"),
+        (rollup_table, p.rollup, "r"),
         ("rollups_minute", p.minutes, "m"),
         ("events", p.raw, "e"),
     ):
-        if not runs:
-            continue
-        chosen = _overlapping(view, table, runs)
+        chosen = _overlapping(view, table, runs) if runs else []
         if not chosen:
             continue
         files.setdefault(table, set()).update(chosen)
         column = "event_time" if table == "events" else "bucket"
-        where = _within(column, runs, key, params)
-        template = _RAW_PART if table == "events" else _ROLLUP_PART
-        parts.append(template.format(table=table, where=where))
+        template = templates[table == "events"]
+        parts.append(template.format(table=table, where=_within(column, runs, key, params)))
+    return parts, {k: sorted(v) for k, v in files.items()}
+
+
+def read_plan(view: View, campaign_id: str, granularity: Granularity, p: Plan) -> list[Bucket]:
+    """The series a plan describes: its parts read in one query and summed per bucket."""
+    params: dict[str, object] = {"campaign_id": campaign_id, "granularity": granularity}
+    templates = (_ROLLUP_PART, _RAW_PART)
+    parts, files = _plan_parts(view, p, f"rollups_{granularity}", templates, params)
     if not parts:
         return []
     sql = f"""
         SELECT b, CAST(sum(i) AS BIGINT), CAST(sum(c) AS BIGINT), CAST(sum(v) AS BIGINT),
                CAST(sum(s) AS BIGINT), CAST(sum(r) AS BIGINT)
         FROM ({" UNION ALL ".join(parts)}) GROUP BY b ORDER BY b"""
-    rows = view.query(sql, params, files={k: sorted(v) for k, v in files.items()})
+    rows = view.query(sql, params, files=files)
     return [Bucket(int(r[0]), Totals(*map(int, r[1:]))) for r in rows]
 
 
@@ -356,22 +367,8 @@ def top(
 
 def _top_of(view: View, p: Plan, metric: Metric, limit: int) -> list[CampaignTotals]:
     params: dict[str, object] = {"limit": limit}
-    parts: list[str] = []
-    files: dict[str, list[str]] = {}
-    for table, runs, key in (
-        ("rollups_hour", p.rollup, "h"),
-        ("rollups_minute", p.minutes, "m"),
-        ("events", p.raw, "e"),
-    ):
-        if not runs:
-            continue
-        chosen = _overlapping(view, table, runs)
-        if not chosen:
-            continue
-        files[table] = chosen
-        column = "event_time" if table == "events" else "bucket"
-        template = _TOP_RAW_PART if table == "events" else _TOP_ROLLUP_PART
-        parts.append(template.format(table=table, where=_within(column, runs, key, params)))
+    templates = (_TOP_ROLLUP_PART, _TOP_RAW_PART)
+    parts, files = _plan_parts(view, p, "rollups_hour", templates, params)
     if not parts:
         return []
     files["campaigns"] = view.local_files("campaigns")
