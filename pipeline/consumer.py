@@ -257,7 +257,7 @@ class Consumer:
         self._next_version = newest + 1
         for intent in intents:
             log.info(
-                "redoing group %d (%d files) left by a crash", intent.version, len(intent.files)
+                "redoing group %d (%d files) left unfinished", intent.version, len(intent.files)
             )
             self._redo(intent)
 

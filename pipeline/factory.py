@@ -1,4 +1,4 @@
-"""Builds the edges (key cache, leases, consumer) from settings: the one place that picks."""
+"""Builds the edges (key cache, consumer) from settings: the one place that picks."""
 
 from __future__ import annotations
 

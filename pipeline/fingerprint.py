@@ -9,8 +9,8 @@ import numpy.typing as npt
 import polars as pl
 
 # Two independent 64-bit hashes of the event_id. Polars documents its hash as stable within a
-# version only, so every key cache stores FINGERPRINT_CHECK and rebuilds itself from events/
-# when a different Polars computes different fingerprints.
+# version only, so every key cache stores FINGERPRINT_CHECK and rebuilds itself from the events
+# table when a different Polars computes different fingerprints.
 _SEED_HI = 0x9E3779B97F4A7C15
 _SEED_LO = 0xC2B2AE3D27D4EB4F
 _CHECK_IDS = ("adevents-fingerprint-check", "", "x" * 128)

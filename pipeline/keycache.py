@@ -23,7 +23,8 @@ Loader = Callable[[float | None], tuple[Keys, "int | None"]]
 
 
 class CacheLostError(RuntimeError):
-    """The key cache lost its data (e.g. Redis restarted empty); rebuild it from events/ first."""
+    """The key cache lost its data (e.g. Redis restarted empty); rebuild it from the events table
+    first."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class KeyCache(Protocol):
         """Greatest event_time (epoch ms) committed so far, or None when nothing was."""
 
     def needs_rebuild(self) -> bool:
-        """True when the cache lost (or never had) the state that events/ holds."""
+        """True when the cache lost (or never had) the state that the events table holds."""
 
     def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
         """Replace the cache's content with these keys (all committed events in the window)."""

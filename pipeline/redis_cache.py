@@ -362,7 +362,7 @@ class RedisKeyCache:
                 return False
             log.warning(
                 "the Redis key cache is empty or lost its data (a first start, a restart, a "
-                "flush): rebuilding it from events/"
+                "flush): rebuilding it from the events table"
             )
             time.sleep(self.rebuild_grace_s)
             started = time.time()
@@ -582,7 +582,9 @@ class RedisKeyCache:
                 if not adopted and attempt < 2 and not self.needs_rebuild():
                     adopted = True
                     continue  # another consumer rebuilt the cache: claim in its new epoch
-                raise CacheLostError("the Redis key cache lost its data; rebuilding from events/")
+                raise CacheLostError(
+                    "the Redis key cache lost its data; rebuilding from the events table"
+                )
             expired = [e for e in errors if "ADEVENTS_EXPIRED" in str(e)]
             if expired:
                 raise ExpiredSliceError(
