@@ -152,7 +152,7 @@ def assert_same_lake(data: Path, reference: tuple[pl.DataFrame, pl.DataFrame]) -
     assert_frame_equal(quarantine, reference[1])
     assert drained(data)
     rows = ledger(data)
-    assert rows["source_file"].is_unique().all()
+    assert rows["source_file"].is_unique().all() and rows["batch_id"].is_unique().all()
     assert (rows["rows_in"] == rows["accepted"] + rows["duplicates"] + rows["quarantined"]).all()
 
 

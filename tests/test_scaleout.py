@@ -27,13 +27,16 @@ import polars as pl
 import pytest
 import redis
 from conftest import RedisServer
-from hardening import TIMEOUT_S, statuses, wait_for
-from polars.testing import assert_frame_equal
+from hardening import (
+    TIMEOUT_S,
+    drained,
+    lake_table,
+    ledger,
+    statuses,
+    wait_for,
+)
 
 from generator.runner import generate
-from lake.location import LakeLocation
-from lake.snapshot import snapshot
-from lake.tables import TABLES
 from pipeline.fingerprint import Keys, empty_keys
 from pipeline.groups import slot_dir, waiting_entries
 from pipeline.leases import process_space
@@ -41,46 +44,10 @@ from pipeline.reconcile import reconcile
 from pipeline.redis_cache import REBUILD_LOCK, ExpiredSliceError, RedisKeyCache
 from pipeline.settings import Settings
 from pipeline.spool import SpoolWriter, list_incoming
-from pipeline.testing import event_table, lake_contents
+from pipeline.testing import event_table
 
 #: What the consumer that rebuilds the Redis cache logs.
 REBUILT = "the Redis key cache is empty or lost its data"
-
-
-# -- the lake of a DATA_DIR ----------------------------------------------------------------------
-def lake_table(data: Path, name: str) -> pl.DataFrame:
-    """Every row of one Delta table of DATA_DIR/lake (none if the table does not exist yet)."""
-    location = LakeLocation.from_env({}, data_dir=str(data))
-    snap = snapshot(location, {name: TABLES[name]})
-    frame = pl.from_arrow(snap.datasets[name].to_table())
-    assert isinstance(frame, pl.DataFrame)
-    return frame
-
-
-def ledger(data: Path) -> pl.DataFrame:
-    return lake_table(data, "ledger")
-
-
-def unfinished_groups(data: Path) -> list[Path]:
-    """Intent records of commit groups not retired yet, of every slot."""
-    return sorted((data / "state" / "groups").glob("slot-*/*.json"))
-
-
-def drained(data: Path) -> bool:
-    """Nothing waits in incoming/ or in any slot, and no group is left unfinished."""
-    return not waiting_entries(data / "incoming") and not unfinished_groups(data)
-
-
-def assert_same_lake(data: Path, reference: tuple[pl.DataFrame, pl.DataFrame]) -> None:
-    """The lake equals the reference run's: nothing lost, nothing duplicated, nothing left."""
-    events, quarantine = lake_contents(data)
-    assert events["event_id"].is_unique().all()
-    assert_frame_equal(events, reference[0])
-    assert_frame_equal(quarantine, reference[1])
-    assert drained(data)
-    rows = ledger(data)
-    assert rows["source_file"].is_unique().all() and rows["batch_id"].is_unique().all()
-    assert (rows["rows_in"] == rows["accepted"] + rows["duplicates"] + rows["quarantined"]).all()
 
 
 # -- helpers -----------------------------------------------------------------------------------
