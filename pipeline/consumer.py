@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -50,7 +50,7 @@ from pipeline.groups import GroupFile, Intent, Slot, app_id_for, spool_id
 from pipeline.keycache import CacheLostError, KeyCache, Mask
 from pipeline.lake import batch_keys, window_keys
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
-from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA, QUARANTINE_SCHEMA, Layout
+from pipeline.schema import ENRICHED_SCHEMA, QUARANTINE_SCHEMA, Layout, LedgerRow, ledger_frame
 from pipeline.settings import Settings
 from pipeline.spool import (
     ARRIVED_AT_KEY,
@@ -110,13 +110,13 @@ class Totals:
     bad_files: int = 0
     commits: int = 0
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: LedgerRow) -> None:
         self.files += 1
-        self.rows_in += row["rows_in"]
-        self.accepted += row["accepted"]
-        self.duplicates += row["duplicates"]
-        self.quarantined += row["quarantined"]
-        self.bad_files += row["status"] != "ok"
+        self.rows_in += row.rows_in
+        self.accepted += row.accepted
+        self.duplicates += row.duplicates
+        self.quarantined += row.quarantined
+        self.bad_files += row.status != "ok"
 
     def line(self, wall_seconds: float) -> str:
         rate = self.rows_in / wall_seconds if wall_seconds > 0 else 0.0
@@ -138,7 +138,7 @@ class Group:
 
     @property
     def rows(self) -> int:
-        return sum(o.ledger["rows_in"] for o in self.outcomes)
+        return sum(o.ledger.rows_in for o in self.outcomes)
 
 
 class Consumer:
@@ -179,7 +179,7 @@ class Consumer:
         self._next_version = 0
         self._decided_watermark: int | None = None
         self._last_group = 0.0
-        self._in_flight: tuple[Future[list[dict[str, Any]]], Group] | None = None
+        self._in_flight: tuple[Future[list[LedgerRow]], Group] | None = None
         #: Entries that cannot leave incoming/ (a mount point): passed over, logged once.
         self._stuck: set[str] = set()
 
@@ -436,7 +436,7 @@ class Consumer:
         commit_files(table, spec, files, self.app_id, version)
         faults.point(f"after_{spec.name}_commit")
 
-    def _land(self, group: Group) -> list[dict[str, Any]]:
+    def _land(self, group: Group) -> list[LedgerRow]:
         """Commit a decided group to the three tables, finish its claim, retire its inputs."""
         t0 = time.perf_counter()
         intent = group.intent
@@ -446,9 +446,10 @@ class Consumer:
             # Redis lost its data after these keys were claimed: another consumer may have
             # claimed them since. Committing now could duplicate; the redo decides again.
             raise CacheLostError(f"group {intent.version}: the key cache lost its claims")
-        rows = [dict(o.ledger) for o in group.outcomes]
+        rows = [replace(o.ledger) for o in group.outcomes]
         for row in rows:
-            row.update({k: group.timings.get(k) for k in ("validate_ms", "dedupe_ms")})
+            row.validate_ms = group.timings.get("validate_ms")
+            row.dedupe_ms = group.timings.get("dedupe_ms")
         self.slot.record_decided(intent.version, rows)
         self._commit(EVENTS, events, intent.version)
         quarantine = _concat([o.quarantine for o in group.outcomes], QUARANTINE_SCHEMA)
@@ -459,24 +460,23 @@ class Consumer:
     def _finish(
         self,
         group: Group,
-        rows: list[dict[str, Any]],
+        rows: list[LedgerRow],
         *,
         write_ms: float | None,
         started: float | None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[LedgerRow]:
         """The ledger commit, then finish the claim and retire the inputs."""
         intent = group.intent
         committed_at = self.clock()
         for row in rows:
-            row["committed_at"] = _ms(committed_at)
-            row["lag_ms"] = row["committed_at"] - row["arrived_at"]
-            row["consumer"] = self.name
+            row.committed_at = _ms(committed_at)
+            row.lag_ms = row.committed_at - (row.arrived_at or row.committed_at)
+            row.consumer = self.name
             if write_ms is not None:
-                row["write_ms"] = write_ms
+                row.write_ms = write_ms
             if started is not None:
-                row["processing_ms"] = (time.perf_counter() - started) * 1000
-        ledger = pl.DataFrame(rows, schema=LEDGER_SCHEMA)
-        self._commit(LEDGER, ledger, intent.version)
+                row.processing_ms = (time.perf_counter() - started) * 1000
+        self._commit(LEDGER, ledger_frame(rows), intent.version)
         top = _max_event_ms(group.outcomes)
         self.cache.finish(self._claim_id(intent.version), top)
         faults.point("after_finish")
@@ -519,17 +519,17 @@ class Consumer:
             intent.version,
         )
         self._account(
-            self._finish(group, [dict(r) for r in intent.ledger], write_ms=None, started=None)
+            self._finish(group, [replace(r) for r in intent.ledger], write_ms=None, started=None)
         )
 
     def _restore_claims(self, intent: Intent) -> None:
         """Put a committed group's keys (back) into the key cache, as its claim left them."""
         assert intent.ledger is not None
-        lows = [r["min_event_time"] for r in intent.ledger if r["min_event_time"] is not None]
-        highs = [r["max_event_time"] for r in intent.ledger if r["max_event_time"] is not None]
+        lows = [r.min_event_time for r in intent.ledger if r.min_event_time is not None]
+        highs = [r.max_event_time for r in intent.ledger if r.max_event_time is not None]
         if not lows:
             return
-        ids = {r["batch_id"] for r in intent.ledger}
+        ids = {r.batch_id for r in intent.ledger}
         keys, top = batch_keys(self.location, ids, (min(lows), max(highs)), self.slice_ms)
         self.cache.restore(self._claim_id(intent.version), keys, top)
 
@@ -708,10 +708,10 @@ class Consumer:
             return False
         return self._account(in_flight[0].result())
 
-    def _account(self, rows: list[dict[str, Any]]) -> bool:
+    def _account(self, rows: list[LedgerRow]) -> bool:
         for row in rows:
             self.totals.add(row)
-        self._pace(sum(r["rows_in"] for r in rows))
+        self._pace(sum(r.rows_in for r in rows))
         return bool(rows)
 
     def close(self) -> None:
@@ -729,7 +729,7 @@ class Consumer:
 
 
 def _max_event_ms(outcomes: Sequence[FileOutcome]) -> int | None:
-    tops = [o.ledger["max_event_time"] for o in outcomes if o.ledger["max_event_time"] is not None]
+    tops = [o.ledger.max_event_time for o in outcomes if o.ledger.max_event_time is not None]
     return max(tops, default=None)
 
 

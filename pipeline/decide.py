@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import polars as pl
@@ -22,7 +22,7 @@ from pipeline.fingerprint import Keys, compute_keys
 from pipeline.groups import GroupFile
 from pipeline.keycache import Mask
 from pipeline.normalize import SchemaMismatchError, normalize
-from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA, QUARANTINE_SCHEMA, REASONS
+from pipeline.schema import ENRICHED_SCHEMA, QUARANTINE_SCHEMA, LedgerRow
 from pipeline.spool import REJECTED_SUFFIX, PoisonInputError, display_name
 from pipeline.validate import split_valid
 
@@ -51,18 +51,8 @@ class FileOutcome:
     file: GroupFile
     events: pl.DataFrame  # ENRICHED_SCHEMA
     quarantine: pl.DataFrame  # QUARANTINE_SCHEMA
-    ledger: dict[str, Any]  # a LEDGER_SCHEMA row without the commit's own columns
+    ledger: LedgerRow  # without the commit's own columns (set when the ledger commits)
     poison: PoisonInputError | None = None
-
-
-def ledger_row(**values: Any) -> dict[str, Any]:
-    """A LEDGER_SCHEMA row: counters default to 0, everything else to null."""
-    row: dict[str, Any] = {n: 0 if t == pl.Int64 else None for n, t in LEDGER_SCHEMA.items()}
-    unknown = set(values) - set(row)
-    if unknown:
-        raise KeyError(f"not ledger columns: {sorted(unknown)}")
-    row.update(values)
-    return row
 
 
 def _ms(value: datetime | None) -> int | None:
@@ -93,7 +83,7 @@ def _poisoned(inp: FileInput, poison: PoisonInputError, rows: int) -> FileOutcom
         file=inp.file,
         events=ENRICHED_SCHEMA.to_frame(),
         quarantine=QUARANTINE_SCHEMA.to_frame(),
-        ledger=ledger_row(
+        ledger=LedgerRow(
             batch_id=inp.file.batch_id,
             source_file=_source(inp.file),
             status=poison.reason,
@@ -125,24 +115,21 @@ def _rejected_file(inp: FileInput, table: pa.Table, now: datetime) -> FileOutcom
         file=inp.file,
         events=ENRICHED_SCHEMA.to_frame(),
         quarantine=quarantine,
-        ledger=_counts(inp, rows_in=len(rows), rejected=rows)
-        | {"quarantined": len(rows), "read_ms": inp.read_ms},
+        ledger=_counts(inp, rows_in=len(rows), rejected=rows),
     )
 
 
-def _counts(inp: FileInput, *, rows_in: int, rejected: pl.DataFrame) -> dict[str, Any]:
-    reasons = dict.fromkeys(REASONS, 0)
-    for reason, n in rejected["reason"].value_counts().iter_rows():
-        reasons[reason] = int(n)
-    return ledger_row(
+def _counts(inp: FileInput, *, rows_in: int, rejected: pl.DataFrame) -> LedgerRow:
+    row = LedgerRow(
         batch_id=inp.file.batch_id,
         source_file=_source(inp.file),
-        status="ok",
         rows_in=rows_in,
         quarantined=len(rejected),
         arrived_at=inp.arrived_ms,
-        **{f"quarantined_{r}": n for r, n in reasons.items()},
+        read_ms=inp.read_ms,
     )
+    row.count_reasons(dict(rejected["reason"].value_counts().iter_rows()))
+    return row
 
 
 @dataclass
@@ -165,7 +152,7 @@ def _split(inp: FileInput, now: datetime, watermark_ms: int | None, window_ms: i
         frame, now_ms=_ms(now) or 0, watermark_ms=watermark_ms, window_ms=window_ms
     )
     ledger = _counts(inp, rows_in=len(frame), rejected=rejected)
-    ledger.update(ignored_columns=len(ignored), read_ms=inp.read_ms)
+    ledger.ignored_columns = len(ignored)
     quarantine = _quarantine_rows(rejected, inp.file, now)
     return _Split(inp, valid, FileOutcome(inp.file, ENRICHED_SCHEMA.to_frame(), quarantine, ledger))
 
@@ -232,8 +219,8 @@ def _dedupe(splits: list[_Split], slice_ms: int, claim: Claim) -> None:
     for i, s in enumerate(splits):
         s.valid = by_file.get((i,), s.valid.clear())
         row = s.outcome.ledger
-        row["accepted"] = len(s.valid)
-        row["duplicates"] = row["rows_in"] - row["quarantined"] - len(s.valid)
+        row.accepted = len(s.valid)
+        row.duplicates = row.rows_in - row.quarantined - len(s.valid)
 
 
 def _enrich(split: _Split, campaigns: pl.DataFrame, now: datetime) -> None:
@@ -242,8 +229,7 @@ def _enrich(split: _Split, campaigns: pl.DataFrame, now: datetime) -> None:
     )
     times = events["event_time"]
     split.outcome.events = events
-    split.outcome.ledger.update(
-        unknown_campaigns=unknown,
-        min_event_time=_ms(times.min()),  # type: ignore[arg-type]
-        max_event_time=_ms(times.max()),  # type: ignore[arg-type]
-    )
+    row = split.outcome.ledger
+    row.unknown_campaigns = unknown
+    row.min_event_time = _ms(times.min())  # type: ignore[arg-type]
+    row.max_event_time = _ms(times.max())  # type: ignore[arg-type]

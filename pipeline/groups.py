@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
+from pipeline.schema import LedgerRow
 from pipeline.spool import atomic_write_bytes, fsync, list_incoming, remove_quietly
 
 #: Prefix of slot directories inside incoming/ (a leading dot: producers' listings skip it).
@@ -88,7 +90,7 @@ class Intent:
     now_ms: int
     watermark_ms: int | None
     #: The decided ledger rows (one per file), once the events commit may have happened.
-    ledger: list[dict[str, Any]] | None = field(default=None)
+    ledger: list[LedgerRow] | None = field(default=None)
 
     def to_json(self) -> bytes:
         body = asdict(self)
@@ -96,7 +98,7 @@ class Intent:
         return json.dumps(body).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, ledger: list[dict[str, Any]] | None) -> Intent:
+    def from_json(cls, raw: bytes, ledger: list[LedgerRow] | None) -> Intent:
         body = json.loads(raw)
         files = [GroupFile(**f) for f in body.pop("files")]
         return cls(files=files, ledger=ledger, **body)
@@ -145,9 +147,9 @@ class Slot:
         """Write the intent durably; decisions may be made (keys claimed) only after this."""
         atomic_write_bytes(self._path(intent.version), intent.to_json(), durable=self.durable)
 
-    def record_decided(self, version: int, ledger: list[dict[str, Any]]) -> None:
+    def record_decided(self, version: int, ledger: Sequence[LedgerRow]) -> None:
         """Keep the decided ledger rows: a redo after the events commit reuses them."""
-        body = json.dumps(ledger).encode()
+        body = json.dumps([asdict(row) for row in ledger]).encode()
         atomic_write_bytes(self._path(version, _DECIDED), body, durable=self.durable)
 
     def pending(self) -> list[Intent]:
@@ -158,7 +160,8 @@ class Slot:
                 continue
             version = int(name.removesuffix(".json"))
             try:
-                decided = json.loads(self._path(version, _DECIDED).read_bytes())
+                raw = json.loads(self._path(version, _DECIDED).read_bytes())
+                decided = [LedgerRow(**row) for row in raw]
             except FileNotFoundError:
                 decided = None
             out.append(Intent.from_json((self.intents / name).read_bytes(), decided))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Final
 
 import polars as pl
@@ -146,6 +148,55 @@ LEDGER_SCHEMA: Final = pl.Schema(
         "consumer": pl.String(),
     }
 )
+
+
+@dataclass
+class LedgerRow:
+    """One row of the ledger, field for field as LEDGER_SCHEMA (tests/test_schema.py checks):
+    what became of one spool file. Times are epoch milliseconds, durations milliseconds."""
+
+    batch_id: str
+    source_file: str
+    status: str = "ok"  # or a FILE_REASONS code
+    rows_in: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    quarantined_invalid_event_id: int = 0
+    quarantined_invalid_event_type: int = 0
+    quarantined_missing_field: int = 0
+    quarantined_field_too_long: int = 0
+    quarantined_invalid_money: int = 0
+    quarantined_invalid_country: int = 0
+    quarantined_invalid_device_type: int = 0
+    quarantined_future_event: int = 0
+    quarantined_late_event: int = 0
+    unknown_campaigns: int = 0
+    ignored_columns: int = 0
+    min_event_time: int | None = None
+    max_event_time: int | None = None
+    arrived_at: int | None = None
+    committed_at: int | None = None
+    lag_ms: int = 0
+    processing_ms: float | None = None
+    read_ms: float | None = None
+    validate_ms: float | None = None
+    dedupe_ms: float | None = None
+    enrich_ms: float | None = None
+    write_ms: float | None = None
+    commit_ms: float | None = None
+    consumer: str | None = None
+
+    def count_reasons(self, counts: Mapping[str, int]) -> None:
+        """Set the per-reason quarantine counters (every REASONS code; absent ones are 0)."""
+        for reason in REASONS:
+            setattr(self, f"quarantined_{reason}", int(counts.get(reason, 0)))
+
+
+def ledger_frame(rows: Sequence[LedgerRow]) -> pl.DataFrame:
+    """Ledger rows as a LEDGER_SCHEMA frame."""
+    return pl.DataFrame([asdict(r) for r in rows], schema=LEDGER_SCHEMA)
+
 
 #: ``rollups/<granularity>/``: one row per campaign per bucket, written by the rollup job.
 #: unique_users is a HyperLogLog estimate of distinct non-null user_id in that bucket (~1.6 %
