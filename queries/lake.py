@@ -30,7 +30,6 @@ import calendar
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -43,6 +42,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+from cachetools import LRUCache
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
@@ -390,26 +390,21 @@ def list_local(
 
 # -- answers -------------------------------------------------------------------------------------
 class _Answers:
-    """A small LRU of answers, shared by threads."""
+    """A small LRU of answers, shared by threads (cachetools' LRU under a lock)."""
 
     def __init__(self, size: int = ANSWERS) -> None:
-        self.size = size
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._items: LRUCache[Hashable, Any] = LRUCache(maxsize=size)
         self._lock = threading.Lock()
 
     def get(self, key: Hashable) -> tuple[bool, Any]:
         with self._lock:
             if key not in self._items:
                 return False, None
-            self._items.move_to_end(key)
-            return True, self._items[key]
+            return True, self._items[key]  # a read counts as a use
 
     def put(self, key: Hashable, value: Any) -> None:
         with self._lock:
             self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
 
 
 def _hashable(key: Hashable) -> bool:
@@ -565,7 +560,7 @@ class Lake:
         #: Open tables and the state of their latest version, refreshed under ``_lock``.
         self._tables: dict[str, DeltaTable] = {}
         self._latest: dict[str, TableState] = {}
-        self._pinned: OrderedDict[tuple[str, int], TableState] = OrderedDict()
+        self._pinned: LRUCache[tuple[str, int], TableState] = LRUCache(maxsize=PINNED)
         self._files: dict[str, _Files] = {}
         self._lock = threading.Lock()
 
@@ -630,7 +625,6 @@ class Lake:
         with self._lock:
             known = self._pinned.get(key)
             if known is not None:
-                self._pinned.move_to_end(key)
                 return known
         table = DeltaTable(
             self.location.table_uri(name),
@@ -640,8 +634,6 @@ class Lake:
         state = self._state(self.specs[name], table)
         with self._lock:
             self._pinned[key] = state
-            while len(self._pinned) > PINNED:
-                self._pinned.popitem(last=False)
         return state
 
     def _state(self, spec: TableSpec, table: DeltaTable, files: _Files | None = None) -> TableState:
