@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +19,7 @@ from pipeline.fingerprint import Keys, empty_keys, fingerprint_check
 from pipeline.spool import atomic_write_bytes, fsync, remove_quietly
 
 Mask = npt.NDArray[np.bool_]
+T = TypeVar("T")
 #: Reads the window's keys and the watermark from the lake; with a time, only files written
 #: since then (epoch seconds).
 Loader = Callable[[float | None], tuple[Keys, "int | None"]]
@@ -185,8 +188,20 @@ _SEGMENT = re.compile(r"^seg-(\d{12})\.npz$")
 _SNAPSHOT = re.compile(r"^snap-(\d{12})\.npz$")
 
 
+def _locked(method: Callable[..., T]) -> Callable[..., T]:
+    """Run an EmbeddedKeyCache method under its lock: the consumer claims on its main thread
+    while its writer thread finishes (and snapshots) the group before."""
+
+    @functools.wraps(method)
+    def wrapper(self: EmbeddedKeyCache, *args: Any, **kwargs: Any) -> T:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class EmbeddedKeyCache:
-    """In-process key cache persisted under ``state/embedded/``.
+    """In-process key cache persisted under ``state/embedded/``; thread-safe.
 
     Each finished batch appends a segment file holding its keys and watermark; past
     ``snapshot_every`` segments, the live (unexpired) keys are written as one snapshot and older
@@ -209,6 +224,7 @@ class EmbeddedKeyCache:
         self._seq = 0
         self._segments_since_snapshot = 0
         self._stale = False
+        self._lock = threading.RLock()
         self._load()
 
     # -- persistence -----------------------------------------------------------------------
@@ -289,12 +305,15 @@ class EmbeddedKeyCache:
             self._set.drop_below(cutoff)
 
     # -- KeyCache ------------------------------------------------------------------------------
+    @_locked
     def watermark(self) -> int | None:
         return self._watermark
 
+    @_locked
     def needs_rebuild(self) -> bool:
         return self._stale
 
+    @_locked
     def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
         self._set = KeySet(keys)
         self._pending.clear()
@@ -305,6 +324,7 @@ class EmbeddedKeyCache:
         self._write_meta()
         self._stale = False
 
+    @_locked
     def ensure(self, loader: Loader) -> bool:
         if not self._stale:
             return False
@@ -315,6 +335,7 @@ class EmbeddedKeyCache:
     def valid(self, batch_id: str | None = None) -> bool:
         return True
 
+    @_locked
     def claim(self, batch_id: str, keys: Keys) -> Mask:
         mine = self._pending.get(batch_id, empty_keys())
         # A retry within this process: the keys this batch already won are still its own.
@@ -326,6 +347,7 @@ class EmbeddedKeyCache:
         result: Mask = new_now | already_mine
         return result
 
+    @_locked
     def finish(self, batch_id: str, max_event_time_ms: int | None) -> None:
         won = self._pending.pop(batch_id, empty_keys())
         if max_event_time_ms is not None:
@@ -337,17 +359,20 @@ class EmbeddedKeyCache:
         if self._segments_since_snapshot >= self.snapshot_every:
             self._snapshot()
 
+    @_locked
     def restore(self, batch_id: str, keys: Keys, max_event_time_ms: int | None) -> None:
         self._set.add(keys.take(~self._set.contains(keys)))
         self._pending[batch_id] = keys
         self.finish(batch_id, max_event_time_ms)
 
+    @_locked
     def stats(self) -> CacheStats:
         n = self._set.size()
         # 16 bytes of fingerprint per key, plus numpy's header per chunk array.
         overhead = 2 * 112 * self._set.chunk_count() + 232 * len(self._set.slices)
         return CacheStats(keys=n, bytes=16 * n + overhead)
 
+    @_locked
     def close(self) -> None:
         if self._segments_since_snapshot:
             self._snapshot()

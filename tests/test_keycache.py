@@ -738,3 +738,51 @@ def test_embedded_keys_sharing_one_half_stay_distinct(tmp_path: Path) -> None:
     assert cache.stats().keys == 12
     others = Keys(np.full(3, 3), np.array([5, 11, 12], dtype=np.uint64), np.full(3, 42, np.uint64))
     assert cache.claim("x", others).tolist() == [False, False, True]
+
+
+def test_embedded_cache_claims_while_another_thread_finishes_and_snapshots(
+    tmp_path: Path,
+) -> None:
+    """The consumer claims group N+1 on its main thread while its writer finishes group N, and
+    every finish may write a snapshot of all keys: the two never see the cache half-changed."""
+    cache = EmbeddedKeyCache(tmp_path, window_ms=3_600_000, slice_ms=1_000, snapshot_every=1)
+    cache.rebuild(empty_keys(), None)  # a first start: nothing stored yet
+    base = 1_700_000_000_000
+    rounds = 60
+    errors: list[BaseException] = []
+
+    def group_keys(n: int) -> Keys:
+        ids = pl.Series([f"g{n}-{i}" for i in range(2_000)])
+        # New slices every group, so claims add slices while a snapshot walks them.
+        times = pl.Series([base + n * 5_000 + i for i in range(2_000)]).cast(
+            pl.Datetime("ms", "UTC")
+        )
+        return compute_keys(ids, times, 1_000)
+
+    go, done = threading.Semaphore(0), threading.Semaphore(0)
+
+    def writer() -> None:
+        try:
+            for n in range(rounds):
+                go.acquire()
+                cache.finish(f"g{n}", base + n * 5_000 + 1_999)
+                done.release()
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+            done.release()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert cache.claim("g0", group_keys(0)).all()
+    for n in range(rounds):
+        go.release()  # the writer finishes group n (and snapshots) ...
+        if n + 1 < rounds:  # ... while group n+1 is claimed, in pieces
+            keys = group_keys(n + 1)
+            for piece in np.array_split(np.arange(len(keys)), 10):
+                assert cache.claim(f"g{n + 1}", keys.take(piece)).all()
+        done.acquire()
+        assert not errors, errors
+    thread.join()
+    cache.close()
+    reopened = EmbeddedKeyCache(tmp_path, window_ms=3_600_000, slice_ms=1_000)
+    assert reopened.stats().keys == rounds * 2_000
