@@ -21,11 +21,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from generator.runner import generate
 from pipeline.consumer import Consumer, Group
 from pipeline.factory import make_consumer
+from pipeline.schema import LedgerRow
 from pipeline.settings import Settings
 
 
@@ -68,7 +68,7 @@ def main() -> None:
         writer = cProfile.Profile()
         land = Consumer._land
 
-        def profiled_land(self: Consumer, group: Group) -> list[dict[str, Any]]:
+        def profiled_land(self: Consumer, group: Group) -> list[LedgerRow]:
             writer.enable()
             try:
                 return land(self, group)
