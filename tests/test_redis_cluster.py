@@ -17,8 +17,8 @@ import polars as pl
 import pytest
 import redis
 from conftest import free_port
-from hardening import wait_for
-from test_scaleout import REBUILT, lake_table, ledger, wait_stopped
+from hardening import lake_table, ledger, wait_for
+from test_scaleout import REBUILT, wait_stopped
 
 from generator.runner import generate
 from lake.location import LakeLocation

@@ -21,11 +21,20 @@ import polars as pl
 import pytest
 import redis
 from conftest import RedisServer
-from hardening import TIMEOUT_S, ConsumerProcess, base_env, copy_spool, statuses, wait_for
+from hardening import (
+    TIMEOUT_S,
+    ConsumerProcess,
+    assert_same_lake,
+    base_env,
+    copy_spool,
+    drained,
+    ledger,
+    statuses,
+    wait_for,
+)
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from test_crash import build_spool
-from test_scaleout import assert_same_lake, drained, ledger
 
 from pipeline import faults
 from pipeline.consumer import Consumer
