@@ -249,6 +249,7 @@ class Consumer:
         self._decided_watermark = None
         self._tables = ensure_tables(self.location)
         self.ensure_cache()
+        self.slot.drop_partial_records()
         intents = self.slot.pending()
         committed = [
             v for t in self._tables.values() if (v := committed_version(t, self.app_id)) is not None

@@ -152,6 +152,13 @@ class Slot:
         body = json.dumps([asdict(row) for row in ledger]).encode()
         atomic_write_bytes(self._path(version, _DECIDED), body, durable=self.durable)
 
+    def drop_partial_records(self) -> None:
+        """Remove records a kill left half-written (their temp files); only the slot's owner,
+        when it starts or resumes, may call this."""
+        for name in os.listdir(self.intents):
+            if name.startswith(".") and name.endswith(".tmp"):
+                remove_quietly(self.intents / name)
+
     def pending(self) -> list[Intent]:
         """Intents of groups not finished, oldest first."""
         out = []
