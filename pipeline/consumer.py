@@ -55,7 +55,6 @@ from pipeline.settings import Settings
 from pipeline.spool import (
     ARRIVED_AT_KEY,
     MAX_FILE_BYTES,
-    SUFFIX,
     PoisonInputError,
     atomic_write_bytes,
     display_name,
@@ -135,10 +134,6 @@ class Group:
     outcomes: list[FileOutcome]
     started: float
     timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rows(self) -> int:
-        return sum(o.ledger.rows_in for o in self.outcomes)
 
 
 class Consumer:
@@ -737,6 +732,3 @@ def _max_event_ms(outcomes: Sequence[FileOutcome]) -> int | None:
 def _concat(frames: Sequence[pl.DataFrame], schema: pl.Schema) -> pl.DataFrame:
     frames = [f for f in frames if len(f)]
     return pl.concat(frames) if frames else schema.to_frame()
-
-
-__all__ = ["SUFFIX", "Consumer", "ConsumerLockedError", "Totals", "batch_id_for"]

@@ -180,7 +180,3 @@ class Slot:
         remove_quietly(self._path(version, _DECIDED))
         if self.durable:
             fsync(self.intents)
-
-    def newest_version(self) -> int | None:
-        versions = [i.version for i in self.pending()]
-        return max(versions, default=None)
