@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import httpx
+import tenacity
 
 from jobs import outbox
 from jobs.storage import job_lock
@@ -40,6 +41,11 @@ class DeliveryReport:
         )
 
 
+def _retryable(status: int) -> bool:
+    """A 5xx, a timeout (408) or throttling (429): the receiver may take it later."""
+    return status >= 500 or status in _RETRYABLE_4XX
+
+
 def _post(
     client: httpx.Client,
     url: str,
@@ -49,19 +55,30 @@ def _post(
     sleep: Callable[[float], None],
 ) -> int | None:
     """POST once plus up to ``retries`` more; the final status code, or None when unreachable."""
-    status: int | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            sleep(min(2.0, 0.25 * 2 ** (attempt - 1)))
-        try:
-            status = client.post(url, json=payload).status_code
-        except httpx.HTTPError as exc:
-            log.warning("webhook POST to %s failed (attempt %d): %s", url, attempt + 1, exc)
-            status = None
-            continue
-        if status < 400 or (status < 500 and status not in _RETRYABLE_4XX):
-            return status
-        log.warning("webhook POST to %s answered %d (attempt %d)", url, status, attempt + 1)
+
+    def failed(state: tenacity.RetryCallState) -> None:
+        outcome = state.outcome
+        assert outcome is not None
+        what = (
+            f"failed: {outcome.exception()}" if outcome.failed else f"answered {outcome.result()}"
+        )
+        log.warning("webhook POST to %s %s (attempt %d)", url, what, state.attempt_number)
+
+    def last_status(state: tenacity.RetryCallState) -> int | None:
+        outcome = state.outcome
+        assert outcome is not None
+        return None if outcome.failed else int(outcome.result())
+
+    policy = tenacity.Retrying(
+        sleep=sleep,
+        stop=tenacity.stop_after_attempt(retries + 1),
+        wait=tenacity.wait_exponential(multiplier=0.25, max=2.0),
+        retry=tenacity.retry_if_exception_type(httpx.HTTPError)
+        | tenacity.retry_if_result(_retryable),
+        after=failed,
+        retry_error_callback=last_status,
+    )
+    status: int | None = policy(lambda: client.post(url, json=payload).status_code)
     return status
 
 

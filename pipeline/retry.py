@@ -5,8 +5,9 @@ A consumer treats a transient fault like a crash it survives: it drops the group
 exactly as a restart would. This module only decides *whether* and *how long* to wait, and
 tells the world (log and ``state/consumers/``); the consumer does the recovering.
 
-The backoff is hand-written in one small place (:class:`Backoff`) so that it can be swapped for
-stamina or tenacity once the project depends on one; it is a few lines of arithmetic.
+The policy (which errors, the backoff, when ``--once`` gives up, the interruptible wait) is a
+tenacity ``Retrying``; the :class:`Supervisor` feeds it the consumer's failures one at a time,
+because the consumer's loop (not a wrapped function) decides what one try is.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import random
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
+
+import tenacity
+from tenacity.wait import wait_base
 
 from pipeline.status import HEARTBEAT_SECONDS, ConsumerStatus, State, write_status
 
@@ -64,9 +68,8 @@ _LAKE_DOWN_TEXT: Final = (
 )
 #: Redis replies that say "not now" rather than "never".
 _REDIS_BUSY: Final = ("LOADING", "BUSY", "MISCONF", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN")
-
-
-_RNG: Final = random.Random()
+#: The first wait of a pause, in seconds; each next one doubles, up to RETRY_MAX_DELAY.
+FIRST_DELAY: Final = 0.1
 
 
 def _redis_not_now() -> tuple[type[Exception], ...]:
@@ -160,21 +163,15 @@ def _lake_fault(exc: BaseException) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with jitter: try n waits about ``base * 2**n``, at most ``cap``.
+def equal_jitter(base: float, cap: float) -> wait_base:
+    """Exponential backoff with "equal jitter": try n waits ``min(cap, base * 2**(n-1))``, half
+    of it fixed and half random.
 
-    Half of each wait is random ("equal jitter"), so consumers that failed together (one Redis
-    for all) do not come back in lockstep, and no wait is shorter than half its nominal value.
+    The random half keeps consumers that failed together (one Redis for all) from coming back in
+    lockstep; the fixed half keeps any wait from being shorter than half its nominal value.
     """
-
-    base: float = 0.1
-    cap: float = 30.0
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        nominal = min(self.cap, self.base * 2.0 ** min(attempt, 60))
-        jitter = (rng or _RNG).uniform(0, nominal / 2)
-        return nominal / 2 + jitter
+    half = tenacity.wait_exponential(multiplier=base / 2, max=cap / 2)
+    return half + tenacity.wait_random_exponential(multiplier=base / 2, max=cap / 2)
 
 
 class StatusBoard:
@@ -245,7 +242,11 @@ class StatusBoard:
 
 
 class Supervisor:
-    """Decides, after each failure, whether to wait and try again; logs once per state change."""
+    """Decides, after each failure, whether to wait and try again; logs once per state change.
+
+    One pause (from the first failure to the next :meth:`ok`) is one run of the tenacity policy:
+    its attempt count and clock go on across a change of fault, as the status board shows.
+    """
 
     def __init__(
         self,
@@ -256,60 +257,96 @@ class Supervisor:
         give_up_after: float | None = None,
     ) -> None:
         self.board = board
-        self.stop = stop
-        self.backoff = Backoff(cap=max_delay)
+        self.max_delay = max_delay
         self.give_up_after = give_up_after
         self.fault: str | None = None
-        self.attempts = 0
-        self._since = 0.0
+        self._backoff = equal_jitter(FIRST_DELAY, max_delay)
+        self.stop = stop
+        self._policy = tenacity.Retrying(
+            sleep=self._sleep,
+            retry=tenacity.retry_if_exception(lambda exc: classify(exc) is not None),
+            wait=self._wait,
+            stop=(
+                tenacity.stop_never
+                if give_up_after is None
+                else tenacity.stop_after_delay(give_up_after)
+            ),
+            before_sleep=self._pausing,
+            retry_error_callback=self._give_up,
+        )
+        self._tries: Iterator[tenacity.AttemptManager] | None = None
+        self._try: tenacity.AttemptManager | None = None
 
     def failed(self, exc: BaseException) -> None:
         """Wait before the next try (or until stopped); re-raise what is not transient."""
+        if self._tries is None or self._try is None:
+            self._tries = iter(self._policy)  # the pause's clock starts at its first failure
+            self._try = next(self._tries)
+        self._try.retry_state.set_exception((type(exc), exc, exc.__traceback__))
+        try:
+            self._try = next(self._tries)  # waits, or raises (not transient, or gave up)
+        except BaseException:
+            self._tries = self._try = None
+            raise
+
+    def ok(self) -> None:
+        """A try went through: back to running, logged once."""
+        if self._try is None:
+            return
+        state = self._try.retry_state
+        log.warning(
+            "resumed after %.1fs of %s (%d retries)",
+            time.monotonic() - state.start_time,
+            self.fault,
+            state.attempt_number - 1,
+        )
+        self._tries = self._try = None
+        self.fault = None
+        self.board.set("running")
+
+    def _sleep(self, seconds: float) -> None:
+        self.stop.wait(seconds)  # a stop (SIGTERM) ends the wait at once
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        delay = self._backoff(state)
+        if self.give_up_after is None:
+            return delay
+        # The last wait ends at the deadline: --once gives up after ONCE_RETRY_TIMEOUT, not up
+        # to RETRY_MAX_DELAY later.
+        return min(delay, max(0.0, self.give_up_after - (state.seconds_since_start or 0.0)) + 0.01)
+
+    def _pausing(self, state: tenacity.RetryCallState) -> None:
+        exc = _failure(state)
         fault = classify(exc)
-        if fault is None:
-            raise exc
-        now = time.monotonic()
         if fault != self.fault:
             log.warning(
                 "pausing: %s (%s: %s); retrying with backoff (at most %gs apart)",
                 fault,
                 type(exc).__name__,
                 exc,
-                self.backoff.cap,
+                self.max_delay,
             )
-            if self.fault is None:
-                self._since = now
             self.fault = fault
         else:
-            log.debug("still %s after %d tries: %s", fault, self.attempts, exc)
-        waited = now - self._since
-        if self.give_up_after is not None and waited >= self.give_up_after:
-            raise GaveUpError(
-                f"gave up after {waited:.0f}s of {fault} (ONCE_RETRY_TIMEOUT="
-                f"{self.give_up_after:g}s): {type(exc).__name__}: {exc}"
-            ) from exc
-        delay = self.backoff.delay(self.attempts)
-        if self.give_up_after is not None:
-            delay = min(delay, max(0.0, self.give_up_after - waited) + 0.01)
-        self.attempts += 1
+            log.debug("still %s after %d tries: %s", fault, state.attempt_number, exc)
         self.board.set(
             "retrying",
             fault=fault,
             detail=f"{type(exc).__name__}: {exc}",
-            attempts=self.attempts,
-            next_retry_at=time.time() + delay,
+            attempts=state.attempt_number,
+            next_retry_at=time.time() + state.upcoming_sleep,
         )
-        self.stop.wait(delay)
 
-    def ok(self) -> None:
-        """A try went through: back to running, logged once."""
-        if self.fault is None:
-            return
-        log.warning(
-            "resumed after %.1fs of %s (%d retries)",
-            time.monotonic() - self._since,
-            self.fault,
-            self.attempts,
-        )
-        self.fault, self.attempts = None, 0
-        self.board.set("running")
+    def _give_up(self, state: tenacity.RetryCallState) -> NoReturn:
+        exc = _failure(state)
+        raise GaveUpError(
+            f"gave up after {state.seconds_since_start or 0.0:.0f}s of {classify(exc)} "
+            f"(ONCE_RETRY_TIMEOUT={self.give_up_after:g}s): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _failure(state: tenacity.RetryCallState) -> BaseException:
+    """The exception the try that ``state`` describes failed with."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    assert exc is not None, "the supervisor only hands tenacity failures"
+    return exc

@@ -307,15 +307,23 @@ def test_a_dead_webhook_is_retried_bounded_in_time_and_delivered_later(
     layout = Layout(settings.data_dir)
     layout.ensure()
     fire(layout)
+    waits: list[float] = []
     with webhook_server(mode) as server:
         started = time.monotonic()
         report = deliver(
-            layout, server.url, timeout=0.3, retries=2, max_age_s=3600, now=datetime.now(UTC)
+            layout,
+            server.url,
+            timeout=0.3,
+            retries=2,
+            max_age_s=3600,
+            now=datetime.now(UTC),
+            sleep=waits.append,
         )
         elapsed = time.monotonic() - started
         assert report.failed and report.pending == 1
         assert server.attempts == 3  # one try and two retries
-        assert elapsed < 3 * 0.3 + 0.75 + 1.0  # timeouts plus backoff, never a hang
+        assert waits == [0.25, 0.5]  # the backoff between them
+        assert elapsed < 3 * 0.3 + 1.0  # each try bounded by the timeout, never a hang
         assert len(pending(layout)) == 1  # kept for the next tick
         server.mode = "ok"
         report = deliver(

@@ -786,3 +786,32 @@ def test_embedded_cache_claims_while_another_thread_finishes_and_snapshots(
     cache.close()
     reopened = EmbeddedKeyCache(tmp_path, window_ms=3_600_000, slice_ms=1_000)
     assert reopened.stats().keys == rounds * 2_000
+
+
+def test_redis_sends_a_batch_again_after_a_lost_connection(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = RedisKeyCache.from_url(
+        redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
+    )
+    cache.rebuild(empty_keys(), None)
+    waits: list[float] = []
+    cache._resend = cache._resend.copy(sleep=waits.append)
+    send_once = cache._send_once
+    blips = [redis.ConnectionError("reset by peer"), redis.TimeoutError("timed out")]
+
+    def flaky(commands: list[tuple[str, bytes]]) -> list[Any]:
+        if blips:
+            raise blips.pop(0)
+        return send_once(commands)
+
+    monkeypatch.setattr(cache, "_send_once", flaky)
+    k = keys_in_slice(100, 5, seed=95)
+    assert cache.claim("b1", k).all()
+    assert waits == [0.05, 0.1]  # backoff between the sends
+    blips.extend(redis.ConnectionError("refused") for _ in range(100))
+    with pytest.raises(redis.ConnectionError, match="Redis unreachable: refused"):
+        cache.claim("b2", k)
+    assert len(blips) == 100 - (redis_cache_module.SEND_RETRIES + 1)
+    assert max(waits) == redis_cache_module.SEND_BACKOFF_CAP_S
+    cache.close()

@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import errno
-import random
+import logging
 import threading
 from pathlib import Path
 
 import polars as pl
 import pytest
 import redis
+import tenacity
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.keycache import CacheLostError
 from pipeline.redis_cache import ExpiredSliceError
 from pipeline.retry import (
-    Backoff,
     DiskFullError,
     GaveUpError,
     StatusBoard,
     Supervisor,
     check_free_space,
     classify,
+    equal_jitter,
 )
 from pipeline.status import FAULTS, read_statuses
 
@@ -56,11 +57,12 @@ def test_classify(exc: BaseException, fault: str | None) -> None:
     assert fault is None or fault in FAULTS
 
 
-@given(attempt=st.integers(0, 10_000), cap=st.floats(0.01, 3600), seed=st.integers())
-def test_backoff_grows_is_capped_and_jittered(attempt: int, cap: float, seed: int) -> None:
-    backoff = Backoff(base=0.1, cap=cap)
-    nominal = min(cap, 0.1 * 2.0 ** min(attempt, 60))
-    assert nominal / 2 <= backoff.delay(attempt, random.Random(seed)) <= nominal
+@given(attempt=st.integers(1, 10_000), cap=st.floats(0.01, 3600))
+def test_backoff_grows_is_capped_and_jittered(attempt: int, cap: float) -> None:
+    state = tenacity.RetryCallState(tenacity.Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    nominal = min(cap, 0.1 * 2.0 ** min(attempt - 1, 60))
+    assert nominal / 2 <= equal_jitter(0.1, cap)(state) <= nominal
 
 
 def test_free_space_check(tmp_path: Path) -> None:
@@ -93,3 +95,45 @@ def test_supervisor_publishes_each_retry_and_gives_up_with_once(tmp_path: Path) 
         once.failed(redis.ConnectionError("refused"))
     board.stop()
     assert read_statuses(tmp_path)[0].state == "stopped"
+
+
+def test_a_pause_is_logged_when_it_starts_and_when_it_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    board = StatusBoard(tmp_path, "c1")
+    stop = threading.Event()
+    stop.set()
+    supervisor = Supervisor(board, stop, max_delay=1.0)
+    with caplog.at_level(logging.WARNING, logger="adevents.consumer"):
+        for _ in range(5):
+            supervisor.failed(redis.ConnectionError("refused"))
+        assert read_statuses(tmp_path)[0].attempts == 5
+        supervisor.ok()
+        supervisor.ok()  # running already: nothing more to say
+    pausing, resumed = (r.getMessage() for r in caplog.records)
+    assert pausing.startswith("pausing: redis_unavailable")
+    assert resumed.startswith("resumed after") and resumed.endswith("(5 retries)")
+    supervisor.failed(redis.ConnectionError("refused"))  # a new pause counts from one again
+    assert read_statuses(tmp_path)[0].attempts == 1
+
+
+class _RecordedWaits(threading.Event):
+    """A stop event that records the waits asked of it and returns at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout or 0.0)
+        return False
+
+
+def test_once_waits_no_longer_than_the_time_left(tmp_path: Path) -> None:
+    """With ``--once``, no wait reaches past ONCE_RETRY_TIMEOUT, whatever RETRY_MAX_DELAY is."""
+    stop = _RecordedWaits()
+    supervisor = Supervisor(StatusBoard(tmp_path, "c1"), stop, max_delay=3600.0, give_up_after=5.0)
+    for _ in range(20):  # the 20th nominal wait would be 3600 s
+        supervisor.failed(redis.ConnectionError("refused"))
+    assert len(stop.waits) == 20
+    assert max(stop.waits) <= 5.01
