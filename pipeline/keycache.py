@@ -41,22 +41,19 @@ class CacheStats:
 
 
 class KeyCache(Protocol):
-    """Remembers the event_ids seen within the dedupe window, and the watermark.
+    """What the consumer needs of a key cache: the event_ids seen within the dedupe window,
+    claimed a batch at a time, and the watermark.
 
     Guarantees: :meth:`claim` is atomic per key (of two batches claiming the same key, exactly
-    one gets True) and idempotent per batch: claiming again for a batch_id that already claimed
-    (a retry after a crash) returns True again for the keys that batch won. :meth:`finish` is
-    called once the batch is durably committed, and is idempotent too.
+    one gets True) and idempotent per batch (a retry after a crash gets True again for the keys
+    that batch won); after a loss, :meth:`claim` raises :class:`CacheLostError` until
+    :meth:`ensure` rebuilt the cache, and :meth:`valid` tells a batch whose claims the loss took.
+    :meth:`finish` and :meth:`restore` are idempotent. Not guaranteed: that a key outlives the
+    window (a finish may expire it), or that claims outlive the process (embedded cache).
     """
 
     def watermark(self) -> int | None:
         """Greatest event_time (epoch ms) committed so far, or None when nothing was."""
-
-    def needs_rebuild(self) -> bool:
-        """True when the cache lost (or never had) the state that the events table holds."""
-
-    def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
-        """Replace the cache's content with these keys (all committed events in the window)."""
 
     def ensure(self, loader: Loader) -> bool:
         """Rebuild from ``loader`` if the cache lost its state; True if it rebuilt."""
@@ -75,10 +72,21 @@ class KeyCache(Protocol):
         """Re-add the keys of a batch committed before a crash (idempotent), then finish it."""
 
     def stats(self) -> CacheStats:
-        """Keys held and memory used."""
+        """Keys held and memory used (the consumer's exit line reports them)."""
 
     def close(self) -> None:
         """Release connections and flush state."""
+
+
+class RebuildableKeyCache(KeyCache, Protocol):
+    """A key cache whose content can be replaced directly: by :meth:`KeyCache.ensure`'s rebuild,
+    and by tests and benches that start from a known state."""
+
+    def needs_rebuild(self) -> bool:
+        """True when the cache lost (or never had) the state that the events table holds."""
+
+    def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
+        """Replace the cache's content with these keys (all committed events in the window)."""
 
 
 def expired_before(watermark_ms: int | None, window_ms: int, slice_ms: int) -> int | None:

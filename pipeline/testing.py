@@ -1,14 +1,25 @@
-"""Helpers for tests of adevents and of users' producers: build contract tables, read the lake."""
+"""Helpers for tests of adevents and of users' producers: build contract tables, read the lake,
+and in-memory fakes of the core's edges (:class:`MemoryKeyCache`, :class:`MemorySource`).
+
+The fakes pass the same contract tests as the real edges (``tests/test_keycache.py``,
+``tests/test_spool.py``), so a test of the pure core can use them without drifting from what
+the real ones do.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipeline.fingerprint import Keys
+from pipeline.keycache import CacheLostError, CacheStats, Loader, Mask, expired_before
 from pipeline.schema import EVENT_SCHEMA
 
 if TYPE_CHECKING:
@@ -75,3 +86,119 @@ def tables_contents(location: LakeLocation) -> tuple[pl.DataFrame, pl.DataFrame]
         frame = frame.drop([c for c in per_run if c in frame.columns])
         out.append(frame.sort(frame.columns, nulls_last=True))
     return out[0], out[1]
+
+
+@dataclass
+class MemoryKeyState:
+    """What a :class:`MemoryKeyCache` holds; two caches over one state are two consumers sharing
+    one Redis, or one consumer restarted over it."""
+
+    slices: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
+    watermark: int | None = None
+    #: Claim records: the keys each unfinished batch won, and the epoch it claimed in.
+    claims: dict[str, set[tuple[int, int, int]]] = field(default_factory=dict)
+    claim_epochs: dict[str, int] = field(default_factory=dict)
+    epoch: int = 0
+    lost: bool = True  # a fresh cache has never been built
+    guard: threading.Lock = field(default_factory=threading.Lock)
+
+
+class MemoryKeyCache:
+    """An in-memory :class:`pipeline.keycache.RebuildableKeyCache`: one Python set per slice.
+
+    Keeps claim records like the Redis cache, so a retried batch gets the same answers; call
+    :meth:`lose` to make it forget everything as a flushed Redis does.
+    """
+
+    def __init__(
+        self, state: MemoryKeyState | None = None, *, window_ms: int, slice_ms: int
+    ) -> None:
+        self.state = state or MemoryKeyState()
+        self.window_ms = window_ms
+        self.slice_ms = slice_ms
+
+    def lose(self) -> None:
+        """Forget every key and claim: the next claim raises CacheLostError until rebuilt."""
+        with self.state.guard:
+            self.state.slices.clear()
+            self.state.claims.clear()
+            self.state.watermark = None
+            self.state.lost = True
+
+    def watermark(self) -> int | None:
+        return self.state.watermark
+
+    def needs_rebuild(self) -> bool:
+        return self.state.lost
+
+    def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
+        with self.state.guard:
+            self.state.slices.clear()
+            self.state.claims.clear()
+            self.state.watermark = watermark_ms
+            cutoff = expired_before(watermark_ms, self.window_ms, self.slice_ms)
+            for key in _triples(keys):
+                if cutoff is None or key[0] >= cutoff:
+                    self.state.slices.setdefault(key[0], set()).add(key[1:])
+            self.state.epoch += 1
+            self.state.lost = False
+
+    def ensure(self, loader: Loader) -> bool:
+        if not self.state.lost:
+            return False
+        self.rebuild(*loader(None))
+        return True
+
+    def valid(self, batch_id: str | None = None) -> bool:
+        state = self.state
+        if state.lost:
+            return False
+        return batch_id is None or state.claim_epochs.get(batch_id, state.epoch) == state.epoch
+
+    def claim(self, batch_id: str, keys: Keys) -> Mask:
+        with self.state.guard:
+            state = self.state
+            if state.lost:
+                raise CacheLostError("the in-memory key cache was lost; rebuild it")
+            mine = state.claims.setdefault(batch_id, set())
+            state.claim_epochs[batch_id] = state.epoch
+            won = np.zeros(len(keys), dtype=bool)
+            for i, key in enumerate(_triples(keys)):
+                held = state.slices.setdefault(key[0], set())
+                if key[1:] not in held:
+                    held.add(key[1:])
+                    mine.add(key)
+                won[i] = key in mine
+            return won
+
+    def finish(self, batch_id: str, max_event_time_ms: int | None) -> None:
+        with self.state.guard:
+            state = self.state
+            state.claims.pop(batch_id, None)
+            state.claim_epochs.pop(batch_id, None)
+            if max_event_time_ms is not None and (
+                state.watermark is None or max_event_time_ms > state.watermark
+            ):
+                state.watermark = max_event_time_ms
+            cutoff = expired_before(state.watermark, self.window_ms, self.slice_ms)
+            if cutoff is not None:
+                for sl in [s for s in state.slices if s < cutoff]:
+                    del state.slices[sl]
+
+    def restore(self, batch_id: str, keys: Keys, max_event_time_ms: int | None) -> None:
+        with self.state.guard:
+            for key in _triples(keys):
+                self.state.slices.setdefault(key[0], set()).add(key[1:])
+        self.finish(batch_id, max_event_time_ms)
+
+    def stats(self) -> CacheStats:
+        n = sum(len(held) for held in self.state.slices.values())
+        return CacheStats(keys=n, bytes=16 * n)
+
+    def close(self) -> None:
+        """Nothing to release: the state lives as long as its owner keeps it."""
+
+
+def _triples(keys: Keys) -> list[tuple[int, int, int]]:
+    """(slice, hi, lo) per key, as Python ints."""
+    return list(zip(keys.slice.tolist(), keys.hi.tolist(), keys.lo.tolist(), strict=True))

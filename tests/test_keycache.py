@@ -1,4 +1,5 @@
-"""The key cache contract, run against both caches: the embedded one and the Redis one."""
+"""The key cache contract, run against every cache: the embedded one, the Redis one, and the
+in-memory fake that ``pipeline.testing`` ships (so the fake cannot drift from the real ones)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from pipeline.keycache import (
     CacheStats,
     EmbeddedKeyCache,
     KeyCache,
+    RebuildableKeyCache,
     expired_before,
 )
 from pipeline.redis_cache import MAX_MEMBERS_PER_CALL, RedisKeyCache
+from pipeline.testing import MemoryKeyCache, MemoryKeyState
 
 WINDOW_MS = 10_000
 SLICE_MS = 1_000
@@ -74,12 +77,13 @@ def probe(cache: KeyCache, keys: Keys) -> np.ndarray:
     return held
 
 
-@pytest.fixture(params=["embedded", "redis"])
+@pytest.fixture(params=["embedded", "redis", "memory"])
 def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     """Factory: ``open_cache(name)`` opens (another instance of) the cache called ``name``.
 
-    Two instances of one name share state: the same directory (embedded) or the same key prefix
-    (Redis), i.e. a consumer restarted over the same state, or two consumers sharing Redis.
+    Two instances of one name share state: the same directory (embedded), the same key prefix
+    (Redis) or the same state object (memory), i.e. a consumer restarted over the same state,
+    or two consumers sharing Redis.
     ``fresh=True`` rebuilds it empty first, as the consumer does for a cache that needs it.
     """
     kind = request.param
@@ -87,7 +91,8 @@ def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opene
     if kind == "redis":
         url = request.getfixturevalue("redis_url")
         prefix = request.getfixturevalue("redis_prefix")
-    opened: list[KeyCache] = []
+    opened: list[RebuildableKeyCache] = []
+    states: dict[str, MemoryKeyState] = {}
 
     def factory(
         name: str = "c",
@@ -96,9 +101,12 @@ def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opene
         window_ms: int = WINDOW_MS,
         slice_ms: int = SLICE_MS,
         snapshot_every: int = 256,
-    ) -> KeyCache:
-        cache: KeyCache
-        if kind == "embedded":
+    ) -> RebuildableKeyCache:
+        cache: RebuildableKeyCache
+        if kind == "memory":
+            state = states.setdefault(name, MemoryKeyState())
+            cache = MemoryKeyCache(state, window_ms=window_ms, slice_ms=slice_ms)
+        elif kind == "embedded":
             cache = EmbeddedKeyCache(
                 tmp_path / "state" / name,
                 window_ms=window_ms,
@@ -814,4 +822,39 @@ def test_redis_sends_a_batch_again_after_a_lost_connection(
         cache.claim("b2", k)
     assert len(blips) == 100 - (redis_cache_module.SEND_RETRIES + 1)
     assert max(waits) == redis_cache_module.SEND_BACKOFF_CAP_S
+    cache.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+def test_a_lost_cache_refuses_claims_until_ensure_rebuilds_it(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The loss contract of the caches that can lose their data while a consumer runs."""
+    cache: RebuildableKeyCache
+    if kind == "redis":
+        url = request.getfixturevalue("redis_url")
+        prefix = request.getfixturevalue("redis_prefix")
+        cache = RedisKeyCache.from_url(url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS)
+
+        def lose() -> None:
+            client = redis.Redis.from_url(url)
+            for key in client.scan_iter(match=f"{prefix}:*"):
+                client.unlink(key)
+            client.close()
+    else:
+        cache = MemoryKeyCache(window_ms=WINDOW_MS, slice_ms=SLICE_MS)
+        lose = cache.lose
+    loaded = keys_in_slice(100, 5, seed=96)
+    assert cache.ensure(lambda since: (loaded, 5_500))
+    assert not cache.ensure(lambda since: (loaded, 5_500))  # whole: nothing to do
+    assert cache.valid() and cache.watermark() == 5_500
+    k = keys_in_slice(50, 6, seed=97)
+    assert cache.claim("b1", k).all() and cache.valid("b1")
+    lose()
+    assert cache.needs_rebuild() and not cache.valid("b1")
+    with pytest.raises(CacheLostError):
+        cache.claim("b2", k)
+    assert cache.ensure(lambda since: (loaded, 5_500))
+    assert not cache.valid("b1")  # its claims were made before the loss: never commit on them
+    assert not cache.claim("b2", loaded).any() and cache.claim("b2", k).all()
     cache.close()
