@@ -21,6 +21,7 @@ import pyarrow as pa
 from pipeline.fingerprint import Keys
 from pipeline.keycache import CacheLostError, CacheStats, Loader, Mask, expired_before
 from pipeline.schema import EVENT_SCHEMA
+from pipeline.spool import PoisonInputError
 
 if TYPE_CHECKING:
     from lake.location import LakeLocation
@@ -202,3 +203,29 @@ class MemoryKeyCache:
 def _triples(keys: Keys) -> list[tuple[int, int, int]]:
     """(slice, hi, lo) per key, as Python ints."""
     return list(zip(keys.slice.tolist(), keys.hi.tolist(), keys.lo.tolist(), strict=True))
+
+
+class MemorySource:
+    """An in-memory :class:`pipeline.spool.Source`: batches put by name, read as put."""
+
+    def __init__(self) -> None:
+        self._batches: dict[str, pa.Table | PoisonInputError] = {}
+
+    def put(self, name: str, batch: pa.Table | PoisonInputError) -> None:
+        """Make ``batch`` wait under ``name``; a PoisonInputError stands for an unreadable one."""
+        self._batches[name] = batch
+
+    def waiting(self) -> list[str]:
+        return sorted(self._batches)
+
+    def read(self, name: str) -> pa.Table:
+        try:
+            batch = self._batches[name]
+        except KeyError:
+            raise FileNotFoundError(name) from None
+        if isinstance(batch, PoisonInputError):
+            raise PoisonInputError(batch.reason, batch.message)
+        return batch
+
+    def retire(self, name: str) -> None:
+        self._batches.pop(name, None)
