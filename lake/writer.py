@@ -49,7 +49,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import polars as pl
 import pyarrow as pa
@@ -336,3 +336,61 @@ def lowest_committed(tables: Mapping[str, DeltaTable], app_id: str) -> int | Non
     if any(v is None for v in versions):
         return None
     return min(v for v in versions if v is not None)
+
+
+class LakeWriter(Protocol):
+    """Appends batches to the lake's tables, exactly once per ``(app_id, version)``.
+
+    Guarantees: when :meth:`commit` returns, every table named in ``frames`` (an empty frame
+    too) has :meth:`committed_version` ≥ ``version`` for ``app_id`` and holds the batch's rows
+    exactly once, however often the batch is redone or by whom (a table that already has the
+    version skips it); tables are committed in ``TABLES`` order, the ledger last, and each
+    table's rows become visible at once or not at all. Not guaranteed, the caller's job:
+    versions committed in increasing order, and a redo carrying the same rows.
+    """
+
+    def committed_version(self, table: str, app_id: str) -> int | None:
+        """The latest version ``app_id`` committed to ``table``, or None."""
+
+    def commit(
+        self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
+    ) -> list[TableCommit]:
+        """Commit ``frames`` (by table name) as batch ``version`` of ``app_id``; see above."""
+
+
+class DeltaLakeWriter:
+    """The :class:`LakeWriter` on the Delta tables at ``location`` (opened, or created, once)."""
+
+    def __init__(
+        self,
+        location: LakeLocation,
+        *,
+        specs: Mapping[str, TableSpec] = TABLES,
+        fsync: bool = True,
+    ) -> None:
+        self.location = location
+        self.specs = specs
+        self.fsync = fsync
+        self._tables: dict[str, DeltaTable] = {}
+
+    def _table(self, name: str) -> DeltaTable:
+        if name not in self._tables:
+            self._tables[name] = ensure_table(self.location, self.specs[name])
+        return self._tables[name]
+
+    def committed_version(self, table: str, app_id: str) -> int | None:
+        return committed_version(self._table(table), app_id)
+
+    def commit(
+        self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
+    ) -> list[TableCommit]:
+        tables = {name: self._table(name) for name in frames if name in self.specs}
+        return commit_batch(
+            self.location,
+            app_id,
+            version,
+            frames,
+            tables=tables,
+            specs=self.specs,
+            fsync=self.fsync,
+        )

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -25,8 +26,10 @@ from s3_server import S3Server
 from lake import maintenance, snapshot
 from lake.location import LakeLocation
 from lake.tables import EVENTS, ensure_table, ensure_tables
-from lake.testing import HOUR_MS, enriched_frame, ledger_frame, quarantine_frame
+from lake.testing import MemoryLakeWriter, enriched_frame, ledger_frame, quarantine_frame
 from lake.writer import (
+    DeltaLakeWriter,
+    LakeWriter,
     Outcome,
     commit_batch,
     commit_files,
@@ -34,6 +37,7 @@ from lake.writer import (
     lowest_committed,
     write_files,
 )
+from pipeline.schema import HOUR_MS
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120.0
@@ -391,3 +395,73 @@ def test_file_stats_from_the_footer() -> None:
     assert stats["minValues"] == {"t": "2026-12-02T09:00:00.001Z", "s": "a"}
     assert stats["maxValues"] == {"t": "2026-12-02T09:00:01.002Z", "s": "c"}
     assert stats["nullCount"] == {"t": 1, "s": 0, "f": 0, "n": 3}
+
+
+# -- the LakeWriter contract: the Delta writer and the in-memory fake ------------------------------
+#: The rows a writer's table holds (the contract's observable state).
+Read = Callable[[str], pl.DataFrame]
+
+
+@pytest.fixture(params=["delta", "memory"])
+def writer(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[LakeWriter, Read]:
+    if request.param == "memory":
+        memory = MemoryLakeWriter()
+        return memory, memory.rows
+    location = LakeLocation.from_env({"LAKE_URI": str(tmp_path / "lake")})
+    location.check()
+
+    def read(table: str) -> pl.DataFrame:
+        frame = pl.from_arrow(snapshot.snapshot(location).datasets[table].to_table())
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+    return DeltaLakeWriter(location, fsync=False), read
+
+
+def test_writer_lands_a_batch_once_ledger_last(writer: tuple[LakeWriter, Read]) -> None:
+    lake, read = writer
+    events = enriched_frame(500, seed=20, span_ms=2 * HOUR_MS)
+    batch = {  # in the wrong order on purpose: the writer keeps its own
+        "ledger": ledger_frame("b1", rows_in=503),
+        "quarantine": quarantine_frame(3, seed=20),
+        "events": events,
+    }
+    first = lake.commit("spool-a", 1, batch)
+    assert [(c.table, c.outcome, c.rows, c.files) for c in first] == [
+        ("events", Outcome.COMMITTED, 500, 2),  # one file per hour partition
+        ("quarantine", Outcome.COMMITTED, 3, 1),
+        ("ledger", Outcome.COMMITTED, 1, 1),
+    ]
+    again = lake.commit("spool-a", 1, batch)
+    older = lake.commit("spool-a", 0, batch)
+    assert {c.outcome for c in again + older} == {Outcome.SKIPPED}
+    for table in ("events", "quarantine", "ledger"):
+        assert lake.committed_version(table, "spool-a") == 1
+        assert lake.committed_version(table, "spool-b") is None
+    assert sorted(read("events")["event_id"]) == sorted(events["event_id"])
+    assert (read("quarantine").height, read("ledger").height) == (3, 1)
+
+
+def test_writer_records_the_version_of_an_empty_batch_per_app(
+    writer: tuple[LakeWriter, Read],
+) -> None:
+    lake, read = writer
+    lake.commit("spool-a", 1, {"events": enriched_frame(10, seed=21)})
+    (empty,) = lake.commit("spool-a", 2, {"events": enriched_frame(0)})
+    assert (empty.outcome, empty.rows, empty.files) == (Outcome.COMMITTED, 0, 0)
+    assert lake.committed_version("events", "spool-a") == 2
+    # Another app's versions are its own: its version 1 lands after spool-a's 2.
+    (other,) = lake.commit("spool-b", 1, {"events": enriched_frame(5, seed=22, id_prefix="b")})
+    assert other.outcome is Outcome.COMMITTED
+    assert read("events").height == 15
+    assert lake.committed_version("quarantine", "spool-a") is None  # never named
+
+
+def test_writer_refuses_unknown_tables_and_bad_frames(writer: tuple[LakeWriter, Read]) -> None:
+    lake, read = writer
+    with pytest.raises(ValueError, match="unknown tables"):
+        lake.commit("spool-a", 1, {"events": enriched_frame(5, seed=23), "clicks": pl.DataFrame()})
+    with pytest.raises(ValueError, match="lacks columns"):
+        lake.commit("spool-a", 1, {"events": enriched_frame(5, seed=23).drop("campaign_id")})
+    assert lake.committed_version("events", "spool-a") is None
+    assert read("events").height == 0
