@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import msgspec
 from msgspec import Struct
@@ -66,7 +67,7 @@ class CampaignEvents(Struct):
     next_cursor: str | None
 
 
-class Performance(Struct):
+class Measures(Struct):
     """Totals and the standard ratios; a ratio whose denominator is zero is null."""
 
     impressions: int
@@ -81,10 +82,12 @@ class Performance(Struct):
     cpa_usd: float | None
     roas: float | None
 
-    @classmethod
-    def of(cls, t: Totals) -> Performance:
-        r = ratios(t)
-        return cls(
+
+def measures(t: Totals) -> dict[str, Any]:
+    """The fields of :class:`Measures` for ``t``, money in USD, by name."""
+    r = ratios(t)
+    return msgspec.structs.asdict(
+        Measures(
             impressions=t.impressions,
             clicks=t.clicks,
             conversions=t.conversions,
@@ -97,27 +100,27 @@ class Performance(Struct):
             cpa_usd=usd(r.cpa_micros),
             roas=r.roas,
         )
+    )
 
 
-class StatsPoint(Struct):
+class Performance(Measures):
+    """Totals and the standard ratios over a whole range; a ratio whose denominator is zero is
+    null."""
+
+    @classmethod
+    def of(cls, t: Totals) -> Performance:
+        return cls(**measures(t))
+
+
+class StatsPoint(Measures):
+    """One bucket of a campaign's series: its totals and ratios, and when it starts."""
+
     #: Start of the bucket, epoch milliseconds (UTC).
     bucket_start: int
-    impressions: int
-    clicks: int
-    conversions: int
-    spend_usd: float
-    revenue_usd: float
-    ctr: float | None
-    cvr: float | None
-    cpm_usd: float | None
-    cpc_usd: float | None
-    cpa_usd: float | None
-    roas: float | None
 
     @classmethod
     def of(cls, b: Bucket) -> StatsPoint:
-        p = Performance.of(b.totals)
-        return cls(b.start_ms, *(getattr(p, f) for f in Performance.__struct_fields__))
+        return cls(bucket_start=b.start_ms, **measures(b.totals))
 
 
 class CampaignStats(Struct):
@@ -130,32 +133,22 @@ class CampaignStats(Struct):
     total: Performance
 
 
-class LeaderboardRow(Struct):
+class LeaderboardRow(Measures):
+    """One campaign of a leaderboard: its rank, names, totals and ratios."""
+
     rank: int
     campaign_id: str
     campaign_name: str | None
     advertiser_id: str | None
-    impressions: int
-    clicks: int
-    conversions: int
-    spend_usd: float
-    revenue_usd: float
-    ctr: float | None
-    cvr: float | None
-    cpm_usd: float | None
-    cpc_usd: float | None
-    cpa_usd: float | None
-    roas: float | None
 
     @classmethod
     def of(cls, rank: int, c: CampaignTotals) -> LeaderboardRow:
-        p = Performance.of(c.totals)
         return cls(
-            rank,
-            c.campaign_id,
-            c.campaign_name,
-            c.advertiser_id,
-            *(getattr(p, f) for f in Performance.__struct_fields__),
+            rank=rank,
+            campaign_id=c.campaign_id,
+            campaign_name=c.campaign_name,
+            advertiser_id=c.advertiser_id,
+            **measures(c.totals),
         )
 
 

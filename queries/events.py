@@ -37,6 +37,15 @@ class Position:
     event_id: str
 
 
+#: The condition each optional filter field adds, with the field as its parameter.
+_CLAUSES: Final = {
+    "campaign_id": "campaign_id = $campaign_id",
+    "event_type": "event_type = $event_type",
+    "since_ms": "event_time >= make_timestamptz($since_ms * 1000)",
+    "until_ms": "event_time < make_timestamptz($until_ms * 1000)",
+}
+
+
 @dataclass(frozen=True)
 class EventFilter:
     """Which events: all arguments optional; since inclusive, until exclusive (epoch ms)."""
@@ -50,18 +59,11 @@ class EventFilter:
     def where(self) -> tuple[str, dict[str, Any]]:
         clauses: list[str] = ["true"]
         params: dict[str, Any] = {}
-        if self.campaign_id is not None:
-            clauses.append("campaign_id = $campaign_id")
-            params["campaign_id"] = self.campaign_id
-        if self.event_type is not None:
-            clauses.append("event_type = $event_type")
-            params["event_type"] = self.event_type
-        if self.since_ms is not None:
-            clauses.append("event_time >= make_timestamptz($since_ms * 1000)")
-            params["since_ms"] = self.since_ms
-        if self.until_ms is not None:
-            clauses.append("event_time < make_timestamptz($until_ms * 1000)")
-            params["until_ms"] = self.until_ms
+        for name, clause in _CLAUSES.items():
+            value = getattr(self, name)
+            if value is not None:
+                clauses.append(clause)
+                params[name] = value
         if self.before is not None:
             clauses.append(
                 "(event_time < make_timestamptz($before_ms * 1000) OR "

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import polars as pl
 import pytest
@@ -27,7 +28,7 @@ from jobs.rollup import run_rollup
 from jobs.scheduler import build_scheduler
 from jobs.tasks import JobSpec
 from jobs.testing import commit_batches, wait_for, webhook_server, write_ledger
-from jobs.webhook import deliver
+from jobs.webhook import DeliveryReport, deliver
 from lake.location import LakeLocation
 from pipeline.schema import CAMPAIGN_SCHEMA, LEDGER_SCHEMA, Layout
 from pipeline.settings import JobSettings, Settings
@@ -284,15 +285,19 @@ def fire(layout: Layout, n: int = 1) -> None:
         check_alerts(layout, location, lag_only, now=now + timedelta(seconds=i), durable=False)
 
 
+def deliver_now(layout: Layout, url: str, **kw: Any) -> DeliveryReport:
+    """``deliver`` now, with an hour's maximum age unless ``kw`` says otherwise."""
+    kw.setdefault("max_age_s", 3600)
+    return deliver(layout, url, now=datetime.now(UTC), **kw)
+
+
 def test_webhook_delivers_in_order_and_empties_the_outbox(settings: Settings) -> None:
     layout = Layout(settings.data_dir)
     layout.ensure()
     fire(layout, 3)  # lag fires warning, escalates to critical, de-escalates
     assert len(pending(layout)) == 3
     with webhook_server("ok") as server:
-        report = deliver(
-            layout, server.url, timeout=2, retries=1, max_age_s=3600, now=datetime.now(UTC)
-        )
+        report = deliver_now(layout, server.url, timeout=2, retries=1)
     assert (report.sent, report.failed) == (3, False)
     assert [p["event"] for p in server.received] == ["fired", "escalated", "deescalated"]
     assert {p["rule"] for p in server.received} == {"consumer_lag"}
@@ -310,15 +315,7 @@ def test_a_dead_webhook_is_retried_bounded_in_time_and_delivered_later(
     waits: list[float] = []
     with webhook_server(mode) as server:
         started = time.monotonic()
-        report = deliver(
-            layout,
-            server.url,
-            timeout=0.3,
-            retries=2,
-            max_age_s=3600,
-            now=datetime.now(UTC),
-            sleep=waits.append,
-        )
+        report = deliver_now(layout, server.url, timeout=0.3, retries=2, sleep=waits.append)
         elapsed = time.monotonic() - started
         assert report.failed and report.pending == 1
         assert server.attempts == 3  # one try and two retries
@@ -326,9 +323,7 @@ def test_a_dead_webhook_is_retried_bounded_in_time_and_delivered_later(
         assert elapsed < 3 * 0.3 + 1.0  # each try bounded by the timeout, never a hang
         assert len(pending(layout)) == 1  # kept for the next tick
         server.mode = "ok"
-        report = deliver(
-            layout, server.url, timeout=0.3, retries=0, max_age_s=3600, now=datetime.now(UTC)
-        )
+        report = deliver_now(layout, server.url, timeout=0.3, retries=0)
     assert report.sent == 1 and pending(layout) == []
     assert [p["event"] for p in server.received] == ["fired"]
 
@@ -338,17 +333,13 @@ def test_rejected_or_too_old_notifications_are_dropped(settings: Settings) -> No
     layout.ensure()
     fire(layout)
     with webhook_server("reject") as server:
-        report = deliver(
-            layout, server.url, timeout=1, retries=3, max_age_s=3600, now=datetime.now(UTC)
-        )
+        report = deliver_now(layout, server.url, timeout=1, retries=3)
         assert (report.dropped, server.attempts) == (1, 1)  # a 400 is not retried
     # a notification queued two hours ago, to a webhook that still fails
     _, notes = advance([], [obs("warning")], now=datetime.now(UTC))
     enqueue(layout, notes, now=datetime.now(UTC) - timedelta(hours=2), durable=False)
     with webhook_server("fail") as server:
-        report = deliver(
-            layout, server.url, timeout=1, retries=0, max_age_s=3600, now=datetime.now(UTC)
-        )
+        report = deliver_now(layout, server.url, timeout=1, retries=0)
     assert report.dropped == 1 and pending(layout) == []
 
 
@@ -369,14 +360,7 @@ def test_a_hanging_webhook_never_holds_up_the_other_jobs(settings: Settings) -> 
             JobSpec(
                 "webhook",
                 0.2,
-                lambda: deliver(
-                    layout,
-                    server.url,
-                    timeout=1.5,
-                    retries=0,
-                    max_age_s=3600,
-                    now=datetime.now(UTC),
-                ).line(),
+                lambda: deliver_now(layout, server.url, timeout=1.5, retries=0).line(),
             ),
             JobSpec("alerts", 0.1, other_job),
         ]

@@ -128,6 +128,11 @@ def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opene
         cache.close()
 
 
+def on_shared_redis(url: str, prefix: str) -> RedisKeyCache:
+    """A Redis cache under ``prefix`` on the shared test server (the test's own keys)."""
+    return RedisKeyCache.from_url(url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS)
+
+
 @pytest.fixture
 def private_cache(redis_server: Any) -> Iterator[Callable[..., RedisKeyCache]]:
     """Factory of Redis caches on the private server (which tests may flush or restart)."""
@@ -557,16 +562,12 @@ def test_embedded_detects_a_slice_change(tmp_path: Path) -> None:
 def test_redis_detects_a_fingerprint_change(
     redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache = RedisKeyCache.from_url(
-        redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
-    )
+    cache = on_shared_redis(redis_url, redis_prefix)
     cache.rebuild(empty_keys(), None)
     assert not cache.needs_rebuild()
     cache.close()
     monkeypatch.setattr(redis_cache_module, "fingerprint_check", lambda: "other-check")
-    other = RedisKeyCache.from_url(
-        redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
-    )
+    other = on_shared_redis(redis_url, redis_prefix)
     assert other.needs_rebuild()
     with pytest.raises(CacheLostError):
         other.claim("b", keys_in_slice(10, 1, seed=81))
@@ -799,9 +800,7 @@ def test_embedded_cache_claims_while_another_thread_finishes_and_snapshots(
 def test_redis_sends_a_batch_again_after_a_lost_connection(
     redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache = RedisKeyCache.from_url(
-        redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
-    )
+    cache = on_shared_redis(redis_url, redis_prefix)
     cache.rebuild(empty_keys(), None)
     waits: list[float] = []
     cache._resend = cache._resend.copy(sleep=waits.append)
@@ -834,7 +833,7 @@ def test_a_lost_cache_refuses_claims_until_ensure_rebuilds_it(
     if kind == "redis":
         url = request.getfixturevalue("redis_url")
         prefix = request.getfixturevalue("redis_prefix")
-        cache = RedisKeyCache.from_url(url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS)
+        cache = on_shared_redis(url, prefix)
 
         def lose() -> None:
             client = redis.Redis.from_url(url)
