@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from deltalake import DeltaTable
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from jobs.storage import job_lock, read_json, write_json_atomic
 from lake import maintenance
@@ -42,6 +42,8 @@ log = logging.getLogger("adevents.jobs.compact")
 
 #: Tries of one optimize that loses commit races (each on a fresh snapshot).
 ATTEMPTS: Final = 5
+#: How DataFusion says a sort did not fit in its memory pool.
+RESOURCES_EXHAUSTED: Final = "Resources exhausted"
 
 T = TypeVar("T")
 
@@ -174,10 +176,23 @@ def _zorder_closed_hours(
                 maintenance.hour_filter(date, hour),
                 z_order=maintenance.EVENTS_Z_ORDER,
                 target_size=jobs.compact_target_bytes,
+                memory_bytes=jobs.compact_memory_bytes,
             )
 
         try:
             _retrying(table, f"Z-order of {key}", zorder_once)
+        except DeltaError as exc:
+            if RESOURCES_EXHAUSTED not in str(exc):
+                raise
+            # Spilled runs are merged in memory too: too small a bound fails the sort.
+            log.error(
+                "Z-order of events %s needs more than COMPACT_MEMORY_BYTES=%d bytes of memory; "
+                "raise it. It is tried again next run",
+                key,
+                jobs.compact_memory_bytes,
+            )
+            report.failed.append(f"events/{key}")
+            continue
         except Exception:
             # One bad hour must not keep the others from being Z-ordered.
             log.exception("Z-order of events %s failed; it is tried again next run", key)

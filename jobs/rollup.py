@@ -1,4 +1,4 @@
-"""Incremental rollups per campaign per minute, hour and day, recomputed where new batches landed.
+"""Incremental rollups per campaign per minute, hour and day, folded from the rows each commit adds.
 
 Layout under ``rollups/`` (one file per partition, each replaced atomically):
 
@@ -7,17 +7,31 @@ Layout under ``rollups/`` (one file per partition, each replaced atomically):
   :class:`pipeline.tables.RollupPaths`), one per campaign per bucket.
 - ``_hll/hour/date=D/hour=HH.parquet``, ``_hll/day/date=D.parquet``: the unique-user sketches
   of each hour and day (``_`` keeps them out of ``rollups/<granularity>/`` readers).
-- ``_state.json``: ``ledger_version``, the version of the lake's ledger table up to which every
-  batch is rolled up (absent: none is), and the hash check of the sketches.
+- ``_state.json``: ``events_version``, the version of the events table every row of which is
+  folded in; ``ledger_version``, a ledger version opened before it (every batch with a ledger
+  row up to it is folded in: a batch's events commit before its ledger row), which readers use
+  to tell which minutes newer batches touched (:mod:`queries.rollups`); the sketches' hash check.
 
-A run reads the ledger rows appended after ``ledger_version`` (the table's change feed over
-its append commits; compaction commits add no rows and are skipped by it), takes the minutes
-their batches' [min, max] event_time span, and recomputes exactly those minute buckets from a
-snapshot of the events table (pruned to those hours) opened after the ledger: a batch's events
-commit before its ledger row, so the snapshot holds every event of every batch read. Hour and
-day counts are sums of the finer level; their unique users come from sketches that only ever
-grow by register-wise maximum, which is idempotent. So a run over the same batches again (after
-a crash, or twice) changes nothing, and a late event re-does its own old minute, hour and day.
+A run reads the rows the events table gained since ``events_version`` (its change feed,
+:mod:`lake.changes`: appends only; compaction and Z-order add no rows, retention deletes are
+left out) and folds them in: minute counts and money are *added* to the stored minute rows,
+sketches grow by register-wise maximum. Cost and memory follow the new rows (streamed, folded
+into per-campaign partial sums every :data:`FOLD_ROWS` rows), never the size of the hour or of
+the table, however late the events.
+
+Exactly once, without a transaction across files: each minute file records in its Parquet
+metadata the events version it includes (:data:`VERSION_KEY`), and takes only rows of newer
+commits. A crash between two files' writes, or a run over the same commits again, adds nothing
+twice; sketches are idempotent anyway, and hour and day rows are recomputed from the level below.
+
+A full recomputation from a snapshot replaces the hours the events table has: on the first run,
+with ``--rebuild`` or a changed hash, and when the feed since ``events_version`` can no longer be
+read (the job was down for longer than VACUUM_RETENTION). Rollups of hours whose events are gone
+(retention) are kept as they are.
+
+Unique users are counted per hour and per day. A minute row's ``unique_users`` is null: an exact
+fold of late events into a minute would need a sketch per campaign per minute, about as many
+rows as the events themselves (docs/decisions/0003-incremental-rollups.md).
 """
 
 from __future__ import annotations
@@ -25,24 +39,25 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from pathlib import Path
+from typing import Final
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from deltalake import DeltaTable
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import TableNotFoundError
 
 from jobs import hll
-from jobs.storage import arrow_frame, job_lock, read_json, write_json_atomic, write_parquet_atomic
+from jobs.storage import job_lock, read_json, write_json_atomic, write_parquet_atomic
+from lake.changes import COMMIT_VERSION, FeedUnavailableError, inserted
 from lake.location import LakeLocation
 from lake.snapshot import table_dataset
-from lake.tables import EVENTS, LEDGER, TIMESTAMP, open_table
-from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA, MINUTE_MS, ROLLUP_SCHEMA, UTC_MS, Layout
+from lake.tables import EVENTS, LEDGER, TableSpec, open_table
+from pipeline.schema import ENRICHED_SCHEMA, HOUR_MS, ROLLUP_SCHEMA, UTC_MS, Layout
 from pipeline.tables import RollupPaths, read_parquet_or
 
 log = logging.getLogger("adevents.jobs.rollup")
@@ -63,6 +78,12 @@ _EVENT_COLUMNS: Final = (
     "revenue_micros",
     "user_id",
 )
+_EVENTS_SCHEMA: Final = pl.Schema({c: ENRICHED_SCHEMA[c] for c in _EVENT_COLUMNS})
+#: Parquet metadata key of a minute file: the events version whose rows it includes.
+VERSION_KEY: Final = "adevents.events_version"
+#: Rows gathered before they are folded into partial sums (bounds the job's memory).
+FOLD_ROWS: Final = 1_000_000
+_NO_VERSION: Final = -1
 
 
 # -- pure rollup maths -------------------------------------------------------------------------
@@ -95,56 +116,40 @@ def coarsen(sketch: pl.DataFrame, granularity: str) -> pl.DataFrame:
     return hll.merge([out], _KEYS, sort=False).cast(SKETCH_SCHEMA)
 
 
-def with_uniques(sums: pl.DataFrame, sketch: pl.DataFrame) -> pl.DataFrame:
-    """Rollup rows: ``sums`` with each bucket's unique-user estimate (0 with no known user)."""
-    uniques = hll.estimate(sketch.lazy(), _KEYS).collect()
-    return (
-        sums.join(uniques, on=list(_KEYS), how="left")
-        .with_columns(pl.col("unique_users").fill_null(0))
-        .select(ROLLUP_SCHEMA.names())
-        .cast(ROLLUP_SCHEMA)
-        .sort(*_KEYS)
-    )
-
-
 def sum_up(rows: pl.DataFrame, granularity: str) -> pl.DataFrame:
-    """Counts and money of finer rollup rows summed into buckets of ``granularity``."""
+    """Counts and money of finer rows summed into buckets of ``granularity`` (also how partial
+    sums of one bucket add up)."""
     return rows.group_by("campaign_id", pl.col("bucket").dt.truncate(_EVERY[granularity])).agg(
         *(pl.col(c).sum().cast(pl.Int64) for c in _SUMS)
     )
 
 
+def with_uniques(sums: pl.DataFrame, sketch: pl.DataFrame | None) -> pl.DataFrame:
+    """Rollup rows: ``sums`` with each bucket's unique-user estimate (0 with no known user),
+    or a null ``unique_users`` without a sketch (the minute level)."""
+    if sketch is None:
+        rows = sums.with_columns(unique_users=pl.lit(None, pl.Int64))
+    else:
+        uniques = hll.estimate(sketch.lazy(), _KEYS).collect()
+        rows = sums.join(uniques, on=list(_KEYS), how="left").with_columns(
+            pl.col("unique_users").fill_null(0)
+        )
+    return rows.select(ROLLUP_SCHEMA.names()).cast(ROLLUP_SCHEMA).sort(*_KEYS)
+
+
 def full_rollups(events: pl.LazyFrame) -> dict[str, pl.DataFrame]:
     """Every level computed from scratch from ``events``: what the incremental job must equal."""
-    out = {}
-    for g in GRANULARITIES:
-        sums = totals(events, g).collect()
-        out[g] = with_uniques(sums, sketches(events, g).collect())
+    out = {"minute": with_uniques(totals(events, "minute").collect(), None)}
+    for g in GRANULARITIES[1:]:
+        out[g] = with_uniques(totals(events, g).collect(), sketches(events, g).collect())
     return out
 
 
-def touched_minutes(ledger: pl.DataFrame) -> pl.Series:
-    """Minute starts (epoch ms) spanned by the accepted events of each ledger row, sorted."""
-    rows = ledger.filter(
-        (pl.col("status") == "ok")
-        & (pl.col("accepted") > 0)
-        & pl.col("min_event_time").is_not_null()
-    )
-    first = pl.col("min_event_time").dt.epoch("ms") // MINUTE_MS
-    last = pl.col("max_event_time").dt.epoch("ms") // MINUTE_MS
-    minutes = rows.select(pl.int_ranges(first, last + 1).alias("m")).explode("m").unique().sort("m")
-    return (minutes["m"] * MINUTE_MS).cast(pl.Int64).alias("minute_ms")
-
-
-def minute_ranges(minutes_ms: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted minute starts as [start, end) runs of consecutive minutes."""
-    runs: list[tuple[int, int]] = []
-    for m in minutes_ms:
-        if runs and runs[-1][1] == m:
-            runs[-1] = (runs[-1][0], m + MINUTE_MS)
-        else:
-            runs.append((m, m + MINUTE_MS))
-    return runs
+def add_minutes(stored: pl.DataFrame, delta: pl.DataFrame) -> pl.DataFrame:
+    """Minute rows ``stored`` plus the partial sums ``delta`` of new rows (ROLLUP_SCHEMA)."""
+    sums = stored.drop("unique_users")
+    both = pl.concat([sums, delta.select(sums.columns).cast(sums.schema)])
+    return with_uniques(sum_up(both, "minute"), None)
 
 
 def replace_buckets(stored: pl.DataFrame, fresh: pl.DataFrame, buckets: pl.Series) -> pl.DataFrame:
@@ -153,196 +158,241 @@ def replace_buckets(stored: pl.DataFrame, fresh: pl.DataFrame, buckets: pl.Serie
     return pl.concat([keep, fresh.select(stored.columns).cast(stored.schema)]).sort(*_KEYS)
 
 
+class Fold:
+    """Minute sums and hour sketches of a stream of event frames, in memory bounded by campaigns
+    x buckets touched, never by rows: frames are gathered up to :data:`FOLD_ROWS` rows, then
+    folded into the partial results (sums add up, sketches merge by maximum).
+
+    A frame's rows count in the sketches; in the sums only where its ``fresh`` column is true
+    (rows of commits the minute file already includes are not added again).
+    """
+
+    def __init__(self) -> None:
+        self._frames: list[pl.DataFrame] = []
+        self._rows = 0
+        self.sums = pl.DataFrame(schema=ROLLUP_SCHEMA).drop("unique_users")
+        self.sketch = pl.DataFrame(schema=SKETCH_SCHEMA)
+        self.rows = 0
+
+    def add(self, frame: pl.DataFrame) -> None:
+        self._frames.append(frame)
+        self._rows += len(frame)
+        self.rows += len(frame)
+        if self._rows >= FOLD_ROWS:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._frames:
+            return
+        frame = pl.concat(self._frames).lazy()
+        self._frames, self._rows = [], 0
+        fresh = totals(frame.filter(pl.col("fresh")), "minute").collect()
+        self.sums = sum_up(pl.concat([self.sums, fresh.select(self.sums.columns)]), "minute")
+        new_sketch = sketches(frame, "hour").collect()
+        self.sketch = hll.merge([self.sketch, new_sketch], _KEYS, sort=False).cast(SKETCH_SCHEMA)
+
+    def done(self) -> Fold:
+        self._fold()
+        return self
+
+
 # -- the job -----------------------------------------------------------------------------------
 @dataclass
 class RollupReport:
-    batches: int = 0
+    """What one run did: commits and rows folded in, buckets written, hours recomputed."""
+
+    commits: int = 0
+    rows: int = 0
     minutes: int = 0
     hours: int = 0
     days: int = 0
+    recomputed: int = 0
     rebuilt: bool = False
     seconds: float = 0.0
 
     def line(self) -> str:
         return (
-            f"rollup batches={self.batches} minutes={self.minutes} hours={self.hours} "
-            f"days={self.days}{' rebuilt=true' if self.rebuilt else ''} seconds={self.seconds:.2f}"
+            f"rollup commits={self.commits} rows={self.rows} minutes={self.minutes} "
+            f"hours={self.hours} days={self.days} recomputed_hours={self.recomputed}"
+            f"{' rebuilt=true' if self.rebuilt else ''} seconds={self.seconds:.2f}"
         )
-
-
-def appended_ranges(
-    history: Sequence[Mapping[str, Any]], after: int, upto: int
-) -> list[tuple[int, int]] | None:
-    """Inclusive runs of the versions in (after, upto] whose change feed can be read: all but
-    deletes (a delete's feed would read the removed files, which vacuum may have taken).
-
-    None when ``history`` (``DeltaTable.history``) lacks a version of the span (its log was
-    cleaned up): the caller then reads the whole table instead.
-    """
-    operations = {int(commit["version"]): commit.get("operation") for commit in history}
-    runs: list[tuple[int, int]] = []
-    for version in range(after + 1, upto + 1):
-        if version not in operations:
-            return None
-        if operations[version] == "DELETE":
-            continue
-        if runs and runs[-1][1] == version - 1:
-            runs[-1] = (runs[-1][0], version)
-        else:
-            runs.append((version, version))
-    return runs
 
 
 @dataclass
 class _State:
     hll_check: str
     ledger_version: int | None = None
+    events_version: int | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "hll_check": self.hll_check,
+            "ledger_version": self.ledger_version,
+            "events_version": self.events_version,
+        }
+
+
+def _optional_int(value: object) -> int | None:
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 def _load_state(paths: RollupPaths) -> _State:
     raw = read_json(paths.state)
     if not isinstance(raw, dict):
         return _State(hll.check())
-    version = raw.get("ledger_version")
-    return _State(str(raw.get("hll_check")), None if version is None else int(version))
+    return _State(
+        str(raw.get("hll_check")),
+        _optional_int(raw.get("ledger_version")),
+        _optional_int(raw.get("events_version")),
+    )
 
 
-_LEDGER_COLUMNS: Final = ("status", "accepted", "min_event_time", "max_event_time")
-
-
-def _ledger_since(location: LakeLocation, table: DeltaTable, after: int | None) -> pl.DataFrame:
-    """The ledger rows of ``table`` (at its loaded version) appended after version ``after``;
-    every row when ``after`` is None or the change feed since it can no longer be read."""
-    schema = pl.Schema({c: LEDGER_SCHEMA[c] for c in _LEDGER_COLUMNS})
-    upto = table.version()
-    if after is not None and after >= upto:
-        return pl.DataFrame(schema=schema)
-    if after is not None:
-        runs = appended_ranges(table.history(upto - after), after, upto)
-        try:
-            if runs is not None:
-                return _change_feed(table, runs, schema)
-        except (DeltaError, OSError, pa.ArrowException) as exc:
-            # A compacted ledger file vacuumed since (a rollup behind by more than
-            # VACUUM_RETENTION): recompute from every row, which is idempotent.
-            log.warning("ledger change feed after version %d unreadable (%s)", after, exc)
-        log.warning("rollups recompute every batch in the ledger (from version %d on)", after)
-    rows = table_dataset(location, LEDGER, table).to_table(columns=list(_LEDGER_COLUMNS))
-    return arrow_frame(rows, schema)
-
-
-def _change_feed(table: DeltaTable, runs: list[tuple[int, int]], schema: pl.Schema) -> pl.DataFrame:
-    frames = [pl.DataFrame(schema=schema)]
-    for start, end in runs:
-        feed = pa.RecordBatchReader.from_stream(
-            table.load_cdf(
-                starting_version=start,
-                ending_version=end,
-                columns=[*_LEDGER_COLUMNS, "_change_type"],
-            )
-        ).read_all()
-        rows = arrow_frame(feed, schema | {"_change_type": pl.String()})
-        frames.append(rows.filter(pl.col("_change_type") == "insert").drop("_change_type"))
-    return pl.concat(frames)
-
-
-def _hour_of(minute_ms: int) -> tuple[str, str]:
-    start = datetime.fromtimestamp(minute_ms / 1000, UTC)
-    return f"{start:%Y-%m-%d}", f"{start:%H}"
-
-
-def _read_minutes(events: pads.Dataset, date: str, hour: str, minutes: list[int]) -> pl.DataFrame:
-    """The events of ``minutes`` (epoch ms starts) of one hour partition of ``events``."""
-    time_column = pc.field("event_time")
-    window = None
-    for lo, hi in minute_ranges(minutes):
-        start = pa.scalar(datetime.fromtimestamp(lo / 1000, UTC), TIMESTAMP)
-        end = pa.scalar(datetime.fromtimestamp(hi / 1000, UTC), TIMESTAMP)
-        run = (time_column >= start) & (time_column < end)
-        window = run if window is None else window | run
-    # The partition test prunes to the hour's files, the event_time window row groups in them.
-    where = (pc.field("date") == date) & (pc.field("hour") == hour)
-    rows = events.to_table(columns=list(_EVENT_COLUMNS), filter=where & window)
-    return arrow_frame(rows, pl.Schema({c: ENRICHED_SCHEMA[c] for c in _EVENT_COLUMNS}))
-
-
-def _update_hour(
-    events: pads.Dataset,
-    paths: RollupPaths,
-    date: str,
-    hour: str,
-    *,
-    minutes: list[int],
-    durable: bool,
-) -> pl.DataFrame:
-    """Recompute ``minutes`` of one hour and the hour's row; returns the hour's sketch delta."""
-    hour_number = int(hour)
-    frame = _read_minutes(events, date, hour, minutes).lazy()
-    minute_sketch = sketches(frame, "minute").collect()
-    fresh = with_uniques(totals(frame, "minute").collect(), minute_sketch)
-    buckets = pl.Series([datetime.fromtimestamp(m / 1000, UTC) for m in minutes]).cast(UTC_MS)
-    stored = read_parquet_or(paths.minute(date, hour_number), ROLLUP_SCHEMA)
-    minute_rows = replace_buckets(stored, fresh, buckets)
-    if not minute_rows.equals(stored):
-        write_parquet_atomic(minute_rows, paths.minute(date, hour_number), durable=durable)
-
-    delta = coarsen(minute_sketch, "hour")
-    hour_sketch = read_parquet_or(paths.hour_sketch(date, hour_number), SKETCH_SCHEMA)
-    grown = hll.merge_into(hour_sketch, delta, _KEYS)
-    if grown is not None:
-        hour_sketch = grown.cast(SKETCH_SCHEMA)
-        write_parquet_atomic(hour_sketch, paths.hour_sketch(date, hour_number), durable=durable)
-
-    hour_rows = with_uniques(sum_up(minute_rows, "hour"), hour_sketch)
-    start = datetime.strptime(f"{date} {hour}", "%Y-%m-%d %H").replace(tzinfo=UTC)
-    this_hour = pl.Series([start]).cast(UTC_MS)
-    stored_hours = read_parquet_or(paths.hour(date), ROLLUP_SCHEMA)
-    all_hours = replace_buckets(stored_hours, hour_rows, this_hour)
-    if not all_hours.equals(stored_hours):
-        write_parquet_atomic(all_hours, paths.hour(date), durable=durable)
-    return delta
-
-
-def _update_day(paths: RollupPaths, date: str, deltas: list[pl.DataFrame], durable: bool) -> None:
-    delta = coarsen(pl.concat(deltas), "day") if deltas else pl.DataFrame(schema=SKETCH_SCHEMA)
-    day_sketch = read_parquet_or(paths.day_sketch(date), SKETCH_SCHEMA)
-    grown = hll.merge_into(day_sketch, delta, _KEYS)
-    if grown is not None:
-        day_sketch = grown.cast(SKETCH_SCHEMA)
-        write_parquet_atomic(day_sketch, paths.day_sketch(date), durable=durable)
-    hours = read_parquet_or(paths.hour(date), ROLLUP_SCHEMA)
-    day_rows = with_uniques(sum_up(hours, "day"), day_sketch)
-    stored = read_parquet_or(paths.day(date), ROLLUP_SCHEMA)
-    if not day_rows.equals(stored):
-        write_parquet_atomic(day_rows, paths.day(date), durable=durable)
-
-
-#: Above this many hours (a rebuild), the snapshot lists every file: each hour's read still
-#: prunes to its own files by partition.
-_PRUNED_HOURS_MAX: Final = 240
-
-
-def _events_snapshot(
-    location: LakeLocation, hours: Sequence[tuple[str, str]]
-) -> tuple[pads.Dataset, set[tuple[str, str]]] | None:
-    """The events table now, pruned to ``hours``, and which of them have events (None: no
-    table yet)."""
+def minute_version(path: Path) -> int:
+    """The events version a minute file includes (-1: no file, so every row is new)."""
     try:
-        table = open_table(location, EVENTS)
+        metadata = pq.read_metadata(path).metadata or {}
+    except FileNotFoundError:
+        return _NO_VERSION
+    return int(metadata.get(VERSION_KEY.encode(), _NO_VERSION))
+
+
+def _hour_of(hour_ms: int) -> tuple[str, int]:
+    start = datetime.fromtimestamp(hour_ms / 1000, UTC)
+    return f"{start:%Y-%m-%d}", start.hour
+
+
+def _hour_ms(column: str) -> pl.Expr:
+    return pl.col(column).dt.epoch("ms") // HOUR_MS * HOUR_MS
+
+
+class _Files:
+    """The rollup files of one run: each hour's minutes and sketch, each date's hours and day."""
+
+    def __init__(self, paths: RollupPaths, report: RollupReport, *, durable: bool) -> None:
+        self.paths, self.report, self.durable = paths, report, durable
+
+    def apply(self, fold: Fold, version: int, *, replace: bool) -> None:
+        """Write what ``fold`` holds into the hours it touched, minute files stamped with
+        ``version``; ``replace``: the fold holds whole hours (a recomputation), else new rows."""
+        hours = pl.concat(
+            [fold.sums.select(_hour_ms("bucket")), fold.sketch.select(_hour_ms("bucket"))]
+        )["bucket"]
+        by_date: dict[str, list[int]] = {}
+        for hour_ms in sorted(set(hours.to_list())):
+            by_date.setdefault(_hour_of(hour_ms)[0], []).append(hour_ms)
+        for date, date_hours in by_date.items():
+            rows = [self._hour(fold, hour_ms, version, replace=replace) for hour_ms in date_hours]
+            self._date(date, date_hours, [r for r, _ in rows], [s for _, s in rows])
+
+    def _hour(
+        self, fold: Fold, hour_ms: int, version: int, *, replace: bool
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Update one hour's minute file and sketch; its hour rows and its sketch delta."""
+        date, hour = _hour_of(hour_ms)
+        in_hour = _hour_ms("bucket") == hour_ms
+        sums = fold.sums.filter(in_hour)
+        path = self.paths.minute(date, hour)
+        stored = read_parquet_or(path, ROLLUP_SCHEMA)
+        minutes = stored
+        if replace:
+            minutes = with_uniques(sums, None)
+        elif len(sums):
+            minutes = add_minutes(stored, sums)
+        if replace or len(sums):
+            write_parquet_atomic(
+                minutes, path, durable=self.durable, metadata={VERSION_KEY: str(version)}
+            )
+            self.report.minutes += sums["bucket"].n_unique()
+
+        delta = fold.sketch.filter(in_hour)
+        sketch_path = self.paths.hour_sketch(date, hour)
+        sketch = read_parquet_or(sketch_path, SKETCH_SCHEMA)
+        grown = hll.merge([delta], _KEYS) if replace else hll.merge_into(sketch, delta, _KEYS)
+        if grown is not None and not grown.equals(sketch):
+            sketch = grown.cast(SKETCH_SCHEMA)
+            write_parquet_atomic(sketch, sketch_path, durable=self.durable)
+        self.report.hours += 1
+        return with_uniques(sum_up(minutes, "hour"), sketch), delta
+
+    def _date(
+        self, date: str, hours_ms: list[int], rows: list[pl.DataFrame], deltas: list[pl.DataFrame]
+    ) -> None:
+        """Replace the date's rows of ``hours_ms``, then recompute its day row."""
+        buckets = pl.Series([datetime.fromtimestamp(h / 1000, UTC) for h in hours_ms]).cast(UTC_MS)
+        stored = read_parquet_or(self.paths.hour(date), ROLLUP_SCHEMA)
+        hours = replace_buckets(stored, pl.concat(rows), buckets)
+        if not hours.equals(stored):
+            write_parquet_atomic(hours, self.paths.hour(date), durable=self.durable)
+
+        day_sketch = read_parquet_or(self.paths.day_sketch(date), SKETCH_SCHEMA)
+        grown = hll.merge_into(day_sketch, coarsen(pl.concat(deltas), "day"), _KEYS)
+        if grown is not None:
+            day_sketch = grown.cast(SKETCH_SCHEMA)
+            write_parquet_atomic(day_sketch, self.paths.day_sketch(date), durable=self.durable)
+        days = with_uniques(sum_up(hours, "day"), day_sketch)
+        if not days.equals(read_parquet_or(self.paths.day(date), ROLLUP_SCHEMA)):
+            write_parquet_atomic(days, self.paths.day(date), durable=self.durable)
+        self.report.days += 1
+
+
+def _event_frame(rows: pl.DataFrame, *extra: str) -> pl.DataFrame:
+    """Rows read from the lake (microsecond times) in the job's types, plus ``extra`` columns."""
+    return rows.select(*_EVENT_COLUMNS, *extra).cast(dict(_EVENTS_SCHEMA))  # type: ignore[arg-type]
+
+
+def _fold_feed(files: _Files, table: DeltaTable, after: int) -> tuple[Fold, int]:
+    """The rows ``table`` gained after version ``after``, folded; and how many commits they
+    came in. A row counts in the sums only if its minute file does not include its commit."""
+    fold = Fold()
+    stamps: dict[int, int] = {}
+    commits: set[int] = set()
+    for batch in inserted(table, after, table.version(), _EVENT_COLUMNS):
+        frame = _event_frame(batch, COMMIT_VERSION).with_columns(_hour=_hour_ms("event_time"))
+        for hour_ms in frame["_hour"].unique().to_list():
+            if hour_ms not in stamps:
+                stamps[hour_ms] = minute_version(files.paths.minute(*_hour_of(hour_ms)))
+        known = pl.DataFrame(
+            {"_hour": list(stamps), "_stamp": list(stamps.values())},
+            schema={"_hour": pl.Int64, "_stamp": pl.Int64},
+        )
+        commits.update(frame[COMMIT_VERSION].unique().to_list())
+        fold.add(
+            frame.join(known, on="_hour", how="left")
+            .with_columns(fresh=pl.col(COMMIT_VERSION) > pl.col("_stamp"))
+            .select(*_EVENT_COLUMNS, "fresh")
+        )
+    return fold.done(), len(commits)
+
+
+def _recompute(
+    files: _Files, location: LakeLocation, table: DeltaTable, hours: Iterable[tuple[str, str]]
+) -> None:
+    """Replace ``hours`` (date, HH) from a snapshot of ``table``, one hour at a time."""
+    dataset = table_dataset(location, EVENTS, table)
+    for date, hour in hours:
+        fold = Fold()
+        where = (pads.field("date") == date) & (pads.field("hour") == hour)
+        for batch in dataset.to_batches(columns=list(_EVENT_COLUMNS), filter=where):
+            if batch.num_rows:
+                rows = pl.from_arrow(batch)
+                assert isinstance(rows, pl.DataFrame)
+                fold.add(_event_frame(rows).with_columns(fresh=pl.lit(True)))
+        files.apply(fold.done(), table.version(), replace=True)
+        files.report.rows += fold.rows
+        files.report.recomputed += 1
+
+
+def _table_or_none(location: LakeLocation, spec: TableSpec) -> DeltaTable | None:
+    try:
+        return open_table(location, spec)
     except TableNotFoundError:
-        return None
-    present = {(p["date"], p["hour"]) for p in table.partitions()}
-    wanted = [(d, h) for d, h in hours if (d, h) in present]
-    prune = None
-    if 0 < len(wanted) <= _PRUNED_HOURS_MAX:
-        prune = " OR ".join(f"(date = '{d}' AND hour = '{h}')" for d, h in wanted)
-    return table_dataset(location, EVENTS, table, prune), present
+        return None  # nothing committed yet
 
 
 def run_rollup(
     layout: Layout, location: LakeLocation, *, durable: bool = True, rebuild: bool = False
 ) -> RollupReport:
-    """Bring every rollup level up to date with the batches committed since the last run.
+    """Fold every row the events table gained since the last run into every rollup level.
 
     Rollup files live under ``layout`` (DATA_DIR); events and ledger are read from the lake
     at ``location``.
@@ -350,53 +400,44 @@ def run_rollup(
     started = time.perf_counter()
     report = RollupReport()
     paths = RollupPaths(layout)
+    files = _Files(paths, report, durable=durable)
     with job_lock(layout, "rollup"):
         state = _load_state(paths)
         if rebuild or state.hll_check != hll.check():
             # Sketches made by another hash cannot be merged with new ones: start over from the
             # events still in the lake.
-            # Rollups of hours whose events are gone (retention) are kept as they are.
             log.warning("rebuilding rollups from the events table (requested or the hash changed)")
             shutil.rmtree(paths.sketches, ignore_errors=True)
             state = _State(hll.check())
             report.rebuilt = True
-        try:
-            ledger_table = open_table(location, LEDGER)
-        except TableNotFoundError:
-            ledger_table = None  # nothing committed yet
-        version = None if ledger_table is None else ledger_table.version()
-        ledger = (
-            pl.DataFrame(schema=LEDGER_SCHEMA)
-            if ledger_table is None
-            else _ledger_since(location, ledger_table, state.ledger_version)
-        )
-        minutes = touched_minutes(ledger).to_list()
-        by_hour: dict[tuple[str, str], list[int]] = {}
-        for m in minutes:
-            by_hour.setdefault(_hour_of(m), []).append(m)
-        events = _events_snapshot(location, sorted(by_hour)) if by_hour else None
-        deltas: dict[str, list[pl.DataFrame]] = {}
-        for (date, hour), group in sorted(by_hour.items()):
-            if events is None or (date, hour) not in events[1]:
-                # No events to recompute from (gone by retention): keep the rollups there are.
-                continue
-            delta = _update_hour(events[0], paths, date, hour, minutes=group, durable=durable)
-            deltas.setdefault(date, []).append(delta)
-        for date, day_deltas in sorted(deltas.items()):
-            _update_day(paths, date, day_deltas, durable)
-        if version != state.ledger_version or report.rebuilt or not paths.state.exists():
+        # The ledger first: every batch with a ledger row up to this version has its events in
+        # the events version opened after it.
+        ledger = _table_or_none(location, LEDGER)
+        events = _table_or_none(location, EVENTS)
+        version = None if events is None else events.version()
+        after = state.events_version
+        if events is not None and version != after:
+            if after is None or version is None or version < after:
+                _recompute(files, location, events, _hours(events))
+            else:
+                try:
+                    fold, report.commits = _fold_feed(files, events, after)
+                except FeedUnavailableError as exc:
+                    log.warning("rollups recompute every hour: %s", location.redact(str(exc)))
+                    _recompute(files, location, events, _hours(events))
+                else:
+                    files.apply(fold, version, replace=False)
+                    report.rows = fold.rows
+        new = _State(state.hll_check, None if ledger is None else ledger.version(), version)
+        if new != state or report.rebuilt or not paths.state.exists():
             # Nothing new: the state stays as it is, so a run after a run writes nothing.
-            write_json_atomic(
-                {"hll_check": state.hll_check, "ledger_version": version},
-                paths.state,
-                durable=durable,
-            )
-        report.batches = len(ledger)
-        report.minutes = len(minutes)
-        report.hours = sum(len(d) for d in deltas.values())
-        report.days = len(deltas)
+            write_json_atomic(new.as_json(), paths.state, durable=durable)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _hours(table: DeltaTable) -> list[tuple[str, str]]:
+    return sorted({(p["date"], p["hour"]) for p in table.partitions()})
 
 
 def read_rollups(layout: Layout, granularity: str) -> pl.DataFrame:

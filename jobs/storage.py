@@ -28,13 +28,23 @@ def tmp_name(path: Path) -> Path:
 
 
 def write_parquet_atomic(
-    frame: pl.DataFrame, path: Path, *, durable: bool, row_group_size: int | None = None
+    frame: pl.DataFrame,
+    path: Path,
+    *,
+    durable: bool,
+    row_group_size: int | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write ``frame`` to a hidden temporary name, then rename it to ``path``."""
+    """Write ``frame`` (with ``metadata`` in its footer) to a hidden temporary name, then
+    rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     frame.write_parquet(
-        tmp, compression=PARQUET_COMPRESSION, statistics=True, row_group_size=row_group_size
+        tmp,
+        compression=PARQUET_COMPRESSION,
+        statistics=True,
+        row_group_size=row_group_size,
+        metadata=metadata,
     )
     if durable:
         fsync(tmp)

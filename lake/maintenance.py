@@ -38,11 +38,15 @@ def optimize(
     *,
     z_order: Sequence[str] | None = None,
     target_size: int | None = None,
+    memory_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Compact small files in the selected partitions, then Z-order them if ``z_order``.
 
     Compaction only rewrites small files and is idempotent, so it can run often on the open
     hour; Z-order rewrites the whole selection each time, so run it once on a closed hour.
+    Z-order sorts the whole selection: past ``memory_bytes`` it spills to local temporary
+    files. Without that bound it holds the selection in memory (5M events took 1.2 GB here;
+    an hour at 50k events/s, 180M events, drove a 24 GiB machine out of memory).
     """
     metrics = {
         "compact": table.optimize.compact(
@@ -51,7 +55,10 @@ def optimize(
     }
     if z_order:
         metrics["z_order"] = table.optimize.z_order(
-            list(z_order), partition_filters=partition_filters, target_size=target_size
+            list(z_order),
+            partition_filters=partition_filters,
+            target_size=target_size,
+            max_spill_size=memory_bytes,
         )
     return metrics
 

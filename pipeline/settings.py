@@ -198,6 +198,11 @@ class JobSettings:
     compact_target_bytes: int = _setting(
         128 * 1024**2, _positive_size, "approximate bytes per compacted file, e.g. 128MiB"
     )
+    compact_memory_bytes: int = _setting(
+        256 * 1024**2,
+        _positive_size,
+        "memory a Z-order sorts in before it spills to disk (bounds the scheduler's memory)",
+    )
     # -- alerts ---------------------------------------------------------------------------------
     alert_window: float = _setting(
         60.0, _positive_duration, "window of ledger batches the throughput/latency/error rules see"

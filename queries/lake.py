@@ -46,6 +46,7 @@ from cachetools import LRUCache
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
+from lake import changes
 from lake.location import LakeLocation
 from lake.snapshot import table_dataset
 from lake.tables import TABLES as DELTA_TABLES
@@ -61,6 +62,8 @@ ANSWERS: Final = 512
 MAX_ANSWER_ROWS: Final = 5_000
 #: Pinned (time-travel) table versions kept open per Lake.
 PINNED: Final = 8
+#: Versions whose change-feed rows (of a small table: the ledger) a Lake remembers.
+FEED_VERSIONS: Final = 4096
 #: Files at most this big are read once into memory and kept while they are live: the
 #: uncompacted tail of one-commit-a-second writing (compaction turns them into big files
 #: within COMPACT_INTERVAL). Scanning a file costs milliseconds per question whatever its size,
@@ -561,6 +564,9 @@ class Lake:
         self._tables: dict[str, DeltaTable] = {}
         self._latest: dict[str, TableState] = {}
         self._pinned: LRUCache[tuple[str, int], TableState] = LRUCache(maxsize=PINNED)
+        self._feed: LRUCache[tuple[str, int, tuple[str, ...]], tuple[tuple[Any, ...], ...]] = (
+            LRUCache(maxsize=FEED_VERSIONS)
+        )
         self._files: dict[str, _Files] = {}
         self._lock = threading.Lock()
 
@@ -645,6 +651,42 @@ class Lake:
             )
         dataset, small = files.sync(self.location, spec, table, actions)
         return TableState(spec, table.version(), dataset, actions, small)
+
+    def inserted(
+        self, name: str, after: int, upto: int, columns: Sequence[str]
+    ) -> list[tuple[Any, ...]]:
+        """``columns`` of the rows that versions (after, upto] of table ``name`` inserted (its
+        change feed, :mod:`lake.changes`; compactions insert none). For small tables (the
+        ledger): each version is read once and remembered, since a committed version never
+        changes, so a caller asking after every commit reads only the new commits.
+
+        Raises :class:`lake.changes.FeedUnavailableError` when a version can no longer be read.
+        """
+        wanted = tuple(columns)
+        with self._lock:
+            rows = {
+                v: self._feed.get((name, v, wanted)) for v in range(max(after, 0) + 1, upto + 1)
+            }
+            missing = [v for v, known in rows.items() if known is None]
+            if missing:
+                fresh: dict[int, list[tuple[Any, ...]]] = {v: [] for v in missing}
+                table = self._feed_table(name, upto)
+                for frame in changes.inserted(table, missing[0] - 1, missing[-1], wanted):
+                    for row in frame.iter_rows():
+                        if row[-1] in fresh:
+                            fresh[row[-1]].append(row[:-1])
+                for version, found in fresh.items():
+                    rows[version] = self._feed[(name, version, wanted)] = tuple(found)
+        return [row for version in sorted(rows) for row in rows[version] or ()]
+
+    def _feed_table(self, name: str, version: int) -> DeltaTable:
+        """The open table ``name`` if it has ``version``, else a fresh one (under ``_lock``)."""
+        table = self._tables.get(name)
+        if table is None or table.version() < version:
+            table = DeltaTable(
+                self.location.table_uri(name), storage_options=self.location.storage_options()
+            )
+        return table
 
     # -- ad-hoc SQL ----------------------------------------------------------------------------
     def sql(

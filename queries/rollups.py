@@ -1,13 +1,13 @@
 """What the rollup tables answer exactly: every minute but those that newer batches touched.
 
-The rollup job (``jobs/rollup.py``) records in ``rollups/_state.json`` the version of the
-``ledger`` Delta table up to which it has rolled up every batch, as ``ledger_version``: it
-recomputed each minute those batches' [min, max] event_time span from an events snapshot
-opened after the ledger (a batch's events commit before its ledger row). So a minute row of a
-rollup equals the events of that minute unless a batch with a ledger row after that version
-touched it. :func:`coverage` lists those *dirty* minutes from the ledger files of the query's
-view that the job's version does not have (files never change, so comparing paths is exact;
-a compaction's rewritten files count as new, which only costs speed).
+The rollup job (``jobs/rollup.py``) records in ``rollups/_state.json``, as ``ledger_version``, a
+version of the ``ledger`` Delta table such that every batch with a ledger row up to it is
+folded into the rollups (a batch's events commit before its ledger row, and the job reads the
+events after opening the ledger). So a minute row of a rollup equals the events of that minute
+unless a batch with a ledger row after that version touched it. :func:`coverage` lists those
+*dirty* minutes from the [min, max] event time of the ledger rows the view's ledger gained
+since that version: the ledger's change feed, which compactions leave out and which each
+process reads once per commit (:meth:`queries.lake.Lake.inserted`).
 
 A batch whose events commit lands in a view but whose ledger row is a moment later is not seen
 as dirty by that view: its rows then show in events but not yet in a rollup, the answer of a
@@ -24,10 +24,10 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Final
 
-from deltalake.exceptions import DeltaError
-
+from lake.changes import FeedUnavailableError
 from pipeline.schema import HOUR_MS, MINUTE_MS, Layout
 from pipeline.tables import RollupPaths as Paths
 from queries.lake import Lake, View
@@ -113,24 +113,27 @@ def has_rollups(lake: Lake) -> bool:
     return rolled_up_version(lake) is not None
 
 
-_RANGES: Final = "SELECT epoch_ms(min_event_time), epoch_ms(max_event_time) FROM {ledger}"
+_RANGES: Final = ("min_event_time", "max_event_time")
+
+
+def _epoch_ms(value: object) -> int | None:
+    return int(value.timestamp() * 1000) if isinstance(value, datetime) else None
 
 
 def coverage(lake: Lake, view: View) -> Coverage | None:
     """What the rollups answer for ``view`` (which holds ``ledger``); None when they answer
-    nothing: no batch rolled up yet, or the version they are at can no longer be read."""
+    nothing: no batch rolled up yet, or the ledger since their version can no longer be read."""
     version = rolled_up_version(lake)
     layout = lake.layout
     if version is None or layout is None:
         return None
     ledger = view.table("ledger")
-    new: list[str] = []
+    ranges: list[tuple[int | None, int | None]] = []
     if version < ledger.version:
         try:
-            old = lake.view("ledger", versions={"ledger": version}).table("ledger")
-        except DeltaError as exc:  # its log entries were cleaned up: read events instead
-            log.warning("rollups are at ledger version %d, which cannot be read: %r", version, exc)
+            rows = lake.inserted("ledger", version, ledger.version, _RANGES)
+        except FeedUnavailableError as exc:  # vacuumed or cleaned up: read events instead
+            log.warning("rollups are at ledger version %d, which cannot be read: %s", version, exc)
             return None
-        new = sorted(ledger.stats.keys() - old.stats.keys())
-    ranges = view.query(_RANGES, files={"ledger": new}) if new else []
+        ranges = [(_epoch_ms(lo), _epoch_ms(hi)) for lo, hi in rows]
     return Coverage(dirty_minutes(ranges), {level: _earliest(layout, level) for level in LEVELS})

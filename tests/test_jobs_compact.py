@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -16,6 +19,7 @@ from jobs.testing import commit_batches, random_batch
 from lake.location import LakeLocation
 from lake.snapshot import snapshot
 from lake.tables import EVENTS, LEDGER, open_table
+from lake.testing import append, enriched_frame
 from pipeline.schema import Layout
 from pipeline.settings import JobSettings
 
@@ -201,3 +205,62 @@ def test_files_at_the_target_size_are_not_small(lake: tuple[Layout, LakeLocation
     tiny = JobSettings(compact_min_age=10**9, compact_target_bytes=1)
     assert compact(layout, location, tiny, now=NOW, durable=False).tables[0].files_removed == 0
     assert compact(layout, location, CFG, now=NOW, durable=False).tables[0].files_removed == 12
+
+
+_ZORDER_RSS = """
+import resource, sys
+from datetime import UTC, datetime
+from jobs.compact import CompactionError, compact
+from lake.location import LakeLocation
+from pipeline.schema import Layout
+from pipeline.settings import JobSettings
+jobs = JobSettings(compact_min_age=0, compact_memory_bytes=int(sys.argv[3]))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    report = compact(Layout(sys.argv[1]), LakeLocation.from_env({"LAKE_URI": sys.argv[2]}), jobs,
+                     now=datetime.now(UTC), durable=False)
+    print("zordered", len(report.zordered))
+except CompactionError as exc:
+    print("failed", exc)
+print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+"""
+
+
+def _zorder_in_a_process(tmp_path: Path, lake_dir: Path, memory: int) -> tuple[str, int]:
+    """Z-order the closed hour of a copy of ``lake_dir`` in a fresh process: its outcome line
+    and log, and how much its peak RSS grew over the job (KiB)."""
+    copy = tmp_path / f"lake-{memory}"
+    shutil.copytree(lake_dir, copy)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _ZORDER_RSS,
+            str(tmp_path / f"data-{memory}"),
+            str(copy),
+            str(memory),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = run.stdout.splitlines()
+    return lines[0] + "\n" + run.stderr, int(lines[-1].split()[1])
+
+
+def test_zorder_memory_is_bounded_by_compact_memory_bytes(tmp_path: Path) -> None:
+    """The Z-order of a closed hour spills to disk past COMPACT_MEMORY_BYTES instead of holding
+    the hour in memory (an hour at 50k events/s once drove the scheduler out of memory), and a
+    bound too small to merge the spilled runs fails that hour with a message naming the
+    setting, not the job. Peak memory is compared between processes, not against a figure."""
+    location = LakeLocation.from_env({"LAKE_URI": str(tmp_path / "lake")})
+    start = (int(time.time() * 1000) // HOUR_MS - 3) * HOUR_MS
+    for commit in range(20):
+        frame = enriched_frame(50_000, seed=commit, start_ms=start, id_prefix=f"c{commit}-")
+        append(location, {"events": frame})
+    unbounded, unbounded_kb = _zorder_in_a_process(tmp_path, tmp_path / "lake", 64 * 1024**3)
+    bounded, bounded_kb = _zorder_in_a_process(tmp_path, tmp_path / "lake", 64 * 1024**2)
+    assert unbounded.startswith("zordered 1") and bounded.startswith("zordered 1")
+    assert bounded_kb < 0.5 * unbounded_kb, (bounded_kb, unbounded_kb)
+    too_small, _ = _zorder_in_a_process(tmp_path, tmp_path / "lake", 1024**2)
+    assert too_small.startswith("failed") and "COMPACT_MEMORY_BYTES=1048576" in too_small

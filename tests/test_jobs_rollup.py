@@ -13,23 +13,16 @@ import pyarrow as pa
 import pytest
 from polars.testing import assert_frame_equal
 
-from jobs import hll
+from jobs import hll, rollup
 from jobs.compact import compact
-from jobs.rollup import (
-    GRANULARITIES,
-    appended_ranges,
-    full_rollups,
-    minute_ranges,
-    read_rollups,
-    run_rollup,
-    touched_minutes,
-)
+from jobs.rollup import GRANULARITIES, full_rollups, minute_version, read_rollups, run_rollup
 from jobs.testing import commit_batches, random_batch
 from lake import maintenance
+from lake.changes import appended_ranges
 from lake.location import LakeLocation
 from lake.snapshot import snapshot
-from lake.tables import LEDGER, open_table
-from pipeline.schema import ENRICHED_SCHEMA, LEDGER_SCHEMA, ROLLUP_SCHEMA, Layout
+from lake.tables import EVENTS, open_table
+from pipeline.schema import ENRICHED_SCHEMA, ROLLUP_SCHEMA, Layout
 from pipeline.settings import JobSettings
 from pipeline.testing import event_table
 
@@ -71,29 +64,6 @@ def test_hll_merge_is_the_sketch_of_the_union_and_ignores_nulls() -> None:
         {"g": ["b"], "user_id": [None]}, schema={"g": pl.String, "user_id": pl.String}
     )
     assert hll.registers(only_nulls, ["g"]).collect().is_empty()
-
-
-def test_touched_minutes_and_runs() -> None:
-    t = datetime(2026, 11, 27, 9, 58, 30, tzinfo=UTC)
-    ledger = pl.DataFrame(
-        [
-            {"status": "ok", "accepted": 3, "min_event_time": t, "max_event_time": t},
-            {
-                "status": "ok",
-                "accepted": 2,
-                "min_event_time": datetime(2026, 11, 27, 9, 59, tzinfo=UTC),
-                "max_event_time": datetime(2026, 11, 27, 10, 1, 5, tzinfo=UTC),
-            },
-            {"status": "ok", "accepted": 0, "min_event_time": None, "max_event_time": None},
-            {"status": "unreadable_file", "accepted": 0},
-        ],
-        schema={k: LEDGER_SCHEMA[k] for k in ("status", "accepted", "min_event_time")}
-        | {"max_event_time": LEDGER_SCHEMA["max_event_time"]},
-    )
-    minutes = touched_minutes(ledger).to_list()
-    base = int(datetime(2026, 11, 27, 9, 58, tzinfo=UTC).timestamp() * 1000)
-    assert minutes == [base + i * 60_000 for i in range(4)]
-    assert minute_ranges([0, 60_000, 180_000]) == [(0, 120_000), (180_000, 240_000)]
 
 
 def test_appended_ranges_skip_deletes_and_need_the_whole_span() -> None:
@@ -172,6 +142,10 @@ def test_incremental_rollups_equal_a_full_recomputation(
     _assert_reconciled(layout, location)
 
 
+def _rollups(layout: Layout) -> dict[str, pl.DataFrame]:
+    return {g: read_rollups(layout, g) for g in GRANULARITIES}
+
+
 def test_a_second_run_changes_nothing_and_a_replay_gives_the_same_rollups(
     lake: tuple[Layout, LakeLocation],
 ) -> None:
@@ -182,24 +156,99 @@ def test_a_second_run_changes_nothing_and_a_replay_gives_the_same_rollups(
         at = NOW_MS - 40 * 60_000 + b * 60_000
         _commit(location, random_batch(rng, batch=b, rows=80, time_ms=at, history=history))
     first = run_rollup(layout, location, durable=False)
-    assert first.batches == 6 and first.minutes > 0
+    assert first.recomputed > 0 and first.minutes > 0  # the first run reads a snapshot
     before = _files(layout.rollups)
     again = run_rollup(layout, location, durable=False)
-    assert again.batches == 0
+    assert (again.commits, again.rows, again.recomputed) == (0, 0, 0)
     assert _files(layout.rollups) == before  # not even rewritten
-    # Compaction commits add no batch: the next run reads none.
+    # Compaction and Z-order commits add no rows: the next run folds none, writes nothing.
     compact(layout, location, JobSettings(compact_min_age=0), now=datetime.now(UTC), durable=False)
-    assert run_rollup(layout, location, durable=False).batches == 0
+    after_compaction = run_rollup(layout, location, durable=False)
+    assert (after_compaction.rows, after_compaction.minutes) == (0, 0)
+    assert {k: v for k, v in _files(layout.rollups).items() if k != "_state.json"} == {
+        k: v for k, v in before.items() if k != "_state.json"
+    }
 
-    # Forget which batches were seen (as a crash before the state write would): same answer.
+    # Forget which commits were folded (as a lost state file would): the same rollups.
     state = layout.rollups / "_state.json"
     saved = json.loads(state.read_text())
+    kept = _rollups(layout)
     state.write_text(json.dumps({"hll_check": saved["hll_check"]}))
     replay = run_rollup(layout, location, durable=False)
-    assert replay.batches == 6
-    after = _files(layout.rollups)
-    changed = {k for k in after if k in before and after[k][1] != before[k][1]}
-    assert changed <= {"_state.json"}
+    assert replay.recomputed == first.recomputed
+    for g, frame in _rollups(layout).items():
+        assert_frame_equal(frame, kept[g])
+    _assert_reconciled(layout, location)
+
+
+def test_new_rows_are_folded_in_and_each_minute_file_names_its_version(
+    lake: tuple[Layout, LakeLocation],
+) -> None:
+    layout, location = lake
+    rng = random.Random(6)
+    _commit(location, random_batch(rng, batch=0, rows=50, time_ms=NOW_MS - 20 * 60_000))
+    run_rollup(layout, location, durable=False)
+    for b in range(1, 4):
+        _commit(location, random_batch(rng, batch=b, rows=40, time_ms=NOW_MS - b * 60_000))
+    report = run_rollup(layout, location, durable=False)
+    assert (report.commits, report.rows, report.recomputed) == (3, 120, 0)
+    version = open_table(location, EVENTS).version()
+    minute_files = sorted((layout.rollups / "minute").rglob("rollup.parquet"))
+    assert minute_files and max(minute_version(p) for p in minute_files) == version
+    _assert_reconciled(layout, location)
+
+
+class _CrashError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", range(1, 9))
+def test_a_crash_between_any_two_file_writes_folds_no_row_twice(
+    lake: tuple[Layout, LakeLocation], monkeypatch: pytest.MonkeyPatch, crash_at: int
+) -> None:
+    """Each write is atomic, but a run writes many files: stop it before its n-th write (as
+    kill -9 would), then run again. Minute files take only rows of commits they do not have."""
+    layout, location = lake
+    rng = random.Random(crash_at)
+    history: list[tuple[str, int]] = []
+    _commit(location, random_batch(rng, batch=0, rows=60, time_ms=NOW_MS - 90 * 60_000))
+    run_rollup(layout, location, durable=False)
+    for b in range(1, 5):  # over two hours, late events into the first one
+        at = NOW_MS - (80 - 25 * b) * 60_000
+        table = random_batch(
+            rng, batch=b, rows=50, time_ms=at, history=history, late_ms=60 * 60_000, late_rate=0.3
+        )
+        _commit(location, table)
+    real_write = rollup.write_parquet_atomic
+    writes = 0
+
+    def failing_write(*args: object, **kwargs: object) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == crash_at:
+            raise _CrashError
+        real_write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rollup, "write_parquet_atomic", failing_write)
+    with pytest.raises(_CrashError):
+        run_rollup(layout, location, durable=False)
+    monkeypatch.setattr(rollup, "write_parquet_atomic", real_write)
+    run_rollup(layout, location, durable=False)
+    _assert_reconciled(layout, location)
+
+
+def test_rows_are_folded_in_bounded_parts(
+    lake: tuple[Layout, LakeLocation], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Partial sums and sketches of many small parts add up to those of all rows at once."""
+    layout, location = lake
+    rng = random.Random(8)
+    _commit(location, random_batch(rng, batch=0, rows=10, time_ms=NOW_MS - 30 * 60_000))
+    run_rollup(layout, location, durable=False)
+    for b in range(1, 6):
+        _commit(location, random_batch(rng, batch=b, rows=90, time_ms=NOW_MS - b * 300_000))
+    monkeypatch.setattr(rollup, "FOLD_ROWS", 7)
+    assert run_rollup(layout, location, durable=False).rows == 450
     _assert_reconciled(layout, location)
 
 
@@ -217,7 +266,7 @@ def test_a_late_event_updates_its_old_minute_hour_and_day(
     )
     _commit(location, late)
     report = run_rollup(layout, location, durable=False)
-    assert report.batches == 2
+    assert report.commits == 2
     minute = datetime.fromtimestamp((old - old % 60_000) / 1000, UTC)
     rows = read_rollups(layout, "minute").filter(
         (pl.col("campaign_id") == "cmp-0000") & (pl.col("bucket") == minute)
@@ -237,15 +286,16 @@ def test_a_changed_hash_rebuilds_from_events(lake: tuple[Layout, LakeLocation]) 
     saved["hll_check"] = "from-another-polars"
     state.write_text(json.dumps(saved))
     report = run_rollup(layout, location, durable=False)
-    assert report.rebuilt and report.batches == 4
+    hours = {(p["date"], p["hour"]) for p in open_table(location, EVENTS).partitions()}
+    assert report.rebuilt and report.recomputed == len(hours)
     _assert_reconciled(layout, location)
 
 
-def test_an_unreadable_change_feed_falls_back_to_every_batch(
+def test_an_unreadable_change_feed_falls_back_to_a_recomputation(
     lake: tuple[Layout, LakeLocation],
 ) -> None:
-    """The ledger files appended after the state's version were compacted and vacuumed away
-    (a rollup behind by more than VACUUM_RETENTION): the run reads the whole ledger instead."""
+    """The events files appended after the state's version were compacted and vacuumed away
+    (a rollup behind by more than VACUUM_RETENTION): the run recomputes from a snapshot."""
     layout, location = lake
     rng = random.Random(4)
     _commit(location, random_batch(rng, batch=0, rows=30, time_ms=NOW_MS - 20 * 60_000))
@@ -253,8 +303,8 @@ def test_an_unreadable_change_feed_falls_back_to_every_batch(
     for b in range(1, 4):
         _commit(location, random_batch(rng, batch=b, rows=30, time_ms=NOW_MS - b * 60_000))
     compact(layout, location, JobSettings(compact_min_age=0), now=datetime.now(UTC), durable=False)
-    ledger = open_table(location, LEDGER)
-    assert maintenance.vacuum(ledger, 0, full=False, allow_short_retention=True)
+    events = open_table(location, EVENTS)
+    assert maintenance.vacuum(events, 0, full=False, allow_short_retention=True)
     report = run_rollup(layout, location, durable=False)
-    assert report.batches == 4
+    assert report.recomputed > 0 and report.commits == 0
     _assert_reconciled(layout, location)

@@ -132,8 +132,8 @@ def test_each_cli_form_runs_once(tmp_path: Path) -> None:
     for b in range(6):
         batch = random_batch(rng, batch=b, rows=40, time_ms=CLOSED_MS + b * 60_000)
         commit_batches(location, [batch], at=datetime.now(UTC))
-    assert jobs_cli(data, "rollup", "--once").startswith("rollup batches=6 ")
-    assert "batches=0" in jobs_cli(data, "rollup", "--once")
+    assert jobs_cli(data, "rollup", "--once").startswith("rollup commits=0 rows=240 ")
+    assert "rows=0 " in jobs_cli(data, "rollup", "--once")
     out = jobs_cli(data, "compact", "--once", env={"COMPACT_MIN_AGE": "0"})
     assert out.startswith("compacted tables=2 files_before=12 files_after=2 zordered_hours=1")
     SpoolWriter(data / "incoming", "late").write(event_table(["x"], time_ms=NOW_MS))
