@@ -56,16 +56,6 @@ def event_table(
     return table
 
 
-def read_parquet_dir(directory: Path, *, drop: Sequence[str] = ()) -> pl.DataFrame:
-    """All Parquet rows under ``directory`` in a canonical order (empty frame when none)."""
-    files = sorted(directory.rglob("*.parquet"))
-    if not files:
-        return pl.DataFrame()
-    frame = pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
-    frame = frame.drop([c for c in drop if c in frame.columns])
-    return frame.sort(frame.columns, nulls_last=True)
-
-
 def lake_contents(data_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(events, quarantine rows) of the default lake (DATA_DIR/lake) without per-run columns,
     in a canonical order, for comparing two runs."""
