@@ -257,11 +257,11 @@ class Supervisor:
         give_up_after: float | None = None,
     ) -> None:
         self.board = board
+        self.stop = stop
         self.max_delay = max_delay
         self.give_up_after = give_up_after
         self.fault: str | None = None
         self._backoff = equal_jitter(FIRST_DELAY, max_delay)
-        self.stop = stop
         self._policy = tenacity.Retrying(
             sleep=self._sleep,
             retry=tenacity.retry_if_exception(lambda exc: classify(exc) is not None),
