@@ -135,6 +135,10 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         overrides.setdefault("fsync", False)
         overrides.setdefault("max_events_per_second", 0)
         overrides.setdefault("disk_min_free", 16 * 1024**2)
+        # A fresh Redis prefix is an empty cache: every start rebuilds, first sleeping the grace
+        # (2 s by default) for other consumers' commits under way. A test's consumers wait for
+        # no one, and valid() keeps a rebuild exact whatever the grace.
+        overrides.setdefault("rebuild_grace", 0.05)
         return Settings.from_env({}, **overrides)
 
     return factory
