@@ -156,6 +156,24 @@ def assert_same_lake(data: Path, reference: tuple[pl.DataFrame, pl.DataFrame]) -
     assert (rows["rows_in"] == rows["accepted"] + rows["duplicates"] + rows["quarantined"]).all()
 
 
+def consume_refused(
+    env: dict[str, str], timeout: float = TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """``adevents consume --once`` that must refuse to start: exit 2 (a setting or another
+    consumer is in the way), without a traceback. Its output, for the message checks."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "consume", "--once"],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
 def copy_spool(spool: Path, data: Path) -> None:
     shutil.copytree(spool, data / "incoming", dirs_exist_ok=True)
 

@@ -75,33 +75,22 @@ def test_bench_smoke_run_reconciles(
         assert not (tmp_path / "data" / "events").exists()
 
 
+def bench_refusal(tmp_path: Path, env: dict[str, str]) -> str:
+    """A small bench run that must refuse to start; its error output."""
+    proc = bench(
+        "--events", "1000", "--key-cache", "embedded", "--data-dir", str(tmp_path / "data"), env=env
+    )
+    assert proc.returncode != 0
+    return proc.stderr
+
+
 def test_bench_refuses_a_data_dir_that_is_not_empty(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "something").write_text("x")
-    proc = bench(
-        "--events",
-        "1000",
-        "--key-cache",
-        "embedded",
-        "--data-dir",
-        str(tmp_path / "data"),
-        env=clean_env(),
-    )
-    assert proc.returncode != 0
-    assert "not empty" in proc.stderr
+    assert "not empty" in bench_refusal(tmp_path, clean_env())
 
 
 def test_bench_refuses_a_lake_that_has_tables(tmp_path: Path) -> None:
     lake = tmp_path / "lake"
     append(LakeLocation.from_env({"LAKE_URI": str(lake)}), {"events": enriched_frame(10)})
-    proc = bench(
-        "--events",
-        "1000",
-        "--key-cache",
-        "embedded",
-        "--data-dir",
-        str(tmp_path / "data"),
-        env=clean_env(LAKE_URI=str(lake)),
-    )
-    assert proc.returncode != 0
-    assert "has tables" in proc.stderr
+    assert "has tables" in bench_refusal(tmp_path, clean_env(LAKE_URI=str(lake)))

@@ -29,6 +29,7 @@ import redis
 from conftest import RedisServer
 from hardening import (
     TIMEOUT_S,
+    consume_refused,
     drained,
     lake_table,
     ledger,
@@ -475,14 +476,7 @@ def test_an_embedded_cache_consumer_is_refused_beside_a_redis_slot(
     wait_stopped(first)
     env = fleet.env(0, "embedded")
     del env["REDIS_URL"]
-    embedded = subprocess.run(
-        [sys.executable, "-m", "cli", "consume", "--once"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert embedded.returncode == 2, embedded.stderr
+    embedded = consume_refused(env)
     assert "already running" in embedded.stderr and "embedded key cache" in embedded.stderr
     os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=TIMEOUT_S) == 0
