@@ -4,7 +4,9 @@ Issue 10's small-files target: the dashboard, latest, top and stats latencies at
 within 1.5x of those at 5 minutes. The demo runs as a new user starts it (generator at
 EVENTS_PER_SECOND in BATCH_INTERVAL batches, one consumer, the scheduler, the API) on a fresh
 DATA_DIR; each sample times every endpoint (best of three requests, so one GC pause does not
-decide a sample) and counts each Delta table's live files.
+decide a sample), counts each Delta table's live files, and reads the resident memory of every
+process of the demo (so memory that grows with the volume shows, as the scheduler's once did).
+The demo's log (INFO: a line per job run, with its seconds) is kept as ``DATA_DIR/demo.log``.
 
     python bench/soak.py --minutes 60 --out soak.json
 
@@ -73,6 +75,47 @@ def live_files(lake: Path) -> dict[str, int]:
     return out
 
 
+def _children() -> dict[int, list[int]]:
+    """Each process's children, from /proc."""
+    out: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        out.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return out
+
+
+def _role(pid: int) -> str:
+    """A short name for a demo process: the adevents subcommand or module it runs."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "gone"
+    words = [w for w in argv[1:] if w and not w.startswith("-")]
+    return " ".join(words[:3])[:60] or Path(argv[0]).name
+
+
+def tree_rss_mb(root: int) -> dict[str, float]:
+    """Resident memory (MB) of ``root`` and each of its descendants, by role and pid."""
+    children = _children()
+    out: dict[str, float] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, ()))
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        rss_kb = next(
+            (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0
+        )
+        out[f"{_role(pid)} [{pid}]"] = round(rss_kb / 1024, 1)
+    return out
+
+
 def top_campaign(base: str) -> str:
     _, body = get(base + ENDPOINTS["top"])
     payload = json.loads(body)
@@ -80,13 +123,14 @@ def top_campaign(base: str) -> str:
     return str(rows[0]["campaign_id"]) if rows else "cmp-00001"
 
 
-def sample(base: str, lake: Path, started: float) -> dict[str, Any]:
+def sample(base: str, lake: Path, started: float, demo: int) -> dict[str, Any]:
     campaign = top_campaign(base)
     point: dict[str, Any] = {"minute": (time.monotonic() - started) / 60}
     for name, path in ENDPOINTS.items():
         url = base + path.format(campaign=campaign)
         point[name] = min(get(url)[0] for _ in range(3)) * 1000
     point["files"] = live_files(lake)
+    point["rss_mb"] = tree_rss_mb(demo)
     return point
 
 
@@ -108,10 +152,13 @@ def main() -> int:
     port = free_port()
     env = {**os.environ, "DATA_DIR": str(data), "EVENTS_PER_SECOND": args.rate}
     env.setdefault("BATCH_INTERVAL", "100ms")
+    data.mkdir(parents=True, exist_ok=True)
+    log = open(data / "demo.log", "wb")  # noqa: SIM115 (kept open for the demo's life)
     demo = subprocess.Popen(
-        [sys.executable, "-m", "cli", "demo", "--port", str(port), "--log-level", "WARNING"],
+        [sys.executable, "-m", "cli", "demo", "--port", str(port), "--log-level", "INFO"],
         env=env,
-        stdout=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     samples: list[dict[str, Any]] = []
@@ -120,13 +167,14 @@ def main() -> int:
         started = time.monotonic()
         end = started + args.minutes * 60
         while time.monotonic() < end and demo.poll() is None:
-            point = sample(base, data / "lake", started)
+            point = sample(base, data / "lake", started, demo.pid)
             samples.append(point)
             print(json.dumps(point), flush=True)
             time.sleep(max(0.0, args.every - (time.monotonic() - started) % args.every))
     finally:
         demo.send_signal(signal.SIGTERM)
         demo.wait(timeout=60)
+        log.close()
     last = args.minutes
     verdict = {}
     for name in ENDPOINTS:

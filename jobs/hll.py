@@ -1,9 +1,13 @@
-"""HyperLogLog distinct counts as Polars frames: registers per group, merged by max, estimated.
+"""HyperLogLog distinct counts as Polars frames: one dense register array per group.
 
-A sketch is a long frame ``(keys…, reg, rho)`` with one row per non-empty register. The union of
-two sketches is the register-wise maximum, so a sketch built up over many runs equals the sketch
-of all the rows at once, and so does its estimate: the estimate is computed from an exact
-integer sum, never from a float sum whose order could vary.
+A sketch is a frame ``(keys…, registers)``: one row per group, ``registers`` a
+:data:`REGISTERS`-byte binary whose byte *i* is register *i* (0: empty). Registers are built
+from whole columns in one Polars pass; unions and estimates are NumPy operations over the
+stacked arrays, so their cost follows the number of groups, not of registers set (a
+long ``(keys…, reg, rho)`` frame was re-sorted on every merge: 1.8M rows for one hour of 1,000
+campaigns). The union of two sketches is the register-wise maximum, so a sketch built up over
+many runs equals the sketch of all the rows at once, and so does its estimate: the estimate is
+computed from an exact integer sum, never from a float sum whose order could vary.
 """
 
 from __future__ import annotations
@@ -12,43 +16,90 @@ import math
 from collections.abc import Sequence
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
 import polars as pl
+import pyarrow as pa
 
 #: 2^12 registers: about 1.6 % standard error.
 PRECISION: Final = 12
 REGISTERS: Final = 1 << PRECISION
 #: rho counts leading zeros in 32 hash bits after the register index (+1), so 1..33.
 MAX_RHO: Final = 33
+#: The column holding each group's registers.
+COLUMN: Final = "registers"
+#: Changes whenever stored sketches could not be merged with new ones (see :func:`check`).
+FORMAT: Final = "dense1"
 _SEED: Final = 0x5F3759DF6A09E667
 _ALPHA: Final = 0.7213 / (1 + 1.079 / REGISTERS)
 _CHECK_VALUES: Final = ("adevents-hll-check", "", "user-1")
 
+Matrix = npt.NDArray[np.uint8]
 
-def registers(frame: pl.LazyFrame, keys: Sequence[str], value: str = "user_id") -> pl.LazyFrame:
+
+def empty(keys: pl.Schema) -> pl.DataFrame:
+    """A sketch frame with no group, keyed by ``keys``."""
+    return pl.DataFrame(schema={**dict(keys), COLUMN: pl.Binary()})
+
+
+def _matrix(sketch: pl.DataFrame) -> Matrix:
+    """The registers of every row, stacked: shape (rows, REGISTERS)."""
+    if sketch.is_empty():
+        return np.zeros((0, REGISTERS), np.uint8)
+    blob = b"".join(sketch[COLUMN].to_list())
+    return np.frombuffer(blob, np.uint8).reshape(len(sketch), REGISTERS)
+
+
+def _with_matrix(groups: pl.DataFrame, matrix: Matrix) -> pl.DataFrame:
+    """``groups`` (key columns) with ``matrix``'s rows as their registers."""
+    flat = np.ascontiguousarray(matrix, np.uint8)
+    column = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(REGISTERS), len(groups), [None, pa.py_buffer(flat.tobytes())]
+    )
+    return groups.with_columns(pl.Series(COLUMN, column.cast(pa.binary()), pl.Binary()))
+
+
+def registers(
+    frame: pl.LazyFrame | pl.DataFrame, keys: Sequence[str], value: str = "user_id"
+) -> pl.DataFrame:
     """The sketch of ``value`` per group of ``keys`` (nulls are not counted)."""
     h = pl.col(value).hash(_SEED)
     low_bits = h % (1 << (64 - PRECISION))
     zeros = (low_bits.bitwise_leading_zeros().cast(pl.Int32) - PRECISION).clip(upper_bound=32)
-    return (
-        frame.filter(pl.col(value).is_not_null())
-        .with_columns(
+    long = (
+        frame.lazy()
+        .filter(pl.col(value).is_not_null())
+        .select(
+            *keys,
             reg=(h // (1 << (64 - PRECISION))).cast(pl.UInt16),
             rho=(zeros + 1).cast(pl.UInt8),
         )
         .group_by(*keys, "reg")
         .agg(pl.col("rho").max())
+        .collect()
     )
+    key_schema = pl.Schema({k: long.schema[k] for k in keys})
+    if long.is_empty():
+        return empty(key_schema)
+    groups = long.select(keys).unique().with_row_index("_g")
+    cells = long.join(groups, on=list(keys), how="inner", nulls_equal=True)
+    matrix = np.zeros((len(groups), REGISTERS), np.uint8)
+    matrix[cells["_g"].to_numpy(), cells["reg"].to_numpy()] = cells["rho"].to_numpy()
+    return _with_matrix(groups.drop("_g"), matrix)
 
 
-def merge(
-    sketches: Sequence[pl.DataFrame], keys: Sequence[str], *, sort: bool = True
-) -> pl.DataFrame:
-    """The union of sketches: the register-wise maximum (sorted, for stable files)."""
+def merge(sketches: Sequence[pl.DataFrame], keys: Sequence[str]) -> pl.DataFrame:
+    """The union of sketches (rows of one group, in any of them, merged), sorted by ``keys``."""
     parts = [s for s in sketches if len(s)]
     if not parts:
         return sketches[0].clear() if sketches else pl.DataFrame()
-    merged = pl.concat(parts).group_by(*keys, "reg").agg(pl.col("rho").max())
-    return merged.sort(*keys, "reg") if sort else merged
+    both = pl.concat(parts).with_row_index("_row")
+    ordered = both.sort(*keys, "_row")
+    matrix = _matrix(ordered)
+    starts = ordered.select(pl.struct(keys).rle_id().alias("_id"))["_id"].to_numpy()
+    first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]])
+    merged = np.maximum.reduceat(matrix, first, axis=0) if len(first) else matrix
+    return _with_matrix(ordered[first].select(keys), merged)
 
 
 def merge_into(
@@ -57,49 +108,47 @@ def merge_into(
     """``stored`` merged with ``delta`` (sorted), or None when no register of it grows.
 
     A busy group's registers soon stop growing, so most updates are found to change nothing
-    by a join against the few rows of ``delta``, without re-sorting all of ``stored``.
+    by comparing the few groups of ``delta`` with theirs in ``stored``.
     """
-    on = [*keys, "reg"]
-    grown = delta.join(stored, on=on, how="left", suffix="_stored").filter(
-        pl.col("rho_stored").is_null() | (pl.col("rho") > pl.col("rho_stored"))
-    )
-    if grown.is_empty():
+    if delta.is_empty():
         return None
-    return merge([stored, grown.select(stored.columns)], keys)
+    on = list(keys)
+    pairs = delta.join(stored, on=on, how="left", suffix="_stored", nulls_equal=True)
+    old = pairs.get_column(f"{COLUMN}_stored")
+    if old.null_count():
+        return merge([stored, delta], keys)  # a new group
+    new_registers = _matrix(pairs.select(COLUMN))
+    old_registers = _matrix(pairs.select(old.alias(COLUMN)))
+    if not bool((new_registers > old_registers).any()):
+        return None
+    return merge([stored, delta], keys)
 
 
-def estimate(sketch: pl.LazyFrame, keys: Sequence[str], name: str = "unique_users") -> pl.LazyFrame:
+def estimate(sketch: pl.DataFrame, keys: Sequence[str], name: str = "unique_users") -> pl.DataFrame:
     """The distinct-count estimate of each group's sketch, as Int64 column ``name``."""
-    scale = 1 << MAX_RHO
-    # sum of 2^-rho over all registers, times 2^33: an exact integer below 2^46.
-    z = (pl.lit(2, pl.Int64).pow(MAX_RHO - pl.col("rho").cast(pl.Int64))).sum()
+    rho = _matrix(sketch).astype(np.int64)
+    # sum of 2^-rho over all registers (an empty one counts 2^0), times 2^33: an exact
+    # integer below 2^46.
+    total = np.left_shift(np.int64(1), MAX_RHO - rho).sum(axis=1)
+    zeros = (rho == 0).sum(axis=1)
     m = float(REGISTERS)
-    return (
-        sketch.group_by(*keys)
-        .agg(nonzero=pl.len().cast(pl.Int64), z=z)
-        .with_columns(empty=REGISTERS - pl.col("nonzero"))
-        .with_columns(total=pl.col("z") + pl.col("empty") * scale)
-        .with_columns(raw=_ALPHA * m * m * scale / pl.col("total").cast(pl.Float64))
-        .with_columns(
-            pl.when((pl.col("raw") <= 2.5 * m) & (pl.col("empty") > 0))
-            .then(m * (m / pl.col("empty").cast(pl.Float64)).log())
-            .otherwise(pl.col("raw"))
-            .round(0)
-            .cast(pl.Int64)
-            .alias(name)
-        )
-        .select(*keys, name)
+    raw = _ALPHA * m * m * float(1 << MAX_RHO) / np.maximum(total, 1).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        small = m * np.log(m / np.maximum(zeros, 1))
+    value = np.where((raw <= 2.5 * m) & (zeros > 0), small, raw)
+    return sketch.select(keys).with_columns(
+        pl.Series(name, np.round(value), pl.Float64).cast(pl.Int64)
     )
 
 
 def check() -> str:
-    """A short string that changes whenever the hash behind the sketches does.
+    """A short string that changes whenever the hash behind the sketches, or their format, does.
 
     Polars documents its hash as stable within a version only; sketches made with another hash
     cannot be merged, so the rollup job rebuilds them when this changes.
     """
     s = pl.Series(_CHECK_VALUES, dtype=pl.String)
-    return "-".join(f"{h:016x}" for h in s.hash(_SEED).to_list())
+    return "-".join([FORMAT, *(f"{h:016x}" for h in s.hash(_SEED).to_list())])
 
 
 def relative_error() -> float:

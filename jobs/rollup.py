@@ -66,7 +66,7 @@ GRANULARITIES: Final = ("minute", "hour", "day")
 _EVERY: Final = {"minute": "1m", "hour": "1h", "day": "1d"}
 
 SKETCH_SCHEMA: Final = pl.Schema(
-    {"campaign_id": pl.String(), "bucket": UTC_MS, "reg": pl.UInt16(), "rho": pl.UInt8()}
+    {"campaign_id": pl.String(), "bucket": UTC_MS, hll.COLUMN: pl.Binary()}
 )
 _KEYS: Final = ("campaign_id", "bucket")
 _SUMS: Final = ("impressions", "clicks", "conversions", "spend_micros", "revenue_micros")
@@ -103,17 +103,16 @@ def totals(events: pl.LazyFrame, granularity: str) -> pl.LazyFrame:
     )
 
 
-def sketches(events: pl.LazyFrame, granularity: str) -> pl.LazyFrame:
+def sketches(events: pl.LazyFrame, granularity: str) -> pl.DataFrame:
     """Unique-user sketches per campaign per bucket of ``granularity``."""
-    return hll.registers(events.with_columns(_bucket(granularity)), _KEYS).select(
-        SKETCH_SCHEMA.names()
-    )
+    sketch = hll.registers(events.with_columns(_bucket(granularity)), _KEYS)
+    return sketch.select(SKETCH_SCHEMA.names()).cast(SKETCH_SCHEMA)
 
 
 def coarsen(sketch: pl.DataFrame, granularity: str) -> pl.DataFrame:
     """Sketches of finer buckets merged into buckets of ``granularity``."""
     out = sketch.with_columns(pl.col("bucket").dt.truncate(_EVERY[granularity]))
-    return hll.merge([out], _KEYS, sort=False).cast(SKETCH_SCHEMA)
+    return hll.merge([out], _KEYS).cast(SKETCH_SCHEMA)
 
 
 def sum_up(rows: pl.DataFrame, granularity: str) -> pl.DataFrame:
@@ -130,7 +129,7 @@ def with_uniques(sums: pl.DataFrame, sketch: pl.DataFrame | None) -> pl.DataFram
     if sketch is None:
         rows = sums.with_columns(unique_users=pl.lit(None, pl.Int64))
     else:
-        uniques = hll.estimate(sketch.lazy(), _KEYS).collect()
+        uniques = hll.estimate(sketch, _KEYS)
         rows = sums.join(uniques, on=list(_KEYS), how="left").with_columns(
             pl.col("unique_users").fill_null(0)
         )
@@ -141,7 +140,7 @@ def full_rollups(events: pl.LazyFrame) -> dict[str, pl.DataFrame]:
     """Every level computed from scratch from ``events``: what the incremental job must equal."""
     out = {"minute": with_uniques(totals(events, "minute").collect(), None)}
     for g in GRANULARITIES[1:]:
-        out[g] = with_uniques(totals(events, g).collect(), sketches(events, g).collect())
+        out[g] = with_uniques(totals(events, g).collect(), sketches(events, g))
     return out
 
 
@@ -188,8 +187,7 @@ class Fold:
         self._frames, self._rows = [], 0
         fresh = totals(frame.filter(pl.col("fresh")), "minute").collect()
         self.sums = sum_up(pl.concat([self.sums, fresh.select(self.sums.columns)]), "minute")
-        new_sketch = sketches(frame, "hour").collect()
-        self.sketch = hll.merge([self.sketch, new_sketch], _KEYS, sort=False).cast(SKETCH_SCHEMA)
+        self.sketch = hll.merge([self.sketch, sketches(frame, "hour")], _KEYS).cast(SKETCH_SCHEMA)
 
     def done(self) -> Fold:
         self._fold()

@@ -39,8 +39,8 @@ def _users(n: int, prefix: str = "u") -> pl.LazyFrame:
 
 @pytest.mark.parametrize("n", [1, 7, 100, 2_000, 50_000, 300_000])
 def test_hll_estimates_within_its_error(n: int) -> None:
-    sketch = hll.registers(_users(n), ["g"]).collect()
-    estimate = hll.estimate(sketch.lazy(), ["g"]).collect()["unique_users"].item()
+    sketch = hll.registers(_users(n), ["g"])
+    estimate = hll.estimate(sketch, ["g"])["unique_users"].item()
     # small counts are (nearly) exact by linear counting; large ones within 4 standard errors
     tolerance = 0 if n <= 10 else max(2, 4 * hll.relative_error() * n)
     assert abs(estimate - n) <= tolerance
@@ -49,11 +49,8 @@ def test_hll_estimates_within_its_error(n: int) -> None:
 def test_hll_merge_is_the_sketch_of_the_union_and_ignores_nulls() -> None:
     users = [f"u{i % 7_000}" for i in range(20_000)] + [None] * 50
     frame = pl.DataFrame({"g": ["a"] * len(users), "user_id": users})
-    whole = hll.registers(frame.lazy(), ["g"]).collect().sort("g", "reg")
-    parts = [
-        hll.registers(frame[i : i + 3_000].lazy(), ["g"]).collect()
-        for i in range(0, len(frame), 3_000)
-    ]
+    whole = hll.registers(frame.lazy(), ["g"])
+    parts = [hll.registers(frame[i : i + 3_000], ["g"]) for i in range(0, len(frame), 3_000)]
     merged = hll.merge(parts, ["g"])
     assert_frame_equal(merged, whole)
     assert_frame_equal(hll.merge([merged, *parts], ["g"]), whole)  # idempotent
@@ -63,7 +60,23 @@ def test_hll_merge_is_the_sketch_of_the_union_and_ignores_nulls() -> None:
     only_nulls = pl.LazyFrame(
         {"g": ["b"], "user_id": [None]}, schema={"g": pl.String, "user_id": pl.String}
     )
-    assert hll.registers(only_nulls, ["g"]).collect().is_empty()
+    assert hll.registers(only_nulls, ["g"]).is_empty()
+
+
+def test_hll_sketches_of_many_groups_merge_group_by_group() -> None:
+    """Groups in any order and split across sketches merge into the sketch of each group's
+    rows; the estimate of every group stays within its error."""
+    rng = random.Random(2)
+    rows = [(f"c{rng.randrange(50)}", f"u{rng.randrange(4_000)}") for _ in range(60_000)]
+    frame = pl.DataFrame(rows, schema={"g": pl.String, "user_id": pl.String}, orient="row")
+    whole = hll.registers(frame, ["g"]).sort("g")
+    parts = [hll.registers(frame.sample(fraction=0.3, seed=s), ["g"]) for s in range(6)]
+    merged = hll.merge([*parts, hll.registers(frame, ["g"])], ["g"])
+    assert_frame_equal(merged, whole)
+    exact = frame.group_by("g").agg(pl.col("user_id").n_unique()).sort("g")
+    got = hll.estimate(whole, ["g"]).sort("g")
+    error = (got["unique_users"] - exact["user_id"]).abs() / exact["user_id"]
+    assert error.max() <= 4 * hll.relative_error()
 
 
 def test_appended_ranges_skip_deletes_and_need_the_whole_span() -> None:
