@@ -42,7 +42,9 @@ def test_the_load_benchmark_runs_against_several_workers(tmp_path: Path) -> None
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "server: 2 worker(s); load: 2 process(es)" in out
-    assert "compacted tables=" in out and "rollup batches=" in out
+    # Each job's one-line summary (their fields are the jobs' own business).
+    assert re.search(r"^compacted tables=\d+ ", out, re.MULTILINE), out
+    assert re.search(r"^rollup \w+=\d+ ", out, re.MULTILINE), out
     assert re.search(r"lake: 19,\d{3} events", out), out
     lines = [line for line in out.splitlines() if " req/s " in line]
     prefixes = ["/health", "/ad_events/latest", "/campaigns/", "/ad_events/by_campaign/"]
