@@ -28,6 +28,7 @@ from api.models import (
     PublicHealth,
     StatsPoint,
 )
+from pipeline.schema import MINUTE_MS
 from queries import campaigns, events, ops
 from queries.campaigns import BUCKET_MS, Totals
 from queries.lake import Lake
@@ -187,7 +188,9 @@ def metrics(metrics: NamedDependency[Metrics]) -> bytes:
 
 def _snapshot(lake: Lake, checker: HealthChecker) -> dashboard.Snapshot:
     now = params.now_ms()
-    top = campaigns.top(lake, "spend", 10, now - dashboard.TOP_WINDOW_MS)
+    # The last hour in whole minutes, which the minute rollups answer without reading events.
+    since = now - dashboard.TOP_WINDOW_MS
+    top = campaigns.top(lake, "spend", 10, since - since % MINUTE_MS)
     firing = ops.alerts(lake, open_only=True, limit=dashboard.MAX_ALERTS)
     return dashboard.Snapshot(
         now_ms=now,

@@ -357,8 +357,12 @@ def top(
     highs = [s.max_ms for s in stats if s.max_ms is not None]
     if not stats or len(lows) < len(stats) or len(highs) < len(stats):
         return _top_of(view, Plan(raw=((since_ms or 0, 2**53),)), metric, limit)
-    until = max(highs) + 1
-    since = max(since_ms, min(lows)) if since_ms is not None else min(lows)
+    # No event lies before the first or after the last, so widening the range to whole minutes
+    # there changes no total, and lets rollups answer those minutes instead of the events
+    # (whose oldest minute may sit in a large compacted file).
+    first, last = min(lows), max(highs)
+    until = last - last % MINUTE_MS + MINUTE_MS
+    since = first - first % MINUTE_MS if since_ms is None or since_ms <= first else since_ms
     if since >= until:
         return []
     cov = rollups.coverage(lake, view) if rollups.has_rollups(lake) else None

@@ -69,8 +69,26 @@ FEED_VERSIONS: Final = 4096
 #: within COMPACT_INTERVAL). Scanning a file costs milliseconds per question whatever its size,
 #: so without this a question's cost would grow with the number of commits since compaction.
 SMALL_FILE_BYTES: Final = 8 * 1024**2
-#: Most bytes of small files kept in memory per table; past it, they are scanned per question.
+#: Most memory (Arrow bytes, not file bytes: rows take 10-20x their zstd size) that small files
+#: of one table may hold; the newest are kept, older ones are scanned per question.
 TAIL_BYTES: Final = 256 * 1024**2
+#: Arrow bytes per file byte assumed before a table's first small file is read.
+_FIRST_RATIO: Final = 12.0
+#: String columns with few distinct values, read as dictionaries (half the memory).
+_DICTIONARY_COLUMNS: Final = (
+    "event_type",
+    "campaign_id",
+    "ad_id",
+    "publisher_id",
+    "device_type",
+    "country",
+    "advertiser_id",
+    "campaign_name",
+    "batch_id",
+    "reason",
+    "source_file",
+    "status",
+)
 
 
 @dataclass(frozen=True)
@@ -199,44 +217,59 @@ def _actions(table: DeltaTable) -> pl.DataFrame:
 class _Files:
     """One table's files as scan inputs, kept from version to version.
 
-    Guarantee: for a table version, :meth:`sync` gives exactly that version's files: the small
-    ones as rows read once into memory (with their partition values; files never change, so a
-    path read once stays right; TAIL_BYTES bounds it), the others as a dataset of fragments
-    carrying the log's statistics. That dataset is built again (delta-rs builds every
-    fragment's statistics expression, milliseconds a file) only when the set of large files
-    changed, which compaction does once per COMPACT_INTERVAL, not every commit.
+    Guarantee: for a table version, :meth:`sync` gives exactly that version's files: the newest
+    small ones as rows read once into memory (with their partition values; files never change,
+    so a path read once stays right), up to TAIL_BYTES of memory, and every other file as a
+    dataset of fragments carrying the log's statistics. That dataset is built again (delta-rs
+    builds every fragment's statistics expression, milliseconds a file) only when the set of
+    files scanned from storage changed.
     """
 
     def __init__(self) -> None:
         self.small: dict[str, pa.Table] = {}
         self.large: frozenset[str] | None = None
         self.dataset: pads.Dataset | None = None
+        #: Arrow bytes per file byte of the small files read so far.
+        self.ratio = _FIRST_RATIO
+
+    def _kept(self, actions: pl.DataFrame) -> pl.DataFrame:
+        """The small files to hold in memory: the newest, while their memory fits TAIL_BYTES."""
+        if "size_bytes" not in actions.columns:
+            return actions.clear()
+        small = actions.filter(pl.col("size_bytes") <= SMALL_FILE_BYTES)
+        if "modification_time" in small.columns:
+            small = small.sort("modification_time", descending=True, nulls_last=True)
+        used, keep = 0.0, 0
+        for path, size in zip(small["path"], small["size_bytes"], strict=True):
+            known = self.small.get(path)
+            used += known.nbytes if known is not None else size * self.ratio
+            if used > TAIL_BYTES:
+                break
+            keep += 1
+        return small.head(keep)
 
     def sync(
         self, location: LakeLocation, spec: TableSpec, table: DeltaTable, actions: pl.DataFrame
     ) -> tuple[pads.Dataset, dict[str, pa.Table]]:
-        sizes = actions["size_bytes"] if "size_bytes" in actions.columns else None
-        is_small = (
-            (sizes <= SMALL_FILE_BYTES) if sizes is not None else pl.Series([False] * len(actions))
-        )
-        if sizes is not None and sizes.filter(is_small).sum() > TAIL_BYTES:
-            is_small = pl.Series([False] * len(actions))  # too much to keep: scan them instead
-        small = actions.filter(is_small)
-        large = frozenset(actions.filter(~is_small)["path"].to_list())
+        kept = self._kept(actions)
+        live = set(kept["path"].to_list())
+        large = frozenset(p for p in actions["path"].to_list() if p not in live)
         if large != self.large or self.dataset is None:
-            keep = list(large)
             full = table_dataset(location, spec, table)
             assert isinstance(full, pads.FileSystemDataset)
             fragments = [f for f in full.get_fragments() if unquote(f.path) in large]
             self.dataset = pads.FileSystemDataset(
                 fragments, full.schema, full.format, full.filesystem
             )
-            self.large = frozenset(keep)
-        live = set(small["path"].to_list())
+            self.large = large
         self.small = {p: t for p, t in self.small.items() if p in live}
-        missing = small.filter(~pl.col("path").is_in(list(self.small)))
+        missing = kept.filter(~pl.col("path").is_in(list(self.small)))
         if len(missing):
-            self.small.update(_read_small(location, spec, missing))
+            read = _read_small(location, spec, missing)
+            file_bytes = int(missing["size_bytes"].sum())
+            if file_bytes:
+                self.ratio = max(1.0, sum(t.nbytes for t in read.values()) / file_bytes)
+            self.small.update(read)
         return self.dataset, dict(self.small)
 
 
@@ -246,7 +279,16 @@ def _read_small(
     """Each file's rows with its partition values as columns, in the table's schema."""
     root = pafs.SubTreeFileSystem(location.path(spec.name), location.filesystem())
     paths = files["path"].to_list()
-    read = pads.dataset(paths, filesystem=root, format="parquet")
+    dictionaries = [c for c in _DICTIONARY_COLUMNS if c in spec.schema.names]
+    parquet = pads.ParquetFileFormat(
+        read_options=pads.ParquetReadOptions(dictionary_columns=dictionaries)
+    )
+    read = pads.dataset(paths, filesystem=root, format=parquet)
+    # The table's types (the files hold microsecond times), the dictionaries kept as read.
+    target = pa.schema(
+        pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in dictionaries else f
+        for f in spec.schema
+    )
     batches: dict[str, list[pa.RecordBatch]] = {p: [] for p in paths}
     for tagged in read.scanner().scan_batches():
         batches[tagged.fragment.path].append(tagged.record_batch)
@@ -255,8 +297,8 @@ def _read_small(
         data = pa.Table.from_batches(batches[row["path"]], schema=read.schema)
         for column in spec.partition_by:
             value = row[f"partition.{column}"]
-            data = data.append_column(column, pa.array([value] * data.num_rows, pa.string()))
-        out[row["path"]] = data.select(spec.schema.names).cast(spec.schema)
+            data = data.append_column(column, pa.repeat(pa.scalar(value, pa.string()), len(data)))
+        out[row["path"]] = data.select(spec.schema.names).cast(target)
     return out
 
 

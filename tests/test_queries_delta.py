@@ -19,6 +19,7 @@ from lake.tables import EVENTS, open_table
 from lake.testing import START_MS, append, enriched_frame, ledger_frame
 from pipeline.schema import HOUR_MS
 from queries import campaigns, events, ops
+from queries import lake as queries_lake
 from queries.lake import Lake
 
 
@@ -247,3 +248,28 @@ def test_small_files_are_read_once_and_forgotten_when_compacted(tmp_path: Path) 
     compacted = lake.view("events").table("events")
     assert lake.view("events").query("SELECT count(*) FROM {events}") == [(total + 30,)]
     assert set(compacted.small).isdisjoint(before)
+
+
+def test_small_files_in_memory_are_bounded_by_their_arrow_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past TAIL_BYTES of memory (Arrow bytes, far above the files' zstd bytes) the newest
+    small files stay in memory and older ones are scanned from storage; answers stay exact."""
+    location = local(tmp_path)
+    lake = Lake(location)
+    append(location, {"events": enriched_frame(200, seed=0, batch_id="s0")})
+    one_file = lake.view("events").table("events").in_memory
+    assert one_file is not None
+    monkeypatch.setattr(queries_lake, "TAIL_BYTES", int(one_file.nbytes * 3.5))
+    batches = [f"s{i}" for i in range(1, 7)]
+    for seed, batch in enumerate(batches, start=1):
+        append(location, {"events": enriched_frame(200, seed=seed, batch_id=batch)})
+    state = lake.view("events").table("events")
+    assert len(state.small) == 3 and len(state._fragments) == 4
+    assert sum(t.nbytes for t in state.small.values()) <= queries_lake.TAIL_BYTES
+    in_memory = {t.column("batch_id")[0].as_py() for t in state.small.values()}
+    assert in_memory == set(batches[-3:])  # the newest
+    answer = lake.view("events").query(
+        "SELECT batch_id, count(*) FROM {events} GROUP BY batch_id ORDER BY batch_id"
+    )
+    assert answer == [(b, 200) for b in ["s0", *batches]]
