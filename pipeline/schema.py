@@ -199,8 +199,9 @@ def ledger_frame(rows: Sequence[LedgerRow]) -> pl.DataFrame:
 
 
 #: ``rollups/<granularity>/``: one row per campaign per bucket, written by the rollup job.
-#: unique_users is a HyperLogLog estimate of distinct non-null user_id in that bucket (~1.6 %
-#: error): it does not add up across buckets or levels.
+#: unique_users is a HyperLogLog estimate of distinct non-null user_id in that hour or day
+#: (~1.6 % error; it does not add up across buckets or levels), null in minute rows
+#: (docs/decisions/0003-incremental-rollups.md).
 ROLLUP_SCHEMA: Final = pl.Schema(
     {
         "campaign_id": pl.String(),
