@@ -70,8 +70,9 @@ FEED_VERSIONS: Final = 4096
 #: so without this a question's cost would grow with the number of commits since compaction.
 SMALL_FILE_BYTES: Final = 8 * 1024**2
 #: Most memory (Arrow bytes, not file bytes: rows take 10-20x their zstd size) that small files
-#: of one table may hold; the newest are kept, older ones are scanned per question.
-TAIL_BYTES: Final = 256 * 1024**2
+#: of one table may hold; the newest are kept, older ones are scanned per question. A minute
+#: of events at 50k/s (COMPACT_INTERVAL's worth) takes about 400 MB.
+TAIL_BYTES: Final = 512 * 1024**2
 #: Arrow bytes per file byte assumed before a table's first small file is read.
 _FIRST_RATIO: Final = 12.0
 #: String columns with few distinct values, read as dictionaries (half the memory).
