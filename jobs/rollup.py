@@ -370,7 +370,11 @@ def _recompute(
     for date, hour in hours:
         fold = Fold()
         where = (pads.field("date") == date) & (pads.field("hour") == hour)
-        for batch in dataset.to_batches(columns=list(_EVENT_COLUMNS), filter=where):
+        # Little read-ahead: pyarrow's default (4 files, 16 batches) held 2.3 GB for a 49.5M-
+        # event hour in 6 files, against 0.9 GB this way (and 44 s -> 31 s).
+        for batch in dataset.to_batches(
+            columns=list(_EVENT_COLUMNS), filter=where, batch_readahead=2, fragment_readahead=1
+        ):
             if batch.num_rows:
                 rows = pl.from_arrow(batch)
                 assert isinstance(rows, pl.DataFrame)
