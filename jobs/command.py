@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -120,11 +121,19 @@ def _once(name: str, call: Callable[[], str]) -> int:
     return 0
 
 
+def lower_priority(settings: Settings) -> None:
+    """Run this process JOBS_NICE below its parent: a Z-order or a rollup rebuild takes whole
+    cores for minutes, and must not take them from the consumer and the API on the machine."""
+    if settings.jobs.jobs_nice:
+        os.nice(settings.jobs.jobs_nice)
+
+
 def _serve(name: str, jobs: list[str], settings: Settings) -> int:
     from jobs.scheduler import serve
     from jobs.tasks import job_specs
     from pipeline.signals import stop_on_signals
 
+    lower_priority(settings)
     location = _lake(name, settings)
     if location is None:
         return 2
@@ -150,6 +159,7 @@ def _run_job(name: str) -> Runner:
 
         if not args.once:
             return _serve(name, [name], settings)
+        lower_priority(settings)
         location = _lake(name, settings)
         if location is None:
             return 2

@@ -33,6 +33,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _nice_level(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 19:
+        raise ValueError("must be 0 to 19")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = _non_negative_int(text)
     if value == 0:
@@ -189,6 +196,11 @@ class JobSettings:
         5.0, _positive_duration, "period of the alert webhook delivery job"
     )
     retention_interval: float = _setting(3600.0, _positive_duration, "period of the retention job")
+    jobs_nice: int = _setting(
+        10,
+        _nice_level,
+        "CPU priority of the jobs below the consumer and the API (0-19, as nice(1))",
+    )
     # -- compaction -----------------------------------------------------------------------------
     compact_min_age: float = _setting(
         600.0,

@@ -231,3 +231,19 @@ def test_the_scheduler_runs_every_job_against_a_live_lake(tmp_path: Path) -> Non
     for job in ("rollup", "compact", "alerts", "retention", "webhook"):
         assert f"INFO adevents.jobs.scheduler: {job}: " in text, job
     assert "Traceback" not in text
+
+
+def test_jobs_run_below_the_consumer_and_the_api_in_cpu_priority() -> None:
+    """JOBS_NICE lowers the jobs' own process (a Z-order takes whole cores for minutes)."""
+    probe = (
+        "import os\n"
+        "from jobs.command import lower_priority\n"
+        "from pipeline.settings import Settings\n"
+        "before = os.nice(0)\n"
+        "lower_priority(Settings.from_env({'JOBS_NICE': '7'}))\n"
+        "print(os.nice(0) - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "7"
+    with pytest.raises(SettingsError, match="JOBS_NICE='20' is invalid"):
+        JobSettings.from_env({"JOBS_NICE": "20"})
