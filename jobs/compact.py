@@ -139,7 +139,11 @@ def _compact_table(
 
     def compact_once() -> dict[str, Any]:
         on_step(f"compact:{spec.name}")
-        return maintenance.optimize(table, target_size=jobs.compact_target_bytes)
+        return maintenance.optimize(
+            table,
+            target_size=jobs.compact_target_bytes,
+            row_group_rows=jobs.compact_row_group_rows,
+        )
 
     metrics = _retrying(table, f"compaction of {spec.name}", compact_once)
     table.update_incremental()
@@ -177,6 +181,7 @@ def _zorder_closed_hours(
                 z_order=maintenance.EVENTS_Z_ORDER,
                 target_size=jobs.compact_target_bytes,
                 memory_bytes=jobs.compact_memory_bytes,
+                row_group_rows=jobs.compact_row_group_rows,
             )
 
         try:

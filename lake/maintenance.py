@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from deltalake import DeltaTable
+from deltalake import DeltaTable, WriterProperties
 
+#: Rows per row group of rewritten files, unless told (COMPACT_ROW_GROUP_ROWS): DuckDB's unit.
+DEFAULT_ROW_GROUP_ROWS: Final = 122_880
 #: Z-order of events: one campaign's rows cluster in few files, then by time within them.
 EVENTS_Z_ORDER: Final = ("campaign_id", "event_time")
 #: The least retention ``vacuum`` accepts unless told otherwise: far above any commit's
@@ -39,6 +41,7 @@ def optimize(
     z_order: Sequence[str] | None = None,
     target_size: int | None = None,
     memory_bytes: int | None = None,
+    row_group_rows: int | None = None,
 ) -> dict[str, Any]:
     """Compact small files in the selected partitions, then Z-order them if ``z_order``.
 
@@ -47,10 +50,17 @@ def optimize(
     Z-order sorts the whole selection: past ``memory_bytes`` it spills to local temporary
     files. Without that bound it holds the selection in memory (5M events took 1.2 GB here;
     an hour at 50k events/s, 180M events, drove a 24 GiB machine out of memory).
+    Files are written zstd-compressed in row groups of ``row_group_rows``: delta-rs's default
+    (1M rows, snappy) leaves readers little to prune, so every query reads 8x more.
     """
+    properties = WriterProperties(
+        compression="ZSTD", max_row_group_size=row_group_rows or DEFAULT_ROW_GROUP_ROWS
+    )
     metrics = {
         "compact": table.optimize.compact(
-            partition_filters=partition_filters, target_size=target_size
+            partition_filters=partition_filters,
+            target_size=target_size,
+            writer_properties=properties,
         )
     }
     if z_order:
@@ -59,6 +69,7 @@ def optimize(
             partition_filters=partition_filters,
             target_size=target_size,
             max_spill_size=memory_bytes,
+            writer_properties=properties,
         )
     return metrics
 

@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.compact import compact, hour_key, hours_to_zorder, zorder_state
@@ -205,6 +206,22 @@ def test_files_at_the_target_size_are_not_small(lake: tuple[Layout, LakeLocation
     tiny = JobSettings(compact_min_age=10**9, compact_target_bytes=1)
     assert compact(layout, location, tiny, now=NOW, durable=False).tables[0].files_removed == 0
     assert compact(layout, location, CFG, now=NOW, durable=False).tables[0].files_removed == 12
+
+
+def test_rewritten_files_have_small_zstd_row_groups(lake: tuple[Layout, LakeLocation]) -> None:
+    """Compacted and Z-ordered files keep COMPACT_ROW_GROUP_ROWS rows per row group, zstd, so
+    readers prune inside them (delta-rs's default is 1M-row snappy row groups)."""
+    layout, location = lake
+    fill(location, random.Random(7), commits=12)
+    jobs = JobSettings(compact_min_age=0, compact_row_group_rows=25)
+    report = compact(layout, location, jobs, now=NOW, durable=False)
+    assert report.zordered
+    table = open_table(location, EVENTS)
+    for uri in table.file_uris():
+        metadata = pq.read_metadata(uri)
+        groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+        assert max(g.num_rows for g in groups) <= 25
+        assert {g.column(0).compression for g in groups} == {"ZSTD"}
 
 
 _ZORDER_RSS = """
