@@ -20,7 +20,14 @@ def processing_rate(lake: Lake, now_ms: int, window_ms: int = 10_000) -> float:
         SELECT coalesce(sum(rows_in), 0) FROM {ledger}
         WHERE committed_at >= make_timestamptz($since_ms * 1000)
           AND committed_at <= make_timestamptz($now_ms * 1000)"""
-    rows = lake.view("ledger").query(sql, {"since_ms": since, "now_ms": now_ms})
+    view = lake.view("ledger")
+    # Only files whose commit times (log statistics) reach the window: usually the newest few,
+    # and none at all on an idle lake. The window moves with every call, so the answer itself
+    # is never remembered.
+    recent = view.files("ledger", since, now_ms + 1)
+    if not recent:
+        return 0.0
+    rows = view.query(sql, {"since_ms": since, "now_ms": now_ms}, files={"ledger": recent})
     return float(rows[0][0]) / (window_ms / 1000)
 
 
