@@ -225,21 +225,27 @@ def test_rewritten_files_have_small_zstd_row_groups(lake: tuple[Layout, LakeLoca
 
 
 _ZORDER_RSS = """
-import resource, sys
+import sys
 from datetime import UTC, datetime
 from jobs.compact import CompactionError, compact
 from lake.location import LakeLocation
 from pipeline.schema import Layout
 from pipeline.settings import JobSettings
+def peak_kb():
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps the latter across exec, so a child of a
+    # large pytest process would start at the parent's peak.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
 jobs = JobSettings(compact_min_age=0, compact_memory_bytes=int(sys.argv[3]))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_kb()
 try:
     report = compact(Layout(sys.argv[1]), LakeLocation.from_env({"LAKE_URI": sys.argv[2]}), jobs,
                      now=datetime.now(UTC), durable=False)
     print("zordered", len(report.zordered))
 except CompactionError as exc:
     print("failed", exc)
-print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+print("grew_kb", peak_kb() - base)
 """
 
 
@@ -272,12 +278,13 @@ def test_zorder_memory_is_bounded_by_compact_memory_bytes(tmp_path: Path) -> Non
     setting, not the job. Peak memory is compared between processes, not against a figure."""
     location = LakeLocation.from_env({"LAKE_URI": str(tmp_path / "lake")})
     start = (int(time.time() * 1000) // HOUR_MS - 3) * HOUR_MS
-    for commit in range(20):
+    for commit in range(30):
         frame = enriched_frame(50_000, seed=commit, start_ms=start, id_prefix=f"c{commit}-")
         append(location, {"events": frame})
     unbounded, unbounded_kb = _zorder_in_a_process(tmp_path, tmp_path / "lake", 64 * 1024**3)
     bounded, bounded_kb = _zorder_in_a_process(tmp_path, tmp_path / "lake", 64 * 1024**2)
     assert unbounded.startswith("zordered 1") and bounded.startswith("zordered 1")
-    assert bounded_kb < 0.5 * unbounded_kb, (bounded_kb, unbounded_kb)
+    # 1.5M events: about 186 MB against 404 MB here; the gap widens with the hour's size.
+    assert bounded_kb < 0.6 * unbounded_kb, (bounded_kb, unbounded_kb)
     too_small, _ = _zorder_in_a_process(tmp_path, tmp_path / "lake", 1024**2)
     assert too_small.startswith("failed") and "COMPACT_MEMORY_BYTES=1048576" in too_small
