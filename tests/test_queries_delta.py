@@ -273,3 +273,16 @@ def test_small_files_in_memory_are_bounded_by_their_arrow_size(
         "SELECT batch_id, count(*) FROM {events} GROUP BY batch_id ORDER BY batch_id"
     )
     assert answer == [(b, 200) for b in ["s0", *batches]]
+
+
+def test_newest_is_exact_when_many_events_share_the_cut_time(tmp_path: Path) -> None:
+    """The newest-first search reads whole rows only at or after the limit-th newest time;
+    every row tied at that time is read, so ties still order by event_id."""
+    location = local(tmp_path)
+    tied = enriched_frame(300, seed=1, start_ms=START_MS, span_ms=1)  # one millisecond
+    older = enriched_frame(300, seed=2, start_ms=START_MS - 60_000, span_ms=1, id_prefix="o")
+    append(location, {"events": pl.concat([tied, older])})
+    found = events.newest(Lake(location), 100)
+    expected = tied.sort("event_id", descending=True)["event_id"].head(100).to_list()
+    assert [e.event_id for e in found] == expected
+    assert {e.time_ms for e in found} == {START_MS}
