@@ -20,6 +20,7 @@ from pipeline.schema import (
     EVENT_SCHEMA,
     EVENT_TYPES,
     KEY_COLUMN,
+    LOW_CARDINALITY_COLUMNS,
     MAX_EVENT_ID_BYTES,
     REASONS,
     TIME_COLUMN,
@@ -30,14 +31,7 @@ Int64s = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
 
 #: Low-cardinality string columns, written as Arrow dictionaries (the consumer decodes them).
-DICT_COLUMNS: Final = (
-    "event_type",
-    "campaign_id",
-    "ad_id",
-    "publisher_id",
-    "device_type",
-    "country",
-)
+DICT_COLUMNS: Final = LOW_CARDINALITY_COLUMNS
 #: The Arrow schema of a spool file: the contract's names and types, dictionary-encoded where
 #: that is cheap, and nullable everywhere so malformed rows can be written.
 SPOOL_SCHEMA: Final = pa.schema(

@@ -85,6 +85,16 @@ def _polars_type(name: str) -> pl.DataType:
 
 POLARS_EVENT_SCHEMA: Final = pl.Schema({name: _polars_type(name) for name in EVENT_COLUMNS})
 
+#: Event columns with few distinct values: spool files carry them as Arrow dictionaries, and
+#: readers that keep rows in memory read them as dictionaries too.
+LOW_CARDINALITY_COLUMNS: Final = (
+    "event_type",
+    "campaign_id",
+    "ad_id",
+    "publisher_id",
+    "device_type",
+    "country",
+)
 #: Columns the consumer adds to every stored event.
 ENRICHED_SCHEMA: Final = pl.Schema(
     {

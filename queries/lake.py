@@ -52,7 +52,15 @@ from lake.location import LakeLocation
 from lake.snapshot import table_dataset
 from lake.tables import TABLES as DELTA_TABLES
 from lake.tables import TableSpec
-from pipeline.schema import ALERT_SCHEMA, CAMPAIGN_SCHEMA, DAY_MS, HOUR_MS, ROLLUP_SCHEMA, Layout
+from pipeline.schema import (
+    ALERT_SCHEMA,
+    CAMPAIGN_SCHEMA,
+    DAY_MS,
+    HOUR_MS,
+    LOW_CARDINALITY_COLUMNS,
+    ROLLUP_SCHEMA,
+    Layout,
+)
 from pipeline.settings import Settings
 
 T = TypeVar("T")
@@ -78,12 +86,7 @@ TAIL_BYTES: Final = 512 * 1024**2
 _FIRST_RATIO: Final = 12.0
 #: String columns with few distinct values, read as dictionaries (half the memory).
 _DICTIONARY_COLUMNS: Final = (
-    "event_type",
-    "campaign_id",
-    "ad_id",
-    "publisher_id",
-    "device_type",
-    "country",
+    *LOW_CARDINALITY_COLUMNS,
     "advertiser_id",
     "campaign_name",
     "batch_id",

@@ -155,6 +155,14 @@ def test_incremental_rollups_equal_a_full_recomputation(
     _assert_reconciled(layout, location)
 
 
+def _rolled_up_batch(
+    layout: Layout, location: LakeLocation, rng: random.Random, *, rows: int, minutes_ago: int
+) -> None:
+    """A first batch committed ``minutes_ago`` and rolled up: what later runs fold onto."""
+    _commit(location, random_batch(rng, batch=0, rows=rows, time_ms=NOW_MS - minutes_ago * 60_000))
+    run_rollup(layout, location, durable=False)
+
+
 def _rollups(layout: Layout) -> dict[str, pl.DataFrame]:
     return {g: read_rollups(layout, g) for g in GRANULARITIES}
 
@@ -199,8 +207,7 @@ def test_new_rows_are_folded_in_and_each_minute_file_names_its_version(
 ) -> None:
     layout, location = lake
     rng = random.Random(6)
-    _commit(location, random_batch(rng, batch=0, rows=50, time_ms=NOW_MS - 20 * 60_000))
-    run_rollup(layout, location, durable=False)
+    _rolled_up_batch(layout, location, rng, rows=50, minutes_ago=20)
     for b in range(1, 4):
         _commit(location, random_batch(rng, batch=b, rows=40, time_ms=NOW_MS - b * 60_000))
     report = run_rollup(layout, location, durable=False)
@@ -224,8 +231,7 @@ def test_a_crash_between_any_two_file_writes_folds_no_row_twice(
     layout, location = lake
     rng = random.Random(crash_at)
     history: list[tuple[str, int]] = []
-    _commit(location, random_batch(rng, batch=0, rows=60, time_ms=NOW_MS - 90 * 60_000))
-    run_rollup(layout, location, durable=False)
+    _rolled_up_batch(layout, location, rng, rows=60, minutes_ago=90)
     for b in range(1, 5):  # over two hours, late events into the first one
         at = NOW_MS - (80 - 25 * b) * 60_000
         table = random_batch(
@@ -256,8 +262,7 @@ def test_rows_are_folded_in_bounded_parts(
     """Partial sums and sketches of many small parts add up to those of all rows at once."""
     layout, location = lake
     rng = random.Random(8)
-    _commit(location, random_batch(rng, batch=0, rows=10, time_ms=NOW_MS - 30 * 60_000))
-    run_rollup(layout, location, durable=False)
+    _rolled_up_batch(layout, location, rng, rows=10, minutes_ago=30)
     for b in range(1, 6):
         _commit(location, random_batch(rng, batch=b, rows=90, time_ms=NOW_MS - b * 300_000))
     monkeypatch.setattr(rollup, "FOLD_ROWS", 7)
@@ -270,8 +275,7 @@ def test_a_late_event_updates_its_old_minute_hour_and_day(
 ) -> None:
     layout, location = lake
     rng = random.Random(9)
-    _commit(location, random_batch(rng, batch=0, rows=50, time_ms=NOW_MS - 30 * 60_000))
-    run_rollup(layout, location, durable=False)
+    _rolled_up_batch(layout, location, rng, rows=50, minutes_ago=30)
     old = NOW_MS - 45 * 60_000
     _commit(location, random_batch(rng, batch=1, rows=20, time_ms=NOW_MS - 60_000, spread_ms=1))
     late = event_table(
@@ -311,8 +315,7 @@ def test_an_unreadable_change_feed_falls_back_to_a_recomputation(
     (a rollup behind by more than VACUUM_RETENTION): the run recomputes from a snapshot."""
     layout, location = lake
     rng = random.Random(4)
-    _commit(location, random_batch(rng, batch=0, rows=30, time_ms=NOW_MS - 20 * 60_000))
-    run_rollup(layout, location, durable=False)
+    _rolled_up_batch(layout, location, rng, rows=30, minutes_ago=20)
     for b in range(1, 4):
         _commit(location, random_batch(rng, batch=b, rows=30, time_ms=NOW_MS - b * 60_000))
     compact(layout, location, JobSettings(compact_min_age=0), now=datetime.now(UTC), durable=False)
