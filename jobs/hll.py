@@ -31,7 +31,6 @@ COLUMN: Final = "registers"
 #: Changes whenever stored sketches could not be merged with new ones (see :func:`check`).
 FORMAT: Final = "dense1"
 _SEED: Final = 0x5F3759DF6A09E667
-_ALPHA: Final = 0.7213 / (1 + 1.079 / REGISTERS)
 _CHECK_VALUES: Final = ("adevents-hll-check", "", "user-1")
 
 Matrix = npt.NDArray[np.uint8]
@@ -124,18 +123,47 @@ def merge_into(
     return merge([stored, delta], keys)
 
 
+def _sigma(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Ertl's sigma(x) = x + sum_k x^(2^k) 2^(k-1), elementwise (inf at x = 1)."""
+    y = np.ones_like(x)
+    z = x.copy()
+    x = x.copy()
+    for _ in range(64):  # converged long before: x^(2^k) vanishes for x < 1
+        x = x * x
+        z = z + x * y
+        y = y + y
+    return np.where(x >= 1.0, np.inf, z)
+
+
+def _tau(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Ertl's tau(x) = (1 - x - sum_k (1 - x^(2^-k))^2 2^-k) / 3, elementwise (0 at 0 and 1)."""
+    y = np.ones_like(x)
+    z = 1.0 - x
+    x = x.copy()
+    for _ in range(64):
+        x = np.sqrt(x)
+        y = y * 0.5
+        z = z - (1.0 - x) ** 2 * y
+    return np.where((x <= 0.0) | (x >= 1.0), 0.0, z / 3.0)
+
+
 def estimate(sketch: pl.DataFrame, keys: Sequence[str], name: str = "unique_users") -> pl.DataFrame:
-    """The distinct-count estimate of each group's sketch, as Int64 column ``name``."""
-    rho = _matrix(sketch).astype(np.int64)
-    # sum of 2^-rho over all registers (an empty one counts 2^0), times 2^33: an exact
-    # integer below 2^46.
-    total = np.left_shift(np.int64(1), MAX_RHO - rho).sum(axis=1)
-    zeros = (rho == 0).sum(axis=1)
+    """The distinct-count estimate of each group's sketch, as Int64 column ``name``.
+
+    Ertl's improved raw estimator ("New cardinality estimation algorithms for HyperLogLog
+    sketches", 2017) from each sketch's histogram of register values: unbiased over the whole
+    range, with no switch from linear counting to the raw estimate (the classic estimator's
+    switch at 2.5 m, about 10k users here, biased those counts by +1.8 %).
+    """
+    rho = _matrix(sketch)
     m = float(REGISTERS)
-    raw = _ALPHA * m * m * float(1 << MAX_RHO) / np.maximum(total, 1).astype(np.float64)
-    with np.errstate(divide="ignore"):
-        small = m * np.log(m / np.maximum(zeros, 1))
-    value = np.where((raw <= 2.5 * m) & (zeros > 0), small, raw)
+    q = MAX_RHO - 1
+    counts = np.stack([(rho == k).sum(axis=1) for k in range(q + 2)], axis=1).astype(np.float64)
+    z = m * _tau(1.0 - counts[:, q + 1] / m)
+    for k in range(q, 0, -1):
+        z = 0.5 * (z + counts[:, k])
+    z = z + m * _sigma(counts[:, 0] / m)
+    value = np.where(np.isfinite(z), m * m / (2.0 * math.log(2.0)) / z, 0.0)
     return sketch.select(keys).with_columns(
         pl.Series(name, np.round(value), pl.Float64).cast(pl.Int64)
     )
