@@ -278,13 +278,14 @@ def test_zorder_memory_is_bounded_by_compact_memory_bytes(tmp_path: Path) -> Non
     setting, not the job. Peak memory is compared between processes, not against a figure."""
     location = LakeLocation.from_env({"LAKE_URI": str(tmp_path / "lake")})
     start = (int(time.time() * 1000) // HOUR_MS - 3) * HOUR_MS
-    for commit in range(30):
+    for commit in range(40):
         frame = enriched_frame(50_000, seed=commit, start_ms=start, id_prefix=f"c{commit}-")
         append(location, {"events": frame})
     unbounded, unbounded_kb = _zorder_in_a_process(tmp_path, tmp_path / "lake", 64 * 1024**3)
-    bounded, bounded_kb = _zorder_in_a_process(tmp_path, tmp_path / "lake", 64 * 1024**2)
+    bounded, bounded_kb = _zorder_in_a_process(tmp_path, tmp_path / "lake", 128 * 1024**2)
     assert unbounded.startswith("zordered 1") and bounded.startswith("zordered 1")
-    # 1.5M events: about 186 MB against 404 MB here; the gap widens with the hour's size.
+    # 2M events: 214-224 MB against 512-516 MB here; the gap widens with the hour's size. (At
+    # 64 MiB the merge of the spilled runs itself did not fit on CI: see the last case.)
     assert bounded_kb < 0.6 * unbounded_kb, (bounded_kb, unbounded_kb)
     too_small, _ = _zorder_in_a_process(tmp_path, tmp_path / "lake", 1024**2)
     assert too_small.startswith("failed") and "COMPACT_MEMORY_BYTES=1048576" in too_small
