@@ -214,7 +214,7 @@ class JobSettings:
         122_880, _positive_int, "rows per row group of compacted files (DuckDB's unit of work)"
     )
     compact_memory_bytes: int = _setting(
-        256 * 1024**2,
+        1024**3,
         _positive_size,
         "memory a Z-order sorts in before it spills to disk (bounds the scheduler's memory)",
     )
