@@ -44,6 +44,8 @@ log = logging.getLogger("adevents.jobs.compact")
 ATTEMPTS: Final = 5
 #: How DataFusion says a sort did not fit in its memory pool.
 RESOURCES_EXHAUSTED: Final = "Resources exhausted"
+#: How long an hour whose Z-order did not fit in COMPACT_MEMORY_BYTES waits before the next try.
+DEFER_AFTER_MEMORY_S: Final = 3600
 
 T = TypeVar("T")
 
@@ -110,9 +112,15 @@ def zorder_state(layout: Layout) -> Path:
     return layout.state / "zorder.json"
 
 
-def _load_done(layout: Layout) -> set[str]:
+def _load_state(layout: Layout) -> tuple[set[str], dict[str, float]]:
+    """The hours Z-ordered, and those deferred (epoch seconds before which not to try again)."""
     raw = read_json(zorder_state(layout))
-    return {str(k) for k in raw.get("hours", ())} if isinstance(raw, dict) else set()
+    if not isinstance(raw, dict):
+        return set(), {}
+    deferred = raw.get("deferred")
+    return {str(k) for k in raw.get("hours", ())}, (
+        {str(k): float(v) for k, v in deferred.items()} if isinstance(deferred, dict) else {}
+    )
 
 
 def _retrying(table: DeltaTable, what: str, action: Callable[[], T]) -> T:
@@ -169,8 +177,16 @@ def _zorder_closed_hours(
     partitions = table.partitions()
     present = {hour_key(p["date"], p["hour"]) for p in partitions}
     # Hours gone by retention are forgotten, so the state stays as small as the table.
-    done = _load_done(layout) & present
-    for date, hour in hours_to_zorder(partitions, done, now=now, min_age_s=jobs.compact_min_age):
+    done, deferred = _load_state(layout)
+    done &= present
+    deferred = {k: t for k, t in deferred.items() if k in present and t > now.timestamp()}
+
+    def save() -> None:
+        state = {"hours": sorted(done), "deferred": deferred}
+        write_json_atomic(state, zorder_state(layout), durable=durable)
+
+    skip = done | set(deferred)
+    for date, hour in hours_to_zorder(partitions, skip, now=now, min_age_s=jobs.compact_min_age):
         key = hour_key(date, hour)
 
         def zorder_once(date: str = date, hour: str = hour, key: str = key) -> dict[str, Any]:
@@ -189,12 +205,16 @@ def _zorder_closed_hours(
         except DeltaError as exc:
             if RESOURCES_EXHAUSTED not in str(exc):
                 raise
-            # Spilled runs are merged in memory too: too small a bound fails the sort.
+            # Spilled runs are merged in memory too: too small a bound fails the sort, and
+            # would again every run (minutes of CPU each), so the hour waits.
+            deferred[key] = now.timestamp() + DEFER_AFTER_MEMORY_S
+            save()
             log.error(
                 "Z-order of events %s needs more than COMPACT_MEMORY_BYTES=%d bytes of memory; "
-                "raise it. It is tried again next run",
+                "raise it. It is tried again in %d minutes",
                 key,
                 jobs.compact_memory_bytes,
+                DEFER_AFTER_MEMORY_S // 60,
             )
             report.failed.append(f"events/{key}")
             continue
@@ -204,7 +224,7 @@ def _zorder_closed_hours(
             report.failed.append(f"events/{key}")
             continue
         done.add(key)
-        write_json_atomic({"hours": sorted(done)}, zorder_state(layout), durable=durable)
+        save()
         report.zordered.append(key)
         log.info("Z-ordered events %s by %s", key, ", ".join(maintenance.EVENTS_Z_ORDER))
 

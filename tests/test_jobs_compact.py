@@ -9,14 +9,18 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from deltalake.exceptions import DeltaError
 
-from jobs.compact import compact, hour_key, hours_to_zorder, zorder_state
+from jobs import compact as compact_module
+from jobs.compact import CompactionError, compact, hour_key, hours_to_zorder, zorder_state
 from jobs.testing import commit_batches, random_batch
+from lake import maintenance
 from lake.location import LakeLocation
 from lake.snapshot import snapshot
 from lake.tables import EVENTS, LEDGER, open_table
@@ -170,6 +174,34 @@ def test_zorder_happens_once_per_closed_hour(
     assert len(compact(layout, location, CFG, now=later, durable=False).zordered) == 1
     zorder_state(layout).unlink()
     assert len(compact(layout, location, CFG, now=later, durable=False).zordered) == 3
+
+
+def test_an_hour_whose_zorder_does_not_fit_in_memory_waits_an_hour(
+    lake: tuple[Layout, LakeLocation], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Z-order that ran out of COMPACT_MEMORY_BYTES would fail again at every run, each time
+    after minutes of work: the hour is deferred, the others go on, and it is tried again later."""
+    layout, location = lake
+    fill(location, random.Random(8), commits=9)
+    real = maintenance.optimize
+    tried: list[str] = []
+
+    def short_of_memory(table: Any, filters: Any = None, **kwargs: Any) -> dict[str, Any]:
+        if kwargs.get("z_order"):
+            tried.append(str(filters))
+            if len(tried) == 1:
+                raise DeltaError("Resources exhausted: Failed to allocate additional 1 MB")
+        return real(table, filters, **kwargs)
+
+    monkeypatch.setattr(compact_module.maintenance, "optimize", short_of_memory)
+    with pytest.raises(CompactionError, match="events/date="):
+        compact(layout, location, CFG, now=NOW, durable=False)
+    failed, others = tried[0], len(tried) - 1
+    assert others == 1  # the other closed hour went on
+    compact(layout, location, CFG, now=NOW + timedelta(minutes=30), durable=False)
+    assert tried.count(failed) == 1  # deferred, not tried again (newly closed hours are)
+    compact(layout, location, CFG, now=NOW + timedelta(minutes=61), durable=False)
+    assert tried.count(failed) == 2
 
 
 def test_a_conflicting_delete_makes_the_optimize_retry_not_fail(
