@@ -51,7 +51,7 @@ from lake import changes
 from lake.location import LakeLocation
 from lake.snapshot import table_dataset
 from lake.tables import TABLES as DELTA_TABLES
-from lake.tables import TableSpec
+from lake.tables import TableSpec, open_table
 from pipeline.schema import (
     ALERT_SCHEMA,
     CAMPAIGN_SCHEMA,
@@ -676,10 +676,7 @@ class Lake:
             table = self._tables.get(name)
             if table is None:
                 try:
-                    table = DeltaTable(
-                        self.location.table_uri(name),
-                        storage_options=self.location.storage_options(),
-                    )
+                    table = open_table(self.location, spec)
                 except TableNotFoundError:
                     return _empty_state(spec)
                 self._tables[name] = table
@@ -756,9 +753,7 @@ class Lake:
         """The open table ``name`` if it has ``version``, else a fresh one (under ``_lock``)."""
         table = self._tables.get(name)
         if table is None or table.version() < version:
-            table = DeltaTable(
-                self.location.table_uri(name), storage_options=self.location.storage_options()
-            )
+            table = open_table(self.location, self.specs[name])
         return table
 
     # -- ad-hoc SQL ----------------------------------------------------------------------------
