@@ -31,8 +31,9 @@ from pipeline.settings import JobSettings
 HOUR_MS = 3_600_000
 NOW_MS = int(time.time() * 1000)
 NOW = datetime.fromtimestamp(NOW_MS / 1000, UTC)
-#: The hour that started two hours ago: closed.
-BASE_MS = NOW_MS - NOW_MS % HOUR_MS - 2 * HOUR_MS
+#: The open hour, and the one that started two hours ago: closed.
+OPEN_MS = NOW_MS - NOW_MS % HOUR_MS
+BASE_MS = OPEN_MS - 2 * HOUR_MS
 CFG = JobSettings(compact_min_age=0)
 
 
@@ -45,7 +46,9 @@ def fill(location: LakeLocation, rng: random.Random, *, commits: int) -> int:
     """``commits`` small commits over two closed hours and the open one; rows committed."""
     rows = 0
     for b in range(commits):
-        at = (BASE_MS, BASE_MS + HOUR_MS, NOW_MS - 1_000)[b % 3] + b * 1_000
+        # From each hour's start: the rows stay in their hour whenever the module was imported
+        # (from NOW, a run imported in an hour's last seconds spilled into a fourth one on CI).
+        at = (BASE_MS, BASE_MS + HOUR_MS, OPEN_MS)[b % 3] + b * 1_000
         n = rng.randrange(5, 40)
         commit_batches(
             location, [random_batch(rng, batch=b, rows=n, time_ms=at, spread_ms=500)], at=NOW
