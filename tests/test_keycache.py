@@ -25,6 +25,7 @@ from pipeline.keycache import (
     KeyCache,
     RebuildableKeyCache,
     expired_before,
+    read_key_file,
 )
 from pipeline.redis_cache import MAX_MEMBERS_PER_CALL, RedisKeyCache
 from pipeline.testing import MemoryKeyCache, MemoryKeyState
@@ -492,21 +493,86 @@ def test_embedded_snapshot_compaction_keeps_only_live_keys(tmp_path: Path) -> No
     live = [k for k in batches if k.slice[0] >= cutoff]
     assert cache.stats().keys == 50 * len(live) == 150
     state = tmp_path / "state" / "embedded"
-    snaps = sorted(state.glob("snap-*.npz"))
-    segs = sorted(state.glob("seg-*.npz"))
+    snaps = sorted(state.glob("snap-*.keys"))
+    segs = sorted(state.glob("seg-*.keys"))
     assert len(snaps) == 1 and len(segs) < 3
     # The snapshot holds live keys only (what was live when it was taken).
-    with np.load(snaps[0]) as data:
-        snap_wm = int(data["watermark"])
-        snap_cutoff = expired_before(snap_wm, WINDOW_MS, SLICE_MS)
-        assert snap_cutoff is not None
-        assert (data["slice"] >= snap_cutoff).all()
-        assert len(data["slice"]) <= 50 * 3
+    snap_wm, chunks = read_key_file(snaps[0])
+    snap_cutoff = expired_before(snap_wm, WINDOW_MS, SLICE_MS)
+    assert snap_cutoff is not None
+    assert all(sl >= snap_cutoff for sl, _, _ in chunks)
+    assert sum(len(lo) for _, _, lo in chunks) <= 50 * 3
     reopened = embedded(tmp_path, snapshot_every=3)
     assert reopened.watermark() == watermark
     assert reopened.stats().keys == 150
     held = probe(reopened, Keys.concat(batches))
     assert np.array_equal(held, np.repeat([k.slice[0] >= cutoff for k in batches], 50))
+
+
+def test_embedded_snapshots_only_once_new_keys_reach_half_the_live_ones(tmp_path: Path) -> None:
+    """A snapshot rewrites every live key: taken every few batches of a large window, it wrote
+    3 GB every 25 s in the soak. It waits until the segments since the last one hold half as
+    many keys as the last snapshot (half the live ones), so each key is written at most twice
+    more, and a restart reads at most twice the live keys."""
+    cache = embedded(tmp_path, snapshot_every=1)
+    cache.rebuild(keys_in_slice(1_000, 0, seed=70), 500)
+    state = tmp_path / "state" / "embedded"
+    for i in range(10):
+        cache.claim(f"b{i}", keys_in_slice(100, 1 + i, seed=71 + i))
+        cache.finish(f"b{i}", 1_500)
+        if i < 9:  # 100..900 new keys: fewer than the 1,000 of the last snapshot
+            assert len(list(state.glob("seg-*.keys"))) == i + 1
+    # 1,000 new keys, as many as the snapshot holds: one new snapshot, and no segment left.
+    assert len(list(state.glob("snap-*.keys"))) == 1
+    assert not list(state.glob("seg-*.keys"))
+    assert embedded(tmp_path).stats().keys == 2_000
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_embedded_rebuilds_when_a_key_file_is_unreadable(tmp_path: Path, damage: str) -> None:
+    cache = embedded(tmp_path)
+    cache.rebuild(empty_keys(), None)
+    cache.claim("b0", keys_in_slice(100, 0, seed=80))
+    cache.finish("b0", 500)
+    (segment,) = (tmp_path / "state" / "embedded").glob("seg-*.keys")
+    data = segment.read_bytes()
+    segment.write_bytes(data[:-9] if damage == "truncated" else b"PK\x03\x04" + data)
+    reopened = embedded(tmp_path)
+    assert reopened.needs_rebuild() and reopened.stats().keys == 0
+    lake_keys = keys_in_slice(100, 0, seed=80)
+    assert reopened.ensure(lambda since: (lake_keys, 500))
+    assert reopened.stats().keys == 100 and probe(reopened, lake_keys).all()
+    assert not embedded(tmp_path).needs_rebuild()
+
+
+def test_embedded_claims_go_on_while_a_snapshot_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot of a large window takes seconds to write: the writer thread writes it
+    outside the cache's lock, so the main thread's claims are not held up meanwhile."""
+    cache = embedded(tmp_path, snapshot_every=1)
+    cache.rebuild(empty_keys(), None)
+    writing, release = threading.Event(), threading.Event()
+    real_write = keycache_module.write_key_file
+
+    def slow_snapshot(path: Path, *args: Any) -> None:
+        if path.name.startswith("snap-"):
+            writing.set()
+            assert release.wait(30)
+        real_write(path, *args)
+
+    monkeypatch.setattr(keycache_module, "write_key_file", slow_snapshot)
+    cache.claim("b0", keys_in_slice(100, 0, seed=90))
+    writer = threading.Thread(target=cache.finish, args=("b0", 500))
+    writer.start()
+    assert writing.wait(30)  # the snapshot is being written ...
+    claimed = cache.claim("b1", keys_in_slice(100, 1, seed=91))  # ... and a claim goes through
+    release.set()
+    writer.join()
+    assert claimed.all()
+    cache.finish("b1", 1_500)
+    cache.close()
+    assert embedded(tmp_path).stats().keys == 200
 
 
 def test_embedded_close_compacts_to_one_snapshot(tmp_path: Path) -> None:
@@ -517,8 +583,8 @@ def test_embedded_close_compacts_to_one_snapshot(tmp_path: Path) -> None:
         cache.finish(f"b{i}", i * SLICE_MS)
     cache.close()
     state = tmp_path / "state" / "embedded"
-    assert len(list(state.glob("snap-*.npz"))) == 1
-    assert not list(state.glob("seg-*.npz"))
+    assert len(list(state.glob("snap-*.keys"))) == 1
+    assert not list(state.glob("seg-*.keys"))
     assert embedded(tmp_path).stats().keys == 40
 
 
