@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from generator import ID_SHAPES
 from pipeline.settings import Settings, parse_duration
 
 #: Flags that override a setting of the same name; absent unless given, so they never clobber
 #: a value the CLI already parsed into the namespace.
-SETTING_FLAGS = ("dup_rate", "late_rate", "invalid_rate")
+SETTING_FLAGS = ("dup_rate", "late_rate", "invalid_rate", "restamp_rate")
 
 
 def _count(text: str) -> int:
@@ -89,6 +90,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="campaigns in a dimension created because none exists (default 1000)",
     )
     parser.add_argument(
+        "--ids",
+        choices=ID_SHAPES,
+        default="sequential",
+        help="event_id shape: sequential (<producer>-<seed>-<seq>, default) or hex33 "
+        "(33 random-looking hex digits, as SDKs send)",
+    )
+    parser.add_argument(
         "--http",
         metavar="URL",
         help="POST the events to this server's /ad_events instead of writing spool files",
@@ -131,6 +139,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             campaigns=args.campaigns,
             http=http,
             api_key=api_key,
+            ids=args.ids,
         )
     except ValueError as exc:
         print(f"generate: {exc}", file=sys.stderr)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -12,6 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from generator import ID_SHAPES
 from pipeline.schema import (
     CAMPAIGN_COLUMNS,
     CAMPAIGN_SCHEMA,
@@ -80,27 +82,50 @@ _HEX4 = (
 )
 
 
-def hex_strings(prefix: bytes, values: npt.NDArray[np.integer], digits: int) -> pa.StringArray:
-    """``prefix`` + the low ``digits`` (a multiple of 4) hex digits of each value, as one Arrow
-    string array built without a Python object per string."""
+def _hex_field(values: npt.NDArray[np.integer], digits: int) -> tuple[str, npt.NDArray[Any]]:
+    """One fixed-width field of hex digits: its NumPy dtype and its ASCII bytes, per value."""
+    unsigned = values.astype(np.uint64)
+    if digits == 1:
+        return "u1", _HEX[(unsigned & np.uint64(15)).astype(np.intp)]
     if digits not in (4, 8, 12, 16):
-        raise ValueError("digits must be 4, 8, 12 or 16")
-    n, groups = len(values), digits // 4
-    row = np.dtype([("prefix", f"S{len(prefix)}")] + [(f"g{i}", "<u4") for i in range(groups)])
+        raise ValueError("digits must be 1, 4, 8, 12 or 16")
+    groups = digits // 4
+    quads = [
+        _HEX4[((unsigned >> np.uint64(16 * (groups - 1 - i))) & np.uint64(0xFFFF)).astype(np.intp)]
+        for i in range(groups)
+    ]
+    return f"{groups}<u4", np.stack(quads, axis=1)
+
+
+def _hex_concat(
+    prefix: bytes, parts: Sequence[tuple[npt.NDArray[np.integer], int]]
+) -> pa.StringArray:
+    """``prefix`` + each part's low hex digits, row by row, as one Arrow string array built
+    without a Python object per string (the rows are one NumPy record array's bytes)."""
+    n = len(parts[0][0])
+    packed = [_hex_field(values, digits) for values, digits in parts]
+    layout = [("prefix", f"S{len(prefix)}")] if prefix else []
+    row = np.dtype(layout + [(f"f{i}", dtype) for i, (dtype, _) in enumerate(packed)])
     if n * row.itemsize >= 2**31:
         raise ValueError("too many strings for one Arrow string array")
     data = np.empty(n, dtype=row)
-    data["prefix"] = prefix
-    unsigned = values.astype(np.uint64)
-    for i in range(groups):
-        quad = (unsigned >> np.uint64(16 * (groups - 1 - i))) & np.uint64(0xFFFF)
-        data[f"g{i}"] = _HEX4[quad.astype(np.intp)]
+    if prefix:
+        data["prefix"] = prefix
+    for i, (_, chars) in enumerate(packed):
+        data[f"f{i}"] = chars
     offsets = np.arange(0, (n + 1) * row.itemsize, row.itemsize, dtype=np.int32)
     array = pa.Array.from_buffers(
         pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data.view(np.uint8))]
     )
     assert isinstance(array, pa.StringArray)
     return array
+
+
+def hex_strings(prefix: bytes, values: npt.NDArray[np.integer], digits: int) -> pa.StringArray:
+    """``prefix`` + the low ``digits`` (a multiple of 4, at most 16) hex digits of each value."""
+    if digits not in (4, 8, 12, 16):
+        raise ValueError("digits must be 4, 8, 12 or 16")
+    return _hex_concat(prefix, [(values, digits)])
 
 
 def event_id_prefix(producer: str, seed: int) -> bytes:
@@ -111,11 +136,39 @@ def event_id_prefix(producer: str, seed: int) -> bytes:
 
 
 EVENT_SEQ_DIGITS: Final = 12
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def event_ids(prefix: bytes, seqs: npt.NDArray[np.integer]) -> pa.StringArray:
-    """The event_id of each sequence number of a run (``gen-<seed>-<seq>``, 33 bytes for "gen")."""
-    return hex_strings(prefix, seqs, EVENT_SEQ_DIGITS)
+def _mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that looks random."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    mixed: npt.NDArray[np.uint64] = x ^ (x >> np.uint64(31))
+    return mixed
+
+
+def _hex33_ids(prefix: bytes, seqs: npt.NDArray[np.integer]) -> pa.StringArray:
+    """33 hex digits per sequence number, keyed by the run's ``prefix`` (producer and seed).
+
+    The middle 16 digits are a bijection of the sequence number, so a run's ids never collide;
+    ids of other runs collide with probability about n^2 / 2^129, as truly random ids would.
+    """
+    key = np.frombuffer(hashlib.blake2b(prefix, digest_size=16).digest(), dtype="<u8")
+    unsigned = seqs.astype(np.uint64)
+    unique = _mix64(unsigned + key[0])
+    noise = _mix64(unsigned ^ key[1])
+    return _hex_concat(b"", [(noise >> np.uint64(60), 1), (unique, 16), (noise, 16)])
+
+
+def event_ids(
+    prefix: bytes, seqs: npt.NDArray[np.integer], shape: str = "sequential"
+) -> pa.StringArray:
+    """The event_id of each sequence number of a run, in one of ID_SHAPES."""
+    if shape == "sequential":
+        return hex_strings(prefix, seqs, EVENT_SEQ_DIGITS)
+    if shape == "hex33":
+        return _hex33_ids(prefix, seqs)
+    raise ValueError(f"id shape must be one of {', '.join(ID_SHAPES)}")
 
 
 def _sampler(weights: npt.NDArray[np.float64]) -> npt.NDArray[np.uint32]:
@@ -281,6 +334,7 @@ class BatchSpec:
     start_ms: int
     end_ms: int
     invalid_rate: float = 0.0
+    id_shape: str = "sequential"
 
 
 @dataclass(frozen=True)
@@ -365,7 +419,7 @@ def generate_batch(rng: np.random.Generator, population: Population, spec: Batch
         "revenue_micros": revenue,
     }
     nulls: dict[str, Bools] = {"country": country == len(COUNTRY_MIX)}
-    ids = event_ids(spec.id_prefix, np.arange(spec.seq_start, spec.seq_start + n))
+    ids = event_ids(spec.id_prefix, np.arange(spec.seq_start, spec.seq_start + n), spec.id_shape)
     invalid, reasons, ids = _corrupt(rng, columns, nulls, ids, spec.invalid_rate)
 
     data: dict[str, pl.Series] = {

@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from generator import model
+from generator import ID_SHAPES, model
 from generator.http import HttpSender, SendTotals
 from pipeline.schema import KEY_COLUMN, TIME_COLUMN, Layout
 from pipeline.settings import Settings
@@ -38,6 +38,10 @@ SAME_BATCH_DUPLICATES: Final = 0.25
 RETRY_BATCHES: Final = 20
 #: How far a late event's time lies before its delivery (some beyond a 1 h dedupe window).
 LATE_DELAY_MS: Final = (60_000, 2 * 3600_000)
+#: Longest shift of a re-stamped copy's event_time (RESTAMP_RATE), and at most this share of
+#: DEDUPE_WINDOW, so both copies stay well inside the window.
+RESTAMP_MAX_MS: Final = 60_000
+RESTAMP_MAX_WINDOW_SHARE: Final = 0.1
 TRUTH_SCHEMA: Final = pa.schema(
     [
         pa.field("event_id", pa.string(), nullable=False),
@@ -64,6 +68,8 @@ class GenerateSummary:
     seed: int
     producer: str
     truth: Path | None = None
+    #: Duplicate copies whose event_time differs from their original's (RESTAMP_RATE).
+    restamped: int = 0
     #: What the server answered, when the events were sent over HTTP.
     sent: SendTotals | None = None
 
@@ -71,10 +77,15 @@ class GenerateSummary:
     def events_per_second(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def _restamped_note(self) -> str:
+        return f" ({self.restamped} re-stamped)" if self.restamped else ""
+
     def line(self) -> str:
         return (
             f"generated {self.files} files, {self.events} events ({self.distinct} distinct, "
-            f"{self.duplicates} duplicates, {self.invalid} invalid, {self.late} late) "
+            f"{self.duplicates} duplicates{self._restamped_note}, {self.invalid} invalid, "
+            f"{self.late} late) "
             f"in {self.seconds:.2f} s = {self.events_per_second:,.0f} events/s "
             f"(producer {self.producer}, seed {self.seed})"
         )
@@ -162,7 +173,7 @@ class _Truth:
         # Every malformed empty event_id is the same id.
         return self.fresh - max(self.empty_ids - 1, 0)
 
-    def write(self, path: Path, id_prefix: bytes, chunk: int = 1_000_000) -> None:
+    def write(self, path: Path, id_prefix: bytes, id_shape: str, chunk: int = 1_000_000) -> None:
         """Write the truth Parquet atomically (temporary name, then rename)."""
         copies = np.concatenate([np.empty(0, np.uint8), *self.copies]).astype(np.int64)
         valid = np.concatenate([np.empty(0, np.bool_), *self.valid])
@@ -179,7 +190,7 @@ class _Truth:
                 part = slice(start, start + chunk)
                 keep = normal[part]
                 columns = [
-                    model.event_ids(id_prefix, np.arange(start, start + len(keep))[keep]),
+                    model.event_ids(id_prefix, np.arange(start, start + len(keep))[keep], id_shape),
                     pa.array(copies[part][keep]),
                     pa.array(valid[part][keep]),
                     pa.array(late[part][keep]),
@@ -254,6 +265,7 @@ class _Run:
         writer: _BackgroundWriter,
         population: model.Population,
         id_prefix: bytes,
+        id_shape: str,
         seeds: np.random.SeedSequence,
         clock: Callable[[], float],
         keep_truth: bool,
@@ -262,6 +274,7 @@ class _Run:
         self.writer = writer
         self.population = population
         self.id_prefix = id_prefix
+        self.id_shape = id_shape
         sequences = seeds.spawn(2)
         self.model_rng = np.random.default_rng(sequences[0])
         self.rng = np.random.default_rng(sequences[1])
@@ -272,6 +285,7 @@ class _Run:
         self.seq = 0  # fresh events drawn so far
         self.committed = 0  # rows written or held back: all will be written
         self.rows = 0
+        self.restamped = 0  # duplicate copies given another event_time
         self.clock_ms = self.now_ms()
 
     def now_ms(self) -> int:
@@ -301,7 +315,13 @@ class _Run:
         parts = [h.frame for h in due]
         if fresh:
             spec = model.BatchSpec(
-                self.id_prefix, self.seq, fresh, start_ms, end_ms, self.settings.invalid_rate
+                self.id_prefix,
+                self.seq,
+                fresh,
+                start_ms,
+                end_ms,
+                self.settings.invalid_rate,
+                self.id_shape,
             )
             batch = model.generate_batch(self.model_rng, self.population, spec)
             frame = batch.frame
@@ -319,8 +339,9 @@ class _Run:
                 kept[late_rows] = False
                 on_time = frame.filter(pl.Series(kept))
                 self._hold(frame, late_rows, end_ms, late_delay_ms=delay)
-            parts += [on_time, frame[same_rows]]
-            self._hold(frame, later_rows, end_ms)
+            copies_of = self._restamped(frame, np.concatenate([same_rows, later_rows]))
+            parts += [on_time, copies_of[same_rows]]
+            self._hold(copies_of, later_rows, end_ms)
             copies = np.ones(fresh, dtype=np.uint8)
             copies[same_rows] += 1
             copies[later_rows] += 1
@@ -332,6 +353,26 @@ class _Run:
             self.seq += fresh
             self.committed += fresh + same + later
         self._write(parts, due)
+
+    def _restamped(self, frame: pl.DataFrame, copy_rows: Int64s) -> pl.DataFrame:
+        """``frame`` with a RESTAMP_RATE share of ``copy_rows`` moved in event time, for the
+        copies sent from it: later or earlier, by 1 ms to RESTAMP_MAX_MS (at most a tenth of
+        the dedupe window), log-uniformly: with a 1 h window two thirds are under a second
+        (a pixel stamped twice by the server, often across a second boundary) and the rest are
+        an SDK retry's seconds. The ground truth is by event_id, so such a copy still counts as
+        a duplicate."""
+        rate = self.settings.restamp_rate
+        count = int(self.rng.binomial(len(copy_rows), rate)) if rate and len(copy_rows) else 0
+        if not count:
+            return frame
+        rows = self.rng.choice(copy_rows, count, replace=False)
+        longest = min(RESTAMP_MAX_MS, self.settings.dedupe_window * 1000 * RESTAMP_MAX_WINDOW_SHARE)
+        size = np.exp(self.rng.uniform(0.0, np.log(max(longest, 1.0)), count)).astype(np.int64)
+        sign = np.where(self.rng.random(count) < 0.5, -1, 1)
+        shift = np.zeros(frame.height, dtype=np.int64)
+        shift[rows] = sign * np.maximum(size, 1)
+        self.restamped += count
+        return frame.with_columns(pl.col(TIME_COLUMN) + pl.Series(shift).cast(pl.Duration("ms")))
 
     def _hold(
         self,
@@ -452,16 +493,18 @@ def generate(
     clock: Callable[[], float] = time.time,
     http: str | None = None,
     api_key: str | None = None,
+    ids: str = "sequential",
 ) -> GenerateSummary:
     """Write synthetic events into ``DATA_DIR/incoming`` until ``events`` rows, ``duration``
     seconds, ``stop`` or SIGINT/SIGTERM; then flush held-back rows and write ``truth``.
 
     ``rate`` (default EVENTS_PER_SECOND) of 0 writes as fast as possible; ``batch_size`` is the
-    rows per file (default rate x BATCH_INTERVAL, or 100000 at rate 0). DUP_RATE, LATE_RATE and
-    INVALID_RATE come from ``settings``. ``campaigns`` sizes a dimension created because none
-    exists; ``clock`` (seconds since the epoch) stamps event times, for reproducible files.
-    With ``http`` (the server's URL) each batch is POSTed to /ad_events with ``api_key``
-    instead of being written to the spool.
+    rows per file (default rate x BATCH_INTERVAL, or 100000 at rate 0). DUP_RATE, LATE_RATE,
+    INVALID_RATE and RESTAMP_RATE come from ``settings``; ``ids`` is the event_id shape (one of
+    ``ID_SHAPES``). ``campaigns`` sizes a dimension created because none exists; ``clock``
+    (seconds since the epoch) stamps event times, for reproducible files. With ``http`` (the
+    server's URL) each batch is POSTed to /ad_events with ``api_key`` instead of being written
+    to the spool.
     """
     rate = float(settings.events_per_second if rate is None else rate)
     if not (rate >= 0 and math.isfinite(rate)):
@@ -475,6 +518,8 @@ def generate(
         batch_size = min(max(batch_size, 1), MAX_BATCH)
     if not 1 <= batch_size <= MAX_BATCH:
         raise ValueError(f"batch size must be between 1 and {MAX_BATCH}")
+    if ids not in ID_SHAPES:
+        raise ValueError(f"id shape must be one of {', '.join(ID_SHAPES)}")
     if seed is None:
         seed = secrets.randbits(64)
     if seed < 0:
@@ -494,6 +539,7 @@ def generate(
         writer=writer,
         population=population,
         id_prefix=id_prefix,
+        id_shape=ids,
         seeds=run_seq,
         clock=clock,
         keep_truth=truth is not None,
@@ -516,7 +562,7 @@ def generate(
         seconds = time.perf_counter() - began
         truth_path = None if truth is None else Path(truth)
         if truth_path is not None:
-            run.truth.write(truth_path, id_prefix)
+            run.truth.write(truth_path, id_prefix, ids)
     return GenerateSummary(
         files=writer.files,
         events=run.rows,
@@ -528,5 +574,6 @@ def generate(
         seed=seed,
         producer=producer,
         truth=truth_path,
+        restamped=run.restamped,
         sent=None if sender is None else sender.totals,
     )

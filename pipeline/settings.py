@@ -395,6 +395,11 @@ class Settings:
     dup_rate: float = _setting(0.01, _rate, "fraction of events the generator re-sends")
     late_rate: float = _setting(0.0, _rate, "fraction of events the generator delays")
     invalid_rate: float = _setting(0.0, _rate, "fraction of malformed rows the generator writes")
+    restamp_rate: float = _setting(
+        0.0,
+        _rate,
+        "fraction of the generator's duplicates whose copy carries another event_time",
+    )
     max_events_per_second: int = _setting(
         1_000_000, _non_negative_int, "consumer throughput cap (0 = none)"
     )

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 from pyarrow import ipc
 
-from generator import command, model
+from generator import ID_SHAPES, command, model
 from generator.runner import GenerateSummary, generate
 from pipeline.normalize import normalize
 from pipeline.schema import (
@@ -74,6 +74,8 @@ def run(tmp_path: Path) -> Callable[..., tuple[GenerateSummary, Path]]:
         dup_rate: float = 0.01,
         late_rate: float = 0.0,
         invalid_rate: float = 0.0,
+        restamp_rate: float = 0.0,
+        dedupe_window: float = 3600.0,
         data_dir: Path | None = None,
         **kwargs: Any,
     ) -> tuple[GenerateSummary, Path]:
@@ -83,6 +85,8 @@ def run(tmp_path: Path) -> Callable[..., tuple[GenerateSummary, Path]]:
             dup_rate=dup_rate,
             late_rate=late_rate,
             invalid_rate=invalid_rate,
+            restamp_rate=restamp_rate,
+            dedupe_window=dedupe_window,
         )
         kwargs.setdefault("rate", 0)
         kwargs.setdefault("truth", data_dir / "truth.parquet")
@@ -241,11 +245,15 @@ def test_invalid_rows_and_late_events(run: Callable[..., tuple[GenerateSummary, 
     assert behind.min() >= 59_000
 
 
-def test_deterministic_with_seed(run: Callable[..., tuple[GenerateSummary, Path]]) -> None:
-    rates = {"dup_rate": 0.05, "late_rate": 0.01, "invalid_rate": 0.01}
+@pytest.mark.parametrize("ids", ID_SHAPES)
+def test_deterministic_with_seed(
+    run: Callable[..., tuple[GenerateSummary, Path]], ids: str
+) -> None:
+    rates = {"dup_rate": 0.05, "late_rate": 0.01, "invalid_rate": 0.01, "restamp_rate": 0.3}
     clock = lambda: FIXED_NOW  # noqa: E731
-    one, dir_one = run(events=60_000, seed=7, batch_size=7_000, clock=clock, **rates)
-    two, dir_two = run(events=60_000, seed=7, batch_size=7_000, clock=clock, **rates)
+    one, dir_one = run(events=60_000, seed=7, batch_size=7_000, clock=clock, ids=ids, **rates)
+    two, dir_two = run(events=60_000, seed=7, batch_size=7_000, clock=clock, ids=ids, **rates)
+    assert one.restamped == two.restamped > 0
     files_one, files_two = read_files(dir_one), read_files(dir_two)
     assert len(files_one) == len(files_two) == one.files == two.files
     for a, b in zip(files_one, files_two, strict=True):
@@ -253,8 +261,8 @@ def test_deterministic_with_seed(run: Callable[..., tuple[GenerateSummary, Path]
     assert pl.read_parquet(dir_one / "truth.parquet").equals(
         pl.read_parquet(dir_two / "truth.parquet")
     )
-    _, dir_three = run(events=10_000, seed=8)
-    _, dir_four = run(events=10_000, seed=7, producer="gen2")
+    _, dir_three = run(events=10_000, seed=8, ids=ids)
+    _, dir_four = run(events=10_000, seed=7, producer="gen2", ids=ids)
     ids = [read_all(d).get_column(KEY_COLUMN) for d in (dir_one, dir_three, dir_four)]
     assert not set(ids[0]) & set(ids[1]) and not set(ids[0]) & set(ids[2])
 
@@ -419,3 +427,105 @@ def test_each_malformed_row_fails_with_its_intended_reason() -> None:
     expected[batch.invalid] = np.array(model.ROW_REASONS)[batch.reasons]
     assert first_violation(frame).to_list() == expected.tolist()
     assert len(batch.invalid) / spec.size == pytest.approx(0.2, rel=0.05)
+
+
+def copy_pairs(events: pl.DataFrame) -> pl.DataFrame:
+    """One row per duplicated event_id: how far its copy's event_time lies from the original's
+    (the copy is the later arrival), both times, and how many rows carry the id."""
+    return (
+        events.sort("arrival")
+        .group_by(KEY_COLUMN)
+        .agg(
+            pl.len().alias("n"),
+            pl.col(TIME_COLUMN).first().alias("original"),
+            pl.col(TIME_COLUMN).last().alias("copy"),
+        )
+        .filter(pl.col("n") > 1)
+        .with_columns(shift_ms=(pl.col("copy") - pl.col("original")).dt.total_milliseconds())
+    )
+
+
+@pytest.mark.parametrize(("window", "longest_ms"), [(3600.0, 60_000), (60.0, 6_000)])
+def test_restamped_copies_carry_other_times_and_stay_duplicates_in_the_truth(
+    run: Callable[..., tuple[GenerateSummary, Path]], window: float, longest_ms: int
+) -> None:
+    summary, data_dir = run(
+        events=100_000,
+        seed=5,
+        dup_rate=0.2,
+        restamp_rate=0.5,
+        dedupe_window=window,
+        batch_size=5_000,
+    )
+    events = read_all(data_dir)
+    pairs = copy_pairs(events)
+    assert pairs.get_column("n").max() == 2
+    moved = pairs.filter(pl.col("shift_ms") != 0)
+    assert summary.restamped == moved.height
+    assert moved.height / pairs.height == pytest.approx(0.5, abs=0.05)
+    shift = moved.get_column("shift_ms").to_numpy()
+    # Later and earlier copies, about as many of each, all well inside the window.
+    assert (shift > 0).mean() == pytest.approx(0.5, abs=0.05)
+    assert np.abs(shift).max() <= longest_ms
+    assert np.abs(shift).max() > longest_ms / 2
+    # Some copies are stamped under a second apart yet fall in another second.
+    second = moved.select(
+        (pl.col("copy").dt.epoch("ms") // 1000 != pl.col("original").dt.epoch("ms") // 1000)
+        & (pl.col("shift_ms").abs() < 1000)
+    ).to_series()
+    assert second.sum() > 0
+    # Apart from event_time, a re-stamped copy is its original.
+    assert events.drop("arrival", "file", TIME_COLUMN).unique().height == (
+        events.get_column(KEY_COLUMN).n_unique()
+    )
+    # The truth is by event_id: a re-stamped copy is a duplicate of its original.
+    truth = pl.read_parquet(data_dir / "truth.parquet")
+    assert truth.height == summary.distinct == events.get_column(KEY_COLUMN).n_unique()
+    assert summary.duplicates == events.height - truth.height == pairs.height
+    copies = truth.join(moved.select(KEY_COLUMN), on=KEY_COLUMN).get_column("copies")
+    assert copies.len() == moved.height and (copies == 2).all()
+
+
+def test_restamp_rate_zero_keeps_copies_exact(
+    run: Callable[..., tuple[GenerateSummary, Path]],
+) -> None:
+    summary, data_dir = run(events=30_000, seed=5, dup_rate=0.2, batch_size=5_000)
+    pairs = copy_pairs(read_all(data_dir))
+    assert summary.restamped == 0 and pairs.height > 0
+    assert (pairs.get_column("shift_ms") == 0).all()
+
+
+def test_hex33_ids_are_random_hex_and_match_the_truth(
+    run: Callable[..., tuple[GenerateSummary, Path]],
+) -> None:
+    summary, data_dir = run(events=40_000, seed=9, batch_size=10_000, ids="hex33")
+    events = read_all(data_dir)
+    ids = events.get_column(KEY_COLUMN)
+    assert ids.str.contains(r"^[0-9a-f]{33}$").all()
+    assert ids.n_unique() == summary.distinct
+    # Random-looking: no shared prefix, every hex digit in every position.
+    assert ids.str.slice(0, 8).n_unique() > 0.99 * ids.n_unique()
+    for position in (0, 16, 32):
+        assert ids.str.slice(position, 1).n_unique() == 16
+    truth = pl.read_parquet(data_dir / "truth.parquet")
+    assert set(truth.get_column(KEY_COLUMN)) == set(ids)
+    with pytest.raises(ValueError, match="id shape"):
+        run(events=10, ids="uuid")
+
+
+def test_command_ids_and_restamp_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    command.configure(parser)
+    args = parser.parse_args(
+        ["--events", "20000", "--rate", "0", "--seed", "4", "--dup-rate", "0.1",
+         "--restamp-rate", "1", "--ids", "hex33", "--batch-size", "5000"]
+    )  # fmt: skip
+    assert command.run(args, Settings(data_dir=str(tmp_path / "d"))) == 0
+    assert "re-stamped" in capsys.readouterr().out
+    events = read_all(tmp_path / "d")
+    assert events.get_column(KEY_COLUMN).str.contains(r"^[0-9a-f]{33}$").all()
+    pairs = copy_pairs(events)
+    assert pairs.height > 0 and (pairs.get_column("shift_ms") != 0).all()
+    for bad in (["--restamp-rate", "1.5"], ["--ids", "uuid"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
