@@ -4,10 +4,12 @@ The spool is generated first (not timed). The consumer runs as its own process, 
 ``adevents consume --once``, into the Delta tables at LAKE_URI (default DATA_DIR/lake, or S3);
 its time is taken from the ledger table, from the first file read to the last commit. The
 tables are then reconciled against the generator's ground truth, and the run fails loudly if a
-single event is lost or duplicated. Two references are measured on the same
-files: the ceiling (Arrow IPC read + Parquet write with the same compression, nothing else) and
-the naive baseline (the original design: a Python loop per event, a Redis SET NX per event,
-pipelined, dicts for enrichment) on a subset.
+single event is lost or duplicated. Three references are measured on the same
+files: the ceiling (Arrow IPC read + Parquet write with the same compression, nothing else), the
+naive baseline (the original design: a Python loop per event, a Redis SET NX per event,
+pipelined, dicts for enrichment) on a subset, and the DuckDB-only reference (what a data
+engineer writes in an afternoon: per file an anti-join against a table of seen ids, a join with
+the campaigns and a Parquet COPY).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import ipc
 
+from generator import ID_SHAPES
 from lake.location import LakeLocation
 from lake.snapshot import snapshot
 from pipeline.groups import waiting_entries
@@ -49,6 +52,7 @@ class BenchResult:
     batch_size: int
     dup_rate: float
     key_cache: str
+    ids: str = "sequential"
     files: int = 0
     groups: int = 0
     consumer_seconds: float = 0.0
@@ -65,6 +69,11 @@ class BenchResult:
     naive_events: int = 0
     ratio_to_ceiling: float = 0.0
     ratio_to_naive: float = 0.0
+    duckdb_events_per_second: float = 0.0
+    #: Rows the DuckDB-only reference wrote: the generator's distinct event_ids, or the run fails.
+    duckdb_events_out: int = 0
+    ratio_to_duckdb: float = 0.0
+    generated_distinct: int = 0
     duplicates_dropped: int = 0
     duplicates_expected: int = 0
     reconciled: bool = False
@@ -185,6 +194,54 @@ def measure_naive(
     return seen, seen / elapsed if elapsed > 0 else 0.0
 
 
+def measure_duckdb(files: list[Path], campaigns: Path, scratch: Path) -> tuple[int, float]:
+    """The DuckDB-only reference: (rows written, events/s) of the pipeline a data engineer
+    writes in an afternoon, on the same files.
+
+    Per file, in order: read it with pyarrow (DuckDB reads Arrow IPC only through an extension
+    it downloads at run time), keep one row per event_id that a table of seen ids does not
+    hold (an anti-join), add those ids to the table, join the campaigns and COPY the result to
+    one Parquet file (zstd), in one transaction of a DuckDB database file, so the seen ids
+    survive a restart as adevents' key cache does. It validates nothing and has no window.
+    """
+    import duckdb
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(scratch / "reference.duckdb"))
+    written = 0
+    try:
+        con.execute("CREATE TABLE seen (event_id VARCHAR)")
+        con.execute("CREATE TABLE campaigns AS SELECT * FROM read_parquet(?)", [str(campaigns)])
+        started = time.perf_counter()
+        rows = 0
+        for i, path in enumerate(files):
+            with pa.memory_map(str(path)) as source:
+                batch = ipc.open_file(source).read_all()
+            rows += batch.num_rows
+            con.register("batch", batch)
+            out = str(scratch / f"{i}.parquet").replace("'", "''")
+            con.execute("BEGIN")
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE fresh AS SELECT * FROM batch "
+                "ANTI JOIN seen USING (event_id) "
+                "QUALIFY row_number() OVER (PARTITION BY event_id) = 1"
+            )
+            con.execute("INSERT INTO seen SELECT event_id FROM fresh")
+            copied = con.execute(
+                "COPY (SELECT f.*, c.advertiser_id, c.campaign_name FROM fresh f "
+                f"LEFT JOIN campaigns c USING (campaign_id)) TO '{out}' "
+                "(FORMAT parquet, COMPRESSION zstd)"
+            ).fetchone()
+            con.execute("COMMIT")
+            con.unregister("batch")
+            written += int(copied[0]) if copied else 0
+        elapsed = time.perf_counter() - started
+    finally:
+        con.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return written, rows / elapsed if elapsed > 0 else 0.0
+
+
 def read_ledger(location: LakeLocation) -> pl.DataFrame:
     """The ledger table's rows (one per spool file), at its latest version."""
     frame = pl.from_arrow(snapshot(location).datasets["ledger"].to_table())
@@ -252,7 +309,10 @@ def print_table(result: BenchResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"adevents bench — {result.events:,} events, {result.key_cache} key cache")
+    table = Table(
+        title=f"adevents bench — {result.events:,} events, {result.key_cache} key cache, "
+        f"{result.ids} ids"
+    )
     table.add_column("measure")
     table.add_column("value", justify="right")
     rows = [
@@ -266,6 +326,15 @@ def print_table(result: BenchResult) -> None:
             f"{result.naive_events_per_second:,.0f}",
         ),
         ("ratio to naive baseline", f"{result.ratio_to_naive:.1f} ×"),
+        (
+            "DuckDB-only reference events/s",
+            f"{result.duckdb_events_per_second:,.0f}",
+        ),
+        ("ratio to DuckDB-only reference", f"{result.ratio_to_duckdb:.2f} ×"),
+        (
+            "DuckDB-only reference rows out / distinct sent",
+            f"{result.duckdb_events_out:,} / {result.generated_distinct:,}",
+        ),
         *[(f"stage {k} (s)", f"{v:.2f}") for k, v in result.stage_seconds.items()],
         *[(f"group latency {k} (ms)", f"{v:.1f}") for k, v in result.latency_ms.items()],
         *[
@@ -313,9 +382,16 @@ def _child_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def bench(
-    settings: Settings, *, events: int, batch_size: int, naive_events: int, show_progress: bool
+    settings: Settings,
+    *,
+    events: int,
+    batch_size: int,
+    naive_events: int,
+    show_progress: bool,
+    ids: str = "sequential",
 ) -> BenchResult:
-    """Generate, consume (timed), reconcile, then measure the ceiling and the naive baseline."""
+    """Generate, consume (timed), reconcile, then measure the ceiling, the naive baseline and the
+    DuckDB-only reference."""
     from generator.runner import generate
 
     layout = Layout(settings.data_dir)
@@ -329,11 +405,18 @@ def bench(
     layout.ensure()
     key_cache = "redis" if settings.redis_url else "embedded"
     result = BenchResult(
-        events=events, batch_size=batch_size, dup_rate=settings.dup_rate, key_cache=key_cache
+        events=events,
+        batch_size=batch_size,
+        dup_rate=settings.dup_rate,
+        key_cache=key_cache,
+        ids=ids,
     )
     truth = layout.root / "truth.parquet"
     print(f"generating {events:,} events into {layout.incoming} (not timed)…", file=sys.stderr)
-    generate(settings, events=events, rate=0, batch_size=batch_size, truth=truth, seed=1)
+    generated = generate(
+        settings, events=events, rate=0, batch_size=batch_size, truth=truth, seed=1, ids=ids
+    )
+    result.generated_distinct = generated.distinct
     files = waiting_entries(layout.incoming)
     memory_before = _redis_used_memory(settings.redis_url) if settings.redis_url else 0
     code, peak, samples, stats = run_consumer(
@@ -360,13 +443,28 @@ def bench(
     result.naive_events, result.naive_events_per_second = measure_naive(
         processed, settings.redis_url, layout.campaigns, naive_events
     )
+    print("measuring the DuckDB-only reference on the same files…", file=sys.stderr)
+    result.duckdb_events_out, result.duckdb_events_per_second = measure_duckdb(
+        processed, layout.campaigns, layout.root / "duckdb-reference"
+    )
+    if result.duckdb_events_out != result.generated_distinct:  # it must do the same dedupe
+        raise SystemExit(
+            f"adevents bench: the DuckDB-only reference wrote {result.duckdb_events_out:,} "
+            f"events, the generator sent {result.generated_distinct:,} distinct event_ids"
+        )
     result.ratio_to_ceiling = result.events_per_second / max(result.ceiling_events_per_second, 1.0)
     result.ratio_to_naive = result.events_per_second / max(result.naive_events_per_second, 1.0)
+    result.ratio_to_duckdb = result.events_per_second / max(result.duckdb_events_per_second, 1.0)
     return result
 
 
 def bench_live(
-    settings: Settings, *, rate: float, duration: float, batch_size: int | None
+    settings: Settings,
+    *,
+    rate: float,
+    duration: float,
+    batch_size: int | None,
+    ids: str = "sequential",
 ) -> dict[str, Any]:
     """Generator and consumer together at ``rate``: sustained rate, freshness, kept up or not."""
     layout = Layout(settings.data_dir)
@@ -385,6 +483,8 @@ def bench_live(
         str(rate),
         "--duration",
         str(duration),
+        "--ids",
+        ids,
     ]
     if batch_size:
         gen_cmd += ["--batch-size", str(batch_size)]
@@ -422,6 +522,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="Redis for --key-cache redis (default REDIS_URL)")
     parser.add_argument("--dedupe-window", help="dedupe window (DEDUPE_WINDOW)")
     parser.add_argument(
+        "--ids",
+        choices=ID_SHAPES,
+        default="sequential",
+        help="event_id shape: sequential (<producer>-<seed>-<seq>, default) or hex33 "
+        "(33 random-looking hex digits, the shape issue 12's targets use)",
+    )
+    parser.add_argument(
         "--naive-events", type=int, default=NAIVE_SUBSET, help="naive baseline subset"
     )
     parser.add_argument("--json", dest="json_path", help="also write the results as JSON here")
@@ -444,12 +551,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.replace(data_dir=tempfile.mkdtemp(prefix="adevents-bench-"))
     try:
         if args.live:
-            live = bench_live(settings, rate=args.rate, duration=args.duration, batch_size=None)
+            live = bench_live(
+                settings, rate=args.rate, duration=args.duration, batch_size=None, ids=args.ids
+            )
             result = BenchResult(
                 events=0,
                 batch_size=0,
                 dup_rate=settings.dup_rate,
                 key_cache="redis" if settings.redis_url else "embedded",
+                ids=args.ids,
                 live=live,
             )
             print(json.dumps(live, indent=2))
@@ -459,6 +569,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 events=args.events,
                 batch_size=args.batch_size,
                 naive_events=args.naive_events,
+                ids=args.ids,
                 show_progress=not args.no_progress and sys.stderr.isatty(),
             )
             print_table(result)

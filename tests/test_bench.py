@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 from s3_server import S3Server
 
@@ -34,10 +35,17 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("key_cache", "lake"), [("embedded", "local"), ("redis", "local"), ("embedded", "s3")]
+    ("key_cache", "lake", "ids"),
+    [("embedded", "local", "sequential"), ("redis", "local", "hex33"), ("embedded", "s3", "hex33")],
 )
 def test_bench_smoke_run_reconciles(
-    tmp_path: Path, key_cache: str, lake: str, redis_url: str, request: pytest.FixtureRequest
+    tmp_path: Path,
+    *,
+    key_cache: str,
+    lake: str,
+    ids: str,
+    redis_url: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     out = tmp_path / "bench.json"
     env = clean_env(**({"REDIS_URL": redis_url} if key_cache == "redis" else {}))
@@ -54,6 +62,8 @@ def test_bench_smoke_run_reconciles(
         "--key-cache",
         key_cache,
         "--no-progress",
+        "--ids",
+        ids,
         "--json",
         str(out),
         "--data-dir",
@@ -70,6 +80,14 @@ def test_bench_smoke_run_reconciles(
     assert 0 < result["groups"] <= result["files"]
     assert result["key_cache_bytes_per_key"] > 0
     assert "ratio to ceiling" in proc.stdout
+    # The DuckDB-only reference wrote every distinct event once: no less work than adevents.
+    assert result["ids"] == ids
+    assert result["duckdb_events_out"] == result["generated_distinct"] > 0
+    assert result["duckdb_events_per_second"] > 0 and result["ratio_to_duckdb"] > 0
+    assert "ratio to DuckDB-only reference" in proc.stdout
+    if ids == "hex33":
+        stored = pl.read_parquet(tmp_path / "data" / "truth.parquet")["event_id"]
+        assert stored.str.contains(r"^[0-9a-f]{33}$").all()
     if lake == "local":  # the default lake, DATA_DIR/lake; no v1 directories
         assert (tmp_path / "data" / "lake" / "events" / "_delta_log").is_dir()
         assert not (tmp_path / "data" / "events").exists()
