@@ -8,8 +8,9 @@ the same contract tests as ``lake.writer.DeltaLakeWriter`` (``tests/test_lake_wr
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Final
 
@@ -17,7 +18,8 @@ import numpy as np
 import polars as pl
 
 from lake.location import LakeLocation
-from lake.tables import TABLES, TableSpec
+from lake.readback import empty_keys_frame, key_frame
+from lake.tables import EVENTS, TABLES, TableSpec
 from lake.writer import Outcome, TableCommit, commit_batch, with_partition_columns
 from pipeline.schema import ENRICHED_SCHEMA, HOUR_MS, LEDGER_SCHEMA, QUARANTINE_SCHEMA, UTC_MS
 
@@ -101,6 +103,8 @@ class MemoryLakeWriter:
         self.specs = specs
         self._frames: dict[str, list[pl.DataFrame]] = {name: [] for name in specs}
         self._txns: dict[tuple[str, str], int] = {}
+        #: When each of the events frames was committed (epoch ms), for ``added_since_ms``.
+        self._added: list[int] = []
 
     def rows(self, table: str) -> pl.DataFrame:
         """Every row committed to ``table``, in commit order."""
@@ -130,6 +134,29 @@ class MemoryLakeWriter:
             framed = with_partition_columns(spec, frames[name])
             files = framed.select(spec.partition_by).n_unique() if framed.height else 0
             self._frames[name].append(framed.select(spec.columns.names))
+            if name == EVENTS.name:
+                self._added.append(int(time.time() * 1000))
             self._txns[name, app_id] = version
             results.append(TableCommit(name, Outcome.COMMITTED, framed.height, files))
         return results
+
+    def recent_events(
+        self, window_ms: int, added_since_ms: int | None = None
+    ) -> tuple[pl.DataFrame, int | None]:
+        frames = [
+            frame
+            for frame, added in zip(self._frames[EVENTS.name], self._added, strict=True)
+            if added_since_ms is None or added >= added_since_ms
+        ]
+        if not any(len(f) for f in frames):
+            return empty_keys_frame(), None
+        keys = key_frame(pl.concat(frames))
+        newest = int(str(keys["event_time"].dt.epoch("ms").max()))
+        return keys.filter(pl.col("event_time").dt.epoch("ms") >= newest - window_ms), newest
+
+    def batch_events(self, batch_ids: Collection[str], span_ms: tuple[int, int]) -> pl.DataFrame:
+        events = self.rows(EVENTS.name)
+        millis = pl.col("event_time").dt.epoch("ms")
+        return key_frame(
+            events.filter(pl.col("batch_id").is_in(list(batch_ids)), millis.is_between(*span_ms))
+        )

@@ -46,7 +46,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
@@ -59,6 +59,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.exceptions import DeltaError
 from deltalake.transaction import AddAction
 
+from lake import readback
 from lake.location import LakeLocation
 from lake.tables import PARTITION_FORMATS, TABLES, TableSpec, ensure_table
 from pipeline.schema import PARQUET_COMPRESSION
@@ -286,12 +287,18 @@ def commit_table(
     app_id: str,
     version: int,
     fsync: bool = True,
+    after_write: Callable[[str], None] | None = None,
 ) -> TableCommit:
-    """Steps 1-3 of the protocol for one table: skip if done, else write and commit."""
+    """Steps 1-3 of the protocol for one table: skip if done, else write and commit.
+
+    ``after_write(table name)`` runs between the Parquet write and the commit (crash tests).
+    """
     seen = committed_version(table, app_id)
     if seen is not None and seen >= version:
         return TableCommit(spec.name, Outcome.SKIPPED)
     files = write_files(location, spec, frame, version=version, fsync=fsync)
+    if after_write is not None:
+        after_write(spec.name)
     return commit_files(table, spec, files, app_id, version)
 
 
@@ -304,6 +311,7 @@ def commit_batch(
     tables: Mapping[str, DeltaTable] | None = None,
     specs: Mapping[str, TableSpec] = TABLES,
     fsync: bool = True,
+    after_write: Callable[[str], None] | None = None,
 ) -> list[TableCommit]:
     """Commit a batch (or group of batches) to each table of ``frames``, in ``specs`` order.
 
@@ -321,7 +329,14 @@ def commit_batch(
         table = tables[name] if tables is not None else ensure_table(location, spec)
         results.append(
             commit_table(
-                location, table, spec, frames[name], app_id=app_id, version=version, fsync=fsync
+                location,
+                table,
+                spec,
+                frames[name],
+                app_id=app_id,
+                version=version,
+                fsync=fsync,
+                after_write=after_write,
             )
         )
     return results
@@ -339,14 +354,18 @@ def lowest_committed(tables: Mapping[str, DeltaTable], app_id: str) -> int | Non
 
 
 class LakeWriter(Protocol):
-    """Appends batches to the lake's tables, exactly once per ``(app_id, version)``.
+    """Appends batches to the lake's tables, exactly once per ``(app_id, version)``, and reads
+    back the keys of the events it holds.
 
     Guarantees: when :meth:`commit` returns, every table named in ``frames`` (an empty frame
     too) has :meth:`committed_version` ≥ ``version`` for ``app_id`` and holds the batch's rows
     exactly once, however often the batch is redone or by whom (a table that already has the
     version skips it); tables are committed in ``TABLES`` order, the ledger last, and each
-    table's rows become visible at once or not at all. Not guaranteed, the caller's job:
-    versions committed in increasing order, and a redo carrying the same rows.
+    table's rows become visible at once or not at all, also when the process dies between
+    writing a table's files and committing them. A caller that needs a step between two tables
+    commits them one call each. The read-backs (:meth:`recent_events`, :meth:`batch_events`)
+    see every commit that returned before them. Not guaranteed, the caller's job: versions
+    committed in increasing order, and a redo carrying the same rows.
     """
 
     def committed_version(self, table: str, app_id: str) -> int | None:
@@ -357,9 +376,22 @@ class LakeWriter(Protocol):
     ) -> list[TableCommit]:
         """Commit ``frames`` (by table name) as batch ``version`` of ``app_id``; see above."""
 
+    def recent_events(
+        self, window_ms: int, added_since_ms: int | None = None
+    ) -> tuple[pl.DataFrame, int | None]:
+        """(event_id, event_time) of the events within ``window_ms`` of the newest one, and
+        that newest time; with ``added_since_ms``, of the commits since then only."""
+
+    def batch_events(self, batch_ids: Collection[str], span_ms: tuple[int, int]) -> pl.DataFrame:
+        """(event_id, event_time) of the events of ``batch_ids`` with times in ``span_ms``."""
+
 
 class DeltaLakeWriter:
-    """The :class:`LakeWriter` on the Delta tables at ``location`` (opened, or created, once)."""
+    """The :class:`LakeWriter` on the Delta tables at ``location`` (opened, or created, once).
+
+    ``after_write(table name)`` runs between writing a table's Parquet files and committing
+    them: the consumer's crash point there.
+    """
 
     def __init__(
         self,
@@ -367,10 +399,12 @@ class DeltaLakeWriter:
         *,
         specs: Mapping[str, TableSpec] = TABLES,
         fsync: bool = True,
+        after_write: Callable[[str], None] | None = None,
     ) -> None:
         self.location = location
         self.specs = specs
         self.fsync = fsync
+        self.after_write = after_write
         self._tables: dict[str, DeltaTable] = {}
 
     def _table(self, name: str) -> DeltaTable:
@@ -393,4 +427,13 @@ class DeltaLakeWriter:
             tables=tables,
             specs=self.specs,
             fsync=self.fsync,
+            after_write=self.after_write,
         )
+
+    def recent_events(
+        self, window_ms: int, added_since_ms: int | None = None
+    ) -> tuple[pl.DataFrame, int | None]:
+        return readback.recent_events(self.location, window_ms, added_since_ms)
+
+    def batch_events(self, batch_ids: Collection[str], span_ms: tuple[int, int]) -> pl.DataFrame:
+        return readback.batch_events(self.location, batch_ids, span_ms)

@@ -3,13 +3,14 @@
 A group gathers files for up to COMMIT_INTERVAL (or COMMIT_TARGET_ROWS), so that the tables
 get about one commit per second rather than one per producer batch. Per group:
 
-1. claim files into the slot (``pipeline.groups``), read them;
+1. take batches from the source (``pipeline.source``: the slot's spool files), read them;
 2. record the group's intent (files, clock, watermark) durably;
 3. decide (``pipeline.decide``): validate, dedupe within the group, claim keys under the
    group's claim id ``<app_id>:<version>``, enrich;
 4. record the decided ledger rows, then commit events → quarantine → ledger, each with the
-   Delta transaction ``(app_id, version)``: a table that already has the version skips it;
-5. finish the claim, retire the inputs (bad ones to ``quarantine/files/``), forget the intent.
+   Delta transaction ``(app_id, version)`` through the lake writer (``lake.writer``): a table
+   that already has the version skips it;
+5. finish the claim, retire the inputs (the source sets bad ones aside), forget the intent.
 
 A restart (or a transient fault) redoes every intent left, in order, with its recorded inputs:
 see :meth:`Consumer.resume`. While group N is committed on a writer thread, group N+1 is
@@ -18,11 +19,6 @@ decided (Polars, Redis and delta-rs release the GIL).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import itertools
-import json
 import logging
 import os
 import socket
@@ -32,61 +28,28 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import IO, Any
 
 import numpy as np
 import polars as pl
-from deltalake import DeltaTable
 
 from lake.location import LakeLocation
-from lake.tables import EVENTS, LEDGER, QUARANTINE, TableSpec, ensure_tables
-from lake.writer import commit_files, committed_version, write_files
+from lake.tables import EVENTS, LEDGER, QUARANTINE
+from lake.writer import DeltaLakeWriter, LakeWriter, Outcome
 from pipeline import faults
+from pipeline.consumer_lock import ConsumerLock, ConsumerLockedError
 from pipeline.decide import FileInput, FileOutcome, decide
 from pipeline.enrich import empty_campaigns, load_campaigns
 from pipeline.fingerprint import Keys
-from pipeline.groups import GroupFile, Intent, Slot, app_id_for, spool_id
+from pipeline.groups import Intent, Intents
 from pipeline.keycache import CacheLostError, KeyCache, Mask
 from pipeline.lake import batch_keys, window_keys
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
 from pipeline.schema import ENRICHED_SCHEMA, QUARANTINE_SCHEMA, Layout, LedgerRow, ledger_frame
 from pipeline.settings import Settings
-from pipeline.spool import (
-    ARRIVED_AT_KEY,
-    MAX_FILE_BYTES,
-    PoisonInputError,
-    atomic_write_bytes,
-    display_name,
-    fsync,
-    internal_stem,
-    list_incoming,
-    read_spool_file,
-    sweep_stale_temp_files,
-)
+from pipeline.source import Source, SpoolSource
 
 log = logging.getLogger("adevents.consumer")
-#: How often a running consumer sweeps incoming/ for producers' stale temp files.
-SWEEP_INTERVAL_SECONDS = 300.0
-
-
-class ConsumerLockedError(RuntimeError):
-    """Another consumer already holds this DATA_DIR (or this slot of it)."""
-
-
-def batch_id_for(path: Path, st: os.stat_result) -> str:
-    """A file's batch id: its name plus what tells this file from a later one of that name.
-
-    Stable across the claim into a slot and across restarts (a rename keeps inode and mtime).
-    A long or odd name is replaced by a hash of it (``internal_stem``).
-    """
-    ident = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode()
-    return f"{internal_stem(path.name)}-{hashlib.blake2b(ident, digest_size=4).hexdigest()}"
-
-
-def _printable(name: str) -> str:
-    """A file name for one log line: control characters (a newline) escaped, quoted."""
-    return '"' + "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in name) + '"'
+__all__ = ["Consumer", "ConsumerLockedError", "Group", "Totals"]
 
 
 def _now() -> datetime:
@@ -144,92 +107,55 @@ class Consumer:
         settings: Settings,
         cache: KeyCache,
         *,
+        source: Source | None = None,
+        lake: LakeWriter | None = None,
         location: LakeLocation | None = None,
         clock: Callable[[], datetime] = _now,
     ) -> None:
+        """``source`` and ``lake`` default to this machine's spool slot and the Delta tables at
+        ``location`` (LAKE_URI); tests pass in-memory ones (``pipeline.testing``)."""
         self.settings = settings
         self.layout = Layout(settings.data_dir)
         self.layout.ensure()
-        self.location = location or LakeLocation.from_settings(settings)
         self.cache = cache
         self.clock = clock
         self.window_ms = int(settings.dedupe_window * 1000)
         self.slice_ms = int(settings.dedupe_slice * 1000)
         self.name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
         self.durable = settings.fsync
-        self.slot = Slot(
-            self.layout.incoming, self.layout.state, settings.consumer_slot, durable=self.durable
+        self.source: Source = source or SpoolSource(
+            self.layout,
+            settings.consumer_slot,
+            durable=self.durable,
+            keep_processed=settings.keep_processed,
         )
-        self.app_id = app_id_for(spool_id(self.layout.state), settings.consumer_slot)
+        self.lake: LakeWriter = lake or DeltaLakeWriter(
+            location or LakeLocation.from_settings(settings),
+            fsync=self.durable,
+            after_write=_after_parquet,
+        )
+        self.intents = Intents(self.layout.state, settings.consumer_slot, durable=self.durable)
+        self.app_id = self.source.app_id
         self.totals = Totals()
         self.status = StatusBoard(self.layout.state, self.name)
-        #: Largest spool file read; bigger ones are quarantined as ``file_too_large``.
-        self.max_file_bytes = MAX_FILE_BYTES
-        self._tables: dict[str, DeltaTable] = {}
+        self._lock = ConsumerLock(
+            self.layout.state,
+            self.layout.root,
+            settings.consumer_slot,
+            shared=settings.redis_url is not None,
+        )
         self._campaigns = empty_campaigns()
         self._campaigns_mtime: float | None = -1.0
-        self._lock_files: list[IO[str]] = []
         self._next_allowed = 0.0
-        self._next_sweep = 0.0
         self._next_version = 0
         self._decided_watermark: int | None = None
         self._last_group = 0.0
         self._in_flight: tuple[Future[list[LedgerRow]], Group] | None = None
-        #: Entries that cannot leave incoming/ (a mount point): passed over, logged once.
-        self._stuck: set[str] = set()
 
     # -- start-up ----------------------------------------------------------------------------
     def lock(self) -> None:
-        """Take this consumer's place, or fail with a clear message.
-
-        ``state/consumer.lock`` is held by every consumer of DATA_DIR: exclusively with the
-        embedded key cache (it lives in one process, and a Redis consumer beside it could not
-        see its claims), shared with Redis, where each also holds its slot's lock exclusively.
-        """
-        shared = self.settings.redis_url is not None
-        whole = self._flock("consumer.lock", exclusive=not shared)
-        if whole is None:
-            raise self._locked("consumer.lock", slot=False)
-        self._lock_files = [whole]
-        if shared:
-            slot = self._flock(f"consumer-slot-{self.slot.number}.lock", exclusive=True)
-            if slot is None:
-                raise self._locked(f"consumer-slot-{self.slot.number}.lock", slot=True)
-            self._lock_files.append(slot)
-        for fh in self._lock_files[-1:]:  # the lock this process holds alone names it
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{self.name} pid={os.getpid()}\n")
-            fh.flush()
-
-    def _flock(self, name: str, *, exclusive: bool) -> IO[str] | None:
-        fh = open(self.layout.state / name, "a+")  # noqa: SIM115 - held for the process's life
-        try:
-            fcntl.flock(fh, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            return None
-        return fh
-
-    def _locked(self, name: str, *, slot: bool) -> ConsumerLockedError:
-        for fh in self._lock_files:
-            fh.close()
-        self._lock_files = []
-        try:
-            holder = (self.layout.state / name).read_text().strip() or "another process"
-        except OSError:
-            holder = "another process"
-        if slot:
-            where, hint = (
-                f"slot {self.slot.number} of ",
-                ", or give this one another CONSUMER_SLOT.",
-            )
-        else:
-            where, hint = "", " (a consumer with the embedded key cache needs DATA_DIR alone)."
-        return ConsumerLockedError(
-            f"another consumer ({holder}) is already running on {where}{self.layout.root}; "
-            f"two consumers there would write duplicates. Stop it first{hint}"
-        )
+        """Take this consumer's place, or fail with ConsumerLockedError (``ConsumerLock``)."""
+        self._lock.acquire(self.name)
 
     def start(self, *, resume: bool = True) -> None:
         """Lock, then (``resume``) finish what a crash interrupted; :meth:`run` resumes too."""
@@ -242,12 +168,13 @@ class Consumer:
         whose intent is left, in order. Run at start and after every transient fault, so
         riding a fault out is exactly as safe as the kill -9 and restart the tests check."""
         self._decided_watermark = None
-        self._tables = ensure_tables(self.location)
         self.ensure_cache()
-        self.slot.drop_partial_records()
-        intents = self.slot.pending()
+        self.intents.drop_partial_records()
+        intents = self.intents.pending()
         committed = [
-            v for t in self._tables.values() if (v := committed_version(t, self.app_id)) is not None
+            v
+            for table in (EVENTS.name, QUARANTINE.name, LEDGER.name)
+            if (v := self.lake.committed_version(table, self.app_id)) is not None
         ]
         newest = max([*committed, *(i.version for i in intents)], default=-1)
         self._next_version = newest + 1
@@ -266,7 +193,7 @@ class Consumer:
         started = time.perf_counter()
 
         def loader(since: float | None) -> tuple[Keys, int | None]:
-            return window_keys(self.location, self.window_ms, self.slice_ms, since)
+            return window_keys(self.lake, self.window_ms, self.slice_ms, since)
 
         if self.cache.ensure(loader):
             log.info(
@@ -287,28 +214,6 @@ class Consumer:
     # -- reading and deciding ------------------------------------------------------------------
     def _claim_id(self, version: int) -> str:
         return f"{self.app_id}:{version}"
-
-    def _read(self, path: Path, *, in_place: bool = False) -> FileInput | None:
-        """One owned file as a decide input; None if it vanished."""
-        try:
-            st = os.lstat(path)  # the entry itself: a link is never followed
-        except FileNotFoundError:
-            return None
-        file = GroupFile(path.name, batch_id_for(path, st), in_place)
-        arrived_ms = int(st.st_mtime * 1000)
-        started = time.perf_counter()
-        try:
-            table = read_spool_file(path, st, max_bytes=self.max_file_bytes)
-        except FileNotFoundError:
-            return None
-        except PoisonInputError as exc:
-            return FileInput(file, arrived_ms, None, exc)
-        faults.point("after_read")
-        meta = table.schema.metadata or {}
-        if ARRIVED_AT_KEY in meta:
-            with contextlib.suppress(ValueError):
-                arrived_ms = int(meta[ARRIVED_AT_KEY])
-        return FileInput(file, arrived_ms, table, read_ms=(time.perf_counter() - started) * 1000)
 
     def _decide(self, intent: Intent, inputs: Sequence[FileInput], *, claim: bool) -> Group:
         started = time.perf_counter()
@@ -346,57 +251,28 @@ class Consumer:
         return max(marks, default=None)
 
     def _gather(self, once: bool, stop: threading.Event) -> list[FileInput]:
-        """Files for the next group, read: owned ones first, then claimed from incoming/ in
-        name order, until COMMIT_TARGET_ROWS rows or COMMIT_INTERVAL since the last group."""
+        """Batches for the next group, read: those taken before first, then new ones, until
+        COMMIT_TARGET_ROWS rows or COMMIT_INTERVAL since the last group."""
         in_flight = self._in_flight
         busy = set() if in_flight is None else {f.name for f in in_flight[1].intent.files}
         target = self.settings.commit_target_rows
         deadline = self._last_group + self.settings.commit_interval
         chosen: list[FileInput] = []
-        taken: set[str] = set()
         rows = 0
-
-        def take(path: Path, *, in_place: bool = False) -> None:
-            nonlocal rows
-            taken.add(path.name)
-            inp = self._read(path, in_place=in_place)
-            if inp is not None:
+        while True:
+            for inp in self.source.take(busy | {c.file.name for c in chosen}):
+                if inp.table is not None:
+                    faults.point("after_read")
                 chosen.append(inp)
                 rows += 0 if inp.table is None else inp.table.num_rows
-
-        while True:
-            for path in self.slot.owned():
-                if path.name not in busy and path.name not in taken and rows < target:
-                    take(path)
-            for path in list_incoming(self.layout.incoming):
                 if rows >= target or stop.is_set():
                     break
-                if path.name in self._stuck:
-                    continue
-                claimed = self._claim(path)
-                if claimed is not None:
-                    take(claimed)
-                elif path.name in self._stuck:
-                    take(path, in_place=True)  # recorded once, then passed over
             if once or rows >= target or stop.is_set() or time.monotonic() >= deadline:
                 break
             stop.wait(min(self.settings.poll_interval, max(0.0, deadline - time.monotonic())))
         if chosen:
-            self.slot.sync()
+            self.source.hold()
         return chosen
-
-    def _claim(self, path: Path) -> Path | None:
-        try:
-            return self.slot.claim(path)
-        except OSError as exc:
-            if classify(exc) is not None:
-                raise
-            # EBUSY (a mount point), EXDEV, EPERM: it cannot leave incoming/, so no slot can
-            # own it. It gets its ledger row where it is, and is passed over from then on.
-            shown = _printable(display_name(path.name))
-            log.error("cannot move %s out of incoming/: %s; recorded and passed over", shown, exc)
-            self._stuck.add(path.name)
-            return None
 
     def _next_group(self, once: bool, stop: threading.Event) -> Group | None:
         """Gather, record the intent, decide. None when nothing is waiting."""
@@ -411,7 +287,7 @@ class Consumer:
             now_ms=_ms(self.clock()),
             watermark_ms=self._watermark(),
         )
-        self.slot.record(intent)
+        self.intents.record(intent)
         self._next_version += 1
         faults.point("after_intent")
         group = self._decide(intent, inputs, claim=True)
@@ -422,15 +298,11 @@ class Consumer:
         return group
 
     # -- committing ----------------------------------------------------------------------------
-    def _commit(self, spec: TableSpec, frame: pl.DataFrame, version: int) -> None:
-        table = self._tables[spec.name]
-        seen = committed_version(table, self.app_id)
-        if seen is not None and seen >= version:
-            return
-        files = write_files(self.location, spec, frame, version=version, fsync=self.durable)
-        faults.point(f"after_{spec.name}_parquet")
-        commit_files(table, spec, files, self.app_id, version)
-        faults.point(f"after_{spec.name}_commit")
+    def _commit(self, table: str, frame: pl.DataFrame, version: int) -> None:
+        """One table's commit of the group: one call each, for a crash point between tables."""
+        (result,) = self.lake.commit(self.app_id, version, {table: frame})
+        if result.outcome is not Outcome.SKIPPED:
+            faults.point(f"after_{table}_commit")
 
     def _land(self, group: Group) -> list[LedgerRow]:
         """Commit a decided group to the three tables, finish its claim, retire its inputs."""
@@ -446,10 +318,10 @@ class Consumer:
         for row in rows:
             row.validate_ms = group.timings.get("validate_ms")
             row.dedupe_ms = group.timings.get("dedupe_ms")
-        self.slot.record_decided(intent.version, rows)
-        self._commit(EVENTS, events, intent.version)
+        self.intents.record_decided(intent.version, rows)
+        self._commit(EVENTS.name, events, intent.version)
         quarantine = _concat([o.quarantine for o in group.outcomes], QUARANTINE_SCHEMA)
-        self._commit(QUARANTINE, quarantine, intent.version)
+        self._commit(QUARANTINE.name, quarantine, intent.version)
         write_ms = (time.perf_counter() - t0) * 1000
         return self._finish(group, rows, write_ms=write_ms, started=group.started)
 
@@ -472,32 +344,29 @@ class Consumer:
                 row.write_ms = write_ms
             if started is not None:
                 row.processing_ms = (time.perf_counter() - started) * 1000
-        self._commit(LEDGER, ledger_frame(rows), intent.version)
+        self._commit(LEDGER.name, ledger_frame(rows), intent.version)
         top = _max_event_ms(group.outcomes)
         self.cache.finish(self._claim_id(intent.version), top)
         faults.point("after_finish")
         self.totals.commits += 1
         for outcome in group.outcomes:
-            self._retire(outcome, intent)
+            self.source.retire(outcome.file, outcome.poison, intent.now_ms)
         faults.point("after_retire")
-        self.slot.forget(intent.version)
+        self.intents.forget(intent.version)
         return rows
 
     def _redo(self, intent: Intent) -> None:
         """Land a group left by a crash exactly as its first attempt would have."""
         inputs = []
-        for f in intent.files:
-            inp = self._read((self.layout.incoming if f.in_place else self.slot.dir) / f.name)
+        for position in intent.files:
+            inp = self.source.read(position)
             if inp is None:
                 continue  # retired already (the crash came mid-retire)
-            if inp.file.batch_id != f.batch_id:
-                log.error(
-                    "%s changed since group %d was recorded", _printable(f.name), intent.version
-                )
-            inputs.append(FileInput(f, inp.arrived_ms, inp.table, inp.poison, inp.read_ms))
-        events_done = (
-            committed_version(self._tables["events"], self.app_id) or -1
-        ) >= intent.version
+            if inp.table is not None:
+                faults.point("after_read")
+            inputs.append(inp)
+        done = self.lake.committed_version(EVENTS.name, self.app_id)
+        events_done = done is not None and done >= intent.version
         if not events_done:
             group = self._decide(intent, inputs, claim=True)
             self._account(self._land(group))
@@ -505,12 +374,12 @@ class Consumer:
         if intent.ledger is None:
             raise RuntimeError(
                 f"group {intent.version}: its events are committed but its decided ledger rows "
-                f"are missing from {self.slot.intents}; the ledger cannot be written exactly"
+                f"are missing from {self.intents.dir}; the ledger cannot be written exactly"
             )
         group = self._decide(intent, inputs, claim=False) if inputs else Group(intent, [], 0.0)
         self._restore_claims(intent)
         self._commit(
-            QUARANTINE,
+            QUARANTINE.name,
             _concat([o.quarantine for o in group.outcomes], QUARANTINE_SCHEMA),
             intent.version,
         )
@@ -526,76 +395,8 @@ class Consumer:
         if not lows:
             return
         ids = {r.batch_id for r in intent.ledger}
-        keys, top = batch_keys(self.location, ids, (min(lows), max(highs)), self.slice_ms)
+        keys, top = batch_keys(self.lake, ids, (min(lows), max(highs)), self.slice_ms)
         self.cache.restore(self._claim_id(intent.version), keys, top)
-
-    # -- retiring inputs -----------------------------------------------------------------------
-    def _retire(self, outcome: FileOutcome, intent: Intent) -> None:
-        if outcome.file.in_place:
-            return  # it cannot be moved (logged when it could not be claimed)
-        path = self.slot.dir / outcome.file.name
-        if outcome.poison is not None:
-            self._quarantine_file(path, outcome, intent)
-            return
-        if not os.path.lexists(path):
-            return
-        if self.settings.keep_processed:
-            self.layout.processed.mkdir(parents=True, exist_ok=True)
-            os.replace(path, self.layout.processed / path.name)
-        else:
-            path.unlink(missing_ok=True)
-        if self.durable:
-            fsync(path.parent)
-
-    def _quarantine_file(self, path: Path, outcome: FileOutcome, intent: Intent) -> None:
-        """Move an entry that cannot be processed to ``quarantine/files/<batch_id>/``, as is
-        (a link or a directory is moved, not followed), with ``reason.json`` beside it.
-
-        One directory per batch: two bad files of one name keep both copies and sidecars. The
-        sidecar carries the original name, escaped; only the copy keeps its exact bytes. A
-        crash before the move redoes it into the same directory.
-        """
-        if not os.path.lexists(path):
-            return
-        poison = outcome.poison
-        assert poison is not None
-        shown = display_name(path.name)
-        log.warning("quarantined %s: %s: %s", _printable(shown), poison.reason, poison.message)
-        sidecar: dict[str, Any] = {
-            "file": shown,
-            "reason": poison.reason,
-            "message": poison.message,
-            "quarantined_at": datetime.fromtimestamp(intent.now_ms / 1000, UTC).isoformat(),
-            "batch_id": outcome.file.batch_id,
-        }
-        if shown != path.name:  # undecodable bytes: keep the exact name too
-            sidecar["file_bytes_hex"] = os.fsencode(path.name).hex()
-        dest_dir = self._quarantine_dir(outcome.file.batch_id, path.name)
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        body = json.dumps(sidecar, indent=2).encode()
-        atomic_write_bytes(dest_dir / "reason.json", body, durable=self.durable)
-        faults.point("after_quarantine_sidecar")
-        try:
-            os.replace(path, dest_dir / path.name)
-        except OSError as exc:
-            if classify(exc) is not None:
-                raise  # a full disk: wait, and quarantine it then
-            log.error(
-                "cannot move %s to quarantine/files/: %s; left in place", _printable(shown), exc
-            )
-            return
-        if self.durable:
-            fsync(dest_dir)
-            fsync(path.parent)
-
-    def _quarantine_dir(self, batch_id: str, name: str) -> Path:
-        """``quarantine/files/<batch_id>/``, or a numbered sibling if it already holds a copy."""
-        base = self.layout.quarantine_files / batch_id
-        for n in itertools.count(1):
-            candidate = base if n == 1 else base.with_name(f"{batch_id}~{n}")
-            if not os.path.lexists(candidate / name):
-                return candidate
-        raise AssertionError("unreachable")
 
     # -- the loop ------------------------------------------------------------------------------
     def _pace(self, rows: int) -> None:
@@ -661,7 +462,6 @@ class Consumer:
 
     def _pass(self, writer: ThreadPoolExecutor, once: bool, stop: threading.Event) -> bool:
         """Decide the next group and hand it to the writer; False when ``once`` and done."""
-        self._sweep_temp_files()
         group = self._next_group(once, stop)
         if group is None:
             if once and self._in_flight is None:
@@ -673,15 +473,6 @@ class Consumer:
         self._settle()  # one group in the writer at a time: commits stay in order
         self._in_flight = (writer.submit(self._land, group), group)
         return True
-
-    def _sweep_temp_files(self) -> None:
-        """Every few minutes, remove temp files that producers killed mid-write left behind."""
-        now = time.monotonic()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + SWEEP_INTERVAL_SECONDS
-        for name in sweep_stale_temp_files(self.layout.incoming):
-            log.warning("removed %r: a producer's temp file untouched for an hour", name)
 
     def _abandon(self) -> None:
         """After a fault: let the group in the writer finish or fail, and forget decisions made
@@ -719,9 +510,7 @@ class Consumer:
             # E.g. no room for the embedded cache's closing snapshot: its segments are on disk,
             # so the next start loads them; nothing is lost by skipping it.
             log.warning("closing the key cache: %s", exc)
-        for fh in self._lock_files:
-            fh.close()
-        self._lock_files = []
+        self._lock.release()
 
 
 def _max_event_ms(outcomes: Sequence[FileOutcome]) -> int | None:
@@ -732,3 +521,8 @@ def _max_event_ms(outcomes: Sequence[FileOutcome]) -> int | None:
 def _concat(frames: Sequence[pl.DataFrame], schema: pl.Schema) -> pl.DataFrame:
     frames = [f for f in frames if len(f)]
     return pl.concat(frames) if frames else schema.to_frame()
+
+
+def _after_parquet(table: str) -> None:
+    """The crash point between a table's Parquet write and its commit."""
+    faults.point(f"after_{table}_parquet")

@@ -73,7 +73,9 @@ def waiting_entries(incoming: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class GroupFile:
-    """One file of a group: its name in the slot directory and its batch id."""
+    """One batch of a group, by its source position: today a file's name in the slot directory
+    (its rows are positions ``(file, row)``); with Kafka, a partition's offset range. The
+    batch id tells this batch from a later one at the same position (a file name reused)."""
 
     name: str
     batch_id: str
@@ -105,18 +107,15 @@ class Intent:
 
 
 class Slot:
-    """One consumer's slot: the files it owns and the intents of its unfinished groups."""
+    """One consumer's slot of the spool: the files it owns."""
 
-    def __init__(self, incoming: Path, state: Path, slot: int, *, durable: bool) -> None:
+    def __init__(self, incoming: Path, slot: int, *, durable: bool) -> None:
         self.number = slot
         self.incoming = incoming
         self.dir = slot_dir(incoming, slot)
-        self.intents = state / "groups" / f"slot-{slot}"
         self.durable = durable
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.intents.mkdir(parents=True, exist_ok=True)
 
-    # -- files ---------------------------------------------------------------------------------
     def owned(self) -> list[Path]:
         """Files this slot owns, in name order."""
         return list_incoming(self.dir)
@@ -139,9 +138,17 @@ class Slot:
             fsync(self.dir)
             fsync(self.incoming)
 
-    # -- intents -------------------------------------------------------------------------------
+
+class Intents:
+    """The intents of one consumer's unfinished groups, under ``state/groups/slot-<n>/``."""
+
+    def __init__(self, state: Path, slot: int, *, durable: bool) -> None:
+        self.dir = state / "groups" / f"slot-{slot}"
+        self.durable = durable
+        self.dir.mkdir(parents=True, exist_ok=True)
+
     def _path(self, version: int, suffix: str = ".json") -> Path:
-        return self.intents / f"{version:015d}{suffix}"
+        return self.dir / f"{version:015d}{suffix}"
 
     def record(self, intent: Intent) -> None:
         """Write the intent durably; decisions may be made (keys claimed) only after this."""
@@ -155,14 +162,14 @@ class Slot:
     def drop_partial_records(self) -> None:
         """Remove records a kill left half-written (their temp files); only the slot's owner,
         when it starts or resumes, may call this."""
-        for name in os.listdir(self.intents):
+        for name in os.listdir(self.dir):
             if name.startswith(".") and name.endswith(".tmp"):
-                remove_quietly(self.intents / name)
+                remove_quietly(self.dir / name)
 
     def pending(self) -> list[Intent]:
         """Intents of groups not finished, oldest first."""
         out = []
-        for name in sorted(os.listdir(self.intents)):
+        for name in sorted(os.listdir(self.dir)):
             if not name.endswith(".json") or name.endswith(_DECIDED) or name.startswith("."):
                 continue
             version = int(name.removesuffix(".json"))
@@ -171,7 +178,7 @@ class Slot:
                 decided = [LedgerRow(**row) for row in raw]
             except FileNotFoundError:
                 decided = None
-            out.append(Intent.from_json((self.intents / name).read_bytes(), decided))
+            out.append(Intent.from_json((self.dir / name).read_bytes(), decided))
         return out
 
     def forget(self, version: int) -> None:
@@ -179,4 +186,4 @@ class Slot:
         remove_quietly(self._path(version))
         remove_quietly(self._path(version, _DECIDED))
         if self.durable:
-            fsync(self.intents)
+            fsync(self.dir)

@@ -12,7 +12,7 @@ import re
 import stat
 import time
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final
 
 import pyarrow as pa
 from pyarrow import ipc
@@ -272,44 +272,3 @@ def read_spool_file(path: Path, listed: os.stat_result, *, max_bytes: int) -> pa
         raise PoisonInputError(
             "unreadable_file", f"the file cannot be read as Arrow IPC file format: {exc}"
         ) from None
-
-
-# -- the consumer's view: a Source ---------------------------------------------------------------
-class Source(Protocol):
-    """Where input batches wait for a consumer: today the spool's ``incoming/`` (Kafka next).
-
-    Guarantees: at least once, in order. A batch is listed by :meth:`waiting` (oldest name
-    first) until it is retired, so a consumer that dies before :meth:`retire` sees it again;
-    landing it exactly once is the consumer's job (its ledger and app transactions). A listed
-    batch is whole and never changes: :meth:`read` returns the same rows each time, or raises
-    :class:`PoisonInputError` each time for a batch that can never be read. Not guaranteed: that
-    a batch listed is still there when read (FileNotFoundError: another consumer took it).
-    """
-
-    def waiting(self) -> list[str]:
-        """Names of the batches waiting, in name order (producers' names sort by time)."""
-
-    def read(self, name: str) -> pa.Table:
-        """The rows of batch ``name``; PoisonInputError or FileNotFoundError as above."""
-
-    def retire(self, name: str) -> None:
-        """The batch landed: stop listing it. Idempotent."""
-
-
-class SpoolSource:
-    """The spool's ``incoming/`` directory as a :class:`Source` (the entry point for tests and
-    tools; the consumer reads its slot through ``pipeline.groups`` with the same functions)."""
-
-    def __init__(self, incoming: Path, *, max_bytes: int = MAX_FILE_BYTES) -> None:
-        self.incoming = incoming
-        self.max_bytes = max_bytes
-
-    def waiting(self) -> list[str]:
-        return [path.name for path in list_incoming(self.incoming)]
-
-    def read(self, name: str) -> pa.Table:
-        path = self.incoming / name
-        return read_spool_file(path, os.lstat(path), max_bytes=self.max_bytes)
-
-    def retire(self, name: str) -> None:
-        (self.incoming / name).unlink(missing_ok=True)

@@ -2,14 +2,16 @@
 and in-memory fakes of the core's edges (:class:`MemoryKeyCache`, :class:`MemorySource`).
 
 The fakes pass the same contract tests as the real edges (``tests/test_keycache.py``,
-``tests/test_spool.py``), so a test of the pure core can use them without drifting from what
+``tests/test_source.py``), so a test of the pure core can use them without drifting from what
 the real ones do.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,10 +20,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipeline.decide import FileInput
 from pipeline.fingerprint import Keys
+from pipeline.groups import GroupFile
 from pipeline.keycache import CacheLostError, CacheStats, Loader, Mask, expired_before
 from pipeline.schema import EVENT_SCHEMA
-from pipeline.spool import PoisonInputError
+from pipeline.source import arrived_ms
+from pipeline.spool import PoisonInputError, internal_stem
 
 if TYPE_CHECKING:
     from lake.location import LakeLocation
@@ -196,26 +201,61 @@ def _triples(keys: Keys) -> list[tuple[int, int, int]]:
 
 
 class MemorySource:
-    """An in-memory :class:`pipeline.spool.Source`: batches put by name, read as put."""
+    """An in-memory :class:`pipeline.source.Source`: batches put by name, taken in name order.
 
-    def __init__(self) -> None:
-        self._batches: dict[str, pa.Table | PoisonInputError] = {}
+    Taking holds a batch at once (there is no crash to survive in memory); two consumers over
+    one source are one consumer restarted. Poison batches retired land in :attr:`set_aside`.
+    """
+
+    def __init__(self, app_id: str = "memory:0") -> None:
+        self._app_id = app_id
+        self._waiting: dict[str, tuple[GroupFile, pa.Table | PoisonInputError, int]] = {}
+        self._taken: dict[str, tuple[GroupFile, pa.Table | PoisonInputError, int]] = {}
+        self._puts = itertools.count()
+        #: Poison batches retired, by name: (reason, when set aside in epoch ms).
+        self.set_aside: dict[str, tuple[str, int]] = {}
+
+    @property
+    def app_id(self) -> str:
+        return self._app_id
 
     def put(self, name: str, batch: pa.Table | PoisonInputError) -> None:
         """Make ``batch`` wait under ``name``; a PoisonInputError stands for an unreadable one."""
-        self._batches[name] = batch
+        position = GroupFile(name, f"{internal_stem(name)}-{next(self._puts)}")
+        self._waiting[name] = (position, batch, int(time.time() * 1000))
 
     def waiting(self) -> list[str]:
-        return sorted(self._batches)
+        """Names of the batches not retired yet, taken or not, in name order."""
+        return sorted({*self._waiting, *self._taken})
 
-    def read(self, name: str) -> pa.Table:
-        try:
-            batch = self._batches[name]
-        except KeyError:
-            raise FileNotFoundError(name) from None
+    def take(self, skip: Collection[str]) -> Iterator[FileInput]:
+        for name in sorted(self._taken):
+            if name not in skip:
+                yield self._input(*self._taken[name])
+        for name in sorted(self._waiting):
+            if name in self._waiting and name not in self._taken:
+                self._taken[name] = self._waiting.pop(name)
+                yield self._input(*self._taken[name])
+
+    def hold(self) -> None:
+        """Nothing to do: a batch taken is held at once."""
+
+    def read(self, batch: GroupFile) -> FileInput | None:
+        taken = self._taken.get(batch.name)
+        if taken is None or taken[0].batch_id != batch.batch_id:
+            return None
+        return self._input(*taken)
+
+    def retire(self, batch: GroupFile, poison: PoisonInputError | None, at_ms: int) -> None:
+        taken = self._taken.get(batch.name)
+        if taken is None or taken[0].batch_id != batch.batch_id:
+            return
+        del self._taken[batch.name]
+        if poison is not None:
+            self.set_aside[batch.name] = (poison.reason, at_ms)
+
+    @staticmethod
+    def _input(position: GroupFile, batch: pa.Table | PoisonInputError, put_ms: int) -> FileInput:
         if isinstance(batch, PoisonInputError):
-            raise PoisonInputError(batch.reason, batch.message)
-        return batch
-
-    def retire(self, name: str) -> None:
-        self._batches.pop(name, None)
+            return FileInput(position, put_ms, None, PoisonInputError(batch.reason, batch.message))
+        return FileInput(position, arrived_ms(batch, put_ms), batch)

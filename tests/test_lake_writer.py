@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,13 @@ from s3_server import S3Server
 from lake import maintenance, snapshot
 from lake.location import LakeLocation
 from lake.tables import EVENTS, ensure_table, ensure_tables
-from lake.testing import MemoryLakeWriter, enriched_frame, ledger_frame, quarantine_frame
+from lake.testing import (
+    START_MS,
+    MemoryLakeWriter,
+    enriched_frame,
+    ledger_frame,
+    quarantine_frame,
+)
 from lake.writer import (
     DeltaLakeWriter,
     LakeWriter,
@@ -465,3 +472,42 @@ def test_writer_refuses_unknown_tables_and_bad_frames(writer: tuple[LakeWriter, 
         lake.commit("spool-a", 1, {"events": enriched_frame(5, seed=23).drop("campaign_id")})
     assert lake.committed_version("events", "spool-a") is None
     assert read("events").height == 0
+
+
+def _millis_after(ms: int) -> int:
+    """The first clock reading in milliseconds past ``ms``: a later commit is stamped after it."""
+    while (now := int(time.time() * 1000)) <= ms:
+        time.sleep(0.001)
+    return now
+
+
+def test_writer_reads_back_the_window_and_a_batch_of_its_events(
+    writer: tuple[LakeWriter, Read],
+) -> None:
+    lake, _ = writer
+    nothing, no_top = lake.recent_events(HOUR_MS)
+    assert (nothing.height, no_top) == (0, None)
+    assert lake.batch_events(["b1"], (0, 2**62)).height == 0
+    old = enriched_frame(300, seed=24, span_ms=3 * HOUR_MS, batch_id="b1")
+    lake.commit("spool-a", 1, {"events": old})
+    between = _millis_after(int(time.time() * 1000))
+    new = enriched_frame(50, seed=25, start_ms=START_MS + HOUR_MS, batch_id="b2", id_prefix="n")
+    lake.commit("spool-a", 2, {"events": new})
+
+    both = pl.concat([old, new])
+    newest = int(str(both["event_time"].dt.epoch("ms").max()))
+    recent, top = lake.recent_events(HOUR_MS)
+    assert top == newest
+    in_window = both.filter(pl.col("event_time").dt.epoch("ms") >= newest - HOUR_MS)
+    assert sorted(recent["event_id"]) == sorted(in_window["event_id"])
+    assert recent.columns == ["event_id", "event_time"]
+
+    # The catch-up read: only what was committed since ``between``.
+    caught_up, new_top = lake.recent_events(10 * HOUR_MS, between)
+    assert sorted(caught_up["event_id"]) == sorted(new["event_id"])
+    assert new_top == int(str(new["event_time"].dt.epoch("ms").max()))
+
+    low, high = START_MS, START_MS + HOUR_MS
+    of_b1 = lake.batch_events(["b1"], (low, high))
+    expected = old.filter(pl.col("event_time").dt.epoch("ms").is_between(low, high))
+    assert sorted(of_b1["event_id"]) == sorted(expected["event_id"])
