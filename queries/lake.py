@@ -48,6 +48,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from lake import changes
+from lake.fragments import FragmentCache
 from lake.location import LakeLocation
 from lake.snapshot import table_dataset
 from lake.tables import TABLES as DELTA_TABLES
@@ -216,6 +217,8 @@ def _epoch_ms(frame: pl.DataFrame, column: str) -> list[int | None]:
 def _actions(table: DeltaTable) -> pl.DataFrame:
     frame = pl.from_arrow(pa.table(table.get_add_actions(flatten=True)))
     assert isinstance(frame, pl.DataFrame)
+    if not frame["path"].str.contains("%", literal=True).any():
+        return frame  # nothing escaped (our partition values never are): no per-path call
     return frame.with_columns(pl.col("path").map_elements(unquote, return_dtype=pl.String))
 
 
@@ -225,15 +228,19 @@ class _Files:
     Guarantee: for a table version, :meth:`sync` gives exactly that version's files: the newest
     small ones as rows read once into memory (with their partition values; files never change,
     so a path read once stays right), up to TAIL_BYTES of memory, and every other file as a
-    dataset of fragments carrying the log's statistics. That dataset is built again (delta-rs
-    builds every fragment's statistics expression, milliseconds a file) only when the set of
-    files scanned from storage changed.
+    dataset of fragments carrying the log's statistics, each built once per file
+    (:class:`lake.fragments.FragmentCache`): the set changes with nearly every commit, once the
+    oldest small file leaves the tail.
     """
 
     def __init__(self) -> None:
         self.small: dict[str, pa.Table] = {}
+        #: ``nbytes`` of each table in ``small``: Arrow sums every buffer of it again per call,
+        #: which for a few hundred files was a tenth of a request's time.
+        self.nbytes: dict[str, int] = {}
         self.large: frozenset[str] | None = None
         self.dataset: pads.Dataset | None = None
+        self.fragments: FragmentCache | None = None
         #: Arrow bytes per file byte of the small files read so far.
         self.ratio = _FIRST_RATIO
 
@@ -246,8 +253,8 @@ class _Files:
             small = small.sort("modification_time", descending=True, nulls_last=True)
         used, keep = 0.0, 0
         for path, size in zip(small["path"], small["size_bytes"], strict=True):
-            known = self.small.get(path)
-            used += known.nbytes if known is not None else size * self.ratio
+            known = self.nbytes.get(path)
+            used += known if known is not None else size * self.ratio
             if used > TAIL_BYTES:
                 break
             keep += 1
@@ -260,14 +267,14 @@ class _Files:
         live = set(kept["path"].to_list())
         large = frozenset(p for p in actions["path"].to_list() if p not in live)
         if large != self.large or self.dataset is None:
-            full = table_dataset(location, spec, table)
-            assert isinstance(full, pads.FileSystemDataset)
-            fragments = [f for f in full.get_fragments() if unquote(f.path) in large]
-            self.dataset = pads.FileSystemDataset(
-                fragments, full.schema, full.format, full.filesystem
-            )
+            if self.fragments is None:
+                schema = pa.schema(table.schema().to_arrow())
+                self.fragments = FragmentCache(location, spec, schema)
+            order = [p for p in actions["path"].to_list() if p in large]
+            self.dataset = self.fragments.dataset(actions, order)
             self.large = large
         self.small = {p: t for p, t in self.small.items() if p in live}
+        self.nbytes = {p: n for p, n in self.nbytes.items() if p in live}
         missing = kept.filter(~pl.col("path").is_in(list(self.small)))
         if len(missing):
             read = _read_small(location, spec, missing)
@@ -275,6 +282,7 @@ class _Files:
             if file_bytes:
                 self.ratio = max(1.0, sum(t.nbytes for t in read.values()) / file_bytes)
             self.small.update(read)
+            self.nbytes.update((p, t.nbytes) for p, t in read.items())
         return self.dataset, dict(self.small)
 
 
