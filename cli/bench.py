@@ -52,6 +52,7 @@ class BenchResult:
     batch_size: int
     dup_rate: float
     key_cache: str
+    restamp_rate: float = 0.0
     ids: str = "sequential"
     files: int = 0
     groups: int = 0
@@ -411,6 +412,7 @@ def bench(
         batch_size=batch_size,
         dup_rate=settings.dup_rate,
         key_cache=key_cache,
+        restamp_rate=settings.restamp_rate,
         ids=ids,
     )
     truth = layout.root / "truth.parquet"
@@ -518,6 +520,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=100_000, help="events per spool file")
     parser.add_argument("--dup-rate", help="fraction of duplicates (default DUP_RATE, 0.01)")
+    parser.add_argument(
+        "--restamp-rate",
+        help="fraction of duplicates whose copy carries another event_time (RESTAMP_RATE, 0)",
+    )
     parser.add_argument(
         "--key-cache", choices=("redis", "embedded"), help="default: redis when REDIS_URL is set"
     )
