@@ -7,9 +7,9 @@ get about one commit per second rather than one per producer batch. Per group:
 2. record the group's intent (files, clock, watermark) durably;
 3. decide (``pipeline.decide``): validate, dedupe within the group, claim keys under the
    group's claim id ``<app_id>:<version>``, enrich;
-4. record the decided ledger rows, then commit events → quarantine → ledger, each with the
-   Delta transaction ``(app_id, version)`` through the lake writer (``lake.writer``): a table
-   that already has the version skips it;
+4. land it (``pipeline.landing``): record the decided ledger rows, then commit events →
+   quarantine → ledger through the lake writer (``lake.writer``), each with the Delta
+   transaction ``(app_id, version)``: a table that already has the version skips it;
 5. finish the claim, retire the inputs (the source sets bad ones aside), forget the intent.
 
 A restart (or a transient fault) redoes every intent left, in order, with its recorded inputs:
@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -34,17 +34,18 @@ import polars as pl
 
 from lake.location import LakeLocation
 from lake.tables import EVENTS, LEDGER, QUARANTINE
-from lake.writer import DeltaLakeWriter, LakeWriter, Outcome
+from lake.writer import DeltaLakeWriter, LakeWriter
 from pipeline import faults
 from pipeline.consumer_lock import ConsumerLock, ConsumerLockedError
-from pipeline.decide import FileInput, FileOutcome, decide
+from pipeline.decide import FileInput, decide
 from pipeline.enrich import empty_campaigns, load_campaigns
 from pipeline.fingerprint import Keys
 from pipeline.groups import Intent, Intents
 from pipeline.keycache import CacheLostError, KeyCache, Mask
-from pipeline.lake import batch_keys, window_keys
+from pipeline.lake import window_keys
+from pipeline.landing import Group, Lander
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
-from pipeline.schema import ENRICHED_SCHEMA, QUARANTINE_SCHEMA, Layout, LedgerRow, ledger_frame
+from pipeline.schema import Layout, LedgerRow
 from pipeline.settings import Settings
 from pipeline.source import Source, SpoolSource
 
@@ -89,16 +90,6 @@ class Totals:
         )
 
 
-@dataclass
-class Group:
-    """A decided group, ready to commit."""
-
-    intent: Intent
-    outcomes: list[FileOutcome]
-    started: float
-    timings: dict[str, float] = field(default_factory=dict)
-
-
 class Consumer:
     """Lands the spool files of one slot in the lake's Delta tables, exactly once."""
 
@@ -136,6 +127,16 @@ class Consumer:
         )
         self.intents = Intents(self.layout.state, settings.consumer_slot, durable=self.durable)
         self.app_id = self.source.app_id
+        self.lander = Lander(
+            self.app_id,
+            self.lake,
+            cache,
+            self.source,
+            self.intents,
+            consumer=self.name,
+            clock=clock,
+            slice_ms=self.slice_ms,
+        )
         self.totals = Totals()
         self.status = StatusBoard(self.layout.state, self.name)
         self._lock = ConsumerLock(
@@ -212,12 +213,9 @@ class Consumer:
         return self._campaigns
 
     # -- reading and deciding ------------------------------------------------------------------
-    def _claim_id(self, version: int) -> str:
-        return f"{self.app_id}:{version}"
-
     def _decide(self, intent: Intent, inputs: Sequence[FileInput], *, claim: bool) -> Group:
         started = time.perf_counter()
-        claim_id = self._claim_id(intent.version)
+        claim_id = self.lander.claim_id(intent.version)
         timings: dict[str, float] = {}
 
         def claim_keys(keys: Keys) -> Mask:
@@ -292,68 +290,15 @@ class Consumer:
         faults.point("after_intent")
         group = self._decide(intent, inputs, claim=True)
         faults.point("after_claim")
-        top = _max_event_ms(group.outcomes)
+        top = group.top()
         if top is not None:
             self._decided_watermark = max(self._decided_watermark or top, top)
         return group
 
-    # -- committing ----------------------------------------------------------------------------
-    def _commit(self, table: str, frame: pl.DataFrame, version: int) -> None:
-        """One table's commit of the group: one call each, for a crash point between tables."""
-        (result,) = self.lake.commit(self.app_id, version, {table: frame})
-        if result.outcome is not Outcome.SKIPPED:
-            faults.point(f"after_{table}_commit")
-
+    # -- landing -----------------------------------------------------------------------------
     def _land(self, group: Group) -> list[LedgerRow]:
-        """Commit a decided group to the three tables, finish its claim, retire its inputs."""
-        t0 = time.perf_counter()
-        intent = group.intent
-        claim_id = self._claim_id(intent.version)
-        events = _concat([o.events for o in group.outcomes], ENRICHED_SCHEMA)
-        if not self.cache.valid(claim_id):
-            # Redis lost its data after these keys were claimed: another consumer may have
-            # claimed them since. Committing now could duplicate; the redo decides again.
-            raise CacheLostError(f"group {intent.version}: the key cache lost its claims")
-        rows = [replace(o.ledger) for o in group.outcomes]
-        for row in rows:
-            row.validate_ms = group.timings.get("validate_ms")
-            row.dedupe_ms = group.timings.get("dedupe_ms")
-        self.intents.record_decided(intent.version, rows)
-        self._commit(EVENTS.name, events, intent.version)
-        quarantine = _concat([o.quarantine for o in group.outcomes], QUARANTINE_SCHEMA)
-        self._commit(QUARANTINE.name, quarantine, intent.version)
-        write_ms = (time.perf_counter() - t0) * 1000
-        return self._finish(group, rows, write_ms=write_ms, started=group.started)
-
-    def _finish(
-        self,
-        group: Group,
-        rows: list[LedgerRow],
-        *,
-        write_ms: float | None,
-        started: float | None,
-    ) -> list[LedgerRow]:
-        """The ledger commit, then finish the claim and retire the inputs."""
-        intent = group.intent
-        committed_at = self.clock()
-        for row in rows:
-            row.committed_at = _ms(committed_at)
-            row.lag_ms = row.committed_at - (row.arrived_at or row.committed_at)
-            row.consumer = self.name
-            if write_ms is not None:
-                row.write_ms = write_ms
-            if started is not None:
-                row.processing_ms = (time.perf_counter() - started) * 1000
-        self._commit(LEDGER.name, ledger_frame(rows), intent.version)
-        top = _max_event_ms(group.outcomes)
-        self.cache.finish(self._claim_id(intent.version), top)
-        faults.point("after_finish")
-        self.totals.commits += 1
-        for outcome in group.outcomes:
-            self.source.retire(outcome.file, outcome.poison, intent.now_ms)
-        faults.point("after_retire")
-        self.intents.forget(intent.version)
-        return rows
+        """Commit a decided group, finish its claim, retire its inputs (on the writer thread)."""
+        return self.lander.land(group)
 
     def _redo(self, intent: Intent) -> None:
         """Land a group left by a crash exactly as its first attempt would have."""
@@ -366,10 +311,8 @@ class Consumer:
                 faults.point("after_read")
             inputs.append(inp)
         done = self.lake.committed_version(EVENTS.name, self.app_id)
-        events_done = done is not None and done >= intent.version
-        if not events_done:
-            group = self._decide(intent, inputs, claim=True)
-            self._account(self._land(group))
+        if done is None or done < intent.version:
+            self._account(self._land(self._decide(intent, inputs, claim=True)))
             return
         if intent.ledger is None:
             raise RuntimeError(
@@ -377,26 +320,7 @@ class Consumer:
                 f"are missing from {self.intents.dir}; the ledger cannot be written exactly"
             )
         group = self._decide(intent, inputs, claim=False) if inputs else Group(intent, [], 0.0)
-        self._restore_claims(intent)
-        self._commit(
-            QUARANTINE.name,
-            _concat([o.quarantine for o in group.outcomes], QUARANTINE_SCHEMA),
-            intent.version,
-        )
-        self._account(
-            self._finish(group, [replace(r) for r in intent.ledger], write_ms=None, started=None)
-        )
-
-    def _restore_claims(self, intent: Intent) -> None:
-        """Put a committed group's keys (back) into the key cache, as its claim left them."""
-        assert intent.ledger is not None
-        lows = [r.min_event_time for r in intent.ledger if r.min_event_time is not None]
-        highs = [r.max_event_time for r in intent.ledger if r.max_event_time is not None]
-        if not lows:
-            return
-        ids = {r.batch_id for r in intent.ledger}
-        keys, top = batch_keys(self.lake, ids, (min(lows), max(highs)), self.slice_ms)
-        self.cache.restore(self._claim_id(intent.version), keys, top)
+        self._account(self.lander.land_committed(group, intent.ledger))
 
     # -- the loop ------------------------------------------------------------------------------
     def _pace(self, rows: int) -> None:
@@ -496,6 +420,8 @@ class Consumer:
         return self._account(in_flight[0].result())
 
     def _account(self, rows: list[LedgerRow]) -> bool:
+        """Count a landed group, and pace the next one."""
+        self.totals.commits += 1
         for row in rows:
             self.totals.add(row)
         self._pace(sum(r.rows_in for r in rows))
@@ -511,16 +437,6 @@ class Consumer:
             # so the next start loads them; nothing is lost by skipping it.
             log.warning("closing the key cache: %s", exc)
         self._lock.release()
-
-
-def _max_event_ms(outcomes: Sequence[FileOutcome]) -> int | None:
-    tops = [o.ledger.max_event_time for o in outcomes if o.ledger.max_event_time is not None]
-    return max(tops, default=None)
-
-
-def _concat(frames: Sequence[pl.DataFrame], schema: pl.Schema) -> pl.DataFrame:
-    frames = [f for f in frames if len(f)]
-    return pl.concat(frames) if frames else schema.to_frame()
 
 
 def _after_parquet(table: str) -> None:

@@ -1,0 +1,145 @@
+"""Landing a decided commit group: the three tables' commits, the claim finished, inputs retired.
+
+Each step is idempotent, so a group redone after a crash at any point lands exactly as its
+first attempt would have: the lake skips a table that has the version, finishing a claim and
+retiring an input twice changes nothing. A group's decided ledger rows are recorded with its
+intent before its events commit, so that a redo after that commit writes the ledger the first
+attempt decided (not what deciding again, against keys now taken by the group itself, says).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+import polars as pl
+
+from lake.tables import EVENTS, LEDGER, QUARANTINE
+from lake.writer import LakeWriter, Outcome
+from pipeline import faults
+from pipeline.decide import FileOutcome
+from pipeline.groups import Intent, Intents
+from pipeline.keycache import CacheLostError, KeyCache
+from pipeline.lake import batch_keys
+from pipeline.schema import ENRICHED_SCHEMA, QUARANTINE_SCHEMA, LedgerRow, ledger_frame
+from pipeline.source import Source
+
+
+@dataclass
+class Group:
+    """A decided group, ready to commit."""
+
+    intent: Intent
+    outcomes: list[FileOutcome]
+    started: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def top(self) -> int | None:
+        """The newest event time of the group, or None when it has no event."""
+        tops = [o.ledger.max_event_time for o in self.outcomes]
+        return max([t for t in tops if t is not None], default=None)
+
+    def frame(self, table: str) -> pl.DataFrame:
+        """The group's rows for ``table`` (events or quarantine)."""
+        if table == EVENTS.name:
+            return _concat([o.events for o in self.outcomes], ENRICHED_SCHEMA)
+        return _concat([o.quarantine for o in self.outcomes], QUARANTINE_SCHEMA)
+
+
+def _concat(frames: Sequence[pl.DataFrame], schema: pl.Schema) -> pl.DataFrame:
+    frames = [f for f in frames if len(f)]
+    return pl.concat(frames) if frames else schema.to_frame()
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+@dataclass
+class Lander:
+    """Lands the groups of one source (``app_id``) in the lake, through the key cache's claims."""
+
+    app_id: str
+    lake: LakeWriter
+    cache: KeyCache
+    source: Source
+    intents: Intents
+    #: Named in every ledger row this lander writes.
+    consumer: str
+    clock: Callable[[], datetime]
+    slice_ms: int
+
+    def claim_id(self, version: int) -> str:
+        """The key cache's claim id of group ``version``: ``<app_id>:<version>``."""
+        return f"{self.app_id}:{version}"
+
+    def land(self, group: Group) -> list[LedgerRow]:
+        """Commit a decided group to the three tables, finish its claim, retire its inputs."""
+        t0 = time.perf_counter()
+        intent = group.intent
+        if not self.cache.valid(self.claim_id(intent.version)):
+            # Redis lost its data after these keys were claimed: another consumer may have
+            # claimed them since. Committing now could duplicate; the redo decides again.
+            raise CacheLostError(f"group {intent.version}: the key cache lost its claims")
+        rows = [replace(o.ledger) for o in group.outcomes]
+        for row in rows:
+            row.validate_ms = group.timings.get("validate_ms")
+            row.dedupe_ms = group.timings.get("dedupe_ms")
+        self.intents.record_decided(intent.version, rows)
+        self._commit(EVENTS.name, group.frame(EVENTS.name), intent.version)
+        self._commit(QUARANTINE.name, group.frame(QUARANTINE.name), intent.version)
+        write_ms = (time.perf_counter() - t0) * 1000
+        return self._finish(group, rows, write_ms=write_ms, started=group.started)
+
+    def land_committed(self, group: Group, ledger: Sequence[LedgerRow]) -> list[LedgerRow]:
+        """Finish a redone group whose events are committed: its keys back into the key
+        cache, its quarantine rows (decided again without claims), its recorded ledger rows."""
+        self._restore_claims(group.intent.version, ledger)
+        self._commit(QUARANTINE.name, group.frame(QUARANTINE.name), group.intent.version)
+        return self._finish(group, [replace(r) for r in ledger], write_ms=None, started=None)
+
+    def _commit(self, table: str, frame: pl.DataFrame, version: int) -> None:
+        """One table's commit of the group: one call each, for a crash point between tables."""
+        (result,) = self.lake.commit(self.app_id, version, {table: frame})
+        if result.outcome is not Outcome.SKIPPED:
+            faults.point(f"after_{table}_commit")
+
+    def _finish(
+        self,
+        group: Group,
+        rows: list[LedgerRow],
+        *,
+        write_ms: float | None,
+        started: float | None,
+    ) -> list[LedgerRow]:
+        """The ledger commit, then finish the claim and retire the inputs."""
+        intent = group.intent
+        committed_at = _ms(self.clock())
+        for row in rows:
+            row.committed_at = committed_at
+            row.lag_ms = committed_at - (row.arrived_at or committed_at)
+            row.consumer = self.consumer
+            if write_ms is not None:
+                row.write_ms = write_ms
+            if started is not None:
+                row.processing_ms = (time.perf_counter() - started) * 1000
+        self._commit(LEDGER.name, ledger_frame(rows), intent.version)
+        self.cache.finish(self.claim_id(intent.version), group.top())
+        faults.point("after_finish")
+        for outcome in group.outcomes:
+            self.source.retire(outcome.file, outcome.poison, intent.now_ms)
+        faults.point("after_retire")
+        self.intents.forget(intent.version)
+        return rows
+
+    def _restore_claims(self, version: int, ledger: Sequence[LedgerRow]) -> None:
+        """Put a committed group's keys (back) into the key cache, as its claim left them."""
+        lows = [r.min_event_time for r in ledger if r.min_event_time is not None]
+        highs = [r.max_event_time for r in ledger if r.max_event_time is not None]
+        if not lows:
+            return
+        ids = {r.batch_id for r in ledger}
+        keys, top = batch_keys(self.lake, ids, (min(lows), max(highs)), self.slice_ms)
+        self.cache.restore(self.claim_id(version), keys, top)
