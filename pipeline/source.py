@@ -135,14 +135,14 @@ class SpoolSource:
 
     def take(self, skip: Collection[str]) -> Iterator[FileInput]:
         self._sweep_temp_files()
-        taken: set[str] = set()
-        for path in self.slot.owned():
-            if path.name not in skip:
-                taken.add(path.name)
-                if (inp := self._read(path)) is not None:
-                    yield inp
+        owned = self.slot.owned()
+        for path in owned:
+            if path.name not in skip and (inp := self._read(path)) is not None:
+                yield inp
+        # A new file of an owned name waits: claiming it would replace the owned one.
+        names = {path.name for path in owned}
         for path in list_incoming(self.layout.incoming):
-            if path.name in self._stuck or path.name in taken:
+            if path.name in self._stuck or path.name in names:
                 continue
             claimed = self._claim(path)
             if claimed is not None:
