@@ -9,10 +9,10 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -209,17 +209,23 @@ _SEGMENT = re.compile(r"^seg-(\d{12})\.keys$")
 _SNAPSHOT = re.compile(r"^snap-(\d{12})\.keys$")
 #: First bytes of a key file; a directory written in another format is rebuilt from the lake.
 KEY_FILE_MAGIC = b"adevents-keys-1\n"
-#: Each record of a key file: its slice and key count, then the ``hi`` and ``lo`` arrays.
+#: Each record of a key file: its slice and key count, then the ``hi`` and ``lo`` arrays; or,
+#: with ``MIXED`` for the slice, the keys of any slices: their slices, then ``hi`` and ``lo``.
 _RECORD = np.dtype([("slice", "<i8"), ("n", "<i8")])
+_MIXED: Final = np.iinfo(np.int64).min
 Chunk = tuple[int, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]
 
 
-def write_key_file(path: Path, watermark_ms: int | None, chunks: Iterable[Chunk]) -> None:
-    """Write ``chunks`` (slice, hi, lo) as a key file: to a temporary file, fsynced, renamed.
+def write_key_file(
+    path: Path, watermark_ms: int | None, chunks: Iterable[Chunk], mixed: Keys | None = None
+) -> None:
+    """Write ``chunks`` (slice, hi, lo) and ``mixed`` keys as a key file: to a temporary file,
+    fsynced, renamed.
 
     Streamed chunk by chunk from the arrays the cache holds, so that a snapshot of a large
     window needs no second copy of it in memory (a whole-window copy once took the consumer
-    from 4 to 8.7 GB in the soak).
+    from 4 to 8.7 GB in the soak). A batch's keys go as they are (``mixed``): grouping them by
+    slice would cost its writer a sort per batch, where a reader sorts them once at start.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -230,6 +236,10 @@ def write_key_file(path: Path, watermark_ms: int | None, chunks: Iterable[Chunk]
                 fh.write(np.array([(sl, len(lo))], _RECORD).tobytes())
                 fh.write(np.ascontiguousarray(hi, "<u8").data)
                 fh.write(np.ascontiguousarray(lo, "<u8").data)
+            if mixed is not None and len(mixed):
+                fh.write(np.array([(_MIXED, len(mixed))], _RECORD).tobytes())
+                for array, dtype in ((mixed.slice, "<i8"), (mixed.hi, "<u8"), (mixed.lo, "<u8")):
+                    fh.write(np.ascontiguousarray(array, dtype).data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -239,16 +249,18 @@ def write_key_file(path: Path, watermark_ms: int | None, chunks: Iterable[Chunk]
     fsync(path.parent)
 
 
-def read_key_file(path: Path) -> tuple[int | None, list[Chunk]]:
-    """The watermark and the chunks of a key file; ValueError when it is not a whole one."""
+def read_key_file(path: Path) -> tuple[int | None, list[Chunk], Keys]:
+    """The watermark, the chunks and the mixed keys of a key file; ValueError when it is not a
+    whole one."""
 
-    def read_array(fh: io.BufferedReader, n: int) -> npt.NDArray[np.uint64]:
-        out = np.empty(n, "<u8")
+    def read_array(fh: io.BufferedReader, n: int, dtype: str) -> Any:
+        out = np.empty(n, dtype)
         if fh.readinto(out.data.cast("B")) != out.nbytes:
             raise ValueError(f"{path.name}: truncated")
         return out
 
     chunks: list[Chunk] = []
+    mixed: list[Keys] = []
     with open(path, "rb") as fh:
         if fh.read(len(KEY_FILE_MAGIC)) != KEY_FILE_MAGIC:
             raise ValueError(f"{path.name}: not a key file")
@@ -260,18 +272,12 @@ def read_key_file(path: Path) -> tuple[int | None, list[Chunk]]:
             if len(record) != _RECORD.itemsize:
                 raise ValueError(f"{path.name}: truncated")
             sl, n = (int(v) for v in np.frombuffer(record, _RECORD)[0])
-            chunks.append((sl, read_array(fh, n), read_array(fh, n)))
-    return (None if watermark < 0 else watermark), chunks
-
-
-def _by_slice(keys: Keys) -> Iterator[Chunk]:
-    """``keys`` as one chunk per slice, each sorted by ``lo`` as :class:`_SliceSet` keeps them."""
-    if len(keys) == 0:
-        return
-    for idx in KeySet.groups(keys):
-        part = keys.take(idx)
-        order = np.argsort(part.lo, kind="stable")
-        yield int(part.slice[0]), part.hi[order], part.lo[order]
+            if sl == _MIXED:
+                slices = read_array(fh, n, "<i8")
+                mixed.append(Keys(slices, read_array(fh, n, "<u8"), read_array(fh, n, "<u8")))
+            else:
+                chunks.append((sl, read_array(fh, n, "<u8"), read_array(fh, n, "<u8")))
+    return (None if watermark < 0 else watermark), chunks, Keys.concat(mixed)
 
 
 def _locked(method: Callable[..., T]) -> Callable[..., T]:
@@ -290,13 +296,14 @@ class EmbeddedKeyCache:
     """In-process key cache persisted under ``state/embedded/``; thread-safe.
 
     Each finished batch appends a segment file holding its keys and watermark. Once
-    ``snapshot_every`` segments have been written and the keys they hold reach those of the last
-    snapshot (half the live ones), the live (unexpired) keys are written as one snapshot and older files are removed:
-    disk use, like memory, follows the window and not the total volume, a snapshot costs at most
-    two writes per key (not one per ``snapshot_every`` batches: with a one-hour window that was
-    3 GB every 25 s), and a restart reads at most twice the live keys. A batch committed before a
-    crash but whose segment was never written is restored by the consumer from its events files
-    (:meth:`restore`). A file that cannot be read marks the cache for a rebuild from the lake.
+    ``snapshot_every`` segments have been written and the keys they hold reach those of the
+    last snapshot (half the live ones), the live (unexpired) keys are written as one snapshot
+    and older files are removed: disk use, like memory, follows the window and not the total
+    volume; a snapshot costs at most two writes per key (not one per ``snapshot_every``
+    batches: with a one-hour window that was 3 GB every 25 s), and a restart reads at most
+    twice the live keys. A batch committed before a crash but whose segment was never written
+    is restored by the consumer from its events files (:meth:`restore`). A file that cannot be
+    read marks the cache for a rebuild from the lake.
     """
 
     def __init__(
@@ -361,11 +368,12 @@ class EmbeddedKeyCache:
 
     def _apply_file(self, path: Path) -> int:
         """Add a key file's keys and watermark; how many keys it held."""
-        watermark, chunks = read_key_file(path)
+        watermark, chunks, mixed = read_key_file(path)
         self._set.add_chunks(chunks)
+        self._set.add(mixed)
         if watermark is not None:
             self._raise_watermark(watermark)
-        return sum(len(lo) for _, _, lo in chunks)
+        return sum(len(lo) for _, _, lo in chunks) + len(mixed)
 
     def _write_meta(self) -> None:
         atomic_write_bytes(self._meta_path(), json.dumps(self._meta()).encode())
@@ -450,7 +458,7 @@ class EmbeddedKeyCache:
             if max_event_time_ms is not None:
                 self._raise_watermark(max_event_time_ms)
             self._seq += 1
-            write_key_file(self.dir / f"seg-{self._seq:012d}.keys", self._watermark, _by_slice(won))
+            write_key_file(self.dir / f"seg-{self._seq:012d}.keys", self._watermark, (), won)
             self._segments_since_snapshot += 1
             self._keys_since_snapshot += len(won)
             self._expire()

@@ -497,7 +497,8 @@ def test_embedded_snapshot_compaction_keeps_only_live_keys(tmp_path: Path) -> No
     segs = sorted(state.glob("seg-*.keys"))
     assert len(snaps) == 1 and len(segs) < 3
     # The snapshot holds live keys only (what was live when it was taken).
-    snap_wm, chunks = read_key_file(snaps[0])
+    snap_wm, chunks, mixed = read_key_file(snaps[0])
+    assert not len(mixed)  # a snapshot holds sorted chunks only
     snap_cutoff = expired_before(snap_wm, WINDOW_MS, SLICE_MS)
     assert snap_cutoff is not None
     assert all(sl >= snap_cutoff for sl, _, _ in chunks)
