@@ -37,7 +37,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.fingerprint import Keys
+from pipeline.fingerprint import U64, Keys
 
 PARTITION_BITS: Final = 4
 SMALL_RUNS: Final = 4
@@ -57,7 +57,6 @@ BLOOM_BITS: Final = 5
 BLOOM_BITS_PER_KEY: Final = 8
 FIRST_BLOOM_KEYS: Final = 1 << 16
 
-U64 = npt.NDArray[np.uint64]
 U32 = npt.NDArray[np.uint32]
 U16 = npt.NDArray[np.uint16]
 Mask = npt.NDArray[np.bool_]
