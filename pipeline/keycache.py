@@ -82,14 +82,29 @@ class KeyCache(Protocol):
 
 
 class RebuildableKeyCache(KeyCache, Protocol):
-    """A key cache whose content can be replaced directly: by :meth:`KeyCache.ensure`'s rebuild,
-    and by tests and benches that start from a known state."""
+    """A key cache that ``pipeline.rebuild`` can make whole from the events table (its
+    :meth:`KeyCache.ensure` runs that orchestration over these primitives); tests and benches
+    start from a known state with :meth:`rebuild`.
+
+    Guarantees: after :meth:`replace` the cache holds exactly the given keys of the window,
+    and :meth:`needs_rebuild` stays True (a shared cache refuses claims) until
+    :meth:`open_epoch`, which makes it whole in a new epoch: ``valid`` is False from then on for
+    every claim made before. :meth:`KeyCache.restore` adds keys in either state. Not
+    guaranteed: that two rebuilders of a shared cache do not interleave; they take a
+    ``pipeline.rebuild.RebuildLock``.
+    """
 
     def needs_rebuild(self) -> bool:
         """True when the cache lost (or never had) the state that the events table holds."""
 
+    def replace(self, keys: Keys, watermark_ms: int | None) -> None:
+        """Drop the whole content, then hold ``keys`` (those of the window) and the watermark."""
+
+    def open_epoch(self) -> None:
+        """The content is whole: claims succeed again, in a new epoch."""
+
     def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
-        """Replace the cache's content with these keys (all committed events in the window)."""
+        """:meth:`replace` then :meth:`open_epoch`, in one step."""
 
 
 def expired_before(watermark_ms: int | None, window_ms: int, slice_ms: int) -> int | None:
@@ -432,11 +447,18 @@ class EmbeddedKeyCache:
         return self._stale
 
     def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
-        with self._lock:
-            self._set = KeySet(keys)
-            self._pending.clear()
-            self._watermark = watermark_ms
-            self._expire()
+        self.replace(keys, watermark_ms)
+        self.open_epoch()
+
+    @_locked
+    def replace(self, keys: Keys, watermark_ms: int | None) -> None:
+        self._stale = True
+        self._set = KeySet(keys)
+        self._pending.clear()
+        self._watermark = watermark_ms
+        self._expire()
+
+    def open_epoch(self) -> None:
         # Snapshot (removing older files) before the meta says the directory is valid again.
         self._snapshot()
         with self._lock:
@@ -444,11 +466,9 @@ class EmbeddedKeyCache:
             self._stale = False
 
     def ensure(self, loader: Loader) -> bool:
-        if not self.needs_rebuild():
-            return False
-        keys, watermark = loader(None)
-        self.rebuild(keys, watermark)
-        return True
+        from pipeline import rebuild  # it imports this module's Protocols
+
+        return rebuild.ensure(self, loader)
 
     def valid(self, batch_id: str | None = None) -> bool:
         return True

@@ -32,7 +32,6 @@ import logging
 import math
 import re
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any, NoReturn, cast
@@ -52,9 +51,10 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from pipeline import faults, redis_client
+from pipeline import rebuild, redis_client
 from pipeline.fingerprint import Keys, fingerprint_check
 from pipeline.keycache import CacheLostError, CacheStats, Loader, Mask, expired_before
+from pipeline.leases import Lease, RedisLeases
 from pipeline.redis_client import Client
 
 log = logging.getLogger("adevents.redis_cache")
@@ -67,7 +67,6 @@ MAX_MEMBERS_PER_CALL = 4000
 CLAIM_RECORD_TTL_S = 7 * 24 * 3600
 REBUILD_LOCK = "rebuild-lock"
 REBUILD_LOCK_TIMEOUT_S = 30.0
-REBUILD_WAIT_S = 3600.0
 #: Connection failures one command (or a batch's pipelined commands: claims are idempotent per
 #: batch, so resending them is safe) rides out, with a back-off capped at SEND_BACKOFF_CAP_S:
 #: about two seconds, enough for a blip. Longer outages reach the consumer, which waits them
@@ -346,60 +345,29 @@ class RedisKeyCache:
         return bool(epoch) and all(v == expected for v in pipe.execute())
 
     def ensure(self, loader: Loader) -> bool:
-        """Rebuild from the lake if Redis lost its data; one consumer rebuilds, the others wait.
-
-        The rebuilder waits ``rebuild_grace_s`` first, so that groups whose commit was already
-        under way land before it reads the events table, then catches up with files committed
-        meanwhile. A group whose claims the loss took is never committed on them: the consumer
-        checks :meth:`valid` before its events commit and decides it again, which is what keeps
-        the rebuild exact whatever the timing; see ``Consumer._land``.
-        """
+        """Rebuild from the lake if Redis lost its data; one consumer rebuilds, the others wait
+        (``pipeline.rebuild``). The rebuild lock is a lease (``pipeline.leases``): renewed
+        while the rebuild runs, taken over at once when its holder died on this host, and
+        expiring otherwise (after LEASE_TIMEOUT)."""
         if not self.needs_rebuild():
             return False
-        from pipeline.leases import RedisLeases
-
-        # The rebuild lock is a lease: renewed while the rebuild runs, taken over at once when
-        # its holder died on this host, and expiring otherwise (after LEASE_TIMEOUT).
-        locks = RedisLeases(self.r, prefix=self.p, owner="rebuild", timeout_s=self.lock_timeout_s)
+        leases = RedisLeases(self.r, prefix=self.p, owner="rebuild", timeout_s=self.lock_timeout_s)
         try:
-            deadline = time.monotonic() + REBUILD_WAIT_S
-            while (lock := locks.acquire(REBUILD_LOCK)) is None:
-                if not self.needs_rebuild():
-                    return False
-                if time.monotonic() > deadline:
-                    raise CacheLostError("timed out waiting for another consumer's rebuild")
-                time.sleep(0.1)
-            if not self.needs_rebuild():
-                locks.release(lock)
-                return False
-            log.warning(
-                "the Redis key cache is empty or lost its data (a first start, a restart, a "
-                "flush): rebuilding it from the events table"
+            return rebuild.ensure(
+                self,
+                loader,
+                lock=_RebuildLease(leases),
+                grace_s=self.rebuild_grace_s,
+                what="Redis key cache",
             )
-            time.sleep(self.rebuild_grace_s)
-            started = time.time()
-            keys, watermark = loader(None)
-            self._replace_content(keys, watermark)
-            faults.point("mid_rebuild")
-            late_keys, late_watermark = loader(started - self.rebuild_grace_s - 1.0)
-            self._add_plain(late_keys)
-            if late_watermark is not None:
-                self.finish("rebuild", late_watermark)
-            # Redis may have lost the lock too meanwhile (a second loss) and another consumer
-            # may be rebuilding: then its epoch, not this one, must be the one that stands.
-            if not locks.held(lock):
-                raise CacheLostError("lost the rebuild lock during the rebuild; starting again")
-            self._open_epoch()
-            locks.release(lock)
-            return True
         finally:
-            locks.close()
+            leases.close()
 
     def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
-        self._replace_content(keys, watermark_ms)
-        self._open_epoch()
+        self.replace(keys, watermark_ms)
+        self.open_epoch()
 
-    def _replace_content(self, keys: Keys, watermark_ms: int | None) -> None:
+    def replace(self, keys: Keys, watermark_ms: int | None) -> None:
         """Drop the whole key cache, then load ``keys``; the cache stays closed (no epoch)."""
         # Sentinels go first, so that no claim can succeed while the old keys are deleted.
         # (The rebuild lock lives under {l} and is kept.)
@@ -415,7 +383,7 @@ class RedisKeyCache:
             keys = keys.take(keys.slice >= cutoff)
         self._add_plain(keys)
 
-    def _open_epoch(self) -> None:
+    def open_epoch(self) -> None:
         """The cache is whole again: sentinels of a new epoch and the check go in last."""
         self.alive_value = f"{self.check}:{uuid.uuid4().hex[:12]}"
         pipe = self.r.pipeline(transaction=False)
@@ -712,3 +680,21 @@ class RedisKeyCache:
 
     def close(self) -> None:
         self.r.close()
+
+
+class _RebuildLease:
+    """The rebuild lock of a shared Redis cache (:class:`pipeline.rebuild.RebuildLock`)."""
+
+    def __init__(self, leases: RedisLeases) -> None:
+        self.leases = leases
+
+    def acquire(self) -> object | None:
+        return self.leases.acquire(REBUILD_LOCK)
+
+    def held(self, token: object) -> bool:
+        assert isinstance(token, Lease)
+        return self.leases.held(token)
+
+    def release(self, token: object) -> None:
+        assert isinstance(token, Lease)
+        self.leases.release(token)

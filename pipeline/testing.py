@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipeline import rebuild
 from pipeline.decide import FileInput
 from pipeline.fingerprint import Keys
 from pipeline.groups import GroupFile
@@ -128,6 +129,10 @@ class MemoryKeyCache:
         return self.state.lost
 
     def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
+        self.replace(keys, watermark_ms)
+        self.open_epoch()
+
+    def replace(self, keys: Keys, watermark_ms: int | None) -> None:
         with self.state.guard:
             self.state.slices.clear()
             self.state.claims.clear()
@@ -136,14 +141,15 @@ class MemoryKeyCache:
             for key in _triples(keys):
                 if cutoff is None or key[0] >= cutoff:
                     self.state.slices.setdefault(key[0], set()).add(key[1:])
+            self.state.lost = True  # closed until open_epoch
+
+    def open_epoch(self) -> None:
+        with self.state.guard:
             self.state.epoch += 1
             self.state.lost = False
 
     def ensure(self, loader: Loader) -> bool:
-        if not self.state.lost:
-            return False
-        self.rebuild(*loader(None))
-        return True
+        return rebuild.ensure(self, loader)
 
     def valid(self, batch_id: str | None = None) -> bool:
         state = self.state
@@ -259,3 +265,30 @@ class MemorySource:
         if isinstance(batch, PoisonInputError):
             return FileInput(position, put_ms, None, PoisonInputError(batch.reason, batch.message))
         return FileInput(position, arrived_ms(batch, put_ms), batch)
+
+
+class MemoryRebuildLock:
+    """An in-memory :class:`pipeline.rebuild.RebuildLock` shared by the caches of one test;
+    :meth:`lose` drops it as an expired lease (or a flushed Redis) would."""
+
+    def __init__(self) -> None:
+        self._holder: object | None = None
+        self._guard = threading.Lock()
+
+    def acquire(self) -> object | None:
+        with self._guard:
+            if self._holder is not None:
+                return None
+            self._holder = object()
+            return self._holder
+
+    def held(self, token: object) -> bool:
+        return self._holder is token
+
+    def release(self, token: object) -> None:
+        with self._guard:
+            if self._holder is token:
+                self._holder = None
+
+    def lose(self) -> None:
+        self._holder = None
