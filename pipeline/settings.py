@@ -185,7 +185,10 @@ class JobSettings:
     """Every knob of the scheduled jobs; field names are the environment variables in lower case."""
 
     # -- schedule -------------------------------------------------------------------------------
-    rollup_interval: float = _setting(60.0, _positive_duration, "period of the rollup job")
+    # Readers answer what the rollups do not cover yet from the events (a campaign's stats over
+    # 24 h read the minutes since the last run): at 50k events/s a 1 min period left 3.5M rows
+    # there, 2M of them already compacted into Parquet, 160 ms a question; 15 s leaves a quarter.
+    rollup_interval: float = _setting(15.0, _positive_duration, "period of the rollup job")
     compact_interval: float = _setting(
         60.0,
         _positive_duration,
