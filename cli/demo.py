@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import subprocess
 import sys
@@ -11,6 +12,10 @@ import time
 from typing import Final
 
 from api.command import build_server, configure_server
+from generator.budgets import BUDGET_HEADROOM, OVERPACED_BUDGET_S
+from generator.dimension import ensure_campaigns
+from generator.runner import DEFAULT_CAMPAIGNS, budget_rate
+from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.signals import stop_on_signals
 
@@ -58,11 +63,33 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return _demo(args, settings, stop)
 
 
-def _demo(args: argparse.Namespace, settings: Settings, stop: threading.Event) -> int:
-    from pipeline.schema import Layout
+def what_to_watch(settings: Settings, url: str) -> str:
+    """Create the campaign dimension if none exists (budgets fitted to the generator's rate)
+    and say which campaigns over-pace on purpose, and where their alerts show."""
+    path = Layout(settings.data_dir).campaigns
+    rate = budget_rate(settings)
+    dimension = ensure_campaigns(path, DEFAULT_CAMPAIGNS, secrets.randbits(64), rate)
+    if not dimension.overpaced:
+        return f"budgets are those of {path} (not generated here): budget alerts follow them."
+    note = ""
+    if dimension.budget_rate != rate:
+        note = (
+            f" Budgets fit {dimension.budget_rate:,.0f} events/s, not {rate:,.0f}: "
+            f"delete {path} to fit them again."
+        )
+    return (
+        f"campaigns {', '.join(dimension.overpaced)} over-pace on purpose (a daily budget of "
+        f"{OVERPACED_BUDGET_S:.0f} s of their spend): their budget alerts open within the first "
+        f"minutes in the dashboard's alerts table ({url}) and at {url}alerts?open=true; every "
+        f"other budget is {BUDGET_HEADROOM:g}x its expected daily spend and stays quiet.{note}"
+    )
 
+
+def _demo(args: argparse.Namespace, settings: Settings, stop: threading.Event) -> int:
     failed: list[str] = []
     Layout(settings.data_dir).ensure()
+    url = f"http://{args.host}:{args.port}/"
+    watch_for = what_to_watch(settings, url)
     server = build_server(args, settings)
     children = {name: _spawn(name, settings) for name in CHILDREN}
     started = time.monotonic()
@@ -73,11 +100,12 @@ def _demo(args: argparse.Namespace, settings: Settings, stop: threading.Event) -
             if server.started and not announced:
                 announced = True
                 print(
-                    f"adevents demo: dashboard at http://{args.host}:{args.port}/ "
+                    f"adevents demo: dashboard at {url} "
                     f"(API docs at /docs, metrics at /metrics); data in {settings.data_dir}. "
                     "Ctrl-C stops everything.",
                     flush=True,
                 )
+                print(f"adevents demo: {watch_for}", flush=True)
             for name, proc in list(children.items()):
                 if proc.poll() is None:
                     continue

@@ -195,7 +195,10 @@ def zipf_weights(rng: np.random.Generator, n: int, exponent: float) -> npt.NDArr
 
 
 def build_campaigns(rng: np.random.Generator, n: int) -> pl.DataFrame:
-    """A campaign dimension of ``n`` campaigns in CAMPAIGN_SCHEMA, ids ``cmp-00001`` onwards."""
+    """A campaign dimension of ``n`` campaigns in CAMPAIGN_SCHEMA, ids ``cmp-00001`` onwards.
+
+    Budgets are null (no budget, no alert): they depend on the population and the rate, so the
+    generator sets them (:mod:`generator.budgets`)."""
     if n < 1:
         raise ValueError("need at least one campaign")
     width = max(5, len(str(n)))
@@ -219,13 +222,12 @@ def build_campaigns(rng: np.random.Generator, n: int) -> pl.DataFrame:
         .select(pl.format("{} {} {} #{}", "brand", "season", "goal", "number"))
         .to_series()
     )
-    budget_dollars = np.round(rng.lognormal(np.log(500.0), 0.8, n))
     frame = pl.DataFrame(
         {
             "campaign_id": [f"cmp-{i:0{width}d}" for i in number],
             "advertiser_id": [f"adv-{a + 1:04d}" for a in advertiser],
             "campaign_name": names,
-            "daily_budget_micros": np.maximum(budget_dollars, 10.0).astype(np.int64) * 1_000_000,
+            "daily_budget_micros": pl.Series([None] * n, dtype=pl.Int64),
         },
         schema=CAMPAIGN_SCHEMA,
     )

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from generator import ID_SHAPES, model
+from generator.dimension import ensure_campaigns, population_for, seed_sequences
 from generator.http import HttpSender, SendTotals
 from pipeline.schema import KEY_COLUMN, TIME_COLUMN, Layout
 from pipeline.settings import Settings
@@ -31,6 +32,8 @@ from pipeline.spool import SpoolWriter
 MAX_RATE_BATCH: Final = 100_000
 #: Nominal event density of the simulated clock when EVENTS_PER_SECOND is 0.
 FALLBACK_DENSITY: Final = 50_000
+#: Campaigns in a dimension the generator creates.
+DEFAULT_CAMPAIGNS: Final = 1000
 #: Largest number of rows in one file (Arrow string offsets are 32-bit).
 MAX_BATCH: Final = 10_000_000
 #: Share of duplicates re-sent in the same batch; the rest come 1..RETRY_BATCHES batches later.
@@ -89,27 +92,6 @@ class GenerateSummary:
             f"in {self.seconds:.2f} s = {self.events_per_second:,.0f} events/s "
             f"(producer {self.producer}, seed {self.seed})"
         )
-
-
-def ensure_campaigns(path: Path, count: int, rng: np.random.Generator) -> pl.DataFrame:
-    """The campaign dimension at ``path``; one of ``count`` campaigns is written if none exists.
-
-    Creation is atomic and first-writer-wins: a temporary file is hard-linked into place, so
-    generators starting together all end up drawing from the same file.
-    """
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        model.build_campaigns(rng, count).write_parquet(tmp)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        except OSError:  # no hard links here: a rename is still atomic, last writer wins
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return pl.read_parquet(path)
 
 
 @dataclass
@@ -478,6 +460,13 @@ class _Run:
             self.step(batch_size, math.floor(start), math.floor(end), budget)
 
 
+def budget_rate(settings: Settings, rate: float | None = None) -> float:
+    """Events per second a new dimension's budgets fit: the real rate, or at rate 0 the
+    simulated clock's density."""
+    rate = float(settings.events_per_second if rate is None else rate)
+    return rate or float(settings.events_per_second or FALLBACK_DENSITY)
+
+
 def generate(
     settings: Settings,
     *,
@@ -489,7 +478,7 @@ def generate(
     truth: str | Path | None = None,
     producer: str = "gen",
     stop: threading.Event | None = None,
-    campaigns: int = 1000,
+    campaigns: int = DEFAULT_CAMPAIGNS,
     clock: Callable[[], float] = time.time,
     http: str | None = None,
     api_key: str | None = None,
@@ -528,11 +517,9 @@ def generate(
     layout = Layout(settings.data_dir)
     sender = None if http is None else HttpSender(http, api_key)
     spool = SpoolWriter(layout.incoming, producer) if sender is None else sender
-    dimension_seq, population_seq, run_seq = np.random.SeedSequence(seed).spawn(3)
-    dimension = ensure_campaigns(layout.campaigns, campaigns, np.random.default_rng(dimension_seq))
-    population = model.build_population(
-        np.random.default_rng(population_seq), model.campaign_ids(dimension)
-    )
+    run_seq = seed_sequences(seed)[2]
+    dimension = ensure_campaigns(layout.campaigns, campaigns, seed, budget_rate(settings, rate))
+    population = population_for(dimension)
     writer = _BackgroundWriter(spool, population)
     run = _Run(
         settings=settings,
