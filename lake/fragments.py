@@ -23,7 +23,6 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
 from lake.location import LakeLocation
 from lake.tables import TableSpec
@@ -76,7 +75,7 @@ class FragmentCache:
     def __init__(self, location: LakeLocation, spec: TableSpec, schema: pa.Schema) -> None:
         self.spec = spec
         self.schema = schema
-        self.filesystem = pafs.SubTreeFileSystem(location.path(spec.name), location.filesystem())
+        self.filesystem = location.table_filesystem(spec.name)
         # As delta-rs reads: whole column chunks fetched at once (fewer requests on S3).
         self.format = pads.ParquetFileFormat(
             default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=True)

@@ -226,6 +226,10 @@ class LakeLocation:
         root = self.uri if self.s3 is None else f"{self.s3.bucket}/{self.s3.prefix}".rstrip("/")
         return "/".join([root, *(p.strip("/") for p in parts if p)])
 
+    def table_filesystem(self, name: str) -> pafs.FileSystem:
+        """A filesystem rooted at table ``name``: the relative paths of its add actions work."""
+        return pafs.SubTreeFileSystem(self.path(name), self.filesystem())
+
     def redact(self, text: str) -> str:
         """``text`` with every secret of this location replaced by ``***``."""
         if self.s3 is None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
@@ -40,7 +39,7 @@ def table_dataset(
     values and log statistics: files it excludes are left out of the dataset. Row-group and
     partition pruning inside the dataset happen anyway, from the filters DuckDB pushes down.
     """
-    root = pafs.SubTreeFileSystem(location.path(spec.name), location.filesystem())
+    root = location.table_filesystem(spec.name)
     return table.to_pyarrow_dataset(filesystem=root, file_pruning_predicate=prune)
 
 

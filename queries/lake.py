@@ -290,7 +290,7 @@ def _read_small(
     location: LakeLocation, spec: TableSpec, files: pl.DataFrame
 ) -> dict[str, pa.Table]:
     """Each file's rows with its partition values as columns, in the table's schema."""
-    root = pafs.SubTreeFileSystem(location.path(spec.name), location.filesystem())
+    root = location.table_filesystem(spec.name)
     paths = files["path"].to_list()
     dictionaries = [c for c in _DICTIONARY_COLUMNS if c in spec.schema.names]
     parquet = pads.ParquetFileFormat(
