@@ -159,13 +159,6 @@ class _SliceSet:
     def size(self) -> int:
         return sum(len(c[0]) for c in self.chunks)
 
-    def arrays(self) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-        if not self.chunks:
-            return np.empty(0, np.uint64), np.empty(0, np.uint64)
-        return np.concatenate([c[1] for c in self.chunks]), np.concatenate(
-            [c[0] for c in self.chunks]
-        )
-
 
 class KeySet:
     """A set of fingerprints partitioned by slice, with vectorised membership tests."""
