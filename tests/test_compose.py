@@ -2,15 +2,18 @@
 of this version, every variable one the settings know, and the image is slim and non-root.
 
 Docker does not run on the machine CI uses, so nothing here starts the stack: MinIO's and
-Redis's own commands are checked for the options adevents relies on, not executed."""
+Redis's own commands are checked for the options adevents relies on, not executed. Prometheus's
+and Grafana's files under deploy/ are checked against the mounts that carry them here; a real
+Prometheus runs them in tests/test_prometheus.py."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import json
 import re
 import shlex
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -29,9 +32,11 @@ SERVICES = {
     "consumer-1",
     "api",
     "scheduler",
+    "prometheus",
+    "grafana",
 }
 #: Services that run something other than adevents.
-OTHERS = {"redis", "minio", "minio-init"}
+OTHERS = {"redis", "minio", "minio-init", "prometheus", "grafana"}
 RESTART_POLICIES = {"always", "unless-stopped", "on-failure"}
 RUNTIME_LOCK = "requirements/runtime.lock"
 
@@ -191,6 +196,116 @@ def test_api_is_published(services: dict[str, dict[str, Any]]) -> None:
     port = args[args.index("--port") + 1]
     assert f"{port}:{port}" in services["api"]["ports"]
     assert f":{port}/health" in " ".join(argv(services["api"]["healthcheck"]["test"][1:]))
+
+
+# -- Prometheus and Grafana ------------------------------------------------------------------
+def bind_mounts(service: dict[str, Any]) -> dict[PurePosixPath, Path]:
+    """Container path -> host path of the service's bind mounts (``./…:/…[:ro]``)."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.startswith("./"):
+            found[PurePosixPath(target)] = ROOT / source
+    return found
+
+
+def host_path(service: dict[str, Any], inside: str) -> Path:
+    """The host file or folder a container path of ``service`` is, through its bind mounts."""
+    path = PurePosixPath(inside)
+    for target, source in bind_mounts(service).items():
+        if path == target or target in path.parents:
+            return source.joinpath(*path.relative_to(target).parts)
+    pytest.fail(f"{inside} is not in any bind mount of {service.get('image')}")
+
+
+def flag(args: list[str], name: str) -> str:
+    """The value of ``--name=value`` in ``args``."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+    assert len(values) == 1, (name, args)
+    return values[0]
+
+
+def published(service: dict[str, Any]) -> dict[int, str]:
+    """Container port -> ``[host_ip:]host_port`` it is published on."""
+    out = {}
+    for mapping in service.get("ports", []):
+        *host, container = str(mapping).split(":")
+        out[int(container)] = ":".join(host)
+    return out
+
+
+def test_every_bind_mount_exists_in_the_repository(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for target, source in bind_mounts(service).items():
+            assert source.exists(), f"{name} mounts {source} (at {target}), which is missing"
+
+
+def test_prometheus_scrapes_the_api_with_the_rules_mounted(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    prometheus = services["prometheus"]
+    args = argv(prometheus["command"])
+    config_path = flag(args, "config.file")
+    config = yaml.safe_load(host_path(prometheus, config_path).read_text())
+    # Rule files resolve against the config file's folder, inside the container.
+    for rule_file in config["rule_files"]:
+        inside = PurePosixPath(config_path).parent / rule_file
+        assert host_path(prometheus, str(inside)).is_file(), rule_file
+    # Its TSDB is a named volume, not the container's writable layer.
+    assert f"prometheus:{flag(args, 'storage.tsdb.path')}" in prometheus["volumes"]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "adevents"]
+    api_args = argv(services["api"]["command"])
+    api_port = api_args[api_args.index("--port") + 1]
+    assert job["static_configs"][0]["targets"] == [f"api:{api_port}"]
+    from api.routes import metrics
+
+    assert job.get("metrics_path", "/metrics") in metrics.paths
+    assert "api" in prometheus["depends_on"]
+    # No authentication: reachable from this host only.
+    assert published(prometheus) == {9090: "127.0.0.1:9090"}
+    assert "http://127.0.0.1:9090/-/ready" in prometheus["healthcheck"]["test"]
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    grafana = services["grafana"]
+    provisioning = host_path(grafana, "/etc/grafana/provisioning")
+    (source,) = [
+        d
+        for f in sorted((provisioning / "datasources").glob("*.yml"))
+        for d in yaml.safe_load(f.read_text())["datasources"]
+    ]
+    assert source["type"] == "prometheus" and source["isDefault"]
+    assert source["url"] == "http://prometheus:9090" and 9090 in published(services["prometheus"])
+    (provider,) = [
+        p
+        for f in sorted((provisioning / "dashboards").glob("*.yml"))
+        for p in yaml.safe_load(f.read_text())["providers"]
+    ]
+    dashboards = sorted(host_path(grafana, provider["options"]["path"]).glob("*.json"))
+    assert [d.name for d in dashboards] == ["adevents.json"]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert host_path(grafana, home) == dashboards[0]
+    # Every panel and query uses the provisioned data source (by uid, as Grafana resolves it).
+    dashboard = json.loads(dashboards[0].read_text())
+    queried = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert queried and all(p["targets"] for p in queried)
+    for panel in queried:
+        for used in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
+            assert used == {"type": "prometheus", "uid": source["uid"]}, panel["title"]
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    # The admin password comes from the environment of `docker compose`, never from the file.
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith(
+        "${GRAFANA_ADMIN_PASSWORD:?"
+    )
+    assert published(grafana) == {3000: "3000"}
+    assert "http://127.0.0.1:3000/api/health" in grafana["healthcheck"]["test"]
+
+
+def test_monitoring_keeps_its_data_in_named_volumes(compose: dict[str, Any]) -> None:
+    assert {"prometheus", "grafana"} <= set(compose["volumes"])
+    assert "grafana:/var/lib/grafana" in compose["services"]["grafana"]["volumes"]
 
 
 # -- Dockerfile --------------------------------------------------------------------------------
