@@ -58,6 +58,11 @@ COMMANDS: dict[str, Command] = {
         "run ad-hoc SQL over the lake's DuckDB views (no query: interactive prompt)",
         "queries.command",
     ),
+    "quarantine": Command(
+        "rejected rows by reason and time (list, show) and their replay through the spool, "
+        "optionally corrected by SQL (replay)",
+        "cli.quarantine",
+    ),
     "serve": Command(
         "serve the API and dashboard (Litestar on uvicorn)",
         "api.command",

@@ -286,6 +286,18 @@ class JobSettings:
     rollup_day_retention_days: int = _setting(
         0, _non_negative_int, "days day rollups are kept (0 = forever)"
     )
+    quarantine_retention_days: int = _setting(
+        30,
+        _non_negative_int,
+        "days rejected rows (the quarantine table) and whole quarantined files are kept, "
+        "by whole UTC days of when they were quarantined (0 = forever)",
+    )
+    ledger_retention_days: int = _setting(
+        30,
+        _non_negative_int,
+        "days ledger rows are kept, by whole UTC days of their commit (0 = forever); "
+        "the /metrics ledger totals drop by what it deletes",
+    )
     vacuum_retention: float = _setting(
         24 * 3600.0,
         _vacuum_retention,

@@ -1,4 +1,5 @@
-"""Retention: expired events by Delta delete + vacuum, orphans by age, rollups by their own days."""
+"""Retention: expired events, quarantine and ledger rows by Delta delete + vacuum, each table by
+its own days; orphans by age; set-aside files with the quarantine; rollups by their own days."""
 
 from __future__ import annotations
 
@@ -9,16 +10,26 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import polars as pl
 import pytest
 
-from jobs.retention import cutoff_ms, expired, first_kept_date, run_retention
+from jobs.retention import (
+    cutoff_ms,
+    expired,
+    first_kept_date,
+    run_retention,
+    table_retention_days,
+)
 from jobs.rollup import read_rollups, run_rollup
-from jobs.testing import commit_batches, random_batch
+from jobs.testing import commit_batches, random_batch, write_ledger
 from lake.location import LakeLocation
 from lake.snapshot import snapshot
-from lake.tables import EVENTS, open_table
-from pipeline.schema import Layout
+from lake.tables import EVENTS, LEDGER, QUARANTINE, TableSpec, open_table
+from lake.testing import append, quarantine_frame
+from pipeline.schema import UTC_MS, Layout
 from pipeline.settings import JobSettings, SettingsError
+from queries.lake import Lake
+from queries.rollups import coverage, rolled_up_version
 
 DAY_MS = 86_400_000
 NOW_MS = int(time.time() * 1000)
@@ -158,3 +169,104 @@ def test_rollups_outlive_their_events_even_through_a_rebuild(
     report = run_rollup(layout, location, durable=False, rebuild=True)
     assert report.rebuilt and report.recomputed == 2  # only hours that still have events
     assert read_rollups(layout, "hour").equals(before)
+
+
+def _dates(location: LakeLocation, spec: TableSpec) -> set[str]:
+    return {p["date"] for p in open_table(location, spec).partitions()}
+
+
+def _date_of(days: int) -> str:
+    return f"{datetime.fromtimestamp((NOW_MS - days * DAY_MS) / 1000, UTC):%Y-%m-%d}"
+
+
+def _set_aside(layout: Layout, batch_id: str, days: int, link_to: Path) -> Path:
+    """A whole file the consumer set aside ``days`` ago: a symlink, as it was moved, and its
+    sidecar."""
+    directory = layout.quarantine_files / batch_id
+    directory.mkdir(parents=True)
+    (directory / "x.arrow").symlink_to(link_to)
+    at = datetime.fromtimestamp((NOW_MS - days * DAY_MS) / 1000, UTC)
+    sidecar = {"file": "x.arrow", "reason": "symlink", "quarantined_at": at.isoformat()}
+    (directory / "reason.json").write_text(json.dumps(sidecar))
+    return directory
+
+
+def test_quarantine_and_ledger_keep_their_own_days(
+    aged: tuple[Layout, LakeLocation], tmp_path: Path
+) -> None:
+    layout, location = aged
+    for i, days in enumerate(AGES):
+        at = NOW_MS - days * DAY_MS
+        rows = quarantine_frame(10, seed=i, at_ms=at).with_columns(
+            ingested_at=pl.lit(at).cast(UTC_MS)
+        )
+        append(location, {"quarantine": rows})
+    target = tmp_path / "outside.arrow"
+    target.write_bytes(b"not ours to delete")
+    old = _set_aside(layout, "old-batch", 40, target)
+    young = _set_aside(layout, "young-batch", 1, target)
+    assert _dates(location, QUARANTINE) == _dates(location, LEDGER) == {_date_of(d) for d in AGES}
+    jobs = JobSettings(retention_days=0, quarantine_retention_days=5, ledger_retention_days=20)
+
+    report = run_retention(layout, location, jobs, now=NOW)
+    assert report.deleted["events_rows"] == 0  # RETENTION_DAYS=0: events are kept forever
+    assert report.deleted["quarantine_rows"] == 20
+    assert report.deleted["ledger_rows"] == 1  # one ledger row per batch, one batch per age
+    assert _dates(location, QUARANTINE) == {_date_of(3), _date_of(1)}
+    assert _dates(location, LEDGER) == {_date_of(10), _date_of(3), _date_of(1)}
+    assert _rows(location) == 120
+    # The set-aside file of 40 days ago is gone (its link, never what it points to).
+    assert report.deleted["quarantined_file_dirs"] == 1
+    assert not old.exists() and young.is_dir() and target.read_bytes() == b"not ours to delete"
+
+    again = run_retention(layout, location, jobs, now=NOW)
+    assert again.deleted["quarantine_rows"] == again.deleted["ledger_rows"] == 0
+    assert again.deleted["quarantined_file_dirs"] == 0
+
+
+def test_ledger_retention_leaves_rollup_coverage_readable(
+    aged: tuple[Layout, LakeLocation],
+) -> None:
+    """Readers find the minutes newer batches touched in the ledger's change feed since the
+    rollups' ledger version: retention's DELETE commit is not one of them."""
+    layout, location = aged
+    lake = Lake(location, data_dir=layout.root)
+    try:
+        before = coverage(lake, lake.view("ledger"))
+        assert before is not None and before.dirty == ()
+        report = run_retention(layout, location, JobSettings(ledger_retention_days=5), now=NOW)
+        assert report.deleted["ledger_rows"] == 2
+        view = lake.view("ledger")
+        rolled_up = rolled_up_version(lake)
+        assert rolled_up is not None and view.versions["ledger"] > rolled_up
+        after = coverage(lake, view)
+        assert after is not None and after.dirty == ()
+        # A batch committed after the delete is still seen as touching its minute.
+        minute = NOW_MS - NOW_MS % 60_000
+        stamp = datetime.fromtimestamp(minute / 1000, UTC)
+        write_ledger(
+            location,
+            [
+                {
+                    "batch_id": "late",
+                    "source_file": "late.arrow",
+                    "status": "ok",
+                    "min_event_time": stamp,
+                    "max_event_time": stamp,
+                    "committed_at": NOW,
+                }
+            ],
+        )
+        latest = coverage(lake, lake.view("ledger"))
+        assert latest is not None and latest.dirty == (minute,)
+    finally:
+        lake.close()
+
+
+def test_zero_days_keep_quarantine_and_ledger_forever() -> None:
+    jobs = JobSettings.from_env({"QUARANTINE_RETENTION_DAYS": "0", "LEDGER_RETENTION_DAYS": "0"})
+    assert table_retention_days(jobs) == {"events": 30, "quarantine": 0, "ledger": 0}
+    defaults = JobSettings.from_env({})
+    assert (defaults.quarantine_retention_days, defaults.ledger_retention_days) == (30, 30)
+    with pytest.raises(SettingsError, match="LEDGER_RETENTION_DAYS"):
+        JobSettings.from_env({"LEDGER_RETENTION_DAYS": "-1"})
