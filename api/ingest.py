@@ -45,6 +45,7 @@ from litestar.openapi.spec import (
     SecurityScheme,
 )
 from litestar.plugins import InitPlugin
+from litestar.types import Message, Scope
 from msgspec import Struct
 
 from api.disk import DiskSpace
@@ -62,6 +63,16 @@ from api.ingest_decode import (
     decode,
     media_type,
 )
+from api.ingest_encoding import (
+    ACCEPT_ENCODING,
+    IDENTITY,
+    InflatedTooLargeError,
+    Limits,
+    UnsupportedEncodingError,
+    content_encoding,
+    decompress,
+)
+from api.ingest_metrics import IngestMetrics, metrics_dir
 from api.ingest_spool import (
     Backlog,
     CommitterClosedError,
@@ -79,12 +90,17 @@ log = logging.getLogger("adevents.ingest")
 #: bench/ingest_load.py, the hand-off bought no throughput on 2 cores and cost 20-40 % more CPU
 #: (JSON bodies of 1k events, ~3 ms each inline; Arrow bodies of 10k, ~3 ms).
 THREAD_DECODE_BYTES: Final = 2 * 1024**2
+#: How much a compressed body is assumed to expand when choosing where to decode it (events
+#: compress about 5-10 times in gzip and zstd).
+EXPECTED_EXPANSION: Final = 8
 #: Seconds a client is asked to wait after a 429 or 503.
 RETRY_AFTER_SECONDS: Final = 1
 #: Paths that stay open even with API_KEYS_REQUIRED_FOR_READ (load balancers probe them).
 OPEN_PATHS: Final = frozenset({"/health"})
 #: ``opt`` key marking handlers that always need an API key.
 NEEDS_KEY: Final = "api_key_required"
+#: ``opt`` key marking the ingest route, whose answers the ingest metrics count.
+INGEST_ROUTE: Final = "adevents_ingest"
 API_KEY_SCHEME: Final = "apiKey"
 
 
@@ -188,6 +204,8 @@ class Ingestor:
         self.producer = f"http{os.getpid()}{secrets.token_hex(2)}"
         self.backlog = Backlog(self.layout.incoming)
         self.disk = DiskSpace(self.layout.root, settings.disk_min_free)
+        self.limits = Limits(ingest.ingest_max_body_bytes, ingest.ingest_max_compression_ratio)
+        self.metrics = IngestMetrics(metrics_dir(self.layout))
         self.committer = GroupCommitter(
             self._write,
             max_rows=ingest.ingest_batch_events,
@@ -212,10 +230,12 @@ class Ingestor:
             self.backlog.add(written.rejected_file, written.quarantined_rows)
 
     async def start(self) -> None:
+        self.metrics.open()
         self.committer.start()
 
     async def close(self) -> None:
         await self.committer.close()
+        self.metrics.close()
 
     def backlog_events(self) -> int:
         """Events in incoming/ plus those taken and not yet written."""
@@ -224,22 +244,24 @@ class Ingestor:
     def over_backlog(self) -> bool:
         return self.backlog_events() >= self.ingest.max_backlog_events
 
-    def _decode_and_check(self, body: bytes, media: str) -> Checked:
+    def _decode_and_check(self, body: bytes, media: str, encoding: str) -> Checked:
         table = decode(
-            body,
+            decompress(body, encoding, self.limits),
             media,
             max_depth=self.ingest.ingest_max_json_depth,
             max_events=self.ingest.ingest_max_events_per_request,
         )
         return check(table, now_ms=int(time.time() * 1000))
 
-    async def take(self, body: bytes, media: str) -> IngestResult:
-        """Validate the body's rows; return once the accepted (and rejected) rows are durable."""
+    async def take(self, body: bytes, media: str, encoding: str = IDENTITY) -> IngestResult:
+        """Decompress and validate the body's rows; return once the accepted (and rejected)
+        rows are durable, counted in the ingest metrics."""
         arrived_ms = int(time.time() * 1000)
-        if len(body) >= THREAD_DECODE_BYTES:
-            checked = await anyio.to_thread.run_sync(self._decode_and_check, body, media)
+        expected = len(body) * (1 if encoding == IDENTITY else EXPECTED_EXPANSION)
+        if expected >= THREAD_DECODE_BYTES:
+            checked = await anyio.to_thread.run_sync(self._decode_and_check, body, media, encoding)
         else:
-            checked = self._decode_and_check(body, media)
+            checked = self._decode_and_check(body, media, encoding)
         # Checked again now that the rows are known: between here and the committer counting
         # them there is no await, so concurrent requests each see the ones before them, and the
         # backlog ends at most one request's events over MAX_BACKLOG_EVENTS (per process).
@@ -247,6 +269,7 @@ class Ingestor:
             raise BacklogFullError
         if checked.received:
             await self.committer.commit(checked.accepted, checked.rejected, arrived_ms)
+        self.metrics.events(checked.accepted.num_rows, (r for _, r in checked.rejections))
         return IngestResult(
             received=checked.received,
             accepted=checked.accepted.num_rows,
@@ -285,7 +308,9 @@ def _request_body_schema() -> RequestBody:
         description="Events in the contract's columns: a JSON array, NDJSON (one object per "
         "line), an Arrow IPC stream or an Arrow IPC file. Money is integer USD micros. JSON may "
         "nest at most INGEST_MAX_JSON_DEPTH levels (an event object is level 1); a request may "
-        "carry at most INGEST_MAX_EVENTS_PER_REQUEST events.",
+        "carry at most INGEST_MAX_EVENTS_PER_REQUEST events. Any of them may be compressed "
+        "with Content-Encoding: gzip or zstd; INGEST_MAX_BODY_BYTES then limits the "
+        "decompressed size, and INGEST_MAX_COMPRESSION_RATIO how much it may expand.",
         content={
             JSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.ARRAY, items=event)),
             NDJSON: OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING)),
@@ -344,16 +369,21 @@ def _not_stored(request: Request[Any, Any, Any], exc: Exception) -> ServiceUnava
 _ERRORS: Final = {
     400: ResponseSpec(
         ErrorBody,
-        description="the body cannot be read as events (not JSON/NDJSON/Arrow, or JSON nested "
-        "deeper than INGEST_MAX_JSON_DEPTH)",
+        description="the body cannot be read as events (not JSON/NDJSON/Arrow, JSON nested "
+        "deeper than INGEST_MAX_JSON_DEPTH, or a gzip/zstd body that is damaged or truncated)",
     ),
     401: ResponseSpec(ErrorBody, description="missing or invalid API key"),
     413: ResponseSpec(
         ErrorBody,
-        description="the body is larger than INGEST_MAX_BODY_BYTES, or holds more than "
-        "INGEST_MAX_EVENTS_PER_REQUEST events",
+        description="the body is larger than INGEST_MAX_BODY_BYTES (decompressed, when it is "
+        "gzip or zstd), expands more than INGEST_MAX_COMPRESSION_RATIO times, or holds more "
+        "than INGEST_MAX_EVENTS_PER_REQUEST events",
     ),
-    415: ResponseSpec(ErrorBody, description="unsupported Content-Type or Content-Encoding"),
+    415: ResponseSpec(
+        ErrorBody,
+        description="unsupported Content-Type, or a Content-Encoding other than gzip, zstd or "
+        "identity (the Accept-Encoding header lists them)",
+    ),
     429: ResponseSpec(ErrorBody, description="the spool's backlog is full; see Retry-After"),
     503: ResponseSpec(
         ErrorBody,
@@ -366,7 +396,7 @@ _ERRORS: Final = {
 @post(
     "/ad_events",
     status_code=202,
-    opt={NEEDS_KEY: True},
+    opt={NEEDS_KEY: True, INGEST_ROUTE: True},
     operation_class=_IngestOperation,
     summary="Ingest ad events",
     responses=_ERRORS,
@@ -377,15 +407,17 @@ async def post_ad_events(
 ) -> Response[IngestResult]:
     """Take ad events; 202 once every row is durable in the spool (every rejected row with its
     reason, for the consumer to quarantine)."""
+    started = time.perf_counter()
     try:
         media = media_type(request.headers.get("content-type"))
     except UnsupportedMediaTypeError as exc:
         raise HTTPException(status_code=415, detail=str(exc)) from None
-    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
-    if encoding != "identity":
+    try:
+        encoding = content_encoding(request.headers.get("content-encoding"))
+    except UnsupportedEncodingError as exc:
         raise HTTPException(
-            status_code=415, detail=f"Content-Encoding {encoding[:100]!r} is not supported"
-        )
+            status_code=415, detail=str(exc), headers={"Accept-Encoding": ACCEPT_ENCODING}
+        ) from None
     if ingestor.disk.low():
         # Refuse before the disk fills: a full disk would fail this write and the consumer's.
         raise ServiceUnavailableException(
@@ -397,20 +429,22 @@ async def post_ad_events(
         raise _backlog_full(ingestor)
     body = await request.body()
     try:
-        result = await ingestor.take(body, media)
+        result = await ingestor.take(body, media, encoding)
     except BacklogFullError:
         raise _backlog_full(ingestor) from None
-    except TooManyEventsError as exc:
+    except (TooManyEventsError, InflatedTooLargeError) as exc:
         raise HTTPException(status_code=413, detail=str(exc)) from None
     except BodyError as exc:
         raise ClientException(str(exc)) from None
     except (CommitterClosedError, OSError) as exc:
         raise _not_stored(request, exc) from None
+    ingestor.metrics.acknowledged(time.perf_counter() - started)
     return Response(result, status_code=202)
 
 
 class IngestPlugin(InitPlugin):
-    """Adds POST /ad_events, the API-key guards and the committer's lifecycle to an app."""
+    """Adds POST /ad_events, the API-key guards, the committer's lifecycle and the count of
+    the route's answers to an app."""
 
     def __init__(self, settings: Settings, ingest: IngestSettings | None = None) -> None:
         self.settings = settings
@@ -435,6 +469,7 @@ class IngestPlugin(InitPlugin):
         app_config.exception_handlers = {**EXCEPTION_HANDLERS, **app_config.exception_handlers}
         if add_request_id not in app_config.before_send:
             app_config.before_send.append(add_request_id)
+        app_config.before_send.append(self._count_answer)
         keys = self.keys
         app_config.dependencies["api_keys"] = Provide(lambda: keys, sync_to_thread=False)
         app_config.guards.append(self.keys.read_guard)
@@ -448,6 +483,15 @@ class IngestPlugin(InitPlugin):
             )
             openapi.components.security_schemes = schemes
         return app_config
+
+    async def _count_answer(self, message: Message, scope: Scope) -> None:
+        """``before_send`` hook: every answer of POST /ad_events by status, whoever made it (the
+        handler, a guard's 401, the body limit's 413, an exception handler's 500)."""
+        if message["type"] != "http.response.start":
+            return
+        handler = scope.get("route_handler")
+        if handler is not None and handler.opt.get(INGEST_ROUTE):
+            self.ingestor.metrics.request(message["status"])
 
 
 __all__ = ["IngestPlugin", "IngestResult", "IngestSettings", "Ingestor", "RejectedRow"]

@@ -1,5 +1,5 @@
 """Prometheus metrics: pipeline totals from the ledger table, lag, the lake's tables, key-cache
-size, API latency."""
+size, API latency, and the HTTP ingest's counters of every API process (``api.ingest_metrics``)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from api.disk import DiskSpace
 from api.health import REDIS_TIMEOUT_S, consumer_health
+from api.ingest_metrics import IngestCollector, metrics_dir
 from pipeline.redis_client import Client, connect, used_memory
 from pipeline.schema import Layout
 from pipeline.settings import Settings
@@ -193,12 +194,14 @@ class LakeCollector(Collector):
 
 
 class Metrics:
-    """One registry per app: the lake collector and the API's request latency histogram."""
+    """One registry per app: the lake collector, the ingest's counters (summed over every API
+    process on DATA_DIR) and the API's request latency histogram."""
 
     def __init__(self, settings: Settings, lake: Lake) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = LakeCollector(settings, lake)
         self.registry.register(self.collector)
+        self.registry.register(IngestCollector(metrics_dir(Layout(settings.data_dir))))
         self.requests = Histogram(
             "adevents_api_request_duration_seconds",
             "API request latency, by route template",

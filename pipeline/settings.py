@@ -171,6 +171,13 @@ def _optional_url(text: str) -> str | None:
     return value
 
 
+def _expansion_ratio(text: str) -> float:
+    value = float(str(text).replace("_", ""))
+    if not value >= 1:
+        raise ValueError("must be a number of at least 1")
+    return value
+
+
 def _vacuum_retention(text: str) -> float:
     value = parse_duration(text)
     if value < 3600:
@@ -355,7 +362,16 @@ class IngestSettings:
         "(not /health; /health/detail needs it)",
     )
     ingest_max_body_bytes: int = _setting(
-        32 * 1024**2, _positive_size, "largest request body POST /ad_events reads (413 above)"
+        32 * 1024**2,
+        _positive_size,
+        "largest request body POST /ad_events takes, after decompression when it is gzip or "
+        "zstd (413 above)",
+    )
+    ingest_max_compression_ratio: float = _setting(
+        100.0,
+        _expansion_ratio,
+        "most a gzip or zstd body of POST /ad_events may expand (decompressed size over "
+        "compressed size; 413 above): a compression bomb stops there",
     )
     ingest_batch_events: int = _setting(
         100_000,
