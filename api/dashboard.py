@@ -1,4 +1,10 @@
-"""The dashboard: one self-refreshing HTML page with charts drawn as SVG on the server."""
+"""The dashboard's home page and the page frame every dashboard page shares.
+
+A page is HTML rendered here with its numbers in it (tiles, tables: they paint at once), plus
+charts that ``static/dashboard.js`` draws with plotly.js from JSON (the first data embedded in
+the page, the next ones fetched every REFRESH_MS). The refreshing part of each page (its
+*panel*) is fetched as HTML from the same functions that rendered it the first time.
+"""
 
 from __future__ import annotations
 
@@ -8,53 +14,28 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape
 from typing import Final
+from urllib.parse import quote
 
+import msgspec
+
+from api import dashboard_assets as assets
+from api.dashboard_data import ChartSet
 from api.models import AlertInfo, Health, LeaderboardRow
+from queries.dashboard import RANGE_NAMES, RANGES, TimeRange
 from queries.ops import Overview
 
 REFRESH_MS: Final = 5_000
-TOP_WINDOW_MS: Final = 3_600_000
+DEFAULT_RANGE: Final = "1h"
 #: Open alerts shown (the tile says "N+" when there are at least this many).
 MAX_ALERTS: Final = 20
-COLORS: Final = ("#2563eb", "#16a34a", "#dc2626", "#9333ea")
-
-_STYLE: Final = """
-body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#111}
-header{background:#111827;color:#fff;padding:10px 20px;display:flex;gap:20px;align-items:baseline}
-header h1{font-size:18px;margin:0}header span{color:#9ca3af}
-main{padding:16px 20px;display:grid;gap:16px}
-.tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:12px}
-.tile,.card{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:10px 14px}
-.tile b{display:block;font-size:22px}.tile small{color:#6b7280}
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:16px}
-h2{font-size:15px;margin:0 0 8px}table{border-collapse:collapse;width:100%}
-th,td{padding:4px 8px;border-bottom:1px solid #eee;text-align:right}
-th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
-.legend span{margin-right:12px}.bad{color:#dc2626}.muted{color:#6b7280}.warn{color:#b45309}
-#alerts-table td:nth-child(3),#alerts-table th:nth-child(3){text-align:left}
-svg text{font-size:11px;fill:#6b7280}
-"""
-
-_SCRIPT: Final = """
-const panel = document.getElementById('panel');
-async function refresh() {
-  try {
-    const r = await fetch('/dashboard/panel', {cache: 'no-store'});
-    if (r.ok) {
-      panel.innerHTML = await r.text();
-      panel.dataset.refreshes = String(Number(panel.dataset.refreshes || 0) + 1);
-    }
-  } catch (e) { /* keep the last panel; the next tick tries again */ }
-}
-setInterval(refresh, Number(panel.dataset.refreshMs));
-"""
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything the panel shows, gathered by the handler from queries and checks."""
+    """Everything the home page's panel shows, gathered by the handler from queries and checks."""
 
     now_ms: int
+    range: TimeRange
     overview: Overview
     top: Sequence[LeaderboardRow]
     health: Health
@@ -63,96 +44,35 @@ class Snapshot:
     alerts: Sequence[AlertInfo]
 
 
-def _num(value: float | None, digits: int = 0, suffix: str = "") -> str:
+def num(value: float | None, digits: int = 0, suffix: str = "") -> str:
     if value is None:
         return "–"
     return f"{value:,.{digits}f}{suffix}"
 
 
-def _pct(value: float | None, digits: int = 2) -> str:
+def pct(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value * 100:.{digits}f}%"
 
 
-def _usd(value: float | None) -> str:
+def usd(value: float | None) -> str:
     return "–" if value is None else f"${value:,.2f}"
 
 
-def _clock(ms: int) -> str:
+def clock(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%H:%M:%S")
 
 
-def line_chart(
-    chart_id: str,
-    series: dict[str, Sequence[float | None]],
-    *,
-    start_ms: int,
-    step_ms: int,
-    unit: str,
-    width: int = 560,
-    height: int = 180,
-) -> str:
-    """An SVG line chart; each series' values ride along in ``data-values`` for scripts/tests."""
-    left, right, top, bottom = 48, 8, 8, 20
-    w, h = width - left - right, height - top - bottom
-    n = max((len(v) for v in series.values()), default=0)
-    peak = max((x for v in series.values() for x in v if x is not None), default=0.0)
-    y_max = peak * 1.1 if peak > 0 else 1.0
-    parts = [
-        f'<svg id="{chart_id}" role="img" viewBox="0 0 {width} {height}" width="100%" '
-        f'data-max="{peak:g}" xmlns="http://www.w3.org/2000/svg">',
-        f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="#fff" stroke="#e5e7eb"/>',
-    ]
-    for frac in (0.0, 0.5, 1.0):
-        y = top + h - frac * h
-        parts.append(
-            f'<line x1="{left}" x2="{left + w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#f0f0f0"/>'
-            f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{y_max * frac:,.4g}</text>'
-        )
-    if n:
-        for i in (0, n // 2, n - 1):
-            x = left + (i / max(n - 1, 1)) * w
-            parts.append(
-                f'<text x="{x:.1f}" y="{height - 4}" text-anchor="middle">'
-                f"{_clock(start_ms + i * step_ms)}</text>"
-            )
-    for (name, values), color in zip(series.items(), COLORS, strict=False):
-        points: list[str] = []
-        runs: list[list[str]] = []
-        for i, v in enumerate(values):
-            if v is None:
-                if points:
-                    runs.append(points)
-                points = []
-                continue
-            x = left + (i / max(n - 1, 1)) * w
-            y = top + h - (v / y_max) * h
-            points.append(f"{x:.1f},{y:.1f}")
-        if points:
-            runs.append(points)
-        data = ",".join("" if v is None else f"{v:g}" for v in values)
-        parts.append(
-            f'<g class="series" data-name="{escape(name)}" data-values="{data}" '
-            f'data-unit="{escape(unit)}">'
-        )
-        for run in runs:
-            if len(run) == 1:
-                cx, cy = run[0].split(",")
-                parts.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{color}"/>')
-            else:
-                parts.append(
-                    f'<polyline fill="none" stroke="{color}" stroke-width="2" '
-                    f'points="{" ".join(run)}"/>'
-                )
-        parts.append("</g>")
-    parts.append("</svg>")
-    legend = "".join(
-        f'<span style="color:{c}">■ {escape(name)}</span>'
-        for name, c in zip(series, COLORS, strict=False)
-    )
-    return "".join(parts) + f'<div class="legend">{legend}</div>'
+def stamp(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _tile(tile_id: str, label: str, value: str, note: str = "", bad: bool = False) -> str:
+def campaign_href(campaign_id: str, r: TimeRange | None = None) -> str:
+    """The campaign page's URL (keeping the range the user chose)."""
+    query = "" if r is None else f"?range={r.name}"
+    return f"/campaigns/{quote(campaign_id, safe='')}{query}"
+
+
+def tile(tile_id: str, label: str, value: str, note: str = "", bad: bool = False) -> str:
     cls = ' class="bad"' if bad else ""
     return (
         f'<div class="tile" id="{tile_id}"><small>{escape(label)}</small>'
@@ -160,32 +80,105 @@ def _tile(tile_id: str, label: str, value: str, note: str = "", bad: bool = Fals
     )
 
 
-def _top_table(rows: Sequence[LeaderboardRow]) -> str:
+def chart_card(chart_id: str, title: str, wide: bool = False) -> str:
+    """A card holding one chart, drawn by the browser from the page's ChartSet."""
+    cls = "card wide" if wide else "card"
+    return (
+        f'<section class="{cls}"><h2>{escape(title)}</h2>'
+        f'<div class="chart" id="{chart_id}"></div></section>'
+    )
+
+
+def _range_buttons(selected: TimeRange) -> str:
+    buttons = "".join(
+        f'<button type="button" data-range="{name}" '
+        f'aria-pressed="{"true" if name == selected.name else "false"}">'
+        f"{escape(RANGES[name].label)}</button>"
+        for name in RANGE_NAMES
+    )
+    return f'<div class="ranges" role="group" aria-label="time range">{buttons}</div>'
+
+
+def frame(
+    title: str,
+    panel_html: str,
+    *,
+    panel_url: str,
+    charts_html: str = "",
+    series: ChartSet | None = None,
+    series_url: str = "",
+    selected: TimeRange | None = None,
+) -> str:
+    """A whole dashboard page: header with navigation and range buttons, the panel, the charts.
+
+    ``series`` is embedded as JSON so the charts draw without another round trip.
+    """
+    data = ""
+    if series is not None:
+        # "</" cannot close the script element early once escaped as "<\/" (same JSON value).
+        encoded = msgspec.json.encode(series).decode().replace("</", "<\\/")
+        data = f'<script type="application/json" id="initial-series">{encoded}</script>'
+    ranges = "" if selected is None else _range_buttons(selected)
+    # A page without charts does without plotly.js.
+    plotly = "" if series is None else f'<script defer src="{assets.url(assets.PLOTLY)}"></script>'
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)} · adevents</title>"
+        # No favicon request (its 404 would be a console error).
+        '<link rel="icon" href="data:,">'
+        f"<style>{assets.text('dashboard.css')}</style>"
+        f'<noscript><meta http-equiv="refresh" content="{REFRESH_MS // 1000}"></noscript>'
+        f"{plotly}"
+        f'<script defer src="{assets.url("dashboard.js")}"></script>'
+        "</head><body>"
+        # No DATA_DIR nor host names here: the page may be open to anyone.
+        '<header><h1><a href="/">adevents</a></h1><nav>'
+        '<a href="/">dashboard</a><a href="/dashboard/alerts">alerts</a>'
+        '<a href="/docs">API</a><a href="/metrics">metrics</a></nav>'
+        f"{ranges}</header>"
+        f'<main id="page" data-refresh-ms="{REFRESH_MS}" data-refreshes="0" '
+        f'data-panel-url="{escape(panel_url)}" data-series-url="{escape(series_url)}" '
+        f'data-range="{"" if selected is None else selected.name}">'
+        f'<h1 class="title">{escape(title)}</h1>'
+        f'<div id="panel">{panel_html}</div>'
+        f'<div class="charts">{charts_html}</div></main>{data}</body></html>'
+    )
+
+
+def top_table(rows: Sequence[LeaderboardRow], r: TimeRange) -> str:
     head = (
         "<tr><th>#</th><th>campaign</th><th>impressions</th><th>clicks</th><th>conversions</th>"
         "<th>spend</th><th>revenue</th><th>CTR</th><th>CVR</th><th>CPA</th><th>ROAS</th></tr>"
     )
     body = []
-    for r in rows:
-        name = f" <span class=muted>{escape(r.campaign_name)}</span>" if r.campaign_name else ""
+    for row in rows:
+        name = f" <span class=muted>{escape(row.campaign_name)}</span>" if row.campaign_name else ""
         body.append(
-            f'<tr data-campaign="{escape(r.campaign_id)}"><td>{r.rank}</td>'
-            f"<td>{escape(r.campaign_id)}{name}</td>"
-            f'<td data-value="{r.impressions}">{r.impressions:,}</td>'
-            f'<td data-value="{r.clicks}">{r.clicks:,}</td>'
-            f'<td data-value="{r.conversions}">{r.conversions:,}</td>'
-            f'<td data-value="{r.spend_usd}">{_usd(r.spend_usd)}</td>'
-            f'<td data-value="{r.revenue_usd}">{_usd(r.revenue_usd)}</td>'
-            f"<td>{_pct(r.ctr)}</td><td>{_pct(r.cvr)}</td><td>{_usd(r.cpa_usd)}</td>"
-            f"<td>{_num(r.roas, 2)}</td></tr>"
+            f'<tr data-campaign="{escape(row.campaign_id)}"><td>{row.rank}</td>'
+            f'<td><a href="{escape(campaign_href(row.campaign_id, r))}">'
+            f"{escape(row.campaign_id)}</a>{name}</td>"
+            f'<td data-value="{row.impressions}">{row.impressions:,}</td>'
+            f'<td data-value="{row.clicks}">{row.clicks:,}</td>'
+            f'<td data-value="{row.conversions}">{row.conversions:,}</td>'
+            f'<td data-value="{row.spend_usd}">{usd(row.spend_usd)}</td>'
+            f'<td data-value="{row.revenue_usd}">{usd(row.revenue_usd)}</td>'
+            f"<td>{pct(row.ctr)}</td><td>{pct(row.cvr)}</td><td>{usd(row.cpa_usd)}</td>"
+            f"<td>{num(row.roas, 2)}</td></tr>"
         )
     if not body:
-        body.append('<tr><td colspan="11" class="muted">No events in the last hour.</td></tr>')
+        body.append(
+            f'<tr><td colspan="11" class="muted">No events in the last {r.label}.</td></tr>'
+        )
     return f'<table id="top-campaigns">{head}{"".join(body)}</table>'
 
 
-def _stamp(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+def alert_subject(a: AlertInfo) -> str:
+    """The alert's rule and subject; a budget alert's subject links to its campaign."""
+    subject = escape(a.subject)
+    if a.rule == "budget":
+        subject = f'<a href="{escape(campaign_href(a.subject))}">{subject}</a>'
+    return f"{escape(a.rule)} · {subject}"
 
 
 def _alerts(alerts: Sequence[AlertInfo]) -> str:
@@ -199,36 +192,36 @@ def _alerts(alerts: Sequence[AlertInfo]) -> str:
         f'<tr data-alert="{escape(a.alert_id)}" data-rule="{escape(a.rule)}" '
         f'data-subject="{escape(a.subject)}" data-severity="{escape(a.severity)}">'
         f'<td class="{"bad" if a.severity == "critical" else "warn"}">{escape(a.severity)}</td>'
-        f"<td>{escape(a.rule)} · {escape(a.subject)}</td><td>{escape(a.message)}</td>"
-        f"<td>{a.value:,.4g}</td><td>{a.threshold:,.4g}</td><td>{_stamp(a.started_at)}</td></tr>"
+        f"<td>{alert_subject(a)}</td><td>{escape(a.message)}</td>"
+        f"<td>{a.value:,.4g}</td><td>{a.threshold:,.4g}</td><td>{stamp(a.started_at)}</td></tr>"
         for a in alerts
     )
-    return f'<table id="alerts-table">{head}{body}</table>'
+    return f'<table id="alerts-table" class="alerts">{head}{body}</table>'
 
 
 def panel(s: Snapshot) -> str:
-    """The part of the page that refreshes: tiles, charts, tables."""
+    """The part of the home page that refreshes: tiles and tables."""
     o, h = s.overview, s.health
     last_minute = o.events_in_per_s[-6:]
     rate = sum(last_minute) / len(last_minute) if last_minute else 0.0
     lat = o.latency_ms
     p50, p95, p99 = (None, None, None) if lat is None else (lat.p50, lat.p95, lat.p99)
     tiles = [
-        _tile("tile-rate", "events/s (last minute)", _num(rate)),
-        _tile("tile-total", "events stored", _num(s.total_events)),
-        _tile("tile-p50", "batch latency p50", _num(p50, 1, " ms")),
-        _tile("tile-p95", "batch latency p95", _num(p95, 1, " ms")),
-        _tile("tile-p99", "batch latency p99", _num(p99, 1, " ms")),
-        _tile("tile-dup", "duplicate rate (15 min)", _pct(o.duplicate_rate)),
-        _tile("tile-quarantine", "quarantine rate (15 min)", _pct(o.quarantine_rate)),
-        _tile(
+        tile("tile-rate", "events/s (last minute)", num(rate)),
+        tile("tile-total", "events stored", num(s.total_events)),
+        tile("tile-p50", "batch latency p50", num(p50, 1, " ms")),
+        tile("tile-p95", "batch latency p95", num(p95, 1, " ms")),
+        tile("tile-p99", "batch latency p99", num(p99, 1, " ms")),
+        tile("tile-dup", "duplicate rate (15 min)", pct(o.duplicate_rate)),
+        tile("tile-quarantine", "quarantine rate (15 min)", pct(o.quarantine_rate)),
+        tile(
             "tile-lag",
             "consumer lag",
-            _num(h.consumer_lag_seconds, 1, " s"),
+            num(h.consumer_lag_seconds, 1, " s"),
             f"{h.files_waiting} file(s) waiting",
             bad=h.status != "ok",
         ),
-        _tile(
+        tile(
             "tile-alerts",
             "open alerts",
             f"{len(s.alerts)}{'+' if len(s.alerts) >= MAX_ALERTS else ''}",
@@ -236,24 +229,6 @@ def panel(s: Snapshot) -> str:
             bad=any(a.severity == "critical" for a in s.alerts),
         ),
     ]
-    throughput = line_chart(
-        "chart-throughput",
-        {"events in": o.events_in_per_s, "accepted": o.accepted_per_s},
-        start_ms=o.start_ms,
-        step_ms=o.step_ms,
-        unit="events/s",
-    )
-    latency = line_chart(
-        "chart-latency",
-        {
-            "p50": [None if p is None else p.p50 for p in o.latency_minutes],
-            "p95": [None if p is None else p.p95 for p in o.latency_minutes],
-            "p99": [None if p is None else p.p99 for p in o.latency_minutes],
-        },
-        start_ms=o.start_ms,
-        step_ms=60_000,
-        unit="ms",
-    )
     reasons = escape("; ".join(h.messages))
     status = (
         '<span id="health-status">healthy</span>'
@@ -261,33 +236,30 @@ def panel(s: Snapshot) -> str:
         else f'<span id="health-status" class="bad">unhealthy: {reasons}</span>'
     )
     return (
-        f'<div class="muted" id="updated" data-now-ms="{s.now_ms}">updated {_clock(s.now_ms)}'
+        f'<div class="muted" id="updated" data-now-ms="{s.now_ms}">updated {clock(s.now_ms)}'
         f" UTC · {status} · {o.batches:,} batches in 15 min</div>"
         f'<div class="tiles">{"".join(tiles)}</div>'
-        f'<div class="charts"><section class="card"><h2>Events/s, last 15 minutes</h2>'
-        f"{throughput}</section>"
-        f'<section class="card"><h2>Batch processing latency (ms), per minute</h2>{latency}'
-        "</section></div>"
-        f'<section class="card"><h2>Top campaigns by spend, last hour</h2>{_top_table(s.top)}'
+        f'<section class="card"><h2>Top campaigns by spend, last {escape(s.range.label)}</h2>'
+        f"{top_table(s.top, s.range)}</section>"
+        f'<section class="card" id="alerts"><h2>Open alerts '
+        f'<a class="more" href="/dashboard/alerts">all alerts →</a></h2>{_alerts(s.alerts)}'
         "</section>"
-        f'<section class="card" id="alerts"><h2>Open alerts</h2>{_alerts(s.alerts)}</section>'
     )
 
 
-def page(s: Snapshot) -> str:
-    """The whole dashboard page."""
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>adevents dashboard</title><style>{_STYLE}</style>"
-        f'<noscript><meta http-equiv="refresh" content="{REFRESH_MS // 1000}"></noscript>'
-        "</head><body>"
-        # No DATA_DIR here: the page may be open to anyone, and a path is an internal.
-        "<header><h1>adevents</h1>"
-        '<span><a style="color:#93c5fd" href="/docs">API</a> · '
-        '<a style="color:#93c5fd" href="/metrics">metrics</a></span></header>'
-        f'<main id="panel" data-refresh-ms="{REFRESH_MS}" data-refreshes="0">{panel(s)}</main>'
-        f"<script>{_SCRIPT}</script></body></html>"
+def page(s: Snapshot, series: ChartSet) -> str:
+    """The whole home page."""
+    charts = chart_card("chart-throughput", "Events/s") + chart_card(
+        "chart-latency", "Batch processing latency"
+    )
+    return frame(
+        "Pipeline",
+        panel(s),
+        panel_url="/dashboard/panel",
+        charts_html=charts,
+        series=series,
+        series_url="/dashboard/series",
+        selected=s.range,
     )
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal
 
-from litestar import MediaType, Request, Response, get
+from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import PathParameter, QueryParameter
 
-from api import dashboard, docs, params
+from api import dashboard_routes, docs, params
 from api.health import HealthChecker
 from api.ingest import ApiKeys
 from api.metrics import Metrics
@@ -28,7 +28,6 @@ from api.models import (
     PublicHealth,
     StatsPoint,
 )
-from pipeline.schema import MINUTE_MS
 from queries import campaigns, events, ops
 from queries.campaigns import BUCKET_MS, Totals
 from queries.lake import Lake
@@ -186,34 +185,6 @@ def metrics(metrics: NamedDependency[Metrics]) -> bytes:
     return metrics.render()
 
 
-def _snapshot(lake: Lake, checker: HealthChecker) -> dashboard.Snapshot:
-    now = params.now_ms()
-    # The last hour in whole minutes, which the minute rollups answer without reading events.
-    since = now - dashboard.TOP_WINDOW_MS
-    top = campaigns.top(lake, "spend", 10, since - since % MINUTE_MS)
-    firing = ops.alerts(lake, open_only=True, limit=dashboard.MAX_ALERTS)
-    return dashboard.Snapshot(
-        now_ms=now,
-        overview=ops.overview(lake, now),
-        top=[LeaderboardRow.of(i, c) for i, c in enumerate(top, 1)],
-        health=checker.cached(),
-        total_events=events.count(lake),
-        alerts=[AlertInfo.of(a) for a in firing],
-    )
-
-
-@get("/", sync_to_thread=True, media_type=MediaType.HTML, include_in_schema=False)
-def dashboard_page(lake: NamedDependency[Lake], checker: NamedDependency[HealthChecker]) -> str:
-    """The dashboard."""
-    return dashboard.page(_snapshot(lake, checker))
-
-
-@get("/dashboard/panel", sync_to_thread=True, media_type=MediaType.HTML, include_in_schema=False)
-def dashboard_panel(lake: NamedDependency[Lake], checker: NamedDependency[HealthChecker]) -> str:
-    """The dashboard's refreshing part."""
-    return dashboard.panel(_snapshot(lake, checker))
-
-
 ROUTES: Final = [
     health,
     health_detail,
@@ -223,7 +194,6 @@ ROUTES: Final = [
     top_campaigns,
     alerts,
     metrics,
-    dashboard_page,
-    dashboard_panel,
     docs.docs_asset,
+    *dashboard_routes.ROUTES,
 ]
