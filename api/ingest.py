@@ -39,6 +39,7 @@ from litestar.openapi.spec import (
     OpenAPIMediaType,
     OpenAPIType,
     Operation,
+    Parameter,
     Reference,
     RequestBody,
     Schema,
@@ -65,7 +66,9 @@ from api.ingest_decode import (
 )
 from api.ingest_encoding import (
     ACCEPT_ENCODING,
+    GZIP,
     IDENTITY,
+    ZSTD,
     InflatedTooLargeError,
     Limits,
     UnsupportedEncodingError,
@@ -322,10 +325,18 @@ def _request_body_schema() -> RequestBody:
 
 @dataclass
 class _IngestOperation(Operation):
-    """The operation of POST /ad_events, with the request body Litestar cannot infer."""
+    """The operation of POST /ad_events, with the request body and the Content-Encoding header
+    Litestar cannot infer (the handler reads both itself)."""
 
     def __post_init__(self) -> None:
         self.request_body = _request_body_schema()
+        encoding = Parameter(
+            name="Content-Encoding",
+            param_in="header",
+            schema=Schema(type=OpenAPIType.STRING, enum=[GZIP, ZSTD, IDENTITY]),
+            description="the body's compression, if any (x-gzip is taken as gzip)",
+        )
+        self.parameters = [*(self.parameters or []), encoding]
 
 
 def _too_large(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:

@@ -364,6 +364,16 @@ def test_an_unknown_encoding_is_415_with_the_accepted_ones(
     assert ok.status_code == 202
 
 
+def test_the_openapi_schema_names_the_encodings(data_dir: Path) -> None:
+    from api.app import create_app
+
+    with TestClient(create_app(settings_of(data_dir))) as client:
+        schema = client.get("/docs/openapi.json").json()
+    parameters = schema["paths"]["/ad_events"]["post"]["parameters"]
+    [encoding] = [p for p in parameters if p["name"] == "Content-Encoding"]
+    assert encoding["in"] == "header" and encoding["schema"]["enum"] == ["gzip", "zstd", "identity"]
+
+
 def test_compression_ratio_setting_is_validated() -> None:
     def ratio(env: dict[str, str]) -> float:
         return IngestSettings.from_env(env).ingest_max_compression_ratio
