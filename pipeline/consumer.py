@@ -110,8 +110,8 @@ class Consumer:
         self.layout.ensure()
         self.cache = cache
         self.clock = clock
-        self.window_ms = int(settings.dedupe_window * 1000)
-        self.slice_ms = int(settings.dedupe_slice * 1000)
+        self.window_ms = settings.dedupe_window_ms
+        self.slice_ms = settings.dedupe_generation_ms
         self.name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
         self.durable = settings.fsync
         self.source: Source = source or SpoolSource(

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 def make_key_cache(settings: Settings) -> KeyCache:
     """Redis when REDIS_URL is set, else the embedded cache under DATA_DIR/state/."""
-    window_ms = int(settings.dedupe_window * 1000)
-    slice_ms = int(settings.dedupe_slice * 1000)
+    window_ms = settings.dedupe_window_ms
+    slice_ms = settings.dedupe_generation_ms
     if settings.redis_url:
         from pipeline.redis_cache import RedisKeyCache
 

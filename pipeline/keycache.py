@@ -146,22 +146,36 @@ class _SliceSet:
         self.add_sorted(hi[order], lo[order])
 
     def add_sorted(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> None:
-        """Add keys already sorted by ``lo`` (a chunk read back from a key file)."""
+        """Add keys already sorted by ``lo`` (a chunk read back from a key file).
+
+        Chunks are merged size-tiered, like a binary counter: a chunk no more than twice the
+        size of the one after it absorbs it. A generation holds a whole window's keys, so a
+        merge of everything every few batches (what a one-second slice could afford) would
+        cost O(window) per batch; this way each key is merged O(log(keys / batch)) times and
+        a lookup searches O(log(keys / batch)) chunks.
+        """
         if len(lo) == 0:
             return
         self.chunks.append((lo, hi))
-        if len(self.chunks) > 8:
-            all_lo = np.concatenate([c[0] for c in self.chunks])
-            all_hi = np.concatenate([c[1] for c in self.chunks])
+        while len(self.chunks) > 1 and len(self.chunks[-2][0]) <= 2 * len(self.chunks[-1][0]):
+            (lo_a, hi_a), (lo_b, hi_b) = self.chunks[-2], self.chunks[-1]
+            all_lo = np.concatenate([lo_a, lo_b])
+            # Two sorted runs: the stable sort (timsort) merges them in linear time.
             order = np.argsort(all_lo, kind="stable")
-            self.chunks = [(all_lo[order], all_hi[order])]
+            self.chunks[-2:] = [(all_lo[order], np.concatenate([hi_a, hi_b])[order])]
 
     def size(self) -> int:
         return sum(len(c[0]) for c in self.chunks)
 
 
 class KeySet:
-    """A set of fingerprints partitioned by slice, with vectorised membership tests."""
+    """A set of fingerprints stored by generation (``Keys.slice``), with vectorised membership
+    tests over every generation held.
+
+    A key's generation only says when it may be dropped (:meth:`drop_below`): membership is by
+    fingerprint alone, so a copy of an event that carries another event_time (a re-stamping
+    SDK, a pixel stamped on receipt) is still found, whatever generation holds the original.
+    """
 
     def __init__(self, keys: Keys | None = None) -> None:
         self.slices: dict[int, _SliceSet] = {}
@@ -182,26 +196,18 @@ class KeySet:
             self.slices.setdefault(sl, _SliceSet()).add(keys.hi[idx], keys.lo[idx])
 
     def contains(self, keys: Keys) -> Mask:
+        """Per key, whether its fingerprint is held, in any generation."""
         found = np.zeros(len(keys), dtype=bool)
-        if len(keys) == 0:
-            return found
-        for idx in self.groups(keys):
-            slice_set = self.slices.get(int(keys.slice[idx[0]]))
-            if slice_set is not None:
-                found[idx] = slice_set.contains(keys.hi[idx], keys.lo[idx])
+        for slice_set in self.slices.values():
+            if len(keys):
+                found |= slice_set.contains(keys.hi, keys.lo)
         return found
 
     def add_new(self, keys: Keys) -> Mask:
-        """Add the keys not held yet; per key, whether it was new. One pass over the slices
-        for both (keys must be distinct)."""
-        new = np.zeros(len(keys), dtype=bool)
-        if len(keys) == 0:
-            return new
-        for idx in self.groups(keys):
-            slice_set = self.slices.setdefault(int(keys.slice[idx[0]]), _SliceSet())
-            fresh = idx[~slice_set.contains(keys.hi[idx], keys.lo[idx])]
-            slice_set.add(keys.hi[fresh], keys.lo[fresh])
-            new[fresh] = True
+        """Add the keys not held yet (in any generation) to their own generations; per key,
+        whether it was new (keys must be distinct)."""
+        new = ~self.contains(keys)
+        self.add(keys.take(new))
         return new
 
     def drop_below(self, cutoff: int) -> None:

@@ -3,20 +3,29 @@
 Layout (``P`` is REDIS_KEY_PREFIX; ``{...}`` are Redis Cluster hash tags, so every multi-key
 operation stays inside one slot):
 
-- ``P:{m}:meta`` hash: ``watermark`` (epoch ms), ``fingerprint`` (the function's check value);
-  ``P:{m}:slices`` zset of registered slices, ``P:{m}:bits`` hash slice -> bucket bits.
-- ``P:{gN}:<slice>:<bucket>`` set of 64-bit fingerprint halves, N = bucket mod GROUPS. The
-  bucket is the top ``bits`` of the other half, with ``bits`` chosen per slice so a bucket holds
-  ~256 members: small enough to stay an intset (8 bytes a member), large enough that the key's
-  own overhead is a fraction of a byte per member.
+- ``P:{m}:meta`` hash: ``watermark`` (epoch ms), ``fingerprint`` (the function's check value
+  and this layout's version); ``P:{m}:slices`` zset of registered generations, ``P:{m}:bits``
+  hash generation -> bucket bits.
+- ``P:{gN}:<generation>:<bucket>`` set of 64-bit fingerprint halves. A key's generation is its
+  event_time // DEDUPE_SLICE (by default the window): it only says when the key may be
+  dropped. The bucket is the top ``bits`` (at least 4) of the other half, with ``bits`` chosen
+  per generation so a bucket holds ~256 members: small enough to stay an intset (8 bytes a
+  member), large enough that the key's own overhead is a fraction of a byte per member. N is
+  the top 4 bits, so one fingerprint's buckets in every generation share a group.
+- ``P:{gN}:gens`` zset of the generations registered in group N, as ``<generation>:<bits>``.
+  A claim looks for each key in every one of them (a copy of an event may carry another
+  event_time: it is still a duplicate) and adds it to its own. The client sends the list it
+  looked in; a script that finds another list refuses (``ADEVENTS_GENS``), and the client
+  reads the lists again and resends: a generation registered (or re-sized by a rebuild)
+  meanwhile by another consumer is never missed.
 - ``P:{gN}:alive`` sentinel per group: missing means Redis lost data, so the claim script
   refuses and the consumer rebuilds from the events table (a Redis loss never produces a
   duplicate). Its value is ``<fingerprint check>:<epoch>``; every rebuild starts a new epoch,
   and a group whose claims were made in an earlier epoch is not committed (``valid``).
-- ``P:{gN}:floor`` zset holding the lowest live slice: slices below it were expired. A claim
-  that reaches below it was validated against a watermark that has moved on since (another
-  consumer finished a batch meanwhile) and is refused, so the batch is validated again; it
-  never lands an event whose earlier copy was just expired.
+- ``P:{gN}:floor`` zset holding the lowest live generation: those below it were expired. A
+  claim that reaches below it was validated against a watermark that has moved on since
+  (another consumer finished a batch meanwhile) and is refused, so the batch is validated
+  again; it never lands an event whose earlier copy was just expired.
 - ``P:{gN}:claim:<batch_id>`` the members a batch won, kept until the batch is finished, so a
   retried batch (after a crash) gets the same answers: claims are idempotent per batch. The
   consumer's batch id is its commit group's claim id ``<app_id>:<version>``.
@@ -37,7 +46,6 @@ from collections.abc import Iterator
 from typing import Any, NoReturn, cast
 
 import numpy as np
-import numpy.typing as npt
 import polars as pl
 import redis
 import tenacity
@@ -60,8 +68,14 @@ from pipeline.redis_client import Client
 log = logging.getLogger("adevents.redis_cache")
 
 GROUPS = 16
+GROUP_BITS = 4  # GROUPS == 2**GROUP_BITS: a key's group is the top bits of its bucket
+#: Part of the check value: a cache written in another layout is rebuilt from the lake.
+LAYOUT = "gen1"
 TARGET_PER_BUCKET = 256
+MIN_BITS = GROUP_BITS
 MAX_BITS = 20
+#: Times a claim re-reads the generation lists and resends after ``ADEVENTS_GENS``.
+GENS_RETRIES = 8
 # Lua's unpack() is bounded by its C stack (~8000); keep each SADD well below.
 MAX_MEMBERS_PER_CALL = 4000
 CLAIM_RECORD_TTL_S = 7 * 24 * 3600
@@ -76,34 +90,45 @@ SEND_BACKOFF_CAP_S = 1.0
 UNLINK_CHUNK = 1000
 MAX_REMEMBERED_EPOCHS = 1024
 
-# Per bucket: which members were already present, then add them all; no per-member Lua loop.
-# The claim record appends "<members,>|<present mask>;" per attempt, so a retry of the batch
-# (after a crash) learns which members its earlier attempts won. Returns {mask, earlier record}.
-# KEYS: alive, record, floor, buckets...; ARGV: epoch, record TTL, lowest slice, counts..., members
+# Per run of members sharing a bucket: which were already present in each live generation,
+# then add them all to their own; no per-member Lua loop. One mask per generation slot (own
+# first), each concatenated over the runs. The claim record appends
+# "<members,>|<mask>|<mask>...;" per attempt, so a retry of the batch (after a crash) learns
+# which members its earlier attempts won. Returns {earlier record, mask, mask, ...}.
+# KEYS: alive, record, floor, gens, then per run ngens buckets (own first);
+# ARGV: epoch, record TTL, lowest own generation, generation list, ngens, counts..., members
 _CLAIM_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('ADEVENTS_LOST key cache lost its data')
 end
 local floor = redis.call('ZSCORE', KEYS[3], 'f')
 if floor and tonumber(ARGV[3]) < tonumber(floor) then
-  return redis.error_reply('ADEVENTS_EXPIRED slices below ' .. floor .. ' expired')
+  return redis.error_reply('ADEVENTS_EXPIRED generations below ' .. floor .. ' expired')
 end
-local nkeys = #KEYS - 3
-local first = 4 + nkeys
+if table.concat(redis.call('ZRANGE', KEYS[4], 0, -1), ',') ~= ARGV[4] then
+  return redis.error_reply('ADEVENTS_GENS the generations changed')
+end
+local ngens = tonumber(ARGV[5])
+local nruns = (#KEYS - 4) / ngens
+local first = 6 + nruns
 local pos = first
-local out = {}
-for i = 1, nkeys do
-  local last = pos + tonumber(ARGV[3 + i]) - 1
-  local present = redis.call('SMISMEMBER', KEYS[3 + i], unpack(ARGV, pos, last))
-  redis.call('SADD', KEYS[3 + i], unpack(ARGV, pos, last))
-  out[i] = table.concat(present)
+local masks = {}
+for j = 1, ngens do masks[j] = {} end
+for i = 1, nruns do
+  local last = pos + tonumber(ARGV[5 + i]) - 1
+  local base = 4 + (i - 1) * ngens
+  for j = 1, ngens do
+    masks[j][i] = table.concat(redis.call('SMISMEMBER', KEYS[base + j], unpack(ARGV, pos, last)))
+  end
+  redis.call('SADD', KEYS[base + 1], unpack(ARGV, pos, last))
   pos = last + 1
 end
-local mask = table.concat(out)
-local earlier = redis.call('GET', KEYS[2]) or ''
-redis.call('APPEND', KEYS[2], table.concat(ARGV, ',', first, pos - 1) .. '|' .. mask .. ';')
+local out = {redis.call('GET', KEYS[2]) or ''}
+for j = 1, ngens do out[j + 1] = table.concat(masks[j]) end
+redis.call('APPEND', KEYS[2], table.concat(ARGV, ',', first, pos - 1) .. '|' ..
+  table.concat(out, '|', 2) .. ';')
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-return {mask, earlier}
+return out
 """
 
 _RAISE_WATERMARK_LUA = """
@@ -148,16 +173,20 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
-def _won_mask(mask: bytes, earlier: bytes, members: pl.Series) -> Mask:
-    """True where the member was new now, or was won by an earlier attempt of this batch."""
-    won: Mask = np.frombuffer(mask, dtype=np.uint8) == ord("0")
+def _won_mask(masks: list[bytes], earlier: bytes, members: pl.Series) -> Mask:
+    """True where the member was in no generation (it is new now), or was won by an earlier
+    attempt of this batch."""
+    won = np.ones(len(members), dtype=bool)
+    for mask in masks:
+        won &= np.frombuffer(mask, dtype=np.uint8) == ord("0")
     if earlier:
         # A retry: collect what earlier attempts won (rare, so plain Python is fine here).
         mine: set[int] = set()
         for attempt in earlier.decode().split(";"):
             if attempt:
-                names, _, seen = attempt.partition("|")
-                mine.update(int(m) for m, s in zip(names.split(","), seen, strict=True) if s == "0")
+                names, *seen = attempt.split("|")
+                new = [all(c == "0" for c in col) for col in zip(*seen, strict=True)]
+                mine.update(int(m) for m, n in zip(names.split(","), new, strict=True) if n)
         won |= members.is_in(list(mine)).to_numpy()
     return won
 
@@ -200,7 +229,7 @@ class RedisKeyCache:
         self.p = prefix
         self.window_ms = window_ms
         self.slice_ms = slice_ms
-        self.check = fingerprint_check()
+        self.check = f"{fingerprint_check()}-{LAYOUT}"
         self.alive_value = ""
         self.rebuild_grace_s = rebuild_grace_s
         self.lock_timeout_s = lock_timeout_s
@@ -213,6 +242,10 @@ class RedisKeyCache:
         self._epochs_guard = threading.Lock()
         #: The highest expiry floor this instance has set (floors only ever rise).
         self._floor: int | None = None
+        #: Per group, its generations as last read (ascending); None: read them again.
+        self._gens: list[list[int]] | None = None
+        #: Bucket bits of the generations seen (agreed in ``P:{m}:bits``, never changed).
+        self._bits: dict[int, int] = {}
         # The sha of a script is known without Redis: nothing is sent until the first call,
         # so a consumer starts (and waits) while Redis is down; NOSCRIPT loads them.
         self._claim_sha = hashlib.sha1(_CLAIM_LUA.encode()).hexdigest()
@@ -329,7 +362,9 @@ class RedisKeyCache:
         current = values.pop() if len(values) == 1 else None
         if fp != self.check.encode() or not current or not current.startswith(self.check + ":"):
             return True
-        # Another consumer may have rebuilt meanwhile: adopt its epoch.
+        # Another consumer may have rebuilt meanwhile: adopt its epoch (and its sizes).
+        if current != self.alive_value:
+            self._gens, self._bits = None, {}
         self.alive_value = current
         return False
 
@@ -376,6 +411,7 @@ class RedisKeyCache:
         for pattern in (f"{prefix}:{{g*", f"{prefix}:{{m}}:*"):
             self._unlink_matching(pattern)
         self._floor = None
+        self._gens, self._bits = None, {}
         self.r.hset(self.meta, mapping={"watermark": -1 if watermark_ms is None else watermark_ms})
         self._expire(watermark_ms)
         cutoff = expired_before(watermark_ms, self.window_ms, self.slice_ms)
@@ -395,61 +431,95 @@ class RedisKeyCache:
         # than on every consumer's first NOSCRIPT.
         self._load_scripts()
 
-    def _register_slices(self, keys: Keys) -> dict[int, int]:
-        """Each slice's bucket bits, agreed with other consumers (first proposal wins)."""
-        slices, counts = np.unique(keys.slice, return_counts=True)
-        # Read the bits every time rather than cache them: another consumer may have rebuilt
-        # (re-sizing the slices) or expired a slice since this one last saw it.
-        stored = self.r.hmget(self.bits_key, [str(int(s)) for s in slices])
-        table: dict[int, int] = {}
-        new = []
-        for s, c, b in zip(slices, counts, stored, strict=True):
-            if b is None:
-                new.append((int(s), int(c)))
-            else:
-                table[int(s)] = int(b)
-        if not new:
-            return table
-        # Events per slice, estimated from how densely the bulk of this batch covers event time
-        # (a slice that overflows its buckets stays correct; it only costs more memory).
+    def _register(self, keys: Keys) -> None:
+        """Give the generations of ``keys`` their bucket bits (agreed with other consumers:
+        first proposal wins) and list them in every group, before any key goes in."""
+        gens, counts = np.unique(keys.slice, return_counts=True)
+        self._load_bits([int(g) for g in gens])
+        lists = self._group_gens()
+        new = [
+            (int(g), int(c)) for g, c in zip(gens, counts, strict=True) if int(g) not in self._bits
+        ]
+        unlisted = [int(g) for g in gens if any(int(g) not in gl for gl in lists)]
+        if not new and not unlisted:
+            return
+        # Events per generation, estimated from how densely the bulk of this batch covers
+        # event time (a generation that overflows its buckets stays correct; it only costs
+        # more memory).
         density = 0.0
         if keys.ms is not None and len(keys) >= 100:
             low, high = np.percentile(keys.ms, [5, 95])
             density = 0.9 * len(keys) / max(float(high - low), 1.0) * self.slice_ms
         pipe = self.r.pipeline(transaction=False)
-        for sl, count in new:
+        for gen, count in new:
             expected = max(count, density)
-            bits = min(MAX_BITS, max(0, math.ceil(math.log2(max(expected, 1) / TARGET_PER_BUCKET))))
-            pipe.hsetnx(self.bits_key, str(sl), bits)
-            pipe.zadd(self.slices_key, {str(sl): sl})
-        for sl, _ in new:
-            pipe.hget(self.bits_key, str(sl))
-        replies = pipe.execute()
-        for (sl, _), bits_reply in zip(new, replies[2 * len(new) :], strict=True):
-            table[sl] = int(bits_reply)
-        return table
+            bits = math.ceil(math.log2(max(expected, 1) / TARGET_PER_BUCKET))
+            pipe.hsetnx(self.bits_key, str(gen), min(MAX_BITS, max(MIN_BITS, bits)))
+            pipe.zadd(self.slices_key, {str(gen): gen})
+        pipe.execute()
+        self._load_bits([g for g, _ in new])
+        pipe = self.r.pipeline(transaction=False)
+        for gen in {g for g, _ in new} | set(unlisted):
+            for group in range(GROUPS):
+                pipe.zadd(self._group_key(group, "gens"), {f"{gen}:{self._bits[gen]}": gen})
+        pipe.execute()
+        self._gens = None
 
-    @staticmethod
-    def _buckets(keys: Keys, table: dict[int, int]) -> npt.NDArray[np.int64]:
-        uniq, inverse = np.unique(keys.slice, return_inverse=True)
-        bits = np.array([table[int(s)] for s in uniq], dtype=np.int64)[inverse]
-        shift = (64 - bits).astype(np.uint64)
-        bucket = np.where(bits > 0, keys.hi >> np.minimum(shift, np.uint64(63)), 0)
-        return bucket.astype(np.int64)
+    def _load_bits(self, gens: list[int]) -> None:
+        """Read the bucket bits of the generations not known yet (those registered)."""
+        unknown = [g for g in gens if g not in self._bits]
+        if not unknown:
+            return
+        for gen, bits in zip(
+            unknown, self.r.hmget(self.bits_key, [str(g) for g in unknown]), strict=True
+        ):
+            if bits is not None:
+                self._bits[gen] = int(bits)
 
-    def _grouped(self, keys: Keys) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
-        """Rows ordered by (group, slice, bucket), split by group; ``row`` is the input index."""
-        table = self._register_slices(keys)
+    def _group_gens(self) -> list[list[int]]:
+        """Per group, the generations a claim looks in (read again after any change)."""
+        if self._gens is None:
+            pipe = self.r.pipeline(transaction=False)
+            for group in range(GROUPS):
+                pipe.zrange(self._group_key(group, "gens"), 0, -1)
+            self._gens = []
+            # Members are "<generation>:<bits>": a rebuild by another consumer that sized a
+            # generation anew changes the list, so this one never looks with stale bits.
+            for listed in pipe.execute():
+                gens = []
+                for member in listed:
+                    gen, bits = (int(v) for v in member.split(b":"))
+                    self._bits[gen] = bits
+                    gens.append(gen)
+                self._gens.append(sorted(gens))
+        return self._gens
+
+    def _bucket(self, gen: int, fine: int, fine_bits: int) -> str:
+        """The set of generation ``gen`` holding the members of bucket ``fine`` (``fine_bits``
+        top bits of ``hi``, at least as many as any generation's)."""
+        bits = self._bits[gen]
+        bucket = fine >> (fine_bits - bits)
+        return self._group_key(bucket >> (bits - GROUP_BITS), f"{gen}:{bucket}")
+
+    def _grouped(self, keys: Keys) -> tuple[pl.DataFrame, list[pl.DataFrame], int]:
+        """Rows ordered by (group, generation, bucket), split by group; ``row`` is the input
+        index, ``fine`` the bucket at the finest bits of any generation (returned)."""
+        self._register(keys)
+        known = {g for gl in self._group_gens() for g in gl} | {
+            int(g) for g in np.unique(keys.slice)
+        }
+        fine_bits = max(self._bits[g] for g in known if g in self._bits)
         frame = pl.DataFrame(
             {
                 "row": np.arange(len(keys), dtype=np.int64),
                 "slice": keys.slice,
-                "bucket": self._buckets(keys, table),
+                "group": (keys.hi >> np.uint64(64 - GROUP_BITS)).astype(np.int64),
+                "fine": (keys.hi >> np.uint64(64 - fine_bits)).astype(np.int64),
                 "member": keys.lo.view(np.int64),
             }
-        ).with_columns(group=(pl.col("bucket") % GROUPS))
-        frame = frame.sort(["group", "slice", "bucket"], maintain_order=True)
-        return frame, frame.partition_by("group", maintain_order=True)
+        )
+        frame = frame.sort(["group", "slice", "fine"], maintain_order=True)
+        return frame, frame.partition_by("group", maintain_order=True), fine_bits
 
     def _remember_epoch(self, batch_id: str, epoch: str | None) -> None:
         """Record (or, with None, forget) the epoch ``batch_id`` claimed in."""
@@ -461,22 +531,26 @@ class RedisKeyCache:
                 # Oldest first; a consumer has at most a few batches between claim and commit.
                 del self._epochs[next(iter(self._epochs))]
 
-    def _packed_claim(self, batch_id: str, epoch: str, part: pl.DataFrame) -> tuple[str, bytes]:
+    def _packed_claim(
+        self, batch_id: str, epoch: str, part: pl.DataFrame, fine_bits: int
+    ) -> tuple[str, bytes]:
         group = int(part["group"][0])
+        listed = self._group_gens()[group]
         runs = (
             part.with_row_index("i")
             .with_columns(run=(pl.col("i") // MAX_MEMBERS_PER_CALL))
-            .group_by(["slice", "bucket", "run"], maintain_order=True)
+            .group_by(["slice", "fine", "run"], maintain_order=True)
             .agg(n=pl.len())
         )
         bucket_keys = [
-            self._group_key(group, f"{s}:{b}")
-            for s, b in zip(runs["slice"].to_list(), runs["bucket"].to_list(), strict=True)
+            self._bucket(gen, fine, fine_bits)
+            for own, fine in zip(runs["slice"].to_list(), runs["fine"].to_list(), strict=True)
+            for gen in (own, *(g for g in listed if g != own))
         ]
         alive = self._group_key(group, "alive")
         record = self._group_key(group, f"claim:{batch_id}")
         floor = self._group_key(group, "floor")
-        keys = [alive, record, floor, *bucket_keys]
+        keys = [alive, record, floor, self._group_key(group, "gens"), *bucket_keys]
         head: list[str | bytes] = [
             "EVALSHA",
             self._claim_sha,
@@ -484,7 +558,9 @@ class RedisKeyCache:
             *keys,
             epoch,
             str(CLAIM_RECORD_TTL_S),
-            str(int(part["slice"][0])),  # sorted by slice within the group: the lowest
+            str(int(part["slice"][0])),  # sorted by generation within the group: the lowest
+            ",".join(f"{g}:{self._bits[g]}" for g in listed),
+            str(len(listed)),
             *[str(n) for n in runs["n"].to_list()],
         ]
         nargs = len(head) + len(part)
@@ -556,20 +632,23 @@ class RedisKeyCache:
         result = np.zeros(len(keys), dtype=bool)
         if len(keys) == 0:
             return result
-        frame, parts = self._grouped(keys)
         adopted = False
-        for attempt in range(3):
+        scripts_loaded = False
+        for _ in range(GENS_RETRIES + 3):
+            frame, parts, fine_bits = self._grouped(keys)
             epoch = self.alive_value
-            replies = self._send_all([self._packed_claim(batch_id, epoch, p) for p in parts])
+            commands = [self._packed_claim(batch_id, epoch, p, fine_bits) for p in parts]
+            replies = self._send_all(commands)
             errors = [r for r in replies if isinstance(r, Exception)]
             if not errors:
                 self._remember_epoch(batch_id, epoch)
                 break
-            if any(isinstance(e, NoScriptError) for e in errors) and attempt < 2:
+            if any(isinstance(e, NoScriptError) for e in errors) and not scripts_loaded:
+                scripts_loaded = True
                 self._load_scripts()  # Redis restarted and forgot the scripts
                 continue
             if any("ADEVENTS_LOST" in str(e) for e in errors):
-                if not adopted and attempt < 2 and not self.needs_rebuild():
+                if not adopted and not self.needs_rebuild():
                     adopted = True
                     continue  # another consumer rebuilt the cache: claim in its new epoch
                 raise CacheLostError(
@@ -580,11 +659,18 @@ class RedisKeyCache:
                 raise ExpiredSliceError(
                     f"batch {batch_id}: {expired[0]} since it was validated; validating it again"
                 )
+            if all("ADEVENTS_GENS" in str(e) for e in errors):
+                # Another consumer registered or expired a generation: look in the new list.
+                # The groups that answered keep their claims: a resend is idempotent.
+                self._gens = None
+                continue
             raise errors[0]
+        else:
+            raise redis.RedisError(f"batch {batch_id}: the key cache kept changing; retrying")
         won = np.concatenate(
             [
-                _won_mask(bytes(mask), bytes(earlier), part["member"])
-                for (mask, earlier), part in zip(replies, parts, strict=True)
+                _won_mask([bytes(m) for m in masks], bytes(earlier), part["member"])
+                for (earlier, *masks), part in zip(replies, parts, strict=True)
             ]
         )
         result[frame["row"].to_numpy()] = won
@@ -594,13 +680,13 @@ class RedisKeyCache:
         """SADD keys without claim records (rebuild and restore)."""
         if len(keys) == 0:
             return
-        frame, _ = self._grouped(keys)
+        frame, _, fine_bits = self._grouped(keys)
         runs = frame.with_row_index("i").with_columns(run=pl.col("i") // MAX_MEMBERS_PER_CALL)
         commands = []
-        for (group, sl, bucket, _run), part in runs.group_by(
-            ["group", "slice", "bucket", "run"], maintain_order=True
+        for (_group, gen, fine, _run), part in runs.group_by(
+            ["group", "slice", "fine", "run"], maintain_order=True
         ):
-            key = self._group_key(int(str(group)), f"{sl}:{bucket}")
+            key = self._bucket(int(str(gen)), int(str(fine)), fine_bits)
             head = _resp_args(["SADD", key])
             commands.append((key, b"*%d\r\n" % (2 + len(part)) + head + _resp_bulk(part["member"])))
         for reply in self._send_all(commands):
@@ -640,16 +726,23 @@ class RedisKeyCache:
         old = cast(list[bytes], self.r.zrangebyscore(self.slices_key, "-inf", f"({cutoff}"))
         if not old:
             return
-        bits = self.r.hmget(self.bits_key, old)
+        # Out of every group's list first: a claim still looking there is refused and looks
+        # again (its own generation is at or above the floor).
         pipe = self.r.pipeline(transaction=False)
-        for sl_raw, bits_raw in zip(old, bits, strict=True):
-            sl = int(sl_raw)
-            nb = 1 << int(bits_raw or 0)
-            for bucket in range(nb):
-                pipe.unlink(self._group_key(bucket % GROUPS, f"{sl}:{bucket}"))
-            pipe.zrem(self.slices_key, sl_raw)
-            pipe.hdel(self.bits_key, sl_raw)
+        for g in range(GROUPS):
+            pipe.zremrangebyscore(self._group_key(g, "gens"), "-inf", f"({cutoff}")
         pipe.execute()
+        self._load_bits([int(g) for g in old])
+        pipe = self.r.pipeline(transaction=False)
+        for gen_raw in old:
+            gen = int(gen_raw)
+            bits = self._bits.pop(gen, MIN_BITS)
+            for bucket in range(1 << bits):
+                pipe.unlink(self._group_key(bucket >> (bits - GROUP_BITS), f"{gen}:{bucket}"))
+            pipe.zrem(self.slices_key, gen_raw)
+            pipe.hdel(self.bits_key, gen_raw)
+        pipe.execute()
+        self._gens = None
 
     def expired_below(self) -> int | None:
         """The lowest slice claims may still reach (slices below it were expired), if any."""
@@ -669,12 +762,12 @@ class RedisKeyCache:
 
     def stats(self) -> CacheStats:
         keys = 0
-        for sl_raw, _ in self.r.zscan_iter(self.slices_key):
-            sl = int(sl_raw)
-            bits = int(self.r.hget(self.bits_key, sl_raw) or 0)
+        for gen_raw, _ in self.r.zscan_iter(self.slices_key):
+            gen = int(gen_raw)
+            bits = int(self.r.hget(self.bits_key, gen_raw) or MIN_BITS)
             pipe = self.r.pipeline(transaction=False)
             for bucket in range(1 << bits):
-                pipe.scard(self._group_key(bucket % GROUPS, f"{sl}:{bucket}"))
+                pipe.scard(self._group_key(bucket >> (bits - GROUP_BITS), f"{gen}:{bucket}"))
             keys += sum(pipe.execute())
         return CacheStats(keys=keys, bytes=self.memory_used())
 

@@ -69,6 +69,14 @@ def _millisecond_duration(text: str) -> float:
     return value
 
 
+def _generation(text: str) -> float:
+    """0 (the default: the dedupe window), else at least a millisecond."""
+    value = parse_duration(text)
+    if value == 0:
+        return 0.0
+    return _millisecond_duration(text)
+
+
 def _log_level(text: str) -> str:
     value = str(text).upper()
     if value not in LOG_LEVELS:
@@ -419,7 +427,11 @@ class Settings:
     dedupe_window: float = _setting(
         3600.0, _millisecond_duration, "dedupe window, e.g. 15m, 1h, 24h"
     )
-    dedupe_slice: float = _setting(1.0, _millisecond_duration, "event-time slice of the key cache")
+    dedupe_slice: float = _setting(
+        0.0,
+        _generation,
+        "event-time span of one key-cache generation (0 = DEDUPE_WINDOW)",
+    )
     log_level: str = _setting("INFO", _log_level, "logging level")
     events_per_second: int = _setting(50_000, _non_negative_int, "generator rate (0 = max)")
     batch_interval: float = _setting(0.1, _positive_duration, "generator/ingest batch interval")
@@ -507,6 +519,16 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def dedupe_window_ms(self) -> int:
+        return int(self.dedupe_window * 1000)
+
+    @property
+    def dedupe_generation_ms(self) -> int:
+        """Event-time span of one key-cache generation: keys are dropped a generation at a
+        time, and a claim looks in every live one (see ``pipeline.keycache``)."""
+        return int((self.dedupe_slice or self.dedupe_window) * 1000)
 
     @staticmethod
     def describe() -> list[tuple[str, str, str]]:

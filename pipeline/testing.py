@@ -101,7 +101,7 @@ class MemoryKeyState:
 
 
 class MemoryKeyCache:
-    """An in-memory :class:`pipeline.keycache.RebuildableKeyCache`: one Python set per slice.
+    """An in-memory :class:`pipeline.keycache.RebuildableKeyCache`: one Python set per generation.
 
     Keeps claim records like the Redis cache, so a retried batch gets the same answers; call
     :meth:`lose` to make it forget everything as a flushed Redis does.
@@ -166,9 +166,9 @@ class MemoryKeyCache:
             state.claim_epochs[batch_id] = state.epoch
             won = np.zeros(len(keys), dtype=bool)
             for i, key in enumerate(_triples(keys)):
-                held = state.slices.setdefault(key[0], set())
-                if key[1:] not in held:
-                    held.add(key[1:])
+                # By fingerprint in every generation: a copy may carry another event_time.
+                if not any(key[1:] in held for held in state.slices.values()):
+                    state.slices.setdefault(key[0], set()).add(key[1:])
                     mine.add(key)
                 won[i] = key in mine
             return won

@@ -77,7 +77,7 @@ def _fill(source: MemorySource) -> set[str]:
 
 
 def _consumer(settings: Settings, state: MemoryKeyState, **edges: Any) -> Consumer:
-    window_ms, slice_ms = int(settings.dedupe_window * 1000), int(settings.dedupe_slice * 1000)
+    window_ms, slice_ms = settings.dedupe_window_ms, settings.dedupe_generation_ms
     cache = MemoryKeyCache(state, window_ms=window_ms, slice_ms=slice_ms)
     consumer = Consumer(settings, cache, **edges)
     consumer.start()

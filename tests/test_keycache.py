@@ -924,3 +924,102 @@ def test_a_lost_cache_refuses_claims_until_ensure_rebuilds_it(
     assert not cache.valid("b1")  # its claims were made before the loss: never commit on them
     assert not cache.claim("b2", loaded).any() and cache.claim("b2", k).all()
     cache.close()
+
+
+# -- re-stamped copies (issue 12): an event_id is a duplicate whatever its event_time ----------
+def restamped(keys: Keys, shift_ms: int, slice_ms: int) -> Keys:
+    """The same fingerprints stamped ``shift_ms`` later (earlier when negative)."""
+    assert keys.ms is not None
+    ms = keys.ms + shift_ms
+    return Keys(np.floor_divide(ms, slice_ms), keys.hi, keys.lo, ms)
+
+
+#: Originals spanning 59.0-61.4 s, across the 60 s boundary: every shift moves some across.
+ORIGINAL_MS = 59_000 + np.arange(1_200, dtype=np.int64) * 2
+
+
+@pytest.mark.parametrize("slice_ms", [SLICE_MS, WINDOW_MS], ids=["1s-generations", "window"])
+@pytest.mark.parametrize("shift_ms", [-3_000, -300, 300, 3_500])
+def test_a_restamped_copy_is_a_duplicate_across_batches_and_restarts(
+    open_cache: Opener, slice_ms: int, shift_ms: int
+) -> None:
+    cache = open_cache("c", slice_ms=slice_ms)
+    original = keys_at(ORIGINAL_MS, seed=31, slice_ms=slice_ms)
+    assert cache.claim("b1", original).all()
+    cache.finish("b1", int(ORIGINAL_MS.max()))
+    copies = restamped(original, shift_ms, slice_ms)
+    assert (copies.slice != original.slice).any()  # some copies sit in other generations
+    fresh = keys_at(ORIGINAL_MS + shift_ms, seed=32, slice_ms=slice_ms)
+    won = cache.claim("b2", Keys.concat([copies, fresh]))
+    assert not won[: len(copies)].any()
+    assert won[len(copies) :].all()
+    cache.finish("b2", int(ORIGINAL_MS.max() + max(shift_ms, 0)))
+    # A restarted consumer (the same directory, prefix or state) still knows them all.
+    cache.close()
+    again = open_cache("c", fresh=False, slice_ms=slice_ms)
+    assert not again.claim("b3", restamped(original, -shift_ms // 2, slice_ms)).any()
+
+
+@pytest.mark.parametrize("shift_ms", [-2_000, 2_000])
+def test_a_restamped_copy_is_a_duplicate_after_a_rebuild(open_cache: Opener, shift_ms: int) -> None:
+    """A cache rebuilt from the events table (after Redis lost its data) catches copies of the
+    events it was rebuilt with, whatever their event_time."""
+    cache = open_cache("c", slice_ms=WINDOW_MS)
+    original = keys_at(ORIGINAL_MS, seed=33, slice_ms=WINDOW_MS)
+    cache.replace(original, int(ORIGINAL_MS.max()))
+    cache.open_epoch()
+    assert not cache.claim("b1", restamped(original, shift_ms, WINDOW_MS)).any()
+
+
+def test_a_copy_outside_the_window_is_forgotten(open_cache: Opener) -> None:
+    """Memory is bounded by the window: once the watermark has moved a window (and a
+    generation) past a key, a copy of it is new again."""
+    cache = open_cache("c", slice_ms=WINDOW_MS)
+    original = keys_at([1_000, 2_000], seed=34, slice_ms=WINDOW_MS)
+    assert cache.claim("b1", original).all()
+    cache.finish("b1", 2_000)
+    later = 2 * WINDOW_MS + 1  # generation 0 ends at 10 s: late once W - window >= 10 s
+    cache.finish("b2", later)
+    assert cache.claim("b3", restamped(original, later - 2_000, WINDOW_MS)).all()
+
+
+def test_racing_consumers_store_each_restamped_event_once(open_cache: Opener) -> None:
+    """Two consumers claim copies of the same events at the same moment, stamped in different
+    generations: per event exactly one of them wins. (The embedded cache serves one process:
+    there, two threads race on it.)"""
+    a = open_cache("c", slice_ms=WINDOW_MS)
+    b = a if isinstance(a, EmbeddedKeyCache) else open_cache("c", fresh=False, slice_ms=WINDOW_MS)
+    original = keys_at(ORIGINAL_MS, seed=35, slice_ms=WINDOW_MS)
+    copies = restamped(original, 2_500, WINDOW_MS)
+    barrier = threading.Barrier(2)
+    results: dict[str, np.ndarray] = {}
+
+    def run(name: str, cache: KeyCache, keys: Keys) -> None:
+        barrier.wait()
+        results[name] = cache.claim(name, keys)
+
+    threads = [
+        threading.Thread(target=run, args=("a", a, original)),
+        threading.Thread(target=run, args=("b", b, copies)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (results["a"] ^ results["b"]).all()
+
+
+def test_redis_claim_sees_a_generation_another_consumer_registered_meanwhile(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """B's list of generations is stale (A opened a new one after B last looked): B's claim of
+    an older copy must still find A's key there, not store the event twice."""
+    a = on_shared_redis(redis_url, redis_prefix)
+    b = on_shared_redis(redis_url, redis_prefix)
+    a.rebuild(empty_keys(), None)
+    assert not b.needs_rebuild()
+    early = keys_at([5_000, 5_100], seed=36)
+    assert b.claim("b0", early).all()  # B has now read the lists: one generation
+    original = keys_at(ORIGINAL_MS, seed=37)
+    assert a.claim("a1", original).all()  # new generations, registered by A
+    assert not b.claim("b1", restamped(original, -1_500, SLICE_MS)).any()

@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "redis_url": None,
     "redis_key_prefix": "adevents",
     "dedupe_window": 3600.0,
-    "dedupe_slice": 1.0,
+    "dedupe_slice": 0.0,
     "log_level": "INFO",
     "events_per_second": 50_000,
     "batch_interval": 0.1,
@@ -407,3 +407,11 @@ def test_secrets_stay_out_of_the_settings_repr() -> None:
     assert settings.aws_secret_access_key == "s3cr3t-value"
     assert "s3cr3t-value" not in repr(settings)
     assert "AKIAEXAMPLEKEY1234" not in repr(settings)
+
+
+def test_a_key_cache_generation_defaults_to_the_window() -> None:
+    """DEDUPE_SLICE 0 (the default) means generations as long as the window."""
+    assert Settings.from_env({}).dedupe_generation_ms == 3_600_000
+    assert Settings.from_env({"DEDUPE_WINDOW": "15m"}).dedupe_generation_ms == 900_000
+    assert Settings.from_env({"DEDUPE_SLICE": "10m"}).dedupe_generation_ms == 600_000
+    assert Settings.from_env({"DEDUPE_SLICE": "0s"}).dedupe_slice == 0.0
