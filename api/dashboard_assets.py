@@ -6,7 +6,8 @@ file is read; the Python package itself is never imported (it would cost the API
 and memory for nothing). Our own files are ``api/static/``. Every URL carries the file's
 version (the distribution's, or a hash of our file), so browsers keep them for a year and the
 5 s refresh never downloads them again. A client that accepts gzip gets it (plotly.min.js:
-4.6 MB, 1.4 MB gzipped), compressed once per process.
+4.8 MB, 1.7 MB gzipped), compressed once per process at level 1: 50 ms for the first visitor
+where level 6 takes 290 ms to save 0.2 MB.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def read(name: str) -> bytes:
 
 @functools.cache
 def read_gzip(name: str) -> bytes:
-    return gzip.compress(read(name), compresslevel=6, mtime=0)
+    return gzip.compress(read(name), compresslevel=1, mtime=0)
 
 
 def text(name: str) -> str:
