@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import random
 import struct
 import time
 import urllib.error
@@ -163,6 +164,33 @@ def test_damaged_bodies_are_corrupt_never_partial(encoding: str, damage: str) ->
     assert f"not valid {encoding}" in message
     # Our words, not the library's.
     assert "Error -3" not in message and "zstd decompress" not in message
+
+
+@pytest.mark.parametrize("encoding", [GZIP, ZSTD])
+def test_mangled_bodies_are_taken_or_refused_never_anything_else(encoding: str) -> None:
+    """Random bit flips, cuts and insertions in valid bodies and bombs: every outcome is the
+    decompressed bytes, a CorruptBodyError or an InflatedTooLargeError, within the limit."""
+    rnd = random.Random(15)
+    limits = Limits(MiB, 100.0)
+    seeds = [compress(body(events("m", 300), NDJSON), encoding), BOMBS[encoding](4 * MiB)]
+    for i in range(800):
+        mangled = bytearray(seeds[i % 2])
+        for _ in range(rnd.randint(1, 4)):
+            op, pos = rnd.random(), rnd.randrange(len(mangled))
+            if op < 0.5:
+                mangled[pos] ^= 1 << rnd.randrange(8)
+            elif op < 0.75:
+                del mangled[pos : pos + rnd.randint(1, 30)]
+            else:
+                mangled[pos:pos] = rnd.randbytes(rnd.randint(1, 10))
+        try:
+            out = decompress(bytes(mangled), encoding, limits)
+        except InflatedTooLargeError as exc:
+            assert exc.decompressed <= limits.limit(len(mangled)) + MAX_OVERSHOOT
+        except CorruptBodyError:
+            pass
+        else:
+            assert len(out) <= limits.limit(len(mangled))
 
 
 @pytest.mark.parametrize("encoding", [GZIP, ZSTD])

@@ -35,7 +35,7 @@ from api.ingest_metrics import (
     IngestMetrics,
     metrics_dir,
 )
-from api.ingest_testing import body_of
+from api.ingest_testing import body_of, running, start_server
 from api.testing import free_port
 from pipeline.schema import Layout
 from pipeline.settings import Settings
@@ -289,6 +289,26 @@ def accepted_per_slot(directory: Path) -> dict[str, float]:
             if s.name == "adevents_ingest_events_total" and s.labels["outcome"] == "accepted"
         )
     return out
+
+
+def test_a_server_killed_with_sigkill_loses_no_count(tmp_path: Path) -> None:
+    """Counts are in the mapped files as soon as they are made: kill -9 keeps them, and the
+    next server takes the freed slot and carries on."""
+    data_dir = str(tmp_path / "data")
+    env = {"INGEST_API_KEYS": KEY, "FSYNC": "false"}
+    server = start_server(data_dir, tmp_path / "server.log", env)
+    try:
+        for i in range(5):
+            assert http_post(server.url, events_body(f"k{i}", 3)) == 202
+    finally:
+        server.kill()
+    with running(data_dir, tmp_path / "server.log", env) as again:
+        samples = scrape(again.url)
+        assert requests_by_status(samples)["202"] == 5
+        assert events_by_outcome(samples)[("accepted", "")] == 15
+        assert http_post(again.url, events_body("k5", 1)) == 202
+        assert requests_by_status(scrape(again.url))["202"] == 6
+    assert [p.name for p in metrics_dir(Layout(data_dir)).glob("counter_*.db")] == ["counter_0.db"]
 
 
 def test_every_worker_answers_the_totals_of_all_and_a_restart_keeps_them(
