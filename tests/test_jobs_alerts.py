@@ -21,6 +21,7 @@ from jobs.alerts import (
     budget_rules,
     check_alerts,
     lag_rule,
+    latency_per_10k,
     ops_rules,
 )
 from jobs.outbox import enqueue, pending
@@ -73,15 +74,39 @@ def test_throughput_is_judged_only_with_a_backlog(per_second: int, expected: str
     ("ms", "expected"), [([10.0] * 20, None), ([60.0] * 20, "warning"), ([150.0] * 20, "critical")]
 )
 def test_latency_p95(ms: list[float], expected: str | None) -> None:
-    assert grades(ops_rules(ledger(1000, ms=ms), backlog_age_s=0, t=T)).get("latency_p95") == (
-        expected
-    )
+    frame = ledger(10_000 * len(ms), ms=ms)  # groups of 10k events: per 10k, the raw time
+    assert grades(ops_rules(frame, backlog_age_s=0, t=T)).get("latency_p95") == expected
 
 
 def test_latency_p95_is_the_95th_percentile_not_the_mean() -> None:
     ms = [5.0] * 90 + [500.0] * 10  # the mean is 54.5 ms, the p95 500 ms
-    (obs,) = ops_rules(ledger(100, ms=ms), backlog_age_s=0, t=T)
+    (obs,) = ops_rules(ledger(100 * 10_000, ms=ms), backlog_age_s=0, t=T)
     assert (obs.severity, obs.value, obs.threshold) == ("critical", 500.0, 100.0)
+
+
+def test_latency_is_per_10k_events_and_small_groups_are_not_judged() -> None:
+    def latency(rows: int, ms: float) -> str | None:
+        frame = ledger(20 * rows, ms=[ms] * 20)
+        return grades(ops_rules(frame, backlog_age_s=0, t=T)).get("latency_p95")
+
+    assert latency(50_000, 150.0) is None  # 30 ms per 10k events: a healthy pipeline
+    assert latency(50_000, 750.0) == "critical"  # 150 ms per 10k
+    # A demo at 5k events/s: 5k-event groups take 350 ms, mostly three table commits.
+    assert latency(5_000, 350.0) is None
+
+
+def test_a_groups_files_count_together() -> None:
+    """Files of one commit group (same consumer and commit time) share its processing time:
+    the group's rows, not each file's, are what the time is divided by."""
+    files = pl.DataFrame(
+        {
+            "consumer": ["c1"] * 4,
+            "committed_at": [1, 1, 2, 2],
+            "rows_in": [30_000, 30_000, 4_000, 4_000],
+            "processing_ms": [120.0, 120.0, 900.0, 900.0],
+        }
+    )
+    assert latency_per_10k(files).to_list() == [20.0]  # 120 ms for 60k; the 10k group is out
 
 
 @pytest.mark.parametrize(
@@ -209,9 +234,9 @@ def test_every_rule_fires_and_resolves_on_a_real_data_dir(
             {
                 "batch_id": f"b{i}",
                 "status": "ok",
-                "rows_in": 1_000,
-                "accepted": 900,
-                "quarantined": 100,
+                "rows_in": 10_000,
+                "accepted": 9_000,
+                "quarantined": 1_000,
                 "processing_ms": 120.0,
                 "committed_at": now - timedelta(seconds=5 + i),
             }
