@@ -739,6 +739,8 @@ class RedisKeyCache:
             bits = self._bits.pop(gen, MIN_BITS)
             for bucket in range(1 << bits):
                 pipe.unlink(self._group_key(bucket >> (bits - GROUP_BITS), f"{gen}:{bucket}"))
+                if len(pipe) >= UNLINK_CHUNK:  # a generation has up to 2**MAX_BITS buckets
+                    pipe.execute()
             pipe.zrem(self.slices_key, gen_raw)
             pipe.hdel(self.bits_key, gen_raw)
         pipe.execute()
