@@ -135,6 +135,11 @@ class Page:
     def paint_timings(self) -> dict[str, float]:
         """first-paint, first-contentful-paint and the page's own charts-drawn mark (ms from
         navigation start), as Chromium's performance timeline records them."""
+        # The paint entry arrives with the compositor's presentation time, which may come
+        # after the page's own scripts have run.
+        self.wait_for(
+            "performance.getEntriesByName('first-contentful-paint').length", "the first paint"
+        )
         timings: dict[str, float] = self.evaluate(
             "Object.fromEntries([...performance.getEntriesByType('paint'),"
             " ...performance.getEntriesByType('mark')].map(e => [e.name, e.startTime]))"
