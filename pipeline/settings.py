@@ -247,10 +247,14 @@ class JobSettings:
         50_000.0, _non_negative_float, "events/s below which a backlogged consumer is critical"
     )
     alert_latency_p95_warning: float = _setting(
-        0.050, _positive_duration, "p95 processing time per 10k events of commit groups of 10k+ that warns"
+        0.050,
+        _positive_duration,
+        "p95 processing time per 10k events of commit groups of 10k+ that warns",
     )
     alert_latency_p95_critical: float = _setting(
-        0.100, _positive_duration, "p95 processing time per 10k events of commit groups of 10k+: critical"
+        0.100,
+        _positive_duration,
+        "p95 processing time per 10k events of commit groups of 10k+: critical",
     )
     alert_error_rate_warning: float = _setting(
         0.01, _fraction, "quarantined / rows in above which the error-rate rule warns"
