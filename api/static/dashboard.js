@@ -73,7 +73,7 @@
       type: 'scatter',
       // Sparse series (a batch now and then) get markers, or a lone point would not show.
       mode: l.y.filter(v => v !== null).length <= 60 ? 'lines+markers' : 'lines',
-      marker: {size: 4},
+      marker: {size: 6},
       name: l.name,
       x: l.x.map(utc),
       y: l.y,
