@@ -51,6 +51,12 @@ def _budget_tile(s: CampaignSnapshot) -> str:
     )
 
 
+def event_usd(value: float) -> str:
+    """An event's money to the micro: an impression often costs less than a cent ($0.0021)."""
+    whole, _, fraction = f"{value:,.6f}".rstrip("0").partition(".")
+    return f"${whole}.{fraction.ljust(2, '0')}"
+
+
 def _events_table(events: Sequence[AdEvent]) -> str:
     if not events:
         return '<p class="muted" id="no-events">No events yet.</p>'
@@ -62,8 +68,8 @@ def _events_table(events: Sequence[AdEvent]) -> str:
         f'<tr data-event="{escape(e.event_id)}"><td>{stamp(e.timestamp)}</td>'
         f"<td>{escape(e.event_type)}</td><td>{escape(e.event_id)}</td><td>{escape(e.ad_id)}</td>"
         f"<td>{escape(e.publisher_id)}</td><td>{escape(e.device_type or '–')}</td>"
-        f"<td>{escape(e.country or '–')}</td><td>{usd(e.cost_usd)}</td>"
-        f"<td>{usd(e.revenue_usd)}</td></tr>"
+        f"<td>{escape(e.country or '–')}</td><td>{event_usd(e.cost_usd)}</td>"
+        f"<td>{event_usd(e.revenue_usd)}</td></tr>"
         for e in events
     )
     return f'<table id="latest-events">{head}{body}</table>'

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import pytest
 from dashboard_lake import BUDGET_MICROS, OLD_MS, serving
 
+from api.dashboard_pages import event_usd
 from api.dashboard_testing import Page, chromium_path, open_page
 
 DAY_MS = 86_400_000
@@ -194,3 +195,18 @@ def test_json_routes_beside_the_pages(server: str) -> None:
     assert status == 404
     status, _, _ = fetch(f"{server}/dashboard/assets/plotly.js.map")
     assert status == 404
+
+
+@pytest.mark.parametrize(
+    ("usd", "shown"),
+    [
+        (0.0015, "$0.0015"),
+        (9.0, "$9.00"),
+        (0.0, "$0.00"),
+        (1234.5, "$1,234.50"),
+        (1e-6, "$0.000001"),
+    ],
+)
+def test_event_money_is_shown_to_the_micro(usd: float, shown: str) -> None:
+    """An impression often costs less than a cent: the latest events do not round it to $0.00."""
+    assert event_usd(usd) == shown
