@@ -185,8 +185,8 @@ def _replay(lake: Lake, args: argparse.Namespace, settings: Settings) -> int:
         )
     if result.rekeyed:
         print(
-            f"warning: the fix changed event_id or event_time of {result.rekeyed} row(s); the "
-            "key cache dedupes on those, so a replay of them under another fix can land twice",
+            f"warning: the fix changed the event_id of {result.rekeyed} row(s); the key cache "
+            "dedupes on it, so a replay of them under another fix can land twice",
             file=out,
         )
     if events.num_rows == 0:

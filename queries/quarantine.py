@@ -145,8 +145,8 @@ class Replay:
     #: Rows left out, by the first event column whose (corrected) value does not convert to
     #: the contract's type: they stay in quarantine as they are.
     unfit: dict[str, int] = field(default_factory=dict)
-    #: Events whose (event_id, event_time) is not one of the selected rows': the fix changed
-    #: what the key cache dedupes on.
+    #: Events whose event_id is not one of the selected rows': the fix changed what the key
+    #: cache dedupes on (its event_time does not matter: a re-stamped copy is a duplicate).
     rekeyed: int = 0
 
 
@@ -189,8 +189,7 @@ def correct(selected: pa.Table, fix: str | None) -> Replay:
         rekeyed = con.sql(
             f"""SELECT count(*) FROM __events e WHERE NOT EXISTS (
                     SELECT 1 FROM {ROWS} r
-                    WHERE r.event_id IS NOT DISTINCT FROM e.event_id
-                      AND r.event_time IS NOT DISTINCT FROM e.event_time)"""
+                    WHERE r.event_id IS NOT DISTINCT FROM e.event_id)"""
         ).fetchall()[0][0]
     finally:
         con.close()

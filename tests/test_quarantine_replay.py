@@ -260,7 +260,7 @@ def test_corrected_values_convert_to_the_contract_or_stay_in_quarantine() -> Non
     [event] = fixed.events.to_pylist()
     assert (event["event_id"], event["cost_micros"], event["revenue_micros"]) == ("a", 12, 2)
     assert event["event_time"].isoformat() == "2026-12-01T10:00:00+00:00"  # naive means UTC
-    assert fixed.rekeyed == 1  # its event_time changed: another dedupe key
+    assert fixed.rekeyed == 0  # its event_time changed: the same event_id, the same key
 
     # Epoch milliseconds are times; optional columns may be left out (null).
     epoch = correct(
@@ -269,6 +269,8 @@ def test_corrected_values_convert_to_the_contract_or_stay_in_quarantine() -> Non
         "(epoch_ms(event_time) AS event_time) FROM rows",
     )
     assert epoch.unfit == {} and epoch.rekeyed == 0
+    renamed = correct(rows, "SELECT * REPLACE (event_id || '-fixed' AS event_id) FROM rows")
+    assert renamed.rekeyed == 3  # a new event_id is a new key
     assert epoch.events.column("event_time").equals(rows.column("event_time"))
     assert epoch.events.column("country").null_count == 3
 
