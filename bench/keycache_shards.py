@@ -4,7 +4,7 @@
         --keys 5000000 --batch 100000 --clients 1 2
 
 For each URL and client count: claims ``--keys`` fresh keys in batches of ``--batch`` (event
-times at 50k events/s, so slices are sized as in production), split over that many client
+times at 50k events/s, so generations are sized as in production), split over that many client
 processes; then reports claim keys/s (wall), Redis CPU seconds per million keys (summed over
 every server: what one Redis core can sustain is 1e6 / that), and bytes per key (used_memory
 growth over every server, claim records dropped). Each run uses its own key prefix and removes
@@ -23,7 +23,8 @@ import numpy as np
 from pipeline.fingerprint import Keys, empty_keys
 from pipeline.redis_cache import RedisKeyCache
 
-WINDOW_MS = 24 * 3600 * 1000
+WINDOW_MS = 3600 * 1000
+GENERATION_MS = WINDOW_MS  # the default: DEDUPE_SLICE 0
 DENSITY = 50_000  # events per second of event time
 
 
@@ -33,11 +34,11 @@ def batch_keys(index: int, size: int, seed: int) -> Keys:
     ms = start + np.arange(size, dtype=np.int64) * 1000 // DENSITY
     hi = rng.integers(0, 2**64, size, dtype=np.uint64)
     lo = rng.integers(0, 2**64, size, dtype=np.uint64)
-    return Keys(ms // 1000, hi, lo, ms)
+    return Keys(ms // GENERATION_MS, hi, lo, ms)
 
 
 def open_cache(url: str, prefix: str) -> RedisKeyCache:
-    return RedisKeyCache.from_url(url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=1000)
+    return RedisKeyCache.from_url(url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=GENERATION_MS)
 
 
 def client(url: str, prefix: str, batches: list[int], size: int, out: mp.Queue[float]) -> None:
