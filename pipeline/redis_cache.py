@@ -494,12 +494,15 @@ class RedisKeyCache:
                 self._gens.append(sorted(gens))
         return self._gens
 
-    def _bucket(self, gen: int, fine: int, fine_bits: int) -> str:
-        """The set of generation ``gen`` holding the members of bucket ``fine`` (``fine_bits``
-        top bits of ``hi``, at least as many as any generation's)."""
-        bits = self._bits[gen]
-        bucket = fine >> (fine_bits - bits)
-        return self._group_key(bucket >> (bits - GROUP_BITS), f"{gen}:{bucket}")
+    def _bucket_column(self, group: int, gen: pl.Expr, fine_bits: int) -> pl.Expr:
+        """The set holding each row's members in generation ``gen`` (an expression): the
+        frame's ``fine`` bucket (``fine_bits`` top bits of ``hi``, at least as many as any
+        generation's) cut to that generation's bits, in ``group``."""
+        bits = gen.replace_strict(self._bits, return_dtype=pl.Int64)
+        bucket = pl.col("fine") // (2 ** (fine_bits - bits))
+        return pl.concat_str(
+            [pl.lit(f"{self.p}:{{g{group}}}:"), gen.cast(pl.String), pl.lit(":"), bucket]
+        )
 
     def _grouped(self, keys: Keys) -> tuple[pl.DataFrame, list[pl.DataFrame], int]:
         """Rows ordered by (group, generation, bucket), split by group; ``row`` is the input
@@ -542,36 +545,52 @@ class RedisKeyCache:
             .group_by(["slice", "fine", "run"], maintain_order=True)
             .agg(n=pl.len())
         )
-        bucket_keys = [
-            self._bucket(gen, fine, fine_bits)
-            for own, fine in zip(runs["slice"].to_list(), runs["fine"].to_list(), strict=True)
-            for gen in (own, *(g for g in listed if g != own))
-        ]
+        # Per run, its own generation's bucket first, then the other listed generations' in
+        # list order: the p-th other is listed[p], or listed[p + 1] once past the own one.
+        own_index = pl.col("slice").replace_strict(
+            {g: i for i, g in enumerate(listed)}, return_dtype=pl.Int64
+        )
+        slots = [self._bucket_column(group, pl.col("slice"), fine_bits)]
+        for p in range(len(listed) - 1):
+            other = pl.when(pl.lit(p) < own_index).then(listed[p]).otherwise(listed[p + 1])
+            slots.append(self._bucket_column(group, other, fine_bits))
+        bucket_keys = runs.select(pl.concat_list(slots).alias("k")).explode("k")["k"]
         alive = self._group_key(group, "alive")
-        record = self._group_key(group, f"claim:{batch_id}")
-        floor = self._group_key(group, "floor")
-        keys = [alive, record, floor, self._group_key(group, "gens"), *bucket_keys]
-        head: list[str | bytes] = [
-            "EVALSHA",
-            self._claim_sha,
-            str(len(keys)),
-            *keys,
+        fixed = [
+            alive,
+            self._group_key(group, f"claim:{batch_id}"),
+            self._group_key(group, "floor"),
+            self._group_key(group, "gens"),
+        ]
+        argv: list[str | bytes] = [
             epoch,
             str(CLAIM_RECORD_TTL_S),
             str(int(part["slice"][0])),  # sorted by generation within the group: the lowest
             ",".join(f"{g}:{self._bits[g]}" for g in listed),
             str(len(listed)),
-            *[str(n) for n in runs["n"].to_list()],
         ]
-        nargs = len(head) + len(part)
-        packed = b"*%d\r\n" % nargs + _resp_args(head) + _resp_bulk(part["member"])
+        nkeys = len(fixed) + len(bucket_keys)
+        nargs = 3 + nkeys + len(argv) + len(runs) + len(part)
+        packed = b"".join(
+            [
+                b"*%d\r\n" % nargs,
+                _resp_args(["EVALSHA", self._claim_sha, str(nkeys), *fixed]),
+                _resp_bulk(bucket_keys),
+                _resp_args(argv),
+                _resp_bulk(runs["n"]),
+                _resp_bulk(part["member"]),
+            ]
+        )
         return alive, packed
 
-    def _send_once(self, commands: list[tuple[str, bytes]]) -> list[Any]:
+    def _send_once(
+        self, commands: list[tuple[str, bytes]], counts: list[int] | None = None
+    ) -> list[Any]:
         """Send every packed command, pipelined per server, and collect replies in order.
 
         Everything is sent before any reply is read, so the servers of a cluster work on their
-        share of a batch in parallel.
+        share of a batch in parallel. With ``counts``, entry i packs ``counts[i]`` commands and
+        its reply is the list of theirs.
         """
         by_pool: dict[int, tuple[Any, Any, list[int]]] = {}
         replies: list[Any] = [None] * len(commands)
@@ -587,10 +606,10 @@ class RedisKeyCache:
                 conn.send_packed_command([commands[i][1] for i in indexes])
             for _, conn, indexes in by_pool.values():
                 for i in indexes:
-                    try:
-                        replies[i] = conn.read_response()
-                    except ResponseError as exc:
-                        replies[i] = exc
+                    if counts is None:
+                        replies[i] = self._read_reply(conn)
+                    else:
+                        replies[i] = [self._read_reply(conn) for _ in range(counts[i])]
         except BaseException:
             # Replies may still be on their way on any of them: never reuse those connections.
             for _, conn, _ in by_pool.values():
@@ -599,15 +618,25 @@ class RedisKeyCache:
         finally:
             for pool, conn, _ in by_pool.values():
                 pool.release(conn)
-        if any(isinstance(r, AskError | TryAgainError | ClusterDownError) for r in replies):
-            raise _TopologyChangedError(next(r for r in replies if isinstance(r, ResponseError)))
+        flat = [r for rs in replies for r in rs] if counts is not None else replies
+        if any(isinstance(r, AskError | TryAgainError | ClusterDownError) for r in flat):
+            raise _TopologyChangedError(next(r for r in flat if isinstance(r, ResponseError)))
         return replies
 
-    def _send_all(self, commands: list[tuple[str, bytes]]) -> list[Any]:
+    @staticmethod
+    def _read_reply(conn: Any) -> Any:
+        try:
+            return conn.read_response()
+        except ResponseError as exc:
+            return exc
+
+    def _send_all(
+        self, commands: list[tuple[str, bytes]], counts: list[int] | None = None
+    ) -> list[Any]:
         """:meth:`_send_once`, riding out lost connections (a Redis restart, a failover) and
         cluster topology changes by sending everything again: every command sent this way is
         idempotent (SADD, and claims, which are idempotent per batch)."""
-        replies: list[Any] = self._resend(self._send_once, commands)
+        replies: list[Any] = self._resend(self._send_once, commands, counts)
         return replies
 
     def _before_send(self, state: tenacity.RetryCallState) -> None:
@@ -677,21 +706,40 @@ class RedisKeyCache:
         return result
 
     def _add_plain(self, keys: Keys) -> None:
-        """SADD keys without claim records (rebuild and restore)."""
+        """SADD keys without claim records (rebuild and restore): one SADD per member, packed
+        for a whole group at once (a generation's buckets are many, and a rebuild of millions
+        of keys must not spend seconds in a Python loop per bucket: a consumer killed during a
+        long rebuild leaves it to the next, which must finish)."""
         if len(keys) == 0:
             return
-        frame, _, fine_bits = self._grouped(keys)
-        runs = frame.with_row_index("i").with_columns(run=pl.col("i") // MAX_MEMBERS_PER_CALL)
-        commands = []
-        for (_group, gen, fine, _run), part in runs.group_by(
-            ["group", "slice", "fine", "run"], maintain_order=True
-        ):
-            key = self._bucket(int(str(gen)), int(str(fine)), fine_bits)
-            head = _resp_args(["SADD", key])
-            commands.append((key, b"*%d\r\n" % (2 + len(part)) + head + _resp_bulk(part["member"])))
-        for reply in self._send_all(commands):
-            if isinstance(reply, Exception):
-                raise reply
+        _, parts, fine_bits = self._grouped(keys)
+        commands: list[tuple[str, bytes]] = []
+        counts: list[int] = []
+        for part in parts:
+            group = int(part["group"][0])
+            key = self._bucket_column(group, pl.col("slice"), fine_bits)
+            member = pl.col("member").cast(pl.String)
+            framed = part.select(
+                pl.concat_str(
+                    [
+                        pl.lit("*3\r\n$4\r\nSADD\r\n$"),
+                        key.str.len_bytes().cast(pl.String),
+                        pl.lit("\r\n"),
+                        key,
+                        pl.lit("\r\n$"),
+                        member.str.len_bytes().cast(pl.String),
+                        pl.lit("\r\n"),
+                        member,
+                        pl.lit("\r\n"),
+                    ]
+                ).str.join("")
+            ).item()
+            commands.append((self._group_key(group, "alive"), framed.encode()))
+            counts.append(len(part))
+        for replies in self._send_all(commands, counts):
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
 
     def finish(self, batch_id: str, max_event_time_ms: int | None) -> None:
         if max_event_time_ms is not None:

@@ -874,10 +874,10 @@ def test_redis_sends_a_batch_again_after_a_lost_connection(
     send_once = cache._send_once
     blips = [redis.ConnectionError("reset by peer"), redis.TimeoutError("timed out")]
 
-    def flaky(commands: list[tuple[str, bytes]]) -> list[Any]:
+    def flaky(commands: list[tuple[str, bytes]], counts: list[int] | None = None) -> list[Any]:
         if blips:
             raise blips.pop(0)
-        return send_once(commands)
+        return send_once(commands, counts)
 
     monkeypatch.setattr(cache, "_send_once", flaky)
     k = keys_in_slice(100, 5, seed=95)
