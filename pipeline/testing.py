@@ -31,6 +31,21 @@ from pipeline.spool import PoisonInputError, internal_stem
 
 if TYPE_CHECKING:
     from lake.location import LakeLocation
+    from pipeline.settings import Settings
+
+
+def consume_once(settings: Settings) -> None:
+    """A real consumer with the configured key cache, run until incoming/ is empty, then
+    closed (tests that want the spool landed, not the consumer's internals)."""
+    from pipeline.consumer import Consumer  # the consumer imports this module's neighbours
+    from pipeline.factory import make_key_cache
+
+    consumer = Consumer(settings, make_key_cache(settings))
+    consumer.start()
+    try:
+        consumer.run(once=True)
+    finally:
+        consumer.close()
 
 
 def event_table(

@@ -26,8 +26,6 @@ from api.ingest_testing import arrow_body, body_of, json_rows
 from generator import model
 from lake.location import LakeLocation
 from lake.snapshot import connect
-from pipeline.consumer import Consumer
-from pipeline.factory import make_key_cache
 from pipeline.schema import (
     EVENT_SCHEMA,
     MAX_ID_BYTES,
@@ -37,7 +35,7 @@ from pipeline.schema import (
 )
 from pipeline.settings import Settings, SettingsError
 from pipeline.spool import ARRIVED_AT_KEY, REJECTED_SUFFIX, SpoolWriter, list_incoming
-from pipeline.testing import event_table
+from pipeline.testing import consume_once, event_table
 
 KEY = "test-key-0123456789"
 OTHER_KEY = "second-key-abcdef"
@@ -314,14 +312,6 @@ def test_generator_invalid_rows_get_the_consumers_reasons(tmp_path: Path) -> Non
     spec = model.BatchSpec(b"par-", 0, 3000, NOW_MS - 60_000, NOW_MS, 0.3)
     table = model.to_spool_table(model.generate_batch(rng, population, spec).frame, population)
 
-    def consume(settings: Settings) -> None:
-        consumer = Consumer(settings, make_key_cache(settings))
-        consumer.start()
-        try:
-            consumer.run(once=True)
-        finally:
-            consumer.close()
-
     lakes = []
     for way in ("spool", "http"):
         settings = Settings.from_env(
@@ -338,7 +328,7 @@ def test_generator_invalid_rows_get_the_consumers_reasons(tmp_path: Path) -> Non
             [rejected_file] = rejected_files(tmp_path / way)
             http_source = rejected_file.name.removesuffix(REJECTED_SUFFIX) + ".http"
             http_rejected = len(r.json()["rejected"])
-        consume(settings)
+        consume_once(settings)
         con = connect(LakeLocation.from_settings(settings))
         events = con.execute("SELECT event_id FROM events ORDER BY event_id").fetchall()
         quarantine = con.execute(

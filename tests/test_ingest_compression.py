@@ -45,12 +45,10 @@ from api.ingest_encoding import (
 from api.ingest_testing import body_of, running
 from lake.location import LakeLocation
 from lake.snapshot import connect
-from pipeline.consumer import Consumer
-from pipeline.factory import make_key_cache
 from pipeline.schema import Layout
 from pipeline.settings import Settings, SettingsError
 from pipeline.spool import list_incoming
-from pipeline.testing import event_table
+from pipeline.testing import consume_once, event_table
 
 KEY = "compress-key-0123456789"
 NOW_MS = int(time.time() * 1000)
@@ -300,15 +298,6 @@ def spool_files(data_dir: Path) -> list[Path]:
     return list_incoming(Layout(str(data_dir)).incoming)
 
 
-def consume(settings: Settings) -> None:
-    consumer = Consumer(settings, make_key_cache(settings))
-    consumer.start()
-    try:
-        consumer.run(once=True)
-    finally:
-        consumer.close()
-
-
 def test_every_format_in_gzip_and_zstd_lands_in_the_lake(
     make_client: Callable[..., TestClient[Litestar]], data_dir: Path
 ) -> None:
@@ -322,7 +311,7 @@ def test_every_format_in_gzip_and_zstd_lands_in_the_lake(
                 assert r.json() == {"received": 40, "accepted": 40, "rejected": []}
                 expected += table.column("event_id").to_pylist()
     settings = settings_of(data_dir)
-    consume(settings)
+    consume_once(settings)
     con = connect(LakeLocation.from_settings(settings))
     landed = [row[0] for row in con.execute("SELECT event_id FROM events").fetchall()]
     assert sorted(landed) == sorted(expected)

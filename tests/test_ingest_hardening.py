@@ -43,8 +43,6 @@ from api.ingest_testing import Server, arrow_body, body_of, json_rows, running, 
 from api.json_depth import nesting_depth, too_deep
 from lake.location import LakeLocation
 from lake.snapshot import connect
-from pipeline.consumer import Consumer
-from pipeline.factory import make_key_cache
 from pipeline.schema import (
     EVENT_COLUMNS,
     MAX_EVENT_ID_BYTES,
@@ -54,7 +52,7 @@ from pipeline.schema import (
 from pipeline.settings import Settings
 from pipeline.spool import SpoolWriter
 from pipeline.status import ConsumerStatus, write_status
-from pipeline.testing import event_table
+from pipeline.testing import consume_once, event_table
 
 KEY = "hardening-key-1"
 NOW_MS = int(time.time() * 1000)
@@ -240,12 +238,7 @@ def test_spool_files_with_long_ids_are_quarantined_by_the_consumer(tmp_path: Pat
         user_id=["u", "u", "u" * (MAX_ID_BYTES + 1)],
     )
     SpoolWriter(Layout(settings.data_dir).incoming, "gen").write(table)
-    consumer = Consumer(settings, make_key_cache(settings))
-    consumer.start()
-    try:
-        consumer.run(once=True)
-    finally:
-        consumer.close()
+    consume_once(settings)
     con = connect(LakeLocation.from_settings(settings))
     assert con.execute("SELECT event_id, reason FROM quarantine ORDER BY 1").fetchall() == [
         ("long-campaign", "field_too_long"),

@@ -33,11 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyarrow import ipc
 
-from pipeline.consumer import Consumer
-from pipeline.factory import make_key_cache
 from pipeline.settings import Settings
 from pipeline.spool import MAX_FILE_BYTES, display_name, internal_stem
-from pipeline.testing import event_table
+from pipeline.testing import consume_once, event_table
 
 NOW_MS = int(__import__("time").time() * 1000)
 NAME_MAX = 255
@@ -302,12 +300,7 @@ def test_any_name_and_entry_kind_is_landed_or_quarantined(
     s = Settings.from_env(
         {}, data_dir=str(data), fsync=False, max_events_per_second=0, disk_min_free=0
     )
-    consumer = Consumer(s, make_key_cache(s))
-    consumer.start()
-    try:
-        consumer.run(once=True)
-    finally:
-        consumer.close()
+    consume_once(s)
     assert drained(data)
     rows = dict(ledger(data).select("source_file", "status").iter_rows())
     assert rows == {name: status for name, (status, _) in expected.items()}

@@ -23,12 +23,10 @@ from cli import build_parser
 from cli.quarantine import run as quarantine_command
 from lake.location import LakeLocation
 from lake.snapshot import snapshot
-from pipeline.consumer import Consumer
-from pipeline.factory import make_key_cache
 from pipeline.schema import EVENT_COLUMNS, Layout
 from pipeline.settings import Settings
 from pipeline.spool import SpoolWriter, list_incoming
-from pipeline.testing import event_table
+from pipeline.testing import consume_once, event_table
 from queries.quarantine import ROW_SCHEMA, FixError, correct
 
 FIX = "SELECT * REPLACE (upper(country) AS country) FROM rows"
@@ -46,12 +44,7 @@ def settings(request: pytest.FixtureRequest, make_settings: Callable[..., Settin
 
 def consume(settings: Settings) -> None:
     """Run a real consumer over DATA_DIR until incoming/ is empty."""
-    consumer = Consumer(settings, make_key_cache(settings))
-    consumer.start()
-    try:
-        consumer.run(once=True)
-    finally:
-        consumer.close()
+    consume_once(settings)
     assert list_incoming(Layout(settings.data_dir).incoming) == []
 
 
