@@ -3,7 +3,7 @@
 ``python bench/compaction.py --events 3000000`` draws events with the generator's model
 (Zipf campaigns, funnel, prices), commits them as the consumer does (one Delta commit per
 batch, one file per hour it touches), then times DuckDB queries over a snapshot of the events
-table before and after the compaction job (optimize, then Z-order of the closed hours).
+table before and after the compaction job (optimize, then the clustering of the closed hours).
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def _once(name: str, call: Callable[[], str]) -> int:
 
 
 def lower_priority(settings: Settings) -> None:
-    """Run this process JOBS_NICE below its parent: a Z-order or a rollup rebuild takes whole
+    """Run this process JOBS_NICE below its parent: a clustering or a rollup rebuild takes whole
     cores for minutes, and must not take them from the consumer and the API on the machine."""
     if settings.jobs.jobs_nice:
         os.nice(settings.jobs.jobs_nice)
@@ -208,7 +208,7 @@ COMMANDS: Final[dict[str, tuple[str, Configure, Runner]]] = {
         _run_job("rollup"),
     ),
     "compact": (
-        "compact the lake tables' small files, Z-order closed hours, checkpoint (--once)",
+        "compact the lake tables' small files, cluster closed hours, checkpoint (--once)",
         configure_compact,
         _run_job("compact"),
     ),

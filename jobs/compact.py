@@ -1,4 +1,4 @@
-"""Compaction: delta-rs ``optimize`` on every lake table, Z-order of closed hours, checkpoints.
+"""Compaction: delta-rs ``optimize`` on every lake table, clustering of closed hours, checkpoints.
 
 One run, table by table (events, quarantine, ledger):
 
@@ -8,10 +8,12 @@ One run, table by table (events, quarantine, ledger):
    keeps its snapshot; the files stay on disk until ``vacuum``), and an append never conflicts
    with it. Compact partitions are left alone (a lone file is not rewritten), so a run after a
    run changes nothing and the job is cheap to repeat.
-2. **Z-order** each events hour whose end is COMPACT_MIN_AGE in the past by (campaign_id,
-   event_time), once. The hours done are kept in ``DATA_DIR/state/zorder.json``, written after
-   each hour: a crash or a lost file only makes an hour Z-ordered again (same rows, same
-   clustering), never skipped. Late events of a Z-ordered hour are compacted in by step 1.
+2. **Cluster** each events hour whose end is COMPACT_MIN_AGE in the past: rewrite it sorted by
+   (campaign_id, event_time), once (:mod:`lake.cluster`; why not delta-rs's Z-order:
+   docs/decisions/0006-clustered-hours.md). The hours done are kept in
+   ``DATA_DIR/state/clustered.json``, written after each hour: a crash or a lost file only
+   makes an hour clustered again (same rows, same order), never skipped. Late events of a
+   clustered hour are compacted in by step 1.
 3. **Checkpoint** each table at its current version and delete log files past the log
    retention, so readers replay few JSON commits.
 
@@ -28,11 +30,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import duckdb
 from deltalake import DeltaTable
-from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from jobs.storage import job_lock, read_json, write_json_atomic
-from lake import maintenance
+from lake import cluster, maintenance
+from lake.cluster import ClusterResult
 from lake.location import LakeLocation
 from lake.tables import EVENTS, TABLES, TableSpec, open_table
 from pipeline.schema import Layout
@@ -42,9 +46,7 @@ log = logging.getLogger("adevents.jobs.compact")
 
 #: Tries of one optimize that loses commit races (each on a fresh snapshot).
 ATTEMPTS: Final = 5
-#: How DataFusion says a sort did not fit in its memory pool.
-RESOURCES_EXHAUSTED: Final = "Resources exhausted"
-#: How long an hour whose Z-order did not fit in COMPACT_MEMORY_BYTES waits before the next try.
+#: How long an hour whose clustering did not fit in COMPACT_MEMORY_BYTES waits before the next try.
 DEFER_AFTER_MEMORY_S: Final = 3600
 
 T = TypeVar("T")
@@ -54,13 +56,13 @@ class CompactionError(RuntimeError):
     """Some tables or hours could not be compacted (the others were; the log has details)."""
 
 
-# -- the pure part: which hours to Z-order -----------------------------------------------------
+# -- the pure part: which hours to cluster ------------------------------------------------------
 def hour_key(date: str, hour: str) -> str:
     """The name of an hour partition: ``date=YYYY-MM-DD/hour=HH``."""
     return f"date={date}/hour={hour}"
 
 
-def hours_to_zorder(
+def hours_to_cluster(
     partitions: Iterable[Mapping[str, str]], done: set[str], *, now: datetime, min_age_s: float
 ) -> list[tuple[str, str]]:
     """(date, hour) of the partitions whose hour ended ``min_age_s`` before ``now`` and that
@@ -91,7 +93,7 @@ class CompactReport:
     """What one compaction run did."""
 
     tables: list[TableReport] = field(default_factory=list)
-    zordered: list[str] = field(default_factory=list)
+    clustered: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -99,7 +101,7 @@ class CompactReport:
         after = sum(t.files_after for t in self.tables)
         return (
             f"compacted tables={len(self.tables)} files_before={before} files_after={after} "
-            f"zordered_hours={len(self.zordered)}"
+            f"clustered_hours={len(self.clustered)}"
         )
 
 
@@ -107,14 +109,14 @@ def _no_step(name: str) -> None:
     return None
 
 
-def zorder_state(layout: Layout) -> Path:
-    """The file naming the events hours already Z-ordered."""
-    return layout.state / "zorder.json"
+def cluster_state(layout: Layout) -> Path:
+    """The file naming the events hours already clustered."""
+    return layout.state / "clustered.json"
 
 
 def _load_state(layout: Layout) -> tuple[set[str], dict[str, float]]:
-    """The hours Z-ordered, and those deferred (epoch seconds before which not to try again)."""
-    raw = read_json(zorder_state(layout))
+    """The hours clustered, and those deferred (epoch seconds before which not to try again)."""
+    raw = read_json(cluster_state(layout))
     if not isinstance(raw, dict):
         return set(), {}
     deferred = raw.get("deferred")
@@ -164,8 +166,9 @@ def _compact_table(
     )
 
 
-def _zorder_closed_hours(
+def _cluster_closed_hours(
     layout: Layout,
+    location: LakeLocation,
     table: DeltaTable,
     jobs: JobSettings,
     report: CompactReport,
@@ -183,35 +186,37 @@ def _zorder_closed_hours(
 
     def save() -> None:
         state = {"hours": sorted(done), "deferred": deferred}
-        write_json_atomic(state, zorder_state(layout), durable=durable)
+        write_json_atomic(state, cluster_state(layout), durable=durable)
 
     skip = done | set(deferred)
-    for date, hour in hours_to_zorder(partitions, skip, now=now, min_age_s=jobs.compact_min_age):
+    spill = layout.state / "cluster-spill"
+    spill.mkdir(parents=True, exist_ok=True)
+    for date, hour in hours_to_cluster(partitions, skip, now=now, min_age_s=jobs.compact_min_age):
         key = hour_key(date, hour)
 
-        def zorder_once(date: str = date, hour: str = hour, key: str = key) -> dict[str, Any]:
-            on_step(f"zorder:{key}")
-            return maintenance.optimize(
+        def cluster_once(date: str = date, hour: str = hour, key: str = key) -> ClusterResult:
+            on_step(f"cluster:{key}")
+            return cluster.cluster_hour(
+                location,
                 table,
-                maintenance.hour_filter(date, hour),
-                z_order=maintenance.EVENTS_Z_ORDER,
-                target_size=jobs.compact_target_bytes,
+                date,
+                hour,
+                target_bytes=jobs.compact_target_bytes,
                 memory_bytes=jobs.compact_memory_bytes,
                 row_group_rows=jobs.compact_row_group_rows,
+                temp_dir=str(spill),
             )
 
         try:
-            _retrying(table, f"Z-order of {key}", zorder_once)
-        except DeltaError as exc:
-            if RESOURCES_EXHAUSTED not in str(exc):
-                raise
-            # Spilled runs are merged in memory too: too small a bound fails the sort, and
-            # would again every run (minutes of CPU each), so the hour waits.
+            _retrying(table, f"clustering of {key}", cluster_once)
+        except duckdb.OutOfMemoryException:
+            # The sort spills, but too small a bound still fails it, and would again every run
+            # (minutes of CPU each), so the hour waits.
             deferred[key] = now.timestamp() + DEFER_AFTER_MEMORY_S
             save()
             log.error(
-                "Z-order of events %s needs more than COMPACT_MEMORY_BYTES=%d bytes of memory; "
-                "raise it. It is tried again in %d minutes",
+                "clustering of events %s needs more than COMPACT_MEMORY_BYTES=%d bytes of "
+                "memory; raise it. It is tried again in %d minutes",
                 key,
                 jobs.compact_memory_bytes,
                 DEFER_AFTER_MEMORY_S // 60,
@@ -219,14 +224,14 @@ def _zorder_closed_hours(
             report.failed.append(f"events/{key}")
             continue
         except Exception:
-            # One bad hour must not keep the others from being Z-ordered.
-            log.exception("Z-order of events %s failed; it is tried again next run", key)
+            # One bad hour must not keep the others from being clustered.
+            log.exception("clustering of events %s failed; it is tried again next run", key)
             report.failed.append(f"events/{key}")
             continue
         done.add(key)
         save()
-        report.zordered.append(key)
-        log.info("Z-ordered events %s by %s", key, ", ".join(maintenance.EVENTS_Z_ORDER))
+        report.clustered.append(key)
+        log.info("clustered events %s by %s", key, ", ".join(cluster.CLUSTER_KEYS))
 
 
 def compact(
@@ -239,11 +244,11 @@ def compact(
     specs: Sequence[TableSpec] = tuple(TABLES.values()),
     on_step: Callable[[str], None] = _no_step,
 ) -> CompactReport:
-    """Compact every table of ``location``, Z-order closed events hours, write checkpoints.
+    """Compact every table of ``location``, cluster closed events hours, write checkpoints.
 
     Sizes and the age at which an hour counts as closed are COMPACT_* of ``jobs``; the job's
-    lock and its Z-order state are under ``layout`` (DATA_DIR). ``on_step`` is called before
-    each optimize attempt with ``compact:<table>`` or ``zorder:<hour>`` (tests commit there).
+    lock and its clustering state are under ``layout`` (DATA_DIR). ``on_step`` is called before
+    each optimize attempt with ``compact:<table>`` or ``cluster:<hour>`` (tests commit there).
     """
     report = CompactReport()
     with job_lock(layout, "compact"):
@@ -255,8 +260,15 @@ def compact(
             try:
                 done = _compact_table(table, spec, jobs, on_step)
                 if spec.name == EVENTS.name:
-                    _zorder_closed_hours(
-                        layout, table, jobs, report, now=now, durable=durable, on_step=on_step
+                    _cluster_closed_hours(
+                        layout,
+                        location,
+                        table,
+                        jobs,
+                        report,
+                        now=now,
+                        durable=durable,
+                        on_step=on_step,
                     )
                 maintenance.checkpoint(table)
                 maintenance.cleanup_logs(table)

@@ -13,7 +13,7 @@ Layout under ``rollups/`` (one file per partition, each replaced atomically):
   to tell which minutes newer batches touched (:mod:`queries.rollups`); the sketches' hash check.
 
 A run reads the rows the events table gained since ``events_version`` (its change feed,
-:mod:`lake.changes`: appends only; compaction and Z-order add no rows, retention deletes are
+:mod:`lake.changes`: appends only; compaction and clustering add no rows, retention deletes are
 left out) and folds them in: minute counts and money are *added* to the stored minute rows,
 sketches grow by register-wise maximum. Cost and memory follow the new rows (streamed, folded
 into per-campaign partial sums every :data:`FOLD_ROWS` rows), never the size of the hour or of

@@ -2,11 +2,12 @@
 
 Delta's change feed (``DeltaTable.load_cdf``) of an append-only table returns, per version, the
 rows of the files that commit added. Maintenance commits add no rows to it: an ``optimize``
-(compaction, Z-order) adds its rewritten files with ``dataChange = false``, which the feed
-skips, so a compaction never makes old rows look new. A ``DELETE`` (retention) is left out
-altogether: its feed would read the removed files, which ``vacuum`` may already have taken, and
-it inserts nothing. Each row carries ``_commit_version``, the version that added it, so a reader
-that keeps its own per-part version can take exactly the rows it has not seen.
+(compaction) and the clustering of an hour add their rewritten files with
+``dataChange = false``, which the feed skips, so a compaction never makes old rows look new.
+A ``DELETE`` (retention) is left out altogether: its feed would read the removed files, which
+``vacuum`` may already have taken, and it inserts nothing. Each row carries
+``_commit_version``, the version that added it, so a reader that keeps its own per-part
+version can take exactly the rows it has not seen.
 
 The feed of a version can only be read while its files exist: after ``vacuum`` (a reader behind
 by more than VACUUM_RETENTION), or once its log entries are cleaned up, :func:`inserted` raises

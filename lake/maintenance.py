@@ -1,5 +1,8 @@
 """Table maintenance through delta-rs: optimize (compact, Z-order), checkpoints, retention, vacuum.
 
+(Closed events hours are clustered by ``lake.cluster``, not Z-ordered: see
+docs/decisions/0006-clustered-hours.md.)
+
 Every operation is a Delta commit, so readers keep their snapshot and concurrent appends
 commit around it (an append conflicts with none of these). ``optimize`` is safe on the open
 hour too: files it rewrites are removed in the log, not on disk. Files leave the disk only
@@ -17,12 +20,6 @@ from deltalake import DeltaTable, WriterProperties
 
 #: Rows per row group of rewritten files, unless told (COMPACT_ROW_GROUP_ROWS): DuckDB's unit.
 DEFAULT_ROW_GROUP_ROWS: Final = 122_880
-#: Z-order of events by campaign and time. delta-rs interleaves the bits of each column's
-#: leading bytes: campaign ids share their prefix ("cmp-00…") while an hour's times differ in
-#: their high bits, so time leads. Measured on a 49.5M-event hour: each 122,880-row group spans
-#: ~16 s and every campaign. Time ranges prune well; a campaign's questions rely on the log's
-#: and the row groups' time statistics plus late materialisation (queries/events.py).
-EVENTS_Z_ORDER: Final = ("campaign_id", "event_time")
 #: The least retention ``vacuum`` accepts unless told otherwise: far above any commit's
 #: write-to-commit time and any reader's query time.
 MIN_RETENTION_HOURS: Final = 1

@@ -16,7 +16,9 @@ from typing import Final
 
 import numpy as np
 import polars as pl
+from deltalake import DeltaTable
 
+from lake.cluster import cluster_hour
 from lake.location import LakeLocation
 from lake.readback import empty_keys_frame, key_frame
 from lake.tables import EVENTS, TABLES, TableSpec
@@ -160,3 +162,21 @@ class MemoryLakeWriter:
         return key_frame(
             events.filter(pl.col("batch_id").is_in(list(batch_ids)), millis.is_between(*span_ms))
         )
+
+
+def cluster_every_hour(location: LakeLocation, table: DeltaTable) -> int:
+    """Cluster every events hour of ``table`` as the compaction job does a closed one; the
+    number of hours rewritten."""
+    done = 0
+    for partition in table.partitions():
+        result = cluster_hour(
+            location,
+            table,
+            partition["date"],
+            partition["hour"],
+            target_bytes=128 * 1024**2,
+            memory_bytes=256 * 1024**2,
+            row_group_rows=122_880,
+        )
+        done += result.files_added > 0
+    return done

@@ -223,7 +223,7 @@ class JobSettings:
     compact_min_age: float = _setting(
         600.0,
         _duration,
-        "an events hour is Z-ordered (once) when its end is this far in the past",
+        "an events hour is clustered (once) when its end is this far in the past",
     )
     compact_target_bytes: int = _setting(
         128 * 1024**2, _positive_size, "approximate bytes per compacted file, e.g. 128MiB"
@@ -234,7 +234,8 @@ class JobSettings:
     compact_memory_bytes: int = _setting(
         1024**3,
         _positive_size,
-        "memory a Z-order sorts in before it spills to disk (bounds the scheduler's memory)",
+        "memory the clustering of an hour sorts in before it spills to disk (bounds the "
+        "scheduler's memory)",
     )
     # -- alerts ---------------------------------------------------------------------------------
     alert_window: float = _setting(

@@ -104,7 +104,7 @@ def newest(lake: Lake, limit: int, where: EventFilter | None = None) -> list[Eve
     those whose log statistics say they can hold it), a growing chunk at a time, keeping the
     best ``limit`` rows; it stops once the next file's newest event is older than the last of
     them, as every file after it is too: the answer is exact. Within a chunk that spans a long
-    time (compacted files, Z-ordered by campaign), bands of time are read newest first, so that
+    time (compacted files, clustered by campaign), bands of time are read newest first, so that
     row groups older than what is needed are skipped by their statistics.
     """
     where = where or EventFilter()
@@ -128,10 +128,15 @@ def _search(view: View, limit: int, where: EventFilter) -> list[Event]:
         where = " AND ".join([clause, *bounds])
         values = {**params, **({"band_lo": lo} if lo is not None else {})}
         values |= {"band_hi": hi} if hi is not None else {}
-        # Late materialisation: the band's limit-th newest time from the time column alone,
-        # then whole rows at or after it only. A busy campaign has 500k events a minute, and
-        # reading every column of them to keep 100 cost 1.8 s a question; ties at the cut are
-        # all read, so the answer stays exact.
+        # Through Arrow (S3), late materialisation by hand: the band's limit-th newest time
+        # from the time column alone, then whole rows at or after it only. A busy campaign
+        # has 500k events a minute, and reading every column of them to keep 100 cost 1.8 s
+        # a question; ties at the cut are all read, so the answer stays exact.
+        if view.lake.location.s3 is None:
+            # On local disk DuckDB's Parquet reader does this itself (top-N on the order
+            # columns, then only those rows' other columns): one query, half the cost.
+            sql = f"SELECT {_COLUMNS} FROM {{events}} WHERE {where} {order}"
+            return [Event(*r) for r in view.query(sql, values, files={"events": chunk})]
         cut_sql = f"""SELECT epoch_ms(min(event_time)) FROM (
             SELECT event_time FROM {{events}} WHERE {where}
             ORDER BY event_time DESC LIMIT $limit)"""

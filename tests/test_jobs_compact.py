@@ -1,4 +1,4 @@
-"""Compaction on Delta: the open hour under concurrent commits, Z-order once, retry, checkpoint."""
+"""Compaction on Delta: the open hour under concurrent commits, clustering once, retries."""
 
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
-from deltalake.exceptions import DeltaError
 
 from jobs import compact as compact_module
-from jobs.compact import CompactionError, compact, hour_key, hours_to_zorder, zorder_state
+from jobs.compact import CompactionError, cluster_state, compact, hour_key, hours_to_cluster
 from jobs.testing import commit_batches, random_batch
-from lake import maintenance
 from lake.location import LakeLocation
 from lake.snapshot import snapshot
 from lake.tables import EVENTS, LEDGER, open_table
@@ -67,20 +66,20 @@ def live_files(location: LakeLocation, name: str = "events") -> int:
     return len(open_table(location, {"events": EVENTS, "ledger": LEDGER}[name]).file_uris())
 
 
-def test_hours_to_zorder_are_closed_ones_not_done_yet() -> None:
+def test_hours_to_cluster_are_closed_ones_not_done_yet() -> None:
     parts = [
         {"date": "2026-12-02", "hour": "09"},
         {"date": "2026-12-02", "hour": "08"},
         {"date": "2026-12-02", "hour": "10"},
     ]
     now = datetime(2026, 12, 2, 10, 5, tzinfo=UTC)
-    assert hours_to_zorder(parts, set(), now=now, min_age_s=0) == [
+    assert hours_to_cluster(parts, set(), now=now, min_age_s=0) == [
         ("2026-12-02", "08"),
         ("2026-12-02", "09"),
     ]
-    assert hours_to_zorder(parts, set(), now=now, min_age_s=600) == [("2026-12-02", "08")]
+    assert hours_to_cluster(parts, set(), now=now, min_age_s=600) == [("2026-12-02", "08")]
     done = {hour_key("2026-12-02", "08")}
-    assert hours_to_zorder(parts, done, now=now, min_age_s=0) == [("2026-12-02", "09")]
+    assert hours_to_cluster(parts, done, now=now, min_age_s=0) == [("2026-12-02", "09")]
 
 
 def test_commits_during_compaction_are_kept_and_files_drop(
@@ -106,13 +105,13 @@ def test_commits_during_compaction_are_kept_and_files_drop(
     report = compact(layout, location, CFG, now=NOW, durable=False, on_step=concurrent_commit)
     assert counts(location) == (rows, 18 + len(steps))
     assert [t.table for t in report.tables] == ["events", "ledger"]
-    assert steps[0] == "compact:events" and sum(s.startswith("zorder:") for s in steps) == 2
+    assert steps[0] == "compact:events" and sum(s.startswith("cluster:") for s in steps) == 2
     # One file per hour, plus one per concurrent commit: each landed after its optimize's
     # snapshot (the first one too, so the open hour's compaction did not include it).
     assert live_files(location) == 3 + len(steps) < files_before
     assert live_files(location, "ledger") == 2
     closed = [datetime.fromtimestamp(t / 1000, UTC) for t in (BASE_MS, BASE_MS + HOUR_MS)]
-    assert report.zordered == [hour_key(f"{h:%Y-%m-%d}", f"{h:%H}") for h in closed]
+    assert report.clustered == [hour_key(f"{h:%Y-%m-%d}", f"{h:%H}") for h in closed]
     log_dir = Path(location.path("events", "_delta_log"))
     assert list(log_dir.glob("*.checkpoint.parquet"))
     assert list(Path(location.path("ledger", "_delta_log")).glob("*.checkpoint.parquet"))
@@ -159,44 +158,43 @@ def test_appends_from_a_thread_during_runs_keep_exact_counts(
     assert live_files(location) < before or before <= 3
 
 
-def test_zorder_happens_once_per_closed_hour(
+def test_clustering_happens_once_per_closed_hour(
     lake: tuple[Layout, LakeLocation], caplog: pytest.LogCaptureFixture
 ) -> None:
     layout, location = lake
     fill(location, random.Random(4), commits=9)
     first = compact(layout, location, CFG, now=NOW, durable=False)
-    assert len(first.zordered) == 2
+    assert len(first.clustered) == 2
     version = open_table(location, EVENTS).version()
     second = compact(layout, location, CFG, now=NOW, durable=False)
-    assert second.zordered == [] and second.line().endswith("zordered_hours=0")
+    assert second.clustered == [] and second.line().endswith("clustered_hours=0")
     history = open_table(location, EVENTS).history()
     ops = [c["operation"] for c in history if c["version"] > version]
-    assert "OPTIMIZE" not in ops  # nothing left to compact, nothing to Z-order again
-    # A new hour closes: only it is Z-ordered; a lost state only means Z-ordering again.
+    assert "OPTIMIZE" not in ops  # nothing left to compact, nothing to cluster again
+    # A new hour closes: only it is clustered; a lost state only means clustering again.
     later = datetime.fromtimestamp((NOW_MS - NOW_MS % HOUR_MS + HOUR_MS) / 1000, UTC)
-    assert len(compact(layout, location, CFG, now=later, durable=False).zordered) == 1
-    zorder_state(layout).unlink()
-    assert len(compact(layout, location, CFG, now=later, durable=False).zordered) == 3
+    assert len(compact(layout, location, CFG, now=later, durable=False).clustered) == 1
+    cluster_state(layout).unlink()
+    assert len(compact(layout, location, CFG, now=later, durable=False).clustered) == 3
 
 
-def test_an_hour_whose_zorder_does_not_fit_in_memory_waits_an_hour(
+def test_an_hour_whose_clustering_does_not_fit_in_memory_waits_an_hour(
     lake: tuple[Layout, LakeLocation], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A Z-order that ran out of COMPACT_MEMORY_BYTES would fail again at every run, each time
+    """A clustering that ran out of COMPACT_MEMORY_BYTES would fail again at every run, each time
     after minutes of work: the hour is deferred, the others go on, and it is tried again later."""
     layout, location = lake
     fill(location, random.Random(8), commits=9)
-    real = maintenance.optimize
+    real = compact_module.cluster.cluster_hour
     tried: list[str] = []
 
-    def short_of_memory(table: Any, filters: Any = None, **kwargs: Any) -> dict[str, Any]:
-        if kwargs.get("z_order"):
-            tried.append(str(filters))
-            if len(tried) == 1:
-                raise DeltaError("Resources exhausted: Failed to allocate additional 1 MB")
-        return real(table, filters, **kwargs)
+    def short_of_memory(location: Any, table: Any, date: str, hour: str, **kw: Any) -> Any:
+        tried.append(f"{date}/{hour}")
+        if len(tried) == 1:
+            raise duckdb.OutOfMemoryException("could not allocate block of size 256.0 KiB")
+        return real(location, table, date, hour, **kw)
 
-    monkeypatch.setattr(compact_module.maintenance, "optimize", short_of_memory)
+    monkeypatch.setattr(compact_module.cluster, "cluster_hour", short_of_memory)
     with pytest.raises(CompactionError, match="events/date="):
         compact(layout, location, CFG, now=NOW, durable=False)
     failed, others = tried[0], len(tried) - 1
@@ -229,7 +227,7 @@ def test_a_conflicting_delete_makes_the_optimize_retry_not_fail(
 def test_a_missing_lake_is_nothing_to_do(lake: tuple[Layout, LakeLocation]) -> None:
     layout, location = lake
     assert compact(layout, location, CFG, now=NOW, durable=False).line() == (
-        "compacted tables=0 files_before=0 files_after=0 zordered_hours=0"
+        "compacted tables=0 files_before=0 files_after=0 clustered_hours=0"
     )
 
 
@@ -244,13 +242,13 @@ def test_files_at_the_target_size_are_not_small(lake: tuple[Layout, LakeLocation
 
 
 def test_rewritten_files_have_small_zstd_row_groups(lake: tuple[Layout, LakeLocation]) -> None:
-    """Compacted and Z-ordered files keep COMPACT_ROW_GROUP_ROWS rows per row group, zstd, so
+    """Compacted and clustered files keep COMPACT_ROW_GROUP_ROWS rows per row group, zstd, so
     readers prune inside them (delta-rs's default is 1M-row snappy row groups)."""
     layout, location = lake
     fill(location, random.Random(7), commits=12)
     jobs = JobSettings(compact_min_age=0, compact_row_group_rows=25)
     report = compact(layout, location, jobs, now=NOW, durable=False)
-    assert report.zordered
+    assert report.clustered
     table = open_table(location, EVENTS)
     for uri in table.file_uris():
         metadata = pq.read_metadata(uri)
@@ -259,7 +257,7 @@ def test_rewritten_files_have_small_zstd_row_groups(lake: tuple[Layout, LakeLoca
         assert {g.column(0).compression for g in groups} == {"ZSTD"}
 
 
-_ZORDER_RSS = """
+_CLUSTER_RSS = """
 import sys
 from datetime import UTC, datetime
 from jobs.compact import CompactionError, compact
@@ -277,15 +275,15 @@ base = peak_kb()
 try:
     report = compact(Layout(sys.argv[1]), LakeLocation.from_env({"LAKE_URI": sys.argv[2]}), jobs,
                      now=datetime.now(UTC), durable=False)
-    print("zordered", len(report.zordered))
+    print("clustered", len(report.clustered))
 except CompactionError as exc:
     print("failed", exc)
 print("grew_kb", peak_kb() - base)
 """
 
 
-def _zorder_in_a_process(tmp_path: Path, lake_dir: Path, memory: int) -> tuple[str, int]:
-    """Z-order the closed hour of a copy of ``lake_dir`` in a fresh process: its outcome line
+def _cluster_in_a_process(tmp_path: Path, lake_dir: Path, memory: int) -> tuple[str, int]:
+    """Cluster the closed hour of a copy of ``lake_dir`` in a fresh process: its outcome line
     and log, and how much its peak RSS grew over the job (KiB)."""
     copy = tmp_path / f"lake-{memory}"
     shutil.copytree(lake_dir, copy)
@@ -293,7 +291,7 @@ def _zorder_in_a_process(tmp_path: Path, lake_dir: Path, memory: int) -> tuple[s
         [
             sys.executable,
             "-c",
-            _ZORDER_RSS,
+            _CLUSTER_RSS,
             str(tmp_path / f"data-{memory}"),
             str(copy),
             str(memory),
@@ -306,8 +304,8 @@ def _zorder_in_a_process(tmp_path: Path, lake_dir: Path, memory: int) -> tuple[s
     return lines[0] + "\n" + run.stderr, int(lines[-1].split()[1])
 
 
-def test_zorder_memory_is_bounded_by_compact_memory_bytes(tmp_path: Path) -> None:
-    """The Z-order of a closed hour spills to disk past COMPACT_MEMORY_BYTES instead of holding
+def test_clustering_memory_is_bounded_by_compact_memory_bytes(tmp_path: Path) -> None:
+    """The clustering of a closed hour spills to disk past COMPACT_MEMORY_BYTES instead of holding
     the hour in memory (an hour at 50k events/s once drove the scheduler out of memory), and a
     bound too small to merge the spilled runs fails that hour with a message naming the
     setting, not the job. Peak memory is compared between processes, not against a figure."""
@@ -316,11 +314,11 @@ def test_zorder_memory_is_bounded_by_compact_memory_bytes(tmp_path: Path) -> Non
     for commit in range(40):
         frame = enriched_frame(50_000, seed=commit, start_ms=start, id_prefix=f"c{commit}-")
         append(location, {"events": frame})
-    unbounded, unbounded_kb = _zorder_in_a_process(tmp_path, tmp_path / "lake", 64 * 1024**3)
-    bounded, bounded_kb = _zorder_in_a_process(tmp_path, tmp_path / "lake", 128 * 1024**2)
-    assert unbounded.startswith("zordered 1") and bounded.startswith("zordered 1")
+    unbounded, unbounded_kb = _cluster_in_a_process(tmp_path, tmp_path / "lake", 64 * 1024**3)
+    bounded, bounded_kb = _cluster_in_a_process(tmp_path, tmp_path / "lake", 128 * 1024**2)
+    assert unbounded.startswith("clustered 1") and bounded.startswith("clustered 1")
     # 2M events: 214-224 MB against 512-516 MB here; the gap widens with the hour's size. (At
     # 64 MiB the merge of the spilled runs itself did not fit on CI: see the last case.)
     assert bounded_kb < 0.6 * unbounded_kb, (bounded_kb, unbounded_kb)
-    too_small, _ = _zorder_in_a_process(tmp_path, tmp_path / "lake", 1024**2)
+    too_small, _ = _cluster_in_a_process(tmp_path, tmp_path / "lake", 1024**2)
     assert too_small.startswith("failed") and "COMPACT_MEMORY_BYTES=1048576" in too_small

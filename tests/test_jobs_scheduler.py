@@ -135,7 +135,7 @@ def test_each_cli_form_runs_once(tmp_path: Path) -> None:
     assert jobs_cli(data, "rollup", "--once").startswith("rollup commits=0 rows=240 ")
     assert "rows=0 " in jobs_cli(data, "rollup", "--once")
     out = jobs_cli(data, "compact", "--once", env={"COMPACT_MIN_AGE": "0"})
-    assert out.startswith("compacted tables=2 files_before=12 files_after=2 zordered_hours=1")
+    assert out.startswith("compacted tables=2 files_before=12 files_after=2 clustered_hours=1")
     SpoolWriter(data / "incoming", "late").write(event_table(["x"], time_ms=NOW_MS))
     os.utime(next((data / "incoming").iterdir()), (time.time() - 45, time.time() - 45))
     # Only the lag rule may fire: batches processed slowly on a busy machine must not add one.
@@ -234,7 +234,7 @@ def test_the_scheduler_runs_every_job_against_a_live_lake(tmp_path: Path) -> Non
 
 
 def test_jobs_run_below_the_consumer_and_the_api_in_cpu_priority() -> None:
-    """JOBS_NICE lowers the jobs' own process (a Z-order takes whole cores for minutes)."""
+    """JOBS_NICE lowers the jobs' own process (a clustering takes whole cores for minutes)."""
     probe = (
         "import os\n"
         "from jobs.command import lower_priority\n"

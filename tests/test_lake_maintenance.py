@@ -1,9 +1,10 @@
 """Maintenance through delta-rs while writers commit and readers read: every read is exact.
 
-Readers open a fresh snapshot and count every batch's rows during optimize (compact, then
-Z-order, on the open hour), during vacuum and during concurrent commits; a batch is always
-seen whole (exactly its rows) or not at all, never twice. Then retention (delete by
-partition + vacuum), checkpoints and log cleanup keep the table readable and exact.
+Readers open a fresh snapshot and count every batch's rows during optimize (compact), during
+the clustering of the open hour by campaign and time, during vacuum and during concurrent
+commits; a batch is always seen whole (exactly its rows) or not at all, never twice. Then
+retention (delete by partition + vacuum), checkpoints and log cleanup keep the table readable
+and exact.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from deltalake import DeltaTable
 from s3_server import S3Server
 
 from lake import maintenance, snapshot
+from lake.cluster import ClusterResult, cluster_hour
 from lake.location import LakeLocation
 from lake.tables import EVENTS, ensure_table, ensure_tables
 from lake.testing import HOUR_MS, START_MS, enriched_frame
@@ -130,16 +132,24 @@ def test_readers_exact_during_optimize_vacuum_and_commits(location: LakeLocation
     initial = set(per_batch(location))
     assert len(initial) == 8
     table = tables["events"]
-    open_hour = maintenance.hour_filter("2026-12-02", "01")
     with Readers(location, initial) as readers:
-        # Compact the first hour, then Z-order the open one, while a writer appends to both.
+        # Compact the first hour, then cluster the open one, while a writer appends to both.
         metrics: list[dict[str, Any]] = []
+        clustered: list[ClusterResult] = []
 
         def optimize() -> None:
             closed = maintenance.hour_filter("2026-12-02", "00")
             metrics.append(maintenance.optimize(table, closed))
-            metrics.append(
-                maintenance.optimize(table, open_hour, z_order=maintenance.EVENTS_Z_ORDER)
+            clustered.append(
+                cluster_hour(
+                    location,
+                    table,
+                    "2026-12-02",
+                    "01",
+                    target_bytes=1 << 20,
+                    memory_bytes=64 << 20,
+                    row_group_rows=100,
+                )
             )
 
         while_committing(location, "live", range(1, 6), optimize)
@@ -159,7 +169,7 @@ def test_readers_exact_during_optimize_vacuum_and_commits(location: LakeLocation
     assert readers.reads > 0
     assert removed  # the files optimize replaced
     assert metrics[0]["compact"]["numFilesRemoved"] >= 8
-    assert metrics[1]["z_order"]["numFilesAdded"] >= 1
+    assert clustered[0].files_added >= 1 and clustered[0].files_removed >= 8
     final = per_batch(location)
     assert len(final) == 8 + 5 + 3 and set(final.values()) == {ROWS}
     assert committed_version(ensure_table(location, EVENTS), "live") == 5

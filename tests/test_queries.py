@@ -21,7 +21,7 @@ from jobs.rollup import run_rollup
 from lake import maintenance
 from lake.location import LakeLocation
 from lake.tables import EVENTS, LEDGER, open_table
-from lake.testing import append, ledger_frame
+from lake.testing import append, cluster_every_hour, ledger_frame
 from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.tables import Alert
@@ -251,7 +251,8 @@ def test_rollups_give_the_same_series(tmp_path: Path) -> None:
         commit(settings, batches[4:7], "t")  # not rolled up yet
         same_answers()
         run_rollup(layout, location, durable=False)
-        maintenance.optimize(open_table(location, EVENTS), z_order=maintenance.EVENTS_Z_ORDER)
+        maintenance.optimize(open_table(location, EVENTS))
+        cluster_every_hour(location, open_table(location, EVENTS))
         commit(settings, batches[7:], "u")
         same_answers()
         run_rollup(layout, location, durable=False)

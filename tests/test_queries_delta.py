@@ -16,7 +16,7 @@ from s3_server import S3Server
 from lake import maintenance
 from lake.location import LakeLocation
 from lake.tables import EVENTS, open_table
-from lake.testing import START_MS, append, enriched_frame, ledger_frame
+from lake.testing import START_MS, append, cluster_every_hour, enriched_frame, ledger_frame
 from pipeline.schema import HOUR_MS
 from queries import campaigns, events, ops
 from queries import lake as queries_lake
@@ -85,7 +85,7 @@ def test_time_travel_reads_an_older_version(tmp_path: Path) -> None:
 
 
 def test_readers_see_exact_counts_during_commits_optimize_and_vacuum(tmp_path: Path) -> None:
-    """A writer thread commits batches, optimizes (compact and Z-order) and vacuums with no
+    """A writer thread commits batches, compacts and clusters every hour, and vacuums with no
     retention, in phases; a reader thread counts all along, in four ways. Every count is the
     total of a prefix of the committed batches, never part of one, a row twice or an error;
     and at each phase's end, with the writer paused, it is exactly all batches committed."""
@@ -146,7 +146,8 @@ def test_readers_see_exact_counts_during_commits_optimize_and_vacuum(tmp_path: P
             if i % 3 == 2:
                 table = table or open_table(location, EVENTS)
                 table.update_incremental()
-                maintenance.optimize(table, z_order=maintenance.EVENTS_Z_ORDER)
+                maintenance.optimize(table)
+                cluster_every_hour(location, table)
                 end_phase()  # readers now hold snapshots taken after the optimize
                 table.update_incremental()
                 maintenance.vacuum(table, 0, allow_short_retention=True)
