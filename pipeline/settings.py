@@ -7,11 +7,15 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Final
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+#: Most key-cache generations one dedupe window may span (DEDUPE_SLICE >= DEDUPE_WINDOW / this).
+MAX_GENERATIONS_PER_WINDOW: Final = 16
 
 
 class SettingsError(ValueError):
@@ -435,7 +439,8 @@ class Settings:
     dedupe_slice: float = _setting(
         0.0,
         _generation,
-        "event-time span of one key-cache generation (0 = DEDUPE_WINDOW)",
+        "event-time span of one key-cache generation (0 = DEDUPE_WINDOW; at least "
+        "DEDUPE_WINDOW / 16: a claim looks in every live generation)",
     )
     log_level: str = _setting("INFO", _log_level, "logging level")
     events_per_second: int = _setting(50_000, _non_negative_int, "generator rate (0 = max)")
@@ -516,11 +521,24 @@ class Settings:
         """Read the environment, then apply overrides (CLI flags; None means not given)."""
         env = os.environ if env is None else env
         values = _read_fields(cls, env, overrides)
-        return cls(
+        settings = cls(
             **values,
             jobs=JobSettings.from_env(env, **overrides),
             ingest=IngestSettings.from_env(env, **overrides),
         )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse key-cache generations so short that a window spans too many of them: a
+        claim looks in every live generation, so its cost grows with their number (a 1 s
+        generation under a 1 h window would be 3,600 lookups per key)."""
+        if self.dedupe_window_ms > MAX_GENERATIONS_PER_WINDOW * self.dedupe_generation_ms:
+            raise SettingsError(
+                f"DEDUPE_SLICE must be 0 or at least DEDUPE_WINDOW / {MAX_GENERATIONS_PER_WINDOW}"
+                f" ({self.dedupe_window / MAX_GENERATIONS_PER_WINDOW:g}s for DEDUPE_WINDOW="
+                f"{self.dedupe_window:g}s), got {self.dedupe_slice:g}s"
+            )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

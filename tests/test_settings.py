@@ -166,7 +166,7 @@ ENV_CASES: list[tuple[str, str, Any]] = [
     ("DEDUPE_WINDOW", "24h", 86_400.0),
     ("DEDUPE_WINDOW", "100ms", 0.1),
     ("DEDUPE_WINDOW", "7200", 7200.0),
-    ("DEDUPE_SLICE", "10s", 10.0),
+    ("DEDUPE_SLICE", "10m", 600.0),
     ("LOG_LEVEL", "debug", "DEBUG"),
     ("LOG_LEVEL", "Warning", "WARNING"),
     ("LOG_LEVEL", "CRITICAL", "CRITICAL"),
@@ -415,3 +415,13 @@ def test_a_key_cache_generation_defaults_to_the_window() -> None:
     assert Settings.from_env({"DEDUPE_WINDOW": "15m"}).dedupe_generation_ms == 900_000
     assert Settings.from_env({"DEDUPE_SLICE": "10m"}).dedupe_generation_ms == 600_000
     assert Settings.from_env({"DEDUPE_SLICE": "0s"}).dedupe_slice == 0.0
+
+
+def test_a_window_of_too_many_generations_is_refused() -> None:
+    """A claim looks in every live generation: a 1 s generation under a 1 h window (3,600
+    lookups a key) is refused at start, naming the setting and the least value it takes."""
+    assert Settings.from_env({"DEDUPE_SLICE": "225s"}).dedupe_generation_ms == 225_000
+    with pytest.raises(SettingsError, match=r"DEDUPE_SLICE must be 0 or at least .*\(225s for"):
+        Settings.from_env({"DEDUPE_SLICE": "1s"})
+    with pytest.raises(SettingsError, match="DEDUPE_SLICE"):
+        Settings.from_env({"DEDUPE_WINDOW": "24h", "DEDUPE_SLICE": "1h"})
