@@ -16,6 +16,7 @@ import pytest
 import redis
 from s3_server import S3Server
 
+from lake.location import LakeLocation
 from pipeline.settings import Settings
 
 # The suite's own DATA_DIRs are small and the machine's free space is not the subject of most
@@ -153,3 +154,12 @@ def s3() -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> LakeLocation:
+    """A fresh lake, once on local disk and once under a fresh prefix of the S3 server."""
+    if request.param == "local":
+        return LakeLocation.from_env({"LAKE_URI": str(tmp_path / "lake")})
+    server: S3Server = request.getfixturevalue("s3")
+    return LakeLocation.from_env(server.env())

@@ -7,7 +7,6 @@ fail (and its files go), and a commit that may have landed leaves its files to v
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import polars as pl
 import pyarrow.fs as pafs
@@ -15,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
-from s3_server import S3Server
 
 from lake import changes, cluster, maintenance
 from lake.location import LakeLocation
@@ -26,14 +24,6 @@ DATE, HOUR = "2026-12-02", "00"
 ROW_GROUP = 500
 BATCHES = 6
 ROWS = 2_000
-
-
-@pytest.fixture(params=["local", "s3"])
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> LakeLocation:
-    if request.param == "local":
-        return LakeLocation.from_env({"LAKE_URI": str(tmp_path / "lake")})
-    server: S3Server = request.getfixturevalue("s3")
-    return LakeLocation.from_env(server.env())
 
 
 def fill(location: LakeLocation) -> pl.DataFrame:

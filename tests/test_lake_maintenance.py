@@ -12,13 +12,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import duckdb
 import pytest
 from deltalake import DeltaTable
-from s3_server import S3Server
 
 from lake import maintenance, snapshot
 from lake.cluster import ClusterResult, cluster_hour
@@ -29,14 +27,6 @@ from lake.writer import commit_batch, committed_version
 
 ROWS = 300
 TIMEOUT_S = 120.0
-
-
-@pytest.fixture(params=["local", "s3"])
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> LakeLocation:
-    if request.param == "local":
-        return LakeLocation.from_env({"LAKE_URI": str(tmp_path / "lake")})
-    server: S3Server = request.getfixturevalue("s3")
-    return LakeLocation.from_env(server.env())
 
 
 def commit(
