@@ -132,7 +132,7 @@ def _search(view: View, limit: int, where: EventFilter) -> list[Event]:
         # from the time column alone, then whole rows at or after it only. A busy campaign
         # has 500k events a minute, and reading every column of them to keep 100 cost 1.8 s
         # a question; ties at the cut are all read, so the answer stays exact.
-        if view.lake.location.s3 is None:
+        if not view.lake.location.is_s3:
             # On local disk DuckDB's Parquet reader does this itself (top-N on the order
             # columns, then only those rows' other columns): one query, half the cost.
             sql = f"SELECT {_COLUMNS} FROM {{events}} WHERE {where} {order}"

@@ -223,11 +223,10 @@ class TableState:
         # read_parquet takes * ? [ in a path for a glob: such a DATA_DIR is read through Arrow.
         if local and not _GLOB.search(root):
             assert isinstance(on_disk, pads.FileSystemDataset)
-            listed = ", ".join(quote_literal(f"{root}/{f}") for f in on_disk.files)
-            types = ", ".join(f"{quote_literal(p)}: VARCHAR" for p in self.spec.partition_by)
-            hive = f", hive_partitioning = true, hive_types = {{{types}}}" if types else ""
+            paths = [f"{root}/{f}" for f in on_disk.files]
+            hive = [(p, "VARCHAR") for p in self.spec.partition_by]
             columns = ", ".join(f'"{n}"' for n in self.spec.schema.names)
-            return f"SELECT {columns} FROM read_parquet([{listed}]{hive})"
+            return f"SELECT {columns} FROM {read_parquet(paths, hive)}"
         cur.register(alias + "_disk", on_disk)
         return f"SELECT * FROM {alias}_disk"
 
@@ -419,11 +418,17 @@ def local_relation(table: LocalTable, files: Sequence[str]) -> str:
     cannot bind parameters in a view) or an empty relation when there are none."""
     if not files:
         return empty_relation(table)
+    return read_parquet(files, table.partitions)
+
+
+def read_parquet(paths: Sequence[str], partitions: Sequence[tuple[str, str]] = ()) -> str:
+    """``read_parquet`` over ``paths`` (trusted local paths, embedded as literals), with the
+    Hive ``partitions`` (key, DuckDB type) read from the paths."""
     options = ""
-    if table.partitions:
-        types = ", ".join(f"{quote_literal(k)}: {t}" for k, t in table.partitions)
+    if partitions:
+        types = ", ".join(f"{quote_literal(k)}: {t}" for k, t in partitions)
         options = f", hive_partitioning = true, hive_types = {{{types}}}"
-    listed = ", ".join(map(quote_literal, files))
+    listed = ", ".join(map(quote_literal, paths))
     return f"read_parquet([{listed}]{options})"
 
 

@@ -8,11 +8,10 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from pipeline.consumer import Consumer
-from pipeline.factory import make_key_cache
 from pipeline.schema import ENRICHED_SCHEMA, Layout
 from pipeline.settings import Settings
 from pipeline.spool import SpoolWriter
+from pipeline.testing import consume_once
 
 
 def write_campaigns(settings: Settings, rows: list[dict[str, Any]]) -> None:
@@ -56,9 +55,4 @@ def land(settings: Settings, *tables: pa.Table, producer: str = "test") -> None:
     writer = SpoolWriter(Layout(settings.data_dir).incoming, producer)
     for table in tables:
         writer.write(table)
-    consumer = Consumer(settings, make_key_cache(settings))
-    consumer.start()
-    try:
-        consumer.run(once=True)
-    finally:
-        consumer.close()
+    consume_once(settings)
