@@ -51,19 +51,6 @@ from msgspec import Struct
 
 from api.disk import DiskSpace
 from api.errors import EXCEPTION_HANDLERS, add_request_id, error_response, request_id
-from api.ingest_decode import (
-    ARROW_FILE,
-    ARROW_STREAM,
-    JSON,
-    NDJSON,
-    BodyError,
-    Checked,
-    TooManyEventsError,
-    UnsupportedMediaTypeError,
-    check,
-    decode,
-    media_type,
-)
 from api.ingest_encoding import (
     ACCEPT_ENCODING,
     GZIP,
@@ -82,6 +69,19 @@ from api.ingest_spool import (
     GroupCommitter,
     SpoolBatchWriter,
     Written,
+)
+from pipeline.decode import (
+    ARROW_FILE,
+    ARROW_STREAM,
+    JSON,
+    NDJSON,
+    BodyError,
+    Checked,
+    TooManyEventsError,
+    UnsupportedMediaTypeError,
+    check,
+    decode,
+    media_type,
 )
 from pipeline.schema import DEVICE_TYPES, EVENT_TYPES, MONEY_COLUMNS, TIME_COLUMN, Layout
 from pipeline.settings import IngestSettings, Settings

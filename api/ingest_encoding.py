@@ -18,7 +18,7 @@ from typing import Final
 
 import zstandard
 
-from api.ingest_decode import BodyError
+from pipeline.decode import BodyError
 
 IDENTITY: Final = "identity"
 GZIP: Final = "gzip"

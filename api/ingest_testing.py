@@ -20,8 +20,8 @@ from typing import Any
 import pyarrow as pa
 from pyarrow import ipc
 
-from api.ingest_decode import ARROW_STREAM, JSON, NDJSON
 from api.testing import free_port
+from pipeline.decode import ARROW_STREAM, JSON, NDJSON
 from pipeline.schema import TIME_COLUMN
 
 

@@ -28,9 +28,9 @@ import httpx
 import numpy as np
 import pyarrow as pa
 
-from api.ingest_decode import ARROW_STREAM, JSON, NDJSON
 from api.ingest_testing import body_of, start_server
 from generator import model
+from pipeline.decode import ARROW_STREAM, JSON, NDJSON
 from pipeline.normalize import normalize
 from pipeline.spool import list_incoming
 

@@ -1,7 +1,7 @@
 """Fuzz target: the ingest's three decoders (JSON array, NDJSON, Arrow IPC stream and file).
 
 Any body must either decode (and pass the row check, its rejected rows becoming a rejected
-spool file's table) or raise :class:`api.ingest_decode.BodyError`, the decoders' documented client
+spool file's table) or raise :class:`pipeline.decode.BodyError`, the decoders' documented client
 error (400, or 413 for its subclass TooManyEventsError). Anything else (RecursionError, an Arrow or
 Polars exception that escaped, a crash in C) is a finding.
 
@@ -17,8 +17,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["api", "pipeline.normalize", "pipeline.validate"]):
-    from api.ingest_decode import ARROW_FILE, ARROW_STREAM, JSON, NDJSON, BodyError, check, decode
     from api.ingest_spool import rejected_table
+    from pipeline.decode import ARROW_FILE, ARROW_STREAM, JSON, NDJSON, BodyError, check, decode
 
 #: The first byte of an input picks the decoder; the rest is the body.
 MEDIA = (JSON, NDJSON, ARROW_STREAM, ARROW_FILE)

@@ -225,6 +225,13 @@ class StatusBoard:
             status = self._status
         write_status(self.state_dir, status)
 
+    def set_kafka_lag(self, lag: dict[str, int]) -> None:
+        """Publish the lag of each assigned partition (``"<topic>/<partition>"`` -> messages)."""
+        with self._guard:
+            self._status = replace(self._status, kafka_lag=dict(lag), updated_at=time.time())
+            status = self._status
+        write_status(self.state_dir, status)
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             with self._guard:

@@ -88,6 +88,16 @@ def _log_level(text: str) -> str:
     return value
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = str(text).strip()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
 def _optional_str(text: str) -> str | None:
     return str(text).strip() or None
 
@@ -282,6 +292,12 @@ class JobSettings:
     alert_lag_critical: float = _setting(
         300.0, _positive_duration, "age of the oldest waiting spool file that is critical"
     )
+    alert_kafka_lag_warning: int = _setting(
+        100_000, _positive_int, "messages a Kafka partition lags behind its end that warns"
+    )
+    alert_kafka_lag_critical: int = _setting(
+        1_000_000, _positive_int, "messages a Kafka partition lags behind its end that is critical"
+    )
     alert_history_days: int = _setting(
         30, _positive_int, "days resolved alerts are kept under alerts/"
     )
@@ -407,6 +423,12 @@ class IngestSettings:
     ingest_max_events_per_request: int = _setting(
         100_000, _positive_int, "most events one POST /ad_events request may carry (413 above)"
     )
+    ingest_sink: str = _setting(
+        "spool",
+        _choice("spool", "kafka"),
+        "where POST /ad_events puts accepted events: the local spool, or the Kafka topic "
+        "(202 only once the broker acknowledged the write)",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> IngestSettings:
@@ -422,6 +444,86 @@ class IngestSettings:
         return [
             (f.name.upper(), repr(f.default), f.metadata["help"]) for f in fields(IngestSettings)
         ]
+
+
+def _kafka_properties(text: str) -> tuple[tuple[str, str], ...]:
+    """``key=value,key=value`` librdkafka properties, passed through as they are."""
+    pairs = []
+    for item in str(text).split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError("must be librdkafka properties as key=value, separated by commas")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """The Kafka source and sinks (``consume --source kafka``, ``generate --kafka``,
+    INGEST_SINK=kafka); field names are the environment variables in lower case."""
+
+    kafka_bootstrap_servers: str = _setting(
+        "", str, "Kafka bootstrap servers, host:port[,host:port] (needed by every Kafka mode)"
+    )
+    kafka_topic: str = _setting("ad-events", str, "Kafka topic the events are published to")
+    kafka_group_id: str = _setting(
+        "adevents",
+        str,
+        "Kafka consumer group of `consume --source kafka` (names its Delta app ids)",
+    )
+    kafka_security_protocol: str = _setting(
+        "PLAINTEXT",
+        _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        "Kafka security.protocol",
+    )
+    kafka_sasl_mechanism: str = _setting(
+        "", str, "Kafka sasl.mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER)"
+    )
+    kafka_sasl_username: str = _setting("", str, "Kafka sasl.username", secret=True)
+    kafka_sasl_password: str = _setting("", str, "Kafka sasl.password", secret=True)
+    kafka_ssl_ca_location: str = _setting("", str, "Kafka ssl.ca.location (CA bundle path)")
+    kafka_config: tuple[tuple[str, str], ...] = _setting(
+        (),
+        _kafka_properties,
+        "other librdkafka properties for every Kafka client, key=value,key=value",
+        secret=True,
+    )
+    kafka_batch_events: int = _setting(
+        100_000,
+        _positive_int,
+        "most events in one partition's micro-batch (it also closes after BATCH_INTERVAL)",
+    )
+    kafka_lag_max: int = _setting(
+        1_000_000,
+        _positive_int,
+        "messages a partition may lag behind its end before /health reports degraded",
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> KafkaSettings:
+        """Read the environment, then apply overrides (None means not given)."""
+        return cls(**_read_fields(cls, os.environ if env is None else env, overrides))
+
+    def replace(self, **changes: Any) -> KafkaSettings:
+        return dataclasses.replace(self, **changes)
+
+    def client_config(self) -> dict[str, str]:
+        """librdkafka properties common to producers and consumers (SASL/SSL passed through)."""
+        config = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        optional = {
+            "sasl.mechanism": self.kafka_sasl_mechanism,
+            "sasl.username": self.kafka_sasl_username,
+            "sasl.password": self.kafka_sasl_password,
+            "ssl.ca.location": self.kafka_ssl_ca_location,
+        }
+        config.update({k: v for k, v in optional.items() if v})
+        config.update(dict(self.kafka_config))
+        return config
 
 
 @dataclass(frozen=True)
@@ -511,8 +613,16 @@ class Settings:
         _non_negative_int,
         "this consumer's slot among several on one spool (each slot a separate process)",
     )
+    consumer_source: str = _setting(
+        "spool",
+        _choice("spool", "kafka"),
+        "where `adevents consume` reads events: this machine's spool, or the Kafka topic "
+        "(`consume --source`)",
+    )
     #: The scheduled jobs' settings (their own subsystem, read from the same environment).
     jobs: JobSettings = field(default_factory=JobSettings)
+    #: The Kafka source's and sinks' settings.
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
     #: The HTTP ingest's settings (``POST /ad_events``).
     ingest: IngestSettings = field(default_factory=IngestSettings)
 
@@ -525,6 +635,7 @@ class Settings:
             **values,
             jobs=JobSettings.from_env(env, **overrides),
             ingest=IngestSettings.from_env(env, **overrides),
+            kafka=KafkaSettings.from_env(env, **overrides),
         )
         settings.check()
         return settings
@@ -558,7 +669,7 @@ class Settings:
         """(variable, default, meaning) for every setting, for README and ``--help``."""
         return [
             (f.name.upper(), repr(f.default), f.metadata["help"])
-            for cls in (Settings, JobSettings, IngestSettings)
+            for cls in (Settings, JobSettings, IngestSettings, KafkaSettings)
             for f in fields(cls)
             if "parse" in f.metadata
         ]

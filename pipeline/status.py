@@ -50,6 +50,9 @@ class ConsumerStatus:
     #: When the next retry is due, epoch seconds (None when not retrying).
     next_retry_at: float | None = None
     updated_at: float = 0.0
+    #: With ``consume --source kafka``: per assigned partition (``"<topic>/<partition>"``), the
+    #: messages between the consumer's position and the partition's end, as of ``updated_at``.
+    kafka_lag: dict[str, int] | None = None
 
     def is_stale(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now

@@ -20,12 +20,12 @@ from litestar.testing import TestClient
 from pyarrow import ipc
 
 from api.ingest import Ingestor, IngestPlugin, IngestSettings
-from api.ingest_decode import ARROW_FILE, ARROW_STREAM, JSON, NDJSON
 from api.ingest_spool import REJECTED_SCHEMA
 from api.ingest_testing import arrow_body, body_of, json_rows
 from generator import model
 from lake.location import LakeLocation
 from lake.snapshot import connect
+from pipeline.decode import ARROW_FILE, ARROW_STREAM, JSON, NDJSON
 from pipeline.schema import (
     EVENT_SCHEMA,
     MAX_ID_BYTES,

@@ -28,7 +28,6 @@ from litestar.testing import TestClient
 from pyarrow import ipc
 
 from api.ingest import IngestPlugin, IngestSettings
-from api.ingest_decode import ARROW_FILE, ARROW_STREAM, JSON, NDJSON
 from api.ingest_encoding import (
     GZIP,
     GZIP_STEP,
@@ -45,6 +44,7 @@ from api.ingest_encoding import (
 from api.ingest_testing import body_of, running
 from lake.location import LakeLocation
 from lake.snapshot import connect
+from pipeline.decode import ARROW_FILE, ARROW_STREAM, JSON, NDJSON
 from pipeline.schema import Layout
 from pipeline.settings import Settings, SettingsError
 from pipeline.spool import list_incoming

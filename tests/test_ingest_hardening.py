@@ -29,7 +29,10 @@ from litestar.testing import TestClient
 from pyarrow import ipc
 
 from api.app import create_app
-from api.ingest_decode import (
+from api.ingest_testing import Server, arrow_body, body_of, json_rows, running, start_server
+from lake.location import LakeLocation
+from lake.snapshot import connect
+from pipeline.decode import (
     ARROW_FILE,
     ARROW_STREAM,
     JSON,
@@ -39,10 +42,7 @@ from api.ingest_decode import (
     check,
     decode,
 )
-from api.ingest_testing import Server, arrow_body, body_of, json_rows, running, start_server
-from api.json_depth import nesting_depth, too_deep
-from lake.location import LakeLocation
-from lake.snapshot import connect
+from pipeline.json_depth import nesting_depth, too_deep
 from pipeline.schema import (
     EVENT_COLUMNS,
     MAX_EVENT_ID_BYTES,
@@ -277,7 +277,7 @@ def test_concurrent_requests_overshoot_the_backlog_by_at_most_one_request(tmp_pa
 
 
 def test_a_400_quotes_the_decoder_briefly_and_without_source_paths() -> None:
-    from api.ingest_decode import _quoted
+    from pipeline.decode import _quoted
 
     wide = pa.table({f"col{i:05d}": [1] for i in range(5_000)})
     with pytest.raises(BodyError) as caught:
@@ -852,8 +852,8 @@ def test_events_per_request_limit_is_exact(count: int, media: str) -> None:
 def test_the_usual_body_is_not_scanned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flat events with the contract's keys are taken by the exact decode, which cannot recurse:
     they pay no depth scan (measured: decode times the same before and after, see
-    api/json_depth.py). An unknown key or a value of another type is what makes it run."""
-    import api.ingest_decode as decoder
+    pipeline/json_depth.py). An unknown key or a value of another type is what makes it run."""
+    import pipeline.decode as decoder
 
     scanned: list[int] = []
 

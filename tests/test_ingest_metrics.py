@@ -27,7 +27,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
-from api.ingest_decode import JSON
 from api.ingest_metrics import (
     ACK_BUCKETS,
     INGEST_REASONS,
@@ -37,6 +36,7 @@ from api.ingest_metrics import (
 )
 from api.ingest_testing import body_of, running, start_server
 from api.testing import free_port
+from pipeline.decode import JSON
 from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.testing import event_table

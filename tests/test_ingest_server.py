@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 from pyarrow import ipc
 
-from api.ingest_decode import ARROW_STREAM, JSON, NDJSON
 from api.ingest_testing import body_of, running, start_server
 from lake.location import LakeLocation
 from lake.snapshot import connect
+from pipeline.decode import ARROW_STREAM, JSON, NDJSON
 from pipeline.reconcile import reconcile
 from pipeline.schema import Layout
 from pipeline.settings import Settings

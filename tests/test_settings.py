@@ -13,13 +13,14 @@ from pipeline.settings import (
     LOG_LEVELS,
     IngestSettings,
     JobSettings,
+    KafkaSettings,
     Settings,
     SettingsError,
     parse_duration,
 )
 
 # The root settings' own fields; the jobs subsystem (Settings.jobs) has its own tests.
-FIELDS = [f.name for f in dataclasses.fields(Settings) if f.name not in ("jobs", "ingest")]
+FIELDS = [f.name for f in dataclasses.fields(Settings) if f.name not in ("jobs", "ingest", "kafka")]
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./ad_event_data",
@@ -53,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "commit_interval": 1.0,
     "commit_target_rows": 200_000,
     "consumer_slot": 0,
+    "consumer_source": "spool",
 }
 
 
@@ -121,7 +123,11 @@ def test_parse_duration_rejects(text: str) -> None:
 
 def test_defaults_from_an_empty_environment() -> None:
     settings = Settings.from_env({})
-    own = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("jobs", "ingest")}
+    own = {
+        k: v
+        for k, v in dataclasses.asdict(settings).items()
+        if k not in ("jobs", "ingest", "kafka")
+    }
     assert own == DEFAULTS
     assert settings == Settings()
 
@@ -155,6 +161,7 @@ ENV_CASES: list[tuple[str, str, Any]] = [
     ("COMMIT_INTERVAL", "250ms", 0.25),
     ("COMMIT_TARGET_ROWS", "200000", 200_000),
     ("CONSUMER_SLOT", "3", 3),
+    ("CONSUMER_SOURCE", "kafka", "kafka"),
     ("LEASE_TIMEOUT", "45s", 45.0),
     ("REBUILD_GRACE", "0", 0.0),
     ("DATA_DIR", "/srv/adevents", "/srv/adevents"),
@@ -387,7 +394,7 @@ def test_replace_returns_a_changed_copy() -> None:
 
 def test_describe_lists_every_variable_with_its_default_and_help() -> None:
     rows = Settings.describe()
-    subsystems = (JobSettings, IngestSettings)
+    subsystems = (JobSettings, IngestSettings, KafkaSettings)
     sub_fields = [f.name.upper() for c in subsystems for f in dataclasses.fields(c)]
     assert [name for name, _, _ in rows] == [f.upper() for f in FIELDS] + sub_fields
     described = {name: (default, text) for name, default, text in rows}
@@ -425,3 +432,41 @@ def test_a_window_of_too_many_generations_is_refused() -> None:
         Settings.from_env({"DEDUPE_SLICE": "1s"})
     with pytest.raises(SettingsError, match="DEDUPE_SLICE"):
         Settings.from_env({"DEDUPE_WINDOW": "24h", "DEDUPE_SLICE": "1h"})
+
+
+def test_kafka_settings_pass_security_and_extra_properties_through() -> None:
+    settings = Settings.from_env(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": "b1:9092,b2:9092",
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": "svc",
+            "KAFKA_SASL_PASSWORD": "s3cret",
+            "KAFKA_CONFIG": "client.id=adevents-1, socket.timeout.ms=5000",
+        }
+    )
+    assert settings.kafka.client_config() == {
+        "bootstrap.servers": "b1:9092,b2:9092",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "svc",
+        "sasl.password": "s3cret",
+        "client.id": "adevents-1",
+        "socket.timeout.ms": "5000",
+    }
+    assert "s3cret" not in repr(settings) and "svc" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("KAFKA_SECURITY_PROTOCOL", "TLS"),
+        ("KAFKA_CONFIG", "no-equals-sign"),
+        ("CONSUMER_SOURCE", "rabbitmq"),
+        ("INGEST_SINK", "s3"),
+        ("KAFKA_BATCH_EVENTS", "0"),
+    ],
+)
+def test_bad_kafka_settings_name_the_variable(variable: str, raw: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env({variable: raw})

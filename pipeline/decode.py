@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import ipc
 
-from api.json_depth import too_deep
+from pipeline.json_depth import too_deep
 from pipeline.normalize import SchemaMismatchError, normalize
 from pipeline.schema import (
     EVENT_COLUMNS,

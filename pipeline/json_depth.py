@@ -8,7 +8,7 @@ NumPy sums what is left a chunk at a time, so a body can be refused before a dec
 Measured (2 shared cores): 42 ms for a 100k-event JSON array of 25 MB, 6 % of the 690 ms its
 decode takes; 0.27 ms for 1k events (245 KB), 22 % of 1.24 ms. So the ingest runs it only for
 a body that can nest deeper than flat events (one with an unknown key or a value of the wrong
-type, see ``api/ingest_decode.py``); the usual body pays nothing.
+type, see ``pipeline/decode.py``); the usual body pays nothing.
 """
 
 from __future__ import annotations
