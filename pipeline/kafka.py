@@ -56,7 +56,8 @@ def split_batch(table: pa.Table, max_bytes: int = MESSAGE_MAX_BYTES) -> Iterator
 def header(message: Message, name: str) -> str | None:
     """A message header's value as text (the last one of that name), or None."""
     found = None
-    pairs: list[tuple[str, Any]] = list(message.headers() or [])
+    raw = message.headers() or []
+    pairs = list(raw.items()) if isinstance(raw, dict) else list(raw)
     for key, value in pairs:
         if key.lower() == name and value is not None:
             found = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
