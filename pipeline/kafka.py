@@ -26,6 +26,11 @@ from pipeline.settings import KafkaSettings
 CONTENT_TYPE: Final = "content-type"
 ARROW_STREAM: Final = "application/vnd.apache.arrow.stream"
 JSON: Final = "application/json"
+#: Header marking a micro-batch of rows the HTTP ingest already rejected (value ``rejected``):
+#: the consumer quarantines every row with the reason it carries, as for a spool file whose
+#: name ends in ``pipeline.spool.REJECTED_SUFFIX``.
+KIND: Final = "adevents-kind"
+REJECTED: Final = "rejected"
 #: Largest message a publisher sends: under the brokers' default ``message.max.bytes``.
 MESSAGE_MAX_BYTES: Final = 900_000
 
@@ -98,16 +103,24 @@ class Publisher:
                 self.delivered += 1
 
     def publish(
-        self, value: bytes, *, key: str | bytes | None = None, content_type: str = ARROW_STREAM
+        self,
+        value: bytes,
+        *,
+        key: str | bytes | None = None,
+        content_type: str = ARROW_STREAM,
+        kind: str | None = None,
     ) -> None:
         """Queue one message (waits for room when the local queue is full)."""
+        headers = [(CONTENT_TYPE, content_type.encode())]
+        if kind is not None:
+            headers.append((KIND, kind.encode()))
         while True:
             try:
                 self._producer.produce(
                     self.topic,
                     value=value,
                     key=key,
-                    headers=[(CONTENT_TYPE, content_type.encode())],
+                    headers=headers,
                     on_delivery=self._on_delivery,
                 )
                 break
@@ -115,15 +128,18 @@ class Publisher:
                 self._producer.poll(0.05)  # the local queue is full: let deliveries drain it
         self._producer.poll(0)
 
-    def publish_table(self, table: pa.Table, *, key_column: str = "event_id") -> int:
-        """Queue a micro-batch as Arrow messages (split under MESSAGE_MAX_BYTES); how many."""
+    def publish_table(
+        self, table: pa.Table, *, key_column: str = "event_id", kind: str | None = None
+    ) -> int:
+        """Queue a micro-batch as Arrow messages (split under MESSAGE_MAX_BYTES); how many.
+        ``kind=REJECTED`` for rows the HTTP ingest rejected (with their ``reason`` column)."""
         sent = 0
         for part in split_batch(table):
             key = None
             if key_column in part.column_names and part.num_rows:
                 first = part.column(key_column)[0].as_py()
                 key = None if first is None else str(first)
-            self.publish(arrow_message(part), key=key)
+            self.publish(arrow_message(part), key=key, kind=kind)
             sent += 1
         return sent
 
