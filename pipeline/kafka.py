@@ -111,7 +111,7 @@ class Publisher:
         kind: str | None = None,
     ) -> None:
         """Queue one message (waits for room when the local queue is full)."""
-        headers = [(CONTENT_TYPE, content_type.encode())]
+        headers: list[tuple[str, str | bytes | None]] = [(CONTENT_TYPE, content_type.encode())]
         if kind is not None:
             headers.append((KIND, kind.encode()))
         while True:
