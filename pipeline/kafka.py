@@ -148,14 +148,21 @@ class Publisher:
         for value, key in zip(events, keys, strict=True):
             self.publish(value, key=key, content_type=JSON)
 
-    def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every queued message is acknowledged; raise if any was refused or the
-        brokers did not answer within ``timeout`` seconds."""
-        left = self._producer.flush(timeout)
+    def raise_refused(self) -> None:
+        """Raise :class:`KafkaUnavailableError` if a message was refused (or timed out) since
+        the last check or flush, without waiting: a long-running producer stops at the first
+        lost message instead of at its final flush."""
+        self._producer.poll(0)
         with self._guard:
             failed, self._failed = self._failed, []
         if failed:
             raise KafkaUnavailableError(f"Kafka refused {len(failed)} message(s): {failed[0]}")
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every queued message is acknowledged; raise if any was refused or the
+        brokers did not answer within ``timeout`` seconds."""
+        left = self._producer.flush(timeout)
+        self.raise_refused()
         if left:
             raise KafkaUnavailableError(f"Kafka did not acknowledge {left} message(s) in time")
 
