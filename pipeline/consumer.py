@@ -41,7 +41,7 @@ from pipeline.decide import FileInput, decide
 from pipeline.enrich import empty_campaigns, load_campaigns
 from pipeline.fingerprint import Keys
 from pipeline.groups import Intent, Intents
-from pipeline.keycache import CacheLostError, KeyCache, Mask
+from pipeline.keycache import CacheLostError, KeyCache, Mask, Positions
 from pipeline.lake import window_keys
 from pipeline.landing import Group, Lander
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
@@ -218,9 +218,9 @@ class Consumer:
         claim_id = self.lander.claim_id(intent.version)
         timings: dict[str, float] = {}
 
-        def claim_keys(keys: Keys) -> Mask:
+        def claim_keys(keys: Keys, positions: Positions) -> Mask:
             t = time.perf_counter()
-            won = self.cache.claim(claim_id, keys) if claim else self._not_claimed(keys)
+            won = self.cache.claim(claim_id, keys, positions) if claim else self._not_claimed(keys)
             timings["dedupe_ms"] = (time.perf_counter() - t) * 1000
             return won
 

@@ -20,13 +20,16 @@ import pyarrow as pa
 from pipeline.enrich import enrich
 from pipeline.fingerprint import Keys, compute_keys
 from pipeline.groups import GroupFile
-from pipeline.keycache import Mask
+from pipeline.keycache import POSITION_BITS, Mask, Positions
 from pipeline.normalize import SchemaMismatchError, normalize
 from pipeline.schema import ENRICHED_SCHEMA, QUARANTINE_SCHEMA, LedgerRow
 from pipeline.spool import REJECTED_SUFFIX, PoisonInputError, display_name
 from pipeline.validate import split_valid
 
 _FILE: Final = "__file"
+_POSITION: Final = "__position"
+#: A spool file's rows are positions ``index in the group << _FILE_SHIFT | row``.
+_FILE_SHIFT: Final = 32
 #: Columns a rejected-rows file from the HTTP ingest carries (the rest are added here).
 REJECTED_COLUMNS: Final = [
     c for c in QUARANTINE_SCHEMA.names() if c not in ("source_file", "batch_id", "ingested_at")
@@ -42,6 +45,10 @@ class FileInput:
     table: pa.Table | None
     poison: PoisonInputError | None = None
     read_ms: float = 0.0
+    #: Each row's source position, for claims idempotent per position (a Kafka batch: the
+    #: partition and offset of the row's message, ``pipeline.keycache.position_of``). None:
+    #: the file's index in its group and the row's in the file.
+    positions: Positions | None = None
 
 
 @dataclass
@@ -66,10 +73,16 @@ def _source(file: GroupFile) -> str:
     return name
 
 
-def _quarantine_rows(rows: pl.DataFrame, file: GroupFile, now: datetime) -> pl.DataFrame:
+def _quarantine_rows(
+    rows: pl.DataFrame, file: GroupFile, now: datetime, *, with_offsets: bool = False
+) -> pl.DataFrame:
+    source = pl.lit(_source(file))
+    if with_offsets:  # a Kafka batch: name each row's message, "<topic>/<partition>@<offset>"
+        offset = pl.col(_POSITION) & ((1 << POSITION_BITS) - 1)
+        source = pl.concat_str([source, pl.lit("@"), offset.cast(pl.String)])
     return (
         rows.with_columns(
-            source_file=pl.lit(_source(file)),
+            source_file=source,
             batch_id=pl.lit(file.batch_id),
             ingested_at=pl.lit(now).cast(QUARANTINE_SCHEMA["ingested_at"]),
         )
@@ -139,7 +152,9 @@ class _Split:
     outcome: FileOutcome
 
 
-def _split(inp: FileInput, now: datetime, watermark_ms: int | None, window_ms: int) -> _Split:
+def _split(
+    inp: FileInput, index: int, now: datetime, watermark_ms: int | None, window_ms: int
+) -> _Split:
     assert inp.table is not None
     try:
         table, ignored = normalize(inp.table)
@@ -148,16 +163,22 @@ def _split(inp: FileInput, now: datetime, watermark_ms: int | None, window_ms: i
         return _Split(inp, pl.DataFrame(), _poisoned(inp, poison, inp.table.num_rows))
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
+    if inp.positions is not None:
+        frame = frame.with_columns(pl.Series(_POSITION, inp.positions, pl.Int64))
+    else:
+        rows = pl.int_range(pl.len(), dtype=pl.Int64)
+        frame = frame.with_columns((rows + (index << _FILE_SHIFT)).alias(_POSITION))
     valid, rejected = split_valid(
         frame, now_ms=_ms(now) or 0, watermark_ms=watermark_ms, window_ms=window_ms
     )
     ledger = _counts(inp, rows_in=len(frame), rejected=rejected)
     ledger.ignored_columns = len(ignored)
-    quarantine = _quarantine_rows(rejected, inp.file, now)
+    quarantine = _quarantine_rows(rejected, inp.file, now, with_offsets=inp.positions is not None)
     return _Split(inp, valid, FileOutcome(inp.file, ENRICHED_SCHEMA.to_frame(), quarantine, ledger))
 
 
-Claim = Callable[[Keys], Mask]
+#: Keys of the first copies, and their source positions, to the key cache's answers.
+Claim = Callable[[Keys, Positions], Mask]
 
 
 def decide(
@@ -175,14 +196,14 @@ def decide(
     now = now.astimezone(UTC)
     outcomes: list[FileOutcome] = []
     splits: list[_Split] = []
-    for inp in inputs:
+    for index, inp in enumerate(inputs):
         if inp.poison is not None or inp.table is None:
             poison = inp.poison or PoisonInputError("unreadable_file", "no table")
             outcomes.append(_poisoned(inp, poison, 0))
         elif inp.file.name.endswith(REJECTED_SUFFIX):
             outcomes.append(_rejected_file(inp, inp.table, now))
         else:
-            split = _split(inp, now, watermark_ms, window_ms)
+            split = _split(inp, index, now, watermark_ms, window_ms)
             outcomes.append(split.outcome)
             if split.outcome.poison is None:
                 splits.append(split)
@@ -213,8 +234,8 @@ def _dedupe(splits: list[_Split], slice_ms: int, claim: Claim) -> None:
         .to_numpy()
     )
     is_new = np.zeros(len(keys), dtype=bool)
-    is_new[first] = claim(keys.take(first))
-    kept = valid.filter(pl.Series(is_new))
+    is_new[first] = claim(keys.take(first), valid[_POSITION].to_numpy()[first])
+    kept = valid.filter(pl.Series(is_new)).drop(_POSITION)
     by_file = kept.partition_by(_FILE, as_dict=True, include_key=False)
     for i, s in enumerate(splits):
         s.valid = by_file.get((i,), s.valid.clear())

@@ -9,13 +9,14 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+import polars as pl
 
 from pipeline.fingerprint import Keys, empty_keys, fingerprint_check
 from pipeline.spool import atomic_write_bytes, fsync, remove_quietly
@@ -48,9 +49,12 @@ class KeyCache(Protocol):
     claimed a batch at a time, and the watermark.
 
     Guarantees: :meth:`claim` is atomic per key (of two batches claiming the same key, exactly
-    one gets True) and idempotent per batch (a retry after a crash gets True again for the keys
-    that batch won); after a loss, :meth:`claim` raises :class:`CacheLostError` until
-    :meth:`ensure` rebuilt the cache, and :meth:`valid` tells a batch whose claims the loss took.
+    one gets True) and **idempotent per source position**: a key a claim of ``stream`` won at
+    a position (a spool group's row, a Kafka partition's offset) is True again for any later
+    claim of that stream holding it at that position, whatever its batch and its boundaries
+    (a batch redone after a crash or a rebalance by another consumer), until :meth:`finish`
+    forgot it. After a loss, :meth:`claim` raises :class:`CacheLostError` until :meth:`ensure`
+    rebuilt the cache, and :meth:`valid` tells a batch whose claims the loss took.
     :meth:`finish` and :meth:`restore` are idempotent. Not guaranteed: that a key outlives the
     window (a finish may expire it), or that claims outlive the process (embedded cache).
     """
@@ -65,11 +69,32 @@ class KeyCache(Protocol):
         """True while the claims ``batch_id`` made still stand (no loss since); without a
         batch, those made since the last ensure()."""
 
-    def claim(self, batch_id: str, keys: Keys) -> Mask:
-        """Per key, True when this batch is the first to claim it. Raises CacheLostError."""
+    def claim(
+        self,
+        batch_id: str,
+        keys: Keys,
+        positions: Positions | None = None,
+        *,
+        stream: str | None = None,
+        fresh: bool = True,
+    ) -> Mask:
+        """Per key, True when this claim holds it: no claim had it, or ``stream`` (default:
+        ``batch_id``) won it before at the same position (``positions``, aligned with
+        ``keys``; default: the key's index). ``fresh``: look at every claim of ``stream`` not
+        finished yet, as after a restart or a reassignment; otherwise only at those this
+        process made since its last fresh claim. Raises CacheLostError."""
 
-    def finish(self, batch_id: str, max_event_time_ms: int | None) -> None:
-        """The batch is committed: advance the watermark, expire keys, forget its claim record."""
+    def finish(
+        self,
+        batch_id: str,
+        max_event_time_ms: int | None,
+        *,
+        stream: str | None = None,
+        through: Mapping[int, int] | None = None,
+    ) -> None:
+        """The batch is committed: advance the watermark, expire keys, forget its claim (and,
+        with ``through``, any claim of ``stream`` whose positions are all committed:
+        ``through`` maps a position's :func:`position_source` to its last committed offset)."""
 
     def restore(self, batch_id: str, keys: Keys, max_event_time_ms: int | None) -> None:
         """Re-add the keys of a batch committed before a crash (idempotent), then finish it."""
@@ -105,6 +130,81 @@ class RebuildableKeyCache(KeyCache, Protocol):
 
     def rebuild(self, keys: Keys, watermark_ms: int | None) -> None:
         """:meth:`replace` then :meth:`open_epoch`, in one step."""
+
+
+#: A key's source position: ``position_source`` in the top bits (a Kafka partition), an offset
+#: (or a spool group's row) in the low POSITION_BITS.
+Positions = npt.NDArray[np.int64]
+POSITION_BITS: Final = 47
+
+
+def position_of(source: int, offsets: npt.NDArray[np.int64]) -> Positions:
+    """Positions of ``offsets`` of one source (a partition): both in one int64."""
+    result: Positions = (np.int64(source) << np.int64(POSITION_BITS)) | offsets.astype(np.int64)
+    return result
+
+
+def position_source(positions: Positions) -> npt.NDArray[np.int64]:
+    result: npt.NDArray[np.int64] = positions >> np.int64(POSITION_BITS)
+    return result
+
+
+def position_offset(positions: Positions) -> npt.NDArray[np.int64]:
+    result: npt.NDArray[np.int64] = positions & np.int64((1 << POSITION_BITS) - 1)
+    return result
+
+
+def default_positions(keys: Keys, positions: Positions | None) -> Positions:
+    return np.arange(len(keys), dtype=np.int64) if positions is None else positions
+
+
+def committed(positions: Positions, through: Mapping[int, int]) -> Mask:
+    """Per position, whether its source is in ``through`` with its offset at or below it."""
+    sources = position_source(positions)
+    limit = np.full(len(positions), -1, dtype=np.int64)
+    for source, last in through.items():
+        limit[sources == source] = last
+    result: Mask = position_offset(positions) <= limit
+    return result
+
+
+class Claimed:
+    """What the claims of one stream won, by (fingerprint ``lo``, position), kept until those
+    positions are committed: a later claim holding a key at a position recorded here gets
+    True, as the claim that won it did (a redo with other batch boundaries)."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: pl.DataFrame | None = None) -> None:
+        self.frame = frame if frame is not None else pl.DataFrame(schema=_CLAIMED)
+
+    def add(self, lo: npt.NDArray[np.uint64], positions: Positions) -> None:
+        if len(lo):
+            new = pl.DataFrame({"lo": lo.view(np.int64), "position": positions}, schema=_CLAIMED)
+            self.frame = pl.concat([self.frame, new])
+
+    def holds(self, lo: npt.NDArray[np.uint64], positions: Positions) -> Mask:
+        if not len(self.frame) or not len(lo):
+            return np.zeros(len(lo), dtype=bool)
+        asked = pl.DataFrame({"lo": lo.view(np.int64), "position": positions}, schema=_CLAIMED)
+        hit = asked.with_row_index("i").join(self.frame.unique(), on=["lo", "position"])["i"]
+        found = np.zeros(len(lo), dtype=bool)
+        found[hit.to_numpy()] = True
+        return found
+
+    def forget(self, through: Mapping[int, int] | None) -> None:
+        """Drop what is committed (everything without ``through``)."""
+        if through is None:
+            self.frame = self.frame.clear()
+        elif len(self.frame):
+            done = committed(self.frame["position"].to_numpy(), through)
+            self.frame = self.frame.filter(pl.Series(~done))
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+
+_CLAIMED: Final = pl.Schema({"lo": pl.Int64(), "position": pl.Int64()})
 
 
 def expired_before(watermark_ms: int | None, window_ms: int, slice_ms: int) -> int | None:
@@ -343,7 +443,10 @@ class EmbeddedKeyCache:
         self.snapshot_every = snapshot_every
         self._set = KeySet()
         self._watermark: int | None = None
-        self._pending: dict[str, Keys] = {}
+        #: Per stream, per batch: the keys it holds and their positions, until it finishes.
+        self._pending: dict[str, dict[str, tuple[Keys, Positions]]] = {}
+        #: Per stream, what its claims won by position (see :class:`Claimed`).
+        self._claimed: dict[str, Claimed] = {}
         self._seq = 0
         self._segments_since_snapshot = 0
         self._keys_since_snapshot = 0
@@ -454,6 +557,7 @@ class EmbeddedKeyCache:
         self._stale = True
         self._set = KeySet(keys)
         self._pending.clear()
+        self._claimed.clear()
         self._watermark = watermark_ms
         self._expire()
 
@@ -473,19 +577,49 @@ class EmbeddedKeyCache:
         return True
 
     @_locked
-    def claim(self, batch_id: str, keys: Keys) -> Mask:
-        mine = self._pending.get(batch_id, empty_keys())
-        # A retry within this process: the keys this batch already won are still its own.
-        already_mine = KeySet(mine).contains(keys) if len(mine) else np.zeros(len(keys), bool)
+    def claim(
+        self,
+        batch_id: str,
+        keys: Keys,
+        positions: Positions | None = None,
+        *,
+        stream: str | None = None,
+        fresh: bool = True,
+    ) -> Mask:
+        # Claims live in this process only, so every one it made is known: ``fresh`` changes
+        # nothing here.
+        positions = default_positions(keys, positions)
+        stream = stream or batch_id
+        claimed = self._claimed.setdefault(stream, Claimed())
+        already_mine = claimed.holds(keys.lo, positions)
         new_now = self._set.add_new(keys)
-        won = keys.take(new_now)
-        self._pending[batch_id] = Keys.concat([mine, won])
-        result: Mask = new_now | already_mine
-        return result
+        claimed.add(keys.lo[new_now], positions[new_now])
+        won: Mask = new_now | already_mine
+        self._pending.setdefault(stream, {})[batch_id] = (keys.take(won), positions[won])
+        return won
 
-    def finish(self, batch_id: str, max_event_time_ms: int | None) -> None:
+    def finish(
+        self,
+        batch_id: str,
+        max_event_time_ms: int | None,
+        *,
+        stream: str | None = None,
+        through: Mapping[int, int] | None = None,
+    ) -> None:
+        stream = stream or batch_id
         with self._lock:
-            won = self._pending.pop(batch_id, empty_keys())
+            batches = self._pending.get(stream, {})
+            won, _ = batches.pop(batch_id, (empty_keys(), np.empty(0, np.int64)))
+            if through is None:
+                self._pending.pop(stream, None)
+                self._claimed.pop(stream, None)
+            else:
+                # Other batches of the stream whose positions are all committed (a redo took
+                # their keys into its own segment): nothing of theirs is left to commit.
+                for other, (_, pos) in list(batches.items()):
+                    if committed(pos, through).all():
+                        del batches[other]
+                self._claimed.get(stream, Claimed()).forget(through)
             if max_event_time_ms is not None:
                 self._raise_watermark(max_event_time_ms)
             self._seq += 1
@@ -500,7 +634,7 @@ class EmbeddedKeyCache:
     def restore(self, batch_id: str, keys: Keys, max_event_time_ms: int | None) -> None:
         with self._lock:
             self._set.add(keys.take(~self._set.contains(keys)))
-            self._pending[batch_id] = keys
+            self._pending[batch_id] = {batch_id: (keys, np.arange(len(keys), dtype=np.int64))}
         self.finish(batch_id, max_event_time_ms)
 
     @_locked

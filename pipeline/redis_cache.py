@@ -42,7 +42,8 @@ import math
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
 import numpy as np
@@ -61,7 +62,17 @@ from redis.retry import Retry
 
 from pipeline import rebuild, redis_client
 from pipeline.fingerprint import Keys, fingerprint_check
-from pipeline.keycache import CacheLostError, CacheStats, Loader, Mask, expired_before
+from pipeline.keycache import (
+    CacheLostError,
+    CacheStats,
+    Claimed,
+    Loader,
+    Mask,
+    Positions,
+    committed,
+    default_positions,
+    expired_before,
+)
 from pipeline.leases import Lease, RedisLeases
 from pipeline.redis_client import Client
 
@@ -92,11 +103,15 @@ MAX_REMEMBERED_EPOCHS = 1024
 
 # Per run of members sharing a bucket: which were already present in each live generation,
 # then add them all to their own; no per-member Lua loop. One mask per generation slot (own
-# first), each concatenated over the runs. The claim record appends
-# "<members,>|<mask>|<mask>...;" per attempt, so a retry of the batch (after a crash) learns
-# which members its earlier attempts won. Returns {earlier record, mask, mask, ...}.
-# KEYS: alive, record, floor, gens, then per run ngens buckets (own first);
-# ARGV: epoch, record TTL, lowest own generation, generation list, ngens, counts..., members
+# first), each concatenated over the runs. The claim record of (stream, batch) appends
+# "<members,>|<positions,>|<mask>|<mask>...;" per attempt (members and positions come as one
+# argument each: no per-member work to record them), and is listed in the stream's index, so a
+# later claim of the stream learns which members its earlier claims won at which positions.
+# Returns {earlier records as {name, value, ...}, mask, mask, ...}: with ``fresh``, every
+# record of the stream; otherwise this batch's own (a resend after a lost reply).
+# KEYS: alive, record, floor, gens, index, then per run ngens buckets (own first);
+# ARGV: epoch, record TTL, lowest own generation, generation list, ngens, fresh, members,
+# positions, counts..., members...
 _CLAIM_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('ADEVENTS_LOST key cache lost its data')
@@ -108,26 +123,42 @@ end
 if table.concat(redis.call('ZRANGE', KEYS[4], 0, -1), ',') ~= ARGV[4] then
   return redis.error_reply('ADEVENTS_GENS the generations changed')
 end
+local earlier = {}
+if ARGV[6] == '1' then
+  for _, name in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+    local value = redis.call('GET', name)
+    if value then
+      earlier[#earlier + 1] = name
+      earlier[#earlier + 1] = value
+    else
+      redis.call('SREM', KEYS[5], name)
+    end
+  end
+else
+  local value = redis.call('GET', KEYS[2])
+  if value then earlier = {KEYS[2], value} end
+end
 local ngens = tonumber(ARGV[5])
-local nruns = (#KEYS - 4) / ngens
-local first = 6 + nruns
+local nruns = (#KEYS - 5) / ngens
+local first = 9 + nruns
 local pos = first
 local masks = {}
 for j = 1, ngens do masks[j] = {} end
 for i = 1, nruns do
-  local last = pos + tonumber(ARGV[5 + i]) - 1
-  local base = 4 + (i - 1) * ngens
+  local last = pos + tonumber(ARGV[8 + i]) - 1
+  local base = 5 + (i - 1) * ngens
   for j = 1, ngens do
     masks[j][i] = table.concat(redis.call('SMISMEMBER', KEYS[base + j], unpack(ARGV, pos, last)))
   end
   redis.call('SADD', KEYS[base + 1], unpack(ARGV, pos, last))
   pos = last + 1
 end
-local out = {redis.call('GET', KEYS[2]) or ''}
+local out = {earlier}
 for j = 1, ngens do out[j + 1] = table.concat(masks[j]) end
-redis.call('APPEND', KEYS[2], table.concat(ARGV, ',', first, pos - 1) .. '|' ..
-  table.concat(out, '|', 2) .. ';')
+redis.call('APPEND', KEYS[2], ARGV[7] .. '|' .. ARGV[8] .. '|' .. table.concat(out, '|', 2) .. ';')
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[5], KEYS[2])
+redis.call('EXPIRE', KEYS[5], ARGV[2])
 return out
 """
 
@@ -137,6 +168,13 @@ local new = tonumber(ARGV[1])
 if new > cur then redis.call('HSET', KEYS[1], 'watermark', ARGV[1]) return ARGV[1] end
 return tostring(cur)
 """
+
+
+@dataclass(frozen=True)
+class _Claim:
+    batch_id: str
+    stream: str
+    fresh: bool
 
 
 class ExpiredSliceError(CacheLostError):
@@ -173,22 +211,26 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
-def _won_mask(masks: list[bytes], earlier: bytes, members: pl.Series) -> Mask:
-    """True where the member was in no generation (it is new now), or was won by an earlier
-    attempt of this batch."""
-    won = np.ones(len(members), dtype=bool)
-    for mask in masks:
-        won &= np.frombuffer(mask, dtype=np.uint8) == ord("0")
-    if earlier:
-        # A retry: collect what earlier attempts won (rare, so plain Python is fine here).
-        mine: set[int] = set()
-        for attempt in earlier.decode().split(";"):
-            if attempt:
-                names, *seen = attempt.split("|")
-                new = [all(c == "0" for c in col) for col in zip(*seen, strict=True)]
-                mine.update(int(m) for m, n in zip(names.split(","), new, strict=True) if n)
-        won |= members.is_in(list(mine)).to_numpy()
-    return won
+def _parse_records(reply: list[bytes]) -> tuple[dict[str, Positions], Claimed]:
+    """Claim records ``[name, value, ...]``: each record's positions, and what its attempts won
+    (members whose every mask said absent) by position."""
+    positions: dict[str, Positions] = {}
+    won = Claimed()
+    for name, value in zip(reply[::2], reply[1::2], strict=True):
+        seen: list[Positions] = []
+        for attempt in bytes(value).split(b";"):
+            if not attempt:
+                continue
+            names, where, *masks = attempt.split(b"|")
+            members = np.array(names.split(b","), dtype=np.int64)
+            at = np.array(where.split(b","), dtype=np.int64)
+            new = np.ones(len(members), dtype=bool)
+            for mask in masks:
+                new &= np.frombuffer(mask, dtype=np.uint8) == ord("0")
+            won.add(members[new].view(np.uint64), at[new])
+            seen.append(at)
+        positions[bytes(name).decode()] = np.concatenate(seen) if seen else np.empty(0, np.int64)
+    return positions, won
 
 
 def _log_resend(state: tenacity.RetryCallState) -> None:
@@ -251,6 +293,11 @@ class RedisKeyCache:
         self._claim_sha = hashlib.sha1(_CLAIM_LUA.encode()).hexdigest()
         self._wm_sha = hashlib.sha1(_RAISE_WATERMARK_LUA.encode()).hexdigest()
         self._resend = self._build_resend()
+        #: Per stream, what its claims won by position, and its records' positions by name
+        #: (learnt at its last fresh claim, kept up to date by this process's own claims).
+        self._claimed: dict[str, Claimed] = {}
+        self._records: dict[str, dict[str, Positions]] = {}
+        self._claims_guard = threading.Lock()
 
     @classmethod
     def from_url(
@@ -504,7 +551,9 @@ class RedisKeyCache:
             [pl.lit(f"{self.p}:{{g{group}}}:"), gen.cast(pl.String), pl.lit(":"), bucket]
         )
 
-    def _grouped(self, keys: Keys) -> tuple[pl.DataFrame, list[pl.DataFrame], int]:
+    def _grouped(
+        self, keys: Keys, positions: Positions | None = None
+    ) -> tuple[pl.DataFrame, list[pl.DataFrame], int]:
         """Rows ordered by (group, generation, bucket), split by group; ``row`` is the input
         index, ``fine`` the bucket at the finest bits of any generation (returned)."""
         self._register(keys)
@@ -519,6 +568,7 @@ class RedisKeyCache:
                 "group": (keys.hi >> np.uint64(64 - GROUP_BITS)).astype(np.int64),
                 "fine": (keys.hi >> np.uint64(64 - fine_bits)).astype(np.int64),
                 "member": keys.lo.view(np.int64),
+                "position": default_positions(keys, positions),
             }
         )
         frame = frame.sort(["group", "slice", "fine"], maintain_order=True)
@@ -535,7 +585,7 @@ class RedisKeyCache:
                 del self._epochs[next(iter(self._epochs))]
 
     def _packed_claim(
-        self, batch_id: str, epoch: str, part: pl.DataFrame, fine_bits: int
+        self, claim: _Claim, epoch: str, part: pl.DataFrame, fine_bits: int
     ) -> tuple[str, bytes]:
         group = int(part["group"][0])
         listed = self._group_gens()[group]
@@ -558,16 +608,23 @@ class RedisKeyCache:
         alive = self._group_key(group, "alive")
         fixed = [
             alive,
-            self._group_key(group, f"claim:{batch_id}"),
+            self._record_key(group, claim.stream, claim.batch_id),
             self._group_key(group, "floor"),
             self._group_key(group, "gens"),
+            self._group_key(group, f"claims:{claim.stream}"),
         ]
+        joined = part.select(
+            pl.col("member").cast(pl.String).str.join(","),
+            pl.col("position").cast(pl.String).str.join(","),
+        ).row(0)
         argv: list[str | bytes] = [
             epoch,
             str(CLAIM_RECORD_TTL_S),
             str(int(part["slice"][0])),  # sorted by generation within the group: the lowest
             ",".join(f"{g}:{self._bits[g]}" for g in listed),
             str(len(listed)),
+            "1" if claim.fresh else "0",
+            *joined,
         ]
         nkeys = len(fixed) + len(bucket_keys)
         nargs = 3 + nkeys + len(argv) + len(runs) + len(part)
@@ -582,6 +639,9 @@ class RedisKeyCache:
             ]
         )
         return alive, packed
+
+    def _record_key(self, group: int, stream: str, batch_id: str) -> str:
+        return self._group_key(group, f"claim:{stream}:{batch_id}")
 
     def _send_once(
         self, commands: list[tuple[str, bytes]], counts: list[int] | None = None
@@ -657,16 +717,25 @@ class RedisKeyCache:
             retry_error_callback=_unreachable,
         )
 
-    def claim(self, batch_id: str, keys: Keys) -> Mask:
+    def claim(
+        self,
+        batch_id: str,
+        keys: Keys,
+        positions: Positions | None = None,
+        *,
+        stream: str | None = None,
+        fresh: bool = True,
+    ) -> Mask:
         result = np.zeros(len(keys), dtype=bool)
         if len(keys) == 0:
             return result
+        claim = _Claim(batch_id, stream or batch_id, fresh)
         adopted = False
         scripts_loaded = False
         for _ in range(GENS_RETRIES + 3):
-            frame, parts, fine_bits = self._grouped(keys)
+            frame, parts, fine_bits = self._grouped(keys, positions)
             epoch = self.alive_value
-            commands = [self._packed_claim(batch_id, epoch, p, fine_bits) for p in parts]
+            commands = [self._packed_claim(claim, epoch, p, fine_bits) for p in parts]
             replies = self._send_all(commands)
             errors = [r for r in replies if isinstance(r, Exception)]
             if not errors:
@@ -696,14 +765,33 @@ class RedisKeyCache:
             raise errors[0]
         else:
             raise redis.RedisError(f"batch {batch_id}: the key cache kept changing; retrying")
-        won = np.concatenate(
-            [
-                _won_mask([bytes(m) for m in masks], bytes(earlier), part["member"])
-                for (earlier, *masks), part in zip(replies, parts, strict=True)
-            ]
-        )
-        result[frame["row"].to_numpy()] = won
+        result[frame["row"].to_numpy()] = self._won(claim, replies, parts)
         return result
+
+    def _won(self, claim: _Claim, replies: list[Any], parts: list[pl.DataFrame]) -> Mask:
+        """Per member (in ``parts`` order): absent from every generation, or won at its
+        position by a claim of the stream (an earlier attempt, or another batch)."""
+        with self._claims_guard:
+            if claim.fresh:  # every record of the stream came back: what they won replaces ours
+                self._claimed[claim.stream] = Claimed()
+                self._records[claim.stream] = {}
+            claimed = self._claimed.setdefault(claim.stream, Claimed())
+            records = self._records.setdefault(claim.stream, {})
+            won = []
+            for (earlier, *masks), part in zip(replies, parts, strict=True):
+                listed, earlier_won = _parse_records(list(earlier))
+                claimed.frame = pl.concat([claimed.frame, earlier_won.frame])
+                records.update(listed)
+                new = np.ones(len(part), dtype=bool)
+                for mask in masks:
+                    new &= np.frombuffer(bytes(mask), dtype=np.uint8) == ord("0")
+                lo = part["member"].to_numpy().view(np.uint64)
+                at = part["position"].to_numpy()
+                won.append(new | claimed.holds(lo, at))
+                claimed.add(lo[new], at[new])
+                name = self._record_key(int(part["group"][0]), claim.stream, claim.batch_id)
+                records[name] = np.concatenate([records.get(name, at[:0]), at])
+            return np.concatenate(won)
 
     def _add_plain(self, keys: Keys) -> None:
         """SADD keys without claim records (rebuild and restore): one SADD per member, packed
@@ -741,14 +829,39 @@ class RedisKeyCache:
                 if isinstance(reply, Exception):
                     raise reply
 
-    def finish(self, batch_id: str, max_event_time_ms: int | None) -> None:
+    def finish(
+        self,
+        batch_id: str,
+        max_event_time_ms: int | None,
+        *,
+        stream: str | None = None,
+        through: Mapping[int, int] | None = None,
+    ) -> None:
+        stream = stream or batch_id
         if max_event_time_ms is not None:
             new_wm = self._raise_watermark(max_event_time_ms)
         else:
             new_wm = self.watermark() or -1
+        own = {self._record_key(g, stream, batch_id): g for g in range(GROUPS)}
+        with self._claims_guard:
+            records = self._records.get(stream, {})
+            done = dict(own)
+            if through is None:
+                self._claimed.pop(stream, None)
+                self._records.pop(stream, None)
+            else:
+                # Records of other batches of the stream (an abandoned attempt, a dead
+                # consumer's) whose every position is committed now: nothing left to redo.
+                for name, at in list(records.items()):
+                    if committed(at, through).all():
+                        done[name] = int(name.split("{g", 1)[1].split("}", 1)[0])
+                for name in done:
+                    records.pop(name, None)
+                self._claimed.get(stream, Claimed()).forget(through)
         pipe = self.r.pipeline(transaction=False)
-        for g in range(GROUPS):
-            pipe.unlink(self._group_key(g, f"claim:{batch_id}"))
+        for name, group in done.items():
+            pipe.unlink(name)
+            pipe.srem(self._group_key(group, f"claims:{stream}"), name)
         pipe.execute()
         self._remember_epoch(batch_id, None)
         self._expire(new_wm if new_wm >= 0 else None)

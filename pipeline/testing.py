@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,16 @@ from pipeline import rebuild
 from pipeline.decide import FileInput
 from pipeline.fingerprint import Keys
 from pipeline.groups import GroupFile
-from pipeline.keycache import CacheLostError, CacheStats, Loader, Mask, expired_before
+from pipeline.keycache import (
+    CacheLostError,
+    CacheStats,
+    Claimed,
+    Loader,
+    Mask,
+    Positions,
+    default_positions,
+    expired_before,
+)
 from pipeline.schema import EVENT_SCHEMA
 from pipeline.source import arrived_ms
 from pipeline.spool import PoisonInputError, internal_stem
@@ -107,8 +116,9 @@ class MemoryKeyState:
 
     slices: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
     watermark: int | None = None
-    #: Claim records: the keys each unfinished batch won, and the epoch it claimed in.
-    claims: dict[str, set[tuple[int, int, int]]] = field(default_factory=dict)
+    #: Claim records: per stream, the keys its unfinished claims won by position; per batch,
+    #: the epoch it claimed in.
+    claims: dict[str, Claimed] = field(default_factory=dict)
     claim_epochs: dict[str, int] = field(default_factory=dict)
     epoch: int = 0
     lost: bool = True  # a fresh cache has never been built
@@ -172,27 +182,50 @@ class MemoryKeyCache:
             return False
         return batch_id is None or state.claim_epochs.get(batch_id, state.epoch) == state.epoch
 
-    def claim(self, batch_id: str, keys: Keys) -> Mask:
+    def claim(
+        self,
+        batch_id: str,
+        keys: Keys,
+        positions: Positions | None = None,
+        *,
+        stream: str | None = None,
+        fresh: bool = True,
+    ) -> Mask:
+        positions = default_positions(keys, positions)
         with self.state.guard:
             state = self.state
             if state.lost:
                 raise CacheLostError("the in-memory key cache was lost; rebuild it")
-            mine = state.claims.setdefault(batch_id, set())
+            # The state is shared like a Redis server: every claim of the stream is in it, so
+            # ``fresh`` changes nothing.
+            claimed = state.claims.setdefault(stream or batch_id, Claimed())
             state.claim_epochs[batch_id] = state.epoch
-            won = np.zeros(len(keys), dtype=bool)
+            won = claimed.holds(keys.lo, positions)
+            new = np.zeros(len(keys), dtype=bool)
             for i, key in enumerate(_triples(keys)):
                 # By fingerprint in every generation: a copy may carry another event_time.
                 if not any(key[1:] in held for held in state.slices.values()):
                     state.slices.setdefault(key[0], set()).add(key[1:])
-                    mine.add(key)
-                won[i] = key in mine
-            return won
+                    new[i] = True
+            claimed.add(keys.lo[new], positions[new])
+            result: Mask = won | new
+            return result
 
-    def finish(self, batch_id: str, max_event_time_ms: int | None) -> None:
+    def finish(
+        self,
+        batch_id: str,
+        max_event_time_ms: int | None,
+        *,
+        stream: str | None = None,
+        through: Mapping[int, int] | None = None,
+    ) -> None:
         with self.state.guard:
             state = self.state
-            state.claims.pop(batch_id, None)
             state.claim_epochs.pop(batch_id, None)
+            if through is None:
+                state.claims.pop(stream or batch_id, None)
+            elif (claimed := state.claims.get(stream or batch_id)) is not None:
+                claimed.forget(through)
             if max_event_time_ms is not None and (
                 state.watermark is None or max_event_time_ms > state.watermark
             ):

@@ -25,6 +25,7 @@ from pipeline.keycache import (
     KeyCache,
     RebuildableKeyCache,
     expired_before,
+    position_of,
     read_key_file,
 )
 from pipeline.redis_cache import MAX_MEMBERS_PER_CALL, RedisKeyCache
@@ -236,10 +237,12 @@ def test_retry_is_idempotent_per_batch(open_cache: Opener) -> None:
     assert cache.claim("b1", k).all()
     b2 = cache.claim("b2", Keys.concat([k, l_]))
     assert not b2[:300].any() and b2[300:].all()
-    # Retries, in any order, give each batch the same answers; a retry may bring new keys too.
+    # Retries, in any order, give each batch the same answers (each key at its own source
+    # position: b2 held k at rows 0-299 and l_ at 300-499); a retry may bring new keys too.
+    b2_positions = np.concatenate([np.arange(300, 500), np.arange(300)])
     for _ in range(2):
         assert cache.claim("b1", Keys.concat([k, m])).all()
-        b2_again = cache.claim("b2", Keys.concat([l_, k]))
+        b2_again = cache.claim("b2", Keys.concat([l_, k]), b2_positions)
         assert b2_again[:200].all() and not b2_again[200:].any()
     # Once finished, the claim record is forgotten: the keys are simply known.
     cache.finish("b1", 5_500)
@@ -1025,3 +1028,65 @@ def test_redis_claim_sees_a_generation_another_consumer_registered_meanwhile(
     original = keys_at(ORIGINAL_MS, seed=37)
     assert a.claim("a1", original).all()  # new generations, registered by A
     assert not b.claim("b1", restamped(original, -1_500, SLICE_MS)).any()
+
+
+# --- claims idempotent per source position (a Kafka partition's offsets) ------------------------
+
+
+def _at(partition: int, first: int, n: int) -> np.ndarray:
+    return position_of(partition, np.arange(first, first + n, dtype=np.int64))
+
+
+def test_a_redo_with_other_boundaries_gets_the_same_answers(open_cache: Opener) -> None:
+    """A consumer claims offsets 100-199 and 200-299 of partition 3, then dies before its
+    commits; the new owner batches 100-249 and 250-299. Every key the dead attempts won is
+    the new owner's at the same offset, and a copy of one at another offset is a duplicate."""
+    dead = open_cache("shared")
+    k1, k2 = keys_in_slice(100, 5, seed=11), keys_in_slice(100, 5, seed=12)
+    assert dead.claim("g1", k1, _at(3, 100, 100), stream="grp-topic").all()
+    assert dead.claim("g2", k2, _at(3, 200, 100), stream="grp-topic", fresh=False).all()
+    # Redis keeps the claims across processes; the embedded cache's die with its process, so
+    # there the redo is this process's own (after a fault or a revocation and reassignment).
+    heir = open_cache("shared", fresh=False) if not isinstance(dead, EmbeddedKeyCache) else dead
+    both = Keys.concat([k1, k2])
+    first = heir.claim("h1", both.take(np.arange(150)), _at(3, 100, 150), stream="grp-topic")
+    assert first.all()
+    # A copy of a key at another offset (a duplicate published twice) is not this position's.
+    copy = heir.claim("h2", k1.take(np.arange(5)), _at(3, 400, 5), stream="grp-topic", fresh=False)
+    assert not copy.any()
+    # Another stream (another topic's consumer group) never holds them.
+    assert not heir.claim("x1", k1, _at(3, 100, 100), stream="other").any()
+    heir.finish("h1", 5_500, stream="grp-topic", through={3: 249})
+    rest = heir.claim("h3", both.take(np.arange(150, 200)), _at(3, 250, 50), stream="grp-topic")
+    assert rest.all()
+    # Once committed, a position's claim is forgotten: the key is simply known.
+    assert not heir.claim("h4", k1, _at(3, 100, 100), stream="grp-topic", fresh=False).any()
+    heir.finish("h3", 5_500, stream="grp-topic", through={3: 299})
+    assert not heir.claim("h5", k2, _at(3, 200, 100), stream="grp-topic").any()
+
+
+def test_positions_of_other_partitions_are_distinct(open_cache: Opener) -> None:
+    cache = open_cache()
+    k = keys_in_slice(50, 5, seed=13)
+    assert cache.claim("a", k, _at(0, 10, 50), stream="s").all()
+    assert not cache.claim("b", k, _at(1, 10, 50), stream="s", fresh=False).any()
+    assert cache.claim("c", k, _at(0, 10, 50), stream="s", fresh=False).all()
+
+
+def test_redis_drops_the_records_of_committed_claims(redis_url: str, redis_prefix: str) -> None:
+    prefix = f"{redis_prefix}:records"
+    dead, heir = on_shared_redis(redis_url, prefix), on_shared_redis(redis_url, prefix)
+    try:
+        dead.rebuild(empty_keys(), None)
+        k = keys_in_slice(200, 5, seed=14)
+        dead.claim("g1", k.take(np.arange(100)), _at(0, 0, 100), stream="s")
+        dead.claim("g2", k.take(np.arange(100, 200)), _at(0, 100, 100), stream="s", fresh=False)
+        client = redis.Redis.from_url(redis_url)
+        assert client.keys(f"{prefix}:*claim:s:*")
+        assert heir.claim("h1", k, _at(0, 0, 200), stream="s").all()
+        heir.finish("h1", 5_500, stream="s", through={0: 199})
+        assert client.keys(f"{prefix}:*claim:s:*") == []
+        assert client.keys(f"{prefix}:*claims:s") == []
+    finally:
+        dead.close()
+        heir.close()
