@@ -14,11 +14,13 @@ messages, as a broker refuses messages over its ``message.max.bytes`` (1 MB by d
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import pyarrow as pa
+from cachetools import TTLCache
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pipeline.settings import KafkaSettings
@@ -67,6 +69,25 @@ def header(message: Message, name: str) -> str | None:
         if key.lower() == name and value is not None:
             found = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return found
+
+
+class ClientLog:
+    """librdkafka's log lines through ``logging`` (pass as the ``logger`` property), each
+    distinct line at most once per ``every`` seconds: a client retries an unreachable broker
+    about every 50 ms, one identical line each time, and would bury everything else."""
+
+    def __init__(self, logger: logging.Logger, *, every: float = 60.0) -> None:
+        self._logger = logger
+        self._seen: TTLCache[str, bool] = TTLCache(maxsize=1024, ttl=every)
+        self._guard = threading.Lock()
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        text = msg % args if args else msg
+        with self._guard:
+            if text in self._seen:
+                return
+            self._seen[text] = True
+        self._logger.log(level, "%s", text)
 
 
 def producer_config(kafka: KafkaSettings, **extra: Any) -> dict[str, Any]:
