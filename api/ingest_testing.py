@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks of the ingest: a real uvicorn server one can kill, bodies."""
+"""Helpers for tests and benchmarks of the ingest: a real uvicorn server one can kill, bodies,
+and a reader of everything a Kafka topic holds."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from pyarrow import ipc
 
 from api.testing import free_port
@@ -133,3 +135,34 @@ def body_of(table: pa.Table, media: str) -> bytes:
     if media == JSON:
         return json.dumps(rows).encode()
     raise ValueError(media)
+
+
+def read_topic(bootstrap: str, topic: str, *, timeout: float = 30.0) -> list[Message]:
+    """Every message ``topic`` holds now, partition by partition, read with a plain consumer
+    (assigned, not subscribed: no group join to wait for)."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "adevents-test-reader", "log_level": 3}
+    )
+    try:
+        partitions = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+            for p in partitions
+        }
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        at = dict.fromkeys(ends, 0)
+        messages: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while any(at[p] < ends[p] for p in ends):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"read {at} of {ends} messages of {topic}")
+            for message in consumer.consume(1000, timeout=1.0):
+                if message.error() is not None:
+                    raise RuntimeError(f"reading {topic}: {message.error()}")
+                partition, offset = message.partition(), message.offset()
+                assert partition is not None and offset is not None
+                messages.append(message)
+                at[partition] = offset + 1
+        return messages
+    finally:
+        consumer.close()

@@ -96,10 +96,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="event_id shape: sequential (<producer>-<seed>-<seq>, default) or hex33 "
         "(33 random-looking hex digits, as SDKs send)",
     )
-    parser.add_argument(
+    destination = parser.add_mutually_exclusive_group()
+    destination.add_argument(
         "--http",
         metavar="URL",
         help="POST the events to this server's /ad_events instead of writing spool files",
+    )
+    destination.add_argument(
+        "--kafka",
+        action="store_true",
+        help="publish the micro-batches to KAFKA_TOPIC at KAFKA_BOOTSTRAP_SERVERS (idempotent "
+        "producer, acks=all) instead of writing spool files; exits once all are acknowledged",
     )
     parser.add_argument(
         "--api-key",
@@ -119,10 +126,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Generate events as ``args`` say; print a one-line summary; return the exit code."""
     from generator.http import IngestError
+    from generator.kafka import KafkaPublishError
     from generator.runner import generate
 
     overrides = {n: getattr(args, n) for n in SETTING_FLAGS if getattr(args, n, None) is not None}
     http, api_key = getattr(args, "http", None), getattr(args, "api_key", None)
+    kafka = bool(getattr(args, "kafka", False))
     if http is not None and api_key is None:
         keys = settings.ingest.ingest_api_keys
         api_key = keys[0] if keys else None
@@ -140,14 +149,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             http=http,
             api_key=api_key,
             ids=args.ids,
+            kafka=kafka,
         )
     except ValueError as exc:
         print(f"generate: {exc}", file=sys.stderr)
         return 2
-    except IngestError as exc:
+    except (IngestError, KafkaPublishError) as exc:
         print(f"generate: {exc}", file=sys.stderr)
         return 1
     print(summary.line())
     if summary.sent is not None and http is not None:
         print(summary.sent.line(http))
+    if summary.published is not None:
+        print(summary.published.line(settings.kafka.kafka_topic))
     return 0

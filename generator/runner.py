@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from generator import ID_SHAPES, model
 from generator.dimension import ensure_campaigns, population_for, seed_sequences
 from generator.http import HttpSender, SendTotals
+from generator.kafka import KafkaSender, PublishTotals
 from pipeline.schema import KEY_COLUMN, TIME_COLUMN, Layout
 from pipeline.settings import Settings
 from pipeline.signals import stop_on_signals
@@ -75,6 +76,8 @@ class GenerateSummary:
     restamped: int = 0
     #: What the server answered, when the events were sent over HTTP.
     sent: SendTotals | None = None
+    #: What the brokers acknowledged, when the events were published to Kafka.
+    published: PublishTotals | None = None
 
     @property
     def events_per_second(self) -> float:
@@ -196,13 +199,17 @@ class _Truth:
         os.replace(tmp, path)
 
 
+class _BatchWriter(Protocol):
+    """Where micro-batches go: the spool (SpoolWriter), a server (HttpSender) or Kafka."""
+
+    def write(self, table: pa.Table) -> object: ...
+
+
 class _BackgroundWriter:
     """Converts and writes files on one thread, in order, so drawing the next batch overlaps
     the I/O. A failed write is raised by the next ``submit`` or by ``close``."""
 
-    def __init__(
-        self, writer: SpoolWriter | HttpSender, population: model.Population, depth: int = 2
-    ) -> None:
+    def __init__(self, writer: _BatchWriter, population: model.Population, depth: int = 2) -> None:
         self._writer = writer
         self._population = population
         self._queue: queue.Queue[pl.DataFrame | None] = queue.Queue(maxsize=depth)
@@ -483,6 +490,7 @@ def generate(
     http: str | None = None,
     api_key: str | None = None,
     ids: str = "sequential",
+    kafka: bool = False,
 ) -> GenerateSummary:
     """Write synthetic events into ``DATA_DIR/incoming`` until ``events`` rows, ``duration``
     seconds, ``stop`` or SIGINT/SIGTERM; then flush held-back rows and write ``truth``.
@@ -493,7 +501,9 @@ def generate(
     ``ID_SHAPES``). ``campaigns`` sizes a dimension created because none exists; ``clock``
     (seconds since the epoch) stamps event times, for reproducible files. With ``http`` (the
     server's URL) each batch is POSTed to /ad_events with ``api_key`` instead of being written
-    to the spool.
+    to the spool; with ``kafka`` it is published to the topic of ``settings.kafka``, and the
+    run returns once the brokers acknowledged every message. The truth is the same whichever
+    way the events travel.
     """
     rate = float(settings.events_per_second if rate is None else rate)
     if not (rate >= 0 and math.isfinite(rate)):
@@ -514,8 +524,14 @@ def generate(
     if seed < 0:
         raise ValueError("seed must be 0 or more")
     id_prefix = model.event_id_prefix(producer, seed)
+    if http is not None and kafka:
+        raise ValueError("events go either over HTTP or to Kafka, not both")
     layout = Layout(settings.data_dir)
-    sender = None if http is None else HttpSender(http, api_key)
+    sender: HttpSender | KafkaSender | None = None
+    if http is not None:
+        sender = HttpSender(http, api_key)
+    elif kafka:
+        sender = KafkaSender(settings.kafka)
     spool = SpoolWriter(layout.incoming, producer) if sender is None else sender
     run_seq = seed_sequences(seed)[2]
     dimension = ensure_campaigns(layout.campaigns, campaigns, seed, budget_rate(settings, rate))
@@ -562,5 +578,6 @@ def generate(
         producer=producer,
         truth=truth_path,
         restamped=run.restamped,
-        sent=None if sender is None else sender.totals,
+        sent=sender.totals if isinstance(sender, HttpSender) else None,
+        published=sender.totals if isinstance(sender, KafkaSender) else None,
     )
