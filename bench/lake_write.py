@@ -66,7 +66,7 @@ def run_writers(
         def ours_case(frame: pl.DataFrame = frame, version: int = version) -> None:
             files = write_files(ours_loc, EVENTS, frame, version=version, fsync=False)
             started = time.perf_counter()
-            commit_files(ours, EVENTS, files, "bench", version)
+            commit_files(ours, EVENTS, files, {"bench": version})
             times["commit"].append(time.perf_counter() - started)
 
         def delta_rs(frame: pl.DataFrame = frame) -> None:
@@ -117,7 +117,7 @@ def small_files(
         started = time.perf_counter()
         if strategy == "1 file/commit":
             for v, frame in enumerate(frames, start=1):
-                commit_files(table, EVENTS, write_files(loc, EVENTS, frame, fsync=False), "s", v)
+                commit_files(table, EVENTS, write_files(loc, EVENTS, frame, fsync=False), {"s": v})
         elif strategy == "10 files/commit":
             for v, start in enumerate(range(0, len(frames), 10), start=1):
                 group = WrittenFiles()
@@ -125,11 +125,11 @@ def small_files(
                     part = write_files(loc, EVENTS, frame, fsync=False)
                     group.actions += part.actions
                     group.rows += part.rows
-                commit_files(table, EVENTS, group, "s", v)
+                commit_files(table, EVENTS, group, {"s": v})
         else:
             for v, start in enumerate(range(0, len(frames), 10), start=1):
                 merged = pl.concat(frames[start : start + 10])
-                commit_files(table, EVENTS, write_files(loc, EVENTS, merged, fsync=False), "s", v)
+                commit_files(table, EVENTS, write_files(loc, EVENTS, merged, fsync=False), {"s": v})
         landed = time.perf_counter() - started
         reads = []
         for _ in range(3):

@@ -22,7 +22,14 @@ from lake.cluster import cluster_hour
 from lake.location import LakeLocation
 from lake.readback import empty_keys_frame, key_frame
 from lake.tables import EVENTS, TABLES, TableSpec
-from lake.writer import Outcome, TableCommit, commit_batch, with_partition_columns
+from lake.writer import (
+    Outcome,
+    TableCommit,
+    TxnOverlapError,
+    commit_batch,
+    names_txn,
+    with_partition_columns,
+)
 from pipeline.schema import ENRICHED_SCHEMA, HOUR_MS, LEDGER_SCHEMA, QUARANTINE_SCHEMA, UTC_MS
 
 #: 2026-12-02T00:00:00Z, the default start of generated event times.
@@ -105,6 +112,7 @@ class MemoryLakeWriter:
         self.specs = specs
         self._frames: dict[str, list[pl.DataFrame]] = {name: [] for name in specs}
         self._txns: dict[tuple[str, str], int] = {}
+        self._metadata: dict[str, list[dict[str, str]]] = {}
         #: When each of the events frames was committed (epoch ms), for ``added_since_ms``.
         self._added: list[int] = []
 
@@ -120,6 +128,14 @@ class MemoryLakeWriter:
     def commit(
         self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
     ) -> list[TableCommit]:
+        return self.commit_group({app_id: version}, frames)
+
+    def commit_group(
+        self,
+        txns: Mapping[str, int],
+        frames: Mapping[str, pl.DataFrame],
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[TableCommit]:
         unknown = set(frames) - set(self.specs)
         if unknown:
             raise ValueError(f"unknown tables {sorted(unknown)}; known: {sorted(self.specs)}")
@@ -127,10 +143,15 @@ class MemoryLakeWriter:
         for name, spec in self.specs.items():
             if name not in frames:
                 continue
-            seen = self._txns.get((name, app_id))
-            if seen is not None and seen >= version:
+            done = [
+                (seen := self._txns.get((name, app))) is not None and seen >= version
+                for app, version in txns.items()
+            ]
+            if all(done):
                 results.append(TableCommit(name, Outcome.SKIPPED))
                 continue
+            if any(done):
+                raise TxnOverlapError(f"{name}: another writer committed part of {dict(txns)}")
             # The real writer's checks (columns present, partition time set) and file count (one
             # per partition).
             framed = with_partition_columns(spec, frames[name])
@@ -138,9 +159,18 @@ class MemoryLakeWriter:
             self._frames[name].append(framed.select(spec.columns.names))
             if name == EVENTS.name:
                 self._added.append(int(time.time() * 1000))
-            self._txns[name, app_id] = version
+            for app, version in txns.items():
+                self._txns[name, app] = version
+            self._metadata.setdefault(name, []).append(dict(metadata or {}))
             results.append(TableCommit(name, Outcome.COMMITTED, framed.height, files))
         return results
+
+    def group_metadata(self, table: str, key: str, app_id: str, version: int) -> str | None:
+        for metadata in reversed(self._metadata.get(table, [])):
+            value = metadata.get(key)
+            if value is not None and names_txn(value, app_id, version):
+                return value
+        return None
 
     def recent_events(
         self, window_ms: int, added_since_ms: int | None = None

@@ -250,29 +250,66 @@ def _file_name(version: int) -> str:
     return f"part-{version:015d}-{uuid.uuid4().hex}.parquet"
 
 
+def names_txn(value: str, app_id: str, version: int) -> bool:
+    """Whether group metadata (JSON with ``txns``: app id -> version) holds the txn."""
+    try:
+        txns = json.loads(value).get("txns", {})
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(txns, dict) and txns.get(app_id) == version
+
+
+class TxnOverlapError(RuntimeError):
+    """Some of a group's app ids are committed at or past their versions in a table and others
+    are not: another writer committed part of it (a partition moved to another consumer).
+    Nothing was written; the group must be formed again from what the tables hold."""
+
+
+def committed_versions(table: DeltaTable, app_ids: Collection[str]) -> dict[str, int | None]:
+    """Each app id's latest committed version in ``table`` (refreshed to the latest log)."""
+    table.update_incremental()
+    return {app_id: table.transaction_version(app_id) for app_id in app_ids}
+
+
+def _all_seen(table: DeltaTable, txns: Mapping[str, int]) -> bool | None:
+    """True when every txn is committed at or past its version, False when none is, None when
+    some are (see TxnOverlapError)."""
+    seen = committed_versions(table, txns)
+    done = [(v := seen[app]) is not None and v >= version for app, version in txns.items()]
+    return True if all(done) else (False if not any(done) else None)
+
+
 def commit_files(
     table: DeltaTable,
     spec: TableSpec,
     files: WrittenFiles,
-    app_id: str,
-    version: int,
+    txns: Mapping[str, int],
+    metadata: Mapping[str, str] | None = None,
 ) -> TableCommit:
-    """Commit ``files`` with txn ``(app_id, version)``; see the module docstring for races."""
-    txn = Transaction(app_id, version, int(time.time() * 1000))
+    """Commit ``files`` with the app transactions ``txns`` (app id -> version) and ``metadata``
+    in the commit info; see the module docstring for races."""
+    now_ms = int(time.time() * 1000)
+    properties = CommitProperties(
+        app_transactions=[Transaction(app, version, now_ms) for app, version in txns.items()],
+        custom_metadata=dict(metadata or {}),
+    )
     try:
         table.create_write_transaction(
             list(files.actions),
             "append",
             table.schema(),
             partition_by=list(spec.partition_by),
-            commit_properties=CommitProperties(app_transactions=[txn]),
+            commit_properties=properties,
         )
-    except (DeltaError, OSError):
-        # Conflict with a commit carrying our app_id, or an I/O error after which the put may
-        # have landed: the log decides.
-        seen = committed_version(table, app_id)
-        if seen is not None and seen >= version:
+    except (DeltaError, OSError) as exc:
+        # Conflict with a commit carrying one of our app ids, or an I/O error after which the
+        # put may have landed: the log decides.
+        seen = _all_seen(table, txns)
+        if seen:
             return TableCommit(spec.name, Outcome.CONCEDED)
+        if seen is None:
+            overlap = f"{spec.name}: another writer committed part of {dict(txns)}"
+            raise TxnOverlapError(overlap) from exc
         raise
     table.update_incremental()
     return TableCommit(spec.name, Outcome.COMMITTED, files.rows, len(files.actions))
@@ -284,22 +321,27 @@ def commit_table(
     spec: TableSpec,
     frame: pl.DataFrame,
     *,
-    app_id: str,
-    version: int,
+    txns: Mapping[str, int],
+    metadata: Mapping[str, str] | None = None,
     fsync: bool = True,
     after_write: Callable[[str], None] | None = None,
 ) -> TableCommit:
     """Steps 1-3 of the protocol for one table: skip if done, else write and commit.
 
-    ``after_write(table name)`` runs between the Parquet write and the commit (crash tests).
+    ``txns`` holds one app id per source in the commit (a spool slot; each Kafka partition of
+    a group): the table has the commit when it has every one of them, and none when it has
+    none; part of them raises TxnOverlapError. ``after_write(table name)`` runs between the
+    Parquet write and the commit (crash tests).
     """
-    seen = committed_version(table, app_id)
-    if seen is not None and seen >= version:
+    seen = _all_seen(table, txns)
+    if seen:
         return TableCommit(spec.name, Outcome.SKIPPED)
-    files = write_files(location, spec, frame, version=version, fsync=fsync)
+    if seen is None:
+        raise TxnOverlapError(f"{spec.name}: another writer committed part of {dict(txns)}")
+    files = write_files(location, spec, frame, version=max(txns.values()), fsync=fsync)
     if after_write is not None:
         after_write(spec.name)
-    return commit_files(table, spec, files, app_id, version)
+    return commit_files(table, spec, files, txns, metadata)
 
 
 def commit_batch(
@@ -333,8 +375,7 @@ def commit_batch(
                 table,
                 spec,
                 frames[name],
-                app_id=app_id,
-                version=version,
+                txns={app_id: version},
                 fsync=fsync,
                 after_write=after_write,
             )
@@ -375,6 +416,20 @@ class LakeWriter(Protocol):
         self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
     ) -> list[TableCommit]:
         """Commit ``frames`` (by table name) as batch ``version`` of ``app_id``; see above."""
+
+    def commit_group(
+        self,
+        txns: Mapping[str, int],
+        frames: Mapping[str, pl.DataFrame],
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[TableCommit]:
+        """Commit ``frames`` with every app transaction of ``txns`` in each table's commit (a
+        Kafka group: one per partition), ``metadata`` in its commit info. A table holding
+        part of ``txns`` raises ``TxnOverlapError``."""
+
+    def group_metadata(self, table: str, key: str, app_id: str, version: int) -> str | None:
+        """The commit-info value ``key`` of the newest commit of ``table`` that carries the
+        app transaction ``(app_id, version)``, if any (read from the log's history)."""
 
     def recent_events(
         self, window_ms: int, added_since_ms: int | None = None
@@ -429,6 +484,40 @@ class DeltaLakeWriter:
             fsync=self.fsync,
             after_write=self.after_write,
         )
+
+    def commit_group(
+        self,
+        txns: Mapping[str, int],
+        frames: Mapping[str, pl.DataFrame],
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[TableCommit]:
+        results = []
+        for name, spec in self.specs.items():
+            if name in frames:
+                results.append(
+                    commit_table(
+                        self.location,
+                        self._table(name),
+                        spec,
+                        frames[name],
+                        txns=txns,
+                        metadata=metadata,
+                        fsync=self.fsync,
+                        after_write=self.after_write,
+                    )
+                )
+        return results
+
+    def group_metadata(self, table: str, key: str, app_id: str, version: int) -> str | None:
+        handle = self._table(table)
+        handle.update_incremental()
+        # A group is redone right after its owner died: its commit is among the last ones.
+        for limit in (100, None):
+            for info in handle.history(limit):
+                value = info.get(key)
+                if isinstance(value, str) and names_txn(value, app_id, version):
+                    return value
+        return None
 
     def recent_events(
         self, window_ms: int, added_since_ms: int | None = None

@@ -225,8 +225,8 @@ def test_racing_same_version_is_refused_by_the_txn_conflict_check(
     second = ensure_table(location, EVENTS)
     ours = write_files(location, EVENTS, enriched_frame(500, seed=3), version=1)
     theirs = write_files(location, EVENTS, enriched_frame(500, seed=3), version=1)
-    assert commit_files(first, EVENTS, ours, "spool-a", 1).outcome is Outcome.COMMITTED
-    assert commit_files(second, EVENTS, theirs, "spool-a", 1).outcome is Outcome.CONCEDED
+    assert commit_files(first, EVENTS, ours, {"spool-a": 1}).outcome is Outcome.COMMITTED
+    assert commit_files(second, EVENTS, theirs, {"spool-a": 1}).outcome is Outcome.CONCEDED
     assert count(location) == 500
     # The loser's files are orphans: on storage, not in the table; vacuum removes them.
     orphans = {a.path for a in theirs.actions}
@@ -243,8 +243,8 @@ def test_different_writers_on_one_snapshot_both_land(location: LakeLocation) -> 
     second = ensure_table(location, EVENTS)
     a = write_files(location, EVENTS, enriched_frame(300, seed=4, id_prefix="a"))
     b = write_files(location, EVENTS, enriched_frame(200, seed=4, id_prefix="b"))
-    assert commit_files(first, EVENTS, a, "spool-a", 1).outcome is Outcome.COMMITTED
-    assert commit_files(second, EVENTS, b, "spool-b", 1).outcome is Outcome.COMMITTED
+    assert commit_files(first, EVENTS, a, {"spool-a": 1}).outcome is Outcome.COMMITTED
+    assert commit_files(second, EVENTS, b, {"spool-b": 1}).outcome is Outcome.COMMITTED
     assert count(location) == 500
     assert ensure_table(location, EVENTS).version() == 2
 
