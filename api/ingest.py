@@ -1,4 +1,5 @@
-"""``POST /ad_events``: HTTP ingest for ad servers and SDKs, answered 202 once the rows are durable.
+"""``POST /ad_events``: HTTP ingest for ad servers and SDKs, answered 202 once the rows are durable
+(in the spool, or with INGEST_SINK=kafka acknowledged by the Kafka brokers).
 
 Install with ``Litestar(..., plugins=[IngestPlugin(settings)])``: the plugin adds the route, the
 API-key guard the read routes honour (``API_KEYS_REQUIRED_FOR_READ``) and the group committer's
@@ -62,6 +63,7 @@ from api.ingest_encoding import (
     content_encoding,
     decompress,
 )
+from api.ingest_kafka import KafkaBatchWriter
 from api.ingest_metrics import IngestMetrics, metrics_dir
 from api.ingest_spool import (
     Backlog,
@@ -83,8 +85,9 @@ from pipeline.decode import (
     decode,
     media_type,
 )
+from pipeline.kafka import KafkaUnavailableError
 from pipeline.schema import DEVICE_TYPES, EVENT_TYPES, MONEY_COLUMNS, TIME_COLUMN, Layout
-from pipeline.settings import IngestSettings, Settings
+from pipeline.settings import IngestSettings, Settings, SettingsError
 
 log = logging.getLogger("adevents.ingest")
 
@@ -116,7 +119,7 @@ class RejectedRow(Struct):
 
 
 class IngestResult(Struct):
-    """Rows received, rows accepted for processing (durable in the spool), and each rejection."""
+    """Rows received, rows accepted for processing (durable), and each rejection."""
 
     received: int
     accepted: int
@@ -215,7 +218,14 @@ class Ingestor:
             interval=settings.batch_interval,
             on_written=self._written,
         )
-        self._writer: SpoolBatchWriter | None = None
+        #: With INGEST_SINK=kafka the micro-batches go to the topic: no spool, no backlog.
+        self.spooling = ingest.ingest_sink == "spool"
+        self._writer: SpoolBatchWriter | KafkaBatchWriter | None = None
+        if not self.spooling:
+            if not settings.kafka.kafka_bootstrap_servers:
+                raise SettingsError("INGEST_SINK=kafka needs KAFKA_BOOTSTRAP_SERVERS")
+            # Its producer is made on first use, in the worker process serving the requests.
+            self._writer = KafkaBatchWriter(settings.kafka)
 
     def _write(
         self, accepted: list[pa.Table], rejected: list[pl.DataFrame], arrived_ms: int
@@ -238,14 +248,23 @@ class Ingestor:
 
     async def close(self) -> None:
         await self.committer.close()
+        if isinstance(self._writer, KafkaBatchWriter):
+            self._writer.close()
         self.metrics.close()
 
     def backlog_events(self) -> int:
-        """Events in incoming/ plus those taken and not yet written."""
-        return self.backlog.events() + self.committer.pending_rows
+        """Events in incoming/ plus those taken and not yet written (with INGEST_SINK=kafka,
+        only the latter: the topic's backlog is the brokers' to hold)."""
+        waiting = self.backlog.events() if self.spooling else 0
+        return waiting + self.committer.pending_rows
 
     def over_backlog(self) -> bool:
-        return self.backlog_events() >= self.ingest.max_backlog_events
+        return self.spooling and self.backlog_events() >= self.ingest.max_backlog_events
+
+    def disk_low(self) -> bool:
+        """DATA_DIR's disk is below DISK_MIN_FREE and the spool would fill it (never in Kafka
+        mode: the events do not touch the disk)."""
+        return self.spooling and self.disk.low()
 
     def _decode_and_check(self, body: bytes, media: str, encoding: str) -> Checked:
         table = decode(
@@ -364,6 +383,13 @@ def _not_stored(request: Request[Any, Any, Any], exc: Exception) -> ServiceUnava
         request_id(request.scope),
         exc,
     )
+    if isinstance(exc, KafkaUnavailableError):
+        # Some of its messages may have landed: a retry is deduplicated, so it is safe.
+        return ServiceUnavailableException(
+            "the events were not confirmed stored (the event stream did not acknowledge them "
+            "in time): send the request again later",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     if isinstance(exc, CommitterClosedError):
         why = "the server is shutting down"
     elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -398,8 +424,9 @@ _ERRORS: Final = {
     429: ResponseSpec(ErrorBody, description="the spool's backlog is full; see Retry-After"),
     503: ResponseSpec(
         ErrorBody,
-        description="the spool cannot be written right now (disk below DISK_MIN_FREE, disk "
-        "full, shutting down); see Retry-After",
+        description="the events cannot be stored right now (disk below DISK_MIN_FREE, disk "
+        "full, shutting down; with INGEST_SINK=kafka, the brokers did not acknowledge them in "
+        "time); see Retry-After",
     ),
 }
 
@@ -416,8 +443,9 @@ _ERRORS: Final = {
 async def post_ad_events(
     request: Request[Any, Any, Any], ingestor: NamedDependency[Ingestor]
 ) -> Response[IngestResult]:
-    """Take ad events; 202 once every row is durable in the spool (every rejected row with its
-    reason, for the consumer to quarantine)."""
+    """Take ad events; 202 once every row is durable in the spool or, with INGEST_SINK=kafka,
+    acknowledged by the brokers (every rejected row with its reason, for the consumer to
+    quarantine)."""
     started = time.perf_counter()
     try:
         media = media_type(request.headers.get("content-type"))
@@ -429,7 +457,7 @@ async def post_ad_events(
         raise HTTPException(
             status_code=415, detail=str(exc), headers={"Accept-Encoding": ACCEPT_ENCODING}
         ) from None
-    if ingestor.disk.low():
+    if ingestor.disk_low():
         # Refuse before the disk fills: a full disk would fail this write and the consumer's.
         raise ServiceUnavailableException(
             f"DATA_DIR's disk has less free space than DISK_MIN_FREE "

@@ -156,7 +156,8 @@ def read_topic(bootstrap: str, topic: str, *, timeout: float = 30.0) -> list[Mes
         while any(at[p] < ends[p] for p in ends):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"read {at} of {ends} messages of {topic}")
-            for message in consumer.consume(1000, timeout=1.0):
+            left = sum(ends[p] - at[p] for p in ends)
+            for message in consumer.consume(min(left, 10_000), timeout=1.0):
                 if message.error() is not None:
                     raise RuntimeError(f"reading {topic}: {message.error()}")
                 partition, offset = message.partition(), message.offset()
