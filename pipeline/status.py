@@ -7,6 +7,7 @@ disk is one of the faults reported), so a reader treats a file older than :data:
 as a consumer that is gone, not as one that is healthy.
 
 ``detail`` may name hosts or paths: it is for the log and for authenticated readers only.
+:func:`kafka_lags` reads the Kafka partitions' lag out of the statuses, once per partition.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -31,6 +33,8 @@ FAULTS: Final = (
     "redis_lost",  # Redis answered but lost the key cache; a rebuild is under way or failed
     "disk_full",  # DATA_DIR's disk is below DISK_MIN_FREE or a write failed with ENOSPC
     "lake_unavailable",  # the lake (S3 or its filesystem) refused or timed out
+    "kafka_unavailable",  # the Kafka brokers do not answer, or a rebalance is under way
+    "partition_moved",  # another consumer committed part of a group: it is formed again
 )
 
 
@@ -99,3 +103,56 @@ def read_statuses(state_dir: Path) -> list[ConsumerStatus]:
         except (OSError, ValueError, TypeError):
             continue  # a file being replaced, or not ours: skip it
     return out
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    """One Kafka partition's lag as the consumer holding it last published it."""
+
+    topic: str
+    partition: int
+    #: Messages between the consumer's position and the partition's end.
+    messages: int
+    consumer: str
+    #: When that consumer last published its status, epoch seconds.
+    updated_at: float
+    #: False when that consumer has stopped or fell silent: ``messages`` is then its last
+    #: known lag, not the lag now (see :func:`kafka_lags`).
+    current: bool
+
+    @property
+    def key(self) -> str:
+        """``"<topic>/<partition>"``, as in :attr:`ConsumerStatus.kafka_lag`."""
+        return f"{self.topic}/{self.partition}"
+
+
+def _partition(key: str) -> tuple[str, int] | None:
+    # A topic name cannot hold "/" (Kafka allows letters, digits, ".", "_", "-"), so the last
+    # "/" is the separator.
+    topic, _, number = key.rpartition("/")
+    return (topic, int(number)) if topic and number.isdigit() else None
+
+
+def kafka_lags(statuses: Iterable[ConsumerStatus], now: float | None = None) -> list[PartitionLag]:
+    """Each Kafka partition's lag, once, most behind first.
+
+    A reading is current while its consumer is running or retrying and not stale. A consumer
+    that stopped or fell silent leaves its last reading, kept (not current) rather than
+    dropped: nobody consumes the partition then and its end never moves back, so the lag has
+    not fallen since, unless another consumer took the partition over, which then reports it.
+    A partition two consumers report (after a rebalance) takes the current reading, the most
+    recently published one among equals.
+    """
+    now = time.time() if now is None else now
+    best: dict[tuple[str, int], PartitionLag] = {}
+    for s in statuses:
+        current = s.state != "stopped" and not s.is_stale(now)
+        for key, messages in (s.kafka_lag or {}).items():
+            where = _partition(key)
+            if where is None:
+                continue  # not a "<topic>/<partition>" key: not written by our consumer
+            lag = PartitionLag(*where, int(messages), s.name, s.updated_at, current)
+            seen = best.get(where)
+            if seen is None or (lag.current, lag.updated_at) > (seen.current, seen.updated_at):
+                best[where] = lag
+    return sorted(best.values(), key=lambda x: (-x.messages, x.topic, x.partition))
