@@ -1,5 +1,10 @@
-"""Health checks: key cache, DATA_DIR writable and its free space, consumer lag and state, the
-lake's tables (Delta versions, last commit from the ledger); cached for a second.
+"""Health checks: key cache, DATA_DIR writable and its free space, consumer lag and state, each
+Kafka partition's lag, the lake's tables (Delta versions, last commit from the ledger); cached
+for a second.
+
+A failed check makes the API ``unhealthy`` (503); a Kafka partition lagging beyond
+KAFKA_LAG_MAX only makes it ``degraded`` (200): the API serves every read and the ingest, and a
+load balancer taking it out would not make the consumer catch up.
 
 Reasons are codes (``disk_low``, ``consumer_retrying:redis_unavailable``, ...) that anyone may
 see on ``/health``; sentences and raw errors are for ``/health/detail`` (see ``api/routes.py``).
@@ -20,12 +25,12 @@ from typing import Final
 import anyio.to_thread
 
 from api.disk import DiskSpace
-from api.models import ConsumerHealth, Health, KeyCacheHealth
+from api.models import ConsumerHealth, Health, KeyCacheHealth, PartitionLagHealth
 from pipeline.redis_client import Client, connect
 from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.spool import list_incoming, oldest_waiting_age
-from pipeline.status import ConsumerStatus, read_statuses
+from pipeline.status import ConsumerStatus, PartitionLag, kafka_lags, read_statuses
 from queries import ops
 from queries.lake import Lake
 
@@ -57,6 +62,35 @@ def consumer_health(s: ConsumerStatus, now: float) -> ConsumerHealth:
         next_retry_at=None if stale else ms(s.next_retry_at),
         updated_at=int(s.updated_at * 1000),
         detail=s.detail,
+    )
+
+
+def partition_lag_health(lag: PartitionLag) -> PartitionLagHealth:
+    return PartitionLagHealth(
+        topic=lag.topic,
+        partition=lag.partition,
+        consumer=lag.consumer,
+        messages=lag.messages,
+        updated_at=int(lag.updated_at * 1000),
+        current=lag.current,
+    )
+
+
+def kafka_lag_message(over: list[PartitionLag], limit: int, now: float) -> str:
+    """One sentence on the partitions ``over`` KAFKA_LAG_MAX (most behind first); it names
+    partitions, never a consumer (whose default name holds the host name)."""
+    worst = over[0]
+    if worst.current:
+        behind = f"is {worst.messages:,} messages behind its end"
+    else:
+        behind = (
+            f"was {worst.messages:,} messages behind its end when its consumer stopped "
+            f"reporting {now - worst.updated_at:.0f}s ago (nobody reports it now)"
+        )
+    more = f"; {len(over) - 1} more partition(s) too" if len(over) > 1 else ""
+    return (
+        f"Kafka consumer lag: partition {worst.key} {behind}, more than KAFKA_LAG_MAX "
+        f"({limit:,}){more}"
     )
 
 
@@ -133,10 +167,15 @@ class HealthChecker:
         now = time.time()
         reasons: list[str] = []
         messages: list[str] = []
+        degraded: list[str] = []
 
         def fail(code: str, message: str) -> None:
             reasons.append(code)
             messages.append(message)
+
+        def degrade(code: str, message: str) -> None:
+            fail(code, message)
+            degraded.append(code)
 
         cache = self._key_cache()
         if not cache.ok:
@@ -162,7 +201,8 @@ class HealthChecker:
                 f"consumer lag: the oldest file in incoming/ has waited {lag:.1f}s "
                 f"(more than {MAX_LAG_SECONDS:.0f}s)",
             )
-        consumers = [consumer_health(s, now) for s in read_statuses(self.layout.state)]
+        statuses = read_statuses(self.layout.state)
+        consumers = [consumer_health(s, now) for s in statuses]
         for fault in sorted({c.fault or "unknown" for c in retrying(consumers)}):
             stuck = [c for c in retrying(consumers) if (c.fault or "unknown") == fault]
             longest = max(now - c.since / 1000 for c in stuck)
@@ -171,6 +211,11 @@ class HealthChecker:
                 f"{len(stuck)} consumer(s) retrying a transient fault, {fault}, "
                 f"for up to {longest:.0f}s",
             )
+        lags = kafka_lags(statuses, now)
+        limit = self.settings.kafka.kafka_lag_max
+        over = [lag for lag in lags if lag.messages > limit]
+        if over:
+            degrade("kafka_lag", kafka_lag_message(over, limit, now))
         versions: dict[str, int] = {}
         files: dict[str, int] = {}
         last = None
@@ -185,7 +230,7 @@ class HealthChecker:
             )
             fail("lake_unreadable", "the lake's tables could not be read")
         return Health(
-            status="unhealthy" if reasons else "ok",
+            status="ok" if not reasons else "degraded" if reasons == degraded else "unhealthy",
             reasons=reasons,
             messages=messages,
             checked_at=int(now * 1000),
@@ -198,6 +243,8 @@ class HealthChecker:
             last_commit=last,
             seconds_since_last_commit=None if last is None else round(now - last / 1000, 3),
             consumers=consumers,
+            kafka_lag=[partition_lag_health(lag) for lag in lags],
+            kafka_lag_max_messages=limit,
             lake_versions=versions,
             lake_files=files,
             data_dir=str(self.layout.root.resolve()),

@@ -1,5 +1,6 @@
-"""Prometheus metrics: pipeline totals from the ledger table, lag, the lake's tables, key-cache
-size, API latency, and the HTTP ingest's counters of every API process (``api.ingest_metrics``)."""
+"""Prometheus metrics: pipeline totals from the ledger table, lag (spool age, Kafka partitions),
+the lake's tables, key-cache size, API latency, and the HTTP ingest's counters of every API
+process (``api.ingest_metrics``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pipeline.redis_client import Client, connect, used_memory
 from pipeline.schema import Layout
 from pipeline.settings import Settings
 from pipeline.spool import list_incoming, oldest_waiting_age
-from pipeline.status import FAULTS, read_statuses
+from pipeline.status import FAULTS, ConsumerStatus, kafka_lags, read_statuses
 from queries import ops
 from queries.lake import Lake
 
@@ -159,7 +160,8 @@ class LakeCollector(Collector):
         """Each consumer's state from ``state/consumers/``: retrying which fault, since when.
         A consumer that stopped reporting counts as not running and retrying nothing."""
         now = time.time()
-        consumers = [consumer_health(s, now) for s in read_statuses(self.layout.state)]
+        statuses = read_statuses(self.layout.state)
+        consumers = [consumer_health(s, now) for s in statuses]
         running = GaugeMetricFamily(
             "adevents_consumer_running",
             "1 while a consumer reports itself running or retrying; 0 when stopped or silent",
@@ -191,6 +193,38 @@ class LakeCollector(Collector):
                 seconds.add_metric([c.name, fault], max(0.0, now - c.since / 1000) if on else 0.0)
             attempts.add_metric([c.name], c.attempts if c.state == "retrying" else 0)
         yield from (running, retrying, seconds, attempts)
+        yield from _kafka_lag(statuses, now)
+
+
+def _kafka_lag(statuses: list[ConsumerStatus], now: float) -> Iterator[Any]:
+    """Each Kafka partition's lag while a running consumer reports it.
+
+    A consumer that stopped or fell silent leaves no series behind: a gauge is a value now, and
+    its last lag would be drawn (and alerted on) as if measured. Its partitions are counted
+    instead, and /health/detail keeps their last known lag.
+    """
+    lags = kafka_lags(statuses, now)
+    current = [lag for lag in lags if lag.current]
+    per_partition = GaugeMetricFamily(
+        "adevents_kafka_consumer_lag_messages",
+        "Messages between a Kafka consumer's position and its partition's end, per partition a "
+        "running consumer holds",
+        labels=["consumer", "topic", "partition"],
+    )
+    for lag in current:
+        per_partition.add_metric([lag.consumer, lag.topic, str(lag.partition)], lag.messages)
+    yield per_partition
+    yield GaugeMetricFamily(
+        "adevents_kafka_consumer_lag_max_messages",
+        "The largest lag of any Kafka partition a running consumer reports (NaN when none does)",
+        value=max((lag.messages for lag in current), default=float("nan")),
+    )
+    yield GaugeMetricFamily(
+        "adevents_kafka_partitions_unreported",
+        "Kafka partitions last reported by a consumer that stopped or fell silent, and by no "
+        "running one since: their lag is unknown",
+        value=len(lags) - len(current),
+    )
 
 
 class Metrics:

@@ -168,7 +168,8 @@ class AlertInfo(Struct):
     alert_id: str
     #: throughput, latency_p95, error_rate, consumer_lag or budget.
     rule: str
-    #: "pipeline", or the campaign_id of a budget alert.
+    #: "pipeline", the campaign_id of a budget alert, or the "<topic>/<partition>" of a
+    #: consumer_lag alert on a Kafka partition.
     subject: str
     #: warning or critical.
     severity: str
@@ -232,9 +233,26 @@ class ConsumerHealth(Struct):
     detail: str | None = None
 
 
-class PublicHealth(Struct):
-    """What /health tells anyone: ok or unhealthy, and why as reason codes."""
+class PartitionLagHealth(Struct):
+    """A Kafka partition's lag, as the consumer holding it last published it."""
 
+    topic: str
+    partition: int
+    consumer: str
+    #: Messages between the consumer's position and the partition's end.
+    messages: int
+    #: When that consumer last reported (epoch ms).
+    updated_at: int
+    #: False when that consumer has stopped or is stale: ``messages`` is its last known lag,
+    #: and nobody reports the partition now.
+    current: bool
+
+
+class PublicHealth(Struct):
+    """What /health tells anyone: ok, degraded or unhealthy, and why as reason codes."""
+
+    #: ``ok``; ``degraded`` (still 200: it serves, but e.g. a Kafka partition lags beyond
+    #: KAFKA_LAG_MAX); ``unhealthy`` (503).
     status: str
     #: Reason codes, e.g. ``consumer_lag``, ``disk_low``, ``consumer_retrying:redis_unavailable``.
     reasons: list[str]
@@ -262,6 +280,10 @@ class Health(Struct):
     last_commit: int | None
     seconds_since_last_commit: float | None
     consumers: list[ConsumerHealth]
+    #: Each Kafka partition's lag, most behind first (empty without ``consume --source kafka``).
+    kafka_lag: list[PartitionLagHealth]
+    #: KAFKA_LAG_MAX: a partition further behind makes the status ``degraded``.
+    kafka_lag_max_messages: int
     #: Each lake table's Delta version and how many data files it has (-1 and 0: not created).
     lake_versions: dict[str, int] = msgspec.field(default_factory=dict)
     lake_files: dict[str, int] = msgspec.field(default_factory=dict)
@@ -270,6 +292,10 @@ class Health(Struct):
 
     def public(self) -> PublicHealth:
         return PublicHealth(self.status, self.reasons, self.checked_at)
+
+    def http_status(self) -> int:
+        """503 only when unhealthy: a degraded API still serves, so load balancers keep it."""
+        return 503 if self.status == "unhealthy" else 200
 
     def redacted(self) -> Health:
         """Without what only a key holder may see: paths, hosts, raw errors."""

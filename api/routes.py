@@ -71,10 +71,11 @@ OpenOnly = Annotated[
 
 @get("/health", responses={503: ResponseSpec(PublicHealth, description="unhealthy")})
 async def health(checker: NamedDependency[HealthChecker]) -> Response[PublicHealth]:
-    """200 or 503, with reason codes (e.g. ``disk_low``, ``consumer_lag``,
-    ``consumer_retrying:redis_unavailable``). Always open: load balancers probe it."""
+    """200 (ok or degraded) or 503 (unhealthy), with reason codes (e.g. ``disk_low``,
+    ``consumer_lag``, ``consumer_retrying:redis_unavailable``, ``kafka_lag``). Always open:
+    load balancers probe it."""
     report = await checker.report()
-    return Response(report.public(), status_code=200 if report.status == "ok" else 503)
+    return Response(report.public(), status_code=report.http_status())
 
 
 @get("/health/detail", responses={503: ResponseSpec(Health, description="unhealthy")})
@@ -88,7 +89,7 @@ async def health_detail(
     report = await checker.report()
     if not api_keys.valid(request):
         report = report.redacted()
-    return Response(report, status_code=200 if report.status == "ok" else 503)
+    return Response(report, status_code=report.http_status())
 
 
 @get("/ad_events/latest", sync_to_thread=True)
