@@ -20,7 +20,7 @@ import msgspec
 
 from api import dashboard_assets as assets
 from api.dashboard_data import ChartSet
-from api.models import AlertInfo, Health, LeaderboardRow
+from api.models import AlertInfo, Health, LeaderboardRow, PartitionLagHealth
 from queries.dashboard import RANGE_NAMES, RANGES, TimeRange
 from queries.ops import Overview
 
@@ -28,6 +28,8 @@ REFRESH_MS: Final = 5_000
 DEFAULT_RANGE: Final = "1h"
 #: Open alerts shown (the tile says "N+" when there are at least this many).
 MAX_ALERTS: Final = 20
+#: Kafka partitions listed, most behind first (a topic may have hundreds).
+MAX_PARTITIONS: Final = 20
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,60 @@ def _alerts(alerts: Sequence[AlertInfo]) -> str:
     return f'<table id="alerts-table" class="alerts">{head}{body}</table>'
 
 
+def _kafka_lag(lags: Sequence[PartitionLagHealth], limit: int) -> str:
+    """Each Kafka partition's lag, most behind first; none without a Kafka consumer. No
+    consumer names: their default holds the host name, and the page may be open to anyone."""
+    if not lags:
+        return ""
+    head = "<tr><th>partition</th><th>reported (UTC)</th><th>messages behind</th></tr>"
+    rows = []
+    for lag in lags[:MAX_PARTITIONS]:
+        key = f"{lag.topic}/{lag.partition}"
+        when = clock(lag.updated_at)
+        if not lag.current:
+            when += " · consumer stopped reporting: last known"
+        cls = "bad" if lag.messages > limit else "" if lag.current else "muted"
+        rows.append(
+            f'<tr data-partition="{escape(key)}" data-lag="{lag.messages}" '
+            f'data-current="{str(lag.current).lower()}"><td>{escape(key)}</td>'
+            f'<td>{escape(when)}</td><td class="{cls}">{lag.messages:,}</td></tr>'
+        )
+    if len(lags) > MAX_PARTITIONS:
+        rows.append(
+            f'<tr><td colspan="3" class="muted">and {len(lags) - MAX_PARTITIONS} more '
+            "partition(s), all less behind</td></tr>"
+        )
+    return (
+        f'<section class="card" id="kafka-lag"><h2>Kafka consumer lag (KAFKA_LAG_MAX '
+        f'{limit:,})</h2><table id="kafka-lag-table">{head}{"".join(rows)}</table></section>'
+    )
+
+
+def _kafka_tile(h: Health) -> list[str]:
+    """The most behind Kafka partition; no tile without a Kafka consumer."""
+    if not h.kafka_lag:
+        return []
+    worst = h.kafka_lag[0]
+    return [
+        tile(
+            "tile-kafka-lag",
+            "Kafka lag (most behind)",
+            num(worst.messages, suffix=" msgs"),
+            f"{worst.topic}/{worst.partition} of {len(h.kafka_lag)} partition(s)",
+            bad=worst.messages > h.kafka_lag_max_messages,
+        )
+    ]
+
+
+def _health_status(h: Health) -> str:
+    reasons = escape("; ".join(h.messages))
+    if h.status == "ok":
+        return '<span id="health-status">healthy</span>'
+    if h.status == "degraded":
+        return f'<span id="health-status" class="warn">degraded: {reasons}</span>'
+    return f'<span id="health-status" class="bad">unhealthy: {reasons}</span>'
+
+
 def panel(s: Snapshot) -> str:
     """The part of the home page that refreshes: tiles and tables."""
     o, h = s.overview, s.health
@@ -223,8 +279,9 @@ def panel(s: Snapshot) -> str:
             "consumer lag",
             num(h.consumer_lag_seconds, 1, " s"),
             f"{h.files_waiting} file(s) waiting",
-            bad=h.status != "ok",
+            bad=h.status == "unhealthy",
         ),
+        *_kafka_tile(h),
         tile(
             "tile-alerts",
             "open alerts",
@@ -233,21 +290,16 @@ def panel(s: Snapshot) -> str:
             bad=any(a.severity == "critical" for a in s.alerts),
         ),
     ]
-    reasons = escape("; ".join(h.messages))
-    status = (
-        '<span id="health-status">healthy</span>'
-        if h.status == "ok"
-        else f'<span id="health-status" class="bad">unhealthy: {reasons}</span>'
-    )
     return (
         f'<div class="muted" id="updated" data-now-ms="{s.now_ms}">updated {clock(s.now_ms)}'
-        f" UTC · {status} · {o.batches:,} batches in 15 min</div>"
+        f" UTC · {_health_status(h)} · {o.batches:,} batches in 15 min</div>"
         f'<div class="tiles">{"".join(tiles)}</div>'
         f'<section class="card"><h2>Top campaigns by spend, last {escape(s.range.label)}</h2>'
         f"{top_table(s.top, s.range)}</section>"
         f'<section class="card" id="alerts"><h2>Open alerts '
         f'<a class="more" href="/dashboard/alerts">all alerts →</a></h2>{_alerts(s.alerts)}'
         "</section>"
+        f"{_kafka_lag(h.kafka_lag, h.kafka_lag_max_messages)}"
     )
 
 
