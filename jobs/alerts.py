@@ -1,11 +1,12 @@
 """Threshold alerts: rules evaluated on frames, one lifecycle per rule and subject, a durable store.
 
-Rules are pure: ledger rows, spool age, spend and budgets in, :class:`Observation` (a rule that
-fires now, with severity, value and threshold) out. :func:`advance` turns the open alerts and
-this tick's observations into the next alerts and the notifications to send: an alert fires
-once, changes severity in place, and resolves when its rule stops firing — never a repeat per
-tick. The store is ``alerts/alerts.parquet`` (:mod:`pipeline.tables`), replaced atomically;
-notifications go to the outbox (:mod:`jobs.outbox`) that the webhook job reads.
+Rules are pure: ledger rows, spool age, Kafka partitions' lag, spend and budgets in,
+:class:`Observation` (a rule that fires now, with severity, value and threshold) out.
+:func:`advance` turns the open alerts and this tick's observations into the next alerts and the
+notifications to send: an alert fires once, changes severity in place, and resolves when its
+rule stops firing — never a repeat per tick. The store is ``alerts/alerts.parquet``
+(:mod:`pipeline.tables`), replaced atomically; notifications go to the outbox
+(:mod:`jobs.outbox`) that the webhook job reads.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lake.location import LakeLocation
 from pipeline.schema import ROLLUP_SCHEMA, Layout
 from pipeline.settings import JobSettings
 from pipeline.spool import oldest_waiting_age
+from pipeline.status import PartitionLag, kafka_lags, read_statuses
 from pipeline.tables import (
     FIRING,
     RESOLVED,
@@ -173,6 +175,42 @@ def lag_rule(oldest_waiting_s: float, t: JobSettings) -> list[Observation]:
             f"the oldest spool file has waited {oldest_waiting_s:.0f}s (above {grade[1]:.0f}s)",
         )
     ]
+
+
+def kafka_lag_rule(lags: Sequence[PartitionLag], t: JobSettings) -> list[Observation]:
+    """Consumer lag of each Kafka partition (``consume --source kafka``): messages behind its
+    end, one alert per partition (the subject is ``"<topic>/<partition>"``).
+
+    A partition whose consumer stopped or fell silent keeps its last known lag, said as such,
+    instead of resolving: nobody consumes it, so its lag has not dropped
+    (:func:`pipeline.status.kafka_lags`).
+    """
+    out = []
+    for lag in lags:
+        grade = _grade(
+            lag.messages, t.alert_kafka_lag_warning, t.alert_kafka_lag_critical, above=True
+        )
+        if not grade:
+            continue
+        if lag.current:
+            behind = f"is {lag.messages:,} messages behind its end"
+        else:
+            when = datetime.fromtimestamp(lag.updated_at, UTC)
+            behind = (
+                f"was {lag.messages:,} messages behind its end when its consumer stopped "
+                f"reporting at {when:%Y-%m-%d %H:%M:%S} UTC; nobody reports it now"
+            )
+        out.append(
+            Observation(
+                "consumer_lag",
+                lag.key,
+                grade[0],
+                float(lag.messages),
+                float(grade[1]),
+                f"Kafka partition {lag.key} {behind} (above {grade[1]:,})",
+            )
+        )
+    return out
 
 
 def budget_rules(
@@ -337,12 +375,14 @@ def observe(
     layout: Layout, location: LakeLocation, t: JobSettings, *, now: datetime
 ) -> list[Observation]:
     """Every rule's observations now (the I/O edge around the pure rules): the ledger from the
-    lake at ``location``, the spool, rollups and budgets from ``layout``."""
+    lake at ``location``; the spool, the consumers' statuses, rollups and budgets from
+    ``layout``."""
     ledger = recent_ledger(location, now, t.alert_window)
     age = oldest_waiting_age(layout.incoming, now.timestamp())
     return (
         ops_rules(ledger, backlog_age_s=age, t=t)
         + lag_rule(age, t)
+        + kafka_lag_rule(kafka_lags(read_statuses(layout.state), now.timestamp()), t)
         + budget_rules(_today_spend(layout, now), _budgets(layout), now=now, t=t)
     )
 
