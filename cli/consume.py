@@ -13,10 +13,17 @@ from pipeline.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from pipeline.consumer import Consumer
+    from pipeline.kafka_consumer import KafkaLander
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true", help="process what is waiting, then exit")
+    parser.add_argument(
+        "--source",
+        dest="consumer_source",
+        choices=["spool", "kafka"],
+        help="read this machine's spool (default) or the Kafka topic (CONSUMER_SOURCE)",
+    )
     parser.add_argument("--redis-url", help="Redis key cache URL (overrides REDIS_URL)")
     parser.add_argument("--dedupe-window", help="dedupe window, e.g. 15m, 1h (DEDUPE_WINDOW)")
     parser.add_argument(
@@ -41,6 +48,11 @@ def _consume(args: argparse.Namespace, settings: Settings, stop: threading.Event
         location.check()  # a wrong LAKE_URI or AWS_* setting stops here, naming the setting
     except LakeConfigError as exc:
         print(f"adevents consume: {exc}", file=sys.stderr)
+        return 2
+    if settings.consumer_source == "kafka" and not settings.kafka.kafka_bootstrap_servers:
+        print(
+            "adevents consume: KAFKA_BOOTSTRAP_SERVERS is not set (--source kafka)", file=sys.stderr
+        )
         return 2
     try:
         consumer = _wait_for_consumer(settings, stop, once=args.once)
@@ -74,7 +86,7 @@ def _consume(args: argparse.Namespace, settings: Settings, stop: threading.Event
     return 0
 
 
-def _cache_stats(consumer: Consumer) -> dict[str, object]:
+def _cache_stats(consumer: Consumer | KafkaLander) -> dict[str, object]:
     """The key cache's size, or why it could not be read (Redis down at exit is no crash)."""
     from pipeline.retry import classify
 
@@ -88,7 +100,9 @@ def _cache_stats(consumer: Consumer) -> dict[str, object]:
     return {"keys": cache.keys, "bytes": cache.bytes, "bytes_per_key": cache.bytes_per_key}
 
 
-def _wait_for_consumer(settings: Settings, stop: threading.Event, *, once: bool) -> Consumer | None:
+def _wait_for_consumer(
+    settings: Settings, stop: threading.Event, *, once: bool
+) -> Consumer | KafkaLander | None:
     """Build the consumer, waiting out a key cache that cannot be reached yet.
 
     A single Redis is connected lazily (the consumer's run waits for it); a Redis Cluster's

@@ -378,3 +378,9 @@ def check(table: pa.Table, *, now_ms: int) -> Checked:
     accepted = table.filter(pa.array((~bad).to_numpy()))
     rejections = list(zip(bad.arg_true().to_list(), rejected["reason"].to_list(), strict=True))
     return Checked(accepted, rejected, rejections)
+
+
+def read_arrow_stream(body: bytes) -> pa.Table:
+    """An Arrow IPC stream from outside (a Kafka message), validated, as it is (not normalised);
+    BodyError when it is not one."""
+    return _read_arrow(body, ARROW_STREAM)

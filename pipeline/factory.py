@@ -10,6 +10,7 @@ from pipeline.settings import Settings
 
 if TYPE_CHECKING:
     from pipeline.consumer import Consumer
+    from pipeline.kafka_consumer import KafkaLander
 
 
 def make_key_cache(settings: Settings) -> KeyCache:
@@ -33,8 +34,13 @@ def make_key_cache(settings: Settings) -> KeyCache:
     return EmbeddedKeyCache(layout.state, window_ms=window_ms, slice_ms=slice_ms)
 
 
-def make_consumer(settings: Settings) -> Consumer:
-    """A consumer for ``adevents consume``, on its slot of this machine's spool."""
+def make_consumer(settings: Settings) -> Consumer | KafkaLander:
+    """A consumer for ``adevents consume``: on its slot of this machine's spool, or (with
+    CONSUMER_SOURCE=kafka) a member of the Kafka consumer group."""
+    if settings.consumer_source == "kafka":
+        from pipeline.kafka_consumer import KafkaLander
+
+        return KafkaLander(settings, make_key_cache(settings))
     from pipeline.consumer import Consumer
 
     return Consumer(settings, make_key_cache(settings))

@@ -135,11 +135,17 @@ class Lander:
         return rows
 
     def _restore_claims(self, version: int, ledger: Sequence[LedgerRow]) -> None:
-        """Put a committed group's keys (back) into the key cache, as its claim left them."""
-        lows = [r.min_event_time for r in ledger if r.min_event_time is not None]
-        highs = [r.max_event_time for r in ledger if r.max_event_time is not None]
-        if not lows:
-            return
-        ids = {r.batch_id for r in ledger}
-        keys, top = batch_keys(self.lake, ids, (min(lows), max(highs)), self.slice_ms)
-        self.cache.restore(self.claim_id(version), keys, top)
+        restore_claims(self.lake, self.cache, self.claim_id(version), ledger, self.slice_ms)
+
+
+def restore_claims(
+    lake: LakeWriter, cache: KeyCache, claim_id: str, ledger: Sequence[LedgerRow], slice_ms: int
+) -> None:
+    """Put a committed group's keys (back) into the key cache, as its claim left them."""
+    lows = [r.min_event_time for r in ledger if r.min_event_time is not None]
+    highs = [r.max_event_time for r in ledger if r.max_event_time is not None]
+    if not lows:
+        return
+    ids = {r.batch_id for r in ledger}
+    keys, top = batch_keys(lake, ids, (min(lows), max(highs)), slice_ms)
+    cache.restore(claim_id, keys, top)

@@ -146,7 +146,16 @@ def classify(exc: BaseException) -> str | None:
         return "disk_full"
     if isinstance(exc, OSError) and exc.errno in _LAKE_DOWN:
         return "lake_unavailable"
-    return _lake_fault(exc)
+    return _kafka_fault(exc) or _lake_fault(exc)
+
+
+def _kafka_fault(exc: BaseException) -> str | None:
+    from lake.writer import TxnOverlapError
+    from pipeline.kafka import is_retriable
+
+    if isinstance(exc, TxnOverlapError):
+        return "partition_moved"
+    return "kafka_unavailable" if is_retriable(exc) else None
 
 
 def _lake_fault(exc: BaseException) -> str | None:

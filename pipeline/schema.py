@@ -68,7 +68,7 @@ ENTRY_REASONS: Final = (
     "file_too_large",  # larger than the spool's size limit: never mapped
 )
 #: Whole-file quarantine reasons (the file is moved to ``quarantine/files/<batch_id>/``).
-FILE_REASONS: Final = ("unreadable_file", "schema_mismatch", *ENTRY_REASONS)
+FILE_REASONS: Final = ("unreadable_file", "unreadable_message", "schema_mismatch", *ENTRY_REASONS)
 
 UTC_MS: Final = pl.Datetime("ms", "UTC")
 #: Epoch-millisecond lengths of the lake's time buckets and partitions (UTC minutes, hours, days).
