@@ -46,13 +46,10 @@ def _consume(args: argparse.Namespace, settings: Settings, stop: threading.Event
     try:
         location = LakeLocation.from_settings(settings)
         location.check()  # a wrong LAKE_URI or AWS_* setting stops here, naming the setting
+        if settings.consumer_source == "kafka" and not settings.kafka.kafka_bootstrap_servers:
+            raise LakeConfigError("KAFKA_BOOTSTRAP_SERVERS is not set (--source kafka)")
     except LakeConfigError as exc:
         print(f"adevents consume: {exc}", file=sys.stderr)
-        return 2
-    if settings.consumer_source == "kafka" and not settings.kafka.kafka_bootstrap_servers:
-        print(
-            "adevents consume: KAFKA_BOOTSTRAP_SERVERS is not set (--source kafka)", file=sys.stderr
-        )
         return 2
     try:
         consumer = _wait_for_consumer(settings, stop, once=args.once)
