@@ -47,7 +47,9 @@ def _consume(args: argparse.Namespace, settings: Settings, stop: threading.Event
         location = LakeLocation.from_settings(settings)
         location.check()  # a wrong LAKE_URI or AWS_* setting stops here, naming the setting
         if settings.consumer_source == "kafka" and not settings.kafka.kafka_bootstrap_servers:
-            raise LakeConfigError("KAFKA_BOOTSTRAP_SERVERS is not set (--source kafka)")
+            raise LakeConfigError(
+                "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS is not set (--source kafka)"
+            )
     except LakeConfigError as exc:
         print(f"adevents consume: {exc}", file=sys.stderr)
         return 2

@@ -221,7 +221,8 @@ class Consumer:
         def claim_keys(keys: Keys, positions: Positions) -> Mask:
             t = time.perf_counter()
             won = self.cache.claim(claim_id, keys, positions) if claim else self._not_claimed(keys)
-            timings["dedupe_ms"] = (time.perf_counter() - t) * 1000
+            # Summed: a group may claim more than once (see decide._claim_other_copies).
+            timings["dedupe_ms"] = timings.get("dedupe_ms", 0.0) + (time.perf_counter() - t) * 1000
             return won
 
         outcomes = decide(

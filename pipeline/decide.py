@@ -225,16 +225,14 @@ def _dedupe(splits: list[_Split], slice_ms: int, claim: Claim) -> None:
     if not len(valid):
         return
     keys = compute_keys(valid["event_id"], valid["event_time"], slice_ms)
+    positions = valid[_POSITION].to_numpy()
     # Copies within the group, found on the 128-bit fingerprints (far cheaper than on the
     # strings); the key cache then decides between groups.
-    first = (
-        pl.DataFrame({"hi": keys.hi, "lo": keys.lo})
-        .select(pl.struct("hi", "lo").is_first_distinct())
-        .to_series()
-        .to_numpy()
-    )
+    fingerprints = pl.DataFrame({"hi": keys.hi, "lo": keys.lo})
+    first = fingerprints.select(pl.struct("hi", "lo").is_first_distinct()).to_series().to_numpy()
     is_new = np.zeros(len(keys), dtype=bool)
-    is_new[first] = claim(keys.take(first), valid[_POSITION].to_numpy()[first])
+    is_new[first] = claim(keys.take(first), positions[first])
+    _claim_other_copies(keys, positions, first, is_new, claim)
     kept = valid.filter(pl.Series(is_new)).drop(_POSITION)
     by_file = kept.partition_by(_FILE, as_dict=True, include_key=False)
     for i, s in enumerate(splits):
@@ -242,6 +240,28 @@ def _dedupe(splits: list[_Split], slice_ms: int, claim: Claim) -> None:
         row = s.outcome.ledger
         row.accepted = len(s.valid)
         row.duplicates = row.rows_in - row.quarantined - len(s.valid)
+
+
+def _claim_other_copies(
+    keys: Keys, positions: Positions, first: Mask, is_new: Mask, claim: Claim
+) -> None:
+    """Ask again, copy by copy, for keys whose first copy in the group was refused but which
+    the group holds at other positions too: a redo whose boundaries differ from its dead
+    attempt's may meet first a copy the attempt found a duplicate, while the attempt won the
+    key at another copy's position (claims are idempotent per position, not per key). At most
+    one copy of a key is ever True. Rare (a key refused here and copied within the group),
+    so usually no call at all."""
+    order = pl.DataFrame({"hi": keys.hi, "lo": keys.lo, "row": np.arange(len(keys))})
+    refused = order.filter(pl.Series(first & ~is_new)).select("hi", "lo")
+    pending = order.filter(pl.Series(~first)).join(refused, on=["hi", "lo"], how="semi")
+    while len(pending):
+        ask = pending.filter(pl.struct("hi", "lo").is_first_distinct())
+        rows = ask["row"].to_numpy()
+        won = claim(keys.take(rows), positions[rows])
+        is_new[rows] = won
+        settled = ask.filter(pl.Series(won)).select("hi", "lo")
+        pending = pending.filter(~pl.col("row").is_in(ask["row"].implode()))
+        pending = pending.join(settled, on=["hi", "lo"], how="anti")
 
 
 def _enrich(split: _Split, campaigns: pl.DataFrame, now: datetime) -> None:

@@ -595,7 +595,17 @@ class EmbeddedKeyCache:
         new_now = self._set.add_new(keys)
         claimed.add(keys.lo[new_now], positions[new_now])
         won: Mask = new_now | already_mine
-        self._pending.setdefault(stream, {})[batch_id] = (keys.take(won), positions[won])
+        batches = self._pending.setdefault(stream, {})
+        held, at = batches.get(batch_id, (empty_keys(), np.empty(0, np.int64)))
+        # A batch may claim more than once (a retry, or other copies of refused keys): keep
+        # each key it holds once, for its segment.
+        more = won & ~Claimed(pl.DataFrame({"lo": held.lo.view(np.int64), "position": at})).holds(
+            keys.lo, positions
+        )
+        batches[batch_id] = (
+            Keys.concat([held, keys.take(more)]),
+            np.concatenate([at, positions[more]]),
+        )
         return won
 
     def finish(

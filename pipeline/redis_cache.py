@@ -297,6 +297,8 @@ class RedisKeyCache:
         #: (learnt at its last fresh claim, kept up to date by this process's own claims).
         self._claimed: dict[str, Claimed] = {}
         self._records: dict[str, dict[str, Positions]] = {}
+        #: Per stream, the groups whose records were read since its last fresh claim.
+        self._loaded: dict[str, set[int]] = {}
         self._claims_guard = threading.Lock()
 
     @classmethod
@@ -587,6 +589,8 @@ class RedisKeyCache:
     def _packed_claim(
         self, claim: _Claim, epoch: str, part: pl.DataFrame, fine_bits: int
     ) -> tuple[str, bytes]:
+        """One group's EVALSHA; it reads every record of the stream in that group when this
+        process has not since its last fresh claim (records are per group, like the keys)."""
         group = int(part["group"][0])
         listed = self._group_gens()[group]
         runs = (
@@ -623,7 +627,7 @@ class RedisKeyCache:
             str(int(part["slice"][0])),  # sorted by generation within the group: the lowest
             ",".join(f"{g}:{self._bits[g]}" for g in listed),
             str(len(listed)),
-            "1" if claim.fresh else "0",
+            "1" if claim.fresh or group not in self._loaded.get(claim.stream, set()) else "0",
             *joined,
         ]
         nkeys = len(fixed) + len(bucket_keys)
@@ -730,6 +734,9 @@ class RedisKeyCache:
         if len(keys) == 0:
             return result
         claim = _Claim(batch_id, stream or batch_id, fresh)
+        if fresh:
+            with self._claims_guard:  # every group's records are read again as claims reach it
+                self._loaded[claim.stream] = set()
         adopted = False
         scripts_loaded = False
         for _ in range(GENS_RETRIES + 3):
@@ -772,11 +779,12 @@ class RedisKeyCache:
         """Per member (in ``parts`` order): absent from every generation, or won at its
         position by a claim of the stream (an earlier attempt, or another batch)."""
         with self._claims_guard:
-            if claim.fresh:  # every record of the stream came back: what they won replaces ours
-                self._claimed[claim.stream] = Claimed()
-                self._records[claim.stream] = {}
+            # What came back (every record of a group read afresh, or this batch's own) adds
+            # to what is known: an entry of a record gone since is of a position committed,
+            # which this stream never reads again.
             claimed = self._claimed.setdefault(claim.stream, Claimed())
             records = self._records.setdefault(claim.stream, {})
+            loaded = self._loaded.setdefault(claim.stream, set())
             won = []
             for (earlier, *masks), part in zip(replies, parts, strict=True):
                 listed, earlier_won = _parse_records(list(earlier))
@@ -789,7 +797,9 @@ class RedisKeyCache:
                 at = part["position"].to_numpy()
                 won.append(new | claimed.holds(lo, at))
                 claimed.add(lo[new], at[new])
-                name = self._record_key(int(part["group"][0]), claim.stream, claim.batch_id)
+                group = int(part["group"][0])
+                loaded.add(group)
+                name = self._record_key(group, claim.stream, claim.batch_id)
                 records[name] = np.concatenate([records.get(name, at[:0]), at])
             return np.concatenate(won)
 
@@ -849,6 +859,7 @@ class RedisKeyCache:
             if through is None:
                 self._claimed.pop(stream, None)
                 self._records.pop(stream, None)
+                self._loaded.pop(stream, None)
             else:
                 # Records of other batches of the stream (an abandoned attempt, a dead
                 # consumer's) whose every position is committed now: nothing left to redo.

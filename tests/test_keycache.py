@@ -1090,3 +1090,16 @@ def test_redis_drops_the_records_of_committed_claims(redis_url: str, redis_prefi
     finally:
         dead.close()
         heir.close()
+
+
+def test_a_small_fresh_claim_then_the_rest(open_cache: Opener) -> None:
+    """The first claim after a reassignment holds one key; later ones (not fresh) still find
+    what the dead attempt won in every other part of the cache (Redis reads each group's
+    records the first time a claim reaches it)."""
+    dead = open_cache("shared")
+    k = keys_in_slice(400, 5, seed=15)
+    assert dead.claim("g1", k, _at(2, 0, 400), stream="s").all()
+    heir = open_cache("shared", fresh=False) if not isinstance(dead, EmbeddedKeyCache) else dead
+    assert heir.claim("h1", k.take(np.arange(1)), _at(2, 0, 1), stream="s").all()
+    rest = heir.claim("h2", k.take(np.arange(1, 400)), _at(2, 1, 399), stream="s", fresh=False)
+    assert rest.all()
