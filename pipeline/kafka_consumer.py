@@ -186,7 +186,8 @@ class KafkaLander:
         self._last_lag = 0.0
         self._campaigns = empty_campaigns()
         self._campaigns_mtime: float | None = -1.0
-        self._assigned_once = threading.Event()
+        #: Set on the first assignment (a bench starts producing then, past the group join).
+        self.assigned = threading.Event()
 
     # -- the client ------------------------------------------------------------------------------
     def _consumer_config(self) -> dict[str, Any]:
@@ -222,7 +223,7 @@ class KafkaLander:
             self._fresh = True
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
         client.incremental_assign(partitions)
-        self._assigned_once.set()
+        self.assigned.set()
 
     def _on_revoke(self, client: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit the group in the writer before the partitions go; drop what waits."""
@@ -268,6 +269,8 @@ class KafkaLander:
             ledger = self.lake.committed_version(LEDGER.name, state.app_id)
             if events is not None and (ledger is None or ledger < events):
                 self._redo_committed(state.app_id, events)
+            elif events is not None:
+                self._restore_last(state.app_id, events)
             start = OFFSET_BEGINNING if events is None else events + 1
             if state.ready or state.batches:
                 # Dropped what waited (a fault): read it again from the broker.
@@ -322,11 +325,14 @@ class KafkaLander:
             open_batch.events += _events_in(polled)
             state.next_offset = offset + 1
 
-    def _group_due(self) -> bool:
+    def _group_due(self, *, idle: bool = False) -> bool:
         waiting = sum(p.buffered() for p in self._partitions.values())
         if waiting >= self.settings.commit_target_rows:
             return True
-        return waiting > 0 and time.monotonic() - self._last_group >= self.settings.commit_interval
+        # ``idle``: draining and a poll found nothing new, so no more is coming; land what
+        # waits now rather than after COMMIT_INTERVAL, as the spool consumer's --once does.
+        late = time.monotonic() - self._last_group >= self.settings.commit_interval
+        return waiting > 0 and (idle or late)
 
     def campaigns(self) -> pl.DataFrame:
         try:
@@ -502,6 +508,16 @@ class KafkaLander:
             outcome.poison.message,
         )
 
+    def _restore_last(self, app_id: str, version: int) -> None:
+        """Put the keys of a partition's last landed group back into the key cache: a crash
+        between its ledger commit and its finish left them out of a cache whose claims die
+        with the process (the embedded one). Idempotent; a no-op for a cache that has them."""
+        raw = self.lake.group_metadata(EVENTS.name, GROUP_KEY, app_id, version)
+        if raw is None:
+            return  # landed before this record existed, or by a spool consumer
+        ledger = [LedgerRow(**row) for row in json.loads(raw)["ledger"]]
+        restore_claims(self.lake, self.cache, f"restore:{app_id}", ledger, self.slice_ms)
+
     def _redo_committed(self, app_id: str, version: int) -> None:
         """Finish a group whose events commit landed but whose ledger did not (its writer died
         between them): the same quarantine and ledger rows, from its recorded ranges."""
@@ -531,10 +547,20 @@ class KafkaLander:
         self._finish(landing, [replace(r) for r in ledger], write_ms=None, started=None)
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self, *, once: bool = False, stop: threading.Event | None = None) -> Totals:
+    def run(
+        self,
+        *,
+        once: bool = False,
+        stop: threading.Event | None = None,
+        drain: threading.Event | None = None,
+    ) -> Totals:
         """Consume until stopped (or, with ``once``, until the assigned partitions are read to
-        their end). Transient faults are waited out as the spool consumer does."""
+        their end; ``drain`` does the same from the moment it is set, for a caller that knows
+        its producers are done). Transient faults are waited out as the spool consumer does."""
         stop = stop or threading.Event()
+        drain = drain or threading.Event()
+        if once:
+            drain.set()
         supervisor = Supervisor(
             self.status,
             stop,
@@ -553,7 +579,7 @@ class KafkaLander:
                     on_revoke=self._on_revoke,
                     on_lost=self._on_revoke,
                 )
-                self._loop(supervisor, once, stop)
+                self._loop(supervisor, drain, stop)
                 try:
                     client.close()  # leaves the group: the revoke callback settles the writer
                 except Exception as exc:
@@ -562,16 +588,17 @@ class KafkaLander:
             self.status.stop()
         return self.totals
 
-    def _loop(self, supervisor: Supervisor, once: bool, stop: threading.Event) -> None:
+    def _loop(self, supervisor: Supervisor, drain: threading.Event, stop: threading.Event) -> None:
         assert self._client is not None
         while not stop.is_set():
             try:
+                once = drain.is_set()
                 messages = self._client.consume(POLL_MESSAGES, self.settings.poll_interval)
                 stale = self._resume() if self._need_resume else set()
                 with self._guard:
                     self._buffer(messages, stale)
                 self._publish_lag()
-                if self._group_due():
+                if self._group_due(idle=once and not messages):
                     landing = self._next_landing()
                     self._settle()
                     if landing is not None:
@@ -623,7 +650,7 @@ class KafkaLander:
 
     def _caught_up(self) -> bool:
         """``once``: every assigned partition read to its end and landed."""
-        if self._in_flight is not None or not self._assigned_once.is_set() or self._need_resume:
+        if self._in_flight is not None or not self.assigned.is_set() or self._need_resume:
             return False
         assert self._client is not None
         with self._guard:

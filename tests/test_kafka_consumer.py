@@ -164,15 +164,32 @@ def test_json_events_and_bad_messages(cluster: MockCluster, topic: str, tmp_path
     assert quarantined["source_file"].str.contains(rf"^kafka:{topic}/\d@\d+$").all()
 
 
-@pytest.mark.parametrize("point", ["after_claim", "after_events_commit", "after_ledger_commit"])
+@pytest.mark.parametrize(
+    ("point", "cache"),
+    [
+        ("after_claim", "redis"),
+        ("after_events_commit", "redis"),
+        ("after_ledger_commit", "redis"),
+        ("after_ledger_commit", "embedded"),
+    ],
+)
 def test_kill9_then_a_restart_that_batches_otherwise(
-    cluster: MockCluster, topic: str, tmp_path: Path, shared_redis: dict[str, str], point: str
+    cluster: MockCluster,
+    topic: str,
+    tmp_path: Path,
+    *,
+    request: pytest.FixtureRequest,
+    point: str,
+    cache: str,
 ) -> None:
     """kill -9 after the claims (before any commit), between the events and the ledger
     commits, and between the Delta commits and Kafka's offset commit; the restart forms other
-    batches. Every event lands once; what was committed is not read again."""
+    batches. Every event lands once; what was committed is not read again. The embedded key
+    cache loses its process's claims and the finish of the group in flight: the restart puts
+    that group's keys back from the lake."""
     data = tmp_path / "data"
-    env = kafka_env(cluster, topic, data, **shared_redis)
+    redis_env = request.getfixturevalue("shared_redis") if cache == "redis" else {}
+    env = kafka_env(cluster, topic, data, **redis_env)
     truth = generate(env, data, 20_000, seed=7)
     crashing = ConsumerProcess(
         {**env, "ADEVENTS_CRASH_AT": f"{point}:2"}, tmp_path / "c1.log", ("--once",)
