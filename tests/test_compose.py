@@ -4,15 +4,24 @@ of this version, every variable one the settings know, and the image is slim and
 Docker does not run on the machine CI uses, so nothing here starts the stack: MinIO's and
 Redis's own commands are checked for the options adevents relies on, not executed. Prometheus's
 and Grafana's files under deploy/ are checked against the mounts that carry them here; a real
-Prometheus runs them in tests/test_prometheus.py."""
+Prometheus runs them in tests/test_prometheus.py. The Kafka profile's broker and topic are
+checked for what the consumers rely on (one node's listeners, replication, partitions); its
+adevents health checks run here against librdkafka's mock cluster and a real Redis."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import json
+import os
 import re
 import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -20,9 +29,22 @@ import pytest
 import yaml
 
 from cli import COMMANDS, build_parser
+from pipeline.kafka_testing import MockCluster
+from pipeline.schema import Layout
 from pipeline.settings import Settings
+from pipeline.status import ConsumerStatus, State, write_status
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The Kafka path: started only by `docker compose --profile kafka`.
+KAFKA_PROFILE = {
+    "kafka",
+    "kafka-init",
+    "generator-kafka",
+    "consumer-kafka-0",
+    "consumer-kafka-1",
+    "consumer-kafka-2",
+    "ingest-kafka",
+}
 SERVICES = {
     "redis",
     "minio",
@@ -34,9 +56,10 @@ SERVICES = {
     "scheduler",
     "prometheus",
     "grafana",
+    *KAFKA_PROFILE,
 }
 #: Services that run something other than adevents.
-OTHERS = {"redis", "minio", "minio-init", "prometheus", "grafana"}
+OTHERS = {"redis", "minio", "minio-init", "prometheus", "grafana", "kafka", "kafka-init"}
 RESTART_POLICIES = {"always", "unless-stopped", "on-failure"}
 RUNTIME_LOCK = "requirements/runtime.lock"
 
@@ -110,6 +133,17 @@ def test_the_services(services: dict[str, dict[str, Any]]) -> None:
     # Two consumers on two slots of one spool: never two processes on one slot.
     slots = [services[f"consumer-{n}"]["environment"]["CONSUMER_SLOT"] for n in (0, 1)]
     assert slots == ["0", "1"]
+    # The Kafka path is a profile: `docker compose up` without it starts what it always did.
+    for name, service in services.items():
+        assert service.get("profiles", []) == (["kafka"] if name in KAFKA_PROFILE else []), name
+
+
+def test_without_the_profile_nothing_waits_for_a_kafka_service(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, service in services.items():
+        if name not in KAFKA_PROFILE:
+            assert not set(service.get("depends_on", {})) & KAFKA_PROFILE, name
 
 
 def test_the_lake_is_minio_with_its_bucket_made_before_adevents_starts(
@@ -145,6 +179,8 @@ def test_every_command_is_a_real_command_of_this_version(
 ) -> None:
     expected = {"generator": "generate", "api": "serve", "scheduler": "scheduler"}
     expected.update({"consumer-0": "consume", "consumer-1": "consume"})
+    expected.update({"generator-kafka": "generate", "ingest-kafka": "serve"})
+    expected.update({f"consumer-kafka-{n}": "consume" for n in range(3)})
     for name, service in app_services(services).items():
         args = argv(service["command"])
         assert args[0] in ("adevents", "litestar"), name
@@ -306,6 +342,247 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(
 def test_monitoring_keeps_its_data_in_named_volumes(compose: dict[str, Any]) -> None:
     assert {"prometheus", "grafana"} <= set(compose["volumes"])
     assert "grafana:/var/lib/grafana" in compose["services"]["grafana"]["volumes"]
+
+
+# -- Kafka (`--profile kafka`) -----------------------------------------------------------------
+def listeners(text: str) -> dict[str, str]:
+    """``NAME://host:port,NAME://host:port`` -> {NAME: "host:port"}."""
+    return dict(item.split("://", 1) for item in text.split(","))
+
+
+def port_of(address: str) -> str:
+    return address.rsplit(":", 1)[1]
+
+
+def settings_of(service: dict[str, Any]) -> Settings:
+    return Settings.from_env({k: str(v) for k, v in service["environment"].items()})
+
+
+def kafka_users(services: dict[str, dict[str, Any]]) -> dict[str, Settings]:
+    """The adevents services that talk to Kafka, with their settings."""
+    found = {n: settings_of(s) for n, s in app_services(services).items()}
+    return {n: s for n, s in found.items() if s.kafka.kafka_bootstrap_servers}
+
+
+def kafka_consumers(services: dict[str, dict[str, Any]]) -> dict[str, Settings]:
+    return {
+        name: settings
+        for name, settings in kafka_users(services).items()
+        if argv(services[name]["command"])[1] == "consume" and settings.consumer_source == "kafka"
+    }
+
+
+def broker_address(services: dict[str, dict[str, Any]]) -> str:
+    """host:port the other services reach the broker at: its advertised PLAINTEXT listener."""
+    env = services["kafka"]["environment"]
+    return listeners(env["KAFKA_ADVERTISED_LISTENERS"])["PLAINTEXT"]
+
+
+def test_the_broker_is_one_pinned_kraft_node_on_a_named_volume(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    kafka = services["kafka"]
+    assert re.fullmatch(r"apache/kafka:\d+\.\d+\.\d+", kafka["image"]), kafka["image"]
+    assert services["kafka-init"]["image"] == kafka["image"]
+    env = {k: str(v) for k, v in kafka["environment"].items()}
+    # KRaft: broker and controller in one process, the only voter of its quorum.
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    bound = listeners(env["KAFKA_LISTENERS"])
+    controller = env["KAFKA_CONTROLLER_LISTENER_NAMES"]
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == (
+        f"{env['KAFKA_NODE_ID']}@localhost:{port_of(bound[controller])}"
+    )
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", env["CLUSTER_ID"])  # a base64 UUID, fixed
+    # Every listener speaks PLAINTEXT; the services' one is advertised under the service's name.
+    protocols = dict(
+        pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    )
+    assert set(protocols) == set(bound) and set(protocols.values()) == {"PLAINTEXT"}
+    advertised = listeners(env["KAFKA_ADVERTISED_LISTENERS"])
+    assert controller not in advertised and set(advertised) <= set(bound)
+    for name, address in advertised.items():
+        assert port_of(address) == port_of(bound[name]), name
+    assert advertised["PLAINTEXT"] == f"kafka:{port_of(bound['PLAINTEXT'])}"
+    assert env["KAFKA_INTER_BROKER_LISTENER_NAME"] == "PLAINTEXT"
+    # One node: the group coordinator's offsets topic (and the transaction log) can have one
+    # replica only, or the consumer group never forms.
+    for key in ("OFFSETS_TOPIC_REPLICATION_FACTOR", "TRANSACTION_STATE_LOG_REPLICATION_FACTOR"):
+        assert env[f"KAFKA_{key}"] == "1", key
+    assert env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == "1"
+    # Its log survives a restart of the container.
+    assert "kafka" in compose["volumes"]
+    assert f"kafka:{env['KAFKA_LOG_DIRS']}" in kafka["volumes"]
+    # No authentication: published on this host's loopback only, as the listener advertised
+    # to tools there.
+    ports = published(kafka)
+    assert ports and all(host.startswith("127.0.0.1:") for host in ports.values())
+    for container, host in ports.items():
+        assert host == f"127.0.0.1:{container}"
+        assert host in advertised.values() and port_of(host) != port_of(advertised["PLAINTEXT"])
+    assert kafka["restart"] == "unless-stopped"
+    test = argv(kafka["healthcheck"]["test"][1:])
+    assert test[0] == "/opt/kafka/bin/kafka-broker-api-versions.sh"
+    assert test[test.index("--bootstrap-server") + 1] == f"localhost:{port_of(bound['PLAINTEXT'])}"
+
+
+def test_the_topic_is_made_with_its_partitions_before_anything_uses_it(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    init = services["kafka-init"]
+    assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert argv(init["entrypoint"]) == ["/opt/kafka/bin/kafka-topics.sh"]
+    args = argv(init["command"])
+    value = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+    assert "--create" in args and "--if-not-exists" in args  # a restart is no error
+    assert value["--bootstrap-server"] == broker_address(services)
+    assert value["--replication-factor"] == "1"
+    # The partitions KAFKA_NUM_PARTITIONS gives a topic made on first use, and more than the
+    # group has members (a member beyond the partitions would have none).
+    partitions = int(value["--partitions"])
+    assert str(partitions) == str(services["kafka"]["environment"]["KAFKA_NUM_PARTITIONS"])
+    assert partitions > len(kafka_consumers(services))
+    users = kafka_users(services)
+    assert set(users) == KAFKA_PROFILE - OTHERS  # the default services never talk to Kafka
+    for name, settings in users.items():
+        assert settings.kafka.kafka_topic == value["--topic"], name
+        assert settings.kafka.kafka_bootstrap_servers == broker_address(services), name
+        assert settings.kafka.kafka_security_protocol == "PLAINTEXT", name
+        waits = services[name]["depends_on"]
+        assert waits["kafka"]["condition"] == "service_healthy", name
+        assert waits["kafka-init"]["condition"] == "service_completed_successfully", name
+    assert "--kafka" in argv(services["generator-kafka"]["command"])
+
+
+def test_kafka_consumers_are_one_group_each_on_a_slot_of_its_own(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    consumers = kafka_consumers(services)
+    assert set(consumers) == {f"consumer-kafka-{n}" for n in range(3)}
+    # One group: the same group id and topic, so the same Delta app ids for every partition.
+    assert len({(s.kafka.kafka_group_id, s.kafka.kafka_topic) for s in consumers.values()}) == 1
+    # The spool's consumers stay on the spool.
+    assert settings_of(services["consumer-0"]).consumer_source == "spool"
+    assert settings_of(services["consumer-1"]).consumer_source == "spool"
+    # Every consumer shares the one data volume, so each needs a CONSUMER_SLOT of its own (and
+    # Redis, under which slots are shared): one service each, never `deploy.replicas`, whose
+    # copies would all start on one slot.
+    every = {
+        n: settings_of(s)
+        for n, s in app_services(services).items()
+        if argv(s["command"])[1] == "consume"
+    }
+    slots = [s.consumer_slot for s in every.values()]
+    assert len(set(slots)) == len(slots), slots
+    for name, settings in consumers.items():
+        assert "deploy" not in services[name], name
+        assert settings.redis_url, name
+    # Names of their own: the ledger's, and the status file the health check reads.
+    names = [s.consumer_name for s in consumers.values()]
+    assert all(names) and len(set(names)) == len(names)
+
+
+def test_the_kafka_ingest_publishes_to_the_topic_on_a_port_of_its_own(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    ingest = services["ingest-kafka"]
+    assert settings_of(ingest).ingest.ingest_sink == "kafka"
+    assert settings_of(services["api"]).ingest.ingest_sink == "spool"
+    args = argv(ingest["command"])
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    port = args[args.index("--port") + 1]
+    assert list(published(ingest)) == [int(port)]
+    assert not set(published(ingest).values()) & set(published(services["api"]).values())
+    assert f":{port}/health" in " ".join(argv(ingest["healthcheck"]["test"][1:]))
+
+
+def health_check(
+    service: dict[str, Any], tmp_path: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``service``'s ``python -c`` health check here, in its environment with ``env``
+    instead (DATA_DIR under tmp_path)."""
+    test = service["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    merged = {k: str(v) for k, v in service["environment"].items()}
+    merged.update(DATA_DIR=str(tmp_path), **env)
+    # Nothing of adevents' own from this process's environment: the service's alone counts.
+    known = {name for name, _, _ in Settings.describe()}
+    base = {k: v for k, v in os.environ.items() if k not in known}
+    return subprocess.run(
+        [sys.executable, "-c", test[3]],
+        cwd=ROOT,
+        env={**base, **merged},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port nothing listens on (bound, never listening, for the block)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+def test_the_kafka_generator_health_check_asks_the_broker(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    generator = services["generator-kafka"]
+    topic = settings_of(generator).kafka.kafka_topic
+    with MockCluster(brokers=1) as cluster:
+        cluster.create_topic(topic)
+        done = health_check(generator, tmp_path, KAFKA_BOOTSTRAP_SERVERS=cluster.bootstrap)
+        assert done.returncode == 0, done.stderr
+    # Nobody listening: the metadata request times out and the check fails.
+    with closed_port() as port:
+        done = health_check(generator, tmp_path, KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}")
+    assert done.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("statuses", "healthy"),
+    [
+        pytest.param([], False, id="no-status-yet"),
+        pytest.param([("self", "running", 0, 10)], True, id="running"),
+        pytest.param([("self", "retrying", 0, 10)], False, id="retrying"),
+        pytest.param([("self", "running", 60, 10)], False, id="stale"),
+        pytest.param([("self", "running", 0, 10**9)], False, id="lagging"),
+        pytest.param(
+            [("self", "running", 0, 10), ("other", "running", 0, 10**9)], True, id="other-lags"
+        ),
+        pytest.param([("other", "running", 0, 10)], False, id="only-another-member"),
+    ],
+)
+def test_the_kafka_consumer_health_check_reads_its_own_status(
+    services: dict[str, dict[str, Any]],
+    tmp_path: Path,
+    redis_url: str,
+    statuses: list[tuple[str, State, float, int]],
+    healthy: bool,
+) -> None:
+    """Healthy while Redis answers and this member's status (by CONSUMER_NAME) is fresh and
+    running, with none of its partitions past ALERT_KAFKA_LAG_CRITICAL."""
+    consumer = services["consumer-kafka-1"]
+    settings = settings_of(consumer)
+    assert settings.jobs.alert_kafka_lag_critical < 10**9
+    now = time.time()
+    for n, (who, state, age, lag) in enumerate(statuses):
+        name = settings.consumer_name if who == "self" else "consumer-kafka-9"
+        write_status(
+            Layout(str(tmp_path)).state,
+            ConsumerStatus(
+                name=name,
+                pid=1,
+                state=state,
+                since=now - age,
+                updated_at=now - age,
+                kafka_lag={f"{settings.kafka.kafka_topic}/{n}": lag},
+            ),
+        )
+    done = health_check(consumer, tmp_path, REDIS_URL=redis_url)
+    assert (done.returncode == 0) == healthy, done.stderr
 
 
 # -- Dockerfile --------------------------------------------------------------------------------
