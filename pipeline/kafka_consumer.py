@@ -272,6 +272,7 @@ class KafkaLander:
             elif events is not None:
                 self._restore_last(state.app_id, events)
             start = OFFSET_BEGINNING if events is None else events + 1
+            self._check_not_behind(state, events)
             if state.ready or state.batches:
                 # Dropped what waited (a fault): read it again from the broker.
                 self._client.seek(TopicPartition(self.topic, state.partition, start))
@@ -507,6 +508,32 @@ class KafkaLander:
             outcome.poison.reason,
             outcome.poison.message,
         )
+
+    def _check_not_behind(self, state: _Partition, events: int | None) -> None:
+        """Say so, loudly, when a partition ends before what the lake holds of it: the topic
+        was deleted and created again (or its broker's log lost), and its new messages up to
+        that offset would be taken for landed ones. Not guessed around: an operator decides
+        (another KAFKA_GROUP_ID starts the group's app ids afresh)."""
+        assert self._client is not None
+        if events is None:
+            return
+        try:
+            _, high = self._client.get_watermark_offsets(
+                TopicPartition(self.topic, state.partition), timeout=5.0
+            )
+        except KafkaException:
+            return
+        if 0 <= high <= events:
+            log.error(
+                "partition %d of %s ends at offset %d, but the lake already holds it through "
+                "offset %d: was the topic recreated? Its messages up to offset %d are skipped "
+                "as landed; use a new KAFKA_GROUP_ID to land a recreated topic from its start",
+                state.partition,
+                self.topic,
+                high,
+                events,
+                events,
+            )
 
     def _restore_last(self, app_id: str, version: int) -> None:
         """Put the keys of a partition's last landed group back into the key cache: a crash

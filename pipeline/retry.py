@@ -237,7 +237,10 @@ class StatusBoard:
     def set_kafka_lag(self, lag: dict[str, int]) -> None:
         """Publish the lag of each assigned partition (``"<topic>/<partition>"`` -> messages)."""
         with self._guard:
-            self._status = replace(self._status, kafka_lag=dict(lag), updated_at=time.time())
+            now = time.time()
+            self._status = replace(
+                self._status, kafka_lag=dict(lag), kafka_lag_at=now, updated_at=now
+            )
             status = self._status
         write_status(self.state_dir, status)
 

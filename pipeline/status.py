@@ -57,6 +57,9 @@ class ConsumerStatus:
     #: With ``consume --source kafka``: per assigned partition (``"<topic>/<partition>"``), the
     #: messages between the consumer's position and the partition's end, as of ``updated_at``.
     kafka_lag: dict[str, int] | None = None
+    #: When ``kafka_lag`` was measured (epoch seconds): the heartbeat refreshes ``updated_at``
+    #: while a consumer waits out a fault, and its lag is not measured meanwhile.
+    kafka_lag_at: float | None = None
 
     def is_stale(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now
@@ -146,12 +149,14 @@ def kafka_lags(statuses: Iterable[ConsumerStatus], now: float | None = None) -> 
     now = time.time() if now is None else now
     best: dict[tuple[str, int], PartitionLag] = {}
     for s in statuses:
-        current = s.state != "stopped" and not s.is_stale(now)
+        measured = s.kafka_lag_at if s.kafka_lag_at is not None else s.updated_at
+        fresh = now - measured <= STALE_SECONDS
+        current = s.state != "stopped" and not s.is_stale(now) and fresh
         for key, messages in (s.kafka_lag or {}).items():
             where = _partition(key)
             if where is None:
                 continue  # not a "<topic>/<partition>" key: not written by our consumer
-            lag = PartitionLag(*where, int(messages), s.name, s.updated_at, current)
+            lag = PartitionLag(*where, int(messages), s.name, measured, current)
             seen = best.get(where)
             if seen is None or (lag.current, lag.updated_at) > (seen.current, seen.updated_at):
                 best[where] = lag

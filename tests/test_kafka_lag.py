@@ -54,6 +54,16 @@ def test_each_partition_once_most_behind_first(tmp_path: Path) -> None:
     ]
 
 
+def test_a_lag_not_measured_while_a_consumer_waits_out_a_fault_is_not_current() -> None:
+    """The heartbeat keeps ``updated_at`` fresh while the consumer retries; the lag it
+    measured a minute ago is last known, not current."""
+    waiting = ConsumerStatus(
+        "c", 1, "retrying", updated_at=NOW, kafka_lag={"t/0": 70}, kafka_lag_at=NOW - 60
+    )
+    (lag,) = kafka_lags([waiting], NOW)
+    assert (lag.messages, lag.current, lag.updated_at) == (70, False, NOW - 60)
+
+
 def test_a_stopped_consumers_lag_is_last_known_and_a_newer_report_wins() -> None:
     stopped = status("old", {"t/0": 50}, state="stopped")
     assert [x.current for x in kafka_lags([stopped], NOW)] == [False]
