@@ -224,7 +224,12 @@ def test_three_consumers_kill9_and_a_newcomer(
             tmp_path / f"c{i}.log",
         ).start()
         for i, extra in enumerate(
-            [{}, {"ADEVENTS_CRASH_AT": "after_events_parquet:2"}, {"KAFKA_BATCH_EVENTS": "900"}]
+            # The victim lands small groups: whichever partitions it gets, it dies in its second.
+            [
+                {},
+                {"ADEVENTS_CRASH_AT": "after_events_parquet:2", "COMMIT_TARGET_ROWS": "1000"},
+                {"KAFKA_BATCH_EVENTS": "900"},
+            ]
         )
     ]
     try:
