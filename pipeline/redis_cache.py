@@ -299,6 +299,8 @@ class RedisKeyCache:
         self._records: dict[str, dict[str, Positions]] = {}
         #: Per stream, the groups whose records were read since its last fresh claim.
         self._loaded: dict[str, set[int]] = {}
+        #: Per stream, the epoch what is known of its claims was learnt in.
+        self._claims_epoch: dict[str, str] = {}
         self._claims_guard = threading.Lock()
 
     @classmethod
@@ -742,6 +744,7 @@ class RedisKeyCache:
         for _ in range(GENS_RETRIES + 3):
             frame, parts, fine_bits = self._grouped(keys, positions)
             epoch = self.alive_value
+            self._forget_other_epochs(claim.stream, epoch)
             commands = [self._packed_claim(claim, epoch, p, fine_bits) for p in parts]
             replies = self._send_all(commands)
             errors = [r for r in replies if isinstance(r, Exception)]
@@ -774,6 +777,17 @@ class RedisKeyCache:
             raise redis.RedisError(f"batch {batch_id}: the key cache kept changing; retrying")
         result[frame["row"].to_numpy()] = self._won(claim, replies, parts)
         return result
+
+    def _forget_other_epochs(self, stream: str, epoch: str) -> None:
+        """What this process learnt of a stream's claims holds within one epoch: a rebuild
+        (Redis lost its data) took every record with it, and a claim won before is not the
+        stream's any more (the events table, or another consumer since, has the key)."""
+        with self._claims_guard:
+            if self._claims_epoch.get(stream) != epoch:
+                self._claims_epoch[stream] = epoch
+                self._claimed.pop(stream, None)
+                self._records.pop(stream, None)
+                self._loaded.pop(stream, None)
 
     def _won(self, claim: _Claim, replies: list[Any], parts: list[pl.DataFrame]) -> Mask:
         """Per member (in ``parts`` order): absent from every generation, or won at its

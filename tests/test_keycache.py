@@ -1103,3 +1103,27 @@ def test_a_small_fresh_claim_then_the_rest(open_cache: Opener) -> None:
     assert heir.claim("h1", k.take(np.arange(1)), _at(2, 0, 1), stream="s").all()
     rest = heir.claim("h2", k.take(np.arange(1, 400)), _at(2, 1, 399), stream="s", fresh=False)
     assert rest.all()
+
+
+def test_redis_claims_won_in_a_lost_epoch_are_not_the_streams_any_more(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A consumer claims, Redis loses its data, another consumer rebuilds the cache from the
+    events table (which holds the keys: it landed them). The first consumer's redo must not
+    take its old claims for its own: they belong to the lost epoch."""
+    prefix = f"{redis_prefix}:epochs"
+    first, other = on_shared_redis(redis_url, prefix), on_shared_redis(redis_url, prefix)
+    try:
+        first.rebuild(empty_keys(), None)
+        k = keys_in_slice(100, 5, seed=16)
+        assert first.claim("g1", k, stream="s").all()
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.unlink(key)
+        assert other.needs_rebuild()
+        other.rebuild(k, None)
+        assert not first.needs_rebuild()  # adopts the new epoch
+        assert not first.claim("g1", k, stream="s").any()
+    finally:
+        first.close()
+        other.close()
