@@ -187,7 +187,8 @@ class Claimed:
         if not len(self.frame) or not len(lo):
             return np.zeros(len(lo), dtype=bool)
         asked = pl.DataFrame({"lo": lo.view(np.int64), "position": positions}, schema=_CLAIMED)
-        hit = asked.with_row_index("i").join(self.frame.unique(), on=["lo", "position"])["i"]
+        # A pair held twice only repeats a row index: no unique() pass over the whole frame.
+        hit = asked.with_row_index("i").join(self.frame, on=["lo", "position"])["i"]
         found = np.zeros(len(lo), dtype=bool)
         found[hit.to_numpy()] = True
         return found

@@ -799,22 +799,28 @@ class RedisKeyCache:
             claimed = self._claimed.setdefault(claim.stream, Claimed())
             records = self._records.setdefault(claim.stream, {})
             loaded = self._loaded.setdefault(claim.stream, set())
-            won = []
+            won, won_lo, won_at = [], [], []
             for (earlier, *masks), part in zip(replies, parts, strict=True):
-                listed, earlier_won = _parse_records(list(earlier))
-                claimed.frame = pl.concat([claimed.frame, earlier_won.frame])
-                records.update(listed)
+                if earlier:  # rare: a fresh claim with records left, or a resend
+                    listed, earlier_won = _parse_records(list(earlier))
+                    claimed.add(
+                        earlier_won.frame["lo"].to_numpy().view(np.uint64),
+                        earlier_won.frame["position"].to_numpy(),
+                    )
+                    records.update(listed)
                 new = np.ones(len(part), dtype=bool)
                 for mask in masks:
                     new &= np.frombuffer(bytes(mask), dtype=np.uint8) == ord("0")
                 lo = part["member"].to_numpy().view(np.uint64)
                 at = part["position"].to_numpy()
-                won.append(new | claimed.holds(lo, at))
-                claimed.add(lo[new], at[new])
+                won.append(new | claimed.holds(lo, at) if len(claimed) else new)
+                won_lo.append(lo[new])
+                won_at.append(at[new])
                 group = int(part["group"][0])
                 loaded.add(group)
                 name = self._record_key(group, claim.stream, claim.batch_id)
                 records[name] = np.concatenate([records.get(name, at[:0]), at])
+            claimed.add(np.concatenate(won_lo), np.concatenate(won_at))
             return np.concatenate(won)
 
     def _add_plain(self, keys: Keys) -> None:
