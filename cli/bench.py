@@ -10,6 +10,12 @@ naive baseline (the original design: a Python loop per event, a Redis SET NX per
 pipelined, dicts for enrichment) on a subset, and the DuckDB-only reference (what a data
 engineer writes in an afternoon: per file an anti-join against a table of seen ids, a join with
 the campaigns and a Parquet COPY).
+
+With ``--source kafka`` the same spool files are also published, in order, to a fresh topic of
+librdkafka's mock cluster in this process while a ``KafkaLander`` lands it into a fresh lake
+with a fresh key cache of the same kind; that run is timed from the first publish to the last
+commit (the consumer's group join before it is not: a one-time cost, reported apart),
+reconciled the same way, and reported next to the spool source with their ratio.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import polars as pl
@@ -36,12 +45,37 @@ from generator import ID_SHAPES
 from lake.location import LakeLocation
 from lake.snapshot import snapshot
 from pipeline.groups import waiting_entries
-from pipeline.reconcile import reconcile
+from pipeline.reconcile import ReconcileError, reconcile
 from pipeline.redis_client import connect, used_memory
 from pipeline.schema import EVENT_TYPES, PARQUET_COMPRESSION, Layout
-from pipeline.settings import Settings
+from pipeline.settings import KafkaSettings, Settings
+
+if TYPE_CHECKING:
+    from pipeline.kafka import Publisher
+    from pipeline.kafka_consumer import KafkaLander
 
 NAIVE_SUBSET = 500_000
+
+#: What librdkafka's mock cluster keeps of a partition: it cuts each partition's log to 5 MiB,
+#: oldest messages first, read or not (hard-coded in rdkafka_mock.c), where a broker would keep
+#: days. The bench's producer must not run further ahead of the lander than that.
+MOCK_PARTITION_BYTES: Final = 5 * 1024 * 1024
+#: How much of it the producer may fill ahead of the lander (the rest is for a message's
+#: compressed size varying from the one measured).
+MOCK_FILL: Final = 0.75
+#: The producer's compression: without it the mock holds 4 x 5 MiB, ~180k events, less than one
+#: commit group (COMMIT_TARGET_ROWS, 200k), and the lander would wait for the producer between
+#: groups. zstd holds 2.8-4.8x more (hex33 / sequential ids); lz4's 1.7-2.8x left the lander
+#: waiting (2M events: 219-242k events/s against zstd's 325-368k, same machine). Level 1
+#: compresses as well as librdkafka's default 3 on these events for ~60 % of its CPU, which
+#: this machine's two cores share with the lander.
+KAFKA_COMPRESSION: Final = "zstd"
+KAFKA_COMPRESSION_LEVEL: Final = 1
+#: The lander's client: the mock answers a fetch that found nothing only after
+#: fetch.wait.max.ms (500 ms) even when messages arrive meanwhile, where a broker answers at
+#: once (measured: a message acknowledged by the mock reached a waiting consumer in a median
+#: 364 ms, 10 ms with this); a producer kept close behind the lander meets that wait often.
+MOCK_CONSUMER: Final[dict[str, Any]] = {"fetch.wait.max.ms": 10}
 
 
 @dataclass
@@ -79,6 +113,24 @@ class BenchResult:
     duplicates_expected: int = 0
     reconciled: bool = False
     live: dict[str, Any] = field(default_factory=dict)
+    #: ``--source kafka``: the Kafka source on the same events, beside the spool source (whose
+    #: figure is ``events_per_second``); ``kafka_ratio_to_spool`` is Kafka / spool.
+    source: str = "spool"
+    kafka_events: int = 0
+    kafka_messages: int = 0
+    kafka_groups: int = 0
+    kafka_seconds: float = 0.0
+    kafka_events_per_second: float = 0.0
+    kafka_ratio_to_spool: float = 0.0
+    #: The consumer's group join before its first assignment: waited out, not timed.
+    kafka_join_seconds: float = 0.0
+    kafka_timing: str = ""
+    #: The producer's compression, and how long it waited for the lander to read on (the
+    #: mock keeps 5 MiB of a partition: see ``MockFeed``).
+    kafka_compression: str = KAFKA_COMPRESSION
+    kafka_producer_wait_seconds: float = 0.0
+    kafka_duplicates_dropped: int = 0
+    kafka_reconciled: bool = False
 
 
 def _rss_mb(pid: int) -> float:
@@ -245,6 +297,207 @@ def measure_duckdb(files: list[Path], campaigns: Path, scratch: Path) -> tuple[i
     return written, rows / elapsed if elapsed > 0 else 0.0
 
 
+def kafka_prefix(settings: Settings) -> str:
+    """The Redis key prefix of the Kafka run's own key cache."""
+    return f"{settings.redis_key_prefix}-kafka"
+
+
+class MockFeed:
+    """Publishes the spool's tables to the mock one message at a time, each only once the
+    partitions hold room for it ahead of what the lander has read (``KafkaLander.positions``):
+    a producer as fast as it can be without the mock deleting what the lander has not read."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        lander: KafkaLander,
+        kafka: KafkaSettings,
+        alive: Callable[[], bool],
+    ) -> None:
+        from confluent_kafka import Consumer
+
+        from pipeline.kafka_testing import PARTITIONS
+
+        self.publisher = publisher
+        self.lander = lander
+        self.alive = alive  #: whether the lander still runs (else nothing makes room)
+        self.topic = kafka.kafka_topic
+        self.partitions = range(PARTITIONS)
+        # Reads the partitions' ends only (no group membership, no fetch).
+        self._ends = Consumer(
+            {"bootstrap.servers": kafka.kafka_bootstrap_servers, "group.id": f"{self.topic}-ends"}
+        )
+        self.budget = 0  #: messages a partition may hold ahead of the lander
+        self.published = 0
+        self.waited = 0.0  #: seconds the producer waited for the lander
+
+    def _room(self) -> bool:
+        from confluent_kafka import TopicPartition
+
+        read = self.lander.positions()
+        # Offsets are dense from 0 on a fresh topic: published - read is what waits, anywhere.
+        if self.published - sum(read.values()) < self.budget:
+            return True
+        self.publisher.raise_refused()  # also serves the delivery reports
+        unacknowledged = self.published - self.publisher.delivered
+        ahead = 0
+        for partition in self.partitions:
+            tp = TopicPartition(self.topic, partition)
+            _, end = self._ends.get_watermark_offsets(tp, timeout=5.0)
+            ahead = max(ahead, end - read.get(partition, 0))
+        # Messages not acknowledged yet may all go to the fullest partition.
+        return ahead + unacknowledged < self.budget
+
+    def _wait_for_room(self) -> None:
+        """Room comes when the lander reads on (or, seldom, when a message is acknowledged on
+        another partition than the fullest): check again on the first, or every 50 ms."""
+        waiting = time.perf_counter()
+        while True:
+            seen, checked = self.lander.positions(), time.perf_counter()
+            while self.lander.positions() == seen and time.perf_counter() - checked < 0.05:
+                if not self.alive():
+                    raise SystemExit("adevents bench: the Kafka lander stopped")
+                time.sleep(0.002)
+            if self._room():
+                break
+        self.waited += time.perf_counter() - waiting
+
+    def publish(self, table: pa.Table) -> None:
+        """Queue ``table``'s messages (as ``Publisher.publish_table`` splits it), paced."""
+        from pipeline.kafka import arrow_message, split_batch
+
+        for part in split_batch(table):
+            if not self.budget:  # from the first message, as the producer will compress it
+                codec = pa.Codec(KAFKA_COMPRESSION, compression_level=KAFKA_COMPRESSION_LEVEL)
+                stored = len(codec.compress(arrow_message(part)))
+                self.budget = max(1, int(MOCK_FILL * MOCK_PARTITION_BYTES / stored))
+            if not self._room():
+                self._wait_for_room()
+            self.published += self.publisher.publish_table(part)
+
+    def close(self) -> None:
+        self._ends.close()
+
+
+@dataclass(frozen=True)
+class KafkaFeedRun:
+    """What ``_land_kafka`` measured around the lander."""
+
+    #: Seconds from starting the lander to its first assignment (its group join).
+    joined: float
+    #: Wall-clock time of the first publish.
+    started: float
+    messages: int
+    #: Seconds the producer waited for the lander to read on.
+    waited: float
+
+
+def _land_kafka(settings: Settings, files: list[Path]) -> KafkaFeedRun:
+    """Publish ``files`` (in order) while a ``KafkaLander`` lands the topic, past its join.
+    Every client is gone when this returns (before the mock cluster is)."""
+    from pipeline.factory import make_key_cache
+    from pipeline.kafka import Publisher
+    from pipeline.kafka_consumer import KafkaLander
+
+    lander = KafkaLander(settings, make_key_cache(settings), client_config=MOCK_CONSUMER)
+    lander.start()
+    stop, drain = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def land() -> None:
+        try:
+            lander.run(stop=stop, drain=drain)
+        except BaseException as exc:  # re-raised below, in the bench's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=land, name="adevents-bench-lander")
+    joining = time.perf_counter()
+    thread.start()
+    try:
+        # The mock's coordinator holds a new group ~3 s before assigning: producing starts
+        # after it, as a consumer that joined long ago would see the stream.
+        while not lander.assigned.wait(0.1):
+            if not thread.is_alive() or time.perf_counter() - joining > 120:
+                raise SystemExit(f"adevents bench: the Kafka lander got no partitions: {failed}")
+        joined = time.perf_counter() - joining
+        publisher = Publisher(
+            settings.kafka,
+            **{"compression.type": KAFKA_COMPRESSION, "compression.level": KAFKA_COMPRESSION_LEVEL},
+        )
+        feed = MockFeed(publisher, lander, settings.kafka, thread.is_alive)
+        started = time.time()
+        try:
+            for path in files:
+                with pa.memory_map(str(path)) as source:
+                    feed.publish(ipc.open_file(source).read_all())
+            publisher.flush()
+        finally:
+            feed.close()
+        fed = KafkaFeedRun(joined, started, feed.published, feed.waited)
+        del feed, publisher  # the producer's threads go now, not after the cluster
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        drain.set()  # every message is acknowledged: the lander returns once it landed them
+        thread.join()
+        lander.close()
+    if failed:
+        raise SystemExit(f"adevents bench: the Kafka lander failed: {failed[0]!r}")
+    return fed
+
+
+def measure_kafka(settings: Settings, files: list[Path], truth: Path, result: BenchResult) -> None:
+    """The Kafka source on the same files: a mock cluster in this process, a fresh topic, a
+    fresh DATA_DIR, lake and key cache of the same kind, the spool run's group sizes; events/s
+    from the first publish to the last commit, then reconciled with the generator's truth."""
+    from pipeline.kafka_testing import MockCluster
+
+    with MockCluster() as cluster:
+        topic = f"adevents-bench-{uuid.uuid4().hex[:8]}"
+        cluster.create_topic(topic)
+        kafka = cluster.settings(
+            topic, f"{topic}-group", kafka_batch_events=settings.kafka.kafka_batch_events
+        )
+        lake_uri = settings.lake_uri.rstrip("/")
+        run_settings = settings.replace(
+            data_dir=str(Path(settings.data_dir) / "kafka"),
+            lake_uri=f"{lake_uri}/kafka-source" if lake_uri else "",
+            redis_key_prefix=kafka_prefix(settings),
+            consumer_source="kafka",
+            kafka=kafka,
+        )
+        location = LakeLocation.from_settings(run_settings)
+        refuse_tables(location)
+        layout = Layout(run_settings.data_dir)
+        layout.ensure()
+        campaigns = Layout(settings.data_dir).campaigns
+        if campaigns.exists():  # the same enrichment as the spool run
+            layout.campaigns.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(campaigns, layout.campaigns)
+        fed = _land_kafka(run_settings, files)
+    ledger = read_ledger(location)
+    last_commit = ledger["committed_at"].dt.epoch("ms").max()
+    assert isinstance(last_commit, int)
+    result.kafka_join_seconds = fed.joined
+    result.kafka_messages = fed.messages
+    result.kafka_producer_wait_seconds = fed.waited
+    result.kafka_seconds = last_commit / 1000 - fed.started
+    result.kafka_events = int(ledger["rows_in"].sum())
+    result.kafka_groups = len(commit_groups(ledger))
+    result.kafka_duplicates_dropped = int(ledger["duplicates"].sum())
+    result.kafka_events_per_second = result.kafka_events / max(result.kafka_seconds, 1e-9)
+    result.kafka_timing = (
+        "Kafka source timed from the first publish to the last commit; the consumer's start "
+        f"before it (joining its group: {fed.joined:.1f} s, a one-time cost) is excluded"
+    )
+    try:
+        reconcile(location, truth)
+    except ReconcileError as exc:
+        raise SystemExit(f"adevents bench: the Kafka source's lake is not exact: {exc}") from exc
+    result.kafka_reconciled = True
+
+
 def read_ledger(location: LakeLocation) -> pl.DataFrame:
     """The ledger table's rows (one per spool file), at its latest version."""
     frame = pl.from_arrow(snapshot(location).datasets["ledger"].to_table())
@@ -320,6 +573,7 @@ def print_table(result: BenchResult) -> None:
     table.add_column("value", justify="right")
     rows = [
         ("consumer events/s (end to end)", f"{result.events_per_second:,.0f}"),
+        *kafka_rows(result),
         ("consumer seconds (first read → last commit)", f"{result.consumer_seconds:.2f}"),
         ("spool files / commit groups", f"{result.files:,} / {result.groups:,}"),
         ("ceiling events/s (IPC → Parquet only)", f"{result.ceiling_events_per_second:,.0f}"),
@@ -359,7 +613,40 @@ def print_table(result: BenchResult) -> None:
         rows += [(f"live {k}", str(v)) for k, v in result.live.items()]
     for name, value in rows:
         table.add_row(name, value)
+    table.caption = result.kafka_timing or None
     Console().print(table)
+
+
+def kafka_rows(result: BenchResult) -> list[tuple[str, str]]:
+    """``--source kafka``: the Kafka source's rows of the table, beside the spool's."""
+    if result.source != "kafka":
+        return []
+    return [
+        (
+            "Kafka source events/s (first publish → last commit)",
+            f"{result.kafka_events_per_second:,.0f}",
+        ),
+        ("spool source events/s (same events, same run)", f"{result.events_per_second:,.0f}"),
+        ("ratio Kafka to spool", f"{result.kafka_ratio_to_spool:.2f} ×"),
+        (
+            f"Kafka seconds (group join of {result.kafka_join_seconds:.1f} s excluded)",
+            f"{result.kafka_seconds:.2f}",
+        ),
+        (
+            "Kafka messages / commit groups",
+            f"{result.kafka_messages:,} / {result.kafka_groups:,}",
+        ),
+        (
+            f"Kafka producer waits for the lander ({result.kafka_compression}, mock keeps 5 MiB"
+            " a partition) (s)",
+            f"{result.kafka_producer_wait_seconds:.2f}",
+        ),
+        ("Kafka duplicates dropped", f"{result.kafka_duplicates_dropped:,}"),
+        (
+            "Kafka source reconciled with ground truth",
+            "yes: every event exactly once" if result.kafka_reconciled else "NO",
+        ),
+    ]
 
 
 def _child_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -392,19 +679,17 @@ def bench(
     naive_events: int,
     show_progress: bool,
     ids: str = "sequential",
+    source: str = "spool",
 ) -> BenchResult:
-    """Generate, consume (timed), reconcile, then measure the ceiling, the naive baseline and the
-    DuckDB-only reference."""
+    """Generate, consume (timed), reconcile, with ``source="kafka"`` the Kafka source too, then
+    measure the ceiling, the naive baseline and the DuckDB-only reference."""
     from generator.runner import generate
 
     layout = Layout(settings.data_dir)
     if layout.root.exists() and any(layout.root.iterdir()):
         raise SystemExit(f"adevents bench: {layout.root} is not empty; give an empty --data-dir")
     location = LakeLocation.from_settings(settings)
-    if any(v >= 0 for v in snapshot(location).versions.values()):
-        raise SystemExit(
-            f"adevents bench: the lake at {location.uri} has tables; give an empty LAKE_URI"
-        )
+    refuse_tables(location)
     layout.ensure()
     key_cache = "redis" if settings.redis_url else "embedded"
     result = BenchResult(
@@ -414,6 +699,7 @@ def bench(
         key_cache=key_cache,
         restamp_rate=settings.restamp_rate,
         ids=ids,
+        source=source,
     )
     truth = layout.root / "truth.parquet"
     print(f"generating {events:,} events into {layout.incoming} (not timed)…", file=sys.stderr)
@@ -441,6 +727,12 @@ def bench(
     else:
         result.key_cache_bytes_per_key = float(stats.get("bytes_per_key", 0.0))
     processed = sorted(layout.processed.glob("*.arrow"))
+    if source == "kafka":
+        print("measuring the Kafka source on a mock cluster in this process…", file=sys.stderr)
+        measure_kafka(settings, processed, truth, result)
+        result.kafka_ratio_to_spool = result.kafka_events_per_second / max(
+            result.events_per_second, 1.0
+        )
     print("measuring the ceiling on the same files…", file=sys.stderr)
     result.ceiling_events_per_second = measure_ceiling(processed, layout.root / "ceiling")
     print(f"measuring the naive baseline on {naive_events:,} events…", file=sys.stderr)
@@ -460,6 +752,14 @@ def bench(
     result.ratio_to_naive = result.events_per_second / max(result.naive_events_per_second, 1.0)
     result.ratio_to_duckdb = result.events_per_second / max(result.duckdb_events_per_second, 1.0)
     return result
+
+
+def refuse_tables(location: LakeLocation) -> None:
+    """Stop unless the lake at ``location`` is empty: a bench measures and reconciles its own."""
+    if any(v >= 0 for v in snapshot(location).versions.values()):
+        raise SystemExit(
+            f"adevents bench: the lake at {location.uri} has tables; give an empty LAKE_URI"
+        )
 
 
 def bench_live(
@@ -537,6 +837,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(33 random-looking hex digits, the shape issue 12's targets use)",
     )
     parser.add_argument(
+        "--source",
+        choices=("spool", "kafka"),
+        default="spool",
+        help="spool (default), or kafka: the Kafka source too, on a mock cluster, on the same "
+        "events in the same run, reported beside the spool source with their ratio",
+    )
+    parser.add_argument(
         "--naive-events", type=int, default=NAIVE_SUBSET, help="naive baseline subset"
     )
     parser.add_argument("--json", dest="json_path", help="also write the results as JSON here")
@@ -554,6 +861,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.redis_url:
         settings = settings.replace(redis_key_prefix=f"adevents-bench-{os.getpid()}")
     settings = settings.replace(max_events_per_second=0) if not args.live else settings
+    if args.live and args.source == "kafka":
+        raise SystemExit("adevents bench: --source kafka does not combine with --live")
     own_dir = args.data_dir is None
     if own_dir:
         settings = settings.replace(data_dir=tempfile.mkdtemp(prefix="adevents-bench-"))
@@ -578,6 +887,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 batch_size=args.batch_size,
                 naive_events=args.naive_events,
                 ids=args.ids,
+                source=args.source,
                 show_progress=not args.no_progress and sys.stderr.isatty(),
             )
             print_table(result)
@@ -588,12 +898,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             shutil.rmtree(settings.data_dir, ignore_errors=True)
         if settings.redis_url:
             drop_prefix(settings.redis_url, settings.redis_key_prefix)
+            drop_prefix(settings.redis_url, kafka_prefix(settings))
     return 0
 
 
 def drop_prefix(url: str, prefix: str) -> None:
     """Delete every key under ``prefix`` (a bench run's own key cache)."""
     client = connect(url)
+    keys: list[Any] = []
     for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
-        client.unlink(key)
+        keys.append(key)
+        if len(keys) == 10_000:  # one round trip per key took minutes at 1M events
+            client.unlink(*keys)
+            keys.clear()
+    if keys:
+        client.unlink(*keys)
     client.close()

@@ -620,7 +620,11 @@ class KafkaLander:
         while not stop.is_set():
             try:
                 once = drain.is_set()
-                messages = self._client.consume(POLL_MESSAGES, self.settings.poll_interval)
+                # consume(n, t) waits out t unless n messages come, and a few Arrow messages
+                # hold a group: wait for the first one only, then take what is queued.
+                messages = self._client.consume(1, self.settings.poll_interval)
+                if messages:
+                    messages += self._client.consume(POLL_MESSAGES - 1, 0)
                 stale = self._resume() if self._need_resume else set()
                 with self._guard:
                     self._buffer(messages, stale)
@@ -693,6 +697,14 @@ class KafkaLander:
             if high > 0 and (done is None or done < high - 1):
                 return False
         return True
+
+    def positions(self) -> dict[int, int]:
+        """The next offset to read of each assigned partition this member has read from (what
+        it polled, landed or not): a producer that must not outrun it watches this (the bench,
+        on a mock cluster that keeps only 5 MB of each partition)."""
+        with self._guard:
+            states = list(self._partitions.values())
+        return {s.partition: s.next_offset for s in states if s.next_offset is not None}
 
     def _publish_lag(self) -> None:
         now = time.monotonic()

@@ -14,6 +14,7 @@ from s3_server import S3Server
 
 from cli.bench import STAGES
 from lake.location import LakeLocation
+from lake.snapshot import snapshot
 from lake.testing import append, enriched_frame
 
 
@@ -116,6 +117,44 @@ def test_bench_reconciles_restamped_duplicates(
     assert result["groups"] >= 10  # copies and originals fall in different groups
     assert result["reconciled"] is True
     assert result["duplicates_dropped"] == result["duplicates_expected"] > 0
+
+
+@pytest.mark.parametrize("key_cache", ["embedded", "redis"])
+def test_bench_source_kafka_reconciles_beside_the_spool(
+    tmp_path: Path, key_cache: str, redis_url: str
+) -> None:
+    """``--source kafka``: the same events through a mock cluster in the bench's process,
+    reconciled, reported beside the spool source with their ratio (figures not asserted)."""
+    out = tmp_path / "bench.json"
+    env = clean_env(**({"REDIS_URL": redis_url} if key_cache == "redis" else {}))
+    proc = bench(
+        *("--events", "30000", "--batch-size", "5000", "--naive-events", "1000"),
+        *("--key-cache", key_cache, "--source", "kafka", "--no-progress"),
+        *("--json", str(out), "--data-dir", str(tmp_path / "data")),
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["source"] == "kafka"
+    assert result["reconciled"] is True and result["kafka_reconciled"] is True
+    # The same events: the same duplicates dropped by both sources.
+    assert result["kafka_duplicates_dropped"] == result["duplicates_dropped"] > 0
+    assert result["kafka_events"] >= result["generated_distinct"] > 0
+    assert result["kafka_messages"] >= result["files"] > 0
+    assert result["kafka_events_per_second"] > 0 and result["events_per_second"] > 0
+    assert result["kafka_ratio_to_spool"] > 0
+    assert result["kafka_join_seconds"] > 0 and "join" in result["kafka_timing"]
+    assert "ratio Kafka to spool" in proc.stdout
+    assert "excluded" in proc.stdout  # the group join: said to be left out of the timing
+    # The same enrichment in both lakes (the Kafka run has the spool run's campaigns).
+    enriched = [
+        snapshot(LakeLocation.from_env({"LAKE_URI": str(lake)}))
+        .datasets["events"]
+        .to_table(columns=["advertiser_id"])["advertiser_id"]
+        .null_count
+        for lake in (tmp_path / "data" / "lake", tmp_path / "data" / "kafka" / "lake")
+    ]
+    assert enriched[0] == enriched[1] < result["generated_distinct"]
 
 
 def bench_refusal(tmp_path: Path, env: dict[str, str]) -> str:
