@@ -306,6 +306,17 @@ class KafkaLander:
                 continue  # revoked meanwhile, or landed already (started before the table's end)
             if state.next_offset is not None and offset < state.next_offset:
                 continue  # fetched before a seek back
+            if state.next_offset is not None and offset > state.next_offset:
+                # An idempotent producer's offsets have no holes: these were deleted (retention
+                # outran the group) or compacted away before they landed. Said, not guessed.
+                log.error(
+                    "partition %d of %s: offsets %d-%d were never delivered (deleted by "
+                    "retention before they landed, or compacted); their events are not in the lake",
+                    partition,
+                    self.topic,
+                    state.next_offset,
+                    offset - 1,
+                )
             polled = Polled(
                 partition,
                 offset,
