@@ -29,21 +29,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import numpy as np
-import polars as pl
-
 from lake.location import LakeLocation
 from lake.tables import EVENTS, LEDGER, QUARANTINE
 from lake.writer import DeltaLakeWriter, LakeWriter
 from pipeline import faults
 from pipeline.consumer_lock import ConsumerLock, ConsumerLockedError
-from pipeline.decide import FileInput, decide
-from pipeline.enrich import empty_campaigns, load_campaigns
+from pipeline.decide import FileInput
+from pipeline.enrich import CampaignFile
 from pipeline.fingerprint import Keys
 from pipeline.groups import Intent, Intents
 from pipeline.keycache import CacheLostError, KeyCache, Mask, Positions
 from pipeline.lake import window_keys
-from pipeline.landing import Group, Lander
+from pipeline.landing import Group, Lander, decide_group
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
 from pipeline.schema import Layout, LedgerRow
 from pipeline.settings import Settings
@@ -145,8 +142,7 @@ class Consumer:
             settings.consumer_slot,
             shared=settings.redis_url is not None,
         )
-        self._campaigns = empty_campaigns()
-        self._campaigns_mtime: float | None = -1.0
+        self.campaigns = CampaignFile(self.layout.campaigns)
         self._next_allowed = 0.0
         self._next_version = 0
         self._decided_watermark: int | None = None
@@ -202,46 +198,21 @@ class Consumer:
                 time.perf_counter() - started,
             )
 
-    def campaigns(self) -> pl.DataFrame:
-        try:
-            mtime: float | None = self.layout.campaigns.stat().st_mtime
-        except FileNotFoundError:
-            mtime = None
-        if mtime != self._campaigns_mtime:
-            self._campaigns = load_campaigns(self.layout.campaigns)
-            self._campaigns_mtime = mtime
-        return self._campaigns
-
     # -- reading and deciding ------------------------------------------------------------------
     def _decide(self, intent: Intent, inputs: Sequence[FileInput], *, claim: bool) -> Group:
-        started = time.perf_counter()
         claim_id = self.lander.claim_id(intent.version)
-        timings: dict[str, float] = {}
 
         def claim_keys(keys: Keys, positions: Positions) -> Mask:
-            t = time.perf_counter()
-            won = self.cache.claim(claim_id, keys, positions) if claim else self._not_claimed(keys)
-            # Summed: a group may claim more than once (see decide._claim_other_copies).
-            timings["dedupe_ms"] = timings.get("dedupe_ms", 0.0) + (time.perf_counter() - t) * 1000
-            return won
+            return self.cache.claim(claim_id, keys, positions)
 
-        outcomes = decide(
+        return decide_group(
+            intent,
             inputs,
-            now=datetime.fromtimestamp(intent.now_ms / 1000, UTC),
-            watermark_ms=intent.watermark_ms,
+            claim_keys if claim else None,
             window_ms=self.window_ms,
             slice_ms=self.slice_ms,
-            campaigns=self.campaigns(),
-            claim=claim_keys,
+            campaigns=self.campaigns.current(),
         )
-        total = (time.perf_counter() - started) * 1000
-        timings["validate_ms"] = total - timings.get("dedupe_ms", 0.0)
-        return Group(intent, outcomes, started, timings)
-
-    @staticmethod
-    def _not_claimed(keys: Keys) -> Mask:
-        """The claim of a redo whose events are committed: only its quarantine rows count."""
-        return np.zeros(len(keys), dtype=bool)
 
     def _watermark(self) -> int | None:
         # Groups decided but still being written count too, so that the decisions are the

@@ -27,6 +27,26 @@ def load_campaigns(path: Path) -> pl.DataFrame:
     )
 
 
+class CampaignFile:
+    """The campaign dimension at ``path``, read again whenever the file changes (a consumer
+    picks up an edited dimension without a restart)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._frame = empty_campaigns()
+        self._mtime: float | None = -1.0
+
+    def current(self) -> pl.DataFrame:
+        try:
+            mtime: float | None = self.path.stat().st_mtime
+        except FileNotFoundError:
+            mtime = None
+        if mtime != self._mtime:
+            self._frame = load_campaigns(self.path)
+            self._mtime = mtime
+        return self._frame
+
+
 def enrich(
     events: pl.DataFrame, campaigns: pl.DataFrame, *, batch_id: str, ingested_at: datetime
 ) -> tuple[pl.DataFrame, int]:

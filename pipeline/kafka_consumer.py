@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -50,15 +49,15 @@ from lake.writer import DeltaLakeWriter, LakeWriter
 from pipeline import faults
 from pipeline.consumer import Totals
 from pipeline.consumer_lock import ConsumerLock
-from pipeline.decide import FileInput, FileOutcome, decide
-from pipeline.enrich import empty_campaigns, load_campaigns
+from pipeline.decide import FileInput, FileOutcome
+from pipeline.enrich import CampaignFile
 from pipeline.fingerprint import Keys
 from pipeline.groups import Intent
 from pipeline.kafka import ARROW_STREAM, CONTENT_TYPE, KIND, ClientLog, header
 from pipeline.kafka_batch import Polled, app_id_for, partition_inputs
 from pipeline.keycache import CacheLostError, KeyCache, Mask, Positions
 from pipeline.lake import window_keys
-from pipeline.landing import Group, restore_claims
+from pipeline.landing import Group, decide_group, restore_claims
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
 from pipeline.schema import Layout, LedgerRow, ledger_frame
 from pipeline.settings import Settings
@@ -184,8 +183,7 @@ class KafkaLander:
         self._decided_watermark: int | None = None
         self._last_group = time.monotonic()
         self._last_lag = 0.0
-        self._campaigns = empty_campaigns()
-        self._campaigns_mtime: float | None = -1.0
+        self.campaigns = CampaignFile(self.layout.campaigns)
         #: Set on the first assignment (a bench starts producing then, past the group join).
         self.assigned = threading.Event()
 
@@ -346,16 +344,6 @@ class KafkaLander:
         late = time.monotonic() - self._last_group >= self.settings.commit_interval
         return waiting > 0 and (idle or late)
 
-    def campaigns(self) -> pl.DataFrame:
-        try:
-            mtime: float | None = self.layout.campaigns.stat().st_mtime
-        except FileNotFoundError:
-            mtime = None
-        if mtime != self._campaigns_mtime:
-            self._campaigns = load_campaigns(self.layout.campaigns)
-            self._campaigns_mtime = mtime
-        return self._campaigns
-
     def _watermark(self) -> int | None:
         marks = [m for m in (self.cache.watermark(), self._decided_watermark) if m is not None]
         return max(marks, default=None)
@@ -407,33 +395,19 @@ class KafkaLander:
     def _decide(
         self, intent: Intent, inputs: Sequence[FileInput], claim_id: str, *, claim: bool
     ) -> Group:
-        started = time.perf_counter()
-        timings: dict[str, float] = {}
-
         def claim_keys(keys: Keys, positions: Positions) -> Mask:
-            t = time.perf_counter()
-            if claim:
-                won = self.cache.claim(
-                    claim_id, keys, positions, stream=self.stream, fresh=self._fresh
-                )
-            else:
-                won = np.zeros(len(keys), dtype=bool)
-            # Summed: a group may claim more than once (see decide._claim_other_copies).
-            timings["dedupe_ms"] = timings.get("dedupe_ms", 0.0) + (time.perf_counter() - t) * 1000
-            return won
+            return self.cache.claim(
+                claim_id, keys, positions, stream=self.stream, fresh=self._fresh
+            )
 
-        outcomes = decide(
+        return decide_group(
+            intent,
             inputs,
-            now=datetime.fromtimestamp(intent.now_ms / 1000, UTC),
-            watermark_ms=intent.watermark_ms,
+            claim_keys if claim else None,
             window_ms=self.window_ms,
             slice_ms=self.slice_ms,
-            campaigns=self.campaigns(),
-            claim=claim_keys,
+            campaigns=self.campaigns.current(),
         )
-        total = (time.perf_counter() - started) * 1000
-        timings["validate_ms"] = total - timings.get("dedupe_ms", 0.0)
-        return Group(intent, outcomes, started, timings)
 
     # -- landing ---------------------------------------------------------------------------------
     def _land(self, landing: _Landing) -> list[LedgerRow]:
