@@ -40,7 +40,7 @@ from pipeline.fingerprint import Keys
 from pipeline.groups import Intent, Intents
 from pipeline.keycache import CacheLostError, KeyCache, Mask, Positions
 from pipeline.lake import window_keys
-from pipeline.landing import Group, Lander, decide_group
+from pipeline.landing import Group, Lander, close_cache, decide_group
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
 from pipeline.schema import Layout, LedgerRow
 from pipeline.settings import Settings
@@ -400,14 +400,7 @@ class Consumer:
         return bool(rows)
 
     def close(self) -> None:
-        try:
-            self.cache.close()
-        except Exception as exc:
-            if classify(exc) is None:
-                raise
-            # E.g. no room for the embedded cache's closing snapshot: its segments are on disk,
-            # so the next start loads them; nothing is lost by skipping it.
-            log.warning("closing the key cache: %s", exc)
+        close_cache(self.cache)
         self._lock.release()
 
 

@@ -57,7 +57,7 @@ from pipeline.kafka import ARROW_STREAM, CONTENT_TYPE, KIND, ClientLog, header
 from pipeline.kafka_batch import Polled, app_id_for, partition_inputs
 from pipeline.keycache import CacheLostError, KeyCache, Mask, Positions
 from pipeline.lake import window_keys
-from pipeline.landing import Group, decide_group, restore_claims
+from pipeline.landing import Group, close_cache, decide_group, restore_claims, stamp
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
 from pipeline.schema import Layout, LedgerRow, ledger_frame
 from pipeline.settings import Settings
@@ -448,15 +448,7 @@ class KafkaLander:
         write_ms: float | None,
         started: float | None,
     ) -> list[LedgerRow]:
-        committed_at = _ms(self.clock())
-        for row in rows:
-            row.committed_at = committed_at
-            row.lag_ms = committed_at - (row.arrived_at or committed_at)
-            row.consumer = self.name
-            if write_ms is not None:
-                row.write_ms = write_ms
-            if started is not None:
-                row.processing_ms = (time.perf_counter() - started) * 1000
+        stamp(rows, _ms(self.clock()), self.name, write_ms=write_ms, started=started)
         self._commit(landing.txns, LEDGER.name, ledger_frame(rows))
         self.cache.finish(
             landing.claim_id, landing.group.top(), stream=self.stream, through=landing.through
@@ -712,12 +704,7 @@ class KafkaLander:
         self.status.set_kafka_lag(lag)
 
     def close(self) -> None:
-        try:
-            self.cache.close()
-        except Exception as exc:
-            if classify(exc) is None:
-                raise
-            log.warning("closing the key cache: %s", exc)
+        close_cache(self.cache)
         self._lock.release()
 
 

@@ -9,6 +9,7 @@ attempt decided (not what deciding again, against keys now taken by the group it
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,8 +26,11 @@ from pipeline.fingerprint import Keys
 from pipeline.groups import Intent, Intents
 from pipeline.keycache import CacheLostError, KeyCache, Mask, Positions
 from pipeline.lake import batch_keys
+from pipeline.retry import classify
 from pipeline.schema import ENRICHED_SCHEMA, QUARANTINE_SCHEMA, LedgerRow, ledger_frame
 from pipeline.source import Source
+
+log = logging.getLogger("adevents.consumer")
 
 
 @dataclass
@@ -154,15 +158,7 @@ class Lander:
     ) -> list[LedgerRow]:
         """The ledger commit, then finish the claim and retire the inputs."""
         intent = group.intent
-        committed_at = _ms(self.clock())
-        for row in rows:
-            row.committed_at = committed_at
-            row.lag_ms = committed_at - (row.arrived_at or committed_at)
-            row.consumer = self.consumer
-            if write_ms is not None:
-                row.write_ms = write_ms
-            if started is not None:
-                row.processing_ms = (time.perf_counter() - started) * 1000
+        stamp(rows, _ms(self.clock()), self.consumer, write_ms=write_ms, started=started)
         self._commit(LEDGER.name, ledger_frame(rows), intent.version)
         self.cache.finish(self.claim_id(intent.version), group.top())
         faults.point("after_finish")
@@ -174,6 +170,37 @@ class Lander:
 
     def _restore_claims(self, version: int, ledger: Sequence[LedgerRow]) -> None:
         restore_claims(self.lake, self.cache, self.claim_id(version), ledger, self.slice_ms)
+
+
+def stamp(
+    rows: Sequence[LedgerRow],
+    committed_at: int,
+    consumer: str,
+    *,
+    write_ms: float | None,
+    started: float | None,
+) -> None:
+    """Set the ledger rows' commit time, lag, consumer and (for a first attempt) timings."""
+    for row in rows:
+        row.committed_at = committed_at
+        row.lag_ms = committed_at - (row.arrived_at or committed_at)
+        row.consumer = consumer
+        if write_ms is not None:
+            row.write_ms = write_ms
+        if started is not None:
+            row.processing_ms = (time.perf_counter() - started) * 1000
+
+
+def close_cache(cache: KeyCache) -> None:
+    """Close a key cache at exit; a transient fault then (no room for the embedded cache's
+    closing snapshot, Redis down) loses nothing: its segments are on disk, Redis keeps its
+    keys, and the next start loads them."""
+    try:
+        cache.close()
+    except Exception as exc:
+        if classify(exc) is None:
+            raise
+        log.warning("closing the key cache: %s", exc)
 
 
 def restore_claims(
