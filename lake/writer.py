@@ -355,11 +355,36 @@ def commit_batch(
     fsync: bool = True,
     after_write: Callable[[str], None] | None = None,
 ) -> list[TableCommit]:
-    """Commit a batch (or group of batches) to each table of ``frames``, in ``specs`` order.
+    """Commit a batch (or group of batches) of one source: :func:`commit_tables` with the one
+    transaction ``(app_id, version)``."""
+    return commit_tables(
+        location,
+        {app_id: version},
+        frames,
+        tables=tables,
+        specs=specs,
+        fsync=fsync,
+        after_write=after_write,
+    )
 
-    Every named table gets a commit with ``(app_id, version)``, even an empty one, so that
-    after the batch every table's txn version is ≥ ``version``. Pass ``tables`` (open
-    ``DeltaTable`` objects, refreshed here) to save re-reading the log between batches.
+
+def commit_tables(
+    location: LakeLocation,
+    txns: Mapping[str, int],
+    frames: Mapping[str, pl.DataFrame],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    tables: Mapping[str, DeltaTable] | None = None,
+    specs: Mapping[str, TableSpec] = TABLES,
+    fsync: bool = True,
+    after_write: Callable[[str], None] | None = None,
+) -> list[TableCommit]:
+    """Commit to each table of ``frames``, in ``specs`` order, with every app transaction of
+    ``txns`` (and ``metadata`` in the commit info).
+
+    Every named table gets a commit, even an empty one, so that afterwards every table's txn
+    versions are ≥ ``txns``'. Pass ``tables`` (open ``DeltaTable`` objects, refreshed here) to
+    save re-reading the log between batches.
     """
     unknown = set(frames) - set(specs)
     if unknown:
@@ -375,7 +400,8 @@ def commit_batch(
                 table,
                 spec,
                 frames[name],
-                txns={app_id: version},
+                txns=txns,
+                metadata=metadata,
                 fsync=fsync,
                 after_write=after_write,
             )
@@ -473,17 +499,7 @@ class DeltaLakeWriter:
     def commit(
         self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
     ) -> list[TableCommit]:
-        tables = {name: self._table(name) for name in frames if name in self.specs}
-        return commit_batch(
-            self.location,
-            app_id,
-            version,
-            frames,
-            tables=tables,
-            specs=self.specs,
-            fsync=self.fsync,
-            after_write=self.after_write,
-        )
+        return self.commit_group({app_id: version}, frames)
 
     def commit_group(
         self,
@@ -491,22 +507,17 @@ class DeltaLakeWriter:
         frames: Mapping[str, pl.DataFrame],
         metadata: Mapping[str, str] | None = None,
     ) -> list[TableCommit]:
-        results = []
-        for name, spec in self.specs.items():
-            if name in frames:
-                results.append(
-                    commit_table(
-                        self.location,
-                        self._table(name),
-                        spec,
-                        frames[name],
-                        txns=txns,
-                        metadata=metadata,
-                        fsync=self.fsync,
-                        after_write=self.after_write,
-                    )
-                )
-        return results
+        tables = {name: self._table(name) for name in frames if name in self.specs}
+        return commit_tables(
+            self.location,
+            txns,
+            frames,
+            metadata=metadata,
+            tables=tables,
+            specs=self.specs,
+            fsync=self.fsync,
+            after_write=self.after_write,
+        )
 
     def group_metadata(self, table: str, key: str, app_id: str, version: int) -> str | None:
         handle = self._table(table)
