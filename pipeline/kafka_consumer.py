@@ -645,12 +645,11 @@ class KafkaLander:
             log.debug("advisory offset commit failed: %s", exc)
 
     def _abandon(self) -> None:
-        in_flight, self._in_flight = self._in_flight, None
+        """After a fault: let the group in the writer finish (counted, as any landed group)
+        or fail, and forget decisions made since, as a restart would."""
         self._decided_watermark = None
-        if in_flight is None:
-            return
         try:
-            in_flight[0].result()
+            self._settle()
         except Exception as exc:
             if classify(exc) is None and not isinstance(exc, CacheLostError):
                 raise
