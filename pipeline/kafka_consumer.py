@@ -118,6 +118,18 @@ def _ms(dt: datetime) -> int:
     return int(dt.timestamp() * 1000)
 
 
+def _polled(message: Any, partition: int, offset: int) -> Polled:
+    """What the consumer keeps of a Kafka message (its partition and offset checked set)."""
+    return Polled(
+        partition,
+        offset,
+        message.value(),
+        header(message, CONTENT_TYPE),
+        header(message, KIND),
+        message.timestamp()[1],
+    )
+
+
 def _events_in(message: Polled) -> int:
     """Events a message holds, for sizing micro-batches (a bad message counts one)."""
     if message.value is None or not (message.content_type or "").startswith(ARROW_STREAM):
@@ -315,14 +327,7 @@ class KafkaLander:
                     state.next_offset,
                     offset - 1,
                 )
-            polled = Polled(
-                partition,
-                offset,
-                message.value(),
-                header(message, CONTENT_TYPE),
-                header(message, KIND),
-                message.timestamp()[1],
-            )
+            polled = _polled(message, partition, offset)
             open_batch = state.batches[-1] if state.batches else None
             if (
                 open_batch is None
@@ -734,16 +739,7 @@ def read_ranges(
                 if partition not in left:
                     continue
                 if offset <= wanted[partition][1]:
-                    out[partition].append(
-                        Polled(
-                            partition,
-                            offset,
-                            message.value(),
-                            header(message, CONTENT_TYPE),
-                            header(message, KIND),
-                            message.timestamp()[1],
-                        )
-                    )
+                    out[partition].append(_polled(message, partition, offset))
                 if offset >= wanted[partition][1]:
                     left.discard(partition)
     finally:
