@@ -12,8 +12,9 @@ engineer writes in an afternoon: per file an anti-join against a table of seen i
 the campaigns and a Parquet COPY).
 
 With ``--source kafka`` the same spool files are also published, in order, to a fresh topic of
-librdkafka's mock cluster in this process while a ``KafkaLander`` lands it into a fresh lake
-with a fresh key cache of the same kind; that run is timed from the first publish to the last
+librdkafka's mock cluster in this process while ``adevents consume --source kafka``, a process
+of its own as the spool's consumer is, lands it into a fresh lake with a fresh key cache of the
+same kind; that run is timed from the first publish to the last
 commit (the consumer's group join before it is not: a one-time cost, reported apart),
 reconciled the same way, and reported next to the spool source with their ratio.
 """
@@ -27,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -52,7 +52,6 @@ from pipeline.settings import KafkaSettings, Settings
 
 if TYPE_CHECKING:
     from pipeline.kafka import Publisher
-    from pipeline.kafka_consumer import KafkaLander
 
 NAIVE_SUBSET = 500_000
 
@@ -63,6 +62,8 @@ MOCK_PARTITION_BYTES: Final = 5 * 1024 * 1024
 #: How much of it the producer may fill ahead of the lander (the rest is for a message's
 #: compressed size varying from the one measured).
 MOCK_FILL: Final = 0.75
+#: The bench topic's partitions: room for 16 x 5 MiB ahead of the lander.
+KAFKA_PARTITIONS: Final = 16
 #: The producer's compression: without it the mock holds 4 x 5 MiB, ~180k events, less than one
 #: commit group (COMMIT_TARGET_ROWS, 200k), and the lander would wait for the producer between
 #: groups. zstd holds 2.8-4.8x more (hex33 / sequential ids); lz4's 1.7-2.8x left the lander
@@ -98,6 +99,7 @@ class BenchResult:
     key_cache_bytes_per_key: float = 0.0
     key_cache_keys: int = 0
     peak_rss_mb: float = 0.0
+    consumer_cpu_seconds: float = 0.0
     rss_samples_mb: list[float] = field(default_factory=list)
     ceiling_events_per_second: float = 0.0
     naive_events_per_second: float = 0.0
@@ -129,6 +131,9 @@ class BenchResult:
     #: mock keeps 5 MiB of a partition: see ``MockFeed``).
     kafka_compression: str = KAFKA_COMPRESSION
     kafka_producer_wait_seconds: float = 0.0
+    kafka_publish_seconds: float = 0.0
+    kafka_peak_rss_mb: float = 0.0
+    kafka_consumer_cpu_seconds: float = 0.0
     kafka_duplicates_dropped: int = 0
     kafka_reconciled: bool = False
 
@@ -152,10 +157,22 @@ def _redis_used_memory(url: str) -> int:
         client.close()
 
 
+@dataclass(frozen=True)
+class ChildUsage:
+    """What a finished consumer process used, from ``wait4``."""
+
+    peak_rss_mb: float
+    cpu_seconds: float  #: user + system, every thread
+
+    @classmethod
+    def of(cls, usage: Any) -> ChildUsage:
+        return cls(usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
+
+
 def run_consumer(
     settings: Settings, env: dict[str, str], total_files: int, show_progress: bool
-) -> tuple[int, float, list[float], dict[str, Any]]:
-    """Run ``adevents consume --once`` as a process; (exit code, peak RSS MB, samples, stats)."""
+) -> tuple[int, ChildUsage, list[float], dict[str, Any]]:
+    """Run ``adevents consume --once`` as a process; (exit code, usage, RSS samples, stats)."""
     stats_path = Path(tempfile.mkdtemp()) / "stats.json"
     cmd = [sys.executable, "-m", "cli", "consume", "--once", "--log-level", "WARNING"]
     cmd += ["--stats", str(stats_path)]
@@ -177,7 +194,7 @@ def run_consumer(
     proc.returncode = os.waitstatus_to_exitcode(status)
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     shutil.rmtree(stats_path.parent, ignore_errors=True)
-    return proc.returncode, usage.ru_maxrss / 1024, samples, stats
+    return proc.returncode, ChildUsage.of(usage), samples, stats
 
 
 def measure_ceiling(files: list[Path], scratch: Path) -> float:
@@ -303,63 +320,47 @@ def kafka_prefix(settings: Settings) -> str:
 
 
 class MockFeed:
-    """Publishes the spool's tables to the mock one message at a time, each only once the
-    partitions hold room for it ahead of what the lander has read (``KafkaLander.positions``):
-    a producer as fast as it can be without the mock deleting what the lander has not read."""
+    """Publishes the spool's tables to the mock one message at a time, round robin over the
+    partitions (as keys spread them, but counted exactly), each only once its partition holds
+    room for it ahead of what the consumer has landed there (its group's committed offsets: it
+    commits them after each group's Delta commits): a producer as fast as it can be without the
+    mock deleting what the consumer has not read."""
 
     def __init__(
-        self,
-        publisher: Publisher,
-        lander: KafkaLander,
-        kafka: KafkaSettings,
-        alive: Callable[[], bool],
+        self, publisher: Publisher, kafka: KafkaSettings, alive: Callable[[], bool]
     ) -> None:
-        from confluent_kafka import Consumer
-
-        from pipeline.kafka_testing import PARTITIONS
+        from confluent_kafka import Consumer, TopicPartition
 
         self.publisher = publisher
-        self.lander = lander
-        self.alive = alive  #: whether the lander still runs (else nothing makes room)
-        self.topic = kafka.kafka_topic
-        self.partitions = range(PARTITIONS)
-        # Reads the partitions' ends only (no group membership, no fetch).
-        self._ends = Consumer(
-            {"bootstrap.servers": kafka.kafka_bootstrap_servers, "group.id": f"{self.topic}-ends"}
+        self.alive = alive  #: whether the consumer still runs (else nothing makes room)
+        self.partitions = [TopicPartition(kafka.kafka_topic, p) for p in range(KAFKA_PARTITIONS)]
+        # Reads the group's offsets only: it never joins the group.
+        self._offsets = Consumer(
+            {
+                "bootstrap.servers": kafka.kafka_bootstrap_servers,
+                "group.id": kafka.kafka_group_id,
+                "enable.auto.commit": False,
+            }
         )
-        self.budget = 0  #: messages a partition may hold ahead of the lander
+        self.budget = 0  #: messages a partition may hold ahead of the consumer
+        self.sent = [0] * KAFKA_PARTITIONS  #: messages published to each partition
         self.published = 0
-        self.waited = 0.0  #: seconds the producer waited for the lander
+        self._next = 0  #: the round robin's next turn
+        self.waited = 0.0  #: seconds the producer waited for the consumer
 
-    def _room(self) -> bool:
-        from confluent_kafka import TopicPartition
+    def landed(self, partition: int) -> int:
+        """The next offset the consumer will land of ``partition`` (0 before its first commit)."""
+        (committed,) = self._offsets.committed([self.partitions[partition]], timeout=10.0)
+        return max(committed.offset, 0)
 
-        read = self.lander.positions()
-        # Offsets are dense from 0 on a fresh topic: published - read is what waits, anywhere.
-        if self.published - sum(read.values()) < self.budget:
-            return True
-        self.publisher.raise_refused()  # also serves the delivery reports
-        unacknowledged = self.published - self.publisher.delivered
-        ahead = 0
-        for partition in self.partitions:
-            tp = TopicPartition(self.topic, partition)
-            _, end = self._ends.get_watermark_offsets(tp, timeout=5.0)
-            ahead = max(ahead, end - read.get(partition, 0))
-        # Messages not acknowledged yet may all go to the fullest partition.
-        return ahead + unacknowledged < self.budget
-
-    def _wait_for_room(self) -> None:
-        """Room comes when the lander reads on (or, seldom, when a message is acknowledged on
-        another partition than the fullest): check again on the first, or every 50 ms."""
+    def _wait_for_room(self, partition: int) -> None:
+        """Offsets are dense from 0 on a fresh topic: ``sent - landed`` is what waits there."""
         waiting = time.perf_counter()
-        while True:
-            seen, checked = self.lander.positions(), time.perf_counter()
-            while self.lander.positions() == seen and time.perf_counter() - checked < 0.05:
-                if not self.alive():
-                    raise SystemExit("adevents bench: the Kafka lander stopped")
-                time.sleep(0.002)
-            if self._room():
-                break
+        while self.sent[partition] - self.landed(partition) >= self.budget:
+            if not self.alive():
+                raise SystemExit("adevents bench: the Kafka consumer stopped")
+            self.publisher.raise_refused()  # also serves the delivery reports
+            time.sleep(0.01)
         self.waited += time.perf_counter() - waiting
 
     def publish(self, table: pa.Table) -> None:
@@ -371,80 +372,106 @@ class MockFeed:
                 codec = pa.Codec(KAFKA_COMPRESSION, compression_level=KAFKA_COMPRESSION_LEVEL)
                 stored = len(codec.compress(arrow_message(part)))
                 self.budget = max(1, int(MOCK_FILL * MOCK_PARTITION_BYTES / stored))
-            if not self._room():
-                self._wait_for_room()
-            self.published += self.publisher.publish_table(part)
+            partition = self._next % KAFKA_PARTITIONS
+            self._next += 1
+            if self.sent[partition] >= self.budget:  # no commit can have made room before
+                self._wait_for_room(partition)
+            messages = self.publisher.publish_table(part, partition=partition)
+            self.sent[partition] += messages
+            self.published += messages
 
     def close(self) -> None:
-        self._ends.close()
+        self._offsets.close()
 
 
 @dataclass(frozen=True)
 class KafkaFeedRun:
-    """What ``_land_kafka`` measured around the lander."""
+    """What ``_land_kafka`` measured around the consumer."""
 
-    #: Seconds from starting the lander to its first assignment (its group join).
+    #: Seconds from starting the consumer to its first assignment (its group join).
     joined: float
     #: Wall-clock time of the first publish.
     started: float
+    #: Seconds from the first publish to the brokers' acknowledging the last message.
+    publishing: float
     messages: int
-    #: Seconds the producer waited for the lander to read on.
+    #: Seconds the producer waited for the consumer to land more.
     waited: float
+    used: ChildUsage
+
+
+def _kafka_consumer(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    """``adevents consume --source kafka`` as its own process, as the spool's consumer runs,
+    with the bench's mock-cluster client setting (``MOCK_CONSUMER``)."""
+    kafka = settings.kafka
+    env = _child_env(
+        settings,
+        CONSUMER_SOURCE="kafka",
+        KAFKA_BOOTSTRAP_SERVERS=kafka.kafka_bootstrap_servers,
+        KAFKA_TOPIC=kafka.kafka_topic,
+        KAFKA_GROUP_ID=kafka.kafka_group_id,
+        KAFKA_BATCH_EVENTS=str(kafka.kafka_batch_events),
+        KAFKA_CONFIG=",".join(f"{k}={v}" for k, v in MOCK_CONSUMER.items()),
+    )
+    cmd = [sys.executable, "-m", "cli", "consume", "--source", "kafka", "--log-level", "INFO"]
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+
+
+def _wait_for_assignment(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """The mock's coordinator holds a new group ~3 s before assigning: producing starts after
+    it, as a consumer that joined long ago would see the stream."""
+    deadline = time.perf_counter() + 120
+    while "assigned partitions" not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.perf_counter() > deadline:
+            proc.kill()
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"adevents bench: the Kafka consumer got no partitions:\n{tail}")
+        time.sleep(0.05)
 
 
 def _land_kafka(settings: Settings, files: list[Path]) -> KafkaFeedRun:
-    """Publish ``files`` (in order) while a ``KafkaLander`` lands the topic, past its join.
-    Every client is gone when this returns (before the mock cluster is)."""
-    from pipeline.factory import make_key_cache
+    """Publish ``files`` (in order) while a consumer process lands the topic, past its join;
+    then tell it the producer is done (``DRAIN_SIGNAL``: it lands the rest and exits)."""
     from pipeline.kafka import Publisher
-    from pipeline.kafka_consumer import KafkaLander
+    from pipeline.signals import DRAIN_SIGNAL
 
-    lander = KafkaLander(settings, make_key_cache(settings), client_config=MOCK_CONSUMER)
-    lander.start()
-    stop, drain = threading.Event(), threading.Event()
-    failed: list[BaseException] = []
-
-    def land() -> None:
-        try:
-            lander.run(stop=stop, drain=drain)
-        except BaseException as exc:  # re-raised below, in the bench's thread
-            failed.append(exc)
-
-    thread = threading.Thread(target=land, name="adevents-bench-lander")
+    log_path = Path(settings.data_dir) / "kafka-consumer.log"
     joining = time.perf_counter()
-    thread.start()
+    proc = _kafka_consumer(settings, log_path)
     try:
-        # The mock's coordinator holds a new group ~3 s before assigning: producing starts
-        # after it, as a consumer that joined long ago would see the stream.
-        while not lander.assigned.wait(0.1):
-            if not thread.is_alive() or time.perf_counter() - joining > 120:
-                raise SystemExit(f"adevents bench: the Kafka lander got no partitions: {failed}")
+        _wait_for_assignment(proc, log_path)
         joined = time.perf_counter() - joining
         publisher = Publisher(
             settings.kafka,
             **{"compression.type": KAFKA_COMPRESSION, "compression.level": KAFKA_COMPRESSION_LEVEL},
         )
-        feed = MockFeed(publisher, lander, settings.kafka, thread.is_alive)
+        feed = MockFeed(publisher, settings.kafka, lambda: proc.poll() is None)
         started = time.time()
         try:
             for path in files:
                 with pa.memory_map(str(path)) as source:
                     feed.publish(ipc.open_file(source).read_all())
             publisher.flush()
+            acknowledged = time.time()
         finally:
             feed.close()
-        fed = KafkaFeedRun(joined, started, feed.published, feed.waited)
+        messages, waited = feed.published, feed.waited
         del feed, publisher  # the producer's threads go now, not after the cluster
-    except BaseException:
-        stop.set()
-        raise
+        proc.send_signal(DRAIN_SIGNAL)
+        # wait4 rather than wait(): it also reports the child's peak RSS.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     finally:
-        drain.set()  # every message is acknowledged: the lander returns once it landed them
-        thread.join()
-        lander.close()
-    if failed:
-        raise SystemExit(f"adevents bench: the Kafka lander failed: {failed[0]!r}")
-    return fed
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise SystemExit(f"adevents bench: the Kafka consumer failed ({proc.returncode}):\n{tail}")
+    return KafkaFeedRun(
+        joined, started, acknowledged - started, messages, waited, ChildUsage.of(usage)
+    )
 
 
 def measure_kafka(settings: Settings, files: list[Path], truth: Path, result: BenchResult) -> None:
@@ -455,7 +482,7 @@ def measure_kafka(settings: Settings, files: list[Path], truth: Path, result: Be
 
     with MockCluster() as cluster:
         topic = f"adevents-bench-{uuid.uuid4().hex[:8]}"
-        cluster.create_topic(topic)
+        cluster.create_topic(topic, KAFKA_PARTITIONS)
         kafka = cluster.settings(
             topic, f"{topic}-group", kafka_batch_events=settings.kafka.kafka_batch_events
         )
@@ -482,6 +509,9 @@ def measure_kafka(settings: Settings, files: list[Path], truth: Path, result: Be
     result.kafka_join_seconds = fed.joined
     result.kafka_messages = fed.messages
     result.kafka_producer_wait_seconds = fed.waited
+    result.kafka_publish_seconds = fed.publishing
+    result.kafka_peak_rss_mb = fed.used.peak_rss_mb
+    result.kafka_consumer_cpu_seconds = fed.used.cpu_seconds
     result.kafka_seconds = last_commit / 1000 - fed.started
     result.kafka_events = int(ledger["rows_in"].sum())
     result.kafka_groups = len(commit_groups(ledger))
@@ -600,6 +630,7 @@ def print_table(result: BenchResult) -> None:
         ],
         ("key cache bytes per key", f"{result.key_cache_bytes_per_key:.1f}"),
         ("consumer peak RSS (MB)", f"{result.peak_rss_mb:,.0f}"),
+        ("consumer CPU seconds (process, start to exit)", f"{result.consumer_cpu_seconds:.2f}"),
         (
             "duplicates dropped / expected",
             f"{result.duplicates_dropped:,} / {result.duplicates_expected:,}",
@@ -640,6 +671,15 @@ def kafka_rows(result: BenchResult) -> list[tuple[str, str]]:
             f"Kafka producer waits for the lander ({result.kafka_compression}, mock keeps 5 MiB"
             " a partition) (s)",
             f"{result.kafka_producer_wait_seconds:.2f}",
+        ),
+        (
+            "Kafka producer seconds (first publish → last acknowledged)",
+            f"{result.kafka_publish_seconds:.2f}",
+        ),
+        ("Kafka consumer peak RSS (MB)", f"{result.kafka_peak_rss_mb:,.0f}"),
+        (
+            "Kafka / spool consumer CPU seconds (process, start to exit)",
+            f"{result.kafka_consumer_cpu_seconds:.2f} / {result.consumer_cpu_seconds:.2f}",
         ),
         ("Kafka duplicates dropped", f"{result.kafka_duplicates_dropped:,}"),
         (
@@ -709,12 +749,13 @@ def bench(
     result.generated_distinct = generated.distinct
     files = waiting_entries(layout.incoming)
     memory_before = _redis_used_memory(settings.redis_url) if settings.redis_url else 0
-    code, peak, samples, stats = run_consumer(
+    code, used, samples, stats = run_consumer(
         settings, _child_env(settings), len(files), show_progress
     )
     if code != 0:
         raise SystemExit(f"adevents bench: the consumer failed with exit code {code}")
-    result.peak_rss_mb = peak
+    result.peak_rss_mb = used.peak_rss_mb
+    result.consumer_cpu_seconds = used.cpu_seconds
     result.rss_samples_mb = [round(s, 1) for s in samples[:: max(1, len(samples) // 20)]]
     summarise_ledger(result, read_ledger(location))
     rec = reconcile(location, truth)  # raises ReconcileError on any loss or duplicate

@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pipeline.settings import Settings
-from pipeline.signals import stop_on_signals
+from pipeline.signals import DRAIN_SIGNAL, event_on_signals, stop_on_signals
 
 if TYPE_CHECKING:
     from pipeline.consumer import Consumer
@@ -33,14 +33,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the consumer until SIGINT/SIGTERM (or, with ``--once``, until the spool is empty)."""
-    with stop_on_signals(what="stopping after the current batch") as stop:
-        return _consume(args, settings, stop)
+    """Run the consumer until SIGINT/SIGTERM (or, with ``--once``, until the spool is empty).
+    The Kafka source also takes SIGUSR1: land what the assigned partitions hold, then exit (as
+    ``--once`` does from the start), for a caller that knows its producers are done."""
+    with (
+        stop_on_signals(what="stopping after the current batch") as stop,
+        event_on_signals(
+            [DRAIN_SIGNAL], what="landing what the partitions hold, then exiting"
+        ) as drain,
+    ):
+        return _consume(args, settings, stop, drain)
 
 
-def _consume(args: argparse.Namespace, settings: Settings, stop: threading.Event) -> int:
+def _consume(
+    args: argparse.Namespace, settings: Settings, stop: threading.Event, drain: threading.Event
+) -> int:
     from lake.location import LakeConfigError, LakeLocation
     from pipeline.consumer import ConsumerLockedError
+    from pipeline.kafka_consumer import KafkaLander
     from pipeline.retry import GaveUpError
 
     try:
@@ -69,7 +79,10 @@ def _consume(args: argparse.Namespace, settings: Settings, stop: threading.Event
     started = time.perf_counter()
     try:
         try:
-            totals = consumer.run(once=args.once, stop=stop)
+            if isinstance(consumer, KafkaLander):
+                totals = consumer.run(once=args.once, stop=stop, drain=drain)
+            else:
+                totals = consumer.run(once=args.once, stop=stop)
         except GaveUpError as exc:
             print(f"adevents consume: {exc}", file=sys.stderr)
             return 1

@@ -125,6 +125,9 @@ class MemoryLakeWriter:
     def committed_version(self, table: str, app_id: str) -> int | None:
         return self._txns.get((table, app_id))
 
+    def committed_versions(self, table: str, app_ids: Collection[str]) -> dict[str, int | None]:
+        return {app_id: self._txns.get((table, app_id)) for app_id in app_ids}
+
     def commit(
         self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
     ) -> list[TableCommit]:

@@ -438,6 +438,9 @@ class LakeWriter(Protocol):
     def committed_version(self, table: str, app_id: str) -> int | None:
         """The latest version ``app_id`` committed to ``table``, or None."""
 
+    def committed_versions(self, table: str, app_ids: Collection[str]) -> dict[str, int | None]:
+        """:meth:`committed_version` of each of ``app_ids``, read together."""
+
     def commit(
         self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
     ) -> list[TableCommit]:
@@ -495,6 +498,9 @@ class DeltaLakeWriter:
 
     def committed_version(self, table: str, app_id: str) -> int | None:
         return committed_version(self._table(table), app_id)
+
+    def committed_versions(self, table: str, app_ids: Collection[str]) -> dict[str, int | None]:
+        return committed_versions(self._table(table), app_ids)
 
     def commit(
         self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]

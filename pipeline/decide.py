@@ -24,7 +24,7 @@ from pipeline.keycache import POSITION_BITS, Mask, Positions
 from pipeline.normalize import SchemaMismatchError, normalize
 from pipeline.schema import ENRICHED_SCHEMA, QUARANTINE_SCHEMA, LedgerRow
 from pipeline.spool import REJECTED_SUFFIX, PoisonInputError, display_name
-from pipeline.validate import split_valid
+from pipeline.validate import late_expr, reason_expr
 
 _FILE: Final = "__file"
 _POSITION: Final = "__position"
@@ -146,35 +146,115 @@ def _counts(inp: FileInput, *, rows_in: int, rejected: pl.DataFrame) -> LedgerRo
 
 
 @dataclass
-class _Split:
+class _Readable:
+    """An input whose table normalised: its rows join the group's one frame."""
+
+    index: int  #: in the group's inputs
     inp: FileInput
-    valid: pl.DataFrame
+    table: pa.Table
     outcome: FileOutcome
 
 
-def _split(
-    inp: FileInput, index: int, now: datetime, watermark_ms: int | None, window_ms: int
-) -> _Split:
+def _normalised(inp: FileInput, index: int) -> _Readable | FileOutcome:
     assert inp.table is not None
     try:
         table, ignored = normalize(inp.table)
     except SchemaMismatchError as exc:
-        poison = PoisonInputError("schema_mismatch", str(exc))
-        return _Split(inp, pl.DataFrame(), _poisoned(inp, poison, inp.table.num_rows))
+        return _poisoned(inp, PoisonInputError("schema_mismatch", str(exc)), inp.table.num_rows)
+    ledger = LedgerRow(
+        batch_id=inp.file.batch_id,
+        source_file=_source(inp.file),
+        rows_in=table.num_rows,
+        arrived_at=inp.arrived_ms,
+        read_ms=inp.read_ms,
+        ignored_columns=len(ignored),
+    )
+    outcome = FileOutcome(
+        inp.file, ENRICHED_SCHEMA.to_frame(), QUARANTINE_SCHEMA.to_frame(), ledger
+    )
+    return _Readable(index, inp, table, outcome)
+
+
+def _positions(readable: Sequence[_Readable]) -> np.ndarray:
+    """Each row's source position: its message's (Kafka), else ``index << _FILE_SHIFT | row``."""
+    parts = [
+        r.inp.positions
+        if r.inp.positions is not None
+        else np.arange(r.table.num_rows, dtype=np.int64) + (r.index << _FILE_SHIFT)
+        for r in readable
+    ]
+    return np.concatenate(parts).astype(np.int64, copy=False)
+
+
+def _by_file(readable: Sequence[_Readable], values: Callable[[_Readable], object]) -> pl.Expr:
+    """A per-row value of the row's input (by ``_FILE``)."""
+    mapping = {r.index: values(r) for r in readable}
+    return pl.col(_FILE).replace_strict(mapping)
+
+
+def _watermarks(
+    tagged: pl.DataFrame, readable: Sequence[_Readable], watermark_ms: int | None
+) -> dict[int, int | None]:
+    """The watermark each input is judged late against: the group's, raised by the inputs
+    before it, as if each were a group of its own (grouping, which depends on timing, never
+    changes a verdict). A late row is older than the watermark, so the greatest event_time of
+    the rows that pass every other rule is the greatest of the valid ones."""
+    tops = dict(
+        tagged.lazy()
+        .filter(pl.col("reason").is_null())
+        .group_by(_FILE)
+        .agg(pl.col("event_time").dt.epoch("ms").max())
+        .collect()
+        .iter_rows()
+    )
+    marks: dict[int, int | None] = {}
+    for r in readable:
+        marks[r.index] = watermark_ms
+        top = tops.get(r.index)
+        if top is not None:
+            watermark_ms = max(top, watermark_ms or top)
+    return marks
+
+
+def _split(
+    readable: Sequence[_Readable], now: datetime, watermark_ms: int | None, window_ms: int
+) -> pl.DataFrame:
+    """The valid rows of every readable input, in input then row order, with ``_FILE`` and
+    ``_POSITION``; each input's quarantine rows and ledger counts set on its outcome."""
+    table = pa.concat_tables([r.table for r in readable])
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
-    if inp.positions is not None:
-        frame = frame.with_columns(pl.Series(_POSITION, inp.positions, pl.Int64))
-    else:
-        rows = pl.int_range(pl.len(), dtype=pl.Int64)
-        frame = frame.with_columns((rows + (index << _FILE_SHIFT)).alias(_POSITION))
-    valid, rejected = split_valid(
-        frame, now_ms=_ms(now) or 0, watermark_ms=watermark_ms, window_ms=window_ms
+    files = np.repeat([r.index for r in readable], [r.table.num_rows for r in readable])
+    frame = frame.with_columns(
+        pl.Series(_FILE, files, pl.Int32), pl.Series(_POSITION, _positions(readable), pl.Int64)
     )
-    ledger = _counts(inp, rows_in=len(frame), rejected=rejected)
-    ledger.ignored_columns = len(ignored)
-    quarantine = _quarantine_rows(rejected, inp.file, now, with_offsets=inp.positions is not None)
-    return _Split(inp, valid, FileOutcome(inp.file, ENRICHED_SCHEMA.to_frame(), quarantine, ledger))
+    tagged = frame.with_columns(reason_expr(now_ms=_ms(now) or 0, watermark_ms=None, window_ms=0))
+    marks = _watermarks(tagged, readable, watermark_ms)
+    if any(mark is not None for mark in marks.values()):
+        late = late_expr(_by_file(readable, lambda r: marks[r.index]), window_ms)
+        late_reason = pl.when(late).then(pl.lit("late_event"))
+        tagged = tagged.with_columns(pl.coalesce("reason", late_reason).alias("reason"))
+    is_valid = pl.col("reason").is_null()
+    rejected = tagged.filter(~is_valid)
+    if len(rejected):
+        _quarantine(rejected, readable, now)
+    return tagged.filter(is_valid).drop("reason")
+
+
+def _quarantine(rejected: pl.DataFrame, readable: Sequence[_Readable], now: datetime) -> None:
+    """Each input's rejected rows and their counts by reason, on its outcome."""
+    counts: dict[int, dict[str, int]] = {}
+    for index, reason, n in rejected.group_by(_FILE, "reason").len().iter_rows():
+        counts.setdefault(index, {})[reason] = n
+    rows = rejected.partition_by(_FILE, as_dict=True, include_key=False)
+    for r in readable:
+        mine = rows.get((r.index,))
+        if mine is None:
+            continue
+        with_offsets = r.inp.positions is not None
+        r.outcome.quarantine = _quarantine_rows(mine, r.inp.file, now, with_offsets=with_offsets)
+        r.outcome.ledger.quarantined = len(mine)
+        r.outcome.ledger.count_reasons(counts[r.index])
 
 
 #: Keys of the first copies, and their source positions, to the key cache's answers.
@@ -192,10 +272,13 @@ def decide(
     claim: Claim,
 ) -> list[FileOutcome]:
     """Decide a group. ``claim`` gets the keys of the group's first copies (in order) and
-    answers which are new to the key cache; it is not called when no row is valid."""
+    answers which are new to the key cache; it is not called when no row is valid.
+
+    The group's readable inputs are one frame from validation to enrichment (per-input work
+    is a fixed cost: a Kafka group holds one input per partition), then one outcome each."""
     now = now.astimezone(UTC)
     outcomes: list[FileOutcome] = []
-    splits: list[_Split] = []
+    readable: list[_Readable] = []
     for index, inp in enumerate(inputs):
         if inp.poison is not None or inp.table is None:
             poison = inp.poison or PoisonInputError("unreadable_file", "no table")
@@ -203,27 +286,23 @@ def decide(
         elif inp.file.name.endswith(REJECTED_SUFFIX):
             outcomes.append(_rejected_file(inp, inp.table, now))
         else:
-            split = _split(inp, index, now, watermark_ms, window_ms)
-            outcomes.append(split.outcome)
-            if split.outcome.poison is None:
-                splits.append(split)
-                # Each file is judged late against the files before it, as if it were a
-                # group of its own: grouping (which depends on timing) never changes a verdict.
-                top_ms = _ms(split.valid["event_time"].max())  # type: ignore[arg-type]
-                if top_ms is not None:
-                    watermark_ms = max(top_ms, watermark_ms or top_ms)
-    _dedupe(splits, slice_ms, claim)
-    for split in splits:
-        _enrich(split, campaigns, now)
+            result = _normalised(inp, index)
+            if isinstance(result, _Readable):
+                readable.append(result)
+                outcomes.append(result.outcome)
+            else:
+                outcomes.append(result)
+    if readable:
+        valid = _split(readable, now, watermark_ms, window_ms)
+        kept = _dedupe(valid, slice_ms, claim)
+        _enrich(kept, readable, campaigns, now)
     return outcomes
 
 
-def _dedupe(splits: list[_Split], slice_ms: int, claim: Claim) -> None:
-    """Keep each event's first copy in the group if the key cache has not seen it."""
-    frames = [s.valid.with_columns(pl.lit(i, pl.Int32).alias(_FILE)) for i, s in enumerate(splits)]
-    valid = pl.concat(frames) if frames else pl.DataFrame(schema={_FILE: pl.Int32})
+def _dedupe(valid: pl.DataFrame, slice_ms: int, claim: Claim) -> pl.DataFrame:
+    """Each event's first copy in the group if the key cache has not seen it."""
     if not len(valid):
-        return
+        return valid.drop(_POSITION)
     keys = compute_keys(valid["event_id"], valid["event_time"], slice_ms)
     positions = valid[_POSITION].to_numpy()
     # Copies within the group, found on the 128-bit fingerprints (far cheaper than on the
@@ -233,13 +312,7 @@ def _dedupe(splits: list[_Split], slice_ms: int, claim: Claim) -> None:
     is_new = np.zeros(len(keys), dtype=bool)
     is_new[first] = claim(keys.take(first), positions[first])
     _claim_other_copies(keys, positions, first, is_new, claim)
-    kept = valid.filter(pl.Series(is_new)).drop(_POSITION)
-    by_file = kept.partition_by(_FILE, as_dict=True, include_key=False)
-    for i, s in enumerate(splits):
-        s.valid = by_file.get((i,), s.valid.clear())
-        row = s.outcome.ledger
-        row.accepted = len(s.valid)
-        row.duplicates = row.rows_in - row.quarantined - len(s.valid)
+    return valid.filter(pl.Series(is_new)).drop(_POSITION)
 
 
 def _claim_other_copies(
@@ -264,13 +337,30 @@ def _claim_other_copies(
         pending = pending.join(settled, on=["hi", "lo"], how="anti")
 
 
-def _enrich(split: _Split, campaigns: pl.DataFrame, now: datetime) -> None:
-    events, unknown = enrich(
-        split.valid, campaigns, batch_id=split.inp.file.batch_id, ingested_at=now
-    )
-    times = events["event_time"]
-    split.outcome.events = events
-    row = split.outcome.ledger
-    row.unknown_campaigns = unknown
-    row.min_event_time = _ms(times.min())  # type: ignore[arg-type]
-    row.max_event_time = _ms(times.max())  # type: ignore[arg-type]
+def _enrich(
+    kept: pl.DataFrame, readable: Sequence[_Readable], campaigns: pl.DataFrame, now: datetime
+) -> None:
+    """Each input's kept rows, enriched, and its ledger's counts."""
+    batch_id = _by_file(readable, lambda r: r.inp.file.batch_id)
+    events, _unknown = enrich(kept, campaigns, batch_id=batch_id, ingested_at=now, keep=[_FILE])
+    stats = {
+        index: (n, unknown, low, high)
+        for index, n, unknown, low, high in events.group_by(_FILE)
+        .agg(
+            pl.len(),
+            pl.col("advertiser_id").is_null().sum(),
+            pl.col("event_time").dt.epoch("ms").min().alias("low"),
+            pl.col("event_time").dt.epoch("ms").max().alias("high"),
+        )
+        .iter_rows()
+    }
+    by_file = events.partition_by(_FILE, as_dict=True, include_key=False)
+    for r in readable:
+        row = r.outcome.ledger
+        n, unknown, low, high = stats.get(r.index, (0, 0, None, None))
+        if n:
+            r.outcome.events = by_file[(r.index,)]
+        row.accepted = n
+        row.duplicates = row.rows_in - row.quarantined - n
+        row.unknown_campaigns = unknown
+        row.min_event_time, row.max_event_time = low, high

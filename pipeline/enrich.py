@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,14 +49,22 @@ class CampaignFile:
 
 
 def enrich(
-    events: pl.DataFrame, campaigns: pl.DataFrame, *, batch_id: str, ingested_at: datetime
+    events: pl.DataFrame,
+    campaigns: pl.DataFrame,
+    *,
+    batch_id: str | pl.Expr,
+    ingested_at: datetime,
+    keep: Sequence[str] = (),
 ) -> tuple[pl.DataFrame, int]:
-    """Add advertiser_id, campaign_name, ingested_at and batch_id; count unknown campaigns."""
+    """Add advertiser_id, campaign_name, ingested_at and batch_id (a value, or an expression
+    over ``events`` for rows of several batches); count unknown campaigns. The result has
+    ENRICHED_SCHEMA's columns, then ``keep``'s."""
     dim = campaigns.select(CAMPAIGN_COLUMNS)
     joined = events.join(dim, on="campaign_id", how="left", maintain_order="left")
     unknown = int(joined["advertiser_id"].is_null().sum()) if len(joined) else 0
     stamped = joined.with_columns(
         ingested_at=pl.lit(ingested_at.astimezone(UTC)).cast(ENRICHED_SCHEMA["ingested_at"]),
-        batch_id=pl.lit(batch_id, pl.String),
+        batch_id=batch_id if isinstance(batch_id, pl.Expr) else pl.lit(batch_id, pl.String),
     )
-    return stamped.select(ENRICHED_SCHEMA.names()).cast(ENRICHED_SCHEMA), unknown
+    enriched = stamped.select(ENRICHED_SCHEMA.names()).cast(ENRICHED_SCHEMA)
+    return enriched.hstack(stamped.select(keep).get_columns()) if keep else enriched, unknown

@@ -104,6 +104,10 @@ def producer_config(kafka: KafkaSettings, **extra: Any) -> dict[str, Any]:
     return config
 
 
+#: ``produce``'s partition for "the partitioner picks, by key" (librdkafka's RD_KAFKA_PARTITION_UA).
+ANY_PARTITION: Final = -1
+
+
 class Publisher:
     """An idempotent producer that can wait for its writes: :meth:`publish` queues messages,
     :meth:`flush` returns once the brokers acknowledged every one of them, or raises
@@ -130,8 +134,10 @@ class Publisher:
         key: str | bytes | None = None,
         content_type: str = ARROW_STREAM,
         kind: str | None = None,
+        partition: int | None = None,
     ) -> None:
-        """Queue one message (waits for room when the local queue is full)."""
+        """Queue one message (waits for room when the local queue is full), to ``partition``
+        or, by default, to the one the partitioner picks for ``key``."""
         headers: list[tuple[str, str | bytes | None]] = [(CONTENT_TYPE, content_type.encode())]
         if kind is not None:
             headers.append((KIND, kind.encode()))
@@ -143,6 +149,7 @@ class Publisher:
                     key=key,
                     headers=headers,
                     on_delivery=self._on_delivery,
+                    partition=ANY_PARTITION if partition is None else partition,
                 )
                 break
             except BufferError:
@@ -150,7 +157,12 @@ class Publisher:
         self._producer.poll(0)
 
     def publish_table(
-        self, table: pa.Table, *, key_column: str = "event_id", kind: str | None = None
+        self,
+        table: pa.Table,
+        *,
+        key_column: str = "event_id",
+        kind: str | None = None,
+        partition: int | None = None,
     ) -> int:
         """Queue a micro-batch as Arrow messages (split under MESSAGE_MAX_BYTES); how many.
         ``kind=REJECTED`` for rows the HTTP ingest rejected (with their ``reason`` column)."""
@@ -160,7 +172,7 @@ class Publisher:
             if key_column in part.column_names and part.num_rows:
                 first = part.column(key_column)[0].as_py()
                 key = None if first is None else str(first)
-            self.publish(arrow_message(part), key=key, kind=kind)
+            self.publish(arrow_message(part), key=key, kind=kind, partition=partition)
             sent += 1
         return sent
 

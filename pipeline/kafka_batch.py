@@ -16,7 +16,7 @@ and each message that cannot be read. Pure: messages in, ``FileInput`` objects o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,36 @@ class Polled:
     content_type: str | None
     kind: str | None
     timestamp_ms: int
+    #: An Arrow message's micro-batch, read, validated (and, for events, normalised) once, when
+    #: it is polled; or why it cannot be read. None for a JSON event (decoded with its batch).
+    table: pa.Table | PoisonInputError | None = None
+
+    @property
+    def events(self) -> int:
+        """Events it holds, for sizing micro-batches (an unreadable message counts one)."""
+        return max(1, self.table.num_rows) if isinstance(self.table, pa.Table) else 1
+
+
+def decoded(message: Polled) -> Polled:
+    """``message`` with its Arrow micro-batch decoded (see ``Polled.table``)."""
+    return replace(message, table=_table(message))
+
+
+def _table(message: Polled) -> pa.Table | PoisonInputError | None:
+    if message.value is None:
+        return PoisonInputError("unreadable_message", "the message has no value (a tombstone)")
+    if message.kind != REJECTED and _media(message) != ARROW_STREAM:
+        return None
+    try:
+        table = read_arrow_stream(message.value)
+    except BodyError as exc:
+        return PoisonInputError("unreadable_message", str(exc))
+    if message.kind == REJECTED:  # kept as the ingest wrote it, with its ``reason`` column
+        return table
+    try:
+        return normalize(table)[0]
+    except SchemaMismatchError as exc:
+        return PoisonInputError("schema_mismatch", str(exc))
 
 
 def app_id_for(group: str, topic: str, partition: int) -> str:
@@ -68,38 +98,24 @@ def partition_inputs(
     offsets: list[int] = []
     json_messages: list[Polled] = []
 
-    def poison(message: Polled, reason: str, why: str) -> None:
+    def poison(message: Polled, error: PoisonInputError) -> None:
         file = _file(topic, group, partition, f"@{message.offset}")
-        error = PoisonInputError(reason, why)
         inputs.append(FileInput(file, message.timestamp_ms or now_ms, None, error))
 
     for message in messages:
-        if message.value is None:
-            poison(message, "unreadable_message", "the message has no value (a tombstone)")
-        elif message.kind == REJECTED:
-            try:
-                table = read_arrow_stream(message.value)
-            except BodyError as exc:
-                poison(message, "unreadable_message", str(exc))
-                continue
-            file = _file(topic, group, partition, f"@{message.offset}{REJECTED_SUFFIX}")
-            inputs.append(FileInput(file, message.timestamp_ms or now_ms, table))
-        elif _media(message) == ARROW_STREAM:
-            try:
-                table, _ignored = normalize(read_arrow_stream(message.value))
-            except BodyError as exc:
-                poison(message, "unreadable_message", str(exc))
-                continue
-            except SchemaMismatchError as exc:
-                poison(message, "schema_mismatch", str(exc))
-                continue
-            tables.append(table)
-            offsets.extend([message.offset] * table.num_rows)
-        else:
+        if isinstance(message.table, PoisonInputError):
+            poison(message, message.table)
+        elif message.table is None:
             json_messages.append(message)
+        elif message.kind == REJECTED:
+            file = _file(topic, group, partition, f"@{message.offset}{REJECTED_SUFFIX}")
+            inputs.append(FileInput(file, message.timestamp_ms or now_ms, message.table))
+        else:
+            tables.append(message.table)
+            offsets.extend([message.offset] * message.table.num_rows)
     good, bad = _decode_json(json_messages)
     for message, why in bad:
-        poison(message, "unreadable_message", why)
+        poison(message, PoisonInputError("unreadable_message", why))
     if good is not None:
         tables.append(good[0])
         offsets.extend(good[1])

@@ -40,7 +40,6 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import polars as pl
-import pyarrow as pa
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from lake.location import LakeLocation
@@ -53,8 +52,8 @@ from pipeline.decide import FileInput, FileOutcome
 from pipeline.enrich import CampaignFile
 from pipeline.fingerprint import Keys
 from pipeline.groups import Intent
-from pipeline.kafka import ARROW_STREAM, CONTENT_TYPE, KIND, ClientLog, header
-from pipeline.kafka_batch import Polled, app_id_for, partition_inputs
+from pipeline.kafka import CONTENT_TYPE, KIND, ClientLog, header
+from pipeline.kafka_batch import Polled, app_id_for, decoded, partition_inputs
 from pipeline.keycache import CacheLostError, KeyCache, Mask, Positions
 from pipeline.lake import window_keys
 from pipeline.landing import Group, close_cache, decide_group, restore_claims, stamp
@@ -120,25 +119,16 @@ def _ms(dt: datetime) -> int:
 
 def _polled(message: Any, partition: int, offset: int) -> Polled:
     """What the consumer keeps of a Kafka message (its partition and offset checked set)."""
-    return Polled(
-        partition,
-        offset,
-        message.value(),
-        header(message, CONTENT_TYPE),
-        header(message, KIND),
-        message.timestamp()[1],
+    return decoded(
+        Polled(
+            partition,
+            offset,
+            message.value(),
+            header(message, CONTENT_TYPE),
+            header(message, KIND),
+            message.timestamp()[1],
+        )
     )
-
-
-def _events_in(message: Polled) -> int:
-    """Events a message holds, for sizing micro-batches (a bad message counts one)."""
-    if message.value is None or not (message.content_type or "").startswith(ARROW_STREAM):
-        return 1
-    try:
-        rows: int = pa.ipc.open_stream(pa.py_buffer(message.value)).read_all().num_rows
-        return max(1, rows)
-    except (pa.ArrowException, OSError, ValueError):
-        return 1
 
 
 class KafkaLander:
@@ -274,9 +264,11 @@ class KafkaLander:
         with self._guard:
             partitions = list(self._partitions.values())
         sought: set[int] = set()
+        app_ids = [state.app_id for state in partitions]
+        landed = self.lake.committed_versions(EVENTS.name, app_ids)
+        ledgered = self.lake.committed_versions(LEDGER.name, app_ids)
         for state in partitions:
-            events = self.lake.committed_version(EVENTS.name, state.app_id)
-            ledger = self.lake.committed_version(LEDGER.name, state.app_id)
+            events, ledger = landed[state.app_id], ledgered[state.app_id]
             if events is not None and (ledger is None or ledger < events):
                 self._redo_committed(state.app_id, events)
             elif events is not None:
@@ -327,7 +319,7 @@ class KafkaLander:
                     state.next_offset,
                     offset - 1,
                 )
-            polled = _polled(message, partition, offset)
+            kept = _polled(message, partition, offset)
             open_batch = state.batches[-1] if state.batches else None
             if (
                 open_batch is None
@@ -336,8 +328,8 @@ class KafkaLander:
             ):
                 open_batch = _MicroBatch()
                 state.batches.append(open_batch)
-            open_batch.messages.append(polled)
-            open_batch.events += _events_in(polled)
+            open_batch.messages.append(kept)
+            open_batch.events += kept.events
             state.next_offset = offset + 1
 
     def _group_due(self, *, idle: bool = False) -> bool:
@@ -667,25 +659,21 @@ class KafkaLander:
         assert self._client is not None
         with self._guard:
             states = list(self._partitions.values())
-        if not states:
-            return False
-        for state in states:
-            if state.batches:
-                return False
-            tp = TopicPartition(self.topic, state.partition)
-            _, high = self._client.get_watermark_offsets(tp, timeout=5.0)
-            done = state.committed if state.next_offset is None else state.next_offset - 1
-            if high > 0 and (done is None or done < high - 1):
-                return False
+        if not states or any(state.batches for state in states):
+            return False  # known without asking the brokers
+        # The ends the last fetches reported first (no round trip: they only lag the brokers'),
+        # then the brokers' own, once those say every partition is done.
+        for cached in (True, False):
+            for state in states:
+                tp = TopicPartition(self.topic, state.partition)
+                if cached:
+                    _, high = self._client.get_watermark_offsets(tp, cached=True)
+                else:
+                    _, high = self._client.get_watermark_offsets(tp, timeout=5.0)
+                done = state.committed if state.next_offset is None else state.next_offset - 1
+                if high > 0 and (done is None or done < high - 1):
+                    return False
         return True
-
-    def positions(self) -> dict[int, int]:
-        """The next offset to read of each assigned partition this member has read from (what
-        it polled, landed or not): a producer that must not outrun it watches this (the bench,
-        on a mock cluster that keeps only 5 MB of each partition)."""
-        with self._guard:
-            states = list(self._partitions.values())
-        return {s.partition: s.next_offset for s in states if s.next_offset is not None}
 
     def _publish_lag(self) -> None:
         now = time.monotonic()

@@ -267,7 +267,12 @@ def read_spool_file(path: Path, listed: os.stat_result, *, max_bytes: int) -> pa
     finally:
         os.close(fd)
     try:
-        return ipc.open_file(pa.py_buffer(mapped)).read_all()
+        table = ipc.open_file(pa.py_buffer(mapped)).read_all()
+        # Offsets, lengths and UTF-8 checked before any kernel reads them: a file whose
+        # buffers lie (truncated, or crafted) is quarantined, never a crash, as a Kafka
+        # message's or an HTTP body's is.
+        table.validate(full=True)
+        return table
     except pa.ArrowException as exc:  # whatever the decoder makes of it, the bytes are bad
         raise PoisonInputError(
             "unreadable_file", f"the file cannot be read as Arrow IPC file format: {exc}"

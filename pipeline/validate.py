@@ -22,19 +22,26 @@ def _blank(name: str) -> pl.Expr:
     return pl.col(name).is_null() | (pl.col(name).str.len_bytes() == 0)
 
 
-def reason_expr(*, now_ms: int, watermark_ms: int | None, window_ms: int) -> pl.Expr:
+def late_expr(watermark_ms: int | pl.Expr | None, window_ms: int) -> pl.Expr:
+    """True for an event older than ``watermark - window``: ``watermark_ms`` is the greatest
+    event_time accepted before the row's batch (None before the first: nothing is late), a
+    number or, for a group judged file by file, a per-row column (null: nothing is late)."""
+    if watermark_ms is None:
+        return pl.lit(False)
+    if isinstance(watermark_ms, int):
+        return pl.col(TIME_COLUMN).dt.epoch("ms") < pl.lit(watermark_ms - window_ms, pl.Int64)
+    return pl.col(TIME_COLUMN).dt.epoch("ms") < watermark_ms - window_ms
+
+
+def reason_expr(*, now_ms: int, watermark_ms: int | pl.Expr | None, window_ms: int) -> pl.Expr:
     """Expression giving each row's first failing reason code, or null when the row is valid.
 
-    ``watermark_ms`` is the greatest event_time accepted before this batch (None before the first);
-    an event older than ``watermark - window`` is late. ``now_ms`` is the consumer's clock.
+    ``watermark_ms`` is the greatest event_time accepted before this batch (None before the
+    first, or a per-row column: see :func:`late_expr`); an event older than
+    ``watermark - window`` is late. ``now_ms`` is the consumer's clock.
     """
     event_id_len = pl.col("event_id").str.len_bytes()
     time_ms = pl.col(TIME_COLUMN).dt.epoch("ms")
-    late = (
-        pl.lit(False)
-        if watermark_ms is None
-        else time_ms < pl.lit(watermark_ms - window_ms, pl.Int64)
-    )
     missing = pl.any_horizontal(pl.col(TIME_COLUMN).is_null(), *[_blank(c) for c in _REQUIRED_TEXT])
     # len_bytes is O(1) per row on Arrow strings, so this costs nothing on the happy path.
     too_long = pl.any_horizontal([pl.col(c).str.len_bytes() > MAX_ID_BYTES for c in ID_COLUMNS])
@@ -56,7 +63,7 @@ def reason_expr(*, now_ms: int, watermark_ms: int | None, window_ms: int) -> pl.
         .then(pl.lit("invalid_device_type"))
         .when(time_ms > pl.lit(now_ms + MAX_FUTURE_MS, pl.Int64))
         .then(pl.lit("future_event"))
-        .when(late)
+        .when(late_expr(watermark_ms, window_ms))
         .then(pl.lit("late_event"))
         .otherwise(pl.lit(None, pl.String))
         .alias("reason")

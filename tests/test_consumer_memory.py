@@ -51,6 +51,9 @@ class CrashingLake:
     def committed_version(self, table: str, app_id: str) -> int | None:
         return self.inner.committed_version(table, app_id)
 
+    def committed_versions(self, table: str, app_ids: Collection[str]) -> dict[str, int | None]:
+        return self.inner.committed_versions(table, app_ids)
+
     def recent_events(
         self, window_ms: int, added_since_ms: int | None = None
     ) -> tuple[pl.DataFrame, int | None]:

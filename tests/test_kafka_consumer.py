@@ -217,7 +217,6 @@ def test_three_consumers_kill9_and_a_newcomer(
     partitions. Every event lands exactly once."""
     data = tmp_path / "data"
     env = kafka_env(cluster, topic, data, **shared_redis)
-    truth = generate(env, data, 20_000, seed=9)
     members = [
         ConsumerProcess(
             {**env, "CONSUMER_SLOT": str(i), "CONSUMER_NAME": f"c{i}", **extra},
@@ -233,6 +232,14 @@ def test_three_consumers_kill9_and_a_newcomer(
         )
     ]
     try:
+        # Every member holds partitions before anything is published (the mock assigns a new
+        # group at once: a member alone for a moment would otherwise land everything).
+        wait_for(
+            lambda: all(re.search(r"assigned partitions \[\d", m.text()) for m in members),
+            "each member to be assigned partitions",
+            60,
+        )
+        truth = generate(env, data, 20_000, seed=9)
         victim = members[1]
         assert victim.proc is not None
         victim.proc.wait(timeout=120)
