@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -134,6 +135,9 @@ class BenchResult:
     kafka_publish_seconds: float = 0.0
     kafka_peak_rss_mb: float = 0.0
     kafka_consumer_cpu_seconds: float = 0.0
+    #: The producer's and the mock brokers' CPU (this process) from the first publish to the
+    #: consumer's exit: on this machine they share the consumer's cores.
+    kafka_producer_brokers_cpu_seconds: float = 0.0
     kafka_duplicates_dropped: int = 0
     kafka_reconciled: bool = False
 
@@ -398,6 +402,13 @@ class KafkaFeedRun:
     #: Seconds the producer waited for the consumer to land more.
     waited: float
     used: ChildUsage
+    #: CPU seconds of this process meanwhile: the producer, its compression, the mock brokers.
+    brokers_cpu_seconds: float
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _kafka_consumer(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
@@ -447,7 +458,7 @@ def _land_kafka(settings: Settings, files: list[Path]) -> KafkaFeedRun:
             **{"compression.type": KAFKA_COMPRESSION, "compression.level": KAFKA_COMPRESSION_LEVEL},
         )
         feed = MockFeed(publisher, settings.kafka, lambda: proc.poll() is None)
-        started = time.time()
+        started, cpu_before = time.time(), _own_cpu_seconds()
         try:
             for path in files:
                 with pa.memory_map(str(path)) as source:
@@ -462,6 +473,7 @@ def _land_kafka(settings: Settings, files: list[Path]) -> KafkaFeedRun:
         # wait4 rather than wait(): it also reports the child's peak RSS.
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
+        brokers_cpu = _own_cpu_seconds() - cpu_before
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -470,7 +482,7 @@ def _land_kafka(settings: Settings, files: list[Path]) -> KafkaFeedRun:
         tail = log_path.read_text(errors="replace")[-2000:]
         raise SystemExit(f"adevents bench: the Kafka consumer failed ({proc.returncode}):\n{tail}")
     return KafkaFeedRun(
-        joined, started, acknowledged - started, messages, waited, ChildUsage.of(usage)
+        joined, started, acknowledged - started, messages, waited, ChildUsage.of(usage), brokers_cpu
     )
 
 
@@ -512,6 +524,7 @@ def measure_kafka(settings: Settings, files: list[Path], truth: Path, result: Be
     result.kafka_publish_seconds = fed.publishing
     result.kafka_peak_rss_mb = fed.used.peak_rss_mb
     result.kafka_consumer_cpu_seconds = fed.used.cpu_seconds
+    result.kafka_producer_brokers_cpu_seconds = fed.brokers_cpu_seconds
     result.kafka_seconds = last_commit / 1000 - fed.started
     result.kafka_events = int(ledger["rows_in"].sum())
     result.kafka_groups = len(commit_groups(ledger))
@@ -680,6 +693,10 @@ def kafka_rows(result: BenchResult) -> list[tuple[str, str]]:
         (
             "Kafka / spool consumer CPU seconds (process, start to exit)",
             f"{result.kafka_consumer_cpu_seconds:.2f} / {result.consumer_cpu_seconds:.2f}",
+        ),
+        (
+            "Kafka producer + mock brokers CPU seconds (same cores)",
+            f"{result.kafka_producer_brokers_cpu_seconds:.2f}",
         ),
         ("Kafka duplicates dropped", f"{result.kafka_duplicates_dropped:,}"),
         (

@@ -68,6 +68,8 @@ log = logging.getLogger("adevents.kafka")
 GROUP_KEY: Final = "adevents.group"
 #: Messages one poll returns at most.
 POLL_MESSAGES: Final = 10_000
+#: A draining consumer's poll wait (seconds): short, as nothing more may be coming.
+DRAIN_POLL: Final = 0.005
 #: How often the partitions' lag is published (seconds).
 LAG_EVERY: Final = 1.0
 
@@ -595,15 +597,18 @@ class KafkaLander:
             try:
                 once = drain.is_set()
                 # consume(n, t) waits out t unless n messages come, and a few Arrow messages
-                # hold a group: wait for the first one only, then take what is queued.
-                messages = self._client.consume(1, self.settings.poll_interval)
+                # hold a group: wait for the first one only, then take what is queued. A drain
+                # does not wait a poll period to learn that nothing more is coming.
+                wait = DRAIN_POLL if once else self.settings.poll_interval
+                messages = self._client.consume(1, wait)
                 if messages:
                     messages += self._client.consume(POLL_MESSAGES - 1, 0)
                 stale = self._resume() if self._need_resume else set()
                 with self._guard:
                     self._buffer(messages, stale)
                 self._publish_lag()
-                if self._group_due(idle=once and not messages):
+                idle = once and not messages and self._read_to_ends(cached=True)
+                if self._group_due(idle=idle):
                     landing = self._next_landing()
                     self._settle()
                     if landing is not None:
@@ -656,23 +661,30 @@ class KafkaLander:
         """``once``: every assigned partition read to its end and landed."""
         if self._in_flight is not None or not self.assigned.is_set() or self._need_resume:
             return False
+        with self._guard:
+            if any(state.batches for state in self._partitions.values()):
+                return False  # known without asking the brokers
+        # The ends the last fetches reported first (no round trip: they only lag the brokers'),
+        # then the brokers' own, once those say every partition is done.
+        return self._read_to_ends(cached=True) and self._read_to_ends(cached=False)
+
+    def _read_to_ends(self, *, cached: bool) -> bool:
+        """Whether every assigned partition was read to its end: the one the brokers report
+        now, or (``cached``) the one the last fetch reported, which may lag it."""
         assert self._client is not None
         with self._guard:
             states = list(self._partitions.values())
-        if not states or any(state.batches for state in states):
-            return False  # known without asking the brokers
-        # The ends the last fetches reported first (no round trip: they only lag the brokers'),
-        # then the brokers' own, once those say every partition is done.
-        for cached in (True, False):
-            for state in states:
-                tp = TopicPartition(self.topic, state.partition)
-                if cached:
-                    _, high = self._client.get_watermark_offsets(tp, cached=True)
-                else:
-                    _, high = self._client.get_watermark_offsets(tp, timeout=5.0)
-                done = state.committed if state.next_offset is None else state.next_offset - 1
-                if high > 0 and (done is None or done < high - 1):
-                    return False
+        if not states:
+            return False
+        for state in states:
+            tp = TopicPartition(self.topic, state.partition)
+            if cached:
+                _, high = self._client.get_watermark_offsets(tp, cached=True)
+            else:
+                _, high = self._client.get_watermark_offsets(tp, timeout=5.0)
+            done = state.committed if state.next_offset is None else state.next_offset - 1
+            if high > 0 and (done is None or done < high - 1):
+                return False
         return True
 
     def _publish_lag(self) -> None:

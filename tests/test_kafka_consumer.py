@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -281,3 +282,32 @@ def assert_both(data: Path, first: Path, second: Path) -> None:
     truth.write_parquet(merged)
     reconcile(data, merged)
     os.remove(merged)
+
+
+def test_sigusr1_lands_what_the_topic_holds_then_exits(
+    cluster: MockCluster, tmp_path: Path
+) -> None:
+    """A running member told that its producers are done (SIGUSR1, what the bench sends after
+    its last publish) lands everything its partitions hold and exits 0, without waiting for
+    COMMIT_INTERVAL (an hour here)."""
+    name = f"ev-{uuid.uuid4().hex[:8]}"
+    cluster.create_topic(name, 8)  # more partitions than the mock's default
+    data = tmp_path / "data"
+    env = {
+        **kafka_env(cluster, name, data),
+        "COMMIT_INTERVAL": "1h",
+        "COMMIT_TARGET_ROWS": "1000000",
+    }
+    member = ConsumerProcess(env, tmp_path / "c.log").start()
+    try:
+        wait_for(lambda: "assigned partitions [0, 1, 2, 3, 4, 5, 6, 7]" in member.text(), "join")
+        truth = generate(env, data, 12_000, seed=21)
+        assert member.proc is not None and member.running()
+        member.proc.send_signal(signal.SIGUSR1)
+        assert member.proc.wait(timeout=120) == 0, member.text()
+    finally:
+        if member.running():
+            member.terminate()
+    result = reconcile(data, truth)
+    assert result.stored == result.truth_distinct_valid > 0
+    assert set(ledger(data)["source_file"].str.extract(r"/(\d+)$").cast(int)) == set(range(8))
