@@ -298,6 +298,15 @@ class KeySet:
 
     def contains(self, keys: Keys) -> Mask:
         """Per key, whether its fingerprint is held, in any generation."""
+        order = np.argsort(keys.lo)
+        found = np.empty(len(keys), dtype=bool)
+        found[order] = self._contains_ordered(keys.take(order))
+        return found
+
+    def _contains_ordered(self, keys: Keys) -> Mask:
+        """:meth:`contains` of keys sorted by ``lo``: each chunk's binary searches then walk it
+        forwards (NumPy starts a search where the previous, smaller key's ended) instead of
+        jumping across a window's keys at random."""
         found = np.zeros(len(keys), dtype=bool)
         for slice_set in self.slices.values():
             if len(keys):
@@ -306,9 +315,16 @@ class KeySet:
 
     def add_new(self, keys: Keys) -> Mask:
         """Add the keys not held yet (in any generation) to their own generations; per key,
-        whether it was new (keys must be distinct)."""
-        new = ~self.contains(keys)
-        self.add(keys.take(new))
+        whether it was new (keys must be distinct). One sort serves the lookups and the adds."""
+        order = np.argsort(keys.lo)  # keys are unique: quicksort, 4x the stable sort
+        ordered = keys.take(order)
+        new_ordered = ~self._contains_ordered(ordered)
+        fresh = ordered.take(new_ordered)
+        for idx in self.groups(fresh) if len(fresh) else []:  # stable: ``lo`` order kept
+            sl = int(fresh.slice[idx[0]])
+            self.slices.setdefault(sl, _SliceSet()).add_sorted(fresh.hi[idx], fresh.lo[idx])
+        new = np.empty(len(keys), dtype=bool)
+        new[order] = new_ordered
         return new
 
     def drop_below(self, cutoff: int) -> None:
