@@ -670,12 +670,11 @@ class KafkaLander:
 
     def _read_to_ends(self, *, cached: bool) -> bool:
         """Whether every assigned partition was read to its end: the one the brokers report
-        now, or (``cached``) the one the last fetch reported, which may lag it."""
+        now, or (``cached``) the one the last fetch reported, which may lag it. True with no
+        partition assigned (a member beyond the partition count has nothing to land)."""
         assert self._client is not None
         with self._guard:
             states = list(self._partitions.values())
-        if not states:
-            return False
         for state in states:
             tp = TopicPartition(self.topic, state.partition)
             if cached:

@@ -311,3 +311,26 @@ def test_sigusr1_lands_what_the_topic_holds_then_exits(
     result = reconcile(data, truth)
     assert result.stored == result.truth_distinct_valid > 0
     assert set(ledger(data)["source_file"].str.extract(r"/(\d+)$").cast(int)) == set(range(8))
+
+
+def test_once_with_no_partition_assigned_exits(
+    cluster: MockCluster, tmp_path: Path, shared_redis: dict[str, str]
+) -> None:
+    """``--once`` in a group whose partitions another member holds (more members than
+    partitions): assigned nothing, it has nothing to land and exits 0 instead of waiting."""
+    name = f"ev-{uuid.uuid4().hex[:8]}"
+    cluster.create_topic(name, 1)
+    data = tmp_path / "data"
+    env = kafka_env(cluster, name, data, **shared_redis)  # two members on one DATA_DIR
+    holder = ConsumerProcess({**env, "CONSUMER_SLOT": "0"}, tmp_path / "a.log").start()
+    try:
+        wait_for(lambda: "assigned partitions [0]" in holder.text(), "the first member's join")
+        other = ConsumerProcess(
+            {**env, "CONSUMER_SLOT": "1", "CONSUMER_NAME": "b"}, tmp_path / "b.log", ("--once",)
+        ).start()
+        assert other.proc is not None
+        assert other.proc.wait(timeout=60) == 0, other.text()
+        assert "assigned partitions []" in other.text()
+    finally:
+        if holder.running():
+            holder.terminate()
