@@ -186,10 +186,12 @@ def _positions(readable: Sequence[_Readable]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64, copy=False)
 
 
-def _by_file(readable: Sequence[_Readable], values: Callable[[_Readable], object]) -> pl.Expr:
+def _by_file(
+    readable: Sequence[_Readable], values: Callable[[_Readable], object], dtype: pl.DataType
+) -> pl.Expr:
     """A per-row value of the row's input (by ``_FILE``)."""
     mapping = {r.index: values(r) for r in readable}
-    return pl.col(_FILE).replace_strict(mapping)
+    return pl.col(_FILE).replace_strict(mapping, return_dtype=dtype)
 
 
 def _watermarks(
@@ -231,7 +233,7 @@ def _split(
     tagged = frame.with_columns(reason_expr(now_ms=_ms(now) or 0, watermark_ms=None, window_ms=0))
     marks = _watermarks(tagged, readable, watermark_ms)
     if any(mark is not None for mark in marks.values()):
-        late = late_expr(_by_file(readable, lambda r: marks[r.index]), window_ms)
+        late = late_expr(_by_file(readable, lambda r: marks[r.index], pl.Int64()), window_ms)
         late_reason = pl.when(late).then(pl.lit("late_event"))
         tagged = tagged.with_columns(pl.coalesce("reason", late_reason).alias("reason"))
     is_valid = pl.col("reason").is_null()
@@ -341,7 +343,7 @@ def _enrich(
     kept: pl.DataFrame, readable: Sequence[_Readable], campaigns: pl.DataFrame, now: datetime
 ) -> None:
     """Each input's kept rows, enriched, and its ledger's counts."""
-    batch_id = _by_file(readable, lambda r: r.inp.file.batch_id)
+    batch_id = _by_file(readable, lambda r: r.inp.file.batch_id, pl.String())
     events, _unknown = enrich(kept, campaigns, batch_id=batch_id, ingested_at=now, keep=[_FILE])
     stats = {
         index: (n, unknown, low, high)
