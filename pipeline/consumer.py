@@ -40,7 +40,7 @@ from pipeline.fingerprint import Keys
 from pipeline.groups import Intent, Intents
 from pipeline.keycache import CacheLostError, KeyCache, Mask, Positions
 from pipeline.lake import window_keys
-from pipeline.landing import Group, Lander, close_cache, decide_group
+from pipeline.landing import Group, Lander, Pacer, close_cache, decide_group
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
 from pipeline.schema import Layout, LedgerRow
 from pipeline.settings import Settings
@@ -143,7 +143,7 @@ class Consumer:
             shared=settings.redis_url is not None,
         )
         self.campaigns = CampaignFile(self.layout.campaigns)
-        self._next_allowed = 0.0
+        self._pacer = Pacer(settings.max_events_per_second)
         self._next_version = 0
         self._decided_watermark: int | None = None
         self._last_group = 0.0
@@ -295,16 +295,6 @@ class Consumer:
         self._account(self.lander.land_committed(group, intent.ledger))
 
     # -- the loop ------------------------------------------------------------------------------
-    def _pace(self, rows: int) -> None:
-        cap = self.settings.max_events_per_second
-        if cap <= 0:
-            return
-        now = time.monotonic()
-        self._next_allowed = max(self._next_allowed, now) + rows / cap
-        delay = self._next_allowed - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-
     def run(self, *, once: bool = False, stop: threading.Event | None = None) -> Totals:
         """Land groups until stopped (or, with ``once``, until the spool is empty).
 
@@ -396,7 +386,7 @@ class Consumer:
         self.totals.commits += 1
         for row in rows:
             self.totals.add(row)
-        self._pace(sum(r.rows_in for r in rows))
+        self._pacer.landed(sum(r.rows_in for r in rows))
         return bool(rows)
 
     def close(self) -> None:

@@ -56,7 +56,7 @@ from pipeline.kafka import CONTENT_TYPE, KIND, ClientLog, header
 from pipeline.kafka_batch import Polled, app_id_for, decoded, partition_inputs
 from pipeline.keycache import CacheLostError, KeyCache, Mask, Positions
 from pipeline.lake import window_keys
-from pipeline.landing import Group, close_cache, decide_group, restore_claims, stamp
+from pipeline.landing import Group, Pacer, close_cache, decide_group, restore_claims, stamp
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
 from pipeline.schema import Layout, LedgerRow, ledger_frame
 from pipeline.settings import Settings
@@ -179,6 +179,7 @@ class KafkaLander:
         self._partitions: dict[int, _Partition] = {}
         self._guard = threading.RLock()
         self._writer: ThreadPoolExecutor | None = None
+        self._pacer = Pacer(settings.max_events_per_second)
         self._in_flight: tuple[Future[list[LedgerRow]], _Landing] | None = None
         self._need_resume = True
         self._fresh = True
@@ -230,7 +231,7 @@ class KafkaLander:
     def _on_revoke(self, client: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit the group in the writer before the partitions go; drop what waits."""
         try:
-            self._settle()
+            self._settle(pace=False)
         except Exception as exc:
             log.warning("the group being written when partitions were revoked failed: %s", exc)
             self._need_resume = True
@@ -625,7 +626,9 @@ class KafkaLander:
                 supervisor.failed(exc)
                 self._need_resume = True
 
-    def _settle(self) -> None:
+    def _settle(self, *, pace: bool = True) -> None:
+        """Wait for the group in the writer, count it, commit its offsets (advisory) and, from
+        the loop (``pace``; not from a rebalance callback), keep to MAX_EVENTS_PER_SECOND."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is None:
             return
@@ -635,6 +638,8 @@ class KafkaLander:
         for row in rows:
             self.totals.add(row)
         self._commit_offsets(landing.through)
+        if pace:
+            self._pacer.landed(sum(row.rows_in for row in rows))
 
     def _commit_offsets(self, through: dict[int, int]) -> None:
         """Advisory only (lag monitoring): the tables' txns say where a partition resumes."""

@@ -214,3 +214,21 @@ def restore_claims(
     ids = {r.batch_id for r in ledger}
     keys, top = batch_keys(lake, ids, (min(lows), max(highs)), slice_ms)
     cache.restore(claim_id, keys, top)
+
+
+class Pacer:
+    """MAX_EVENTS_PER_SECOND (0 = no cap): after each landed group, waits so that the events
+    landed stay at or below the cap on average, whichever source they came from."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._next_allowed = 0.0
+
+    def landed(self, rows: int) -> None:
+        if self.cap <= 0:
+            return
+        now = time.monotonic()
+        self._next_allowed = max(self._next_allowed, now) + rows / self.cap
+        delay = self._next_allowed - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)

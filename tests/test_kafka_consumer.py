@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,3 +335,18 @@ def test_once_with_no_partition_assigned_exits(
     finally:
         if holder.running():
             holder.terminate()
+
+
+def test_the_throughput_cap_holds_for_the_kafka_source(
+    cluster: MockCluster, topic: str, tmp_path: Path
+) -> None:
+    """MAX_EVENTS_PER_SECOND caps the Kafka source as it caps the spool's: 6,000 events (and
+    their copies) at 1,000/s take at least six seconds, however fast the machine (uncapped,
+    they land in one or two)."""
+    data = tmp_path / "data"
+    env = kafka_env(cluster, topic, data)
+    truth = generate(env, data, 6_000, seed=23)
+    started = time.monotonic()
+    land_once({**env, "MAX_EVENTS_PER_SECOND": "1000"})
+    assert time.monotonic() - started >= 6.0
+    reconcile(data, truth)
