@@ -240,12 +240,6 @@ class _SliceSet:
                 found[i] |= bool(np.any(c_hi[pos[i] : end] == hi[i]))
         return found
 
-    def add(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> None:
-        if len(lo) == 0:
-            return
-        order = np.argsort(lo)  # keys are unique: quicksort, 4x the stable sort on random keys
-        self.add_sorted(hi[order], lo[order])
-
     def add_sorted(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> None:
         """Add keys already sorted by ``lo`` (a chunk read back from a key file).
 
@@ -290,11 +284,15 @@ class KeySet:
         return np.split(order, bounds)
 
     def add(self, keys: Keys) -> None:
+        self._add_ordered(keys.take(np.argsort(keys.lo)))  # unique keys: quicksort, 4x stable
+
+    def _add_ordered(self, keys: Keys) -> None:
+        """Add keys sorted by ``lo`` to their generations (the stable grouping keeps the order)."""
         if len(keys) == 0:
             return
         for idx in self.groups(keys):
             sl = int(keys.slice[idx[0]])
-            self.slices.setdefault(sl, _SliceSet()).add(keys.hi[idx], keys.lo[idx])
+            self.slices.setdefault(sl, _SliceSet()).add_sorted(keys.hi[idx], keys.lo[idx])
 
     def contains(self, keys: Keys) -> Mask:
         """Per key, whether its fingerprint is held, in any generation."""
@@ -319,10 +317,7 @@ class KeySet:
         order = np.argsort(keys.lo)  # keys are unique: quicksort, 4x the stable sort
         ordered = keys.take(order)
         new_ordered = ~self._contains_ordered(ordered)
-        fresh = ordered.take(new_ordered)
-        for idx in self.groups(fresh) if len(fresh) else []:  # stable: ``lo`` order kept
-            sl = int(fresh.slice[idx[0]])
-            self.slices.setdefault(sl, _SliceSet()).add_sorted(fresh.hi[idx], fresh.lo[idx])
+        self._add_ordered(ordered.take(new_ordered))
         new = np.empty(len(keys), dtype=bool)
         new[order] = new_ordered
         return new
