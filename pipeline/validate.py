@@ -33,12 +33,12 @@ def late_expr(watermark_ms: int | pl.Expr | None, window_ms: int) -> pl.Expr:
     return pl.col(TIME_COLUMN).dt.epoch("ms") < watermark_ms - window_ms
 
 
-def reason_expr(*, now_ms: int, watermark_ms: int | pl.Expr | None, window_ms: int) -> pl.Expr:
+def reason_expr(*, now_ms: int, watermark_ms: int | None, window_ms: int) -> pl.Expr:
     """Expression giving each row's first failing reason code, or null when the row is valid.
 
     ``watermark_ms`` is the greatest event_time accepted before this batch (None before the
-    first, or a per-row column: see :func:`late_expr`); an event older than
-    ``watermark - window`` is late. ``now_ms`` is the consumer's clock.
+    first); an event older than ``watermark - window`` is late (:func:`late_expr`).
+    ``now_ms`` is the consumer's clock.
     """
     event_id_len = pl.col("event_id").str.len_bytes()
     time_ms = pl.col(TIME_COLUMN).dt.epoch("ms")
