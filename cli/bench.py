@@ -65,12 +65,12 @@ MOCK_PARTITION_BYTES: Final = 5 * 1024 * 1024
 MOCK_FILL: Final = 0.75
 #: The bench topic's partitions: room for 16 x 5 MiB ahead of the lander.
 KAFKA_PARTITIONS: Final = 16
-#: The producer's compression: without it the mock holds 4 x 5 MiB, ~180k events, less than one
-#: commit group (COMMIT_TARGET_ROWS, 200k), and the lander would wait for the producer between
-#: groups. zstd holds 2.8-4.8x more (hex33 / sequential ids); lz4's 1.7-2.8x left the lander
-#: waiting (2M events: 219-242k events/s against zstd's 325-368k, same machine). Level 1
-#: compresses as well as librdkafka's default 3 on these events for ~60 % of its CPU, which
-#: this machine's two cores share with the lander.
+#: The producer's compression: the mock keeps 5 MiB a partition, so what it holds ahead of the
+#: consumer is bytes. zstd holds 2.8-4.8x more than none (hex33 / sequential ids); lz4 (1.7-2.8x)
+#: and no compression left the consumer waiting for the producer (measured on 4 partitions and
+#: again on 16: 0.34x the spool uncompressed). Level 1 compresses as well as librdkafka's
+#: default 3 on these events for ~60 % of its CPU, which this machine's two cores share with the
+#: consumer.
 KAFKA_COMPRESSION: Final = "zstd"
 KAFKA_COMPRESSION_LEVEL: Final = 1
 #: The lander's client: the mock answers a fetch that found nothing only after
@@ -353,7 +353,6 @@ class MockFeed:
         )
         self.budget = 0  #: messages a partition may hold ahead of the consumer
         self.sent = [0] * KAFKA_PARTITIONS  #: messages published to each partition
-        self.published = 0
         self._next = 0  #: the round robin's next turn
         self.waited = 0.0  #: seconds the producer waited for the consumer
 
@@ -385,9 +384,11 @@ class MockFeed:
             self._next += 1
             if self.sent[partition] >= self.budget:  # no commit can have made room before
                 self._wait_for_room(partition)
-            messages = self.publisher.publish_table(part, partition=partition)
-            self.sent[partition] += messages
-            self.published += messages
+            self.sent[partition] += self.publisher.publish_table(part, partition=partition)
+
+    @property
+    def published(self) -> int:
+        return sum(self.sent)
 
     def close(self) -> None:
         self._offsets.close()
@@ -435,8 +436,8 @@ def _kafka_consumer(settings: Settings, log_path: Path) -> subprocess.Popen[byte
 
 
 def _wait_for_assignment(proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    """The mock's coordinator holds a new group ~3 s before assigning: producing starts after
-    it, as a consumer that joined long ago would see the stream."""
+    """Producing starts once the consumer holds its partitions, as a consumer that joined long
+    ago would see the stream (the join is a one-time cost, reported apart)."""
     deadline = time.perf_counter() + 120
     while "assigned partitions" not in log_path.read_text(errors="replace"):
         if proc.poll() is not None or time.perf_counter() > deadline:

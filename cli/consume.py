@@ -36,11 +36,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the consumer until SIGINT/SIGTERM (or, with ``--once``, until the spool is empty).
     The Kafka source also takes SIGUSR1: land what the assigned partitions hold, then exit (as
     ``--once`` does from the start), for a caller that knows its producers are done."""
+    drains = [DRAIN_SIGNAL] if settings.consumer_source == "kafka" else []
     with (
         stop_on_signals(what="stopping after the current batch") as stop,
-        event_on_signals(
-            [DRAIN_SIGNAL], what="landing what the partitions hold, then exiting"
-        ) as drain,
+        event_on_signals(drains, what="landing what the partitions hold, then exiting") as drain,
     ):
         return _consume(args, settings, stop, drain)
 
