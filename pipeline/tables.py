@@ -8,6 +8,7 @@ each atomically. Imports nothing from the project but :mod:`pipeline.schema`.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -28,11 +29,17 @@ RESOLVED: Final = "resolved"
 
 
 def read_parquet_or(path: Path, schema: pl.Schema) -> pl.DataFrame:
-    """The frame in ``path`` cast to ``schema``, or an empty one when there is no such file."""
+    """The frame in ``path`` cast to ``schema``, or an empty one when there is no such file.
+
+    Read through one open file: the jobs replace these files by rename while others read
+    them, and a reader that opened the path twice (footer, then pages) could meet the old
+    file's footer and the new file's pages ("page header reported the wrong page size")."""
     try:
-        return pl.read_parquet(path, hive_partitioning=False).select(schema.names()).cast(schema)
+        with path.open("rb") as fh:
+            body = fh.read()
     except FileNotFoundError:
         return pl.DataFrame(schema=schema)
+    return pl.read_parquet(io.BytesIO(body)).select(schema.names()).cast(schema)
 
 
 # -- rollups -----------------------------------------------------------------------------------
