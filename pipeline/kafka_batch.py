@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from pipeline.decide import FileInput
 from pipeline.decode import JSON, BodyError, decode, read_arrow_stream
+from pipeline.fingerprint import I64
 from pipeline.groups import GroupFile
 from pipeline.kafka import ARROW_STREAM, REJECTED
 from pipeline.keycache import position_of
@@ -95,7 +96,7 @@ def partition_inputs(
     first, last = messages[0].offset, messages[-1].offset
     inputs: list[FileInput] = []
     tables: list[pa.Table] = []
-    offsets: list[int] = []
+    offsets: list[I64] = []  # each table's rows' offsets
     json_messages: list[Polled] = []
 
     def poison(message: Polled, error: PoisonInputError) -> None:
@@ -112,19 +113,19 @@ def partition_inputs(
             inputs.append(FileInput(file, message.timestamp_ms or now_ms, message.table))
         else:
             tables.append(message.table)
-            offsets.extend([message.offset] * message.table.num_rows)
+            offsets.append(np.full(message.table.num_rows, message.offset, dtype=np.int64))
     good, bad = _decode_json(json_messages)
     for message, why in bad:
         poison(message, PoisonInputError("unreadable_message", why))
     if good is not None:
         tables.append(good[0])
-        offsets.extend(good[1])
+        offsets.append(np.array(good[1], dtype=np.int64))
     if tables:
         file = GroupFile(
             f"kafka:{topic}/{partition}", f"{app_id_for(group, topic, partition)}@{first}-{last}"
         )
         arrived = min(m.timestamp_ms for m in messages if m.timestamp_ms) if messages else now_ms
-        positions = position_of(partition, np.array(offsets, dtype=np.int64))
+        positions = position_of(partition, np.concatenate(offsets))
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         inputs.insert(0, FileInput(file, arrived or now_ms, table, positions=positions))
     return inputs
