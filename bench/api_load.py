@@ -12,7 +12,12 @@ uses ``--url``), then hits /health, /ad_events/latest, /campaigns/{id}/stats and
 over ``--processes`` load processes) each keeping one request in flight on its own connection.
 ``--campaigns N`` rotates the campaign over the top N; ``--vary`` makes every stats and
 by_campaign request a different question (a unique ``until``), so none is answered from the
-API's memory of an unchanged lake: the cost of real query work.
+API's memory of an unchanged lake: the cost of real query work. The first ``until`` is a minute
+from now (after every event: the newest events, in the current hour) unless ``--until-at`` puts
+it elsewhere, e.g. inside an hour the compaction job has clustered:
+
+    python bench/api_load.py --data-dir /tmp/bench-lake --workers 2 --processes 2 --clients 16 \\
+        --seconds 10 --campaigns 100 --vary --until-at 2026-12-03T12:58:00Z
 The clients speak minimal HTTP/1.1 over asyncio streams, so that the load generator costs far
 less CPU per request than the server: on a small machine an httpx client saturates first.
 """
@@ -31,6 +36,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -160,17 +166,21 @@ async def _fetch(url: str, path: str) -> object:
 class Paths:
     """The path of each request: ``template`` with ``{campaign}`` taken in turn from
     ``campaigns`` and ``{until}`` a different instant (epoch ms) for every request, so that no
-    two requests ask the same question (nothing can be answered from memory)."""
+    two requests ask the same question (nothing can be answered from memory): load process
+    ``salt`` of ``stride`` takes every ``stride``-th millisecond from ``base`` on."""
 
-    def __init__(self, template: str, campaigns: list[str], salt: int) -> None:
+    def __init__(
+        self, template: str, campaigns: list[str], salt: int, base: int, stride: int
+    ) -> None:
         self.template, self.campaigns = template, campaigns
         self.n = 0
-        self.base = int(time.time() * 1000) + 60_000 + salt * 10_000_000
+        self.base, self.salt, self.stride = base, salt, stride
 
     def next(self) -> str:
         self.n += 1
         campaign = self.campaigns[self.n % len(self.campaigns)]
-        return self.template.format(campaign=campaign, until=self.base + self.n)
+        until = self.base + self.n * self.stride + self.salt
+        return self.template.format(campaign=campaign, until=until)
 
 
 @dataclass(frozen=True)
@@ -181,6 +191,9 @@ class Load:
     template: str
     campaigns: list[str]
     seconds: float
+    #: The first ``until`` (epoch ms) and how many load processes share the instants after it.
+    until_ms: int = 0
+    processes: int = 1
 
 
 async def _clients(load: Load, clients: int, salt: int) -> tuple[list[float], int]:
@@ -189,7 +202,7 @@ async def _clients(load: Load, clients: int, salt: int) -> tuple[list[float], in
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + load.seconds
-    paths = Paths(load.template, load.campaigns, salt)
+    paths = Paths(load.template, load.campaigns, salt, load.until_ms, load.processes)
 
     async def worker() -> None:
         nonlocal errors
@@ -249,6 +262,7 @@ def run(
     campaigns: int = 1,
     vary: bool = False,
     only: list[str] | None = None,
+    until_ms: int | None = None,
 ) -> None:
     latest = asyncio.run(_fetch(url, "/ad_events/latest?limit=1"))
     assert isinstance(latest, dict)
@@ -263,12 +277,26 @@ def run(
         f"/campaigns/{{campaign}}/stats?granularity=hour{until}",
         f"/ad_events/by_campaign/{{campaign}}?limit=100{until}",
     ]
+    first = int(time.time() * 1000) + 60_000 if until_ms is None else until_ms
+    if vary:
+        print(f"until from {datetime.fromtimestamp(first / 1000, UTC):%Y-%m-%dT%H:%M:%S.%fZ}")
     for template in templates:
         if only and not any(word in template for word in only):
             continue
-        # Warm every worker first (its connections, DuckDB's footer cache).
-        hammer(Load(url, template, ids, min(2.0, seconds)), clients, processes)
-        print(hammer(Load(url, template, ids, seconds), clients, processes), flush=True)
+        # Warm every worker first (its connections, DuckDB's footer cache), on instants before
+        # the measured ones (other questions, mostly of the same files).
+        warm = Load(url, template, ids, min(2.0, seconds), first - 100_000, processes)
+        hammer(warm, clients, processes)
+        load = Load(url, template, ids, seconds, first, processes)
+        print(hammer(load, clients, processes), flush=True)
+
+
+def _instant(text: str) -> int:
+    """Epoch ms of ``text``: epoch ms, or an ISO date-time (UTC when it has no zone)."""
+    if text.isdigit():
+        return int(text)
+    parsed = datetime.fromisoformat(text)
+    return int((parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp() * 1000)
 
 
 def main() -> int:
@@ -293,10 +321,15 @@ def main() -> int:
         action="store_true",
         help="a different until= on every stats/by_campaign request: no answer from memory",
     )
+    parser.add_argument(
+        "--until-at",
+        help="first until= of --vary: epoch ms or an ISO date-time (default: a minute from now)",
+    )
     parser.add_argument("--only", nargs="*", help="only endpoints whose path has one of these")
     parser.add_argument("--url", help="benchmark a running server instead of starting one")
     args = parser.parse_args()
-    load = {"campaigns": args.campaigns, "vary": args.vary, "only": args.only}
+    until_ms = None if args.until_at is None else _instant(args.until_at)
+    load = {"campaigns": args.campaigns, "vary": args.vary, "only": args.only, "until_ms": until_ms}
     if args.url:
         run(args.url, args.seconds, args.clients, args.processes, **load)
         return 0

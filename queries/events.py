@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from queries import row_groups
 from queries.lake import FileStats, Lake, View
+from queries.ordered import Cursor, OrderedRows
+from queries.row_groups import RowGroups
 
 #: Columns of an event as the API shows it, with event_time as epoch milliseconds.
 _COLUMNS: Final = """event_id, event_type, epoch_ms(event_time) AS time_ms, campaign_id, ad_id,
@@ -124,6 +127,23 @@ def _search(view: View, limit: int, where: EventFilter) -> list[Event]:
     at_or_after = "event_time >= make_timestamptz($cut * 1000)"
 
     def band(chunk: list[str], lo: int | None, hi: int | None) -> list[Event]:
+        if where.campaign_id is None:
+            return on_storage(chunk, lo, hi)
+        # A campaign's rows in memory come from each file's campaign order, not a scan, and
+        # on local disk from the row groups that can hold them (queries.row_groups).
+        limits = _Limits.of(where, lo, hi)
+        memory = [f for f in chunk if f in table.small]
+        disk = [f for f in chunk if f not in table.small]
+        found = [e for f in memory for e in limits.newest(table.ordered(f), limit)]
+        root, groups = table.local_root, view.lake.row_groups
+        shared = [] if root is None else [f for f in disk if not groups.clustered(f"{root}/{f}")]
+        if shared:
+            found += _from_row_groups(groups, [f"{root}/{f}" for f in shared], limits, limit)
+        if len(shared) < len(disk):
+            found += on_storage([f for f in disk if f not in shared], lo, hi)
+        return found
+
+    def on_storage(chunk: list[str], lo: int | None, hi: int | None) -> list[Event]:
         bounds = [c for c, v in ((lower, lo), (upper, hi)) if v is not None]
         where = " AND ".join([clause, *bounds])
         values = {**params, **({"band_lo": lo} if lo is not None else {})}
@@ -165,7 +185,7 @@ def _search(view: View, limit: int, where: EventFilter) -> list[Event]:
             break  # every file left holds only older events
         chunk = candidates[at : at + step]
         at, step = at + step, step * 2
-        top = _newest(stats[chunk[0]])
+        top = _newest(stats[chunk[0]]) if until is None else min(_newest(stats[chunk[0]]), until)
         oldest = min((stats[f].min_ms for f in chunk), key=lambda m: -1 if m is None else m)
         hi: int | None = None
         width = PROBE_MS
@@ -177,6 +197,72 @@ def _search(view: View, limit: int, where: EventFilter) -> list[Event]:
             if lo is None or (len(found) >= limit and found[-1].time_ms >= lo):
                 break  # what is left of the chunk is older than the last row kept
             hi, width = lo, width * 8
+    return found
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """A campaign filter within a band [lo, hi), in the units of :mod:`queries.ordered`."""
+
+    campaign_id: str
+    since_us: int | None
+    until_us: int | None
+    event_type: str | None
+    before: Cursor | None
+
+    @classmethod
+    def of(cls, where: EventFilter, lo: int | None, hi: int | None) -> _Limits:
+        assert where.campaign_id is not None
+        since = max((v for v in (where.since_ms, lo) if v is not None), default=None)
+        until = min((v for v in (where.until_ms, hi) if v is not None), default=None)
+        before = where.before
+        return cls(
+            where.campaign_id,
+            None if since is None else since * 1000,
+            None if until is None else until * 1000,
+            where.event_type,
+            None if before is None else Cursor(before.time_ms * 1000, before.event_id),
+        )
+
+    @property
+    def newest_us(self) -> int | None:
+        """The end of the range (exclusive) that can hold matching rows, cursor included."""
+        ends = [self.until_us, None if self.before is None else self.before.time_us + 1]
+        return min((e for e in ends if e is not None), default=None)
+
+    def newest(self, rows: OrderedRows, limit: int) -> list[Event]:
+        """The newest ``limit`` matching events of ``rows``."""
+        found = rows.newest(
+            self.campaign_id,
+            limit,
+            since_us=self.since_us,
+            until_us=self.until_us,
+            event_type=self.event_type,
+            before=self.before,
+        )
+        return [Event(*r) for r in found]
+
+
+def _from_row_groups(
+    groups: RowGroups, paths: list[str], limits: _Limits, limit: int
+) -> list[Event]:
+    """The newest ``limit`` matching events of local files: their row groups that can hold
+    them, newest first, until the next one holds only events older than the last row kept."""
+    chosen = [
+        (g, p)
+        for p in paths
+        for g in row_groups.candidates(
+            groups.groups(p), limits.campaign_id, limits.since_us, limits.newest_us
+        )
+    ]
+    chosen.sort(key=lambda gp: -(_UNKNOWN if gp[0].max_us is None else gp[0].max_us))
+    found: list[Event] = []
+    for group, path in chosen:
+        # Sorted newest first (unknown first): every group left holds only older events.
+        if len(found) >= limit and (group.max_us or _UNKNOWN) < found[-1].time_ms * 1000:
+            break
+        more = limits.newest(groups.ordered(path, group.index), limit)
+        found = sorted([*found, *more], key=_order, reverse=True)[:limit]
     return found
 
 

@@ -31,7 +31,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -63,6 +63,8 @@ from pipeline.schema import (
     Layout,
 )
 from pipeline.settings import Settings
+from queries.ordered import OrderedRows
+from queries.row_groups import RowGroups
 
 T = TypeVar("T")
 
@@ -130,6 +132,8 @@ class TableState:
     actions: pl.DataFrame = field(repr=False)
     #: Rows of the small files, by path (see :class:`_Files`); ``dataset`` has the others.
     small: Mapping[str, pa.Table] = field(default_factory=dict, repr=False)
+    #: Small files' rows in campaign order, built on first use and shared across versions.
+    orders: MutableMapping[str, OrderedRows] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -163,6 +167,23 @@ class TableState:
         if not isinstance(self.dataset, pads.FileSystemDataset):
             return {}
         return {unquote(f.path): f for f in self.dataset.get_fragments()}
+
+    @cached_property
+    def local_root(self) -> str | None:
+        """The table's directory when its files are on local disk (None elsewhere)."""
+        ds = self.dataset
+        fs = ds.filesystem if isinstance(ds, pads.FileSystemDataset) else None
+        if isinstance(fs, pafs.SubTreeFileSystem) and isinstance(fs.base_fs, pafs.LocalFileSystem):
+            return str(fs.base_path.rstrip("/"))
+        return None
+
+    def ordered(self, path: str) -> OrderedRows:
+        """The small file ``path``'s rows in (campaign_id, event_time, event_id) order."""
+        found = self.orders.get(path)
+        if found is None:
+            # Two threads may both build it; either result is the same.
+            found = self.orders[path] = OrderedRows(self.small[path])
+        return found
 
     @cached_property
     def in_memory(self) -> pa.Table | None:
@@ -266,6 +287,8 @@ class _Files:
         #: ``nbytes`` of each table in ``small``: Arrow sums every buffer of it again per call,
         #: which for a few hundred files was a tenth of a request's time.
         self.nbytes: dict[str, int] = {}
+        #: Small files' campaign orders (:meth:`TableState.ordered`), forgotten with the file.
+        self.orders: dict[str, OrderedRows] = {}
         self.large: frozenset[str] | None = None
         self.dataset: pads.Dataset | None = None
         self.fragments: FragmentCache | None = None
@@ -290,7 +313,7 @@ class _Files:
 
     def sync(
         self, location: LakeLocation, spec: TableSpec, table: DeltaTable, actions: pl.DataFrame
-    ) -> tuple[pads.Dataset, dict[str, pa.Table]]:
+    ) -> tuple[pads.Dataset, dict[str, pa.Table], dict[str, OrderedRows]]:
         kept = self._kept(actions)
         live = set(kept["path"].to_list())
         large = frozenset(p for p in actions["path"].to_list() if p not in live)
@@ -303,6 +326,9 @@ class _Files:
             self.large = large
         self.small = {p: t for p, t in self.small.items() if p in live}
         self.nbytes = {p: n for p, n in self.nbytes.items() if p in live}
+        for gone in list(self.orders):  # a copy: request threads add orders meanwhile
+            if gone not in live:
+                self.orders.pop(gone, None)
         missing = kept.filter(~pl.col("path").is_in(list(self.small)))
         if len(missing):
             read = _read_small(location, spec, missing)
@@ -311,7 +337,7 @@ class _Files:
                 self.ratio = max(1.0, sum(t.nbytes for t in read.values()) / file_bytes)
             self.small.update(read)
             self.nbytes.update((p, t.nbytes) for p, t in read.items())
-        return self.dataset, dict(self.small)
+        return self.dataset, dict(self.small), self.orders
 
 
 def _read_small(
@@ -664,6 +690,8 @@ class Lake:
         self.data_dir = None if data_dir is None else Path(data_dir)
         self.specs = dict(specs)
         self.answers = _Answers()
+        #: Footers and decoded row groups of local files, for a campaign's newest events.
+        self.row_groups = RowGroups()
         self._db = duckdb.connect(":memory:")
         self._db.execute("SET TimeZone = 'UTC'")
         # Delta data files never change once written (a path is never reused): their
@@ -764,8 +792,8 @@ class Lake:
             return TableState(
                 spec, table.version(), table_dataset(self.location, spec, table), actions
             )
-        dataset, small = files.sync(self.location, spec, table, actions)
-        return TableState(spec, table.version(), dataset, actions, small)
+        dataset, small, orders = files.sync(self.location, spec, table, actions)
+        return TableState(spec, table.version(), dataset, actions, small, orders)
 
     def inserted(
         self, name: str, after: int, upto: int, columns: Sequence[str]

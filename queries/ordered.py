@@ -1,0 +1,169 @@
+"""A file's rows held in memory, ordered once by (campaign_id, event_time, event_id).
+
+A campaign's newest events in the uncompacted tail are then a binary search and a take, where a
+scan of the file's rows cost ~9 ms a file per question (DuckDB converts every row of a
+registered Arrow table; measured on the consumer's 190k-row files of a 50M-event lake). Files
+never change, so an order built once stays right for as long as the file is held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+#: The columns of an event as queries.events returns it, in its field order.
+EVENT_FIELDS: Final = (
+    "event_id",
+    "event_type",
+    "time_ms",
+    "campaign_id",
+    "ad_id",
+    "publisher_id",
+    "advertiser_id",
+    "device_type",
+    "country",
+    "cost_micros",
+    "revenue_micros",
+)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Rows strictly before (time_us, event_id) in (event_time, event_id) order."""
+
+    time_us: int
+    event_id: str
+
+
+def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    if pa.types.is_dictionary(column.type):
+        return column.cast(column.type.value_type)
+    return column
+
+
+class OrderedRows:
+    """One file's rows and their order by (campaign_id, event_time, event_id), ascending.
+
+    Strings compare as their UTF-8 bytes, as DuckDB's ORDER BY compares VARCHARs.
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        keys = pa.table(
+            {
+                "campaign_id": _plain(table.column("campaign_id")),
+                "event_time": table.column("event_time"),
+                "event_id": table.column("event_id"),
+            }
+        )
+        order = pc.sort_indices(
+            keys,
+            sort_keys=[
+                ("campaign_id", "ascending"),
+                ("event_time", "ascending"),
+                ("event_id", "ascending"),
+            ],
+        )
+        self.order: npt.NDArray[np.int64] = order.to_numpy().astype(np.int64)
+        micros = table.column("event_time").cast(pa.timestamp("us", "UTC")).cast(pa.int64())
+        times = micros.to_numpy()
+        self.times_us: npt.NDArray[np.int64] = times[self.order]
+        campaigns = keys.column("campaign_id").take(order).combine_chunks()
+        # Where each campaign's run starts and ends in the order.
+        ends = pc.run_end_encode(campaigns)
+        values = ends.values.to_pylist()
+        stops = ends.run_ends.to_pylist()
+        starts = [0, *stops[:-1]]
+        self.runs: dict[str, tuple[int, int]] = dict(
+            zip(values, zip(starts, stops, strict=True), strict=True)
+        )
+        self._types: npt.NDArray[np.object_] | None = None
+        shown = table.select([n for n in EVENT_FIELDS if n != "time_ms"] + ["event_time"])
+        self._schema = shown.schema
+        self._batches = shown.to_batches()
+        sizes = [len(b) for b in self._batches]
+        self._offsets: npt.NDArray[np.int64] = np.cumsum([0, *sizes[:-1]], dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the rows and the order."""
+        return int(self.table.nbytes) + self.order.nbytes + self.times_us.nbytes
+
+    def _event_types(self) -> npt.NDArray[np.object_]:
+        if self._types is None:
+            column = _plain(self.table.column("event_type")).take(pa.array(self.order))
+            self._types = np.array(column.to_pylist(), dtype=object)
+        return self._types
+
+    def newest(
+        self,
+        campaign_id: str,
+        limit: int,
+        *,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        event_type: str | None = None,
+        before: Cursor | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """Up to ``limit`` rows of the campaign in [since, until), of ``event_type`` and before
+        ``before`` when given, newest first by (event_time, event_id): EVENT_FIELDS each."""
+        run = self.runs.get(campaign_id)
+        if run is None or limit <= 0:
+            return []
+        start, stop = run
+        times = self.times_us[start:stop]
+        if since_us is not None:
+            start += int(np.searchsorted(times, since_us, "left"))
+        if until_us is not None:
+            stop = run[0] + int(np.searchsorted(times, until_us, "left"))
+        if before is not None:
+            at = run[0] + int(np.searchsorted(times, before.time_us, "left"))
+            tied = run[0] + int(np.searchsorted(times, before.time_us, "right"))
+            # Rows tied on the cursor's time are in event_id order: those below its id count.
+            ids = self._tied_ids(at, tied)
+            stop = min(stop, at + _count_below(ids, before.event_id))
+        if stop <= start:
+            return []
+        if event_type is None:
+            positions = np.arange(max(start, stop - limit), stop)[::-1]
+        else:
+            kept = np.flatnonzero(self._event_types()[start:stop] == event_type) + start
+            positions = kept[-limit:][::-1]
+        return self._rows(self.order[positions])
+
+    def _tied_ids(self, start: int, stop: int) -> list[str]:
+        rows = pa.array(self.order[start:stop])
+        return [str(v) for v in self.table.column("event_id").take(rows).to_pylist()]
+
+    def _rows(self, rows: npt.NDArray[np.int64]) -> list[tuple[Any, ...]]:
+        # Taken chunk by chunk: a take over the whole (chunked) table concatenates every
+        # chunk first (8 ms for a 190k-row file).
+        chunk = np.searchsorted(self._offsets, rows, "right") - 1
+        picked = []
+        for c in np.unique(chunk):
+            local = rows[chunk == c] - self._offsets[c]
+            picked.append(self._batches[c].take(pa.array(local)))
+        # The rows in the order asked for, and back to plain values.
+        taken = pa.Table.from_batches(picked, schema=self._schema)
+        back = np.argsort(np.argsort(chunk, kind="stable"), kind="stable")
+        taken = taken.take(pa.array(back))
+        columns: list[list[Any]] = []
+        for name in EVENT_FIELDS:
+            if name == "time_ms":
+                stamps = taken.column("event_time").cast(pa.timestamp("us", "UTC"))
+                micros = stamps.cast(pa.int64()).to_numpy()
+                columns.append((micros // 1000).tolist())
+            else:
+                columns.append(_plain(taken.column(name)).to_pylist())
+        return list(zip(*columns, strict=True))
+
+
+def _count_below(ids: list[str], bound: str) -> int:
+    """How many of the ascending ``ids`` (by UTF-8 bytes) are below ``bound``."""
+    key = bound.encode()
+    return sum(1 for i in ids if i.encode() < key)

@@ -1,0 +1,156 @@
+"""A campaign's newest events are exactly what one full sort gives, whichever way each file is
+read: clustered hours (DuckDB), compacted unclustered files and uncompacted files on disk (their
+row groups, queries.row_groups), and the small files held in memory (queries.ordered)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+import queries.lake as queries_lake
+from lake import maintenance
+from lake.cluster import cluster_hour
+from lake.location import LakeLocation
+from lake.tables import EVENTS, open_table
+from lake.testing import START_MS, append, enriched_frame
+from pipeline.schema import HOUR_MS, UTC_MS
+from queries import events
+from queries.lake import Lake
+
+#: The hour boundaries of the lake: A (clustered), B (compacted, not clustered), C (as written).
+A, B, C = START_MS, START_MS + HOUR_MS, START_MS + 2 * HOUR_MS
+BIG, SMALL = "00001", "00007"
+
+
+def local(path: Path) -> LakeLocation:
+    return LakeLocation.from_env({"LAKE_URI": str(path / "lake")})
+
+
+def tied(prefix: str, at_ms: int, rows: int, campaign: str = BIG) -> pl.DataFrame:
+    """``rows`` events of one campaign at one millisecond (ties broken by event_id only)."""
+    frame = enriched_frame(rows, seed=len(prefix), start_ms=at_ms, span_ms=1, id_prefix=prefix)
+    return frame.with_columns(campaign_id=pl.lit(campaign), event_time=pl.lit(at_ms).cast(UTC_MS))
+
+
+def build(location: LakeLocation) -> None:
+    def put(frame: pl.DataFrame) -> None:
+        append(location, {"events": frame})
+
+    # A: two batches over the hour and a tie at its last millisecond, then clustered (in row
+    # groups of its own per campaign: DuckDB reads them).
+    put(enriched_frame(30_000, seed=1, start_ms=A, id_prefix="a"))
+    put(pl.concat([enriched_frame(30_000, seed=2, start_ms=A), tied("ta", B - 1, 150)]))
+    table = open_table(location, EVENTS)
+    hour = table.partitions()[0]
+    cluster_hour(
+        location,
+        table,
+        hour["date"],
+        hour["hour"],
+        target_bytes=128 * 1024**2,
+        memory_bytes=256 * 1024**2,
+        row_group_rows=8_192,
+    )
+    # B: three batches compacted into one file of small row groups holding every campaign.
+    for seed in (3, 4, 5):
+        put(enriched_frame(20_000, seed=seed, start_ms=B, id_prefix="b"))
+    put(tied("tb", B, 120))  # on the hour boundary, the first millisecond of B
+    table = open_table(location, EVENTS)
+    maintenance.optimize(table, [("hour", "=", "01")], row_group_rows=4_096)
+    # C: small files as the consumer writes them, one with a tie across two of them.
+    for seed in (6, 7, 8, 9):
+        put(enriched_frame(5_000, seed=seed, start_ms=C, span_ms=600_000, id_prefix="c"))
+    put(pl.concat([tied("tc1", C + 300_000, 80), tied("tc0", C + 300_000, 5, SMALL)]))
+    put(tied("tc2", C + 300_000, 70))
+
+
+@pytest.fixture(scope="module")
+def lake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("newest")
+    build(local(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stored(lake_dir: Path) -> pl.DataFrame:
+    frame = pl.from_arrow(open_table(local(lake_dir), EVENTS).to_pyarrow_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame.with_columns(time_ms=pl.col("event_time").dt.epoch("ms"))
+
+
+@pytest.fixture
+def lake(lake_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Lake:
+    """The lake with only the newest of C's small files in memory (the others on disk)."""
+    monkeypatch.setattr(queries_lake, "TAIL_BYTES", 3 * 1024**2)
+    return Lake(local(lake_dir))
+
+
+def reference(stored: pl.DataFrame, limit: int, where: events.EventFilter) -> list[Any]:
+    """The straightforward answer: filter, one full sort, the first ``limit`` rows."""
+    rows = stored.filter(pl.col("campaign_id") == where.campaign_id)
+    if where.event_type is not None:
+        rows = rows.filter(pl.col("event_type") == where.event_type)
+    if where.since_ms is not None:
+        rows = rows.filter(pl.col("time_ms") >= where.since_ms)
+    if where.until_ms is not None:
+        rows = rows.filter(pl.col("time_ms") < where.until_ms)
+    if (b := where.before) is not None:
+        t, i = pl.col("time_ms"), pl.col("event_id")
+        rows = rows.filter((t < b.time_ms) | ((t == b.time_ms) & (i < b.event_id)))
+    top = rows.sort(["time_ms", "event_id"], descending=True).head(limit)
+    fields = list(events.Event.__dataclass_fields__)
+    return [events.Event(*r) for r in top.select(fields).iter_rows()]
+
+
+def test_the_lake_has_every_kind_of_file(lake: Lake) -> None:
+    view = lake.view("events")
+    table = view.table("events")
+    root = table.local_root
+    assert root is not None
+    disk = [f for f in view.files("events") if f not in table.small]
+    kinds = {lake.row_groups.clustered(f"{root}/{f}") for f in disk}
+    assert kinds == {True, False}  # clustered A; B and C's older files by row groups
+    assert table.small and disk
+
+
+UNTILS = [None, B - 1, B, B + 1, C + 300_000, C + 300_001, C + 10**9]
+
+
+@pytest.mark.parametrize("campaign", [BIG, SMALL, "00150", "absent"])
+@pytest.mark.parametrize("limit", [1, 7, 100, 1001])
+@pytest.mark.parametrize("until", UNTILS)
+def test_newest_matches_a_full_sort(
+    lake: Lake, stored: pl.DataFrame, campaign: str, limit: int, until: int | None
+) -> None:
+    where = events.EventFilter(campaign, until_ms=until)
+    assert events.newest(lake, limit, where) == reference(stored, limit, where)
+
+
+@pytest.mark.parametrize("event_type", ["click", "conversion"])
+@pytest.mark.parametrize("since", [None, B, C + 300_000])
+def test_event_type_and_since_bound_the_answer(
+    lake: Lake, stored: pl.DataFrame, event_type: str, since: int | None
+) -> None:
+    where = events.EventFilter(BIG, event_type, since, C + 400_000)
+    assert events.newest(lake, 100, where) == reference(stored, 100, where)
+
+
+@pytest.mark.parametrize("page_size", [1, 37, 100])
+def test_cursor_pages_walk_ties_and_hours_exactly(
+    lake: Lake, stored: pl.DataFrame, page_size: int
+) -> None:
+    where = events.EventFilter(BIG, since_ms=B - 5_000, until_ms=C + 300_001)
+    expected = reference(stored, 10**6, where)
+    walked: list[events.Event] = []
+    before = None
+    for _ in range(len(expected) // page_size + 2):
+        page, before = events.page(
+            lake, page_size, events.EventFilter(**{**vars(where), "before": before})
+        )
+        walked += page
+        if before is None:
+            break
+    assert walked == expected
