@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from queries import row_groups
 from queries.lake import FileStats, Lake, View
 from queries.ordered import Cursor, OrderedRows
 from queries.row_groups import RowGroups
@@ -136,7 +135,7 @@ def _search(view: View, limit: int, where: EventFilter) -> list[Event]:
         disk = [f for f in chunk if f not in table.small]
         found = [e for f in memory for e in limits.newest(table.ordered(f), limit)]
         root, groups = table.local_root, view.lake.row_groups
-        shared = [] if root is None else [f for f in disk if not groups.clustered(f"{root}/{f}")]
+        shared = [] if root is None else [f for f in disk if groups.cacheable(f"{root}/{f}")]
         if shared:
             found += _from_row_groups(groups, [f"{root}/{f}" for f in shared], limits, limit)
         if len(shared) < len(disk):
@@ -249,17 +248,17 @@ def _from_row_groups(
     """The newest ``limit`` matching events of local files: their row groups that can hold
     them, newest first, until the next one holds only events older than the last row kept."""
     chosen = [
-        (g, p)
-        for p in paths
-        for g in row_groups.candidates(
-            groups.groups(p), limits.campaign_id, limits.since_us, limits.newest_us
+        (newest, group, path)
+        for path in paths
+        for newest, group in groups.candidates(
+            path, limits.campaign_id, limits.since_us, limits.newest_us
         )
     ]
-    chosen.sort(key=lambda gp: -(_UNKNOWN if gp[0].max_us is None else gp[0].max_us))
+    chosen.sort(key=lambda c: -c[0])
     found: list[Event] = []
-    for group, path in chosen:
+    for newest, group, path in chosen:
         # Sorted newest first (unknown first): every group left holds only older events.
-        if len(found) >= limit and (group.max_us or _UNKNOWN) < found[-1].time_ms * 1000:
+        if len(found) >= limit and newest < found[-1].time_ms * 1000:
             break
         more = limits.newest(groups.ordered(path, group.index), limit)
         found = sorted([*found, *more], key=_order, reverse=True)[:limit]

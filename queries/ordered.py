@@ -89,6 +89,11 @@ class OrderedRows:
         sizes = [len(b) for b in self._batches]
         self._offsets: npt.NDArray[np.int64] = np.cumsum([0, *sizes[:-1]], dtype=np.int64)
 
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """Each campaign's (first, last) event time in microseconds."""
+        last = self.times_us
+        return {c: (int(last[a]), int(last[b - 1])) for c, (a, b) in self.runs.items()}
+
     @property
     def nbytes(self) -> int:
         """Memory held: the rows and the order."""
