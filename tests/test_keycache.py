@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import numpy as np
 import polars as pl
 import pytest
 import redis
+from conftest import RedisServer
+from redis_module_server import ModuleRedisServer, build_module
 
 import pipeline.keycache as keycache_module
 import pipeline.redis_cache as redis_cache_module
@@ -28,7 +31,7 @@ from pipeline.keycache import (
     position_of,
     read_key_file,
 )
-from pipeline.redis_cache import MAX_MEMBERS_PER_CALL, RedisKeyCache
+from pipeline.redis_cache import LAYOUT, MAX_MEMBERS_PER_CALL, RedisKeyCache
 from pipeline.testing import MemoryKeyCache, MemoryKeyState
 
 WINDOW_MS = 10_000
@@ -79,20 +82,46 @@ def probe(cache: KeyCache, keys: Keys) -> np.ndarray:
     return held
 
 
-@pytest.fixture(params=["embedded", "redis", "memory"])
+@pytest.fixture(scope="session")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleRedisServer]:
+    """One redis-server with the adevents module for the session (tests use fresh prefixes)."""
+    server = ModuleRedisServer(tmp_path_factory.mktemp("module-redis"), build_module()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sets", "module"])
+def redis_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server, once plain (the bucket-set layout) and once with the adevents
+    module (the table layout): tests that restart or flush Redis run on both layouts."""
+    if request.param == "module":
+        server: RedisServer = ModuleRedisServer(tmp_path / "redis", build_module()).start()
+    else:
+        server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["embedded", "redis", "redis-module", "memory"])
 def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     """Factory: ``open_cache(name)`` opens (another instance of) the cache called ``name``.
 
     Two instances of one name share state: the same directory (embedded), the same key prefix
     (Redis) or the same state object (memory), i.e. a consumer restarted over the same state,
-    or two consumers sharing Redis.
+    or two consumers sharing Redis. "redis" is the bucket-set layout on the shared Redis,
+    "redis-module" the table layout on a Redis with the adevents module.
     ``fresh=True`` rebuilds it empty first, as the consumer does for a cache that needs it.
     """
     kind = request.param
     url = prefix = ""
+    layout: str | None = None
     if kind == "redis":
         url = request.getfixturevalue("redis_url")
         prefix = request.getfixturevalue("redis_prefix")
+        layout = LAYOUT  # whatever the shared Redis has loaded
+    elif kind == "redis-module":
+        url = request.getfixturevalue("module_redis").url
+        prefix = f"adtest-{uuid.uuid4().hex[:10]}"
     opened: list[RebuildableKeyCache] = []
     states: dict[str, MemoryKeyState] = {}
 
@@ -117,8 +146,13 @@ def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opene
             )
         else:
             cache = RedisKeyCache.from_url(
-                url, prefix=f"{prefix}:{name}", window_ms=window_ms, slice_ms=slice_ms
+                url,
+                prefix=f"{prefix}:{name}",
+                window_ms=window_ms,
+                slice_ms=slice_ms,
+                layout=layout,
             )
+            assert cache.tables == (kind == "redis-module")  # detected, or asked for
         if fresh:
             assert cache.needs_rebuild()
             cache.rebuild(empty_keys(), None)
@@ -739,8 +773,17 @@ def test_redis_bytes_per_key_dense_slice(
     cache.finish("dense", None)  # drops the claim record
     after = _used_memory(redis_server.url)
     per_key = (after - before) / n
-    assert per_key <= 24, f"{per_key:.1f} bytes a key"
     client = redis.Redis.from_url(redis_server.url)
+    if cache.tables:  # issue 12: at most 16 bytes a key in the module's tables
+        assert per_key <= 16, f"{per_key:.1f} bytes a key"
+        tables = list(client.scan_iter(match="mem:{g*}:t:2", count=10_000))
+        assert len(tables) == redis_cache_module.GROUPS
+        infos = [client.execute_command("ADEVENTS.INFO", t) for t in tables]
+        assert sum(int(info[1]) for info in infos) == n
+        assert all(int(info[3]) / int(info[1]) <= 16 for info in infos), infos
+        client.close()
+        return
+    assert per_key <= 24, f"{per_key:.1f} bytes a key"
     buckets = list(client.scan_iter(match="mem:{g*}:2:*", count=10_000))
     assert len(buckets) > 1
     encodings = {client.object("encoding", b) for b in buckets}
