@@ -37,7 +37,7 @@
 #define REC 16
 #define MAX_TABLES 64 /* answers stay printable: '1' + 63 = 'p' */
 #define AOF_CHUNK 65536
-#define PREFETCH 16
+#define AHEAD 8 /* keys: how far ahead memory is prefetched */
 
 typedef struct {
     uint64_t *slots; /* NULL until the segment's first key */
@@ -303,15 +303,24 @@ static int parse_blob(RedisModuleCtx *ctx, RedisModuleString *arg, const unsigne
     return REDISMODULE_OK;
 }
 
-static void prefetch_homes(Table **tables, int ntables, const unsigned char *blob, size_t from,
-                           size_t to) {
-    for (size_t i = from; i < to; i++) {
-        uint64_t sel = load_u64(blob + i * REC), v = stored_value(load_u64(blob + i * REC + 8));
-        for (int j = 0; j < ntables; j++) {
-            if (!tables[j]) continue;
-            Segment *s = segment_of(tables[j], sel);
-            if (s->cap) __builtin_prefetch(&s->slots[home_of(v, s->cap)]);
-        }
+/* Memory prefetch: a key's probe touches its segment's header, then a slot, both usually cache
+ * misses in a big table. The header of key i + 2 * AHEAD and the home slot of key i + AHEAD
+ * (whose header came in meanwhile) are requested while key i is probed. */
+static inline void prefetch_header(Table **tables, int ntables, const unsigned char *blob,
+                                   size_t i) {
+    uint64_t sel = load_u64(blob + i * REC);
+    for (int j = 0; j < ntables; j++) {
+        if (tables[j]) __builtin_prefetch(segment_of(tables[j], sel));
+    }
+}
+
+static inline void prefetch_slot(Table **tables, int ntables, const unsigned char *blob,
+                                 size_t i) {
+    uint64_t sel = load_u64(blob + i * REC), v = stored_value(load_u64(blob + i * REC + 8));
+    for (int j = 0; j < ntables; j++) {
+        if (!tables[j]) continue;
+        Segment *s = segment_of(tables[j], sel);
+        if (s->cap) __builtin_prefetch(&s->slots[home_of(v, s->cap)]);
     }
 }
 
@@ -320,23 +329,23 @@ static void prefetch_homes(Table **tables, int ntables, const unsigned char *blo
 static size_t claim_keys(Table **tables, int ntables, const unsigned char *blob, size_t n,
                          int add, unsigned char *out) {
     size_t added = 0;
-    for (size_t base = 0; base < n; base += PREFETCH) {
-        size_t end = base + PREFETCH < n ? base + PREFETCH : n;
-        prefetch_homes(tables, ntables, blob, base, end);
-        for (size_t i = base; i < end; i++) {
-            uint64_t sel = load_u64(blob + i * REC);
-            uint64_t v = stored_value(load_u64(blob + i * REC + 8));
-            int found = 0;
-            for (int j = 0; j < ntables && !found; j++) {
-                if (tables[j] && seg_find(segment_of(tables[j], sel), v)) found = j + 1;
-            }
-            if (!found && add) {
-                seg_insert(segment_of(tables[0], sel), v);
-                tables[0]->keys++;
-                added++;
-            }
-            if (out) out[i] = (unsigned char)('0' + found);
+    for (size_t i = 0; i < n && i < 2 * AHEAD; i++) prefetch_header(tables, ntables, blob, i);
+    for (size_t i = 0; i < n && i < AHEAD; i++) prefetch_slot(tables, ntables, blob, i);
+    for (size_t i = 0; i < n; i++) {
+        if (i + 2 * AHEAD < n) prefetch_header(tables, ntables, blob, i + 2 * AHEAD);
+        if (i + AHEAD < n) prefetch_slot(tables, ntables, blob, i + AHEAD);
+        uint64_t sel = load_u64(blob + i * REC);
+        uint64_t v = stored_value(load_u64(blob + i * REC + 8));
+        int found = 0;
+        for (int j = 0; j < ntables && !found; j++) {
+            if (tables[j] && seg_find(segment_of(tables[j], sel), v)) found = j + 1;
         }
+        if (!found && add) {
+            seg_insert(segment_of(tables[0], sel), v);
+            tables[0]->keys++;
+            added++;
+        }
+        if (out) out[i] = (unsigned char)('0' + found);
     }
     return added;
 }

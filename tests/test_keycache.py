@@ -680,6 +680,38 @@ def test_redis_detects_a_fingerprint_change(
     other.close()
 
 
+def test_redis_switching_layouts_rebuilds_instead_of_mixing(
+    module_redis: ModuleRedisServer,
+) -> None:
+    """A cache written as bucket sets is not read as tables (nor the other way round): the
+    layout is part of the check value, so the other layout rebuilds from the lake."""
+    prefix = f"adtest-{uuid.uuid4().hex[:10]}"
+
+    def open_one(layout: str | None) -> RedisKeyCache:
+        return RedisKeyCache.from_url(
+            module_redis.url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS, layout=layout
+        )
+
+    sets = open_one(LAYOUT)  # as on a Redis without the module
+    sets.rebuild(empty_keys(), None)
+    k = keys_in_slice(100, 5, seed=82)
+    assert sets.claim("b1", k).all()
+    sets.finish("b1", 5_999)
+    tables = open_one(None)
+    assert tables.tables and tables.needs_rebuild()
+    with pytest.raises(CacheLostError):
+        tables.claim("b2", k)
+    tables.rebuild(k, 5_999)  # from the events table
+    assert sets.needs_rebuild()
+    assert not tables.claim("b2", k).any()
+    client = redis.Redis.from_url(module_redis.url)
+    assert not list(client.scan_iter(match=f"{prefix}:{{g*}}:5:*"))  # no bucket set left
+    assert len(list(client.scan_iter(match=f"{prefix}:{{g*}}:t:5"))) == redis_cache_module.GROUPS
+    client.close()
+    sets.close()
+    tables.close()
+
+
 def test_redis_flushall_raises_cache_lost(
     private_cache: Callable[..., RedisKeyCache], redis_server: Any
 ) -> None:
