@@ -625,9 +625,12 @@ class RedisKeyCache:
                 "position": default_positions(keys, positions),
             }
         )
-        if self.tables:
+        if self.tables:  # no buckets: (group, generation) is the order; a stable sort keeps a
+            # key repeated in the batch new at its first row
             frame = frame.with_columns(sel=redis_tables.selectors(keys.hi, GROUP_BITS))
-        frame = frame.sort(["group", "slice", "fine"], maintain_order=True)
+            frame = frame[np.lexsort((keys.slice, frame["group"].to_numpy()))]
+        else:
+            frame = frame.sort(["group", "slice", "fine"], maintain_order=True)
         return frame, frame.partition_by("group", maintain_order=True), fine_bits
 
     def _remember_epoch(self, batch_id: str, epoch: str | None) -> None:
