@@ -929,46 +929,46 @@ class RedisKeyCache:
             return np.concatenate(won)
 
     def _add_plain(self, keys: Keys) -> None:
-        """SADD keys without claim records (rebuild and restore): one SADD per member, packed
-        for a whole group at once (a generation's buckets are many, and a rebuild of millions
-        of keys must not spend seconds in a Python loop per bucket: a consumer killed during a
-        long rebuild leaves it to the next, which must finish)."""
+        """Add keys without claim records (rebuild and restore), packed for a whole group at
+        once (a generation's buckets are many, and a rebuild of millions of keys must not spend
+        seconds in a Python loop per bucket: a consumer killed during a long rebuild leaves it
+        to the next, which must finish): one SADD per member, or in the table layout one
+        ADEVENTS.ADD per generation and chunk of ADD_CHUNK keys."""
         if len(keys) == 0:
             return
         _, parts, fine_bits = self._grouped(keys)
-        commands: list[tuple[str, bytes]] = []
-        counts: list[int] = []
-        if self.tables:
-            for part in parts:
-                route, packed, count = self._packed_table_adds(part)
-                commands.append((route, packed))
-                counts.append(count)
-            parts = []
-        for part in parts:
-            group = int(part["group"][0])
-            key = self._bucket_column(group, pl.col("slice"), fine_bits)
-            member = pl.col("member").cast(pl.String)
-            framed = part.select(
-                pl.concat_str(
-                    [
-                        pl.lit("*3\r\n$4\r\nSADD\r\n$"),
-                        key.str.len_bytes().cast(pl.String),
-                        pl.lit("\r\n"),
-                        key,
-                        pl.lit("\r\n$"),
-                        member.str.len_bytes().cast(pl.String),
-                        pl.lit("\r\n"),
-                        member,
-                        pl.lit("\r\n"),
-                    ]
-                ).str.join("")
-            ).item()
-            commands.append((self._group_key(group, "alive"), framed.encode()))
-            counts.append(len(part))
-        for replies in self._send_all(commands, counts):
+        packed = [
+            self._packed_table_adds(part) if self.tables else self._packed_sadds(part, fine_bits)
+            for part in parts
+        ]
+        commands = [(route, data) for route, data, _ in packed]
+        for replies in self._send_all(commands, [count for _, _, count in packed]):
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
+
+    def _packed_sadds(self, part: pl.DataFrame, fine_bits: int) -> tuple[str, bytes, int]:
+        """One group's keys as one SADD per member: the key they are routed by, the packed
+        commands, and how many."""
+        group = int(part["group"][0])
+        key = self._bucket_column(group, pl.col("slice"), fine_bits)
+        member = pl.col("member").cast(pl.String)
+        framed = part.select(
+            pl.concat_str(
+                [
+                    pl.lit("*3\r\n$4\r\nSADD\r\n$"),
+                    key.str.len_bytes().cast(pl.String),
+                    pl.lit("\r\n"),
+                    key,
+                    pl.lit("\r\n$"),
+                    member.str.len_bytes().cast(pl.String),
+                    pl.lit("\r\n"),
+                    member,
+                    pl.lit("\r\n"),
+                ]
+            ).str.join("")
+        ).item()
+        return self._group_key(group, "alive"), framed.encode(), len(part)
 
     def finish(
         self,
