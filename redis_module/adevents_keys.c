@@ -361,6 +361,7 @@ static int reply_mask(RedisModuleCtx *ctx, Table **tables, int ntables, const un
 
 /* ADEVENTS.CLAIM bits blob own [other ...] */
 static int cmd_claim(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    RedisModule_AutoMemory(ctx); /* closes the keys opened (and signals them modified) */
     if (argc < 4) return RedisModule_WrongArity(ctx);
     int ntables = argc - 3;
     if (ntables > MAX_TABLES) return RedisModule_ReplyWithError(ctx, "ERR too many tables");
@@ -383,6 +384,7 @@ static int cmd_claim(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 
 /* ADEVENTS.ADD bits blob key */
 static int cmd_add(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    RedisModule_AutoMemory(ctx); /* closes the keys opened (and signals them modified) */
     if (argc != 4) return RedisModule_WrongArity(ctx);
     uint32_t bits;
     const unsigned char *blob;
@@ -399,6 +401,7 @@ static int cmd_add(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 
 /* ADEVENTS.PROBE blob key [key ...] */
 static int cmd_probe(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    RedisModule_AutoMemory(ctx); /* closes the keys opened (and signals them modified) */
     if (argc < 3) return RedisModule_WrongArity(ctx);
     int ntables = argc - 2;
     if (ntables > MAX_TABLES) return RedisModule_ReplyWithError(ctx, "ERR too many tables");
@@ -416,6 +419,7 @@ static int cmd_probe(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 
 /* ADEVENTS.INFO key */
 static int cmd_info(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    RedisModule_AutoMemory(ctx); /* closes the keys opened (and signals them modified) */
     if (argc != 2) return RedisModule_WrongArity(ctx);
     Table *t;
     if (open_table(ctx, argv[1], REDISMODULE_READ, &t) != REDISMODULE_OK) return REDISMODULE_OK;

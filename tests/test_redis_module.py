@@ -229,3 +229,39 @@ def test_memory_usage_at_most_16_bytes_a_key(r: redis.Redis) -> None:
     assert 10.6 <= per_key <= 16, per_key
     used = (int(r.info("memory")["used_memory"]) - before) / n
     assert used <= 16, used
+
+
+def test_commands_leak_nothing(r: redis.Redis) -> None:
+    """Thousands of commands that add nothing leave Redis's memory where it was: every key a
+    command opens is closed (an unclosed key handle was ~160 B a key a command)."""
+    sel, lo = random_keys(100, seed=11)
+    data = blob(sel, lo)
+    claim(r, 2, data, "t")
+
+    def commands(times: int) -> None:
+        for _ in range(times):
+            assert claim(r, 2, data, "t", "u", "v") == b"1" * 100
+            probe(r, data, "t", "u")
+            r.execute_command("ADEVENTS.ADD", 2, data, "t")
+            info(r, "t")
+
+    commands(1_000)  # the server's own buffers settle
+    before = int(r.info("memory")["used_memory"])
+    commands(3_000)
+    grown = int(r.info("memory")["used_memory"]) - before
+    assert grown < 64 * 1024, grown  # leaking handles: ~3 MB
+
+
+def test_a_claim_that_adds_touches_watchers(r: redis.Redis, server: ModuleRedisServer) -> None:
+    """A table written by a claim is a modified key for WATCH (and keyspace bookkeeping)."""
+    sel, lo = random_keys(2, seed=12)
+    claim(r, 0, blob(sel[:1], lo[:1]), "t")
+    other = redis.Redis(port=server.port)
+    with r.pipeline() as pipe:
+        pipe.watch("t")
+        claim(other, 0, blob(sel[1:], lo[1:]), "t")
+        pipe.multi()
+        pipe.ping()
+        with pytest.raises(redis.WatchError):
+            pipe.execute()
+    other.close()
