@@ -59,6 +59,9 @@ def cpu_seconds(client: redis.Redis) -> float:
 
 
 def used_memory(client: redis.Redis) -> int:
+    """Bytes in use once the background frees of earlier runs' keys (UNLINK) are done."""
+    while int(client.info("memory").get("lazyfree_pending_objects", 0)):
+        time.sleep(0.05)
     info = client.info("memory")
     return int(info["used_memory"]) - int(info.get("mem_clients_normal", 0))
 
@@ -147,6 +150,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100_000)
     parser.add_argument("--preload", type=int, default=0, help="a multiple of 1M")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="default: both"
+    )
     args = parser.parse_args()
     with given(args.url) if args.url else module_server() as url:
         print(
@@ -154,7 +160,8 @@ def main() -> None:
             "again: Redis CPU µs/key | keys/s | bytes/key"
         )
         for rnd in range(args.rounds):
-            for name, layout in LAYOUTS.items():
+            for name in args.layouts:
+                layout = LAYOUTS[name]
                 r = run(
                     url, layout, keys=args.keys, size=args.batch, preload=args.preload, seed=rnd
                 )
