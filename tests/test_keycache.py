@@ -8,6 +8,7 @@ import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from redis_module_server import ModuleRedisServer, build_module
 
 import pipeline.keycache as keycache_module
 import pipeline.redis_cache as redis_cache_module
+from pipeline import redis_tables
 from pipeline.fingerprint import Keys, compute_keys, empty_keys, fingerprint_check
 from pipeline.keycache import (
     CacheLostError,
@@ -164,9 +166,33 @@ def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opene
         cache.close()
 
 
-def on_shared_redis(url: str, prefix: str) -> RedisKeyCache:
-    """A Redis cache under ``prefix`` on the shared test server (the test's own keys)."""
-    return RedisKeyCache.from_url(url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS)
+def on_shared_redis(url: str, prefix: str, layout: str | None = LAYOUT) -> RedisKeyCache:
+    """A Redis cache under ``prefix`` on a test server shared by tests (the test's own keys),
+    in the bucket-set layout unless told."""
+    return RedisKeyCache.from_url(
+        url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS, layout=layout
+    )
+
+
+@dataclass(frozen=True)
+class SharedRedis:
+    url: str
+    prefix: str
+    layout: str
+
+    def cache(self, prefix: str | None = None) -> RedisKeyCache:
+        return on_shared_redis(self.url, prefix or self.prefix, self.layout)
+
+
+@pytest.fixture(params=["sets", "module"])
+def shared_redis(request: pytest.FixtureRequest) -> SharedRedis:
+    """Consumers sharing one Redis: the shared test server in the bucket-set layout, then the
+    session's server with the module in the table layout (each test under its own prefix)."""
+    if request.param == "sets":
+        url = request.getfixturevalue("redis_url")
+        return SharedRedis(url, request.getfixturevalue("redis_prefix"), LAYOUT)
+    url = request.getfixturevalue("module_redis").url
+    return SharedRedis(url, f"adtest-{uuid.uuid4().hex[:10]}", redis_tables.LAYOUT)
 
 
 @pytest.fixture
@@ -336,14 +362,9 @@ def _claim_at_once(caches: list[RedisKeyCache], batch_ids: list[str], keys: Keys
     return np.stack(results)
 
 
-def test_racing_consumers_on_redis(redis_url: str, redis_prefix: str) -> None:
+def test_racing_consumers_on_redis(shared_redis: SharedRedis) -> None:
     """Real concurrency: four Redis clients claim the same keys at once, five rounds."""
-    caches = [
-        RedisKeyCache.from_url(
-            redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
-        )
-        for _ in range(4)
-    ]
+    caches = [shared_redis.cache() for _ in range(4)]
     caches[0].rebuild(empty_keys(), None)
     for rnd in range(5):
         keys = keys_in_slice(20_000, 3 + rnd, seed=100 + rnd)
@@ -824,15 +845,9 @@ def test_redis_bytes_per_key_dense_slice(
     client.close()
 
 
-def test_redis_consumer_follows_a_rebuild_by_another(redis_url: str, redis_prefix: str) -> None:
+def test_redis_consumer_follows_a_rebuild_by_another(shared_redis: SharedRedis) -> None:
     """Consumer B must see the slices as consumer A's rebuild laid them out, not as it cached."""
-
-    def open_one() -> RedisKeyCache:
-        return RedisKeyCache.from_url(
-            redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
-        )
-
-    a, b = open_one(), open_one()
+    a, b = shared_redis.cache(), shared_redis.cache()
     a.rebuild(empty_keys(), None)
     early = keys_in_slice(10, 5, seed=97, with_ms=False)  # sizes slice 5 for a few keys
     assert b.claim("b1", early).all()
@@ -846,20 +861,14 @@ def test_redis_consumer_follows_a_rebuild_by_another(redis_url: str, redis_prefi
     b.close()
 
 
-def test_redis_consumer_follows_an_expiry_by_another(redis_url: str, redis_prefix: str) -> None:
+def test_redis_consumer_follows_an_expiry_by_another(shared_redis: SharedRedis) -> None:
     """A claim reaching a slice another consumer expired is refused, not taken for new.
 
     B validated its batch just before A moved the watermark past slice 5: accepting the
     straggler as new would store a second copy of an event whose key A just dropped. Refused,
     the batch is validated again, against the new watermark (its slice-5 events are late now).
     """
-
-    def open_one() -> RedisKeyCache:
-        return RedisKeyCache.from_url(
-            redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
-        )
-
-    a, b = open_one(), open_one()
+    a, b = shared_redis.cache(), shared_redis.cache()
     a.rebuild(empty_keys(), None)
     first = keys_in_slice(10, 5, seed=99)
     assert b.claim("b1", first).all()
@@ -872,8 +881,9 @@ def test_redis_consumer_follows_an_expiry_by_another(redis_url: str, redis_prefi
         b.claim("b2", straggler)
     assert isinstance(redis_cache_module.ExpiredSliceError("x"), CacheLostError)
     a.finish("a2", 16_000)
-    client = redis.Redis.from_url(redis_url)
-    assert not list(client.scan_iter(match=f"{redis_prefix}:{{g*}}:5:*"))
+    client = redis.Redis.from_url(shared_redis.url)
+    assert not list(client.scan_iter(match=f"{shared_redis.prefix}:{{g*}}:5:*"))  # sets
+    assert not list(client.scan_iter(match=f"{shared_redis.prefix}:{{g*}}:t:5"))  # tables
     client.close()
     # Slices still in the window are claimed as before.
     assert b.claim("b3", keys_in_slice(10, 7, seed=101)).all()
@@ -1090,12 +1100,12 @@ def test_racing_consumers_store_each_restamped_event_once(open_cache: Opener) ->
 
 
 def test_redis_claim_sees_a_generation_another_consumer_registered_meanwhile(
-    redis_url: str, redis_prefix: str
+    shared_redis: SharedRedis,
 ) -> None:
     """B's list of generations is stale (A opened a new one after B last looked): B's claim of
     an older copy must still find A's key there, not store the event twice."""
-    a = on_shared_redis(redis_url, redis_prefix)
-    b = on_shared_redis(redis_url, redis_prefix)
+    a = shared_redis.cache()
+    b = shared_redis.cache()
     a.rebuild(empty_keys(), None)
     assert not b.needs_rebuild()
     early = keys_at([5_000, 5_100], seed=36)
@@ -1148,15 +1158,15 @@ def test_positions_of_other_partitions_are_distinct(open_cache: Opener) -> None:
     assert cache.claim("c", k, _at(0, 10, 50), stream="s", fresh=False).all()
 
 
-def test_redis_drops_the_records_of_committed_claims(redis_url: str, redis_prefix: str) -> None:
-    prefix = f"{redis_prefix}:records"
-    dead, heir = on_shared_redis(redis_url, prefix), on_shared_redis(redis_url, prefix)
+def test_redis_drops_the_records_of_committed_claims(shared_redis: SharedRedis) -> None:
+    prefix = f"{shared_redis.prefix}:records"
+    dead, heir = shared_redis.cache(prefix), shared_redis.cache(prefix)
     try:
         dead.rebuild(empty_keys(), None)
         k = keys_in_slice(200, 5, seed=14)
         dead.claim("g1", k.take(np.arange(100)), _at(0, 0, 100), stream="s")
         dead.claim("g2", k.take(np.arange(100, 200)), _at(0, 100, 100), stream="s", fresh=False)
-        client = redis.Redis.from_url(redis_url)
+        client = redis.Redis.from_url(shared_redis.url)
         assert client.keys(f"{prefix}:*claim:s:*")
         assert heir.claim("h1", k, _at(0, 0, 200), stream="s").all()
         heir.finish("h1", 5_500, stream="s", through={0: 199})
@@ -1181,18 +1191,18 @@ def test_a_small_fresh_claim_then_the_rest(open_cache: Opener) -> None:
 
 
 def test_redis_claims_won_in_a_lost_epoch_are_not_the_streams_any_more(
-    redis_url: str, redis_prefix: str
+    shared_redis: SharedRedis,
 ) -> None:
     """A consumer claims, Redis loses its data, another consumer rebuilds the cache from the
     events table (which holds the keys: it landed them). The first consumer's redo must not
     take its old claims for its own: they belong to the lost epoch."""
-    prefix = f"{redis_prefix}:epochs"
-    first, other = on_shared_redis(redis_url, prefix), on_shared_redis(redis_url, prefix)
+    prefix = f"{shared_redis.prefix}:epochs"
+    first, other = shared_redis.cache(prefix), shared_redis.cache(prefix)
     try:
         first.rebuild(empty_keys(), None)
         k = keys_in_slice(100, 5, seed=16)
         assert first.claim("g1", k, stream="s").all()
-        client = redis.Redis.from_url(redis_url)
+        client = redis.Redis.from_url(shared_redis.url)
         for key in client.scan_iter(match=f"{prefix}:*"):
             client.unlink(key)
         assert other.needs_rebuild()
