@@ -667,6 +667,10 @@ class RedisKeyCache:
             slots.append(self._bucket_column(group, other, fine_bits))
         bucket_keys = runs.select(pl.concat_list(slots).alias("k")).explode("k")["k"]
         fixed, argv = self._claim_head(claim, epoch, part)
+        argv += part.select(
+            pl.col("member").cast(pl.String).str.join(","),
+            pl.col("position").cast(pl.String).str.join(","),
+        ).row(0)
         alive = fixed[0]
         nkeys = len(fixed) + len(bucket_keys)
         nargs = 3 + nkeys + len(argv) + len(runs) + len(part)
@@ -685,7 +689,8 @@ class RedisKeyCache:
     def _claim_head(
         self, claim: _Claim, epoch: str, part: pl.DataFrame
     ) -> tuple[list[str], list[str | bytes]]:
-        """The keys and arguments both layouts' claim scripts start with."""
+        """The keys and arguments both layouts' claim scripts start with (the claim record's
+        members and positions follow, in each layout's own encoding)."""
         group = int(part["group"][0])
         listed = self._group_gens()[group]
         fixed = [
@@ -695,10 +700,6 @@ class RedisKeyCache:
             self._group_key(group, "gens"),
             self._group_key(group, f"claims:{claim.stream}"),
         ]
-        joined = part.select(
-            pl.col("member").cast(pl.String).str.join(","),
-            pl.col("position").cast(pl.String).str.join(","),
-        ).row(0)
         argv: list[str | bytes] = [
             epoch,
             str(CLAIM_RECORD_TTL_S),
@@ -706,7 +707,6 @@ class RedisKeyCache:
             ",".join(f"{g}:{self._bits[g]}" for g in listed),
             str(len(listed)),
             "1" if claim.fresh or group not in self._loaded.get(claim.stream, set()) else "0",
-            *joined,
         ]
         return fixed, argv
 
@@ -722,6 +722,7 @@ class RedisKeyCache:
         group = int(part["group"][0])
         listed = self._group_gens()[group]
         fixed, argv = self._claim_head(claim, epoch, part)
+        argv += redis_tables.record_args(part)
         data = redis_tables.blob(part["sel"].to_numpy(), part["member"].to_numpy())
         tables: list[str | bytes] = []
         for gen, start, end in redis_tables.runs(part):
@@ -907,7 +908,8 @@ class RedisKeyCache:
             won, won_lo, won_at = [], [], []
             for (earlier, *masks), part in zip(replies, parts, strict=True):
                 if earlier:  # rare: a fresh claim with records left, or a resend
-                    listed, earlier_won = _parse_records(list(earlier))
+                    parse = redis_tables.parse_records if self.tables else _parse_records
+                    listed, earlier_won = parse(list(earlier))
                     claimed.add(
                         earlier_won.frame["lo"].to_numpy().view(np.uint64),
                         earlier_won.frame["position"].to_numpy(),

@@ -21,6 +21,7 @@ import polars as pl
 import redis
 
 from pipeline.fingerprint import Keys
+from pipeline.keycache import Claimed, Positions
 
 #: Part of the check value (see ``pipeline.redis_cache.LAYOUT``).
 LAYOUT = "tab1"
@@ -31,8 +32,10 @@ ADD_CHUNK = 250_000
 
 # Per run of members sharing a generation: ADEVENTS.CLAIM on its own table and those of the
 # other listed generations; the answers (a byte a member, '0': new) are concatenated over the
-# runs. The rest is the bucket-set script's: same checks, same records, same reply shape with
-# one mask. KEYS: alive, record, floor, gens, index, then per run ngens tables (own first);
+# runs. The rest is the bucket-set script's: same checks, same reply shape with one mask, and
+# a claim record per (stream, batch) appended per attempt, binary here: "<n>:" then n members
+# and n positions (little-endian int64) and the n-byte mask (see ``parse_records``).
+# KEYS: alive, record, floor, gens, index, then per run ngens tables (own first);
 # ARGV: epoch, record TTL, lowest own generation, generation list, ngens, fresh, members,
 # positions, then per run: segment bits, blob.
 CLAIM_BODY_LUA = """
@@ -45,7 +48,7 @@ for i = 1, nruns do
                         unpack(KEYS, base + 1, base + ngens))
 end
 local mask = table.concat(masks)
-redis.call('APPEND', KEYS[2], ARGV[7] .. '|' .. ARGV[8] .. '|' .. mask .. ';')
+redis.call('APPEND', KEYS[2], #mask .. ':' .. ARGV[7] .. ARGV[8] .. mask)
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[5], KEYS[2])
 redis.call('EXPIRE', KEYS[5], ARGV[2])
@@ -95,3 +98,33 @@ def runs(part: pl.DataFrame) -> list[tuple[int, int, int]]:
         out.append((int(gen), start, start + int(n)))
         start += int(n)
     return out
+
+
+def record_args(part: pl.DataFrame) -> list[str | bytes]:
+    """A claim record's members and positions: two blobs of little-endian int64."""
+    return [
+        part["member"].to_numpy().astype("<i8").tobytes(),
+        part["position"].to_numpy().astype("<i8").tobytes(),
+    ]
+
+
+def parse_records(reply: list[bytes]) -> tuple[dict[str, Positions], Claimed]:
+    """Claim records ``[name, value, ...]`` of the table layout: each record's positions, and
+    what its attempts won (members the mask said new) by position."""
+    positions: dict[str, Positions] = {}
+    won = Claimed()
+    for name, raw in zip(reply[::2], reply[1::2], strict=True):
+        value = bytes(raw)
+        seen: list[Positions] = []
+        at = 0
+        while at < len(value):
+            colon = value.index(b":", at)
+            n, start = int(value[at:colon]), colon + 1
+            members = np.frombuffer(value, "<i8", n, start)
+            where = np.frombuffer(value, "<i8", n, start + 8 * n).astype(np.int64)
+            new = np.frombuffer(value, np.uint8, n, start + 16 * n) == ord("0")
+            won.add(members[new].astype(np.int64).view(np.uint64), where[new])
+            seen.append(where)
+            at = start + 17 * n
+        positions[name.decode()] = np.concatenate(seen) if seen else np.empty(0, np.int64)
+    return positions, won

@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import redis
 from redis_module_server import ModuleRedisServer, build_module
 
-from pipeline.redis_tables import blob
+from pipeline.redis_tables import blob, parse_records, record_args
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +266,18 @@ def test_a_claim_that_adds_touches_watchers(r: redis.Redis, server: ModuleRedisS
         with pytest.raises(redis.WatchError):
             pipe.execute()
     other.close()
+
+
+def test_table_claim_records_round_trip() -> None:
+    """The table layout's claim records are binary (members and positions as int64): any byte
+    may occur in them, ':' included, and each attempt's mask says what it won."""
+    colons = int.from_bytes(b"::::;|,:", "little", signed=True)
+    part = pl.DataFrame({"member": [-5, colons, 2**62], "position": [10, 11, 12]})
+    members, positions = record_args(part)
+    assert isinstance(members, bytes) and isinstance(positions, bytes)
+    first = b"3:" + members + positions + b"020"  # won -5 and 2**62; the other was held
+    redo = b"1:" + members[8:16] + positions[8:16] + b"1"
+    listed, won = parse_records([b"rec", first + redo])
+    assert listed == {"rec": listed["rec"]} and listed["rec"].tolist() == [10, 11, 12, 11]
+    lo = np.array([-5, colons, 2**62], dtype=np.int64).view(np.uint64)
+    assert won.holds(lo, np.array([10, 11, 12])).tolist() == [True, False, True]
