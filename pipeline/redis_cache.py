@@ -1,4 +1,4 @@
-"""The Redis key cache: fingerprints in compact intsets, a whole batch per round trip.
+"""The Redis key cache: fingerprints in intsets or module tables, a whole batch per round trip.
 
 Layout (``P`` is REDIS_KEY_PREFIX; ``{...}`` are Redis Cluster hash tags, so every multi-key
 operation stays inside one slot):
@@ -32,6 +32,13 @@ operation stays inside one slot):
 
 With GROUPS = 16 groups, a Redis Cluster spreads the sets over up to 16 slots (so over its
 primaries); the small ``{m}`` keys live on one primary, the rebuild lock (``{l}``) on one.
+
+Table layout (``pipeline.redis_tables``): when every server has the adevents module loaded
+(``redis_module/``), the bucket sets are replaced by one module table per (group, generation),
+``P:{gN}:t:<generation>``, with 2^(bits - 4) segments; the claim script hands each generation's
+keys to ``ADEVENTS.CLAIM`` as one blob. Everything else (gens lists, sentinels, epochs,
+floors, claim records) is shared. The layout is detected at first use and is part of the
+check value, so a Redis that gains or loses the module is rebuilt, never mixed.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from pipeline import rebuild, redis_client
+from pipeline import rebuild, redis_client, redis_tables
 from pipeline.fingerprint import Keys, fingerprint_check
 from pipeline.keycache import (
     CacheLostError,
@@ -80,7 +87,8 @@ log = logging.getLogger("adevents.redis_cache")
 
 GROUPS = 16
 GROUP_BITS = 4  # GROUPS == 2**GROUP_BITS: a key's group is the top bits of its bucket
-#: Part of the check value: a cache written in another layout is rebuilt from the lake.
+#: Part of the check value: a cache written in another layout is rebuilt from the lake. This
+#: is the bucket-set layout's; the module's tables are ``redis_tables.LAYOUT``.
 LAYOUT = "gen1"
 TARGET_PER_BUCKET = 256
 MIN_BITS = GROUP_BITS
@@ -112,7 +120,9 @@ MAX_REMEMBERED_EPOCHS = 1024
 # KEYS: alive, record, floor, gens, index, then per run ngens buckets (own first);
 # ARGV: epoch, record TTL, lowest own generation, generation list, ngens, fresh, members,
 # positions, counts..., members...
-_CLAIM_LUA = """
+# The checks and the reading of earlier records are shared with the table layout's script
+# (``pipeline.redis_tables``).
+_CLAIM_HEAD_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('ADEVENTS_LOST key cache lost its data')
 end
@@ -138,7 +148,10 @@ else
   local value = redis.call('GET', KEYS[2])
   if value then earlier = {KEYS[2], value} end
 end
-local ngens = tonumber(ARGV[5])
+"""
+_CLAIM_LUA = (
+    _CLAIM_HEAD_LUA
+    + """local ngens = tonumber(ARGV[5])
 local nruns = (#KEYS - 5) / ngens
 local first = 9 + nruns
 local pos = first
@@ -161,6 +174,8 @@ redis.call('SADD', KEYS[5], KEYS[2])
 redis.call('EXPIRE', KEYS[5], ARGV[2])
 return out
 """
+)
+_TABLE_CLAIM_LUA = _CLAIM_HEAD_LUA + redis_tables.CLAIM_BODY_LUA
 
 _RAISE_WATERMARK_LUA = """
 local cur = tonumber(redis.call('HGET', KEYS[1], 'watermark') or '-1')
@@ -266,12 +281,18 @@ class RedisKeyCache:
         slice_ms: int,
         rebuild_grace_s: float = 0.0,
         lock_timeout_s: float = REBUILD_LOCK_TIMEOUT_S,
+        layout: str | None = None,
     ) -> None:
         self.r = client
         self.p = prefix
         self.window_ms = window_ms
         self.slice_ms = slice_ms
-        self.check = f"{fingerprint_check()}-{LAYOUT}"
+        self._fingerprint_check = fingerprint_check()
+        #: The layout asked for (``LAYOUT`` or ``redis_tables.LAYOUT``), else None: the module's
+        #: tables when every server has the module, detected at first use and again whenever
+        #: the cache needs a rebuild (a restarted Redis may have gained or lost the module).
+        self._layout_asked = layout
+        self._layout: str | None = layout
         self.alive_value = ""
         self.rebuild_grace_s = rebuild_grace_s
         self.lock_timeout_s = lock_timeout_s
@@ -291,6 +312,7 @@ class RedisKeyCache:
         # The sha of a script is known without Redis: nothing is sent until the first call,
         # so a consumer starts (and waits) while Redis is down; NOSCRIPT loads them.
         self._claim_sha = hashlib.sha1(_CLAIM_LUA.encode()).hexdigest()
+        self._table_claim_sha = hashlib.sha1(_TABLE_CLAIM_LUA.encode()).hexdigest()
         self._wm_sha = hashlib.sha1(_RAISE_WATERMARK_LUA.encode()).hexdigest()
         self._resend = self._build_resend()
         #: Per stream, what its claims won by position, and its records' positions by name
@@ -313,6 +335,7 @@ class RedisKeyCache:
         slice_ms: int,
         rebuild_grace_s: float = 0.0,
         lock_timeout_s: float = REBUILD_LOCK_TIMEOUT_S,
+        layout: str | None = None,
     ) -> RedisKeyCache:
         """Connect to ``redis://`` (single server) or ``redis+cluster://`` (Redis Cluster)."""
         return cls(
@@ -322,7 +345,31 @@ class RedisKeyCache:
             slice_ms=slice_ms,
             rebuild_grace_s=rebuild_grace_s,
             lock_timeout_s=lock_timeout_s,
+            layout=layout,
         )
+
+    @property
+    def layout(self) -> str:
+        """``redis_tables.LAYOUT`` when every server has the adevents module, else ``LAYOUT``."""
+        if self._layout is None:
+            servers = self._servers()
+            modules = all(redis_tables.has_module(s) for s in servers)
+            self._layout = redis_tables.LAYOUT if modules else LAYOUT
+            log.info(
+                "Redis key cache layout: %s",
+                "module tables" if modules else "bucket sets (no adevents module on Redis)",
+            )
+        return self._layout
+
+    @property
+    def tables(self) -> bool:
+        """True in the module's table layout."""
+        return self.layout == redis_tables.LAYOUT
+
+    @property
+    def check(self) -> str:
+        """The check value: the fingerprint function's and the layout's."""
+        return f"{self._fingerprint_check}-{self.layout}"
 
     # -- helpers ---------------------------------------------------------------------------------
     def _group_key(self, group: int, suffix: str) -> str:
@@ -330,6 +377,8 @@ class RedisKeyCache:
 
     def _load_scripts(self) -> None:
         self._claim_sha = self._script_load(_CLAIM_LUA)
+        if self.tables:  # the script calls the module's command: loads only where it exists
+            self._table_claim_sha = self._script_load(_TABLE_CLAIM_LUA)
         self._wm_sha = self._script_load(_RAISE_WATERMARK_LUA)
 
     def _raise_watermark(self, value: int) -> int:
@@ -412,6 +461,7 @@ class RedisKeyCache:
         values = {a.decode() if isinstance(a, bytes) else a for a in alive}
         current = values.pop() if len(values) == 1 else None
         if fp != self.check.encode() or not current or not current.startswith(self.check + ":"):
+            self._layout = self._layout_asked  # detect again before rebuilding
             return True
         # Another consumer may have rebuilt meanwhile: adopt its epoch (and its sizes).
         if current != self.alive_value:
@@ -575,7 +625,12 @@ class RedisKeyCache:
                 "position": default_positions(keys, positions),
             }
         )
-        frame = frame.sort(["group", "slice", "fine"], maintain_order=True)
+        if self.tables:  # no buckets: (group, generation) is the order; a stable sort keeps a
+            # key repeated in the batch new at its first row
+            frame = frame.with_columns(sel=redis_tables.selectors(keys.hi, GROUP_BITS))
+            frame = frame[np.lexsort((keys.slice, frame["group"].to_numpy()))]
+        else:
+            frame = frame.sort(["group", "slice", "fine"], maintain_order=True)
         return frame, frame.partition_by("group", maintain_order=True), fine_bits
 
     def _remember_epoch(self, batch_id: str, epoch: str | None) -> None:
@@ -611,27 +666,12 @@ class RedisKeyCache:
             other = pl.when(pl.lit(p) < own_index).then(listed[p]).otherwise(listed[p + 1])
             slots.append(self._bucket_column(group, other, fine_bits))
         bucket_keys = runs.select(pl.concat_list(slots).alias("k")).explode("k")["k"]
-        alive = self._group_key(group, "alive")
-        fixed = [
-            alive,
-            self._record_key(group, claim.stream, claim.batch_id),
-            self._group_key(group, "floor"),
-            self._group_key(group, "gens"),
-            self._group_key(group, f"claims:{claim.stream}"),
-        ]
-        joined = part.select(
+        fixed, argv = self._claim_head(claim, epoch, part)
+        argv += part.select(
             pl.col("member").cast(pl.String).str.join(","),
             pl.col("position").cast(pl.String).str.join(","),
         ).row(0)
-        argv: list[str | bytes] = [
-            epoch,
-            str(CLAIM_RECORD_TTL_S),
-            str(int(part["slice"][0])),  # sorted by generation within the group: the lowest
-            ",".join(f"{g}:{self._bits[g]}" for g in listed),
-            str(len(listed)),
-            "1" if claim.fresh or group not in self._loaded.get(claim.stream, set()) else "0",
-            *joined,
-        ]
+        alive = fixed[0]
         nkeys = len(fixed) + len(bucket_keys)
         nargs = 3 + nkeys + len(argv) + len(runs) + len(part)
         packed = b"".join(
@@ -645,6 +685,69 @@ class RedisKeyCache:
             ]
         )
         return alive, packed
+
+    def _claim_head(
+        self, claim: _Claim, epoch: str, part: pl.DataFrame
+    ) -> tuple[list[str], list[str | bytes]]:
+        """The keys and arguments both layouts' claim scripts start with (the claim record's
+        members and positions follow, in each layout's own encoding)."""
+        group = int(part["group"][0])
+        listed = self._group_gens()[group]
+        fixed = [
+            self._group_key(group, "alive"),
+            self._record_key(group, claim.stream, claim.batch_id),
+            self._group_key(group, "floor"),
+            self._group_key(group, "gens"),
+            self._group_key(group, f"claims:{claim.stream}"),
+        ]
+        argv: list[str | bytes] = [
+            epoch,
+            str(CLAIM_RECORD_TTL_S),
+            str(int(part["slice"][0])),  # sorted by generation within the group: the lowest
+            ",".join(f"{g}:{self._bits[g]}" for g in listed),
+            str(len(listed)),
+            "1" if claim.fresh or group not in self._loaded.get(claim.stream, set()) else "0",
+        ]
+        return fixed, argv
+
+    def _table_key(self, group: int, gen: int) -> str:
+        return self._group_key(group, f"t:{gen}")
+
+    def _packed_table_claim(
+        self, claim: _Claim, epoch: str, part: pl.DataFrame
+    ) -> tuple[str, bytes]:
+        """One group's EVALSHA in the table layout: per generation of its keys, the module's
+        ADEVENTS.CLAIM on the generation's table and the other listed generations' tables,
+        with the keys as one blob."""
+        group = int(part["group"][0])
+        listed = self._group_gens()[group]
+        fixed, argv = self._claim_head(claim, epoch, part)
+        argv += redis_tables.record_args(part)
+        data = redis_tables.blob(part["sel"].to_numpy(), part["member"].to_numpy())
+        tables: list[str | bytes] = []
+        for gen, start, end in redis_tables.runs(part):
+            others = [g for g in listed if g != gen]
+            tables += [self._table_key(group, g) for g in [gen, *others]]
+            argv += [str(self._bits[gen] - GROUP_BITS), data[16 * start : 16 * end]]
+        keys = [*fixed, *tables]
+        packed = b"*%d\r\n" % (3 + len(keys) + len(argv)) + _resp_args(
+            ["EVALSHA", self._table_claim_sha, str(len(keys)), *keys, *argv]
+        )
+        return fixed[0], packed
+
+    def _packed_table_adds(self, part: pl.DataFrame) -> tuple[str, bytes, int]:
+        """One group's keys as ADEVENTS.ADD commands (one per generation and chunk): the key
+        they are routed by, the packed commands, and how many."""
+        group = int(part["group"][0])
+        data = redis_tables.blob(part["sel"].to_numpy(), part["member"].to_numpy())
+        packed: list[bytes] = []
+        for gen, start, end in redis_tables.runs(part):
+            table = self._table_key(group, gen)
+            seg_bits = str(self._bits[gen] - GROUP_BITS)
+            for at in range(start, end, redis_tables.ADD_CHUNK):
+                chunk = data[16 * at : 16 * min(at + redis_tables.ADD_CHUNK, end)]
+                packed.append(b"*4\r\n" + _resp_args(["ADEVENTS.ADD", seg_bits, chunk, table]))
+        return self._group_key(group, "alive"), b"".join(packed), len(packed)
 
     def _record_key(self, group: int, stream: str, batch_id: str) -> str:
         return self._group_key(group, f"claim:{stream}:{batch_id}")
@@ -745,7 +848,10 @@ class RedisKeyCache:
             frame, parts, fine_bits = self._grouped(keys, positions)
             epoch = self.alive_value
             self._forget_other_epochs(claim.stream, epoch)
-            commands = [self._packed_claim(claim, epoch, p, fine_bits) for p in parts]
+            if self.tables:
+                commands = [self._packed_table_claim(claim, epoch, p) for p in parts]
+            else:
+                commands = [self._packed_claim(claim, epoch, p, fine_bits) for p in parts]
             replies = self._send_all(commands)
             errors = [r for r in replies if isinstance(r, Exception)]
             if not errors:
@@ -802,7 +908,8 @@ class RedisKeyCache:
             won, won_lo, won_at = [], [], []
             for (earlier, *masks), part in zip(replies, parts, strict=True):
                 if earlier:  # rare: a fresh claim with records left, or a resend
-                    listed, earlier_won = _parse_records(list(earlier))
+                    parse = redis_tables.parse_records if self.tables else _parse_records
+                    listed, earlier_won = parse(list(earlier))
                     claimed.add(
                         earlier_won.frame["lo"].to_numpy().view(np.uint64),
                         earlier_won.frame["position"].to_numpy(),
@@ -824,40 +931,46 @@ class RedisKeyCache:
             return np.concatenate(won)
 
     def _add_plain(self, keys: Keys) -> None:
-        """SADD keys without claim records (rebuild and restore): one SADD per member, packed
-        for a whole group at once (a generation's buckets are many, and a rebuild of millions
-        of keys must not spend seconds in a Python loop per bucket: a consumer killed during a
-        long rebuild leaves it to the next, which must finish)."""
+        """Add keys without claim records (rebuild and restore), packed for a whole group at
+        once (a generation's buckets are many, and a rebuild of millions of keys must not spend
+        seconds in a Python loop per bucket: a consumer killed during a long rebuild leaves it
+        to the next, which must finish): one SADD per member, or in the table layout one
+        ADEVENTS.ADD per generation and chunk of ADD_CHUNK keys."""
         if len(keys) == 0:
             return
         _, parts, fine_bits = self._grouped(keys)
-        commands: list[tuple[str, bytes]] = []
-        counts: list[int] = []
-        for part in parts:
-            group = int(part["group"][0])
-            key = self._bucket_column(group, pl.col("slice"), fine_bits)
-            member = pl.col("member").cast(pl.String)
-            framed = part.select(
-                pl.concat_str(
-                    [
-                        pl.lit("*3\r\n$4\r\nSADD\r\n$"),
-                        key.str.len_bytes().cast(pl.String),
-                        pl.lit("\r\n"),
-                        key,
-                        pl.lit("\r\n$"),
-                        member.str.len_bytes().cast(pl.String),
-                        pl.lit("\r\n"),
-                        member,
-                        pl.lit("\r\n"),
-                    ]
-                ).str.join("")
-            ).item()
-            commands.append((self._group_key(group, "alive"), framed.encode()))
-            counts.append(len(part))
-        for replies in self._send_all(commands, counts):
+        packed = [
+            self._packed_table_adds(part) if self.tables else self._packed_sadds(part, fine_bits)
+            for part in parts
+        ]
+        commands = [(route, data) for route, data, _ in packed]
+        for replies in self._send_all(commands, [count for _, _, count in packed]):
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
+
+    def _packed_sadds(self, part: pl.DataFrame, fine_bits: int) -> tuple[str, bytes, int]:
+        """One group's keys as one SADD per member: the key they are routed by, the packed
+        commands, and how many."""
+        group = int(part["group"][0])
+        key = self._bucket_column(group, pl.col("slice"), fine_bits)
+        member = pl.col("member").cast(pl.String)
+        framed = part.select(
+            pl.concat_str(
+                [
+                    pl.lit("*3\r\n$4\r\nSADD\r\n$"),
+                    key.str.len_bytes().cast(pl.String),
+                    pl.lit("\r\n"),
+                    key,
+                    pl.lit("\r\n$"),
+                    member.str.len_bytes().cast(pl.String),
+                    pl.lit("\r\n"),
+                    member,
+                    pl.lit("\r\n"),
+                ]
+            ).str.join("")
+        ).item()
+        return self._group_key(group, "alive"), framed.encode(), len(part)
 
     def finish(
         self,
@@ -929,10 +1042,14 @@ class RedisKeyCache:
         for gen_raw in old:
             gen = int(gen_raw)
             bits = self._bits.pop(gen, MIN_BITS)
-            for bucket in range(1 << bits):
-                pipe.unlink(self._group_key(bucket >> (bits - GROUP_BITS), f"{gen}:{bucket}"))
-                if len(pipe) >= UNLINK_CHUNK:  # a generation has up to 2**MAX_BITS buckets
-                    pipe.execute()
+            if self.tables:  # a table per group (UNLINK frees a big one in the background)
+                for group in range(GROUPS):
+                    pipe.unlink(self._table_key(group, gen))
+            else:
+                for bucket in range(1 << bits):
+                    pipe.unlink(self._group_key(bucket >> (bits - GROUP_BITS), f"{gen}:{bucket}"))
+                    if len(pipe) >= UNLINK_CHUNK:  # a generation has up to 2**MAX_BITS buckets
+                        pipe.execute()
             pipe.zrem(self.slices_key, gen_raw)
             pipe.hdel(self.bits_key, gen_raw)
         pipe.execute()
@@ -958,6 +1075,12 @@ class RedisKeyCache:
         keys = 0
         for gen_raw, _ in self.r.zscan_iter(self.slices_key):
             gen = int(gen_raw)
+            if self.tables:
+                pipe = self.r.pipeline(transaction=False)
+                for group in range(GROUPS):
+                    pipe.execute_command("ADEVENTS.INFO", self._table_key(group, gen))
+                keys += sum(int(info[1]) for info in pipe.execute() if info is not None)
+                continue
             bits = int(self.r.hget(self.bits_key, gen_raw) or MIN_BITS)
             pipe = self.r.pipeline(transaction=False)
             for bucket in range(1 << bits):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,12 @@ import numpy as np
 import polars as pl
 import pytest
 import redis
+from conftest import RedisServer
+from redis_module_server import ModuleRedisServer, build_module
 
 import pipeline.keycache as keycache_module
 import pipeline.redis_cache as redis_cache_module
+from pipeline import redis_tables
 from pipeline.fingerprint import Keys, compute_keys, empty_keys, fingerprint_check
 from pipeline.keycache import (
     CacheLostError,
@@ -28,7 +33,7 @@ from pipeline.keycache import (
     position_of,
     read_key_file,
 )
-from pipeline.redis_cache import MAX_MEMBERS_PER_CALL, RedisKeyCache
+from pipeline.redis_cache import LAYOUT, MAX_MEMBERS_PER_CALL, RedisKeyCache
 from pipeline.testing import MemoryKeyCache, MemoryKeyState
 
 WINDOW_MS = 10_000
@@ -79,20 +84,46 @@ def probe(cache: KeyCache, keys: Keys) -> np.ndarray:
     return held
 
 
-@pytest.fixture(params=["embedded", "redis", "memory"])
+@pytest.fixture(scope="session")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleRedisServer]:
+    """One redis-server with the adevents module for the session (tests use fresh prefixes)."""
+    server = ModuleRedisServer(tmp_path_factory.mktemp("module-redis"), build_module()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sets", "module"])
+def redis_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server, once plain (the bucket-set layout) and once with the adevents
+    module (the table layout): tests that restart or flush Redis run on both layouts."""
+    if request.param == "module":
+        server: RedisServer = ModuleRedisServer(tmp_path / "redis", build_module()).start()
+    else:
+        server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["embedded", "redis", "redis-module", "memory"])
 def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     """Factory: ``open_cache(name)`` opens (another instance of) the cache called ``name``.
 
     Two instances of one name share state: the same directory (embedded), the same key prefix
     (Redis) or the same state object (memory), i.e. a consumer restarted over the same state,
-    or two consumers sharing Redis.
+    or two consumers sharing Redis. "redis" is the bucket-set layout on the shared Redis,
+    "redis-module" the table layout on a Redis with the adevents module.
     ``fresh=True`` rebuilds it empty first, as the consumer does for a cache that needs it.
     """
     kind = request.param
     url = prefix = ""
+    layout: str | None = None
     if kind == "redis":
         url = request.getfixturevalue("redis_url")
         prefix = request.getfixturevalue("redis_prefix")
+        layout = LAYOUT  # whatever the shared Redis has loaded
+    elif kind == "redis-module":
+        url = request.getfixturevalue("module_redis").url
+        prefix = f"adtest-{uuid.uuid4().hex[:10]}"
     opened: list[RebuildableKeyCache] = []
     states: dict[str, MemoryKeyState] = {}
 
@@ -117,8 +148,13 @@ def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opene
             )
         else:
             cache = RedisKeyCache.from_url(
-                url, prefix=f"{prefix}:{name}", window_ms=window_ms, slice_ms=slice_ms
+                url,
+                prefix=f"{prefix}:{name}",
+                window_ms=window_ms,
+                slice_ms=slice_ms,
+                layout=layout,
             )
+            assert cache.tables == (kind == "redis-module")  # detected, or asked for
         if fresh:
             assert cache.needs_rebuild()
             cache.rebuild(empty_keys(), None)
@@ -130,9 +166,33 @@ def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opene
         cache.close()
 
 
-def on_shared_redis(url: str, prefix: str) -> RedisKeyCache:
-    """A Redis cache under ``prefix`` on the shared test server (the test's own keys)."""
-    return RedisKeyCache.from_url(url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS)
+def on_shared_redis(url: str, prefix: str, layout: str | None = LAYOUT) -> RedisKeyCache:
+    """A Redis cache under ``prefix`` on a test server shared by tests (the test's own keys),
+    in the bucket-set layout unless told."""
+    return RedisKeyCache.from_url(
+        url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS, layout=layout
+    )
+
+
+@dataclass(frozen=True)
+class SharedRedis:
+    url: str
+    prefix: str
+    layout: str
+
+    def cache(self, prefix: str | None = None) -> RedisKeyCache:
+        return on_shared_redis(self.url, prefix or self.prefix, self.layout)
+
+
+@pytest.fixture(params=["sets", "module"])
+def shared_redis(request: pytest.FixtureRequest) -> SharedRedis:
+    """Consumers sharing one Redis: the shared test server in the bucket-set layout, then the
+    session's server with the module in the table layout (each test under its own prefix)."""
+    if request.param == "sets":
+        url = request.getfixturevalue("redis_url")
+        return SharedRedis(url, request.getfixturevalue("redis_prefix"), LAYOUT)
+    url = request.getfixturevalue("module_redis").url
+    return SharedRedis(url, f"adtest-{uuid.uuid4().hex[:10]}", redis_tables.LAYOUT)
 
 
 @pytest.fixture
@@ -302,14 +362,9 @@ def _claim_at_once(caches: list[RedisKeyCache], batch_ids: list[str], keys: Keys
     return np.stack(results)
 
 
-def test_racing_consumers_on_redis(redis_url: str, redis_prefix: str) -> None:
+def test_racing_consumers_on_redis(shared_redis: SharedRedis) -> None:
     """Real concurrency: four Redis clients claim the same keys at once, five rounds."""
-    caches = [
-        RedisKeyCache.from_url(
-            redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
-        )
-        for _ in range(4)
-    ]
+    caches = [shared_redis.cache() for _ in range(4)]
     caches[0].rebuild(empty_keys(), None)
     for rnd in range(5):
         keys = keys_in_slice(20_000, 3 + rnd, seed=100 + rnd)
@@ -646,6 +701,38 @@ def test_redis_detects_a_fingerprint_change(
     other.close()
 
 
+def test_redis_switching_layouts_rebuilds_instead_of_mixing(
+    module_redis: ModuleRedisServer,
+) -> None:
+    """A cache written as bucket sets is not read as tables (nor the other way round): the
+    layout is part of the check value, so the other layout rebuilds from the lake."""
+    prefix = f"adtest-{uuid.uuid4().hex[:10]}"
+
+    def open_one(layout: str | None) -> RedisKeyCache:
+        return RedisKeyCache.from_url(
+            module_redis.url, prefix=prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS, layout=layout
+        )
+
+    sets = open_one(LAYOUT)  # as on a Redis without the module
+    sets.rebuild(empty_keys(), None)
+    k = keys_in_slice(100, 5, seed=82)
+    assert sets.claim("b1", k).all()
+    sets.finish("b1", 5_999)
+    tables = open_one(None)
+    assert tables.tables and tables.needs_rebuild()
+    with pytest.raises(CacheLostError):
+        tables.claim("b2", k)
+    tables.rebuild(k, 5_999)  # from the events table
+    assert sets.needs_rebuild()
+    assert not tables.claim("b2", k).any()
+    client = redis.Redis.from_url(module_redis.url)
+    assert not list(client.scan_iter(match=f"{prefix}:{{g*}}:5:*"))  # no bucket set left
+    assert len(list(client.scan_iter(match=f"{prefix}:{{g*}}:t:5"))) == redis_cache_module.GROUPS
+    client.close()
+    sets.close()
+    tables.close()
+
+
 def test_redis_flushall_raises_cache_lost(
     private_cache: Callable[..., RedisKeyCache], redis_server: Any
 ) -> None:
@@ -739,8 +826,17 @@ def test_redis_bytes_per_key_dense_slice(
     cache.finish("dense", None)  # drops the claim record
     after = _used_memory(redis_server.url)
     per_key = (after - before) / n
-    assert per_key <= 24, f"{per_key:.1f} bytes a key"
     client = redis.Redis.from_url(redis_server.url)
+    if cache.tables:  # issue 12: at most 16 bytes a key in the module's tables
+        assert per_key <= 16, f"{per_key:.1f} bytes a key"
+        tables = list(client.scan_iter(match="mem:{g*}:t:2", count=10_000))
+        assert len(tables) == redis_cache_module.GROUPS
+        infos = [client.execute_command("ADEVENTS.INFO", t) for t in tables]
+        assert sum(int(info[1]) for info in infos) == n
+        assert all(int(info[3]) / int(info[1]) <= 16 for info in infos), infos
+        client.close()
+        return
+    assert per_key <= 24, f"{per_key:.1f} bytes a key"
     buckets = list(client.scan_iter(match="mem:{g*}:2:*", count=10_000))
     assert len(buckets) > 1
     encodings = {client.object("encoding", b) for b in buckets}
@@ -749,15 +845,9 @@ def test_redis_bytes_per_key_dense_slice(
     client.close()
 
 
-def test_redis_consumer_follows_a_rebuild_by_another(redis_url: str, redis_prefix: str) -> None:
+def test_redis_consumer_follows_a_rebuild_by_another(shared_redis: SharedRedis) -> None:
     """Consumer B must see the slices as consumer A's rebuild laid them out, not as it cached."""
-
-    def open_one() -> RedisKeyCache:
-        return RedisKeyCache.from_url(
-            redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
-        )
-
-    a, b = open_one(), open_one()
+    a, b = shared_redis.cache(), shared_redis.cache()
     a.rebuild(empty_keys(), None)
     early = keys_in_slice(10, 5, seed=97, with_ms=False)  # sizes slice 5 for a few keys
     assert b.claim("b1", early).all()
@@ -771,20 +861,14 @@ def test_redis_consumer_follows_a_rebuild_by_another(redis_url: str, redis_prefi
     b.close()
 
 
-def test_redis_consumer_follows_an_expiry_by_another(redis_url: str, redis_prefix: str) -> None:
+def test_redis_consumer_follows_an_expiry_by_another(shared_redis: SharedRedis) -> None:
     """A claim reaching a slice another consumer expired is refused, not taken for new.
 
     B validated its batch just before A moved the watermark past slice 5: accepting the
     straggler as new would store a second copy of an event whose key A just dropped. Refused,
     the batch is validated again, against the new watermark (its slice-5 events are late now).
     """
-
-    def open_one() -> RedisKeyCache:
-        return RedisKeyCache.from_url(
-            redis_url, prefix=redis_prefix, window_ms=WINDOW_MS, slice_ms=SLICE_MS
-        )
-
-    a, b = open_one(), open_one()
+    a, b = shared_redis.cache(), shared_redis.cache()
     a.rebuild(empty_keys(), None)
     first = keys_in_slice(10, 5, seed=99)
     assert b.claim("b1", first).all()
@@ -797,8 +881,9 @@ def test_redis_consumer_follows_an_expiry_by_another(redis_url: str, redis_prefi
         b.claim("b2", straggler)
     assert isinstance(redis_cache_module.ExpiredSliceError("x"), CacheLostError)
     a.finish("a2", 16_000)
-    client = redis.Redis.from_url(redis_url)
-    assert not list(client.scan_iter(match=f"{redis_prefix}:{{g*}}:5:*"))
+    client = redis.Redis.from_url(shared_redis.url)
+    assert not list(client.scan_iter(match=f"{shared_redis.prefix}:{{g*}}:5:*"))  # sets
+    assert not list(client.scan_iter(match=f"{shared_redis.prefix}:{{g*}}:t:5"))  # tables
     client.close()
     # Slices still in the window are claimed as before.
     assert b.claim("b3", keys_in_slice(10, 7, seed=101)).all()
@@ -1015,12 +1100,12 @@ def test_racing_consumers_store_each_restamped_event_once(open_cache: Opener) ->
 
 
 def test_redis_claim_sees_a_generation_another_consumer_registered_meanwhile(
-    redis_url: str, redis_prefix: str
+    shared_redis: SharedRedis,
 ) -> None:
     """B's list of generations is stale (A opened a new one after B last looked): B's claim of
     an older copy must still find A's key there, not store the event twice."""
-    a = on_shared_redis(redis_url, redis_prefix)
-    b = on_shared_redis(redis_url, redis_prefix)
+    a = shared_redis.cache()
+    b = shared_redis.cache()
     a.rebuild(empty_keys(), None)
     assert not b.needs_rebuild()
     early = keys_at([5_000, 5_100], seed=36)
@@ -1073,15 +1158,15 @@ def test_positions_of_other_partitions_are_distinct(open_cache: Opener) -> None:
     assert cache.claim("c", k, _at(0, 10, 50), stream="s", fresh=False).all()
 
 
-def test_redis_drops_the_records_of_committed_claims(redis_url: str, redis_prefix: str) -> None:
-    prefix = f"{redis_prefix}:records"
-    dead, heir = on_shared_redis(redis_url, prefix), on_shared_redis(redis_url, prefix)
+def test_redis_drops_the_records_of_committed_claims(shared_redis: SharedRedis) -> None:
+    prefix = f"{shared_redis.prefix}:records"
+    dead, heir = shared_redis.cache(prefix), shared_redis.cache(prefix)
     try:
         dead.rebuild(empty_keys(), None)
         k = keys_in_slice(200, 5, seed=14)
         dead.claim("g1", k.take(np.arange(100)), _at(0, 0, 100), stream="s")
         dead.claim("g2", k.take(np.arange(100, 200)), _at(0, 100, 100), stream="s", fresh=False)
-        client = redis.Redis.from_url(redis_url)
+        client = redis.Redis.from_url(shared_redis.url)
         assert client.keys(f"{prefix}:*claim:s:*")
         assert heir.claim("h1", k, _at(0, 0, 200), stream="s").all()
         heir.finish("h1", 5_500, stream="s", through={0: 199})
@@ -1106,18 +1191,18 @@ def test_a_small_fresh_claim_then_the_rest(open_cache: Opener) -> None:
 
 
 def test_redis_claims_won_in_a_lost_epoch_are_not_the_streams_any_more(
-    redis_url: str, redis_prefix: str
+    shared_redis: SharedRedis,
 ) -> None:
     """A consumer claims, Redis loses its data, another consumer rebuilds the cache from the
     events table (which holds the keys: it landed them). The first consumer's redo must not
     take its old claims for its own: they belong to the lost epoch."""
-    prefix = f"{redis_prefix}:epochs"
-    first, other = on_shared_redis(redis_url, prefix), on_shared_redis(redis_url, prefix)
+    prefix = f"{shared_redis.prefix}:epochs"
+    first, other = shared_redis.cache(prefix), shared_redis.cache(prefix)
     try:
         first.rebuild(empty_keys(), None)
         k = keys_in_slice(100, 5, seed=16)
         assert first.claim("g1", k, stream="s").all()
-        client = redis.Redis.from_url(redis_url)
+        client = redis.Redis.from_url(shared_redis.url)
         for key in client.scan_iter(match=f"{prefix}:*"):
             client.unlink(key)
         assert other.needs_rebuild()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import pytest
 import redis
 from conftest import free_port
 from hardening import lake_table, ledger, wait_for
+from redis_module_server import build_module
 from test_scaleout import REBUILT, wait_stopped
 
 from generator.runner import generate
@@ -36,6 +38,8 @@ from pipeline.testing import event_table
 class Cluster:
     ports: list[int]
     procs: list[subprocess.Popen[bytes]]
+    #: The adevents module is loaded on every primary (the key cache uses its tables).
+    module: bool = False
 
     @property
     def url(self) -> str:
@@ -60,12 +64,13 @@ def _wait_cluster_ok(ports: list[int], timeout: float = 30) -> None:
         node.close()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Three primaries, no replicas, on free ports (and free cluster-bus ports)."""
+@contextlib.contextmanager
+def _running_cluster(work: Path, module: Path | None = None) -> Iterator[Cluster]:
+    """Three primaries, no replicas, on free ports (and free cluster-bus ports), with the
+    ``module`` loaded if given."""
+    extra = [] if module is None else ["--loadmodule", str(module)]
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.fail("redis-server and redis-cli must be on PATH to test Redis Cluster")
-    work = tmp_path_factory.mktemp("cluster")
     ports, procs = [], []
     try:
         for _ in range(3):
@@ -92,6 +97,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                         "no",
                         "--dir",
                         str(node_dir),
+                        *extra,
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -124,11 +130,35 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             timeout=60,
         )
         _wait_cluster_ok(ports)
-        yield Cluster(ports, procs)
+        yield Cluster(ports, procs, module is not None)
     finally:
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three primaries without the adevents module: the bucket-set layout."""
+    with _running_cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three primaries with the adevents module loaded: the table layout."""
+    work = tmp_path_factory.mktemp("module-cluster")
+    with _running_cluster(work, build_module()) as running:
+        yield running
+
+
+@pytest.fixture(params=["sets", "module"])
+def any_cluster(request: pytest.FixtureRequest) -> Cluster:
+    """The cluster without the module, then the one with it (the tests of the key layout)."""
+    running: Cluster = request.getfixturevalue(
+        "cluster" if request.param == "sets" else "module_cluster"
+    )
+    return running
 
 
 def _cache(cluster: Cluster, prefix: str, **kw: float) -> RedisKeyCache:
@@ -181,10 +211,12 @@ def _spool(data: Path, truth: Path, events: int, seed: int) -> None:
 
 # -- the key layout on a cluster ------------------------------------------------------------
 def test_keys_spread_over_every_primary_and_each_operation_stays_in_one_slot(
-    cluster: Cluster,
+    any_cluster: Cluster,
 ) -> None:
+    cluster = any_cluster
     cache = _cache(cluster, "layout")
     cache.rebuild(empty_keys(), None)
+    assert cache.tables == cluster.module  # detected on every primary
     keys = _random_keys(50_000, 100, seed=1)
     assert cache.claim("b1", keys).all()  # one EVALSHA per group: alive, record, floor, sets
     assert cache.claim("b1", keys).all()  # idempotent per batch
@@ -202,11 +234,15 @@ def test_keys_spread_over_every_primary_and_each_operation_stays_in_one_slot(
     cache.close()
 
 
-def test_scripts_are_loaded_on_every_primary_and_reloaded_after_a_flush(cluster: Cluster) -> None:
+def test_scripts_are_loaded_on_every_primary_and_reloaded_after_a_flush(
+    any_cluster: Cluster,
+) -> None:
+    cluster = any_cluster
     cache = _cache(cluster, "scripts")
     cache.rebuild(empty_keys(), None)
+    claim_sha = cache._table_claim_sha if cache.tables else cache._claim_sha
     for node in cluster.nodes():
-        assert node.script_exists(cache._claim_sha, cache._wm_sha) == [True, True]
+        assert node.script_exists(claim_sha, cache._wm_sha) == [True, True]
         node.script_flush()
     assert cache.claim("s1", _random_keys(1_000, 10, seed=2)).all()
     cache.finish("s1", 30_000)
@@ -214,7 +250,8 @@ def test_scripts_are_loaded_on_every_primary_and_reloaded_after_a_flush(cluster:
     cache.close()
 
 
-def test_rebuild_scans_and_unlinks_on_every_primary(cluster: Cluster) -> None:
+def test_rebuild_scans_and_unlinks_on_every_primary(any_cluster: Cluster) -> None:
+    cluster = any_cluster
     cache = _cache(cluster, "rb")
     cache.rebuild(empty_keys(), None)
     assert cache.claim("old", _random_keys(20_000, 500, seed=3)).all()
@@ -226,7 +263,8 @@ def test_rebuild_scans_and_unlinks_on_every_primary(cluster: Cluster) -> None:
     for node in cluster.nodes():
         assert not list(node.scan_iter(match="rb:{g*}:stray"))
         assert not list(node.scan_iter(match="rb:{g*}:claim:*"))
-        assert not list(node.scan_iter(match="rb:{g*}:5[01][0-9]:*"))  # the old slices
+        assert not list(node.scan_iter(match="rb:{g*}:5[01][0-9]:*"))  # the old slices' sets
+        assert not list(node.scan_iter(match="rb:{g*}:t:5[01][0-9]"))  # or tables
     assert cache.stats().keys == 5_000
     assert not cache.claim("again", fresh).any()
     client.close()
@@ -280,10 +318,11 @@ def test_the_rebuild_lock_on_a_cluster(cluster: Cluster) -> None:
 
 # -- consumers on a cluster ---------------------------------------------------------------
 def test_two_slots_land_a_spool_with_duplicates_exactly_once(
-    cluster: Cluster, tmp_path: Path
+    any_cluster: Cluster, tmp_path: Path
 ) -> None:
     """Slots 0 and 1 of one spool share the cluster. Each stops once it has claimed its second
     group (so both own files, whoever started first), then they race over the rest."""
+    cluster = any_cluster
     data, truth = tmp_path / "data", tmp_path / "truth.parquet"
     _spool(data, truth, 300_000, seed=11)
     procs = [
@@ -304,6 +343,9 @@ def test_two_slots_land_a_spool_with_duplicates_exactly_once(
     rows = ledger(data)
     assert rows["source_file"].is_unique().all()
     assert rows["consumer"].n_unique() == 2
+    # The consumers chose the layout the cluster offers: module tables only where it is loaded.
+    tables = [list(node.scan_iter(match="two:{g*}:t:*")) for node in cluster.nodes()]
+    assert all(tables) if cluster.module else not any(tables), tables
 
 
 def test_flush_of_every_primary_triggers_a_rebuild(cluster: Cluster, tmp_path: Path) -> None:
