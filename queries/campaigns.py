@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
 from pipeline.schema import MINUTE_MS
-from queries import rollups
+from queries import event_sums, rollups
 from queries.lake import FileStats, Lake, View
 from queries.rollups import Coverage
 
@@ -227,9 +227,12 @@ def _plan_parts(
     rollup_table: str,
     templates: tuple[str, str],
     params: dict[str, object],
+    *,
+    events: list[str] | None = None,
 ) -> tuple[list[str], dict[str, list[str]]]:
     """One SQL part per source a plan reads (``templates``: for rollups, for events), with the
-    runs' bounds bound in ``params``, and the files each source needs."""
+    runs' bounds bound in ``params``, and the files each source needs (``events``: these
+    events files rather than every one the raw runs overlap)."""
     parts: list[str] = []
     files: dict[str, set[str]] = {}
     for table, runs, key in (
@@ -237,7 +240,10 @@ def _plan_parts(
         ("rollups_minute", p.minutes, "m"),
         ("events", p.raw, "e"),
     ):
-        chosen = _overlapping(view, table, runs) if runs else []
+        if table == "events" and events is not None:
+            chosen = events if runs else []
+        else:
+            chosen = _overlapping(view, table, runs) if runs else []
         if not chosen:
             continue
         files.setdefault(table, set()).update(chosen)
@@ -247,19 +253,48 @@ def _plan_parts(
     return parts, {k: sorted(v) for k, v in files.items()}
 
 
+def _raw_files(view: View, campaign_id: str, runs: Sequence[Run]) -> tuple[list[str], list[str]]:
+    """The events files that can hold the campaign in ``runs``: (local files on disk, read by
+    row groups here; the others, in memory or on S3, read by DuckDB)."""
+    if not runs:
+        return [], []
+    table = view.table("events")
+    bounds = table.bounds("campaign_id")
+
+    def may_hold(path: str) -> bool:
+        low, high = bounds.get(path, (None, None))
+        return (low is None or low <= campaign_id) and (high is None or campaign_id <= high)
+
+    chosen = [f for f in _overlapping(view, "events", runs) if may_hold(f)]
+    if table.local_root is None:
+        return [], chosen
+    disk = [f for f in chosen if f not in table.small]
+    return disk, [f for f in chosen if f in table.small]
+
+
 def read_plan(view: View, campaign_id: str, granularity: Granularity, p: Plan) -> list[Bucket]:
-    """The series a plan describes: its parts read in one query and summed per bucket."""
+    """The series a plan describes: rollups and events in memory read in one query, local
+    events files by their row groups (:mod:`queries.event_sums`), summed per bucket."""
     params: dict[str, object] = {"campaign_id": campaign_id, "granularity": granularity}
     templates = (_ROLLUP_PART, _RAW_PART)
-    parts, files = _plan_parts(view, p, f"rollups_{granularity}", templates, params)
-    if not parts:
-        return []
-    sql = f"""
-        SELECT b, CAST(sum(i) AS BIGINT), CAST(sum(c) AS BIGINT), CAST(sum(v) AS BIGINT),
-               CAST(sum(s) AS BIGINT), CAST(sum(r) AS BIGINT)
-        FROM ({" UNION ALL ".join(parts)}) GROUP BY b ORDER BY b"""
-    rows = view.query(sql, params, files=files)
-    return [Bucket(int(r[0]), Totals(*map(int, r[1:]))) for r in rows]
+    disk, others = _raw_files(view, campaign_id, p.raw)
+    sums: event_sums.Sums = {}
+    if disk:
+        root = view.table("events").local_root
+        paths = [f"{root}/{f}" for f in disk]
+        width = BUCKET_MS[granularity]
+        sums = event_sums.from_row_groups(view.lake.row_groups, paths, campaign_id, p.raw, width)
+    parts, files = _plan_parts(view, p, f"rollups_{granularity}", templates, params, events=others)
+    if parts:
+        sql = f"""
+            SELECT b, CAST(sum(i) AS BIGINT), CAST(sum(c) AS BIGINT), CAST(sum(v) AS BIGINT),
+                   CAST(sum(s) AS BIGINT), CAST(sum(r) AS BIGINT)
+            FROM ({" UNION ALL ".join(parts)}) GROUP BY b ORDER BY b"""
+        for r in view.query(sql, params, files=files):
+            known = sums.setdefault(int(r[0]), [0, 0, 0, 0, 0])
+            for k, v in enumerate(r[1:]):
+                known[k] += int(v)
+    return [Bucket(b, Totals(*sums[b])) for b in sorted(sums)]
 
 
 class RawEventsSource:

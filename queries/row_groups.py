@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -187,6 +188,15 @@ class RowGroups:
             and a.max_campaign <= b.min_campaign
             for a, b in itertools.pairwise(groups)
         )
+
+    def columns(self, path: str, index: int, names: Sequence[str]) -> pa.Table:
+        """Row group ``index`` of the file, only the ``names`` it has (read, not kept)."""
+        metadata = self._footer(path)[0]
+        present = set(metadata.schema.names)
+        dictionaries = [c for c in _DICTIONARIES if c in present]
+        reader = pq.ParquetFile(path, metadata=metadata, read_dictionary=dictionaries)
+        wanted = [n for n in names if n in present]
+        return reader.read_row_group(index, columns=wanted, use_threads=False)
 
     def ordered(self, path: str, index: int) -> OrderedRows:
         """Row group ``index`` of the file, decoded and ordered (kept while it fits)."""
