@@ -226,6 +226,26 @@ def test_services_share_the_data_volume_and_wait_for_redis(
     assert redis_args[redis_args.index("--save") + 1] == ""
 
 
+def test_redis_loads_the_module_its_image_builds(services: dict[str, dict[str, Any]]) -> None:
+    """The compose Redis is built from redis_module/ and loads the .so that build installs;
+    the build copies every file the Makefile compiles (no Docker engine here to run it)."""
+    redis_service = services["redis"]
+    context = ROOT / redis_service["build"]
+    assert context == ROOT / "redis_module"
+    dockerfile = (context / "Dockerfile").read_text()
+    args = argv(redis_service["command"])
+    loaded = args[args.index("--loadmodule") + 1]
+    installed = re.search(r"^COPY --from=build /src/(\S+) (\S+)$", dockerfile, re.M)
+    assert installed is not None and installed[2] == loaded
+    copied = re.search(r"^COPY (.+) /src/$", dockerfile, re.M)
+    assert copied is not None and "RUN make -C /src" in dockerfile
+    makefile = (context / "Makefile").read_text()
+    rule = re.search(r"^(\S+): (.+)$", makefile, re.M)
+    assert rule is not None and installed[1] == rule[1]
+    assert {"Makefile", *rule[2].split()} <= set(copied[1].split())
+    assert all((context / name).is_file() for name in copied[1].split())
+
+
 def test_api_is_published(services: dict[str, dict[str, Any]]) -> None:
     args = argv(services["api"]["command"])
     assert args[args.index("--host") + 1] == "0.0.0.0"
