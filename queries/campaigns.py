@@ -283,7 +283,10 @@ def read_plan(view: View, campaign_id: str, granularity: Granularity, p: Plan) -
         root = view.table("events").local_root
         paths = [f"{root}/{f}" for f in disk]
         width = BUCKET_MS[granularity]
-        sums = event_sums.from_row_groups(view.lake.row_groups, paths, campaign_id, p.raw, width)
+        lake = view.lake
+        sums = event_sums.from_row_groups(
+            lake.row_groups, paths, campaign_id, p.raw, width, minutes=lake.minute_sums
+        )
     parts, files = _plan_parts(view, p, f"rollups_{granularity}", templates, params, events=others)
     if parts:
         sql = f"""

@@ -11,14 +11,23 @@ need are decoded from the groups that can hold the campaign in the runs asked: 4
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
+from cachetools import LRUCache
 
+from pipeline.schema import MINUTE_MS
 from queries.row_groups import RowGroups
+
+#: Bytes of per-minute running totals one process keeps (48 bytes an event: ~2k events a
+#: campaign-minute on the 50M-event lake, so thousands of campaign-minutes).
+CACHE_BYTES: Final = 64 * 1024**2
 
 #: Columns the totals are computed from.
 COLUMNS: Final = ("campaign_id", "event_time", "event_type", "cost_micros", "revenue_micros")
@@ -91,19 +100,103 @@ def add_table(
             known[k] += v
 
 
+@dataclass(frozen=True)
+class _Minute:
+    """One campaign's rows of one row group within one minute: their times in order and the
+    running totals before each row (one more row than times: the totals of all of them)."""
+
+    times_us: npt.NDArray[np.int64]
+    running: npt.NDArray[np.int64]
+
+    @classmethod
+    def of(cls, table: pa.Table, campaign_id: str, minute_ms: int) -> _Minute:
+        lo, hi = minute_ms * 1000, (minute_ms + MINUTE_MS) * 1000
+        mine = pc.equal(table.column("campaign_id"), pa.scalar(campaign_id)).fill_null(False)
+        rows = table.filter(mine)
+        times = _micros(rows.column("event_time")) if rows.num_rows else np.empty(0, np.int64)
+        keep = (times >= lo) & (times < hi)
+        rows, times = rows.filter(pa.array(keep)), times[keep]
+        order = np.argsort(times, kind="stable")
+        names = set(rows.column_names)
+        n = len(times)
+        values = np.zeros((n + 1, 5), dtype=np.int64)
+        if n:
+            kinds = rows.column("event_type") if "event_type" in names else None
+            for k, kind in enumerate(_COUNTED):
+                if kinds is not None:
+                    hit = pc.equal(kinds, kind).fill_null(False).to_numpy()
+                    values[1:, k] = np.asarray(hit, dtype=np.int64)[order]
+            for k, name in ((3, "cost_micros"), (4, "revenue_micros")):
+                column = rows.column(name) if name in names else None
+                values[1:, k] = _money(column, n)[order]
+        return cls(times[order], np.cumsum(values, axis=0))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.times_us.nbytes + self.running.nbytes) + 64
+
+    def between(self, lo_us: int, hi_us: int) -> list[int] | None:
+        """The totals of the rows in [lo, hi); None when there are none."""
+        a = int(np.searchsorted(self.times_us, lo_us, "left"))
+        b = int(np.searchsorted(self.times_us, hi_us, "left"))
+        if b <= a:
+            return None
+        return [int(v) for v in self.running[b] - self.running[a]]
+
+
+class MinuteSums:
+    """Each asked campaign's rows of a row group within one minute, as running totals; thread-
+    safe. A stats question with rollups reads raw only the partial minute at ``until``, and the
+    next question on the campaign (a later ``until``) mostly falls in the same minute: it is
+    then two binary searches, not a row group decoded again (4 ms at 122,880 rows)."""
+
+    def __init__(self, cache_bytes: int = CACHE_BYTES) -> None:
+        self._kept: LRUCache[tuple[str, int, str, int], _Minute] = LRUCache(
+            cache_bytes, getsizeof=lambda m: m.nbytes
+        )
+        self._lock = threading.Lock()
+
+    def minute(
+        self, groups: RowGroups, path: str, index: int, campaign_id: str, minute_ms: int
+    ) -> _Minute:
+        """The campaign's rows of group ``index`` of ``path`` in the minute (kept while it fits)."""
+        key = (path, index, campaign_id, minute_ms)
+        with self._lock:
+            known = self._kept.get(key)
+        if known is None:
+            known = _Minute.of(groups.columns(path, index, COLUMNS), campaign_id, minute_ms)
+            with self._lock:
+                if known.nbytes <= self._kept.maxsize:
+                    self._kept[key] = known
+        return known
+
+
 def from_row_groups(
     groups: RowGroups,
     paths: Iterable[str],
     campaign_id: str,
     runs: Sequence[tuple[int, int]],
     width_ms: int,
+    *,
+    minutes: MinuteSums | None = None,
 ) -> Sums:
     """The campaign's totals by bucket in ``runs`` over the local files ``paths``: only the row
-    groups whose statistics (or known per-campaign spans) can hold it in a run are read."""
+    groups whose statistics (or known per-campaign spans) can hold it in a run are read, and a
+    run within one minute from ``minutes`` when given."""
     out: Sums = {}
     for path in paths:
         for lo, hi in runs:
+            minute = lo - lo % MINUTE_MS
             for _, group in groups.candidates(path, campaign_id, lo * 1000, hi * 1000):
+                if minutes is not None and hi <= minute + MINUTE_MS:
+                    rows = minutes.minute(groups, path, group.index, campaign_id, minute)
+                    found = rows.between(lo * 1000, hi * 1000)
+                    if found is not None:
+                        # Buckets are whole minutes: the run lies in the minute's bucket.
+                        known = out.setdefault(minute - minute % width_ms, [0, 0, 0, 0, 0])
+                        for k, v in enumerate(found):
+                            known[k] += v
+                    continue
                 # One run at a time so a group between two runs is not read; a group two
                 # runs share is read once per run, each counting only its own rows.
                 table = groups.columns(path, group.index, COLUMNS)

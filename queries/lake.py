@@ -63,6 +63,7 @@ from pipeline.schema import (
     Layout,
 )
 from pipeline.settings import Settings
+from queries.event_sums import MinuteSums
 from queries.ordered import OrderedRows
 from queries.row_groups import RowGroups
 
@@ -692,6 +693,8 @@ class Lake:
         self.answers = _Answers()
         #: Footers and decoded row groups of local files, for a campaign's newest events.
         self.row_groups = RowGroups()
+        #: A campaign's events of a row group within a minute, for stats' partial minutes.
+        self.minute_sums = MinuteSums()
         self._db = duckdb.connect(":memory:")
         self._db.execute("SET TimeZone = 'UTC'")
         # Delta data files never change once written (a path is never reused): their

@@ -217,8 +217,13 @@ def test_a_plans_raw_runs_are_read_exactly(lake: Lake, stored: pl.DataFrame, cam
     one row group holding two of them, count each event once."""
     runs = [(A + 60_000, A + 120_000), (A + 180_000, A + 180_500), (B - 1, B + 1)]
     runs += [(B + 60_000, B + 61_000), (C + 299_999, C + 300_001)]
+    # Partial minutes at a later and later until (the minute's running totals are kept).
+    ends = [A + 1_200_001, A + 1_234_567, A + 1_259_999, B - 60_000, B - 30_000, B]
+    plans = [runs, *([(A + 1_200_000, end)] for end in ends)]
+    plans += [[(B - 60_000, B - 1)], [(B - 1, B)], [(B, B + 1)], [(B + 1, B + 59_000)]]
     for granularity in campaigns.GRANULARITIES:
         width = campaigns.BUCKET_MS[granularity]
-        p = campaigns.Plan(raw=tuple(runs))
-        got = campaigns.read_plan(lake.view("events"), campaign, granularity, p)
-        assert got == reference_series(stored, campaign, runs, width)
+        for chosen in plans:
+            p = campaigns.Plan(raw=tuple(chosen))
+            got = campaigns.read_plan(lake.view("events"), campaign, granularity, p)
+            assert got == reference_series(stored, campaign, chosen, width), chosen
