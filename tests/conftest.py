@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import redis
@@ -74,10 +74,17 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def extra_args(self) -> list[str]:
+        """More redis-server arguments (a subclass loads a module)."""
+        return []
+
+    def start(self) -> Self:
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not on PATH; it is needed to test Redis restarts")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Its log in a file: a server that does not start (a module that fails to load) says
+        # why there.
+        log = self.workdir / "redis.log"
         self.proc = subprocess.Popen(
             [
                 "redis-server",
@@ -91,6 +98,9 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                "--logfile",
+                str(log),
+                *self.extra_args(),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -102,8 +112,9 @@ class RedisServer:
                 client.ping()
                 break
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    text = log.read_text() if log.exists() else ""
+                    raise RuntimeError(f"redis-server did not start:\n{text}") from None
                 time.sleep(0.05)
         client.close()
         return self

@@ -8,11 +8,9 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
-import redis
 from conftest import RedisServer
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "redis_module"
@@ -52,47 +50,5 @@ class ModuleRedisServer(RedisServer):
         self.module = module
         self.extra = extra
 
-    def start(self) -> ModuleRedisServer:
-        if shutil.which("redis-server") is None:
-            pytest.fail("redis-server is not on PATH; it is needed to test the Redis module")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        # stderr to a file: a module that fails to load says why there.
-        log = self.workdir / "redis.log"
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--enable-debug-command",
-                "local",
-                "--loadmodule",
-                str(self.module),
-                "--logfile",
-                str(log),
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    text = log.read_text() if log.exists() else ""
-                    message = f"redis-server with the module did not start:\n{text}"
-                    raise RuntimeError(message) from None
-                time.sleep(0.05)
-        client.close()
-        return self
+    def extra_args(self) -> list[str]:
+        return ["--enable-debug-command", "local", "--loadmodule", str(self.module), *self.extra]
