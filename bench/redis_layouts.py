@@ -30,27 +30,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import redis
+from keycache_shards import WINDOW_MS, batch_keys  # the same keys as the shard bench
 
 from pipeline import redis_tables
-from pipeline.fingerprint import Keys, empty_keys
+from pipeline.fingerprint import empty_keys
 from pipeline.redis_cache import LAYOUT, RedisKeyCache
 
 REPO = Path(__file__).resolve().parent.parent
-WINDOW_MS = 3600 * 1000
-DENSITY = 50_000  # events per second of event time
 LAYOUTS = {"lua-sets": LAYOUT, "module-tables": redis_tables.LAYOUT}
-
-
-def batch_keys(index: int, size: int, seed: int) -> Keys:
-    """Keys number ``index * size`` onwards, at DENSITY events per second of event time."""
-    rng = np.random.default_rng([seed, index])
-    start = index * size * 1000 // DENSITY
-    ms = start + np.arange(size, dtype=np.int64) * 1000 // DENSITY
-    hi = rng.integers(0, 2**64, size, dtype=np.uint64)
-    lo = rng.integers(0, 2**64, size, dtype=np.uint64)
-    return Keys(ms // WINDOW_MS, hi, lo, ms)
 
 
 def cpu_seconds(client: redis.Redis) -> float:
