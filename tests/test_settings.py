@@ -470,3 +470,10 @@ def test_kafka_settings_pass_security_and_extra_properties_through() -> None:
 def test_bad_kafka_settings_name_the_variable(variable: str, raw: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env({variable: raw})
+
+
+def test_the_lakes_compaction_default_is_the_settings() -> None:
+    """lake/ sits under the settings and cannot read them: its default must be theirs."""
+    from lake.maintenance import DEFAULT_ROW_GROUP_ROWS
+
+    assert Settings.from_env({}).jobs.compact_row_group_rows == DEFAULT_ROW_GROUP_ROWS
