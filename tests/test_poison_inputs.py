@@ -204,7 +204,12 @@ def test_quarantined_copies_of_one_name_never_overwrite_each_other(tmp_path: Pat
     try:
         for n, content in enumerate([b"first bad content", b"second, different bad content"]):
             write(incoming / "same-name.arrow", content)
-            wait_for(lambda n=n: len(ledger(data)) == n + 1, "the bad file to be quarantined")
+            # Drained too: the file is set aside after its ledger row is committed (a loaded
+            # machine showed the ledger row before the second copy had moved).
+            wait_for(
+                lambda n=n: drained(data) and len(ledger(data)) == n + 1,
+                "the bad file to be quarantined",
+            )
         found = quarantined(data)
         assert sorted(copy.read_bytes() for copy, _ in found.values()) == [
             b"first bad content",
