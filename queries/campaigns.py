@@ -294,9 +294,7 @@ def read_plan(view: View, campaign_id: str, granularity: Granularity, p: Plan) -
                    CAST(sum(s) AS BIGINT), CAST(sum(r) AS BIGINT)
             FROM ({" UNION ALL ".join(parts)}) GROUP BY b ORDER BY b"""
         for r in view.query(sql, params, files=files):
-            known = sums.setdefault(int(r[0]), [0, 0, 0, 0, 0])
-            for k, v in enumerate(r[1:]):
-                known[k] += int(v)
+            event_sums.add(sums, int(r[0]), r[1:])
     return [Bucket(b, Totals(*sums[b])) for b in sorted(sums)]
 
 

@@ -50,6 +50,39 @@ def _money(column: pa.ChunkedArray | None, rows: int) -> np.ndarray:
     return np.asarray(column.fill_null(0).to_numpy(), dtype=np.int64)
 
 
+def add(out: Sums, bucket: int, values: Iterable[int]) -> None:
+    """Add one bucket's five totals to ``out``."""
+    known = out.setdefault(bucket, [0, 0, 0, 0, 0])
+    for k, v in enumerate(values):
+        known[k] += int(v)
+
+
+def _campaign_rows(
+    table: pa.Table, campaign_id: str, runs: Sequence[tuple[int, int]]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The campaign's rows of ``table`` with times in ``runs`` (epoch ms, [start, end)): their
+    times in microseconds and, per row, [impression, click, conversion, cost, revenue]."""
+    mine = pc.equal(table.column("campaign_id"), pa.scalar(campaign_id)).fill_null(False)
+    rows = table.filter(mine)
+    times = _micros(rows.column("event_time")) if rows.num_rows else np.empty(0, np.int64)
+    keep = np.zeros(len(times), dtype=bool)
+    for lo, hi in runs:
+        keep |= (times >= lo * 1000) & (times < hi * 1000)
+    rows, times = rows.filter(pa.array(keep)), times[keep]
+    n = len(times)
+    values = np.zeros((n, 5), dtype=np.int64)
+    if n:
+        names = set(rows.column_names)
+        kinds = rows.column("event_type") if "event_type" in names else None
+        for k, kind in enumerate(_COUNTED):
+            if kinds is not None:
+                hit = pc.equal(kinds, kind).fill_null(False).to_numpy()
+                values[:, k] = np.asarray(hit, dtype=np.int64)
+        for k, name in ((3, "cost_micros"), (4, "revenue_micros")):
+            values[:, k] = _money(rows.column(name) if name in names else None, n)
+    return times, values
+
+
 def add_table(
     out: Sums,
     table: pa.Table,
@@ -60,44 +93,15 @@ def add_table(
     """Add the campaign's rows of ``table`` with times in ``runs`` (epoch ms, [start, end)) to
     ``out``, by bucket of ``width_ms`` (UTC: a bucket is a floor of the epoch), as the SQL
     ``count(*) FILTER (...)``/``coalesce(sum(...), 0)`` of ``queries.campaigns`` would."""
-    mine = pc.equal(table.column("campaign_id"), pa.scalar(campaign_id)).fill_null(False)
-    rows = table.filter(mine)
-    if rows.num_rows == 0:
+    times, values = _campaign_rows(table, campaign_id, runs)
+    if not len(times):
         return
-    times = _micros(rows.column("event_time"))
-    keep = np.zeros(len(times), dtype=bool)
-    for lo, hi in runs:
-        keep |= (times >= lo * 1000) & (times < hi * 1000)
-    if not keep.any():
-        return
-    rows = rows.filter(pa.array(keep))
-    times = times[keep]
-    names = set(rows.column_names)
-    kinds = rows.column("event_type") if "event_type" in names else None
-    cost = _money(rows.column("cost_micros") if "cost_micros" in names else None, len(times))
-    revenue = _money(
-        rows.column("revenue_micros") if "revenue_micros" in names else None, len(times)
-    )
     buckets, at = np.unique((times // 1000) // width_ms * width_ms, return_inverse=True)
-    n = len(buckets)
-    counts = []
-    for kind in _COUNTED:
-        if kinds is None:
-            counts.append(np.zeros(n, dtype=np.int64))
-            continue
-        hit = np.asarray(pc.equal(kinds, kind).fill_null(False).to_numpy(), dtype=bool)
-        counts.append(np.bincount(at[hit], minlength=n).astype(np.int64))
-    # Money summed in int64 (np.bincount's float weights would round large sums).
-    spend = np.zeros(n, dtype=np.int64)
-    earned = np.zeros(n, dtype=np.int64)
-    np.add.at(spend, at, cost)
-    np.add.at(earned, at, revenue)
-    for j, bucket in enumerate(buckets.tolist()):
-        values = [int(counts[0][j]), int(counts[1][j]), int(counts[2][j])]
-        values += [int(spend[j]), int(earned[j])]
-        known = out.setdefault(int(bucket), [0, 0, 0, 0, 0])
-        for k, v in enumerate(values):
-            known[k] += v
+    # Summed in int64 (np.bincount's float weights would round large money sums).
+    totals = np.zeros((len(buckets), 5), dtype=np.int64)
+    np.add.at(totals, at, values)
+    for bucket, row in zip(buckets.tolist(), totals.tolist(), strict=True):
+        add(out, int(bucket), row)
 
 
 @dataclass(frozen=True)
@@ -110,26 +114,11 @@ class _Minute:
 
     @classmethod
     def of(cls, table: pa.Table, campaign_id: str, minute_ms: int) -> _Minute:
-        lo, hi = minute_ms * 1000, (minute_ms + MINUTE_MS) * 1000
-        mine = pc.equal(table.column("campaign_id"), pa.scalar(campaign_id)).fill_null(False)
-        rows = table.filter(mine)
-        times = _micros(rows.column("event_time")) if rows.num_rows else np.empty(0, np.int64)
-        keep = (times >= lo) & (times < hi)
-        rows, times = rows.filter(pa.array(keep)), times[keep]
+        times, values = _campaign_rows(table, campaign_id, ((minute_ms, minute_ms + MINUTE_MS),))
         order = np.argsort(times, kind="stable")
-        names = set(rows.column_names)
-        n = len(times)
-        values = np.zeros((n + 1, 5), dtype=np.int64)
-        if n:
-            kinds = rows.column("event_type") if "event_type" in names else None
-            for k, kind in enumerate(_COUNTED):
-                if kinds is not None:
-                    hit = pc.equal(kinds, kind).fill_null(False).to_numpy()
-                    values[1:, k] = np.asarray(hit, dtype=np.int64)[order]
-            for k, name in ((3, "cost_micros"), (4, "revenue_micros")):
-                column = rows.column(name) if name in names else None
-                values[1:, k] = _money(column, n)[order]
-        return cls(times[order], np.cumsum(values, axis=0))
+        running = np.zeros((len(times) + 1, 5), dtype=np.int64)
+        running[1:] = np.cumsum(values[order], axis=0)
+        return cls(times[order], running)
 
     @property
     def nbytes(self) -> int:
@@ -193,9 +182,7 @@ def from_row_groups(
                     found = rows.between(lo * 1000, hi * 1000)
                     if found is not None:
                         # Buckets are whole minutes: the run lies in the minute's bucket.
-                        known = out.setdefault(minute - minute % width_ms, [0, 0, 0, 0, 0])
-                        for k, v in enumerate(found):
-                            known[k] += v
+                        add(out, minute - minute % width_ms, found)
                     continue
                 # One run at a time so a group between two runs is not read; a group two
                 # runs share is read once per run, each counting only its own rows.
