@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
@@ -216,8 +216,9 @@ def expired_before(watermark_ms: int | None, window_ms: int, slice_ms: int) -> i
     return (watermark_ms - window_ms) // slice_ms
 
 
-class _SliceSet:
-    """Fingerprints of one slice: sorted ``lo`` chunks with ``hi`` aligned, merged lazily."""
+class _Runs:
+    """Fingerprints of one partition of a slice: sorted ``lo`` chunks with ``hi`` aligned,
+    merged lazily."""
 
     __slots__ = ("chunks",)
 
@@ -261,6 +262,53 @@ class _SliceSet:
 
     def size(self) -> int:
         return sum(len(c[0]) for c in self.chunks)
+
+
+#: A slice's keys are spread over ``2**_PART_BITS`` partitions by the top bits of ``lo``, each
+#: with runs of its own: merges and searches then work on arrays 1/64 of a generation's size,
+#: which stay in cache, and a merge cascade touches one partition's runs at a time, not the
+#: whole window's at once (10M keys added in 100k batches, ``python bench/keyset_layouts.py``:
+#: 503 → 343 ns a key, the slowest batch 873 → 65 ms, peak RSS 659 → 249 MB).
+_PART_BITS: Final = 6
+_PART_EDGES: Final = np.arange(1, 1 << _PART_BITS, dtype=np.uint64) << np.uint64(64 - _PART_BITS)
+
+
+class _SliceSet:
+    """Fingerprints of one slice, partitioned by the top bits of ``lo`` (see ``_PART_BITS``)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: dict[int, _Runs] = {}
+
+    @staticmethod
+    def _ranges(lo: npt.NDArray[np.uint64]) -> Iterator[tuple[int, int, int]]:
+        """(partition, start, end) of each partition's keys in ``lo``, which is sorted."""
+        bounds = np.concatenate([[0], np.searchsorted(lo, _PART_EDGES), [len(lo)]]).tolist()
+        for part in range(len(bounds) - 1):
+            if bounds[part + 1] > bounds[part]:
+                yield part, bounds[part], bounds[part + 1]
+
+    def contains(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> Mask:
+        """Per key (sorted by ``lo``), whether it is held."""
+        found = np.zeros(len(lo), dtype=bool)
+        for part, start, end in self._ranges(lo):
+            runs = self.parts.get(part)
+            if runs is not None:
+                found[start:end] = runs.contains(hi[start:end], lo[start:end])
+        return found
+
+    def add_sorted(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> None:
+        """Add keys sorted by ``lo``."""
+        for part, start, end in self._ranges(lo):
+            self.parts.setdefault(part, _Runs()).add_sorted(hi[start:end], lo[start:end])
+
+    def chunks(self) -> list[tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]:
+        """Every run as (lo, hi), each sorted by ``lo``."""
+        return [chunk for part in sorted(self.parts) for chunk in self.parts[part].chunks]
+
+    def size(self) -> int:
+        return sum(runs.size() for runs in self.parts.values())
 
 
 class KeySet:
@@ -335,13 +383,13 @@ class KeySet:
         """Every key as (slice, hi, lo) chunks sorted by ``lo``: references to the arrays held,
         not copies. They stay valid after later changes, which replace arrays, never write
         into them."""
-        return [(sl, hi, lo) for sl, s in self.slices.items() for lo, hi in s.chunks]
+        return [(sl, hi, lo) for sl, s in self.slices.items() for lo, hi in s.chunks()]
 
     def size(self) -> int:
         return sum(s.size() for s in self.slices.values())
 
     def chunk_count(self) -> int:
-        return sum(len(s.chunks) for s in self.slices.values())
+        return sum(len(s.chunks()) for s in self.slices.values())
 
 
 _SEGMENT = re.compile(r"^seg-(\d{12})\.keys$")
