@@ -22,11 +22,18 @@ import duckdb
 import polars as pl
 import pyarrow.fs as pafs
 import pytest
+from deltalake import DeltaTable
 from s3_server import S3Server
 
 from lake import maintenance, snapshot
 from lake.location import LakeLocation
-from lake.tables import EVENTS, ensure_table, ensure_tables
+from lake.tables import (
+    CHECKPOINT_INTERVAL,
+    EVENTS,
+    TABLE_PROPERTIES,
+    ensure_table,
+    ensure_tables,
+)
 from lake.testing import (
     START_MS,
     MemoryLakeWriter,
@@ -511,3 +518,24 @@ def test_writer_reads_back_the_window_and_a_batch_of_its_events(
     of_b1 = lake.batch_events(["b1"], (low, high))
     expected = old.filter(pl.col("event_time").dt.epoch("ms").is_between(low, high))
     assert sorted(of_b1["event_id"]) == sorted(expected["event_id"])
+
+
+def test_tables_checkpoint_every_ten_commits_also_when_created_by_an_older_version(
+    tmp_path: Path,
+) -> None:
+    """Refreshing a table replays the commits since its last checkpoint: new tables and ones
+    created without the property (an older adevents) checkpoint every CHECKPOINT_INTERVAL."""
+    legacy = LakeLocation(uri=str(tmp_path / "lake"))
+    DeltaTable.create(
+        legacy.table_uri(EVENTS.name), EVENTS.schema, partition_by=list(EVENTS.partition_by)
+    )
+    for location in (legacy, LakeLocation(uri=str(tmp_path / "new"))):
+        table = ensure_table(location, EVENTS)
+        assert table.metadata().configuration == TABLE_PROPERTIES
+        for version in range(1, CHECKPOINT_INTERVAL + 3):
+            files = write_files(location, EVENTS, enriched_frame(10, seed=version), version=version)
+            commit_files(table, EVENTS, files, {"spool-a": version})
+        log = Path(location.table_uri(EVENTS.name)) / "_delta_log"
+        assert sorted(p.name for p in log.glob("*.checkpoint.parquet")), sorted(log.iterdir())
+        assert committed_version(ensure_table(location, EVENTS), "spool-a") == version
+        assert count(location) == 10 * version
