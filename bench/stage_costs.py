@@ -1,0 +1,184 @@
+"""CPU per event of each step of the consumer's hot path, one thread, beside the ceiling's.
+
+    POLARS_MAX_THREADS=1 python bench/stage_costs.py --events 2000000 --window-keys 10000000
+
+A spool of 100k-event files with hex33 ids and 1 % duplicates is generated first (not timed).
+Then, file pair by file pair (a commit group), each step runs as the consumer runs it, on the
+consumer's own functions, and its CPU time is summed: normalise, validate, fingerprint, first
+copies in the group, claim in the embedded key set (preloaded with ``--window-keys`` keys, the
+window a 10M-event run holds), filter, enrich, sort, Parquet write, footer statistics. The
+ceiling (Arrow IPC read + Parquet write of the same files, what ``adevents bench`` measures)
+runs on the same files. Run with ``POLARS_MAX_THREADS=1`` so each figure is the step's own
+work, not two threads' contention. The table ends with what the sum allows on two cores kept
+perfectly busy, the bound that no overlap of the steps can beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import ipc
+
+from generator.runner import generate
+from lake.tables import EVENTS
+from lake.writer import _BUCKET, ROW_GROUP_ROWS, file_stats, prepare
+from pipeline import decide
+from pipeline.enrich import load_campaigns
+from pipeline.fingerprint import Keys, compute_keys
+from pipeline.groups import GroupFile
+from pipeline.keycache import KeySet
+from pipeline.normalize import normalize
+from pipeline.schema import PARQUET_COMPRESSION, LedgerRow
+from pipeline.settings import Settings
+
+T = TypeVar("T")
+WINDOW_MS = 3_600_000
+
+
+class Costs:
+    """CPU seconds per step, summed over the groups."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, step: str, fn: Callable[[], T]) -> T:
+        started = time.process_time()
+        result = fn()
+        self.seconds[step] = self.seconds.get(step, 0.0) + time.process_time() - started
+        return result
+
+
+def _read(path: Path) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        return ipc.open_file(source).read_all()
+
+
+def _ceiling(tables: list[pa.Table]) -> None:
+    for table in tables:
+        frame = pl.from_arrow(table)
+        assert isinstance(frame, pl.DataFrame)
+        frame.write_parquet(io.BytesIO(), compression=PARQUET_COMPRESSION)
+
+
+def _readable(tables: list[pa.Table]) -> list[Any]:
+    readable = []
+    for index, table in enumerate(tables):
+        file = GroupFile(name=f"f{index}.arrow", batch_id=f"batch-{index}")
+        inp = decide.FileInput(file=file, arrived_ms=0, table=table)
+        ledger = LedgerRow(batch_id=file.batch_id, source_file=file.name)
+        outcome = decide.FileOutcome(file, pl.DataFrame(), pl.DataFrame(), ledger)
+        readable.append(decide._Readable(index, inp, table, outcome))
+    return readable
+
+
+def _write(part: pl.DataFrame, costs: Costs) -> None:
+    data = part.drop(_BUCKET).with_columns(pl.col(pl.Datetime).dt.cast_time_unit("us"))
+    buffer = io.BytesIO()
+    costs.run(
+        "Parquet write (zstd, 16k-row groups)",
+        lambda: data.write_parquet(
+            buffer,
+            compression=PARQUET_COMPRESSION,
+            statistics=True,
+            row_group_size=ROW_GROUP_ROWS,
+        ),
+    )
+    body = pa.py_buffer(buffer.getbuffer())
+    costs.run("footer statistics", lambda: file_stats(pq.read_metadata(pa.BufferReader(body))))
+
+
+def _group(
+    tables: list[pa.Table], held: KeySet, campaigns: pl.DataFrame, now: datetime, costs: Costs
+) -> None:
+    """One commit group's steps, as ``pipeline.decide`` and ``lake.writer`` run them."""
+    costs.run("ceiling: IPC → Parquet", lambda: _ceiling(tables))
+    normalised = costs.run("normalise", lambda: [normalize(t)[0] for t in tables])
+    readable = _readable(normalised)
+    valid = costs.run(
+        "validate (eight rules, lateness)", lambda: decide._split(readable, now, None, WINDOW_MS)
+    )
+    keys = costs.run(
+        "fingerprint (two 64-bit hashes)",
+        lambda: compute_keys(valid["event_id"], valid["event_time"], WINDOW_MS),
+    )
+    first = costs.run("first copies in the group", lambda: decide._first_copies(keys))
+    firsts = keys.take(first)
+    won = costs.run(
+        "claim (embedded key set)",
+        lambda: held.add_new(Keys(np.zeros(len(firsts), np.int64), firsts.hi, firsts.lo)),
+    )
+    is_new = np.zeros(len(keys), dtype=bool)
+    is_new[first] = won
+    kept = costs.run(
+        "filter the new rows", lambda: valid.filter(pl.Series(is_new)).drop(decide._POSITION)
+    )
+    costs.run("enrich", lambda: decide._enrich(kept, readable, campaigns, now))
+    frame = pl.concat([r.outcome.events for r in readable if len(r.outcome.events)])
+    framed = costs.run("sort (campaign, time) in hour partitions", lambda: prepare(EVENTS, frame))
+    for part in framed.partition_by(_BUCKET, maintain_order=True):
+        _write(part, costs)
+
+
+def measure(files: list[Path], campaigns: pl.DataFrame, window_keys: int) -> tuple[Costs, int]:
+    costs = Costs()
+    held = KeySet()
+    rng = np.random.default_rng(0)
+    for start in range(0, window_keys, 100_000):  # the window's keys, as earlier batches left them
+        n = min(100_000, window_keys - start)
+        hi, lo = (rng.integers(0, 2**64, n, dtype=np.uint64) for _ in range(2))
+        held.add_new(Keys(np.zeros(n, np.int64), hi, lo))
+    now = datetime.now(UTC)
+    events = 0
+    for pair in range(0, len(files) - 1, 2):
+        tables = [_read(path) for path in files[pair : pair + 2]]
+        events += sum(t.num_rows for t in tables)
+        _group(tables, held, campaigns, now, costs)
+    return costs, events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=2_000_000)
+    parser.add_argument("--window-keys", type=int, default=10_000_000)
+    args = parser.parse_args()
+    data_dir = tempfile.mkdtemp(prefix="adevents-stages-")
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "REDIS_URL")}
+    try:
+        settings = Settings.from_env(env).replace(data_dir=data_dir)
+        generate(settings, events=args.events, rate=0, batch_size=100_000, seed=1, ids="hex33")
+        files = sorted((Path(data_dir) / "incoming").glob("*.arrow"))
+        campaigns = load_campaigns(Path(data_dir) / "dimensions" / "campaigns.parquet")
+        costs, events = measure(files, campaigns, args.window_keys)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    threads = os.environ.get("POLARS_MAX_THREADS", "all")
+    print(f"{events:,} events, Polars threads: {threads}\n")
+    print("| step | CPU ns an event |")
+    print("|---|---|")
+    ceiling = costs.seconds.pop("ceiling: IPC → Parquet")
+    for step, seconds in costs.seconds.items():
+        print(f"| {step} | {seconds / events * 1e9:.0f} |")
+    total = sum(costs.seconds.values()) / events * 1e9
+    print(f"| **the hot path's steps** | **{total:.0f}** |")
+    print(f"| ceiling: IPC → Parquet | {ceiling / events * 1e9:.0f} |")
+    print(
+        f"\nTwo cores kept busy by these steps alone: at most {2e9 / total:,.0f} events/s; "
+        f"the ceiling on one core: {events / ceiling:,.0f}."
+    )
+
+
+if __name__ == "__main__":
+    main()
