@@ -5,8 +5,11 @@ once, without broker transactions (the kafka-delta-ingest design, plus exact eve
   rebalance moves only the partitions that change owner). Each partition's messages are gathered
   into micro-batches of up to KAFKA_BATCH_EVENTS events or BATCH_INTERVAL, and the micro-batches
   of every partition into a commit group of up to COMMIT_TARGET_ROWS events or COMMIT_INTERVAL,
-  like the spool's files. A group goes through the spool's own path: ``pipeline.kafka_batch``
-  makes decide inputs, ``pipeline.decide`` normalises, validates, dedupes, claims and enriches.
+  like the spool's files. A group takes the oldest micro-batches first, whatever their
+  partition, and the consumer reads no more than READ_AHEAD_GROUPS groups ahead of the one it
+  decides (a backlog waits in the brokers, not decoded in memory). A group goes through the
+  spool's own path: ``pipeline.kafka_batch`` makes decide inputs, ``pipeline.decide``
+  normalises, validates, dedupes, claims and enriches.
 - **Exactly once.** A group's commit to each table carries one Delta app transaction per
   partition, ``(<group>-<topic>-<partition>, last offset of the partition in the group)``, so
   "the rows are in" and "the partition is done through this offset" are one atomic fact. On
@@ -33,7 +36,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -66,10 +69,12 @@ log = logging.getLogger("adevents.kafka")
 
 #: Commit-info key of a group's redo record (see the module docstring).
 GROUP_KEY: Final = "adevents.group"
-#: Messages one poll returns at most.
-POLL_MESSAGES: Final = 10_000
+#: Messages one poll returns at most (the loop polls again while the read-ahead has room).
+POLL_MESSAGES: Final = 64
 #: A draining consumer's poll wait (seconds): short, as nothing more may be coming.
 DRAIN_POLL: Final = 0.005
+#: Commit groups' worth of events read ahead of the one being decided (see ``_full``).
+READ_AHEAD_GROUPS: Final = 2
 #: How often the partitions' lag is published (seconds).
 LAG_EVERY: Final = 1.0
 
@@ -131,6 +136,29 @@ def _polled(message: Any, partition: int, offset: int) -> Polled:
             message.timestamp()[1],
         )
     )
+
+
+def _take(partitions: Iterable[_Partition], target: int) -> dict[int, list[_MicroBatch]]:
+    """The waiting micro-batches of a group, taken off their partitions: the oldest first
+    across partitions (each partition's in offset order), until they hold ``target`` events.
+    A backlog lands in the order it came, every partition in turn; taking partitions in a
+    fixed order starved the last ones behind the first ones' backlog (and a producer waiting
+    for room on them)."""
+    by_number = {state.partition: state for state in partitions}
+    waiting = sorted(
+        (batch.opened, number, i)
+        for number, state in by_number.items()
+        for i, batch in enumerate(state.batches)
+    )
+    taken: dict[int, list[_MicroBatch]] = {}
+    events = 0
+    for _, number, _ in waiting:
+        if events >= target:
+            break
+        batch = by_number[number].batches.pop(0)
+        taken.setdefault(number, []).append(batch)
+        events += batch.events
+    return taken
 
 
 class KafkaLander:
@@ -335,6 +363,15 @@ class KafkaLander:
             open_batch.events += kept.events
             state.next_offset = offset + 1
 
+    def _full(self) -> bool:
+        """Whether READ_AHEAD_GROUPS groups wait already: read no more until one is taken.
+        Unbounded, a backlog (a restart, a producer ahead) was all read into memory, decoded;
+        bounded, the rest waits in the brokers and librdkafka's queue (its own bound is
+        queued.max.messages.kbytes)."""
+        with self._guard:
+            waiting = sum(p.buffered() for p in self._partitions.values())
+        return waiting >= READ_AHEAD_GROUPS * self.settings.commit_target_rows
+
     def _group_due(self, *, idle: bool = False) -> bool:
         waiting = sum(p.buffered() for p in self._partitions.values())
         if waiting >= self.settings.commit_target_rows:
@@ -356,27 +393,17 @@ class KafkaLander:
         ranges: list[tuple[int, int, int]] = []
         through: dict[int, int] = {}
         with self._guard:
-            # Micro-batches one at a time from each partition in turn, up to
-            # COMMIT_TARGET_ROWS: a backlog is landed in groups of that size, fairly.
-            taken: dict[int, list[_MicroBatch]] = {}
-            events = 0
-            queues = [p for p in sorted(self._partitions.values(), key=lambda p: p.partition)]
-            while events < self.settings.commit_target_rows and any(p.batches for p in queues):
-                for state in queues:
-                    if state.batches and events < self.settings.commit_target_rows:
-                        batch = state.batches.pop(0)
-                        taken.setdefault(state.partition, []).append(batch)
-                        events += batch.events
-            for number, batches in sorted(taken.items()):
-                state = self._partitions[number]
-                for batch in batches:
-                    first, last = batch.messages[0].offset, batch.messages[-1].offset
-                    inputs += partition_inputs(
-                        self.topic, self.group_id, number, batch.messages, _ms(now)
-                    )
-                    ranges.append((number, first, last))
-                    txns[state.app_id] = last
-                    through[number] = last
+            taken = _take(self._partitions.values(), self.settings.commit_target_rows)
+            app_ids = {number: self._partitions[number].app_id for number in taken}
+        for number, batches in sorted(taken.items()):
+            for batch in batches:
+                first, last = batch.messages[0].offset, batch.messages[-1].offset
+                inputs += partition_inputs(
+                    self.topic, self.group_id, number, batch.messages, _ms(now)
+                )
+                ranges.append((number, first, last))
+                txns[app_ids[number]] = last
+                through[number] = last
         if not inputs:
             return None
         check_free_space(self.layout.root, self.settings.disk_min_free)
@@ -601,12 +628,19 @@ class KafkaLander:
                 # hold a group: wait for the first one only, then take what is queued. A drain
                 # does not wait a poll period to learn that nothing more is coming.
                 wait = DRAIN_POLL if once else self.settings.poll_interval
-                messages = self._client.consume(1, wait)
-                if messages:
-                    messages += self._client.consume(POLL_MESSAGES - 1, 0)
+                messages = [] if self._full() else self._client.consume(1, wait)
                 stale = self._resume() if self._need_resume else set()
                 with self._guard:
                     self._buffer(messages, stale)
+                # Then what is queued already, a chunk at a time, up to the read-ahead (not
+                # after a resume's seeks: the next pass reads what they fetch).
+                while messages and not stale and not self._full():
+                    more = self._client.consume(POLL_MESSAGES, 0)
+                    if not more:
+                        break
+                    with self._guard:
+                        self._buffer(more, stale)
+                    messages += more
                 self._publish_lag()
                 idle = once and not messages and self._read_to_ends(cached=True)
                 if self._group_due(idle=idle):
@@ -615,7 +649,9 @@ class KafkaLander:
                     if landing is not None:
                         assert self._writer is not None
                         self._in_flight = (self._writer.submit(self._land, landing), landing)
-                elif not messages:
+                elif not messages or (self._in_flight and self._in_flight[0].done()):
+                    # A landed group's offsets are committed (advisory, for lag) as soon as
+                    # it lands, not when the next group is due.
                     self._settle()
                 supervisor.ok()
                 if once and self._caught_up():
