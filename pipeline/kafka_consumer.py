@@ -6,10 +6,10 @@ once, without broker transactions (the kafka-delta-ingest design, plus exact eve
   into micro-batches of up to KAFKA_BATCH_EVENTS events or BATCH_INTERVAL, and the micro-batches
   of every partition into a commit group of up to COMMIT_TARGET_ROWS events or COMMIT_INTERVAL,
   like the spool's files. A group takes the oldest micro-batches first, whatever their
-  partition, and the consumer reads no more than READ_AHEAD_GROUPS groups ahead of the one it
-  decides (a backlog waits in the brokers, not decoded in memory). A group goes through the
-  spool's own path: ``pipeline.kafka_batch`` makes decide inputs, ``pipeline.decide``
-  normalises, validates, dedupes, claims and enriches.
+  partition, and the consumer holds at most READ_AHEAD_GROUPS groups' worth of events read
+  and not yet taken (a backlog waits in the brokers, not decoded in memory). A group goes
+  through the spool's own path: ``pipeline.kafka_batch`` makes decide inputs,
+  ``pipeline.decide`` normalises, validates, dedupes, claims and enriches.
 - **Exactly once.** A group's commit to each table carries one Delta app transaction per
   partition, ``(<group>-<topic>-<partition>, last offset of the partition in the group)``, so
   "the rows are in" and "the partition is done through this offset" are one atomic fact. On
@@ -73,8 +73,9 @@ GROUP_KEY: Final = "adevents.group"
 POLL_MESSAGES: Final = 64
 #: A draining consumer's poll wait (seconds): short, as nothing more may be coming.
 DRAIN_POLL: Final = 0.005
-#: Commit groups' worth of events read ahead of the one being decided (see ``_full``).
-READ_AHEAD_GROUPS: Final = 2
+#: Commit groups' worth of events the consumer holds read and not yet taken (see ``_full``):
+#: one, as librdkafka's own queue already holds the next ones, fetched.
+READ_AHEAD_GROUPS: Final = 1
 #: How often the partitions' lag is published (seconds).
 LAG_EVERY: Final = 1.0
 
@@ -364,7 +365,7 @@ class KafkaLander:
             state.next_offset = offset + 1
 
     def _full(self) -> bool:
-        """Whether READ_AHEAD_GROUPS groups wait already: read no more until one is taken.
+        """Whether READ_AHEAD_GROUPS groups' worth waits: read no more until a group is taken.
         Unbounded, a backlog (a restart, a producer ahead) was all read into memory, decoded;
         bounded, the rest waits in the brokers and librdkafka's queue (its own bound is
         queued.max.messages.kbytes)."""

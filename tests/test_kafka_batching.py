@@ -111,12 +111,12 @@ class _Watched(KafkaLander):
         return super()._next_landing()
 
 
-def test_a_backlog_is_read_no_further_ahead_than_two_groups(
+def test_a_backlog_is_read_no_further_ahead_than_the_read_ahead(
     cluster: MockCluster, tmp_path: Path
 ) -> None:
     """Unbounded, the consumer read all of a backlog into memory, decoded, before landing it;
-    now it holds at most READ_AHEAD_GROUPS groups (plus one poll's messages) and leaves the
-    rest with the brokers. Every event still lands once, and the group's offsets are
+    now it holds at most READ_AHEAD_GROUPS groups' worth (plus one poll's messages) and leaves
+    the rest with the brokers. Every event still lands once, and the groups' offsets are
     committed (advisory) through the end."""
     topic = f"ra-{uuid.uuid4().hex[:8]}"
     cluster.create_topic(topic, 2)
