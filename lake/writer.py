@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -76,6 +77,7 @@ _TS_FORMAT: Final = "%Y-%m-%dT%H:%M:%S.%f"
 _MS: Final = timedelta(milliseconds=1)
 _BUCKET: Final = "__partition_bucket"
 _FLOATS: Final = frozenset({"FLOAT", "DOUBLE"})
+_PER_SECOND: Final = {"ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 
 class Outcome(enum.Enum):
@@ -121,10 +123,49 @@ def prepare(spec: TableSpec, frame: pl.DataFrame) -> pl.DataFrame:
     framed = frame.select(*spec.columns.names, utc.dt.truncate(every).alias(_BUCKET))
     if framed[_BUCKET].null_count():
         raise ValueError(f"{spec.partition_time} is null in rows for table {spec.name}")
+    order = _packed_order(spec, framed, every)
+    if order is not None:
+        # A gather from a frame of several chunks (a group's files, concatenated) cost ~5x one
+        # from a single chunk: one copy first is far cheaper (712 → 146 ns an event).
+        return framed.rechunk()[order]
     keys = [_BUCKET, *spec.sort_keys]
     if framed.height <= SORT_CHUNK_ROWS:
         return framed.sort(keys)
     return pl.concat([chunk.sort(keys) for chunk in framed.iter_slices(SORT_CHUNK_ROWS)])
+
+
+def _packed_order(spec: TableSpec, framed: pl.DataFrame, every: str) -> pl.Series | None:
+    """The row order of a sort by (bucket, text key, time key) as one sort of one unsigned
+    64-bit number per row: the bucket's offset from the first bucket, the text's rank among the
+    frame's distinct values, the time within its bucket. The same order as the sort on three
+    keys, one a string, for less (the sort step of ``bench/stage_costs.py``, one thread:
+    435 → 326 ns an event, of which the single-chunk gather is 146). None, for the general
+    sort, unless the keys are a string and the partition time (the events table's campaign_id,
+    event_time) and the three parts fit in 64 bits."""
+    if len(spec.sort_keys) != 2 or spec.sort_keys[1] != spec.partition_time or not framed.height:
+        return None
+    text, times = framed[spec.sort_keys[0]], framed[spec.sort_keys[1]]
+    if text.dtype != pl.String or not isinstance(times.dtype, pl.Datetime) or text.null_count():
+        return None
+    unit = times.dtype.time_unit or "us"
+    bucket_len = (3_600 if every == "1h" else 86_400) * _PER_SECOND[unit]
+    bucket = framed[_BUCKET].dt.epoch(unit).to_numpy()
+    first = int(bucket.min())
+    distinct = text.unique().sort()
+    time_bits = bucket_len.bit_length()
+    code_bits = (len(distinct) - 1).bit_length()
+    offset_bits = ((int(bucket.max()) - first) // bucket_len).bit_length()
+    if time_bits + code_bits + offset_bits > 64:
+        return None
+    rank = pl.int_range(len(distinct), eager=True, dtype=pl.UInt64)
+    key = text.replace_strict(distinct, rank, return_dtype=pl.UInt64).to_numpy() << np.uint64(
+        time_bits
+    )
+    key |= (times.dt.epoch(unit).to_numpy() - bucket).astype(np.uint64)
+    if offset_bits:
+        offset = ((bucket - first) // bucket_len).astype(np.uint64)
+        key |= offset << np.uint64(time_bits + code_bits)
+    return pl.Series(key).arg_sort()
 
 
 def with_partition_columns(spec: TableSpec, frame: pl.DataFrame) -> pl.DataFrame:

@@ -42,13 +42,16 @@ from lake.testing import (
     quarantine_frame,
 )
 from lake.writer import (
+    _BUCKET,
     DeltaLakeWriter,
     LakeWriter,
     Outcome,
+    _packed_order,
     commit_batch,
     commit_files,
     committed_version,
     lowest_committed,
+    prepare,
     write_files,
 )
 from pipeline.schema import HOUR_MS
@@ -539,3 +542,23 @@ def test_tables_checkpoint_every_ten_commits_also_when_created_by_an_older_versi
         assert sorted(p.name for p in log.glob("*.checkpoint.parquet")), sorted(log.iterdir())
         assert committed_version(ensure_table(location, EVENTS), "spool-a") == version
         assert count(location) == 10 * version
+
+
+@pytest.mark.parametrize("unit", ["ms", "us"])
+def test_prepare_orders_rows_as_the_sort_on_three_keys(unit: str) -> None:
+    """The packed sort key (bucket offset, campaign rank, time in the bucket) orders the events
+    exactly as sorting by (hour, campaign_id, event_time) does, across hours and days, with
+    campaign ids whose order as text differs from any numbering (the prefix "c1" < "c10" < "c2")."""
+    frame = enriched_frame(5_000, seed=7).with_columns(
+        campaign_id=pl.format("c{}", pl.int_range(pl.len()) % 23),
+        event_time=(
+            pl.col("event_time") + pl.duration(minutes=(pl.int_range(pl.len()) * 37) % 3_000)
+        ).dt.cast_time_unit(unit),  # type: ignore[arg-type]
+    )
+    got = prepare(EVENTS, frame)
+    keys = [_BUCKET, "campaign_id", "event_time"]
+    want = frame.with_columns(pl.col("event_time").dt.truncate("1h").alias(_BUCKET)).sort(keys)
+    assert got.select(keys).equals(want.select(keys))
+    assert got.sort("event_id").equals(want.select(got.columns).sort("event_id"))
+    assert got[_BUCKET].n_unique() > 24  # several hours, over more than a day
+    assert _packed_order(EVENTS, want.select(got.columns), "1h") is not None  # not the fallback
