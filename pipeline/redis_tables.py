@@ -14,6 +14,7 @@ segment from the top bits of the first and stores the second, so a key is told a
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -92,12 +93,11 @@ def keys_blob(keys: Keys, group_bits: int) -> bytes:
 def runs(part: pl.DataFrame) -> list[tuple[int, int, int]]:
     """(generation, first row, end row) of each run of rows sharing a generation (``slice``);
     ``part`` is sorted by it."""
-    counts = part.group_by("slice", maintain_order=True).agg(n=pl.len())
-    out, start = [], 0
-    for gen, n in counts.iter_rows():
-        out.append((int(gen), start, start + int(n)))
-        start += int(n)
-    return out
+    gens = part["slice"].to_numpy()
+    # Where the generation changes: a pass of NumPy, where a group_by per group of every claim
+    # took ~7 % of the consumer's main thread with Redis.
+    bounds = [0, *(np.flatnonzero(gens[1:] != gens[:-1]) + 1).tolist(), len(gens)]
+    return [(int(gens[a]), a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def record_args(part: pl.DataFrame) -> list[str | bytes]:
