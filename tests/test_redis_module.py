@@ -13,7 +13,8 @@ import pytest
 import redis
 from redis_module_server import ModuleRedisServer, build_module
 
-from pipeline.redis_tables import blob, parse_records, record_args
+from pipeline.redis_cache import _group_order
+from pipeline.redis_tables import blob, parse_records, record_args, runs
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +282,25 @@ def test_table_claim_records_round_trip() -> None:
     assert listed == {"rec": listed["rec"]} and listed["rec"].tolist() == [10, 11, 12, 11]
     lo = np.array([-5, colons, 2**62], dtype=np.int64).view(np.uint64)
     assert won.holds(lo, np.array([10, 11, 12])).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("span", [1, 3, 2_047, 2_048, 100_000])
+def test_claim_order_and_generation_runs_match_the_general_forms(span: int) -> None:
+    """A claim's rows in (group, generation) order, stable (a key repeated in a batch stays
+    new at its first row), by the 16-bit radix key when the generations fit, else lexsort;
+    and each group's generation runs, as a group_by over the sorted rows gives them."""
+    rng = np.random.default_rng(span)
+    for size in (0, 1, 2, 1_000):
+        group = rng.integers(0, 16, size).astype(np.int64)
+        gens = (10**9 + rng.integers(0, span, size)).astype(np.int64)
+        order = _group_order(group, gens)
+        assert (order == np.lexsort((gens, group))).all()
+        for g in range(16):
+            part = pl.DataFrame({"slice": gens[order][group[order] == g]})
+            counts = part.group_by("slice", maintain_order=True).agg(n=pl.len())
+            ends = np.cumsum(counts["n"].to_numpy()).tolist()
+            want = [
+                (int(s), start, end)
+                for s, start, end in zip(counts["slice"], [0, *ends][:-1], ends, strict=True)
+            ]
+            assert runs(part) == want
