@@ -34,7 +34,7 @@ from pyarrow import ipc
 
 from generator.runner import generate
 from lake.tables import EVENTS
-from lake.writer import _BUCKET, ROW_GROUP_ROWS, file_stats, prepare
+from lake.writer import _BUCKET, encode_part, file_stats, prepare
 from pipeline import decide
 from pipeline.enrich import load_campaigns
 from pipeline.fingerprint import Keys, compute_keys
@@ -85,18 +85,7 @@ def _readable(tables: list[pa.Table]) -> list[Any]:
 
 
 def _write(part: pl.DataFrame, costs: Costs) -> None:
-    data = part.drop(_BUCKET).with_columns(pl.col(pl.Datetime).dt.cast_time_unit("us"))
-    buffer = io.BytesIO()
-    costs.run(
-        "Parquet write (zstd, 16k-row groups)",
-        lambda: data.write_parquet(
-            buffer,
-            compression=PARQUET_COMPRESSION,
-            statistics=True,
-            row_group_size=ROW_GROUP_ROWS,
-        ),
-    )
-    body = pa.py_buffer(buffer.getbuffer())
+    body = costs.run("Parquet write (zstd, 16k-row groups)", lambda: encode_part(part))
     costs.run("footer statistics", lambda: file_stats(pq.read_metadata(pa.BufferReader(body))))
 
 
