@@ -44,8 +44,10 @@ import io
 import json
 import math
 import os
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -310,10 +312,55 @@ class TxnOverlapError(RuntimeError):
     Nothing was written; the group must be formed again from what the tables hold."""
 
 
+class _TxnMemo:
+    """App txn versions read from, or committed to, one table version, per open handle.
+
+    delta-rs answers ``transaction_version`` one app id at a time (~0.8 ms each), and a Kafka
+    group commits one app id per partition to each table, checked before every commit: 16
+    partitions cost ~25 ms per group on the writer thread. A table version is immutable, so
+    what was read at version v holds while the table is at v; and a commit of ours that made
+    version v + 1 changed only its own txns. Any other step (another writer's commit, a retry
+    that landed further on) moves the version elsewhere and the memo is read again."""
+
+    def __init__(self) -> None:
+        # By handle identity (a DeltaTable is unhashable), dropped when the handle goes.
+        self._memo: dict[int, tuple[weakref.ref[DeltaTable], int, dict[str, int | None]]] = {}
+        self._guard = threading.Lock()
+
+    def _known(self, table: DeltaTable, version: int) -> dict[str, int | None]:
+        key = id(table)
+        entry = self._memo.get(key)
+        if entry is not None and entry[0]() is table and entry[1] == version:
+            return entry[2]
+        gone = weakref.ref(table, lambda _: self._memo.pop(key, None))
+        known: dict[str, int | None] = {}
+        self._memo[key] = (gone, version, known)
+        return known
+
+    def read(self, table: DeltaTable, app_ids: Collection[str]) -> dict[str, int | None]:
+        """Each app id's version at ``table``'s current version (refresh it first)."""
+        with self._guard:
+            known = self._known(table, table.version())
+            for app_id in app_ids:
+                if app_id not in known:
+                    known[app_id] = table.transaction_version(app_id)
+            return {app_id: known[app_id] for app_id in app_ids}
+
+    def committed(self, table: DeltaTable, before: int, txns: Mapping[str, int]) -> None:
+        """Our commit of ``txns`` went in on ``table`` at version ``before`` (now refreshed)."""
+        with self._guard:
+            known = dict(self._known(table, before))
+            if table.version() == before + 1:
+                self._known(table, before + 1).update({**known, **txns})
+
+
+_TXNS = _TxnMemo()
+
+
 def committed_versions(table: DeltaTable, app_ids: Collection[str]) -> dict[str, int | None]:
     """Each app id's latest committed version in ``table`` (refreshed to the latest log)."""
     table.update_incremental()
-    return {app_id: table.transaction_version(app_id) for app_id in app_ids}
+    return _TXNS.read(table, app_ids)
 
 
 def _all_seen(table: DeltaTable, txns: Mapping[str, int]) -> bool | None:
@@ -338,6 +385,7 @@ def commit_files(
         app_transactions=[Transaction(app, version, now_ms) for app, version in txns.items()],
         custom_metadata=dict(metadata or {}),
     )
+    before = table.version()
     try:
         table.create_write_transaction(
             list(files.actions),
@@ -357,6 +405,7 @@ def commit_files(
             raise TxnOverlapError(overlap) from exc
         raise
     table.update_incremental()
+    _TXNS.committed(table, before, txns)
     return TableCommit(spec.name, Outcome.COMMITTED, files.rows, len(files.actions))
 
 

@@ -50,6 +50,7 @@ from lake.writer import (
     commit_batch,
     commit_files,
     committed_version,
+    committed_versions,
     lowest_committed,
     prepare,
     write_files,
@@ -257,6 +258,52 @@ def test_different_writers_on_one_snapshot_both_land(location: LakeLocation) -> 
     assert commit_files(second, EVENTS, b, {"spool-b": 1}).outcome is Outcome.COMMITTED
     assert count(location) == 500
     assert ensure_table(location, EVENTS).version() == 2
+
+
+def test_txn_versions_are_remembered_per_table_version_and_read_again_when_another_commits(
+    location: LakeLocation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's 16 app ids are read once, not before every commit: what a handle read, or
+    committed itself on top of what it read, holds until another writer's commit moves the
+    table on; then every answer comes from the log again."""
+    ours = ensure_table(location, EVENTS)
+    theirs = ensure_table(location, EVENTS)
+    apps = [f"group-topic-{p}" for p in range(16)]
+    reads: list[str] = []
+    original = DeltaTable.transaction_version
+
+    def counted(table: DeltaTable, app_id: str) -> int | None:
+        reads.append(app_id)
+        return original(table, app_id)
+
+    monkeypatch.setattr(DeltaTable, "transaction_version", counted)
+    assert committed_versions(ours, apps) == dict.fromkeys(apps)
+    assert len(reads) == 16
+    for version in (1, 2):
+        files = write_files(location, EVENTS, enriched_frame(10, seed=version), version=version)
+        txns = dict.fromkeys(apps, version)
+        assert commit_files(ours, EVENTS, files, txns).outcome is Outcome.COMMITTED
+        assert committed_versions(ours, apps) == txns
+    assert len(reads) == 16  # our own commits were remembered, not read back
+    # Another handle (another consumer) commits one of the app ids and a new one.
+    theirs.update_incremental()
+    files = write_files(location, EVENTS, enriched_frame(10, seed=3), version=7)
+    committed = commit_files(theirs, EVENTS, files, {apps[0]: 7, "other": 1})
+    assert committed.outcome is Outcome.COMMITTED
+    assert committed_versions(ours, [*apps, "other"]) == {
+        **dict.fromkeys(apps, 2),
+        apps[0]: 7,
+        "other": 1,
+    }
+    assert len(reads) == 16 + 17  # the table moved on: all read again
+    # Our next commit lands after theirs, on a handle that read their version first.
+    files = write_files(location, EVENTS, enriched_frame(10, seed=4), version=8)
+    assert commit_files(ours, EVENTS, files, dict.fromkeys(apps, 8)).outcome is Outcome.COMMITTED
+    assert committed_versions(ours, [*apps, "other"]) == {**dict.fromkeys(apps, 8), "other": 1}
+    assert committed_versions(ensure_table(location, EVENTS), [*apps, "other"]) == {
+        **dict.fromkeys(apps, 8),
+        "other": 1,
+    }
 
 
 def test_crash_between_write_and_commit_then_redo(location: LakeLocation) -> None:
