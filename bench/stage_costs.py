@@ -41,7 +41,7 @@ from pipeline.fingerprint import Keys, compute_keys
 from pipeline.groups import GroupFile
 from pipeline.keycache import KeySet
 from pipeline.normalize import normalize
-from pipeline.schema import PARQUET_COMPRESSION, LedgerRow
+from pipeline.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, LedgerRow
 from pipeline.settings import Settings
 
 T = TypeVar("T")
@@ -70,7 +70,11 @@ def _ceiling(tables: list[pa.Table]) -> None:
     for table in tables:
         frame = pl.from_arrow(table)
         assert isinstance(frame, pl.DataFrame)
-        frame.write_parquet(io.BytesIO(), compression=PARQUET_COMPRESSION)
+        frame.write_parquet(
+            io.BytesIO(),
+            compression=PARQUET_COMPRESSION,
+            compression_level=PARQUET_COMPRESSION_LEVEL,
+        )
 
 
 def _readable(tables: list[pa.Table]) -> list[Any]:

@@ -41,7 +41,7 @@ from lake.snapshot import snapshot
 from pipeline.groups import waiting_entries
 from pipeline.reconcile import reconcile
 from pipeline.redis_client import connect, used_memory
-from pipeline.schema import EVENT_TYPES, PARQUET_COMPRESSION, Layout
+from pipeline.schema import EVENT_TYPES, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, Layout
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -186,7 +186,11 @@ def measure_ceiling(files: list[Path], scratch: Path) -> float:
             table = ipc.open_file(source).read_all()
         frame = pl.from_arrow(table)
         assert isinstance(frame, pl.DataFrame)
-        frame.write_parquet(scratch / f"{i}.parquet", compression=PARQUET_COMPRESSION)
+        frame.write_parquet(
+            scratch / f"{i}.parquet",
+            compression=PARQUET_COMPRESSION,
+            compression_level=PARQUET_COMPRESSION_LEVEL,
+        )
         rows += table.num_rows
     elapsed = time.perf_counter() - started
     shutil.rmtree(scratch, ignore_errors=True)
@@ -281,7 +285,8 @@ def measure_duckdb(files: list[Path], campaigns: Path, scratch: Path) -> tuple[i
             copied = con.execute(
                 "COPY (SELECT f.*, c.advertiser_id, c.campaign_name FROM fresh f "
                 f"LEFT JOIN campaigns c USING (campaign_id)) TO '{out}' "
-                "(FORMAT parquet, COMPRESSION zstd)"
+                # The same zstd level as the consumer's files: the codec is not what is compared.
+                f"(FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL {PARQUET_COMPRESSION_LEVEL})"
             ).fetchone()
             con.execute("COMMIT")
             con.unregister("batch")

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from lake.location import LakeLocation
 from lake.snapshot import snapshot
 from lake.tables import LEDGER, TIMESTAMP
-from pipeline.schema import LEDGER_SCHEMA, PARQUET_COMPRESSION, Layout
+from pipeline.schema import LEDGER_SCHEMA, PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, Layout
 from pipeline.spool import atomic_write_bytes, fsync
 
 
@@ -42,6 +42,7 @@ def write_parquet_atomic(
     frame.write_parquet(
         tmp,
         compression=PARQUET_COMPRESSION,
+        compression_level=PARQUET_COMPRESSION_LEVEL,
         statistics=True,
         row_group_size=row_group_size,
         metadata=metadata,

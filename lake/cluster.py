@@ -44,7 +44,7 @@ from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 from lake.location import LakeLocation
 from lake.tables import EVENTS, TableSpec
 from lake.writer import file_stats
-from pipeline.schema import PARQUET_COMPRESSION
+from pipeline.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL
 
 #: The order a clustered hour's rows are written in.
 CLUSTER_KEYS: Final = ("campaign_id", "event_time")
@@ -151,6 +151,7 @@ class _Files:
                 self.schema,
                 filesystem=self.fs,
                 compression=PARQUET_COMPRESSION,
+                compression_level=PARQUET_COMPRESSION_LEVEL,
                 write_statistics=True,
             )
         self._writer.write_table(group.cast(self.schema), row_group_size=rows)

@@ -65,7 +65,7 @@ from deltalake.transaction import AddAction
 from lake import readback
 from lake.location import LakeLocation
 from lake.tables import PARTITION_FORMATS, TABLES, TableSpec, ensure_table
-from pipeline.schema import PARQUET_COMPRESSION
+from pipeline.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL
 
 #: Rows per Parquet row group. Rows are sorted by campaign then time, so a group whose
 #: campaign_id min/max exclude a campaign is skipped; 16k rows keep a campaign of a 100k-row
@@ -274,7 +274,11 @@ def encode_part(part: pl.DataFrame, row_group_rows: int = ROW_GROUP_ROWS) -> pa.
     data = part.drop(_BUCKET).with_columns(pl.col(pl.Datetime).dt.cast_time_unit("us"))
     buffer = io.BytesIO()
     data.write_parquet(
-        buffer, compression=PARQUET_COMPRESSION, statistics=True, row_group_size=row_group_rows
+        buffer,
+        compression=PARQUET_COMPRESSION,
+        compression_level=PARQUET_COMPRESSION_LEVEL,
+        statistics=True,
+        row_group_size=row_group_rows,
     )
     return pa.py_buffer(buffer.getbuffer())
 

@@ -118,6 +118,9 @@ QUARANTINE_SCHEMA: Final = pl.Schema(
 #: Rows within an events file are sorted by these so row-group statistics prune.
 SORT_KEYS: Final = ("campaign_id", "event_time")
 PARQUET_COMPRESSION: Final = "zstd"
+#: zstd level 1 (pyarrow's default; Polars' is 3): a consumer file of 200k hex33 events cost
+#: 84 ms of CPU to write against 105 at level 3, for the same size (5.42 against 5.45 MB).
+PARQUET_COMPRESSION_LEVEL: Final = 1
 
 #: The campaign dimension: required columns; others (``daily_budget_micros``, ...) are optional.
 CAMPAIGN_COLUMNS: Final = ("campaign_id", "advertiser_id", "campaign_name")
