@@ -106,8 +106,12 @@ def add_table(
 
 @dataclass(frozen=True)
 class _Minute:
-    """One campaign's rows of one row group within one minute: their times in order and the
-    running totals before each row (one more row than times: the totals of all of them)."""
+    """One campaign's rows of one row group within one minute, as running totals at each
+    distinct event time: ``running[k]`` holds the totals of the rows before ``times_us[k]``
+    (one more entry than times: the totals of all of them). A busy campaign's minute holds far
+    fewer distinct times than rows (event times are in ms: at most 60,000 a minute); kept per
+    row, the 100 busiest campaigns' minute of a 50M-event hour took 110 MB, more than the
+    cache, and every question decoded its row groups again."""
 
     times_us: npt.NDArray[np.int64]
     running: npt.NDArray[np.int64]
@@ -116,9 +120,12 @@ class _Minute:
     def of(cls, table: pa.Table, campaign_id: str, minute_ms: int) -> _Minute:
         times, values = _campaign_rows(table, campaign_id, ((minute_ms, minute_ms + MINUTE_MS),))
         order = np.argsort(times, kind="stable")
+        times = times[order]
         running = np.zeros((len(times) + 1, 5), dtype=np.int64)
         running[1:] = np.cumsum(values[order], axis=0)
-        return cls(times[order], running)
+        # The totals before each distinct time's first row, then the totals of all rows.
+        distinct, first = np.unique(times, return_index=True)
+        return cls(distinct, running[np.append(first, len(times))])
 
     @property
     def nbytes(self) -> int:
@@ -137,7 +144,10 @@ class MinuteSums:
     """Each asked campaign's rows of a row group within one minute, as running totals; thread-
     safe. A stats question with rollups reads raw only the partial minute at ``until``, and the
     next question on the campaign (a later ``until``) mostly falls in the same minute: it is
-    then two binary searches, not a row group decoded again (4 ms at 122,880 rows)."""
+    then two binary searches, not a row group decoded again (4 ms at 122,880 rows). Kept per
+    row group, not per file and minute: a busy campaign's minute spans dozens of a clustered
+    hour's 16,384-row groups, and reading the whole minute at its first question (331 ms for
+    540k rows) cost more than reading, question by question, the groups each ``until`` needs."""
 
     def __init__(self, cache_bytes: int = CACHE_BYTES) -> None:
         self._kept: LRUCache[tuple[str, int, str, int], _Minute] = LRUCache(
@@ -153,7 +163,7 @@ class MinuteSums:
         with self._lock:
             known = self._kept.get(key)
         if known is None:
-            known = _Minute.of(groups.columns(path, index, COLUMNS), campaign_id, minute_ms)
+            known = _Minute.of(groups.columns(path, [index], COLUMNS), campaign_id, minute_ms)
             with self._lock:
                 if known.nbytes <= self._kept.maxsize:
                     self._kept[key] = known
@@ -176,16 +186,18 @@ def from_row_groups(
     for path in paths:
         for lo, hi in runs:
             minute = lo - lo % MINUTE_MS
-            for _, group in groups.candidates(path, campaign_id, lo * 1000, hi * 1000):
-                if minutes is not None and hi <= minute + MINUTE_MS:
+            chosen = groups.candidates(path, campaign_id, lo * 1000, hi * 1000)
+            if minutes is not None and hi <= minute + MINUTE_MS:
+                for _, group in chosen:
                     rows = minutes.minute(groups, path, group.index, campaign_id, minute)
                     found = rows.between(lo * 1000, hi * 1000)
                     if found is not None:
                         # Buckets are whole minutes: the run lies in the minute's bucket.
                         add(out, minute - minute % width_ms, found)
-                    continue
-                # One run at a time so a group between two runs is not read; a group two
-                # runs share is read once per run, each counting only its own rows.
-                table = groups.columns(path, group.index, COLUMNS)
+                continue
+            # One run at a time so a group between two runs is not read; a group two runs
+            # share is read once per run, each counting only its own rows.
+            if chosen:
+                table = groups.columns(path, sorted(g.index for _, g in chosen), COLUMNS)
                 add_table(out, table, campaign_id, ((lo, hi),), width_ms)
     return out

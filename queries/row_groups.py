@@ -189,14 +189,15 @@ class RowGroups:
             for a, b in itertools.pairwise(groups)
         )
 
-    def columns(self, path: str, index: int, names: Sequence[str]) -> pa.Table:
-        """Row group ``index`` of the file, only the ``names`` it has (read, not kept)."""
+    def columns(self, path: str, indices: Sequence[int], names: Sequence[str]) -> pa.Table:
+        """Row groups ``indices`` of the file, in that order, only the ``names`` it has (read
+        together, not kept: one open of the file for all of them)."""
         metadata = self._footer(path)[0]
         present = set(metadata.schema.names)
         dictionaries = [c for c in _DICTIONARIES if c in present]
         reader = pq.ParquetFile(path, metadata=metadata, read_dictionary=dictionaries)
         wanted = [n for n in names if n in present]
-        return reader.read_row_group(index, columns=wanted, use_threads=False)
+        return reader.read_row_groups(list(indices), columns=wanted, use_threads=False)
 
     def ordered(self, path: str, index: int) -> OrderedRows:
         """Row group ``index`` of the file, decoded and ordered (kept while it fits)."""

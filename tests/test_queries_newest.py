@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 import queries.lake as queries_lake
@@ -18,7 +20,7 @@ from lake.location import LakeLocation
 from lake.tables import EVENTS, open_table
 from lake.testing import START_MS, append, enriched_frame
 from pipeline.schema import HOUR_MS, UTC_MS
-from queries import campaigns, events, row_groups
+from queries import campaigns, event_sums, events, row_groups
 from queries.lake import Lake
 
 #: The hour boundaries of the lake: A (clustered), B (compacted, not clustered), C (as written).
@@ -228,3 +230,33 @@ def test_a_plans_raw_runs_are_read_exactly(lake: Lake, stored: pl.DataFrame, cam
             p = campaigns.Plan(raw=tuple(chosen))
             got = campaigns.read_plan(lake.view("events"), campaign, granularity, p)
             assert got == reference_series(stored, campaign, chosen, width), chosen
+
+
+def test_a_minutes_running_totals_keep_one_entry_per_distinct_time() -> None:
+    """A busy campaign's minute holds many rows a millisecond: its running totals are kept per
+    distinct time, and every [lo, hi) still sums exactly its rows, ties included."""
+    rng = np.random.default_rng(7)
+    minute = 1_796_000_040_000
+    times = minute + rng.integers(0, 500, 5_000)  # ~10 rows a millisecond
+    kinds = rng.choice(["impression", "click", "conversion"], 5_000)
+    cost = rng.integers(0, 1_000, 5_000)
+    table = pa.table(
+        {
+            "campaign_id": ["c"] * 4_000 + ["other"] * 1_000,
+            "event_time": pa.array(times * 1000, pa.timestamp("us", "UTC")),
+            "event_type": kinds,
+            "cost_micros": cost,
+            "revenue_micros": cost * 2,
+        }
+    )
+    kept = event_sums._Minute.of(table, "c", minute)
+    mine = times[:4_000]
+    assert len(kept.times_us) == len(np.unique(mine))
+    for lo, hi in [(0, 500), (0, 1), (3, 4), (250, 251), (10, 499), (499, 500), (7, 7), (600, 700)]:
+        rows = (mine >= minute + lo) & (mine < minute + hi)
+        expected = [
+            int((kinds[:4_000][rows] == k).sum()) for k in ("impression", "click", "conversion")
+        ]
+        expected += [int(cost[:4_000][rows].sum()), int(2 * cost[:4_000][rows].sum())]
+        got = kept.between((minute + lo) * 1000, (minute + hi) * 1000)
+        assert got == (expected if rows.any() else None), (lo, hi)
