@@ -63,6 +63,12 @@ class Group:
     max_campaign: str | None
     min_us: int | None
     max_us: int | None
+    #: Rows without a campaign_id (None: the footer does not say).
+    campaign_nulls: int | None = None
+
+    def holds_only(self, campaign_id: str) -> bool:
+        """Whether every row of the group is the campaign's (its statistics say so)."""
+        return self.campaign_nulls == 0 and self.min_campaign == self.max_campaign == campaign_id
 
     def may_hold(self, campaign_id: str, since_us: int | None, until_us: int | None) -> bool:
         """Whether the group can hold the campaign's rows with times in [since, until)."""
@@ -97,6 +103,11 @@ def _unit(column: pq.ColumnSchema) -> str:
     return text.split("timeUnit=", 1)[1].split(",", 1)[0] if "timeUnit=" in text else ""
 
 
+def _nulls(meta: pq.RowGroupMetaData, column: int | None) -> int | None:
+    stats = None if column is None else meta.column(column).statistics
+    return stats.null_count if stats is not None and stats.has_null_count else None
+
+
 def _groups(metadata: pq.FileMetaData) -> list[Group]:
     names = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
     campaign = names.index("campaign_id") if "campaign_id" in names else None
@@ -118,6 +129,7 @@ def _groups(metadata: pq.FileMetaData) -> list[Group]:
                 high if isinstance(high, str) else None,
                 first if isinstance(first, int) else None,
                 last if isinstance(last, int) else None,
+                _nulls(meta, campaign),
             )
         )
     return out

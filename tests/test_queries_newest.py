@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import queries.lake as queries_lake
@@ -260,3 +261,47 @@ def test_a_minutes_running_totals_keep_one_entry_per_distinct_time() -> None:
         expected += [int(cost[:4_000][rows].sum()), int(2 * cost[:4_000][rows].sum())]
         got = kept.between((minute + lo) * 1000, (minute + hi) * 1000)
         assert got == (expected if rows.any() else None), (lo, hi)
+
+
+def test_a_group_of_one_campaign_is_summed_without_its_campaign_ids(tmp_path: Path) -> None:
+    """Row groups whose statistics say they hold one campaign only (a clustered hour's busy
+    campaign) are summed without reading campaign_id, exactly as the mixed groups are; a group
+    with a null campaign_id is not taken for one campaign's."""
+    rng = np.random.default_rng(11)
+    minute = 1_796_000_040_000
+    n = 6_000
+    campaign = ["a"] * 1_000 + ["b"] * 3_000 + ["c"] * 1_999 + [None]
+    times = np.sort(minute + rng.integers(-5_000, 65_000, n))  # sorted in each campaign
+    kinds = rng.choice(["impression", "click", "conversion", "other"], n)
+    cost = rng.integers(0, 1_000, n)
+    table = pa.table(
+        {
+            "campaign_id": campaign,
+            "event_time": pa.array(times * 1000, pa.timestamp("us", "UTC")),
+            "event_type": kinds,
+            "cost_micros": cost,
+            "revenue_micros": cost * 3,
+        }
+    )
+    path = str(tmp_path / "clustered.parquet")
+    pq.write_table(table, path, row_group_size=1_000)
+    groups = row_groups.RowGroups()
+    found = groups.groups(path)
+    assert [g.holds_only("b") for g in found] == [False, True, True, True, False, False]
+    assert not found[5].holds_only("c")  # its last row has no campaign
+    sums = event_sums.MinuteSums()
+    for name in ("a", "b", "c"):
+        for g in found:
+            if not g.may_hold(name, None, None):
+                continue
+            kept = sums.minute(groups, path, g, name, minute)
+            rows = np.arange(g.index * 1_000, (g.index + 1) * 1_000)
+            rows = rows[np.array(campaign, dtype=object)[rows] == name]
+            for lo, hi in [(0, 60_000), (-5_000, 70_000), (1_234, 5_678), (59_999, 60_000)]:
+                t = times[rows]
+                mine = rows[(t >= minute + max(lo, 0)) & (t < minute + min(hi, 60_000))]
+                expected = [int((kinds[mine] == k).sum()) for k in ("impression", "click")]
+                expected += [int((kinds[mine] == "conversion").sum())]
+                expected += [int(cost[mine].sum()), int(3 * cost[mine].sum())]
+                got = kept.between((minute + lo) * 1000, (minute + hi) * 1000)
+                assert got == (expected if len(mine) else None), (name, g.index, lo, hi)
