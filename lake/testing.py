@@ -31,6 +31,7 @@ from lake.writer import (
     with_partition_columns,
 )
 from pipeline.schema import ENRICHED_SCHEMA, HOUR_MS, LEDGER_SCHEMA, QUARANTINE_SCHEMA, UTC_MS
+from pipeline.settings import JobSettings
 
 #: 2026-12-02T00:00:00Z, the default start of generated event times.
 START_MS: Final = int(datetime(2026, 12, 2, tzinfo=UTC).timestamp() * 1000)
@@ -198,8 +199,8 @@ class MemoryLakeWriter:
 
 
 def cluster_every_hour(location: LakeLocation, table: DeltaTable) -> int:
-    """Cluster every events hour of ``table`` as the compaction job does a closed one; the
-    number of hours rewritten."""
+    """Cluster every events hour of ``table`` as the compaction job does a closed one (with its
+    default row groups); the number of hours rewritten."""
     done = 0
     for partition in table.partitions():
         result = cluster_hour(
@@ -209,7 +210,7 @@ def cluster_every_hour(location: LakeLocation, table: DeltaTable) -> int:
             partition["hour"],
             target_bytes=128 * 1024**2,
             memory_bytes=256 * 1024**2,
-            row_group_rows=122_880,
+            row_group_rows=JobSettings().compact_row_group_rows,
         )
         done += result.files_added > 0
     return done
