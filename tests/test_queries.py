@@ -24,6 +24,7 @@ from lake.tables import EVENTS, LEDGER, open_table
 from lake.testing import append, cluster_every_hour, ledger_frame
 from pipeline.schema import Layout
 from pipeline.settings import Settings
+from pipeline.spool import atomic_write_bytes
 from pipeline.tables import Alert
 from pipeline.testing import event_table
 from queries import campaigns, command, events, ops, rollups
@@ -270,6 +271,27 @@ def test_rollups_give_the_same_series(tmp_path: Path) -> None:
     assert metrics["compact"]["numFilesRemoved"] > 1
     after = rollups.coverage(lake, lake.view("ledger", "events"))
     assert after is not None and after.dirty == ()
+
+
+def test_the_rolled_up_version_is_read_again_whenever_the_state_file_changes(
+    tmp_path: Path,
+) -> None:
+    """The version the rollup job records is remembered per state file, and read again as soon
+    as the file is replaced (as the job replaces it), rewritten or removed."""
+    lake = lake_of(make_settings(tmp_path))
+    state = Layout(str(tmp_path)).rollups / "_state.json"
+    assert rollups.rolled_up_version(lake) is None and not rollups.has_rollups(lake)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(state, json.dumps({"ledger_version": 7}).encode(), durable=False)
+    assert rollups.rolled_up_version(lake) == 7
+    atomic_write_bytes(state, json.dumps({"ledger_version": 8}).encode(), durable=False)
+    assert rollups.rolled_up_version(lake) == 8  # same size: a new file all the same
+    state.write_text(json.dumps({"ledger_version": 12345}))  # in place, another size
+    assert rollups.rolled_up_version(lake) == 12345
+    state.write_text("not json")
+    assert rollups.rolled_up_version(lake) is None
+    state.unlink()
+    assert rollups.rolled_up_version(lake) is None
 
 
 def test_plans_cover_the_range_with_disjoint_runs() -> None:
