@@ -19,7 +19,6 @@ from api.health import HealthChecker
 from api.ingest import IngestPlugin
 from api.metrics import Metrics, RequestLatency
 from api.routes import ROUTES
-from lake.location import LakeLocation
 from pipeline.settings import Settings
 from queries.lake import Lake
 
@@ -27,7 +26,7 @@ from queries.lake import Lake
 def create_app(settings: Settings | None = None) -> Litestar:
     """The API over the lake at LAKE_URI and DATA_DIR (default: Settings.from_env())."""
     settings = settings or Settings.from_env()
-    lake = Lake(LakeLocation.from_settings(settings), data_dir=settings.data_dir)
+    lake = Lake.from_settings(settings)
     checker = HealthChecker(settings, lake)
     metrics = Metrics(settings, lake)
 

@@ -446,6 +446,36 @@ class IngestSettings:
         ]
 
 
+@dataclass(frozen=True)
+class QuerySettings:
+    """Memory each API process (each ``serve --workers`` process) keeps to answer from: every
+    cache is bounded by one of these, never by the lake's size."""
+
+    query_small_files_bytes: int = _setting(
+        512 * 1024**2,
+        parse_size,
+        "Arrow memory the newest small events files (the uncompacted tail) are kept in, each "
+        "read once; older ones are scanned per question (0 = none kept)",
+    )
+    query_row_groups_bytes: int = _setting(
+        256 * 1024**2,
+        parse_size,
+        "memory of decoded row groups of local events files, for a campaign's newest events "
+        "(0 = none kept)",
+    )
+    query_minute_sums_bytes: int = _setting(
+        64 * 1024**2,
+        parse_size,
+        "memory of a campaign's running totals within a minute, for stats whose until falls "
+        "inside a compacted hour (0 = none kept)",
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> QuerySettings:
+        """Read the environment, then apply overrides (None means not given)."""
+        return cls(**_read_fields(cls, os.environ if env is None else env, overrides))
+
+
 def _kafka_properties(text: str) -> tuple[tuple[str, str], ...]:
     """``key=value,key=value`` librdkafka properties, passed through as they are."""
     pairs = []
@@ -625,6 +655,8 @@ class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     #: The HTTP ingest's settings (``POST /ad_events``).
     ingest: IngestSettings = field(default_factory=IngestSettings)
+    #: The query layer's memory (the API's caches).
+    query: QuerySettings = field(default_factory=QuerySettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -636,6 +668,7 @@ class Settings:
             jobs=JobSettings.from_env(env, **overrides),
             ingest=IngestSettings.from_env(env, **overrides),
             kafka=KafkaSettings.from_env(env, **overrides),
+            query=QuerySettings.from_env(env, **overrides),
         )
         settings.check()
         return settings
@@ -669,7 +702,7 @@ class Settings:
         """(variable, default, meaning) for every setting, for README and ``--help``."""
         return [
             (f.name.upper(), repr(f.default), f.metadata["help"])
-            for cls in (Settings, JobSettings, IngestSettings, KafkaSettings)
+            for cls in (Settings, JobSettings, IngestSettings, KafkaSettings, QuerySettings)
             for f in fields(cls)
             if "parse" in f.metadata
         ]

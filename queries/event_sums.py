@@ -23,11 +23,12 @@ import pyarrow.compute as pc
 from cachetools import LRUCache
 
 from pipeline.schema import MINUTE_MS
+from pipeline.settings import QuerySettings
 from queries.row_groups import Group, RowGroups
 
-#: Bytes of per-minute running totals one process keeps (48 bytes an event: ~2k events a
-#: campaign-minute on the 50M-event lake, so thousands of campaign-minutes).
-CACHE_BYTES: Final = 64 * 1024**2
+#: Bytes of per-minute running totals a MinuteSums keeps by default (QUERY_MINUTE_SUMS_BYTES; a
+#: Lake passes its setting).
+CACHE_BYTES: Final = QuerySettings.query_minute_sums_bytes
 
 #: Columns the totals are computed from.
 COLUMNS: Final = ("campaign_id", "event_time", "event_type", "cost_micros", "revenue_micros")

@@ -62,7 +62,7 @@ from pipeline.schema import (
     ROLLUP_SCHEMA,
     Layout,
 )
-from pipeline.settings import Settings
+from pipeline.settings import QuerySettings, Settings
 from queries.event_sums import MinuteSums
 from queries.ordered import OrderedRows
 from queries.row_groups import RowGroups
@@ -83,10 +83,9 @@ FEED_VERSIONS: Final = 4096
 #: within COMPACT_INTERVAL). Scanning a file costs milliseconds per question whatever its size,
 #: so without this a question's cost would grow with the number of commits since compaction.
 SMALL_FILE_BYTES: Final = 8 * 1024**2
-#: Most memory (Arrow bytes, not file bytes: rows take 10-20x their zstd size) that small files
-#: of one table may hold; the newest are kept, older ones are scanned per question. A minute
-#: of events at 50k/s (COMPACT_INTERVAL's worth) takes about 400 MB.
-TAIL_BYTES: Final = 512 * 1024**2
+# The most memory (Arrow bytes, not file bytes: rows take 10-20x their zstd size) that small
+# files of one table may hold is QUERY_SMALL_FILES_BYTES: the newest are kept, older ones are
+# scanned per question. A minute of events at 50k/s (COMPACT_INTERVAL's worth) takes ~400 MB.
 #: Arrow bytes per file byte assumed before a table's first small file is read.
 _FIRST_RATIO: Final = 12.0
 #: String columns with few distinct values, read as dictionaries (half the memory).
@@ -277,13 +276,14 @@ class _Files:
 
     Guarantee: for a table version, :meth:`sync` gives exactly that version's files: the newest
     small ones as rows read once into memory (with their partition values; files never change,
-    so a path read once stays right), up to TAIL_BYTES of memory, and every other file as a
+    so a path read once stays right), up to ``tail_bytes`` of memory, and every other file as a
     dataset of fragments carrying the log's statistics, each built once per file
     (:class:`lake.fragments.FragmentCache`): the set changes with nearly every commit, once the
     oldest small file leaves the tail.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tail_bytes: int) -> None:
+        self.tail_bytes = tail_bytes
         self.small: dict[str, pa.Table] = {}
         #: ``nbytes`` of each table in ``small``: Arrow sums every buffer of it again per call,
         #: which for a few hundred files was a tenth of a request's time.
@@ -297,7 +297,7 @@ class _Files:
         self.ratio = _FIRST_RATIO
 
     def _kept(self, actions: pl.DataFrame) -> pl.DataFrame:
-        """The small files to hold in memory: the newest, while their memory fits TAIL_BYTES."""
+        """The small files to hold in memory: the newest, while their memory fits."""
         if "size_bytes" not in actions.columns:
             return actions.clear()
         small = actions.filter(pl.col("size_bytes") <= SMALL_FILE_BYTES)
@@ -307,7 +307,7 @@ class _Files:
         for path, size in zip(small["path"], small["size_bytes"], strict=True):
             known = self.nbytes.get(path)
             used += known if known is not None else size * self.ratio
-            if used > TAIL_BYTES:
+            if used > self.tail_bytes:
                 break
             keep += 1
         return small.head(keep)
@@ -686,15 +686,18 @@ class Lake:
         *,
         data_dir: str | Path | None = None,
         specs: Mapping[str, TableSpec] = DELTA_TABLES,
+        memory: QuerySettings | None = None,
     ) -> None:
+        memory = memory or QuerySettings()
         self.location = location
         self.data_dir = None if data_dir is None else Path(data_dir)
         self.specs = dict(specs)
         self.answers = _Answers()
         #: Footers and decoded row groups of local files, for a campaign's newest events.
-        self.row_groups = RowGroups()
+        self.row_groups = RowGroups(memory.query_row_groups_bytes)
         #: A campaign's events of a row group within a minute, for stats' partial minutes.
-        self.minute_sums = MinuteSums()
+        self.minute_sums = MinuteSums(memory.query_minute_sums_bytes)
+        self._tail = memory.query_small_files_bytes
         self._db = duckdb.connect(":memory:")
         self._db.execute("SET TimeZone = 'UTC'")
         # Delta data files never change once written (a path is never reused): their
@@ -715,7 +718,8 @@ class Lake:
     @classmethod
     def from_settings(cls, settings: Settings) -> Lake:
         """The lake LAKE_URI names, with the jobs' tables under DATA_DIR."""
-        return cls(LakeLocation.from_settings(settings), data_dir=settings.data_dir)
+        location = LakeLocation.from_settings(settings)
+        return cls(location, data_dir=settings.data_dir, memory=settings.query)
 
     @property
     def layout(self) -> Layout | None:
@@ -761,7 +765,8 @@ class Lake:
             known = self._latest.get(name)
             if known is not None and known.version == table.version():
                 return known
-            state = self._state(spec, table, self._files.setdefault(name, _Files()))
+            files = self._files.get(name) or self._files.setdefault(name, _Files(self._tail))
+            state = self._state(spec, table, files)
             self._latest[name] = state
             return state
 

@@ -24,10 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from cachetools import LRUCache
 
+from pipeline.settings import QuerySettings
 from queries.ordered import EVENT_FIELDS, OrderedRows
 
-#: Arrow bytes of decoded row groups one process keeps (the newest of each hour are reused).
-CACHE_BYTES: Final = 256 * 1024**2
+#: Arrow bytes of decoded row groups a RowGroups keeps by default (QUERY_ROW_GROUPS_BYTES; a
+#: Lake passes its setting).
+CACHE_BYTES: Final = QuerySettings.query_row_groups_bytes
 #: Files whose footers one process keeps.
 FOOTERS: Final = 4096
 #: Row groups whose per-campaign time spans one process keeps (a few hundred bytes each).

@@ -9,19 +9,15 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow.compute as pc
-import pytest
 
 from lake.location import LakeLocation
 from lake.testing import START_MS, append, enriched_frame
 from pipeline.schema import HOUR_MS
-from queries import lake as queries_lake
+from pipeline.settings import QuerySettings
 from queries.lake import Lake
 
-
-@pytest.fixture
-def on_storage(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every file is scanned from storage through its fragment (none kept in memory)."""
-    monkeypatch.setattr(queries_lake, "TAIL_BYTES", 0)
+#: Every file is scanned from storage through its fragment (none kept in memory).
+ON_STORAGE = QuerySettings(query_small_files_bytes=0)
 
 
 def frames() -> list[pl.DataFrame]:
@@ -55,9 +51,9 @@ def at(ms: int) -> datetime:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
 
 
-def test_pruned_answers_are_exact_at_every_file_boundary(tmp_path: Path, on_storage: None) -> None:
+def test_pruned_answers_are_exact_at_every_file_boundary(tmp_path: Path) -> None:
     location, truth = fill(tmp_path)
-    view = Lake(location).view("events")
+    view = Lake(location, memory=ON_STORAGE).view("events")
     assert not view.table("events").small  # the fragments' path, not memory
     edges = truth.group_by("batch_id").agg(
         lo=pl.col("event_time").min(),
@@ -78,9 +74,9 @@ def test_pruned_answers_are_exact_at_every_file_boundary(tmp_path: Path, on_stor
         assert view.query(sql, {"c": c}) == [(truth.filter(pl.col("campaign_id") == c).height,)]
 
 
-def test_files_outside_a_filter_are_skipped(tmp_path: Path, on_storage: None) -> None:
+def test_files_outside_a_filter_are_skipped(tmp_path: Path) -> None:
     location, _ = fill(tmp_path)
-    dataset = Lake(location).view("events").table("events").dataset
+    dataset = Lake(location, memory=ON_STORAGE).view("events").table("events").dataset
     every = list(dataset.get_fragments())
     assert len(every) >= 4
     first_hour = pc.field("event_time") < pc.scalar(at(START_MS + HOUR_MS // 2))
@@ -90,11 +86,9 @@ def test_files_outside_a_filter_are_skipped(tmp_path: Path, on_storage: None) ->
     assert not list(dataset.get_fragments(filter=pc.field("campaign_id") == "no-such"))
 
 
-def test_a_fragment_is_built_once_and_kept_while_its_file_lives(
-    tmp_path: Path, on_storage: None
-) -> None:
+def test_a_fragment_is_built_once_and_kept_while_its_file_lives(tmp_path: Path) -> None:
     location, _ = fill(tmp_path)
-    lake = Lake(location)
+    lake = Lake(location, memory=ON_STORAGE)
     lake.view("events")
     cache = lake._files["events"].fragments
     assert cache is not None

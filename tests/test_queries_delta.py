@@ -18,6 +18,7 @@ from lake.location import LakeLocation
 from lake.tables import EVENTS, open_table
 from lake.testing import START_MS, append, cluster_every_hour, enriched_frame, ledger_frame
 from pipeline.schema import HOUR_MS
+from pipeline.settings import QuerySettings
 from queries import campaigns, events, ops
 from queries import lake as queries_lake
 from queries.lake import Lake
@@ -254,20 +255,25 @@ def test_small_files_are_read_once_and_forgotten_when_compacted(tmp_path: Path) 
 def test_small_files_in_memory_are_bounded_by_their_arrow_size(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Past TAIL_BYTES of memory (Arrow bytes, far above the files' zstd bytes) the newest
-    small files stay in memory and older ones are scanned from storage; answers stay exact."""
+    """Past QUERY_SMALL_FILES_BYTES of memory (Arrow bytes, far above the files' zstd bytes)
+    the newest small files stay in memory and older ones are scanned from storage; answers stay
+    exact."""
     location = local(tmp_path)
-    lake = Lake(location)
     append(location, {"events": enriched_frame(200, seed=0, batch_id="s0")})
-    one_file = lake.view("events").table("events").in_memory
+    one_file = Lake(location).view("events").table("events").in_memory
     assert one_file is not None
-    monkeypatch.setattr(queries_lake, "TAIL_BYTES", int(one_file.nbytes * 3.5))
+    tail = int(one_file.nbytes * 3.5)
+    # A file's Arrow size is estimated from the files read before it: the bounded Lake reads
+    # the first one whatever the estimate, as a Lake with room for it would.
+    monkeypatch.setattr(queries_lake, "_FIRST_RATIO", 0.0)
+    lake = Lake(location, memory=QuerySettings(query_small_files_bytes=tail))
+    assert lake.view("events").table("events").in_memory is not None
     batches = [f"s{i}" for i in range(1, 7)]
     for seed, batch in enumerate(batches, start=1):
         append(location, {"events": enriched_frame(200, seed=seed, batch_id=batch)})
     state = lake.view("events").table("events")
     assert len(state.small) == 3 and len(state._fragments) == 4
-    assert sum(t.nbytes for t in state.small.values()) <= queries_lake.TAIL_BYTES
+    assert sum(t.nbytes for t in state.small.values()) <= tail
     in_memory = {t.column("batch_id")[0].as_py() for t in state.small.values()}
     assert in_memory == set(batches[-3:])  # the newest
     answer = lake.view("events").query(

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import queries.lake as queries_lake
 from lake import maintenance
 from lake.cluster import cluster_hour
 from lake.location import LakeLocation
 from lake.tables import EVENTS, open_table
 from lake.testing import START_MS, append, enriched_frame
 from pipeline.schema import HOUR_MS, UTC_MS
+from pipeline.settings import QuerySettings
 from queries import campaigns, event_sums, events, row_groups
 from queries.lake import Lake
 
@@ -89,10 +89,9 @@ def stored(lake_dir: Path) -> pl.DataFrame:
 def lake(lake_dir: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Lake:
     """The lake with only the newest of C's small files in memory (the others on disk), its
     clustered hour read by DuckDB or by row groups."""
-    monkeypatch.setattr(queries_lake, "TAIL_BYTES", 3 * 1024**2)
     if request.param == "clustered by duckdb":
         monkeypatch.setattr(row_groups, "SMALL_GROUP_ROWS", 0)
-    return Lake(local(lake_dir))
+    return Lake(local(lake_dir), memory=QuerySettings(query_small_files_bytes=3 * 1024**2))
 
 
 def reference(stored: pl.DataFrame, limit: int, where: events.EventFilter) -> list[Any]:

@@ -9,18 +9,22 @@ from typing import Any
 
 import pytest
 
+from api.app import create_app
 from pipeline.settings import (
     LOG_LEVELS,
     IngestSettings,
     JobSettings,
     KafkaSettings,
+    QuerySettings,
     Settings,
     SettingsError,
     parse_duration,
 )
+from queries.lake import Lake
 
 # The root settings' own fields; the jobs subsystem (Settings.jobs) has its own tests.
-FIELDS = [f.name for f in dataclasses.fields(Settings) if f.name not in ("jobs", "ingest", "kafka")]
+SUBSYSTEMS = ("jobs", "ingest", "kafka", "query")
+FIELDS = [f.name for f in dataclasses.fields(Settings) if f.name not in SUBSYSTEMS]
 
 DEFAULTS: dict[str, Any] = {
     "data_dir": "./ad_event_data",
@@ -123,11 +127,7 @@ def test_parse_duration_rejects(text: str) -> None:
 
 def test_defaults_from_an_empty_environment() -> None:
     settings = Settings.from_env({})
-    own = {
-        k: v
-        for k, v in dataclasses.asdict(settings).items()
-        if k not in ("jobs", "ingest", "kafka")
-    }
+    own = {k: v for k, v in dataclasses.asdict(settings).items() if k not in SUBSYSTEMS}
     assert own == DEFAULTS
     assert settings == Settings()
 
@@ -394,7 +394,7 @@ def test_replace_returns_a_changed_copy() -> None:
 
 def test_describe_lists_every_variable_with_its_default_and_help() -> None:
     rows = Settings.describe()
-    subsystems = (JobSettings, IngestSettings, KafkaSettings)
+    subsystems = (JobSettings, IngestSettings, KafkaSettings, QuerySettings)
     sub_fields = [f.name.upper() for c in subsystems for f in dataclasses.fields(c)]
     assert [name for name, _, _ in rows] == [f.upper() for f in FIELDS] + sub_fields
     described = {name: (default, text) for name, default, text in rows}
@@ -477,3 +477,25 @@ def test_the_lakes_compaction_default_is_the_settings() -> None:
     from lake.maintenance import DEFAULT_ROW_GROUP_ROWS
 
     assert Settings.from_env({}).jobs.compact_row_group_rows == DEFAULT_ROW_GROUP_ROWS
+
+
+def test_the_query_caches_memory_is_read_from_the_environment_and_reaches_the_lake(
+    tmp_path: Path,
+) -> None:
+    """QUERY_*_BYTES bound each API process's caches (0 keeps none); a Lake built from the
+    settings sizes its caches by them."""
+    assert Settings.from_env({}).query == QuerySettings()
+    env = {
+        "QUERY_SMALL_FILES_BYTES": "0",
+        "QUERY_ROW_GROUPS_BYTES": "1GiB",
+        "QUERY_MINUTE_SUMS_BYTES": "8MiB",
+    }
+    settings = Settings.from_env(env, data_dir=str(tmp_path))
+    assert settings.query == QuerySettings(0, 1024**3, 8 * 1024**2)
+    app = create_app(settings)  # the API's Lake is that one
+    for lake in (Lake.from_settings(settings), app.dependencies["lake"].dependency()):
+        assert lake.row_groups._decoded.maxsize == 1024**3
+        assert lake.minute_sums._kept.maxsize == 8 * 1024**2
+        assert lake._tail == 0
+    with pytest.raises(SettingsError, match="QUERY_ROW_GROUPS_BYTES"):
+        Settings.from_env({"QUERY_ROW_GROUPS_BYTES": "lots"})
