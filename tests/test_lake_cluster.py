@@ -1,5 +1,5 @@
 """Clustering an events hour (lake/cluster.py) on a local and an S3 lake: the same rows, in
-(campaign_id, event_time) order so that a campaign's rows sit in few row groups, one
+(campaign_id, event_time, event_id) order so that a campaign's rows sit in few row groups, one
 maintenance commit that the change feed ignores, and races that lose nothing and revive
 nothing: a concurrent append is kept, a concurrent retention delete makes the clustering
 fail (and its files go), and a commit that may have landed leaves its files to vacuum."""
@@ -27,8 +27,14 @@ ROWS = 2_000
 
 
 def fill(location: LakeLocation) -> pl.DataFrame:
-    """BATCHES commits of ROWS events each in hour 00 (each commit its own file); all rows."""
-    frames = [enriched_frame(ROWS, seed=s, id_prefix="c", campaigns=40) for s in range(BATCHES)]
+    """BATCHES commits of ROWS events each in hour 00 (each commit its own file), their times
+    cut to the second so that many rows tie on (campaign_id, event_time); all rows."""
+    frames = [
+        enriched_frame(ROWS, seed=s, id_prefix="c", campaigns=40).with_columns(
+            pl.col("event_time").dt.truncate("1s")
+        )
+        for s in range(BATCHES)
+    ]
     for frame in frames:
         append(location, {"events": frame})
     return pl.concat(frames)
@@ -73,10 +79,12 @@ def test_clustering_keeps_every_row_and_sorts_campaigns_into_few_row_groups(
     fs = location.filesystem()
     (uri,) = table.file_uris()
     path = uri.removeprefix("file://").removeprefix("s3://")
-    data = pq.read_table(path, filesystem=fs, columns=["campaign_id", "event_time"])
+    data = pq.read_table(path, filesystem=fs, columns=list(cluster.CLUSTER_KEYS))
     keys = pl.from_arrow(data)
     assert isinstance(keys, pl.DataFrame)
-    assert keys.equals(keys.sort("campaign_id", "event_time"))
+    # event_id breaks the ties: the order queries.ordered reads in, with no sort of its own.
+    assert keys.select("campaign_id", "event_time").is_duplicated().sum() > ROWS
+    assert keys.equals(keys.sort("campaign_id", "event_time", "event_id"))
     metadata = pq.read_metadata(path, filesystem=fs)
     column = metadata.schema.to_arrow_schema().get_field_index("campaign_id")
     groups = [metadata.row_group(g) for g in range(metadata.num_row_groups)]

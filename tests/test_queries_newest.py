@@ -21,7 +21,7 @@ from lake.tables import EVENTS, open_table
 from lake.testing import START_MS, append, enriched_frame
 from pipeline.schema import HOUR_MS, UTC_MS
 from pipeline.settings import QuerySettings
-from queries import campaigns, event_sums, events, row_groups
+from queries import campaigns, event_sums, events, ordered, row_groups
 from queries.lake import Lake
 
 #: The hour boundaries of the lake: A (clustered), B (compacted, not clustered), C (as written).
@@ -304,3 +304,28 @@ def test_a_group_of_one_campaign_is_summed_without_its_campaign_ids(tmp_path: Pa
                 expected += [int(cost[mine].sum()), int(3 * cost[mine].sum())]
                 got = kept.between((minute + lo) * 1000, (minute + hi) * 1000)
                 assert got == (expected if len(mine) else None), (name, g.index, lo, hi)
+
+
+def test_rows_already_in_order_are_recognised_and_others_sorted() -> None:
+    """A clustered group (in (campaign_id, event_time, event_id) order, ties included) keeps
+    its order without a sort; rows out of order in any key, or with a null key, are sorted."""
+    t0 = 1_796_000_040_000_000
+    table = pa.table(
+        {
+            "event_id": ["b", "c", "a", "d", "a", "b"],
+            "event_time": pa.array([t0, t0, t0 + 1, t0 + 1, t0, t0], pa.timestamp("us", "UTC")),
+            "campaign_id": ["x", "x", "x", "x", "y", "y"],
+        }
+    )
+    times = np.asarray(table.column("event_time").cast(pa.int64()).to_numpy())
+    assert ordered._in_order(table, times)
+    assert ordered._in_order(table.slice(0, 1), times[:1])
+    swapped_ids = table.set_column(0, "event_id", pa.array(["c", "b", "a", "d", "a", "b"]))
+    swapped_times = table.set_column(
+        1, "event_time", table.column("event_time").take([2, 1, 0, 3, 4, 5])
+    )
+    swapped_campaigns = table.set_column(2, "campaign_id", pa.array(["y", "y", "y", "y", "x", "x"]))
+    with_null = table.set_column(2, "campaign_id", pa.array(["x", "x", "x", "x", "y", None]))
+    for rows in (swapped_ids, swapped_times, swapped_campaigns, with_null):
+        stamps = np.asarray(rows.column("event_time").cast(pa.int64()).to_numpy())
+        assert not ordered._in_order(rows, stamps)
