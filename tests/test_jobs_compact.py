@@ -33,6 +33,9 @@ NOW = datetime.fromtimestamp(NOW_MS / 1000, UTC)
 #: The open hour, and the one that started two hours ago: closed.
 OPEN_MS = NOW_MS - NOW_MS % HOUR_MS
 BASE_MS = OPEN_MS - 2 * HOUR_MS
+#: A time in the open hour whose batches (a minute of spread) stay in it: from NOW, a module
+#: imported in an hour's last minute spilled a concurrent commit into the next hour on CI.
+IN_OPEN_MS = OPEN_MS + 1_000
 CFG = JobSettings(compact_min_age=0)
 
 
@@ -97,9 +100,8 @@ def test_commits_during_compaction_are_kept_and_files_drop(
         nonlocal rows
         steps.append(step)
         n = 7
-        commit_batches(
-            location, [random_batch(rng, batch=900 + len(steps), rows=n, time_ms=NOW_MS)], at=NOW
-        )
+        batch = random_batch(rng, batch=900 + len(steps), rows=n, time_ms=IN_OPEN_MS)
+        commit_batches(location, [batch], at=NOW)
         rows += n
 
     report = compact(layout, location, CFG, now=NOW, durable=False, on_step=concurrent_commit)
@@ -135,7 +137,7 @@ def test_appends_from_a_thread_during_runs_keep_exact_counts(
             b = 0
             while not stop.is_set() or b < 10:
                 n = local.randrange(1, 20)
-                batch = random_batch(local, batch=5000 + b, rows=n, time_ms=NOW_MS - 500)
+                batch = random_batch(local, batch=5000 + b, rows=n, time_ms=IN_OPEN_MS)
                 commit_batches(location, [batch], at=NOW)
                 added[0] += n
                 b += 1
