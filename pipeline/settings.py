@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -114,6 +114,16 @@ def _bool(text: str) -> bool:
 def _setting(default: Any, parse: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
     """A setting field; a ``secret`` one is left out of the repr (and so of every log line)."""
     return field(default=default, repr=not secret, metadata={"parse": parse, "help": help})
+
+
+#: A settings class (a frozen dataclass of setting fields).
+S = TypeVar("S")
+
+
+def _from_env(cls: type[S], env: Mapping[str, str] | None, overrides: Mapping[str, Any]) -> S:
+    """Settings class ``cls`` read from ``env`` (default: the process environment), then
+    ``overrides`` (CLI flags; None means not given)."""
+    return cls(**_read_fields(cls, os.environ if env is None else env, overrides))
 
 
 def _read_fields(cls: type, env: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -348,7 +358,7 @@ class JobSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> JobSettings:
         """Read the environment, then apply overrides (CLI flags; None means not given)."""
-        settings = cls(**_read_fields(cls, os.environ if env is None else env, overrides))
+        settings = _from_env(cls, env, overrides)
         settings.check()
         return settings
 
@@ -433,7 +443,7 @@ class IngestSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> IngestSettings:
         """Read the environment, then apply overrides (None means not given)."""
-        return cls(**_read_fields(cls, os.environ if env is None else env, overrides))
+        return _from_env(cls, env, overrides)
 
     def replace(self, **changes: Any) -> IngestSettings:
         return dataclasses.replace(self, **changes)
@@ -473,7 +483,7 @@ class QuerySettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> QuerySettings:
         """Read the environment, then apply overrides (None means not given)."""
-        return cls(**_read_fields(cls, os.environ if env is None else env, overrides))
+        return _from_env(cls, env, overrides)
 
 
 def _kafka_properties(text: str) -> tuple[tuple[str, str], ...]:
@@ -534,7 +544,7 @@ class KafkaSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> KafkaSettings:
         """Read the environment, then apply overrides (None means not given)."""
-        return cls(**_read_fields(cls, os.environ if env is None else env, overrides))
+        return _from_env(cls, env, overrides)
 
     def replace(self, **changes: Any) -> KafkaSettings:
         return dataclasses.replace(self, **changes)

@@ -765,7 +765,9 @@ class Lake:
             known = self._latest.get(name)
             if known is not None and known.version == table.version():
                 return known
-            files = self._files.get(name) or self._files.setdefault(name, _Files(self._tail))
+            files = self._files.get(name)
+            if files is None:
+                files = self._files[name] = _Files(self._tail)
             state = self._state(spec, table, files)
             self._latest[name] = state
             return state
