@@ -293,8 +293,9 @@ class _Files:
         self.large: frozenset[str] | None = None
         self.dataset: pads.Dataset | None = None
         self.fragments: FragmentCache | None = None
-        #: Arrow bytes per file byte of the small files read so far.
+        #: Arrow bytes per file byte of the small files read so far (a guess until one is).
         self.ratio = _FIRST_RATIO
+        self.learned = False
 
     def _kept(self, actions: pl.DataFrame) -> pl.DataFrame:
         """The small files to hold in memory: the newest, while their memory fits."""
@@ -310,6 +311,12 @@ class _Files:
             if used > self.tail_bytes:
                 break
             keep += 1
+        if keep == 0 and not self.learned and self.tail_bytes > 0:
+            # The guess alone must not decide: under a budget below 12x the newest file's
+            # size, nothing would ever be read, so the ratio would never be learned and a
+            # budget that holds many files would hold none. Read the newest once to learn it;
+            # the next sync keeps it only if it fits.
+            keep = 1
         return small.head(keep)
 
     def sync(
@@ -336,6 +343,7 @@ class _Files:
             file_bytes = int(missing["size_bytes"].sum())
             if file_bytes:
                 self.ratio = max(1.0, sum(t.nbytes for t in read.values()) / file_bytes)
+                self.learned = True
             self.small.update(read)
             self.nbytes.update((p, t.nbytes) for p, t in read.items())
         return self.dataset, dict(self.small), self.orders

@@ -252,9 +252,7 @@ def test_small_files_are_read_once_and_forgotten_when_compacted(tmp_path: Path) 
     assert set(compacted.small).isdisjoint(before)
 
 
-def test_small_files_in_memory_are_bounded_by_their_arrow_size(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_small_files_in_memory_are_bounded_by_their_arrow_size(tmp_path: Path) -> None:
     """Past QUERY_SMALL_FILES_BYTES of memory (Arrow bytes, far above the files' zstd bytes)
     the newest small files stay in memory and older ones are scanned from storage; answers stay
     exact."""
@@ -263,9 +261,10 @@ def test_small_files_in_memory_are_bounded_by_their_arrow_size(
     one_file = Lake(location).view("events").table("events").in_memory
     assert one_file is not None
     tail = int(one_file.nbytes * 3.5)
-    # A file's Arrow size is estimated from the files read before it: the bounded Lake reads
-    # the first one whatever the estimate, as a Lake with room for it would.
-    monkeypatch.setattr(queries_lake, "_FIRST_RATIO", 0.0)
+    # Before its first small file is read, a table's files are guessed at _FIRST_RATIO times
+    # their size, which this budget cannot hold: the newest is read anyway, to learn.
+    (file_bytes,) = Lake(location).view("events").table("events").actions["size_bytes"]
+    assert file_bytes * queries_lake._FIRST_RATIO > tail
     lake = Lake(location, memory=QuerySettings(query_small_files_bytes=tail))
     assert lake.view("events").table("events").in_memory is not None
     batches = [f"s{i}" for i in range(1, 7)]
@@ -280,6 +279,27 @@ def test_small_files_in_memory_are_bounded_by_their_arrow_size(
         "SELECT batch_id, count(*) FROM {events} GROUP BY batch_id ORDER BY batch_id"
     )
     assert answer == [(b, 200) for b in ["s0", *batches]]
+
+
+@pytest.mark.parametrize("budget", ["under one file", "none"])
+def test_a_budget_that_holds_no_file_keeps_none_and_answers_exactly(
+    tmp_path: Path, budget: str
+) -> None:
+    """Under one file's Arrow size, the newest file is read once (to learn the ratio) and let
+    go at the next version; QUERY_SMALL_FILES_BYTES=0 reads none into memory at all."""
+    location = local(tmp_path)
+    append(location, {"events": enriched_frame(200, seed=0, batch_id="s0")})
+    one_file = Lake(location).view("events").table("events").in_memory
+    assert one_file is not None
+    tail = one_file.nbytes // 2 if budget == "under one file" else 0
+    lake = Lake(location, memory=QuerySettings(query_small_files_bytes=tail))
+    first = lake.view("events").table("events")
+    assert len(first.small) == (1 if tail else 0)
+    for seed in (1, 2):
+        append(location, {"events": enriched_frame(200, seed=seed, batch_id=f"s{seed}")})
+        state = lake.view("events").table("events")
+        assert not state.small and len(state._fragments) == seed + 1
+    assert lake.view("events").query("SELECT count(*) FROM {events}") == [(600,)]
 
 
 def test_newest_is_exact_when_many_events_share_the_cut_time(tmp_path: Path) -> None:
