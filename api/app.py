@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from litestar import Litestar
@@ -53,10 +56,28 @@ def create_app(settings: Settings | None = None) -> Litestar:
             path="/docs",
             render_plugins=[swagger_plugin(), JsonRenderPlugin(path="/openapi.json")],
         ),
+        on_startup=[answer_on(settings.query.query_threads)],
         on_shutdown=[close],
         state=State({"settings": settings}),
         plugins=[IngestPlugin(settings)],
     )
+
+
+def answer_on(threads: int) -> Callable[[], None]:
+    """A startup hook: the sync handlers (every question) run on ``threads`` threads.
+
+    Litestar runs them on the event loop's default executor, which asyncio sizes by the CPU
+    count (6 threads on 2 cores). A question is CPU work under the GIL, so threads beyond the
+    cores only take turns: with 8 questions in flight, each takes about as long as all 8.
+    On 2 cores with 16 clients (README, "API threads"), 2 threads against 6 gave by_campaign
+    p99 137-148 ms against 204-285 and 30 % more requests a second; stats did not change.
+    """
+
+    def start() -> None:
+        executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adevents-query")
+        asyncio.get_running_loop().set_default_executor(executor)
+
+    return start
 
 
 _built: dict[str, Litestar] = {}

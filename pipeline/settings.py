@@ -458,8 +458,8 @@ class IngestSettings:
 
 @dataclass(frozen=True)
 class QuerySettings:
-    """Memory each API process (each ``serve --workers`` process) keeps to answer from: every
-    cache is bounded by one of these, never by the lake's size."""
+    """Memory each API process (each ``serve --workers`` process) keeps to answer from (every
+    cache is bounded by one of these, never by the lake's size), and the threads it answers on."""
 
     query_small_files_bytes: int = _setting(
         512 * 1024**2,
@@ -478,6 +478,13 @@ class QuerySettings:
         parse_size,
         "memory of a campaign's running totals within a minute, for stats whose until falls "
         "inside a compacted hour (0 = none kept)",
+    )
+
+    query_threads: int = _setting(
+        2,
+        _positive_int,
+        "threads each API process answers questions on; more only add GIL contention (a "
+        "question is CPU work), except where questions wait on storage (an S3 lake)",
     )
 
     @classmethod

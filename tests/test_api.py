@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,10 @@ from jobs.rollup import run_rollup
 from lake.location import LakeLocation
 from lake.testing import append, ledger_frame, quarantine_frame
 from pipeline.schema import Layout
-from pipeline.settings import Settings
+from pipeline.settings import QuerySettings, Settings
 from pipeline.tables import Alert
 from pipeline.testing import event_table
-from queries import campaigns
+from queries import campaigns, events
 from queries.testing import enriched, write_campaigns
 
 HOUR_MS = 3_600_000
@@ -153,6 +156,42 @@ def test_latest_events_newest_first(client: TestClient[Litestar]) -> None:
     }
     assert [e["event_id"] for e in ok(client, "/ad_events/latest")["events"]] == NEWEST
     assert len(ok(client, "/ad_events/latest?limit=1000")["events"]) == 8
+
+
+def test_questions_run_on_query_threads_threads_and_no_more(lake_settings: Settings) -> None:
+    """QUERY_THREADS bounds the threads the (sync) question handlers run on: with 3, three
+    questions are answered at once and a fourth waits for a thread, on adevents-query threads."""
+    settings = dataclasses.replace(lake_settings, query=QuerySettings(query_threads=3))
+    running: list[str] = []
+    changed = threading.Condition()
+    release = threading.Event()
+    real = events.count
+
+    def held(lake: Any) -> int:
+        with changed:
+            running.append(threading.current_thread().name)
+            changed.notify_all()
+        release.wait(timeout=60)
+        return real(lake)
+
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        TestClient(create_app(settings)) as client,
+        ThreadPoolExecutor(4) as callers,
+    ):
+        patch.setattr(events, "count", held)
+        answers = [callers.submit(client.get, "/ad_events/latest?limit=1") for _ in range(4)]
+        try:
+            with changed:
+                assert changed.wait_for(lambda: len(running) == 3, timeout=60)
+                # Not a race the fourth could win late: with a fourth thread it would be
+                # running within this second; with three it never is while they are held.
+                assert not changed.wait_for(lambda: len(running) > 3, timeout=1.0)
+        finally:
+            release.set()
+        assert [a.result(timeout=60).status_code for a in answers] == [200] * 4
+    assert len(running) == 4 and len(set(running)) == 3
+    assert all(name.startswith("adevents-query") for name in running)
 
 
 # -- /ad_events/by_campaign ----------------------------------------------------------------------
