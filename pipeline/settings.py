@@ -480,6 +480,12 @@ class QuerySettings:
         "inside a compacted hour (0 = none kept)",
     )
 
+    query_rollups_bytes: int = _setting(
+        64 * 1024**2,
+        parse_size,
+        "memory of rollup files' rows by campaign, for stats (0 = none kept: DuckDB reads them "
+        "for every question)",
+    )
     query_threads: int = _setting(
         2,
         _positive_int,

@@ -272,9 +272,27 @@ def _raw_files(view: View, campaign_id: str, runs: Sequence[Run]) -> tuple[list[
     return disk, [f for f in chosen if f in table.small]
 
 
+def _rollups_from_memory(
+    view: View, campaign_id: str, granularity: Granularity, p: Plan, sums: event_sums.Sums
+) -> bool:
+    """Add the plan's rollup parts to ``sums`` from the rollup files' rows kept in memory
+    (:mod:`queries.rollup_rows`), the same totals as ``_ROLLUP_PART`` sums; False, ``sums``
+    unchanged, when DuckDB must read them."""
+    width = BUCKET_MS[granularity]
+    rows = view.lake.rollup_rows
+    found: event_sums.Sums = {}
+    for table, runs in ((f"rollups_{granularity}", p.rollup), ("rollups_minute", p.minutes)):
+        if runs and not rows.add(found, _overlapping(view, table, runs), campaign_id, runs, width):
+            return False
+    for bucket, values in found.items():
+        event_sums.add(sums, bucket, values)
+    return True
+
+
 def read_plan(view: View, campaign_id: str, granularity: Granularity, p: Plan) -> list[Bucket]:
-    """The series a plan describes: rollups and events in memory read in one query, local
-    events files by their row groups (:mod:`queries.event_sums`), summed per bucket."""
+    """The series a plan describes, summed per bucket: rollups from their files' rows kept in
+    memory (:mod:`queries.rollup_rows`; else through DuckDB), local events files by their row
+    groups (:mod:`queries.event_sums`), events in memory or on S3 through DuckDB."""
     params: dict[str, object] = {"campaign_id": campaign_id, "granularity": granularity}
     templates = (_ROLLUP_PART, _RAW_PART)
     disk, others = _raw_files(view, campaign_id, p.raw)
@@ -287,6 +305,8 @@ def read_plan(view: View, campaign_id: str, granularity: Granularity, p: Plan) -
         sums = event_sums.from_row_groups(
             lake.row_groups, paths, campaign_id, p.raw, width, minutes=lake.minute_sums
         )
+    if _rollups_from_memory(view, campaign_id, granularity, p, sums):
+        p = Plan(raw=p.raw)  # what is left: events in memory or on S3, for DuckDB
     parts, files = _plan_parts(view, p, f"rollups_{granularity}", templates, params, events=others)
     if parts:
         sql = f"""

@@ -4,6 +4,7 @@ Delta lake filled by hand (``lake.testing.append``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import random
@@ -198,13 +199,27 @@ def test_series_matches_a_polars_aggregation(
     assert got == want
 
 
-def test_rollups_give_the_same_series(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rollups_bytes", [64 * 1024**2, 0, 2_000])
+def test_rollups_give_the_same_series(tmp_path: Path, rollups_bytes: int) -> None:
     """Stats from rollups equal stats from events, bucket for bucket and to the micro, while
     batches land that the rollup job has not seen (late ones too), after optimize rewrote the
-    events, and for ranges that end mid-minute."""
+    events, and for ranges that end mid-minute: with the rollup files' rows kept in memory
+    (replaced files read again), with none kept (DuckDB reads them), and with files too big
+    for the memory allowed (DuckDB reads those)."""
     settings = make_settings(tmp_path)
+    settings = dataclasses.replace(
+        settings, query=dataclasses.replace(settings.query, query_rollups_bytes=rollups_bytes)
+    )
     layout, location = Layout(settings.data_dir), LakeLocation.from_settings(settings)
     lake = lake_of(settings)
+    from_memory: list[bool] = []
+    rows_add = lake.rollup_rows.add
+
+    def add_spy(*args: Any, **kwargs: Any) -> bool:
+        from_memory.append(rows_add(*args, **kwargs))
+        return from_memory[-1]
+
+    lake.rollup_rows.add = add_spy  # type: ignore[method-assign]
     rng = random.Random(7)
     batches = random_batches(3, batches=10, size=60, prefix="s")
     plans: list[campaigns.Plan] = []
@@ -260,6 +275,14 @@ def test_rollups_give_the_same_series(tmp_path: Path) -> None:
         same_answers()
     assert any(p.rollup and p.raw for p in plans) and any(p.minutes for p in plans)
     assert any(p.minutes or p.rollup for p in top_plans)  # the leaderboard used rollups
+    if rollups_bytes == 0:
+        assert not any(from_memory)
+    elif rollups_bytes < 64 * 1024**2:
+        assert not all(from_memory) and any(from_memory)  # the smallest files fit
+    else:
+        assert from_memory and all(from_memory)
+        replaced = {key[0] for key in lake.rollup_rows._kept}
+        assert len(lake.rollup_rows._kept) > len(replaced)  # files the job replaced, read again
     # Right after a run, a range on whole buckets is all rollups.
     coverage = rollups.coverage(lake, lake.view("ledger", "events"))
     assert coverage is not None and coverage.dirty == ()

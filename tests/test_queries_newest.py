@@ -5,6 +5,7 @@ queries.event_sums), and the small files held in memory (queries.ordered)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,40 @@ def test_a_group_of_one_campaign_is_summed_without_its_campaign_ids(tmp_path: Pa
                 expected += [int(cost[mine].sum()), int(3 * cost[mine].sum())]
                 got = kept.between((minute + lo) * 1000, (minute + hi) * 1000)
                 assert got == (expected if len(mine) else None), (name, g.index, lo, hi)
+
+
+def test_a_clustered_files_groups_of_a_campaign_are_found_by_bisection(tmp_path: Path) -> None:
+    """In a file clustered by campaign, the groups that can hold a campaign are found by
+    bisection, the same as testing every group: campaigns within one group, across several,
+    at a boundary two groups share, absent between two, before the first and after the last;
+    and with the outer bounds unknown."""
+    names = [f"c{i:02d}" for i in range(0, 40, 2)]  # c00, c02, ... c38: odd ones are absent
+    sizes = np.random.default_rng(5).integers(1, 900, len(names))
+    campaign = [n for n, k in zip(names, sizes, strict=True) for _ in range(int(k))]
+    table = pa.table({"campaign_id": campaign, "event_time": pa.array(range(len(campaign)))})
+    path = str(tmp_path / "clustered.parquet")
+    pq.write_table(table, path, row_group_size=500)
+    groups = row_groups.RowGroups()
+    assert groups.clustered(path) and len(groups.groups(path)) > 5
+    footer = groups._footer(path)
+    asked = ["", "a", *names, *(f"c{i:02d}" for i in range(1, 41, 2)), "c38x", "z"]
+    for name in asked:
+        every = [g.index for g in footer.groups if g.may_hold(name, None, None)]
+        assert [g.index for _, g in groups.candidates(path, name, None, None)] == every, name
+        assert {g.index for g in footer.holding(name)} >= set(every), name
+    # The first group's min and the last group's max unknown: each then holds anything
+    # below (above) its neighbour.
+    first, *middle, last = footer.groups
+    outer = [
+        dataclasses.replace(first, min_campaign=None),
+        *middle,
+        dataclasses.replace(last, max_campaign=None),
+    ]
+    unknown = row_groups._Footer.of(footer.metadata, outer)
+    assert unknown.clustered
+    for name in asked:
+        every = [g.index for g in unknown.groups if g.may_hold(name, None, None)]
+        assert [g.index for g in unknown.holding(name) if g.may_hold(name, None, None)] == every
 
 
 def test_rows_already_in_order_are_recognised_and_others_sorted() -> None:

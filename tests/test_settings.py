@@ -489,14 +489,22 @@ def test_the_query_caches_memory_is_read_from_the_environment_and_reaches_the_la
         "QUERY_SMALL_FILES_BYTES": "0",
         "QUERY_ROW_GROUPS_BYTES": "1GiB",
         "QUERY_MINUTE_SUMS_BYTES": "8MiB",
+        "QUERY_ROLLUPS_BYTES": "1MiB",
         "QUERY_THREADS": "5",
     }
     settings = Settings.from_env(env, data_dir=str(tmp_path))
-    assert settings.query == QuerySettings(0, 1024**3, 8 * 1024**2, 5)
+    assert settings.query == QuerySettings(
+        query_small_files_bytes=0,
+        query_row_groups_bytes=1024**3,
+        query_minute_sums_bytes=8 * 1024**2,
+        query_rollups_bytes=1024**2,
+        query_threads=5,
+    )
     app = create_app(settings)  # the API's Lake is that one
     for lake in (Lake.from_settings(settings), app.dependencies["lake"].dependency()):
         assert lake.row_groups._decoded.maxsize == 1024**3
         assert lake.minute_sums._kept.maxsize == 8 * 1024**2
+        assert lake.rollup_rows._kept.maxsize == 1024**2
         assert lake._tail == 0
     with pytest.raises(SettingsError, match="QUERY_ROW_GROUPS_BYTES"):
         Settings.from_env({"QUERY_ROW_GROUPS_BYTES": "lots"})
