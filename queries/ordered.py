@@ -40,7 +40,8 @@ class Cursor:
     event_id: str
 
 
-def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
+def plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``column`` with its dictionary (if any) decoded into plain values."""
     if pa.types.is_dictionary(column.type):
         return column.cast(column.type.value_type)
     return column
@@ -80,7 +81,7 @@ class OrderedRows:
         self.table = table
         keys = pa.table(
             {
-                "campaign_id": _plain(table.column("campaign_id")),
+                "campaign_id": plain(table.column("campaign_id")),
                 "event_time": table.column("event_time"),
                 "event_id": table.column("event_id"),
             }
@@ -132,7 +133,7 @@ class OrderedRows:
 
     def _event_types(self) -> npt.NDArray[np.object_]:
         if self._types is None:
-            column = _plain(self.table.column("event_type")).take(pa.array(self.order))
+            column = plain(self.table.column("event_type")).take(pa.array(self.order))
             self._types = np.array(column.to_pylist(), dtype=object)
         return self._types
 
@@ -195,7 +196,7 @@ class OrderedRows:
                 micros = stamps.cast(pa.int64()).to_numpy()
                 columns.append((micros // 1000).tolist())
             else:
-                columns.append(_plain(taken.column(name)).to_pylist())
+                columns.append(plain(taken.column(name)).to_pylist())
         return list(zip(*columns, strict=True))
 
 
