@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from cachetools import LRUCache
 
 from pipeline.settings import QuerySettings
+from queries.event_sums import Sums, add
 
 #: Bytes of rollup rows a RollupRows keeps by default (QUERY_ROLLUPS_BYTES; a Lake passes its
 #: setting).
@@ -37,8 +38,6 @@ CACHE_BYTES: Final = QuerySettings.query_rollups_bytes
 #: The summed columns, in the order of a total's five fields.
 VALUES: Final = ("impressions", "clicks", "conversions", "spend_micros", "revenue_micros")
 
-#: A bucket's start (epoch ms) -> [impressions, clicks, conversions, spend, revenue].
-Sums = dict[int, list[int]]
 Run = tuple[int, int]
 
 
@@ -146,7 +145,5 @@ class RollupRows:
             starts = buckets[chosen] - buckets[chosen] % width
             values = known.values[span[0] : span[1]][chosen]
             for bucket, row in zip(starts.tolist(), values.tolist(), strict=True):
-                total = out.setdefault(bucket, [0, 0, 0, 0, 0])
-                for k in range(5):
-                    total[k] += row[k]
+                add(out, bucket, row)
         return True

@@ -23,7 +23,7 @@ from lake import maintenance
 from lake.location import LakeLocation
 from lake.tables import EVENTS, LEDGER, open_table
 from lake.testing import append, cluster_every_hour, ledger_frame
-from pipeline.schema import Layout
+from pipeline.schema import ROLLUP_SCHEMA, Layout
 from pipeline.settings import Settings
 from pipeline.spool import atomic_write_bytes
 from pipeline.tables import Alert
@@ -31,6 +31,7 @@ from pipeline.testing import event_table
 from queries import campaigns, command, events, ops, rollups
 from queries.campaigns import Bucket, RawEventsSource, RollupSource, Totals
 from queries.lake import Lake, View
+from queries.rollup_rows import RollupRows
 from queries.testing import enriched
 
 HOUR_MS = 3_600_000
@@ -509,3 +510,42 @@ def test_range_plans_read_exactly_the_range() -> None:
     p = campaigns.range_plan(d0 + 30_250, d0 + 2 * HOUR_MS + 90_500, clean)
     assert p.rollup == ((d0 + HOUR_MS, d0 + 2 * HOUR_MS),)
     assert campaigns.range_plan(d0, d0 + 500, None) == campaigns.Plan(raw=((d0, d0 + 500),))
+
+
+def test_rollup_rows_sum_a_campaigns_buckets_and_see_a_replaced_file(tmp_path: Path) -> None:
+    """A rollup file's rows, summed for one campaign within runs into coarser buckets; the file
+    replaced by rename (as the rollup job writes) is read again; one gone since it was listed
+    is left to DuckDB, with nothing added."""
+    path = tmp_path / "rollup.parquet"
+
+    def write(rows: list[tuple[str, int, int]]) -> None:
+        frame = pl.DataFrame(
+            {
+                "campaign_id": [c for c, _, _ in rows],
+                "bucket": [b for _, b, _ in rows],
+                "impressions": [n for _, _, n in rows],
+                "clicks": [1] * len(rows),
+                "conversions": [0] * len(rows),
+                "spend_micros": [10 * n for _, _, n in rows],
+                "revenue_micros": [0] * len(rows),
+                "unique_users": [1] * len(rows),
+            }
+        ).with_columns(pl.col("bucket").cast(pl.Datetime("ms", "UTC")))
+        frame.cast(ROLLUP_SCHEMA).write_parquet(tmp_path / "next.parquet")
+        (tmp_path / "next.parquet").replace(path)
+
+    minute = 60_000
+    write([("b", 2 * minute, 5), ("a", 3 * minute, 2), ("a", minute, 1), ("a", 62 * minute, 4)])
+    rows = RollupRows()
+    out: dict[int, list[int]] = {}
+    runs = [(0, 2 * minute), (3 * minute, 70 * minute)]  # minute 2 is left out
+    assert rows.add(out, [str(path)], "a", runs, HOUR_MS)
+    assert out == {0: [3, 2, 0, 30, 0], HOUR_MS: [4, 1, 0, 40, 0]}
+    write([("a", minute, 7)])
+    out = {}
+    assert rows.add(out, [str(path)], "a", runs, minute)
+    assert out == {minute: [7, 1, 0, 70, 0]}
+    out = {}
+    assert not rows.add(out, [str(path), str(tmp_path / "gone.parquet")], "a", runs, minute)
+    assert out == {}
+    assert not RollupRows(0).add(out, [str(path)], "a", runs, minute)  # none kept: DuckDB
