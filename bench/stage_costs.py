@@ -98,7 +98,9 @@ def _group(
 ) -> None:
     """One commit group's steps, as ``pipeline.decide`` and ``lake.writer`` run them."""
     costs.run("ceiling: IPC → Parquet", lambda: _ceiling(tables))
-    normalised = costs.run("normalise", lambda: [normalize(t)[0] for t in tables])
+    normalised = costs.run(
+        "normalise", lambda: [normalize(t, dictionaries=True)[0] for t in tables]
+    )
     readable = _readable(normalised)
     valid = costs.run(
         "validate (eight rules, lateness)", lambda: decide._split(readable, now, None, WINDOW_MS)

@@ -160,7 +160,9 @@ class MemoryLakeWriter:
             # per partition).
             framed = with_partition_columns(spec, frames[name])
             files = framed.select(spec.partition_by).n_unique() if framed.height else 0
-            self._frames[name].append(framed.select(spec.columns.names))
+            # As a reader of the files sees them: categoricals are strings there.
+            stored = framed.select(spec.columns.names)
+            self._frames[name].append(stored.with_columns(pl.col(pl.Categorical).cast(pl.String)))
             if name == EVENTS.name:
                 self._added.append(int(time.time() * 1000))
             for app, version in txns.items():

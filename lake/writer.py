@@ -54,6 +54,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -147,27 +148,37 @@ def _packed_order(spec: TableSpec, framed: pl.DataFrame, every: str) -> pl.Serie
     if len(spec.sort_keys) != 2 or spec.sort_keys[1] != spec.partition_time or not framed.height:
         return None
     text, times = framed[spec.sort_keys[0]], framed[spec.sort_keys[1]]
-    if text.dtype != pl.String or not isinstance(times.dtype, pl.Datetime) or text.null_count():
+    textual = text.dtype in (pl.String, pl.Categorical)
+    if not textual or not isinstance(times.dtype, pl.Datetime) or text.null_count():
         return None
     unit = times.dtype.time_unit or "us"
     bucket_len = (3_600 if every == "1h" else 86_400) * _PER_SECOND[unit]
     bucket = framed[_BUCKET].dt.epoch(unit).to_numpy()
     first = int(bucket.min())
-    distinct = text.unique().sort()
+    ranks = _text_ranks(text)
     time_bits = bucket_len.bit_length()
-    code_bits = (len(distinct) - 1).bit_length()
+    code_bits = int(ranks.max()).bit_length()
     offset_bits = ((int(bucket.max()) - first) // bucket_len).bit_length()
     if time_bits + code_bits + offset_bits > 64:
         return None
-    rank = pl.int_range(len(distinct), eager=True, dtype=pl.UInt64)
-    key = text.replace_strict(distinct, rank, return_dtype=pl.UInt64).to_numpy() << np.uint64(
-        time_bits
-    )
+    key = ranks << np.uint64(time_bits)
     key |= (times.dt.epoch(unit).to_numpy() - bucket).astype(np.uint64)
     if offset_bits:
         offset = ((bucket - first) // bucket_len).astype(np.uint64)
         key |= offset << np.uint64(time_bits + code_bits)
     return pl.Series(key).arg_sort()
+
+
+def _text_ranks(text: pl.Series) -> npt.NDArray[np.uint64]:
+    """Each row's rank, in byte order, among the distinct values of ``text`` (no nulls). A
+    categorical is ranked by its codes, never decoded: only its few distinct values are."""
+    distinct = text.unique()
+    order = distinct.cast(pl.String).arg_sort()
+    rank = pl.Series(np.empty(len(distinct), np.uint64))
+    rank[order] = pl.int_range(len(distinct), eager=True, dtype=pl.UInt64)
+    if text.dtype == pl.Categorical:
+        text, distinct = text.to_physical(), distinct.to_physical()
+    return text.replace_strict(distinct, rank, return_dtype=pl.UInt64).to_numpy()
 
 
 def with_partition_columns(spec: TableSpec, frame: pl.DataFrame) -> pl.DataFrame:

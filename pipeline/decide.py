@@ -22,7 +22,7 @@ from pipeline.fingerprint import Keys, compute_keys
 from pipeline.groups import GroupFile
 from pipeline.keycache import POSITION_BITS, Mask, Positions
 from pipeline.normalize import SchemaMismatchError, normalize
-from pipeline.schema import ENRICHED_SCHEMA, QUARANTINE_SCHEMA, LedgerRow
+from pipeline.schema import ENRICHED_SCHEMA, IN_FLIGHT_SCHEMA, QUARANTINE_SCHEMA, LedgerRow
 from pipeline.spool import REJECTED_SUFFIX, PoisonInputError, display_name
 from pipeline.validate import late_expr, reason_expr
 
@@ -56,7 +56,7 @@ class FileOutcome:
     """What one file contributes to its group's commits."""
 
     file: GroupFile
-    events: pl.DataFrame  # ENRICHED_SCHEMA
+    events: pl.DataFrame  # IN_FLIGHT_SCHEMA (ENRICHED_SCHEMA when empty)
     quarantine: pl.DataFrame  # QUARANTINE_SCHEMA
     ledger: LedgerRow  # without the commit's own columns (set when the ledger commits)
     poison: PoisonInputError | None = None
@@ -158,7 +158,7 @@ class _Readable:
 def _normalised(inp: FileInput, index: int) -> _Readable | FileOutcome:
     assert inp.table is not None
     try:
-        table, ignored = normalize(inp.table)
+        table, ignored = normalize(inp.table, dictionaries=True)
     except SchemaMismatchError as exc:
         return _poisoned(inp, PoisonInputError("schema_mismatch", str(exc)), inp.table.num_rows)
     ledger = LedgerRow(
@@ -230,7 +230,11 @@ def _split(
     frame = frame.with_columns(
         pl.Series(_FILE, files, pl.Int32), pl.Series(_POSITION, _positions(readable), pl.Int64)
     )
-    tagged = frame.with_columns(reason_expr(now_ms=_ms(now) or 0, watermark_ms=None, window_ms=0))
+    categorical = [n for n, t in frame.schema.items() if t == pl.Categorical]
+    reason = reason_expr(
+        now_ms=_ms(now) or 0, watermark_ms=None, window_ms=0, categorical=categorical
+    )
+    tagged = frame.with_columns(reason)
     marks = _watermarks(tagged, readable, watermark_ms)
     if any(mark is not None for mark in marks.values()):
         late = late_expr(_by_file(readable, lambda r: marks[r.index], pl.Int64()), window_ms)
@@ -357,8 +361,10 @@ def _enrich(
     kept: pl.DataFrame, readable: Sequence[_Readable], campaigns: pl.DataFrame, now: datetime
 ) -> None:
     """Each input's kept rows, enriched, and its ledger's counts."""
-    batch_id = _by_file(readable, lambda r: r.inp.file.batch_id, pl.String())
-    events, _unknown = enrich(kept, campaigns, batch_id=batch_id, ingested_at=now, keep=[_FILE])
+    batch_id = _by_file(readable, lambda r: r.inp.file.batch_id, pl.Categorical())
+    events, _unknown = enrich(
+        kept, campaigns, batch_id=batch_id, ingested_at=now, keep=[_FILE], schema=IN_FLIGHT_SCHEMA
+    )
     stats = {
         index: (n, unknown, low, high)
         for index, n, unknown, low, high in events.group_by(_FILE)

@@ -55,16 +55,21 @@ def enrich(
     batch_id: str | pl.Expr,
     ingested_at: datetime,
     keep: Sequence[str] = (),
+    schema: pl.Schema = ENRICHED_SCHEMA,
 ) -> tuple[pl.DataFrame, int]:
     """Add advertiser_id, campaign_name, ingested_at and batch_id (a value, or an expression
     over ``events`` for rows of several batches); count unknown campaigns. The result has
-    ENRICHED_SCHEMA's columns, then ``keep``'s."""
-    dim = campaigns.select(CAMPAIGN_COLUMNS)
+    ``schema``'s columns and types (ENRICHED_SCHEMA's names), then ``keep``'s."""
+    # The dimension in the events' and the result's types: a join needs its keys' types equal,
+    # and a categorical events column then gathers codes, never strings.
+    types = pl.Schema({c: schema[c] for c in CAMPAIGN_COLUMNS})
+    types["campaign_id"] = events.schema["campaign_id"]
+    dim = campaigns.select(CAMPAIGN_COLUMNS).cast(types)
     joined = events.join(dim, on="campaign_id", how="left", maintain_order="left")
     unknown = int(joined["advertiser_id"].is_null().sum()) if len(joined) else 0
     stamped = joined.with_columns(
         ingested_at=pl.lit(ingested_at.astimezone(UTC)).cast(ENRICHED_SCHEMA["ingested_at"]),
         batch_id=batch_id if isinstance(batch_id, pl.Expr) else pl.lit(batch_id, pl.String),
     )
-    enriched = stamped.select(ENRICHED_SCHEMA.names()).cast(ENRICHED_SCHEMA)
+    enriched = stamped.select(schema.names()).cast(schema)
     return enriched.hstack(stamped.select(keep).get_columns()) if keep else enriched, unknown

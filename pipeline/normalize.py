@@ -5,7 +5,16 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.schema import EVENT_SCHEMA, MONEY_COLUMNS, OPTIONAL_COLUMNS, TIME_COLUMN
+from pipeline.schema import (
+    EVENT_SCHEMA,
+    LOW_CARDINALITY_COLUMNS,
+    MONEY_COLUMNS,
+    OPTIONAL_COLUMNS,
+    TIME_COLUMN,
+)
+
+#: The type of a low-cardinality column normalised with ``dictionaries=True``.
+DICTIONARY: pa.DictionaryType = pa.dictionary(pa.int32(), pa.string())
 
 
 class SchemaMismatchError(ValueError):
@@ -33,6 +42,19 @@ def _to_string(col: pa.ChunkedArray) -> pa.ChunkedArray:
         ]
         col = pa.chunked_array(chunks, as_string)
     return col.cast(pa.string())
+
+
+def _to_dictionary(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A string-like column as DICTIONARY: a dictionary is re-typed, never decoded (its
+    indices and values are cast: a few dozen values, not a row each); plain strings are
+    encoded, the hashing the Parquet writer would otherwise do."""
+    if not pa.types.is_dictionary(col.type):
+        return pc.dictionary_encode(_to_string(col)).cast(DICTIONARY)
+    chunks = [
+        pa.DictionaryArray.from_arrays(c.indices.cast(pa.int32()), c.dictionary.cast(pa.string()))
+        for c in col.chunks
+    ]
+    return pa.chunked_array(chunks, DICTIONARY)
 
 
 def _to_int64(name: str, col: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -72,8 +94,10 @@ def _to_event_time(col: pa.ChunkedArray) -> pa.ChunkedArray:
         raise SchemaMismatchError(f"column 'event_time' holds values out of range: {exc}") from None
 
 
-def normalize(table: pa.Table) -> tuple[pa.Table, list[str]]:
-    """Return the table in exactly EVENT_SCHEMA (nullable) and the names of ignored columns."""
+def normalize(table: pa.Table, *, dictionaries: bool = False) -> tuple[pa.Table, list[str]]:
+    """Return the table in exactly EVENT_SCHEMA (nullable) and the names of ignored columns;
+    with ``dictionaries``, LOW_CARDINALITY_COLUMNS are DICTIONARY instead of strings (what
+    the consumer's frames hold: ``pipeline.schema.IN_FLIGHT_SCHEMA``)."""
     names = table.column_names
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -83,13 +107,17 @@ def normalize(table: pa.Table) -> tuple[pa.Table, list[str]]:
     ]
     if missing:
         raise SchemaMismatchError(f"required column(s) {missing} are missing; the file has {names}")
+    encoded = set(LOW_CARDINALITY_COLUMNS) if dictionaries else set()
     arrays: list[pa.ChunkedArray] = []
     for f in EVENT_SCHEMA:
         if f.name not in names:
-            arrays.append(pa.chunked_array([pa.nulls(table.num_rows, f.type)], f.type))
+            kind = DICTIONARY if f.name in encoded else f.type
+            arrays.append(pa.chunked_array([pa.nulls(table.num_rows, kind)], kind))
             continue
         col = table.column(f.name)
-        if f.name == TIME_COLUMN:
+        if f.name in encoded and _is_stringlike(col.type):
+            arrays.append(_to_dictionary(col))
+        elif f.name == TIME_COLUMN:
             arrays.append(_to_event_time(col))
         elif f.name in MONEY_COLUMNS:
             arrays.append(_to_int64(f.name, col))
@@ -100,6 +128,8 @@ def normalize(table: pa.Table) -> tuple[pa.Table, list[str]]:
                 f"column {f.name!r} has type {col.type}, but it must be a string "
                 "(string, large_string, string_view or dictionary of strings)"
             )
-    schema = pa.schema([pa.field(f.name, f.type) for f in EVENT_SCHEMA])
+    schema = pa.schema(
+        [pa.field(f.name, DICTIONARY if f.name in encoded else f.type) for f in EVENT_SCHEMA]
+    )
     ignored = [n for n in names if n not in schema.names]
     return pa.Table.from_arrays(arrays, schema=schema), ignored

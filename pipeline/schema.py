@@ -105,6 +105,22 @@ ENRICHED_SCHEMA: Final = pl.Schema(
         "batch_id": pl.String(),
     }
 )
+#: Columns of an accepted event with few distinct values in a group: the event's own
+#: low-cardinality columns, then what enrichment adds per campaign and per file.
+CATEGORICAL_COLUMNS: Final = (
+    *LOW_CARDINALITY_COLUMNS,
+    "advertiser_id",
+    "campaign_name",
+    "batch_id",
+)
+#: The consumer's accepted events between the spool file and the Parquet writer:
+#: ENRICHED_SCHEMA with CATEGORICAL_COLUMNS as Polars categoricals. They arrive as Arrow
+#: dictionaries and leave as Parquet dictionary pages, so the consumer never decodes them
+#: into strings: the sort gathers 4-byte codes, and the writer hashes no string again
+#: (``bench/stage_costs.py``). Readers of the lake see strings, its Delta schema's type.
+IN_FLIGHT_SCHEMA: Final = pl.Schema(
+    {n: pl.Categorical() if n in CATEGORICAL_COLUMNS else t for n, t in ENRICHED_SCHEMA.items()}
+)
 #: Stored quarantine rows: the event's values as received, then why and where from.
 QUARANTINE_SCHEMA: Final = pl.Schema(
     {

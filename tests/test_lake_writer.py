@@ -23,6 +23,7 @@ import polars as pl
 import pyarrow.fs as pafs
 import pytest
 from deltalake import DeltaTable
+from polars.testing import assert_frame_equal
 from s3_server import S3Server
 
 from lake import maintenance, snapshot
@@ -55,7 +56,7 @@ from lake.writer import (
     prepare,
     write_files,
 )
-from pipeline.schema import HOUR_MS
+from pipeline.schema import CATEGORICAL_COLUMNS, HOUR_MS, IN_FLIGHT_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120.0
@@ -591,21 +592,50 @@ def test_tables_checkpoint_every_ten_commits_also_when_created_by_an_older_versi
         assert count(location) == 10 * version
 
 
+@pytest.mark.parametrize("text", [pl.String(), pl.Categorical()], ids=["string", "categorical"])
 @pytest.mark.parametrize("unit", ["ms", "us"])
-def test_prepare_orders_rows_as_the_sort_on_three_keys(unit: str) -> None:
+def test_prepare_orders_rows_as_the_sort_on_three_keys(unit: str, text: pl.DataType) -> None:
     """The packed sort key (bucket offset, campaign rank, time in the bucket) orders the events
     exactly as sorting by (hour, campaign_id, event_time) does, across hours and days, with
-    campaign ids whose order as text differs from any numbering (the prefix "c1" < "c10" < "c2")."""
+    campaign ids whose order as text differs from any numbering (the prefix "c1" < "c10" < "c2")
+    and, held as a categorical (as the consumer holds them), from their codes' order: codes
+    follow the order of first appearance, "c0", "c1", "c2", ..., "c10"."""
     frame = enriched_frame(5_000, seed=7).with_columns(
         campaign_id=pl.format("c{}", pl.int_range(pl.len()) % 23),
         event_time=(
             pl.col("event_time") + pl.duration(minutes=(pl.int_range(pl.len()) * 37) % 3_000)
         ).dt.cast_time_unit(unit),  # type: ignore[arg-type]
     )
-    got = prepare(EVENTS, frame)
+    got = prepare(EVENTS, frame.with_columns(pl.col("campaign_id").cast(text)))
+    assert got.schema["campaign_id"] == text
+    got = got.with_columns(pl.col("campaign_id").cast(pl.String))
     keys = [_BUCKET, "campaign_id", "event_time"]
     want = frame.with_columns(pl.col("event_time").dt.truncate("1h").alias(_BUCKET)).sort(keys)
     assert got.select(keys).equals(want.select(keys))
     assert got.sort("event_id").equals(want.select(got.columns).sort("event_id"))
     assert got[_BUCKET].n_unique() > 24  # several hours, over more than a day
-    assert _packed_order(EVENTS, want.select(got.columns), "1h") is not None  # not the fallback
+    held = want.select(got.columns).with_columns(pl.col("campaign_id").cast(text))
+    assert _packed_order(EVENTS, held, "1h") is not None  # not the fallback
+
+
+def test_categorical_columns_land_as_the_strings_of_the_tables_schema(
+    location: LakeLocation,
+) -> None:
+    """The consumer holds its low-cardinality columns as categoricals (IN_FLIGHT_SCHEMA), so
+    its files hold them as dictionary pages without a string decoded. Readers see the table's
+    strings and the same rows, and the log gets the same statistics, as for the frame held
+    in strings."""
+    strings = enriched_frame(3_000, seed=5, start_ms=START_MS, span_ms=2 * HOUR_MS)
+    held = strings.cast(IN_FLIGHT_SCHEMA)
+    assert {n for n, t in held.schema.items() if t == pl.Categorical} == set(CATEGORICAL_COLUMNS)
+    as_strings = write_files(location, EVENTS, strings, version=1)
+    as_codes = write_files(location, EVENTS, held, version=2)
+    assert [a.stats for a in as_codes.actions] == [a.stats for a in as_strings.actions]
+    assert len(as_codes.actions) == 2  # one file an hour
+    commit_files(ensure_table(location, EVENTS), EVENTS, as_codes, {"codes": 2})
+    con = duckdb.connect()
+    snapshot.register(con, snapshot.snapshot(location))
+    types = dict(con.sql("SELECT column_name, column_type FROM (DESCRIBE events)").fetchall())
+    assert {types[c] for c in CATEGORICAL_COLUMNS} == {"VARCHAR"}
+    read = con.sql("SELECT * EXCLUDE (date, hour) FROM events").pl()
+    assert_frame_equal(read.cast(strings.schema).sort("event_id"), strings.sort("event_id"))

@@ -12,10 +12,11 @@ import pyarrow as pa
 import pytest
 from pyarrow import ipc
 
-from pipeline.normalize import SchemaMismatchError, normalize
+from pipeline.normalize import DICTIONARY, SchemaMismatchError, normalize
 from pipeline.schema import (
     EVENT_COLUMNS,
     EVENT_SCHEMA,
+    LOW_CARDINALITY_COLUMNS,
     MONEY_COLUMNS,
     OPTIONAL_COLUMNS,
     POLARS_EVENT_SCHEMA,
@@ -27,6 +28,13 @@ from pipeline.validate import split_valid
 
 #: The contract's schema with every field nullable: what normalize() returns.
 NULLABLE_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in EVENT_SCHEMA])
+#: What normalize(..., dictionaries=True) returns: the low-cardinality columns as DICTIONARY.
+DICTIONARY_SCHEMA = pa.schema(
+    [
+        pa.field(f.name, DICTIONARY if f.name in LOW_CARDINALITY_COLUMNS else f.type)
+        for f in EVENT_SCHEMA
+    ]
+)
 T0 = datetime(2026, 11, 27, 9, 30, 0, 123_000, tzinfo=UTC)
 T0_MS = 1_795_771_800_123
 INT64_MAX = 2**63 - 1
@@ -185,6 +193,43 @@ def test_null_typed_string_column_becomes_null_strings(
     out, _ = normalize(make_table(**{name: pa.nulls(3)}))
     assert out.schema.field(name).type == pa.string()
     assert _column(out, name) == [None, None, None]
+
+
+@pytest.mark.parametrize("name", LOW_CARDINALITY_COLUMNS)
+@pytest.mark.parametrize("arrow_type", STRING_TYPES.values(), ids=STRING_TYPES.keys())
+def test_with_dictionaries_low_cardinality_columns_become_dictionaries(
+    make_table: Callable[..., pa.Table], name: str, arrow_type: pa.DataType
+) -> None:
+    values = _values()[name]
+    out, _ = normalize(make_table(**{name: _strings(values, arrow_type)}), dictionaries=True)
+    assert out.schema == DICTIONARY_SCHEMA
+    assert _column(out, name) == values
+    frame = pl.from_arrow(out)
+    assert isinstance(frame, pl.DataFrame)
+    assert frame.schema[name] == pl.Categorical
+    assert frame.schema["event_id"] == pl.String
+
+
+def test_with_dictionaries_a_dictionary_is_kept_not_decoded(
+    make_table: Callable[..., pa.Table],
+) -> None:
+    # An entry no row uses stays in the dictionary: it was re-typed, not decoded and encoded.
+    indices = pa.array([0, 2, 0], pa.int8())
+    column = pa.DictionaryArray.from_arrays(indices, pa.array(["c-1", "unused", "c-2"]))
+    out, _ = normalize(make_table(campaign_id=column), dictionaries=True)
+    chunk = out.column("campaign_id").chunk(0)
+    assert chunk.dictionary.to_pylist() == ["c-1", "unused", "c-2"]
+    assert chunk.indices.to_pylist() == [0, 2, 0]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONAL_COLUMNS & set(LOW_CARDINALITY_COLUMNS)))
+def test_with_dictionaries_missing_or_null_typed_columns_are_null_dictionaries(
+    make_table: Callable[..., pa.Table], name: str
+) -> None:
+    for table in (make_table(**{name: None}), make_table(**{name: pa.nulls(3)})):
+        out, _ = normalize(table, dictionaries=True)
+        assert out.schema == DICTIONARY_SCHEMA
+        assert _column(out, name) == [None, None, None]
 
 
 def test_string_values_are_not_trimmed_or_recased(make_table: Callable[..., pa.Table]) -> None:

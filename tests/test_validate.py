@@ -13,6 +13,7 @@ from pipeline.schema import (
     DEVICE_TYPES,
     EVENT_TYPES,
     ID_COLUMNS,
+    LOW_CARDINALITY_COLUMNS,
     MAX_FUTURE_MS,
     MAX_ID_BYTES,
     MONEY_COLUMNS,
@@ -64,8 +65,19 @@ def _reasons(
     watermark_ms: int | None = None,
     window_ms: int = HOUR_MS,
 ) -> list[str | None]:
+    """Each row's reason, the same whether its low-cardinality columns are strings or, as the
+    consumer holds them, categoricals (every test here checks both)."""
     expr = reason_expr(now_ms=now_ms, watermark_ms=watermark_ms, window_ms=window_ms)
-    return list(_frame(rows).select(expr).to_series().to_list())
+    reasons = list(_frame(rows).select(expr).to_series().to_list())
+    categorical = _frame(rows).cast(dict.fromkeys(LOW_CARDINALITY_COLUMNS, pl.Categorical()))
+    on_codes = reason_expr(
+        now_ms=now_ms,
+        watermark_ms=watermark_ms,
+        window_ms=window_ms,
+        categorical=LOW_CARDINALITY_COLUMNS,
+    )
+    assert categorical.select(on_codes).to_series().to_list() == reasons
+    return reasons
 
 
 def _reason(row: dict[str, Any], **kwargs: Any) -> str | None:
