@@ -68,7 +68,9 @@ def _table(message: Polled) -> pa.Table | PoisonInputError | None:
     if message.kind == REJECTED:  # kept as the ingest wrote it, with its ``reason`` column
         return table
     try:
-        return normalize(table)[0]
+        # Dictionaries kept as the producer sent them, as decide holds them (not decoded here
+        # to be encoded again there).
+        return normalize(table, dictionaries=True)[0]
     except SchemaMismatchError as exc:
         return PoisonInputError("schema_mismatch", str(exc))
 
@@ -118,7 +120,7 @@ def partition_inputs(
     for message, why in bad:
         poison(message, PoisonInputError("unreadable_message", why))
     if good is not None:
-        tables.append(good[0])
+        tables.append(normalize(good[0], dictionaries=True)[0])  # one schema to concatenate
         offsets.append(np.array(good[1], dtype=np.int64))
     if tables:
         file = GroupFile(

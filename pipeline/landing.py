@@ -218,17 +218,37 @@ def restore_claims(
 
 class Pacer:
     """MAX_EVENTS_PER_SECOND (0 = no cap): after each landed group, waits so that the events
-    landed stay at or below the cap on average, whichever source they came from."""
+    landed stay at or below the cap on average, whichever source they came from.
 
-    def __init__(self, cap: int) -> None:
+    A group's share of the cap (its rows / cap seconds) runs from the end of the previous
+    group's, or from the previous landing if that came later: the time spent deciding and
+    writing the group counts, and only what is left of its share is slept. (Starting the share
+    at the landing instead slept a whole share after every group: at the default cap of 1M,
+    ``adevents consume --once`` over 4M events ran at 397-414k events/s where it could land
+    724-739k.) After an idle spell no credit builds up beyond the group at hand.
+    """
+
+    def __init__(
+        self,
+        cap: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.cap = cap
-        self._next_allowed = 0.0
+        self._clock = clock
+        self._sleep = sleep
+        #: None until the first landing, whose share starts there: when its work began is
+        #: not known here, so it is not credited (the cap holds from the first group on).
+        self._share_start: float | None = None
 
     def landed(self, rows: int) -> None:
         if self.cap <= 0:
             return
-        now = time.monotonic()
-        self._next_allowed = max(self._next_allowed, now) + rows / self.cap
-        delay = self._next_allowed - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        now = self._clock()
+        allowed = (now if self._share_start is None else self._share_start) + rows / self.cap
+        if allowed > now:
+            self._sleep(allowed - now)
+            self._share_start = allowed
+        else:
+            self._share_start = now
