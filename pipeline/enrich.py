@@ -68,7 +68,7 @@ def enrich(
     joined = events.join(dim, on="campaign_id", how="left", maintain_order="left")
     unknown = int(joined["advertiser_id"].is_null().sum()) if len(joined) else 0
     stamped = joined.with_columns(
-        ingested_at=pl.lit(ingested_at.astimezone(UTC)).cast(ENRICHED_SCHEMA["ingested_at"]),
+        ingested_at=pl.lit(ingested_at.astimezone(UTC)).cast(schema["ingested_at"]),
         batch_id=batch_id if isinstance(batch_id, pl.Expr) else pl.lit(batch_id, pl.String),
     )
     enriched = stamped.select(schema.names()).cast(schema)

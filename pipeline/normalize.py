@@ -15,6 +15,17 @@ from pipeline.schema import (
 
 #: The type of a low-cardinality column normalised with ``dictionaries=True``.
 DICTIONARY: pa.DictionaryType = pa.dictionary(pa.int32(), pa.string())
+#: What normalize returns, by its ``dictionaries`` argument: EVENT_SCHEMA, every field
+#: nullable, with LOW_CARDINALITY_COLUMNS as DICTIONARY when asked.
+_SCHEMAS = {
+    dictionaries: pa.schema(
+        pa.field(
+            f.name, DICTIONARY if dictionaries and f.name in LOW_CARDINALITY_COLUMNS else f.type
+        )
+        for f in EVENT_SCHEMA
+    )
+    for dictionaries in (False, True)
+}
 
 
 class SchemaMismatchError(ValueError):
@@ -107,15 +118,15 @@ def normalize(table: pa.Table, *, dictionaries: bool = False) -> tuple[pa.Table,
     ]
     if missing:
         raise SchemaMismatchError(f"required column(s) {missing} are missing; the file has {names}")
-    encoded = set(LOW_CARDINALITY_COLUMNS) if dictionaries else set()
+    schema = _SCHEMAS[dictionaries]
     arrays: list[pa.ChunkedArray] = []
     for f in EVENT_SCHEMA:
+        target = schema.field(f.name).type
         if f.name not in names:
-            kind = DICTIONARY if f.name in encoded else f.type
-            arrays.append(pa.chunked_array([pa.nulls(table.num_rows, kind)], kind))
+            arrays.append(pa.chunked_array([pa.nulls(table.num_rows, target)], target))
             continue
         col = table.column(f.name)
-        if f.name in encoded and _is_stringlike(col.type):
+        if target == DICTIONARY and _is_stringlike(col.type):
             arrays.append(_to_dictionary(col))
         elif f.name == TIME_COLUMN:
             arrays.append(_to_event_time(col))
@@ -128,8 +139,5 @@ def normalize(table: pa.Table, *, dictionaries: bool = False) -> tuple[pa.Table,
                 f"column {f.name!r} has type {col.type}, but it must be a string "
                 "(string, large_string, string_view or dictionary of strings)"
             )
-    schema = pa.schema(
-        [pa.field(f.name, DICTIONARY if f.name in encoded else f.type) for f in EVENT_SCHEMA]
-    )
     ignored = [n for n in names if n not in schema.names]
     return pa.Table.from_arrays(arrays, schema=schema), ignored
