@@ -39,7 +39,7 @@ from pipeline import decide
 from pipeline.enrich import load_campaigns
 from pipeline.fingerprint import Keys, compute_keys
 from pipeline.groups import GroupFile
-from pipeline.keycache import KeySet
+from pipeline.keytable import KeySet
 from pipeline.normalize import normalize
 from pipeline.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, LedgerRow
 from pipeline.settings import Settings

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import polars as pl
 
 from pipeline.fingerprint import Keys, empty_keys, fingerprint_check
+from pipeline.keytable import SEGMENT_BITS, KeySet
 from pipeline.spool import atomic_write_bytes, fsync, remove_quietly
 
 log = logging.getLogger("adevents.keycache")
@@ -216,190 +217,21 @@ def expired_before(watermark_ms: int | None, window_ms: int, slice_ms: int) -> i
     return (watermark_ms - window_ms) // slice_ms
 
 
-class _Runs:
-    """Fingerprints of one partition of a slice: sorted ``lo`` chunks with ``hi`` aligned,
-    merged lazily."""
-
-    __slots__ = ("chunks",)
-
-    def __init__(self) -> None:
-        self.chunks: list[tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]] = []
-
-    def contains(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> Mask:
-        found = np.zeros(len(lo), dtype=bool)
-        for c_lo, c_hi in self.chunks:
-            pos = np.searchsorted(c_lo, lo)
-            pos_ok = pos < len(c_lo)
-            hit = np.zeros(len(lo), dtype=bool)
-            hit[pos_ok] = c_lo[pos[pos_ok]] == lo[pos_ok]
-            exact = hit.copy()
-            exact[hit] = c_hi[pos[hit]] == hi[hit]
-            found |= exact
-            # Two stored keys may share ``lo`` (one in 2**64 per pair): check the whole run.
-            for i in np.flatnonzero(hit & ~exact):
-                end = np.searchsorted(c_lo, lo[i], side="right")
-                found[i] |= bool(np.any(c_hi[pos[i] : end] == hi[i]))
-        return found
-
-    def add_sorted(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> None:
-        """Add keys already sorted by ``lo`` (a chunk read back from a key file).
-
-        Chunks are merged size-tiered, like a binary counter: a chunk no more than twice the
-        size of the one after it absorbs it. A generation holds a whole window's keys, so a
-        merge of everything every few batches (what a one-second slice could afford) would
-        cost O(window) per batch; this way each key is merged O(log(keys / batch)) times and
-        a lookup searches O(log(keys / batch)) chunks.
-        """
-        if len(lo) == 0:
-            return
-        self.chunks.append((lo, hi))
-        while len(self.chunks) > 1 and len(self.chunks[-2][0]) <= 2 * len(self.chunks[-1][0]):
-            (lo_a, hi_a), (lo_b, hi_b) = self.chunks[-2], self.chunks[-1]
-            all_lo = np.concatenate([lo_a, lo_b])
-            # Two sorted runs: the stable sort (timsort) merges them in linear time.
-            order = np.argsort(all_lo, kind="stable")
-            self.chunks[-2:] = [(all_lo[order], np.concatenate([hi_a, hi_b])[order])]
-
-    def size(self) -> int:
-        return sum(len(c[0]) for c in self.chunks)
-
-
-#: A slice's keys are spread over ``2**_PART_BITS`` partitions by the top bits of ``lo``, each
-#: with runs of its own: merges and searches then work on arrays 1/64 of a generation's size,
-#: which stay in cache, and a merge cascade touches one partition's runs at a time, not the
-#: whole window's at once (10M keys added in 100k batches, ``python bench/keyset_layouts.py``:
-#: 503 → 343 ns a key, the slowest batch 873 → 65 ms, peak RSS 659 → 249 MB).
-_PART_BITS: Final = 6
-_PART_EDGES: Final = np.arange(1, 1 << _PART_BITS, dtype=np.uint64) << np.uint64(64 - _PART_BITS)
-
-
-class _SliceSet:
-    """Fingerprints of one slice, partitioned by the top bits of ``lo`` (see ``_PART_BITS``)."""
-
-    __slots__ = ("parts",)
-
-    def __init__(self) -> None:
-        self.parts: dict[int, _Runs] = {}
-
-    @staticmethod
-    def _ranges(lo: npt.NDArray[np.uint64]) -> Iterator[tuple[int, int, int]]:
-        """(partition, start, end) of each partition's keys in ``lo``, which is sorted."""
-        bounds = np.concatenate([[0], np.searchsorted(lo, _PART_EDGES), [len(lo)]]).tolist()
-        for part in range(len(bounds) - 1):
-            if bounds[part + 1] > bounds[part]:
-                yield part, bounds[part], bounds[part + 1]
-
-    def contains(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> Mask:
-        """Per key (sorted by ``lo``), whether it is held."""
-        found = np.zeros(len(lo), dtype=bool)
-        for part, start, end in self._ranges(lo):
-            runs = self.parts.get(part)
-            if runs is not None:
-                found[start:end] = runs.contains(hi[start:end], lo[start:end])
-        return found
-
-    def add_sorted(self, hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> None:
-        """Add keys sorted by ``lo``."""
-        for part, start, end in self._ranges(lo):
-            self.parts.setdefault(part, _Runs()).add_sorted(hi[start:end], lo[start:end])
-
-    def chunks(self) -> list[tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]:
-        """Every run as (lo, hi), each sorted by ``lo``."""
-        return [chunk for part in sorted(self.parts) for chunk in self.parts[part].chunks]
-
-    def size(self) -> int:
-        return sum(runs.size() for runs in self.parts.values())
-
-
-class KeySet:
-    """A set of fingerprints stored by generation (``Keys.slice``), with vectorised membership
-    tests over every generation held.
-
-    A key's generation only says when it may be dropped (:meth:`drop_below`): membership is by
-    fingerprint alone, so a copy of an event that carries another event_time (a re-stamping
-    SDK, a pixel stamped on receipt) is still found, whatever generation holds the original.
-    """
-
-    def __init__(self, keys: Keys | None = None) -> None:
-        self.slices: dict[int, _SliceSet] = {}
-        if keys is not None:
-            self.add(keys)
-
-    @staticmethod
-    def groups(keys: Keys) -> list[npt.NDArray[np.intp]]:
-        order = np.argsort(keys.slice, kind="stable")
-        bounds = np.flatnonzero(np.diff(keys.slice[order])) + 1
-        return np.split(order, bounds)
-
-    def add(self, keys: Keys) -> None:
-        self._add_ordered(keys.take(np.argsort(keys.lo)))  # unique keys: quicksort, 4x stable
-
-    def _add_ordered(self, keys: Keys) -> None:
-        """Add keys sorted by ``lo`` to their generations (the stable grouping keeps the order)."""
-        if len(keys) == 0:
-            return
-        for idx in self.groups(keys):
-            sl = int(keys.slice[idx[0]])
-            self.slices.setdefault(sl, _SliceSet()).add_sorted(keys.hi[idx], keys.lo[idx])
-
-    def contains(self, keys: Keys) -> Mask:
-        """Per key, whether its fingerprint is held, in any generation."""
-        order = np.argsort(keys.lo)
-        found = np.empty(len(keys), dtype=bool)
-        found[order] = self._contains_ordered(keys.take(order))
-        return found
-
-    def _contains_ordered(self, keys: Keys) -> Mask:
-        """:meth:`contains` of keys sorted by ``lo``: each chunk's binary searches then walk it
-        forwards (NumPy starts a search where the previous, smaller key's ended) instead of
-        jumping across a window's keys at random."""
-        found = np.zeros(len(keys), dtype=bool)
-        for slice_set in self.slices.values():
-            if len(keys):
-                found |= slice_set.contains(keys.hi, keys.lo)
-        return found
-
-    def add_new(self, keys: Keys) -> Mask:
-        """Add the keys not held yet (in any generation) to their own generations; per key,
-        whether it was new (keys must be distinct). One sort serves the lookups and the adds."""
-        order = np.argsort(keys.lo)  # keys are unique: quicksort, 4x the stable sort
-        ordered = keys.take(order)
-        new_ordered = ~self._contains_ordered(ordered)
-        self._add_ordered(ordered.take(new_ordered))
-        new = np.empty(len(keys), dtype=bool)
-        new[order] = new_ordered
-        return new
-
-    def drop_below(self, cutoff: int) -> None:
-        for sl in [s for s in self.slices if s < cutoff]:
-            del self.slices[sl]
-
-    def add_chunks(self, chunks: Iterable[Chunk]) -> None:
-        """Add the sorted chunks of :meth:`chunks` (as a key file holds them)."""
-        for sl, hi, lo in chunks:
-            self.slices.setdefault(sl, _SliceSet()).add_sorted(hi, lo)
-
-    def chunks(self) -> list[Chunk]:
-        """Every key as (slice, hi, lo) chunks sorted by ``lo``: references to the arrays held,
-        not copies. They stay valid after later changes, which replace arrays, never write
-        into them."""
-        return [(sl, hi, lo) for sl, s in self.slices.items() for lo, hi in s.chunks()]
-
-    def size(self) -> int:
-        return sum(s.size() for s in self.slices.values())
-
-    def chunk_count(self) -> int:
-        return sum(len(s.chunks()) for s in self.slices.values())
-
-
 _SEGMENT = re.compile(r"^seg-(\d{12})\.keys$")
 _SNAPSHOT = re.compile(r"^snap-(\d{12})\.keys$")
 #: First bytes of a key file; a directory written in another format is rebuilt from the lake.
-KEY_FILE_MAGIC = b"adevents-keys-1\n"
+#: Version 2 snapshots keep only the bits of ``hi`` a table looks at (``pipeline.keytable``);
+#: version 1 files, with whole fingerprints, read the same, so an upgrade needs no rebuild
+#: (and an older adevents rebuilds rather than misread version 2).
+KEY_FILE_MAGIC = b"adevents-keys-2\n"
+_V1_MAGIC: Final = b"adevents-keys-1\n"
+_READABLE: Final = (_V1_MAGIC, KEY_FILE_MAGIC)
 #: Each record of a key file: its slice and key count, then the ``hi`` and ``lo`` arrays; or,
 #: with ``MIXED`` for the slice, the keys of any slices: their slices, then ``hi`` and ``lo``.
 _RECORD = np.dtype([("slice", "<i8"), ("n", "<i8")])
 _MIXED: Final = np.iinfo(np.int64).min
+#: A version 2 directory's keys only fit tables of the segment bits they were written from.
+_FORMAT: Final = {"format": KEY_FILE_MAGIC.decode().strip(), "segment_bits": SEGMENT_BITS}
 Chunk = tuple[int, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]
 
 
@@ -409,10 +241,10 @@ def write_key_file(
     """Write ``chunks`` (slice, hi, lo) and ``mixed`` keys as a key file: to a temporary file,
     fsynced, renamed.
 
-    Streamed chunk by chunk from the arrays the cache holds, so that a snapshot of a large
-    window needs no second copy of it in memory (a whole-window copy once took the consumer
-    from 4 to 8.7 GB in the soak). A batch's keys go as they are (``mixed``): grouping them by
-    slice would cost its writer a sort per batch, where a reader sorts them once at start.
+    Streamed chunk by chunk as they come (a snapshot's are pieces of the tables, copied a few
+    MB at a time), so that a snapshot of a large window needs no second copy of it in memory.
+    A batch's keys go as they are (``mixed``): grouping them by slice would cost its writer a
+    pass per batch, where a reader groups them once at start.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -449,7 +281,7 @@ def read_key_file(path: Path) -> tuple[int | None, list[Chunk], Keys]:
     chunks: list[Chunk] = []
     mixed: list[Keys] = []
     with open(path, "rb") as fh:
-        if fh.read(len(KEY_FILE_MAGIC)) != KEY_FILE_MAGIC:
+        if fh.read(len(KEY_FILE_MAGIC)) not in _READABLE:
             raise ValueError(f"{path.name}: not a key file")
         head = fh.read(8)
         if len(head) != 8:
@@ -524,7 +356,7 @@ class EmbeddedKeyCache:
         return {
             "fingerprint": fingerprint_check(),
             "slice_ms": self.slice_ms,
-            "format": KEY_FILE_MAGIC.decode().strip(),
+            **_FORMAT,
         }
 
     def _load(self) -> None:
@@ -536,6 +368,8 @@ class EmbeddedKeyCache:
         )
         meta_path = self._meta_path()
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        if meta is not None and meta.get("format") == _V1_MAGIC.decode().strip():
+            meta = {**meta, **_FORMAT}  # whole fingerprints: they fit tables of any bits
         if meta != self._meta():
             self._stale = True
             return
@@ -559,7 +393,8 @@ class EmbeddedKeyCache:
     def _apply_file(self, path: Path) -> int:
         """Add a key file's keys and watermark; how many keys it held."""
         watermark, chunks, mixed = read_key_file(path)
-        self._set.add_chunks(chunks)
+        for generation, hi, lo in chunks:
+            self._set.hold(generation, hi, lo)
         self._set.add(mixed)
         if watermark is not None:
             self._raise_watermark(watermark)
@@ -576,19 +411,32 @@ class EmbeddedKeyCache:
     def _snapshot(self) -> None:
         """Write the live keys as one snapshot, then remove the files it supersedes.
 
-        The keys are taken under ``_lock`` as references to the arrays held (no copy) and
-        written outside it, so claims are not held up for the seconds a large window takes.
+        The keys are copied a piece at a time under ``_lock`` and written outside it, so claims
+        are not held up for the seconds a large window takes, and the snapshot never copies the
+        whole window at once (one once took the consumer from 4 to 8.7 GB in the soak). A key
+        claimed meanwhile may or may not be in it: it is in a later segment file either way.
         """
         with self._snapshot_lock:
             with self._lock:
                 self._seq += 1
-                seq, watermark, chunks = self._seq, self._watermark, self._set.chunks()
+                seq, watermark, pieces = self._seq, self._watermark, self._set.pieces()
                 self._segments_since_snapshot = self._keys_since_snapshot = 0
-            write_key_file(self.dir / f"snap-{seq:012d}.keys", watermark, chunks)
+            write_key_file(
+                self.dir / f"snap-{seq:012d}.keys", watermark, self._one_at_a_time(pieces)
+            )
             for f in os.listdir(self.dir):
                 m = _SEGMENT.match(f) or _SNAPSHOT.match(f)
                 if m and int(m.group(1)) < seq:
                     (self.dir / f).unlink(missing_ok=True)
+
+    def _one_at_a_time(self, pieces: Iterator[Chunk]) -> Iterator[Chunk]:
+        """``pieces``, each step taken under ``_lock`` (the set changes between steps)."""
+        while True:
+            with self._lock:
+                piece = next(pieces, None)
+            if piece is None:
+                return
+            yield piece
 
     def _raise_watermark(self, value: int) -> None:
         if self._watermark is None or value > self._watermark:
@@ -709,10 +557,7 @@ class EmbeddedKeyCache:
 
     @_locked
     def stats(self) -> CacheStats:
-        n = self._set.size()
-        # 16 bytes of fingerprint per key, plus numpy's header per chunk array.
-        overhead = 2 * 112 * self._set.chunk_count() + 232 * len(self._set.slices)
-        return CacheStats(keys=n, bytes=16 * n + overhead)
+        return CacheStats(keys=self._set.size(), bytes=self._set.bytes())
 
     def close(self) -> None:
         with self._lock:

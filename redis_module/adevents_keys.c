@@ -1,17 +1,9 @@
 /* adevents_keys: a Redis module type holding a set of 128-bit event fingerprints, claimed in
  * bulk (one blob of keys per command, one byte of answer per key).
  *
- * A table is 2^bits segments, each an open-addressing (linear probing) array of 8-byte slots.
- * A key is a 16-byte record (little-endian u64 ``sel``, u64 ``val``): the top ``bits`` of
- * ``sel`` pick the segment, ``val`` is stored in it (0 marks an empty slot, so a ``val`` of 0
- * is stored as 1). The segment index is implicit in the slot's place, so a table whose
- * segments hold ~256 keys tells keys apart by 64 + bits bits, not 64.
- *
- * A segment grows (rehash of that segment alone: a few hundred keys, no latency spike) when an
- * insert would take its load above 3/4, to the largest allocator size class at or below twice
- * its keys: its load stays between 1/2 and 3/4, i.e. 10.7 to 16 bytes a key (plus 16 bytes a
- * segment). Capacities are of the form m * 2^k with m in 4..7: jemalloc size classes, so no
- * allocation is rounded up.
+ * The table itself (segments of open addressing, 10.7 to 16 bytes a key) is keytable.h, which
+ * the embedded key cache shares. A key is a 16-byte record here (little-endian u64 ``sel``,
+ * u64 ``val``).
  *
  * Commands (keys last, so a Cluster routes them and scripts declare them):
  *   ADEVENTS.CLAIM bits blob own [other ...]  per key: '0' new (added to own), else '1' + the
@@ -27,117 +19,22 @@
 
 #include "redismodule.h"
 
+#define KT_MALLOC RedisModule_Alloc
+#define KT_CALLOC RedisModule_Calloc
+#define KT_FREE RedisModule_Free
+#include "keytable.h"
+
 #include <stdint.h>
 #include <string.h>
 
 #define TYPE_NAME "adev-keys" /* exactly 9 characters */
 #define ENCVER 0
 #define MAX_BITS 20
-#define MIN_CAP 8
 #define REC 16
 #define MAX_TABLES 64 /* answers stay printable: '1' + 63 = 'p' */
 #define AOF_CHUNK 65536
-#define AHEAD 8 /* keys: how far ahead memory is prefetched */
-
-typedef struct {
-    uint64_t *slots; /* NULL until the segment's first key */
-    uint32_t used;
-    uint32_t cap;
-} Segment;
-
-typedef struct {
-    Segment *segs;
-    uint64_t keys;
-    uint32_t bits;
-} Table;
 
 static RedisModuleType *TableType;
-
-static inline uint64_t load_u64(const unsigned char *p) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return v; /* little-endian hosts (x86-64, arm64) */
-}
-
-static inline uint64_t stored_value(uint64_t v) { return v ? v : 1; }
-
-static inline uint32_t home_of(uint64_t v, uint32_t cap) {
-    return (uint32_t)(((unsigned __int128)v * cap) >> 64);
-}
-
-static inline Segment *segment_of(Table *t, uint64_t sel) {
-    return t->bits ? &t->segs[sel >> (64 - t->bits)] : &t->segs[0];
-}
-
-/* Largest m * 2^k (m in 4..7) at or below x (x >= 8). */
-static uint32_t size_class_floor(uint64_t x) {
-    int k = 63 - __builtin_clzll(x) - 2;
-    return (uint32_t)((x >> k) << k);
-}
-
-/* Smallest m * 2^k (m in 4..7) at or above x (x >= 8). */
-static uint32_t size_class_ceil(uint64_t x) {
-    uint32_t f = size_class_floor(x);
-    if (f >= x) return f;
-    int k = 63 - __builtin_clzll(f) - 2;
-    return f + ((uint32_t)1 << k); /* m + 1 (7 + 1 is 4 of the next power) */
-}
-
-static Table *table_new(uint32_t bits) {
-    Table *t = RedisModule_Alloc(sizeof(*t));
-    t->bits = bits;
-    t->keys = 0;
-    t->segs = RedisModule_Calloc((size_t)1 << bits, sizeof(Segment));
-    return t;
-}
-
-static void table_free(void *value) {
-    Table *t = value;
-    size_t n = (size_t)1 << t->bits;
-    for (size_t i = 0; i < n; i++) RedisModule_Free(t->segs[i].slots);
-    RedisModule_Free(t->segs);
-    RedisModule_Free(t);
-}
-
-static int seg_find(const Segment *s, uint64_t v) {
-    if (!s->cap) return 0;
-    uint32_t i = home_of(v, s->cap);
-    for (;;) {
-        uint64_t x = s->slots[i];
-        if (x == v) return 1;
-        if (x == 0) return 0;
-        if (++i == s->cap) i = 0;
-    }
-}
-
-static void seg_place(Segment *s, uint64_t v) {
-    uint32_t i = home_of(v, s->cap);
-    while (s->slots[i]) {
-        if (++i == s->cap) i = 0;
-    }
-    s->slots[i] = v;
-    s->used++;
-}
-
-static void seg_resize(Segment *s, uint32_t cap) {
-    Segment old = *s;
-    s->slots = RedisModule_Calloc(cap, sizeof(uint64_t));
-    s->cap = cap;
-    s->used = 0;
-    for (uint32_t i = 0; i < old.cap; i++) {
-        if (old.slots[i]) seg_place(s, old.slots[i]);
-    }
-    RedisModule_Free(old.slots);
-}
-
-/* Add v, known absent from s. */
-static void seg_insert(Segment *s, uint64_t v) {
-    if ((uint64_t)(s->used + 1) * 4 > (uint64_t)s->cap * 3) {
-        uint64_t want = 2 * (uint64_t)(s->used + 1);
-        seg_resize(s, size_class_floor(want < MIN_CAP ? MIN_CAP : want));
-    }
-    seg_place(s, v);
-}
 
 static size_t table_bytes(const Table *t) {
     size_t n = (size_t)1 << t->bits;
@@ -303,57 +200,14 @@ static int parse_blob(RedisModuleCtx *ctx, RedisModuleString *arg, const unsigne
     return REDISMODULE_OK;
 }
 
-/* Memory prefetch: a key's probe touches its segment's header, then a slot, both usually cache
- * misses in a big table. The header of key i + 2 * AHEAD and the home slot of key i + AHEAD
- * (whose header came in meanwhile) are requested while key i is probed. */
-static inline void prefetch_header(Table **tables, int ntables, const unsigned char *blob,
-                                   size_t i) {
-    uint64_t sel = load_u64(blob + i * REC);
-    for (int j = 0; j < ntables; j++) {
-        if (tables[j]) __builtin_prefetch(segment_of(tables[j], sel));
-    }
-}
-
-static inline void prefetch_slot(Table **tables, int ntables, const unsigned char *blob,
-                                 size_t i) {
-    uint64_t sel = load_u64(blob + i * REC), v = stored_value(load_u64(blob + i * REC + 8));
-    for (int j = 0; j < ntables; j++) {
-        if (!tables[j]) continue;
-        Segment *s = segment_of(tables[j], sel);
-        if (s->cap) __builtin_prefetch(&s->slots[home_of(v, s->cap)]);
-    }
-}
-
-/* Per key: 0 if in no table, else 1 + the index of the first table holding it. With ``add``,
- * keys in none are added to tables[0]. ``out`` may be NULL. Returns the keys added. */
-static size_t claim_keys(Table **tables, int ntables, const unsigned char *blob, size_t n,
-                         int add, unsigned char *out) {
-    size_t added = 0;
-    for (size_t i = 0; i < n && i < 2 * AHEAD; i++) prefetch_header(tables, ntables, blob, i);
-    for (size_t i = 0; i < n && i < AHEAD; i++) prefetch_slot(tables, ntables, blob, i);
-    for (size_t i = 0; i < n; i++) {
-        if (i + 2 * AHEAD < n) prefetch_header(tables, ntables, blob, i + 2 * AHEAD);
-        if (i + AHEAD < n) prefetch_slot(tables, ntables, blob, i + AHEAD);
-        uint64_t sel = load_u64(blob + i * REC);
-        uint64_t v = stored_value(load_u64(blob + i * REC + 8));
-        int found = 0;
-        for (int j = 0; j < ntables && !found; j++) {
-            if (tables[j] && seg_find(segment_of(tables[j], sel), v)) found = j + 1;
-        }
-        if (!found && add) {
-            seg_insert(segment_of(tables[0], sel), v);
-            tables[0]->keys++;
-            added++;
-        }
-        if (out) out[i] = (unsigned char)('0' + found);
-    }
-    return added;
+static inline KeyView blob_keys(const unsigned char *blob) {
+    return (KeyView){blob, blob + 8, REC};
 }
 
 static int reply_mask(RedisModuleCtx *ctx, Table **tables, int ntables, const unsigned char *blob,
                       size_t n, int add) {
     unsigned char *out = RedisModule_Alloc(n ? n : 1);
-    claim_keys(tables, ntables, blob, n, add, out);
+    claim_keys(tables, ntables, blob_keys(blob), n, add, out, '0');
     RedisModule_ReplyWithStringBuffer(ctx, (const char *)out, n);
     RedisModule_Free(out);
     return REDISMODULE_OK;
@@ -393,7 +247,7 @@ static int cmd_add(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (parse_bits(ctx, argv[1], &bits) != REDISMODULE_OK) return REDISMODULE_OK;
     if (parse_blob(ctx, argv[2], &blob, &n) != REDISMODULE_OK) return REDISMODULE_OK;
     if (open_own(ctx, argv[3], bits, &own) != REDISMODULE_OK) return REDISMODULE_OK;
-    size_t added = claim_keys(&own, 1, blob, n, 1, NULL);
+    size_t added = claim_keys(&own, 1, blob_keys(blob), n, 1, NULL, 0);
     RedisModule_ReplyWithLongLong(ctx, (long long)added);
     RedisModule_ReplicateVerbatim(ctx);
     return REDISMODULE_OK;
@@ -424,9 +278,7 @@ static int cmd_info(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     Table *t;
     if (open_table(ctx, argv[1], REDISMODULE_READ, &t) != REDISMODULE_OK) return REDISMODULE_OK;
     if (!t) return RedisModule_ReplyWithNull(ctx);
-    uint64_t slots = 0;
-    size_t n = (size_t)1 << t->bits;
-    for (size_t i = 0; i < n; i++) slots += t->segs[i].cap;
+    uint64_t slots = table_slots(t);
     RedisModule_ReplyWithArray(ctx, 4);
     RedisModule_ReplyWithLongLong(ctx, t->bits);
     RedisModule_ReplyWithLongLong(ctx, (long long)t->keys);

@@ -32,7 +32,9 @@ from pipeline.keycache import (
     expired_before,
     position_of,
     read_key_file,
+    write_key_file,
 )
+from pipeline.keytable import SEGMENT_BITS
 from pipeline.redis_cache import LAYOUT, MAX_MEMBERS_PER_CALL, RedisKeyCache
 from pipeline.testing import MemoryKeyCache, MemoryKeyState
 
@@ -891,19 +893,47 @@ def test_redis_consumer_follows_an_expiry_by_another(shared_redis: SharedRedis) 
     b.close()
 
 
-def test_embedded_keys_sharing_one_half_stay_distinct(tmp_path: Path) -> None:
-    """Keys that differ only in ``hi`` are different keys, across many merged chunks too."""
+def test_embedded_reads_a_version_1_directory_without_a_rebuild(tmp_path: Path) -> None:
+    """Version 1 key files hold whole fingerprints, which fit tables of any segment bits: an
+    upgrade reads them. A version 2 directory of other segment bits is rebuilt."""
+    keys = keys_in_slice(3000, 2, seed=60)
+    state = tmp_path / "state" / "embedded"
+    state.mkdir(parents=True)
+    write_key_file(state / "snap-000000000001.keys", 2 * SLICE_MS, [(2, keys.hi, keys.lo)])
+    v1 = b"adevents-keys-1\n"
+    data = (state / "snap-000000000001.keys").read_bytes()
+    (state / "snap-000000000001.keys").write_bytes(v1 + data[len(v1) :])
+    meta = {"fingerprint": fingerprint_check(), "slice_ms": SLICE_MS, "format": v1.decode().strip()}
+    (state / "meta.json").write_text(json.dumps(meta))
     cache = embedded(tmp_path)
+    assert not cache.needs_rebuild() and cache.stats().keys == 3000
+    assert not cache.claim("again", keys).any()
+    cache.close()
+
+    (state / "meta.json").write_text(
+        json.dumps({**cache._meta(), "segment_bits": SEGMENT_BITS + 1})
+    )
+    assert embedded(tmp_path).needs_rebuild()
+
+
+def test_embedded_keys_sharing_lo_stay_distinct_by_the_top_bits_of_hi(tmp_path: Path) -> None:
+    """A table tells keys apart by ``lo`` and the top SEGMENT_BITS of ``hi`` (76 bits): keys
+    sharing ``lo`` are distinct when those bits differ, through a snapshot and a restart too;
+    ``hi``'s lower bits are not looked at (pipeline.keytable gives the odds)."""
+    top = np.uint64(64 - SEGMENT_BITS)
+    cache = embedded(tmp_path, snapshot_every=4)
     cache.rebuild(empty_keys(), None)
-    lo = np.full(12, 42, dtype=np.uint64)
-    hi = np.arange(12, dtype=np.uint64)
-    for i in range(12):  # one chunk each: past 8 chunks the slice merges them
-        k = Keys(np.array([3]), hi[i : i + 1], lo[i : i + 1])
+    hi = np.arange(12, dtype=np.uint64) << top
+    for i in range(12):
+        k = Keys(np.array([3]), hi[i : i + 1], np.full(1, 42, np.uint64))
         assert cache.claim(f"b{i}", k).all()
         cache.finish(f"b{i}", 3_000)
     assert cache.stats().keys == 12
-    others = Keys(np.full(3, 3), np.array([5, 11, 12], dtype=np.uint64), np.full(3, 42, np.uint64))
-    assert cache.claim("x", others).tolist() == [False, False, True]
+    cache.close()
+    cache = embedded(tmp_path)
+    asked = np.array([5 << top, (11 << top) | 7, 12 << top, 1], dtype=np.uint64)
+    others = Keys(np.full(4, 3), asked, np.full(4, 42, np.uint64))
+    assert cache.claim("x", others).tolist() == [False, False, True, False]
 
 
 def test_embedded_cache_claims_while_another_thread_finishes_and_snapshots(

@@ -1,0 +1,58 @@
+/* The embedded key cache's table: redis_module/keytable.h behind a C ABI for ctypes
+ * (pipeline/keytable.py). Keys come as two aligned u64 arrays; ``sel`` is a fingerprint's
+ * ``hi``, ``val`` its ``lo``. Not thread-safe: the caller serialises calls on one table. */
+#include <stdlib.h>
+
+#define KT_MALLOC malloc
+#define KT_CALLOC calloc
+#define KT_FREE free
+#include "keytable.h"
+
+#define ALLOC_HEADER 8 /* glibc's header on each allocation */
+
+Table *kt_new(uint32_t bits) { return table_new(bits); }
+
+void kt_free(Table *t) { table_free(t); }
+
+uint64_t kt_keys(const Table *t) { return t->keys; }
+
+/* Bytes the table holds from the allocator: slots, segment headers, the table. */
+uint64_t kt_bytes(const Table *t) {
+    size_t n = (size_t)1 << t->bits;
+    uint64_t bytes = sizeof(*t) + ALLOC_HEADER + n * sizeof(Segment) + ALLOC_HEADER;
+    for (size_t i = 0; i < n; i++) {
+        if (t->segs[i].slots) bytes += (uint64_t)t->segs[i].cap * 8 + ALLOC_HEADER;
+    }
+    return bytes;
+}
+
+/* Per key, 0 if in none of ``tables`` (added to tables[0] when ``add``), else 1 + the index
+ * of the first holding it. Returns the keys added. */
+size_t kt_claim(Table **tables, int ntables, const uint64_t *hi, const uint64_t *lo, size_t n,
+                int add, unsigned char *out) {
+    KeyView keys = {(const unsigned char *)hi, (const unsigned char *)lo, 8};
+    return claim_keys(tables, ntables, keys, n, add, out, 0);
+}
+
+/* Keys held in segments [first, first + count). */
+uint64_t kt_count(const Table *t, uint32_t first, uint32_t count) {
+    uint64_t n = 0;
+    for (uint32_t i = first; i < first + count; i++) n += t->segs[i].used;
+    return n;
+}
+
+/* Writes the keys of segments [first, first + count) as (hi, lo): ``hi`` keeps only the
+ * segment's bits (all a table looks at), ``lo`` is the value stored. The arrays hold
+ * kt_count(t, first, count) keys. */
+void kt_dump(const Table *t, uint32_t first, uint32_t count, uint64_t *hi, uint64_t *lo) {
+    size_t k = 0;
+    for (uint32_t i = first; i < first + count; i++) {
+        const Segment *s = &t->segs[i];
+        uint64_t sel = t->bits ? (uint64_t)i << (64 - t->bits) : 0;
+        for (uint32_t j = 0; j < s->cap; j++) {
+            if (!s->slots[j]) continue;
+            hi[k] = sel;
+            lo[k++] = s->slots[j];
+        }
+    }
+}

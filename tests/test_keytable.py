@@ -1,0 +1,100 @@
+"""pipeline.keytable.KeySet: the compiled table by generation that the embedded cache holds."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.fingerprint import Keys
+from pipeline.keytable import PIECE_SEGMENTS, SEGMENT_BITS, KeySet
+
+
+def random_keys(n: int, generation: int | np.ndarray, seed: int) -> Keys:
+    rng = np.random.default_rng(seed)
+    hi = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    lo = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    return Keys(np.broadcast_to(np.asarray(generation, np.int64), n).copy(), hi, lo)
+
+
+def test_add_new_answers_per_key_and_a_repeat_is_new_once() -> None:
+    held = KeySet()
+    keys = random_keys(1000, 7, seed=1)
+    twice = Keys.concat([keys, keys.take(np.arange(0, 1000, 3))])
+    new = held.add_new(twice)
+    assert new[:1000].all() and not new[1000:].any()
+    assert held.size() == 1000
+    assert not held.add_new(keys).any()
+    assert held.contains(keys).all()
+    assert not held.contains(random_keys(1000, 7, seed=2)).any()
+
+
+def test_a_key_is_found_whatever_generation_holds_it() -> None:
+    """A re-stamped copy (same fingerprint, another generation, earlier or later) is held."""
+    held = KeySet()
+    keys = random_keys(500, 10, seed=3)
+    held.add_new(keys)
+    for generation in (9, 11, 40):
+        copies = Keys(np.full(500, generation), keys.hi, keys.lo)
+        assert held.contains(copies).all()
+        assert not held.add_new(copies).any()
+    assert set(held.tables) == {9, 10, 11, 40} and held.size() == 500
+
+
+def test_a_batch_spanning_generations_adds_each_key_to_its_own() -> None:
+    generations = np.repeat(np.array([3, 1, 2]), 400)
+    keys = random_keys(1200, generations, seed=4)
+    # One key twice: in generation 3, then in generation 1. The earliest generation's copy is
+    # the new one (the consumer claims distinct keys: a group's first copies).
+    keys.hi[400], keys.lo[400] = keys.hi[0], keys.lo[0]
+    held = KeySet()
+    new = held.add_new(keys)
+    assert not new[0] and new[1:].all() and held.size() == 1199
+    held.drop_below(3)  # generations 1 and 2 go, 3 stays
+    assert held.size() == 399
+    assert held.contains(keys.take(np.arange(1, 400))).all()
+    assert not held.contains(keys.take(np.arange(400, 1200))).any()
+
+
+def test_pieces_hold_every_key_once_and_read_back_the_same() -> None:
+    held = KeySet()
+    for generation, seed in ((5, 10), (6, 11)):
+        held.add(random_keys(20_000, generation, seed=seed))
+    pieces = list(held.pieces())
+    assert sum(len(lo) for _, _, lo in pieces) == held.size() == 40_000
+    assert len(pieces) == 2 * (1 << SEGMENT_BITS) // PIECE_SEGMENTS
+    again = KeySet()
+    for generation, hi, lo in pieces:
+        again.hold(generation, hi, lo)
+    assert again.size() == 40_000
+    assert again.contains(random_keys(20_000, 0, seed=10)).all()
+    assert not again.contains(random_keys(20_000, 0, seed=12)).any()
+
+
+def test_pieces_of_a_dropped_generation_still_read() -> None:
+    """A snapshot takes its pieces across lock releases: a generation dropped meanwhile is
+    freed only once the snapshot is done with it."""
+    held = KeySet(random_keys(5000, 1, seed=20))
+    pieces = held.pieces()
+    first = next(pieces)
+    held.drop_below(2)
+    assert held.size() == 0
+    rest = sum(len(lo) for _, _, lo in pieces)
+    assert len(first[2]) + rest == 5000
+
+
+def test_a_lo_of_zero_is_a_key_like_any_other() -> None:
+    """0 marks an empty slot, so a ``lo`` of 0 is stored as 1 (merging one pair of values)."""
+    held = KeySet()
+    keys = Keys(np.array([1, 1]), np.array([0, 0], np.uint64), np.array([0, 5], np.uint64))
+    assert held.add_new(keys).tolist() == [True, True]
+    assert held.contains(keys).all()
+
+
+def test_memory_is_at_most_16_bytes_a_key_and_goes_with_its_generation() -> None:
+    held = KeySet()
+    for step in range(20):
+        held.add_new(random_keys(100_000, step // 10, seed=100 + step))
+        assert held.bytes() <= 16 * held.size() + (1 << SEGMENT_BITS) * 32 * len(held.tables)
+    assert held.bytes() / held.size() <= 16
+    one = held.bytes()
+    held.drop_below(1)
+    assert held.bytes() < 0.6 * one
