@@ -117,7 +117,12 @@ def committed_version(table: DeltaTable, app_id: str) -> int | None:
 
 def prepare(spec: TableSpec, frame: pl.DataFrame) -> pl.DataFrame:
     """``frame``'s table columns plus its partition bucket (the UTC hour or day), sorted by
-    bucket then sort keys (an integer bucket sorts faster than the partitions' strings)."""
+    bucket then sort keys (an integer bucket sorts faster than the partitions' strings).
+
+    A frame this returned is returned as it is, so a caller may prepare on one thread what
+    ``write_files`` (which prepares what it is given) writes on another."""
+    if _BUCKET in frame.columns:
+        return frame
     missing = [c for c in spec.columns.names if c not in frame.columns]
     if missing:
         raise ValueError(f"frame for table {spec.name} lacks columns {missing}")

@@ -457,8 +457,7 @@ class KafkaLander:
         }
         self._commit(landing.txns, EVENTS.name, group.frame(EVENTS.name), json.dumps(record))
         self._commit(landing.txns, QUARANTINE.name, group.frame(QUARANTINE.name))
-        write_ms = (time.perf_counter() - t0) * 1000
-        return self._finish(landing, rows, write_ms=write_ms, started=group.started)
+        return self._finish(landing, rows, write_ms=group.write_ms(t0), started=group.started)
 
     def _commit(
         self, txns: dict[str, int], table: str, frame: pl.DataFrame, record: str | None = None

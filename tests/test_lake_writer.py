@@ -618,6 +618,21 @@ def test_prepare_orders_rows_as_the_sort_on_three_keys(unit: str, text: pl.DataT
     assert _packed_order(EVENTS, held, "1h") is not None  # not the fallback
 
 
+def test_a_prepared_frame_is_written_as_the_frame_it_came_from(location: LakeLocation) -> None:
+    """The consumer sorts a group's events on its deciding thread (``prepare``) and its writer
+    thread writes them: ``prepare`` returns a prepared frame as it is, and ``write_files``
+    writes it exactly as the unprepared frame (same files, same statistics)."""
+    frame = enriched_frame(3_000, seed=9, start_ms=START_MS, span_ms=2 * HOUR_MS)
+    prepared = prepare(EVENTS, frame)
+    assert prepare(EVENTS, prepared) is prepared
+    direct = write_files(location, EVENTS, frame, version=1)
+    early = write_files(location, EVENTS, prepared, version=2)
+    assert [(a.partition_values, a.stats) for a in early.actions] == [
+        (a.partition_values, a.stats) for a in direct.actions
+    ]
+    assert early.rows == direct.rows == 3_000
+
+
 def test_categorical_columns_land_as_the_strings_of_the_tables_schema(
     location: LakeLocation,
 ) -> None:
