@@ -56,3 +56,41 @@ void kt_dump(const Table *t, uint32_t first, uint32_t count, uint64_t *hi, uint6
         }
     }
 }
+
+/* Per key of a batch: 1 if it is the first row holding its (hi, lo), else 0. A table of row
+ * numbers (open addressing, at most half full) compares both halves, so the answer is exact.
+ * A row's place is the top bits of lo * salt (``salt`` odd, secret, random): the fingerprint's
+ * seeds are public, so event_ids crafted to share lo's top bits (2^19 tries each) would
+ * otherwise pile into one probe run and make a group quadratic. Returns the probes past a
+ * row's first slot (what such a pile-up would show), or -1 when n is too large or memory is
+ * short. */
+int64_t kt_first_copies(const uint64_t *hi, const uint64_t *lo, size_t n, uint64_t salt,
+                    unsigned char *out) {
+    if (n >= UINT32_MAX / 2) return -1;
+    int bits = 4;
+    while (((size_t)1 << bits) < 2 * n) bits++;
+    size_t mask = ((size_t)1 << bits) - 1;
+    uint32_t *rows = calloc(mask + 1, sizeof(uint32_t)); /* row + 1; 0 is empty */
+    if (rows == NULL) return -1;
+    int64_t probes = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i + AHEAD < n) __builtin_prefetch(&rows[(lo[i + AHEAD] * salt) >> (64 - bits)]);
+        size_t at = (lo[i] * salt) >> (64 - bits);
+        for (;;) {
+            uint32_t row = rows[at];
+            if (row == 0) {
+                rows[at] = (uint32_t)(i + 1);
+                out[i] = 1;
+                break;
+            }
+            if (lo[row - 1] == lo[i] && hi[row - 1] == hi[i]) {
+                out[i] = 0;
+                break;
+            }
+            at = (at + 1) & mask;
+            probes++;
+        }
+    }
+    free(rows);
+    return probes;
+}

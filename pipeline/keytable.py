@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import secrets
 from collections.abc import Iterator
 from typing import Final
 
@@ -56,12 +57,16 @@ def _load() -> ctypes.CDLL:
     lib.kt_claim.argtypes = [_P, ctypes.c_int, _P, _P, ctypes.c_size_t, ctypes.c_int, _P]
     lib.kt_count.restype = ctypes.c_uint64
     lib.kt_count.argtypes = [_P, ctypes.c_uint32, ctypes.c_uint32]
+    lib.kt_first_copies.restype = ctypes.c_int64
+    lib.kt_first_copies.argtypes = [_P, _P, ctypes.c_size_t, ctypes.c_uint64, _P]
     lib.kt_dump.restype = None
     lib.kt_dump.argtypes = [_P, ctypes.c_uint32, ctypes.c_uint32, _P, _P]
     return lib
 
 
 _LIB: Final = _load()
+#: Places rows in first_copies' table (see kt_first_copies): odd, secret, new every process.
+_SALT: Final = secrets.randbits(64) | 1
 
 
 class _Table:
@@ -102,6 +107,22 @@ def _claim(
             ptrs, len(tables), hi.ctypes.data, lo.ctypes.data, len(lo), add, out.ctypes.data
         )
     return out
+
+
+def first_copies(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> Mask:
+    """Per key, whether it is the first row holding its fingerprint (both halves compared):
+    one pass in C over a table of row numbers, without the GIL."""
+    return _first_copies(hi, lo)[0]
+
+
+def _first_copies(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> tuple[Mask, int]:
+    """:func:`first_copies`, and the probes its table took past each row's first slot."""
+    hi, lo = np.ascontiguousarray(hi, np.uint64), np.ascontiguousarray(lo, np.uint64)
+    out = np.empty(len(lo), np.uint8)
+    probes = _LIB.kt_first_copies(hi.ctypes.data, lo.ctypes.data, len(lo), _SALT, out.ctypes.data)
+    if probes < 0:
+        raise MemoryError(f"no memory for the first copies of {len(lo):,} keys")
+    return out.view(np.bool_), int(probes)
 
 
 class KeySet:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.fingerprint import Keys
-from pipeline.keytable import PIECE_SEGMENTS, SEGMENT_BITS, KeySet
+from pipeline.keytable import PIECE_SEGMENTS, SEGMENT_BITS, KeySet, _first_copies, first_copies
 
 
 def random_keys(n: int, generation: int | np.ndarray, seed: int) -> Keys:
@@ -98,3 +98,46 @@ def test_memory_is_at_most_16_bytes_a_key_and_goes_with_its_generation() -> None
     one = held.bytes()
     held.drop_below(1)
     assert held.bytes() < 0.6 * one
+
+
+def reference_first_copies(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    pairs = np.stack([hi, lo], axis=1)
+    _, first_rows = np.unique(pairs, axis=0, return_index=True)
+    out = np.zeros(len(hi), dtype=bool)
+    out[first_rows] = True
+    return out
+
+
+def test_first_copies_is_the_first_row_of_each_fingerprint() -> None:
+    rng = np.random.default_rng(30)
+    n = 50_000
+    hi = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    lo = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    copies, originals = rng.choice(n, 2_000, replace=False), rng.choice(n, 2_000)
+    hi[copies], lo[copies] = hi[originals], lo[originals]
+    # Halves shared with another key are not copies: the same lo, or the same hi.
+    lo[10], hi[11] = lo[20], hi[21]
+    lo[12:15] = 0
+    got = first_copies(hi, lo)
+    assert got.dtype == np.bool_
+    assert (got == reference_first_copies(hi, lo)).all()
+    assert got[10] and got[11] and got[12:15].all()
+
+
+def test_first_copies_of_nothing_and_of_one_key_repeated() -> None:
+    assert len(first_copies(np.empty(0, np.uint64), np.empty(0, np.uint64))) == 0
+    same = np.full(1_000, 7, np.uint64)
+    assert first_copies(same, same).tolist() == [True] + [False] * 999
+
+
+def test_first_copies_resists_keys_crafted_to_share_a_place() -> None:
+    """The fingerprint's seeds are public: event_ids can be crafted so that their ``lo`` share
+    the top bits a table would place them by. Placed by ``lo`` times a secret odd salt, such
+    keys still spread (counted in probes past the first slot, not timed): a few per key, not
+    the n/2 of one pile-up."""
+    n = 100_000
+    lo = np.arange(n, dtype=np.uint64)  # the top 47 bits all zero
+    hi = np.arange(n, dtype=np.uint64) << np.uint64(40)
+    first, probes = _first_copies(hi, lo)
+    assert first.all()
+    assert probes < 2 * n
