@@ -560,7 +560,7 @@ def test_embedded_snapshot_compaction_keeps_only_live_keys(tmp_path: Path) -> No
     assert len(snaps) == 1 and len(segs) < 3
     # The snapshot holds live keys only (what was live when it was taken).
     snap_wm, chunks, mixed = read_key_file(snaps[0])
-    assert not len(mixed)  # a snapshot holds sorted chunks only
+    assert not len(mixed)  # a snapshot holds chunks only
     snap_cutoff = expired_before(snap_wm, WINDOW_MS, SLICE_MS)
     assert snap_cutoff is not None
     assert all(sl >= snap_cutoff for sl, _, _ in chunks)
@@ -589,6 +589,27 @@ def test_embedded_snapshots_only_once_new_keys_reach_half_the_live_ones(tmp_path
     assert len(list(state.glob("snap-*.keys"))) == 1
     assert not list(state.glob("seg-*.keys"))
     assert embedded(tmp_path).stats().keys == 2_000
+
+
+def test_embedded_segment_files_hold_one_generation_as_a_chunk(tmp_path: Path) -> None:
+    """A batch's keys in one generation (the usual case) are written as one chunk, 16 bytes a
+    key; a batch spanning generations keeps each key's. Both read back whole."""
+    cache = embedded(tmp_path)
+    cache.rebuild(empty_keys(), None)
+    one = keys_in_slice(300, 2, seed=90)
+    two = Keys.concat([keys_in_slice(100, 2, seed=91), keys_in_slice(100, 3, seed=92)])
+    cache.claim("one", one)
+    cache.finish("one", 2 * SLICE_MS)
+    cache.claim("two", two)
+    cache.finish("two", 3 * SLICE_MS)
+    first, second = sorted((tmp_path / "state" / "embedded").glob("seg-*.keys"))
+    _, chunks, mixed = read_key_file(first)
+    assert [(sl, len(lo)) for sl, _, lo in chunks] == [(2, 300)] and not len(mixed)
+    _, chunks, mixed = read_key_file(second)
+    assert not chunks and len(mixed) == 200
+    assert first.stat().st_size < 0.7 * second.stat().st_size * 300 / 200
+    reopened = embedded(tmp_path)
+    assert probe(reopened, Keys.concat([one, two])).all()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
