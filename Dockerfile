@@ -11,12 +11,16 @@ WORKDIR /app
 
 # Dependencies first, from the runtime lock alone (exact versions, every file's hash checked:
 # the versions the test suite ran on): this layer is rebuilt only when the lock changes, not on
-# every code change. (Every locked dependency ships manylinux wheels, so no compiler is needed.)
+# every code change. (Every locked dependency ships manylinux wheels: no compiler for them.)
 COPY requirements/runtime.lock ./requirements/
 RUN pip install --require-hashes -r requirements/runtime.lock
 
-# Then the code, installed without touching the dependency layer.
-COPY pyproject.toml README.md ./
+# Then the code, installed without touching the dependency layer. The package has one compiled
+# part, the embedded key cache's table (pipeline/_keytable.c, which includes the Redis module's
+# redis_module/keytable.h): gcc is installed, used and removed in the one step, so the image
+# carries the built table and no compiler.
+COPY pyproject.toml README.md MANIFEST.in ./
+COPY redis_module/keytable.h ./redis_module/
 COPY pipeline ./pipeline
 COPY generator ./generator
 COPY queries ./queries
@@ -24,7 +28,11 @@ COPY api ./api
 COPY jobs ./jobs
 COPY lake ./lake
 COPY cli ./cli
-RUN pip install --no-deps . && rm -rf build ./*.egg-info
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-deps . \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* build ./*.egg-info
 
 # Not root: a system user owning only the data directory (a named volume mounted on /data
 # starts with this ownership).

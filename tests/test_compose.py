@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -672,6 +673,28 @@ def test_dockerfile_installs_the_runtime_lock_with_hashes() -> None:
         assert command[command.index("-r") + 1] == RUNTIME_LOCK, shlex.join(command)
     assert any("--no-deps" not in command for _, command in installs)
     assert "--hash=sha256:" in (ROOT / RUNTIME_LOCK).read_text()
+
+
+def test_dockerfile_copies_what_the_compiled_part_is_built_from() -> None:
+    """The image builds the package's C extension (``[[tool.setuptools.ext-modules]]``): every
+    source and header it names is copied into the image (a header in the Redis module's
+    directory too), a compiler is installed for the build and removed in the same step, and
+    .dockerignore keeps none of them out."""
+    modules = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "ext-modules"
+    ]
+    needed = {PurePosixPath(f) for m in modules for f in [*m["sources"], *m.get("depends", [])]}
+    assert needed
+    copied = set()
+    for ins, args in dockerfile():
+        if ins == "COPY" and not args.startswith("--from"):
+            copied |= {PurePosixPath(a) for a in args.split()[:-1]}
+    assert all(any(f == c or c in f.parents for c in copied) for f in needed), needed - copied
+    install = next(command for _, command in pip_installs() if "--no-deps" in command)
+    step = next(args for ins, args in dockerfile() if ins == "RUN" and shlex.join(install) in args)
+    assert "apt-get install" in step and "gcc" in step and "apt-get purge" in step
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert not {str(f) for f in needed} & ignored and "redis_module" not in ignored
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
