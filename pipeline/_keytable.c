@@ -48,7 +48,7 @@ void kt_dump(const Table *t, uint32_t first, uint32_t count, uint64_t *hi, uint6
     size_t k = 0;
     for (uint32_t i = first; i < first + count; i++) {
         const Segment *s = &t->segs[i];
-        uint64_t sel = t->bits ? (uint64_t)i << (64 - t->bits) : 0;
+        uint64_t sel = segment_sel(t, i);
         for (uint32_t j = 0; j < s->cap; j++) {
             if (!s->slots[j]) continue;
             hi[k] = sel;

@@ -112,7 +112,7 @@ static void table_aof_rewrite(RedisModuleIO *aof, RedisModuleString *key, void *
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
         Segment *s = &t->segs[i];
-        uint64_t sel = t->bits ? (uint64_t)i << (64 - t->bits) : 0;
+        uint64_t sel = segment_sel(t, i);
         for (uint32_t j = 0; j < s->cap; j++) {
             if (!s->slots[j]) continue;
             memcpy(buf + k * REC, &sel, 8);

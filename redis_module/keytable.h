@@ -53,6 +53,12 @@ static inline Segment *segment_of(Table *t, uint64_t sel) {
     return t->bits ? &t->segs[sel >> (64 - t->bits)] : &t->segs[0];
 }
 
+/* The smallest ``sel`` of segment i (its bits, the rest 0): what a dump keeps of a key's
+ * ``sel``, which segment_of maps back to segment i. */
+static inline uint64_t segment_sel(const Table *t, size_t i) {
+    return t->bits ? (uint64_t)i << (64 - t->bits) : 0;
+}
+
 /* Largest m * 2^k (m in 4..7) at or below x (x >= 8). */
 static inline uint32_t size_class_floor(uint64_t x) {
     int k = 63 - __builtin_clzll(x) - 2;
