@@ -10,11 +10,16 @@
 
 #define ALLOC_HEADER 8 /* glibc's header on each allocation */
 
-Table *kt_new(uint32_t bits) { return table_new(bits); }
+/* A table placing keys by these salts (keytable.h): secret random ones from the caller. */
+Table *kt_new(uint32_t bits, uint64_t salt_add, uint64_t salt_mul) {
+    return table_new(bits, salt_add, salt_mul);
+}
 
 void kt_free(Table *t) { table_free(t); }
 
 uint64_t kt_keys(const Table *t) { return t->keys; }
+
+uint64_t kt_displacement(const Table *t) { return table_displacement(t); }
 
 /* Bytes the table holds from the allocator: slots, segment headers, the table. */
 uint64_t kt_bytes(const Table *t) {
@@ -41,17 +46,16 @@ uint64_t kt_count(const Table *t, uint32_t first, uint32_t count) {
     return n;
 }
 
-/* Writes the keys of segments [first, first + count) as (hi, lo): ``hi`` keeps only the
- * segment's bits (all a table looks at), ``lo`` is the value stored. The arrays hold
- * kt_count(t, first, count) keys. */
+/* Writes the keys of segments [first, first + count) as (hi, lo): ``hi`` keeps only its top
+ * bits (all a table looks at), ``lo`` is the value stored; unsalted, so any table reads them.
+ * The arrays hold kt_count(t, first, count) keys. */
 void kt_dump(const Table *t, uint32_t first, uint32_t count, uint64_t *hi, uint64_t *lo) {
     size_t k = 0;
     for (uint32_t i = first; i < first + count; i++) {
         const Segment *s = &t->segs[i];
-        uint64_t sel = segment_sel(t, i);
         for (uint32_t j = 0; j < s->cap; j++) {
             if (!s->slots[j]) continue;
-            hi[k] = sel;
+            hi[k] = segment_sel(t, i, s->slots[j]);
             lo[k++] = s->slots[j];
         }
     }

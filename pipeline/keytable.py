@@ -47,10 +47,10 @@ def _load() -> ctypes.CDLL:
         )
     lib = ctypes.CDLL(spec.origin)
     lib.kt_new.restype = _P
-    lib.kt_new.argtypes = [ctypes.c_uint32]
+    lib.kt_new.argtypes = [ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint64]
     lib.kt_free.restype = None
     lib.kt_free.argtypes = [_P]
-    for name in ("kt_keys", "kt_bytes"):
+    for name in ("kt_keys", "kt_bytes", "kt_displacement"):
         getattr(lib, name).restype = ctypes.c_uint64
         getattr(lib, name).argtypes = [_P]
     lib.kt_claim.restype = ctypes.c_size_t
@@ -71,12 +71,15 @@ _SALT: Final = secrets.randbits(64) | 1
 
 class _Table:
     """One generation's table; its memory is freed with the object (so a snapshot still
-    reading a dropped generation keeps it alive)."""
+    reading a dropped generation keeps it alive). Keys are placed by two salts, secret and new
+    for each table (``salts`` only for tests: (0, 1) places them unkeyed), so event_ids crafted
+    against the public fingerprint cannot pile into one probe run (``keytable.h``)."""
 
     __slots__ = ("ptr",)
 
-    def __init__(self) -> None:
-        self.ptr: int = _LIB.kt_new(SEGMENT_BITS)
+    def __init__(self, salts: tuple[int, int] | None = None) -> None:
+        salt_add, salt_mul = salts or (secrets.randbits(64), secrets.randbits(64))
+        self.ptr: int = _LIB.kt_new(SEGMENT_BITS, salt_add, salt_mul)
 
     def __del__(self) -> None:
         _LIB.kt_free(self.ptr)
@@ -86,6 +89,10 @@ class _Table:
 
     def bytes(self) -> int:
         return int(_LIB.kt_bytes(self.ptr))
+
+    def displacement(self) -> int:
+        """Slots past their home summed over the keys: ~keys / 2 unless keys pile up."""
+        return int(_LIB.kt_displacement(self.ptr))
 
     def dump(self, first: int, count: int) -> tuple[npt.NDArray[np.uint64], ...]:
         n = int(_LIB.kt_count(self.ptr, first, count))

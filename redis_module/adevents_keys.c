@@ -13,9 +13,14 @@
  *   ADEVENTS.ADD bits blob key                add; replies the number of keys added.
  *   ADEVENTS.PROBE blob key [key ...]         per key: '0' absent, else '1' + table index.
  *   ADEVENTS.INFO key                         [bits, keys, slots, bytes] or nil.
+ *   ADEVENTS.DISPLACEMENT key                 slots past home summed over the keys (a scan of
+ *                                             the table: a diagnostic, see keytable.h).
  * ``bits`` is the segment bits of a table created by the call; an existing table must have
- * them (ADEVENTS_BITS error otherwise). Writes are replicated verbatim (they are
- * deterministic). Persistence: RDB (rdb_save/rdb_load) and AOF rewrite (ADEVENTS.ADD). */
+ * them (ADEVENTS_BITS error otherwise). Each table gets its own secret salts from Redis's
+ * random source when created (keytable.h: crafted ids cannot pile up). Writes are replicated
+ * verbatim: answers do not depend on the salts, so a replica's tables may have their own.
+ * Persistence: RDB (rdb_save/rdb_load, salts included; encoding 0, from before salts, loads
+ * into a salted table) and AOF rewrite (ADEVENTS.ADD of the keys as they came). */
 
 #include "redismodule.h"
 
@@ -28,13 +33,19 @@
 #include <string.h>
 
 #define TYPE_NAME "adev-keys" /* exactly 9 characters */
-#define ENCVER 0
+#define ENCVER 1 /* 1: salts after bits; 0: no salts (placed unkeyed) */
 #define MAX_BITS 20
 #define REC 16
 #define MAX_TABLES 64 /* answers stay printable: '1' + 63 = 'p' */
 #define AOF_CHUNK 65536
 
 static RedisModuleType *TableType;
+
+static Table *new_table(uint32_t bits) {
+    uint64_t salt[2];
+    RedisModule_GetRandomBytes((unsigned char *)salt, sizeof(salt));
+    return table_new(bits, salt[0], salt[1]);
+}
 
 static size_t table_bytes(const Table *t) {
     size_t n = (size_t)1 << t->bits;
@@ -46,11 +57,28 @@ static size_t table_bytes(const Table *t) {
 }
 
 /* -- type methods ------------------------------------------------------------------------- */
+/* Encoding 0's segment i, whose keys were placed unkeyed: each key goes where this table's
+ * salts put it. */
+static void load_unkeyed_segment(Table *t, size_t i, const char *buf, uint64_t used) {
+    uint64_t sel = t->bits ? (uint64_t)i << (64 - t->bits) : 0;
+    for (uint64_t j = 0; j < used; j++) {
+        table_add(t, sel, stored_value(load_u64((const unsigned char *)buf + 8 * j)));
+    }
+}
+
 static void *table_rdb_load(RedisModuleIO *rdb, int encver) {
-    if (encver != ENCVER) return NULL;
+    if (encver != ENCVER && encver != 0) return NULL;
     uint64_t bits = RedisModule_LoadUnsigned(rdb);
     if (RedisModule_IsIOError(rdb) || bits > MAX_BITS) return NULL;
-    Table *t = table_new((uint32_t)bits);
+    Table *t;
+    if (encver == 0) {
+        t = new_table((uint32_t)bits);
+    } else {
+        uint64_t salt_add = RedisModule_LoadUnsigned(rdb);
+        uint64_t salt_mul = RedisModule_LoadUnsigned(rdb);
+        if (RedisModule_IsIOError(rdb)) return NULL;
+        t = table_new((uint32_t)bits, salt_add, salt_mul);
+    }
     size_t n = (size_t)1 << bits;
     for (size_t i = 0; i < n; i++) {
         uint64_t used = RedisModule_LoadUnsigned(rdb);
@@ -63,14 +91,20 @@ static void *table_rdb_load(RedisModuleIO *rdb, int encver) {
             RedisModule_Free(buf);
             goto fail;
         }
+        if (encver == 0) {
+            load_unkeyed_segment(t, i, buf, used);
+            RedisModule_Free(buf);
+            continue;
+        }
         /* The smallest capacity holding them at a load of at most 3/4 (so at least 3/5). */
         Segment *s = &t->segs[i];
         uint64_t want = (4 * used + 2) / 3;
-        seg_resize(s, size_class_ceil(want < MIN_CAP ? MIN_CAP : want));
+        seg_resize(t, s, size_class_ceil(want < MIN_CAP ? MIN_CAP : want));
         for (uint64_t j = 0; j < used; j++) {
             uint64_t v = stored_value(load_u64((unsigned char *)buf + 8 * j));
-            if (!seg_find(s, v)) {
-                seg_place(s, v);
+            uint64_t h = placement(t, v);
+            if (!seg_find(t, s, v, h)) {
+                seg_place(t, s, v, h);
                 t->keys++;
             }
         }
@@ -85,6 +119,8 @@ fail:
 static void table_rdb_save(RedisModuleIO *rdb, void *value) {
     Table *t = value;
     RedisModule_SaveUnsigned(rdb, t->bits);
+    RedisModule_SaveUnsigned(rdb, t->salt_add);
+    RedisModule_SaveUnsigned(rdb, t->salt_mul);
     size_t n = (size_t)1 << t->bits;
     uint64_t *buf = NULL;
     uint32_t bufcap = 0;
@@ -112,9 +148,9 @@ static void table_aof_rewrite(RedisModuleIO *aof, RedisModuleString *key, void *
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
         Segment *s = &t->segs[i];
-        uint64_t sel = segment_sel(t, i);
         for (uint32_t j = 0; j < s->cap; j++) {
             if (!s->slots[j]) continue;
+            uint64_t sel = segment_sel(t, i, s->slots[j]);
             memcpy(buf + k * REC, &sel, 8);
             memcpy(buf + k * REC + 8, &s->slots[j], 8);
             if (++k == AOF_CHUNK) {
@@ -162,7 +198,7 @@ static int open_own(RedisModuleCtx *ctx, RedisModuleString *name, uint32_t bits,
     RedisModuleKey *key = RedisModule_OpenKey(ctx, name, REDISMODULE_READ | REDISMODULE_WRITE);
     int type = RedisModule_KeyType(key);
     if (type == REDISMODULE_KEYTYPE_EMPTY) {
-        *out = table_new(bits);
+        *out = new_table(bits);
         RedisModule_ModuleTypeSetValue(key, TableType, *out);
         return REDISMODULE_OK;
     }
@@ -287,6 +323,16 @@ static int cmd_info(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     return REDISMODULE_OK;
 }
 
+/* ADEVENTS.DISPLACEMENT key */
+static int cmd_displacement(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    RedisModule_AutoMemory(ctx); /* closes the keys opened (and signals them modified) */
+    if (argc != 2) return RedisModule_WrongArity(ctx);
+    Table *t;
+    if (open_table(ctx, argv[1], REDISMODULE_READ, &t) != REDISMODULE_OK) return REDISMODULE_OK;
+    if (!t) return RedisModule_ReplyWithNull(ctx);
+    return RedisModule_ReplyWithLongLong(ctx, (long long)table_displacement(t));
+}
+
 int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     (void)argv;
     (void)argc;
@@ -330,6 +376,7 @@ int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
         {"adevents.add", cmd_add, "write deny-oom", 3, 3, 1, 4, add_keys},
         {"adevents.probe", cmd_probe, "readonly", 2, -1, 1, -3, probe_keys},
         {"adevents.info", cmd_info, "readonly fast", 1, 1, 1, 2, info_keys},
+        {"adevents.displacement", cmd_displacement, "readonly", 1, 1, 1, 2, info_keys},
     };
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
         if (RedisModule_CreateCommand(ctx, cmds[i].name, cmds[i].fn, cmds[i].flags, cmds[i].first,

@@ -3,10 +3,19 @@
  * (pipeline/_keytable.c, loaded with ctypes; malloc), so both caches hold keys the same way.
  *
  * A table is 2^bits segments, each an open-addressing (linear probing) array of 8-byte slots.
- * A key is two u64 halves, ``sel`` and ``val``: the top ``bits`` of ``sel`` pick the segment,
- * ``val`` is stored in it (0 marks an empty slot, so a ``val`` of 0 is stored as 1). The
- * segment index is implicit in the slot's place, so a table tells keys apart by 64 + bits
- * bits, not 64.
+ * A key is two u64 halves, ``sel`` and ``val``; ``val`` is stored (0 marks an empty slot, so a
+ * ``val`` of 0 is stored as 1) and the top ``bits`` of ``sel`` are implicit in where: a table
+ * tells keys apart by 64 + bits bits, not 64.
+ *
+ * Where a key goes is keyed by the table's two secret salts: h = val * salt_mul + salt_add
+ * (mod 2^64, salt_mul odd: multiply-shift hashing, universal over the salts); the segment is
+ * the top bits of sel ^ h, the home slot in it is given by h's next bits. The fingerprint's
+ * seeds are public, so unkeyed, event_ids could be crafted offline (2^(bits + log2 cap) tries
+ * each) to share a segment and a home slot and pile into one probe run, making every later
+ * claim in that segment slow: a client-controlled slowdown of everyone's dedupe. Keyed, they
+ * land as random keys do. Salts (0, 1) make h = val, i.e. unkeyed (tests measure the pile-up).
+ * The placement is a bijection of (segment, val) with (top bits of sel, val), so a dump writes
+ * keys as they came and any table, whatever its salts, reads them back.
  *
  * A segment grows (rehash of that segment alone: no latency spike) when an insert would take
  * its load above 3/4, to the largest allocator size class at or below twice its keys: its load
@@ -34,6 +43,8 @@ typedef struct {
 typedef struct {
     Segment *segs;
     uint64_t keys;
+    uint64_t salt_add;
+    uint64_t salt_mul; /* odd */
     uint32_t bits;
 } Table;
 
@@ -45,18 +56,27 @@ static inline uint64_t load_u64(const unsigned char *p) {
 
 static inline uint64_t stored_value(uint64_t v) { return v ? v : 1; }
 
-static inline uint32_t home_of(uint64_t v, uint32_t cap) {
-    return (uint32_t)(((unsigned __int128)v * cap) >> 64);
+/* The keyed hash of a stored value that places it (see the top of this file). */
+static inline uint64_t placement(const Table *t, uint64_t v) {
+    return v * t->salt_mul + t->salt_add;
 }
 
-static inline Segment *segment_of(Table *t, uint64_t sel) {
-    return t->bits ? &t->segs[sel >> (64 - t->bits)] : &t->segs[0];
+/* The home slot of a value placed at h: h's bits below the segment's, scaled to the
+ * capacity. */
+static inline uint32_t home_of(const Table *t, uint64_t h, uint32_t cap) {
+    return (uint32_t)(((unsigned __int128)(h << t->bits) * cap) >> 64);
 }
 
-/* The smallest ``sel`` of segment i (its bits, the rest 0): what a dump keeps of a key's
- * ``sel``, which segment_of maps back to segment i. */
-static inline uint64_t segment_sel(const Table *t, size_t i) {
-    return t->bits ? (uint64_t)i << (64 - t->bits) : 0;
+static inline Segment *segment_of(const Table *t, uint64_t sel, uint64_t h) {
+    return t->bits ? &t->segs[(sel ^ h) >> (64 - t->bits)] : &t->segs[0];
+}
+
+/* The ``sel`` a dump writes for value v held in segment i: the top bits of the key's own
+ * ``sel`` (all a table looks at), the rest 0; it places v in segment i again. */
+static inline uint64_t segment_sel(const Table *t, size_t i, uint64_t v) {
+    if (!t->bits) return 0;
+    uint64_t top = ~(uint64_t)0 << (64 - t->bits);
+    return (((uint64_t)i << (64 - t->bits)) ^ placement(t, v)) & top;
 }
 
 /* Largest m * 2^k (m in 4..7) at or below x (x >= 8). */
@@ -73,10 +93,14 @@ static inline uint32_t size_class_ceil(uint64_t x) {
     return f + ((uint32_t)1 << k); /* m + 1 (7 + 1 is 4 of the next power) */
 }
 
-static inline Table *table_new(uint32_t bits) {
+/* A table with these salts (salt_mul is made odd): random ones from the includer, which
+ * keeps them secret. */
+static inline Table *table_new(uint32_t bits, uint64_t salt_add, uint64_t salt_mul) {
     Table *t = KT_MALLOC(sizeof(*t));
     t->bits = bits;
     t->keys = 0;
+    t->salt_add = salt_add;
+    t->salt_mul = salt_mul | 1;
     t->segs = KT_CALLOC((size_t)1 << bits, sizeof(Segment));
     return t;
 }
@@ -89,9 +113,10 @@ static inline void table_free(void *value) {
     KT_FREE(t);
 }
 
-static inline int seg_find(const Segment *s, uint64_t v) {
+/* Functions taking ``h`` take placement(t, v), which callers compute once a key. */
+static inline int seg_find(const Table *t, const Segment *s, uint64_t v, uint64_t h) {
     if (!s->cap) return 0;
-    uint32_t i = home_of(v, s->cap);
+    uint32_t i = home_of(t, h, s->cap);
     for (;;) {
         uint64_t x = s->slots[i];
         if (x == v) return 1;
@@ -100,8 +125,8 @@ static inline int seg_find(const Segment *s, uint64_t v) {
     }
 }
 
-static inline void seg_place(Segment *s, uint64_t v) {
-    uint32_t i = home_of(v, s->cap);
+static inline void seg_place(const Table *t, Segment *s, uint64_t v, uint64_t h) {
+    uint32_t i = home_of(t, h, s->cap);
     while (s->slots[i]) {
         if (++i == s->cap) i = 0;
     }
@@ -109,24 +134,25 @@ static inline void seg_place(Segment *s, uint64_t v) {
     s->used++;
 }
 
-static inline void seg_resize(Segment *s, uint32_t cap) {
+static inline void seg_resize(const Table *t, Segment *s, uint32_t cap) {
     Segment old = *s;
     s->slots = KT_CALLOC(cap, sizeof(uint64_t));
     s->cap = cap;
     s->used = 0;
     for (uint32_t i = 0; i < old.cap; i++) {
-        if (old.slots[i]) seg_place(s, old.slots[i]);
+        uint64_t v = old.slots[i];
+        if (v) seg_place(t, s, v, placement(t, v));
     }
     KT_FREE(old.slots);
 }
 
 /* Add v, known absent from s. */
-static inline void seg_insert(Segment *s, uint64_t v) {
+static inline void seg_insert(const Table *t, Segment *s, uint64_t v, uint64_t h) {
     if ((uint64_t)(s->used + 1) * 4 > (uint64_t)s->cap * 3) {
         uint64_t want = 2 * (uint64_t)(s->used + 1);
-        seg_resize(s, size_class_floor(want < MIN_CAP ? MIN_CAP : want));
+        seg_resize(t, s, size_class_floor(want < MIN_CAP ? MIN_CAP : want));
     }
-    seg_place(s, v);
+    seg_place(t, s, v, h);
 }
 
 /* Keys are read at sel + i * stride and val + i * stride (bytes; any alignment): a blob of
@@ -144,22 +170,32 @@ static inline uint64_t key_val(KeyView k, size_t i) {
 
 /* Memory prefetch: a key's probe touches its segment's header, then a slot, both usually cache
  * misses in a big table. The header of key i + 2 * AHEAD and the home slot of key i + AHEAD
- * (whose header came in meanwhile) are requested while key i is probed. Forced inline: gcc -O2
- * left them as calls, which took a claim from 55 to 150 ns a key (10M keys held). */
+ * (whose header came in meanwhile) are requested while key i is probed. Each key's placement
+ * in each table is computed once, with its header's prefetch, and kept in a ring of RING keys
+ * a table (``hs``) until its probe. Forced inline: gcc -O2 left them as calls, which took a
+ * claim from 55 to 150 ns a key (10M keys held). */
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
-static ALWAYS_INLINE void prefetch_header(Table **tables, int ntables, KeyView keys, size_t i) {
-    uint64_t sel = key_sel(keys, i);
-    for (int j = 0; j < ntables; j++) {
-        if (tables[j]) __builtin_prefetch(segment_of(tables[j], sel));
-    }
-}
+#define RING (4 * AHEAD) /* a power of two above 2 * AHEAD */
+#define RING_AT(hs, j, i) ((hs)[(size_t)(j) * RING + ((i) & (RING - 1))])
 
-static ALWAYS_INLINE void prefetch_slot(Table **tables, int ntables, KeyView keys, size_t i) {
+static ALWAYS_INLINE void prefetch_header(Table **tables, int ntables, KeyView keys, size_t i,
+                                          uint64_t *hs) {
     uint64_t sel = key_sel(keys, i), v = key_val(keys, i);
     for (int j = 0; j < ntables; j++) {
         if (!tables[j]) continue;
-        Segment *s = segment_of(tables[j], sel);
-        if (s->cap) __builtin_prefetch(&s->slots[home_of(v, s->cap)]);
+        uint64_t h = RING_AT(hs, j, i) = placement(tables[j], v);
+        __builtin_prefetch(segment_of(tables[j], sel, h));
+    }
+}
+
+static ALWAYS_INLINE void prefetch_slot(Table **tables, int ntables, KeyView keys, size_t i,
+                                        const uint64_t *hs) {
+    uint64_t sel = key_sel(keys, i);
+    for (int j = 0; j < ntables; j++) {
+        if (!tables[j]) continue;
+        uint64_t h = RING_AT(hs, j, i);
+        Segment *s = segment_of(tables[j], sel, h);
+        if (s->cap) __builtin_prefetch(&s->slots[home_of(tables[j], h, s->cap)]);
     }
 }
 
@@ -168,26 +204,58 @@ static ALWAYS_INLINE void prefetch_slot(Table **tables, int ntables, KeyView key
  * in ``keys`` is new once, then held in tables[0]). A NULL table holds nothing; ``out`` may
  * be NULL. Returns the keys added. */
 static inline size_t claim_keys(Table **tables, int ntables, KeyView keys, size_t n, int add,
-                         unsigned char *out, unsigned char base) {
+                                unsigned char *out, unsigned char base) {
     size_t added = 0;
-    for (size_t i = 0; i < n && i < 2 * AHEAD; i++) prefetch_header(tables, ntables, keys, i);
-    for (size_t i = 0; i < n && i < AHEAD; i++) prefetch_slot(tables, ntables, keys, i);
+    uint64_t *hs = KT_MALLOC((size_t)(ntables > 0 ? ntables : 1) * RING * sizeof(uint64_t));
+    for (size_t i = 0; i < n && i < 2 * AHEAD; i++) prefetch_header(tables, ntables, keys, i, hs);
+    for (size_t i = 0; i < n && i < AHEAD; i++) prefetch_slot(tables, ntables, keys, i, hs);
     for (size_t i = 0; i < n; i++) {
-        if (i + 2 * AHEAD < n) prefetch_header(tables, ntables, keys, i + 2 * AHEAD);
-        if (i + AHEAD < n) prefetch_slot(tables, ntables, keys, i + AHEAD);
+        if (i + 2 * AHEAD < n) prefetch_header(tables, ntables, keys, i + 2 * AHEAD, hs);
+        if (i + AHEAD < n) prefetch_slot(tables, ntables, keys, i + AHEAD, hs);
         uint64_t sel = key_sel(keys, i), v = key_val(keys, i);
         int found = 0;
         for (int j = 0; j < ntables && !found; j++) {
-            if (tables[j] && seg_find(segment_of(tables[j], sel), v)) found = j + 1;
+            if (!tables[j]) continue;
+            uint64_t h = RING_AT(hs, j, i);
+            if (seg_find(tables[j], segment_of(tables[j], sel, h), v, h)) found = j + 1;
         }
         if (!found && add) {
-            seg_insert(segment_of(tables[0], sel), v);
+            uint64_t h = RING_AT(hs, 0, i);
+            seg_insert(tables[0], segment_of(tables[0], sel, h), v, h);
             tables[0]->keys++;
             added++;
         }
         if (out) out[i] = (unsigned char)(base + found);
     }
+    KT_FREE(hs);
     return added;
+}
+
+/* Add one key (sel, val as stored) unless held; whether it was added. */
+static inline int table_add(Table *t, uint64_t sel, uint64_t v) {
+    uint64_t h = placement(t, v);
+    Segment *s = segment_of(t, sel, h);
+    if (seg_find(t, s, v, h)) return 0;
+    seg_insert(t, s, v, h);
+    t->keys++;
+    return 1;
+}
+
+/* Slots past their home slot, summed over the keys held: about keys / 2 for keys placed at
+ * random at these loads, n^2 / 2 for n keys piled into one home. A diagnostic (a flooded
+ * table shows here), not on any claim's path. */
+static inline uint64_t table_displacement(const Table *t) {
+    uint64_t total = 0;
+    size_t n = (size_t)1 << t->bits;
+    for (size_t i = 0; i < n; i++) {
+        const Segment *s = &t->segs[i];
+        for (uint32_t j = 0; j < s->cap; j++) {
+            if (!s->slots[j]) continue;
+            uint32_t home = home_of(t, placement(t, s->slots[j]), s->cap);
+            total += j >= home ? j - home : j + s->cap - home;
+        }
+    }
+    return total;
 }
 
 /* Slots allocated over all segments. */

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.fingerprint import Keys
-from pipeline.keytable import PIECE_SEGMENTS, SEGMENT_BITS, KeySet, _first_copies, first_copies
+from pipeline.keytable import (
+    PIECE_SEGMENTS,
+    SEGMENT_BITS,
+    KeySet,
+    _claim,
+    _first_copies,
+    _Table,
+    first_copies,
+)
 
 
 def random_keys(n: int, generation: int | np.ndarray, seed: int) -> Keys:
@@ -67,6 +75,15 @@ def test_pieces_hold_every_key_once_and_read_back_the_same() -> None:
     assert again.size() == 40_000
     assert again.contains(random_keys(20_000, 0, seed=10)).all()
     assert not again.contains(random_keys(20_000, 0, seed=12)).any()
+    # Each table has its own salts, yet the pieces are the keys as they came (hi's top bits).
+    shift = 64 - SEGMENT_BITS
+
+    def pairs(hi: np.ndarray, lo: np.ndarray) -> set[tuple[int, int]]:
+        return set(zip((hi >> np.uint64(shift)).tolist(), lo.tolist(), strict=True))
+
+    written = set().union(*(pairs(hi, lo) for _, hi, lo in pieces))
+    keys = random_keys(20_000, 0, seed=10)
+    assert pairs(keys.hi, keys.lo) <= written
 
 
 def test_pieces_of_a_dropped_generation_still_read() -> None:
@@ -141,3 +158,29 @@ def test_first_copies_resists_keys_crafted_to_share_a_place() -> None:
     first, probes = _first_copies(hi, lo)
     assert first.all()
     assert probes < 2 * n
+
+
+def crafted_keys(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys as an attacker can craft them against the public fingerprint: hi's top 12 bits and
+    lo's top 24 the same (found by trying ids), the rest as the hash falls."""
+    rng = np.random.default_rng(seed)
+    hi = rng.integers(0, 2**52, n, np.uint64)
+    lo = rng.integers(0, 2**40, n, np.uint64) | np.uint64(0x123456 << 40)
+    return hi, lo
+
+
+def test_keys_crafted_to_share_a_segment_and_home_do_not_pile_up() -> None:
+    """Placed unkeyed (salts (0, 1)), n crafted keys make one probe run: ~n^2 / 2 slots past
+    home. In a table's own secret salts they land as random keys do. Counted in slots past
+    home, not timed."""
+    n = 10_000
+    hi, lo = crafted_keys(n, seed=1)
+    unkeyed, salted = _Table(salts=(0, 1)), _Table()
+    for table in (unkeyed, salted):
+        assert (_claim([table], hi, lo, add=True) == 0).all()
+        assert table.keys() == n
+    assert unkeyed.displacement() > n * n // 4
+    rng = np.random.default_rng(3)
+    baseline = _Table()
+    _claim([baseline], *(rng.integers(0, 2**64, n, np.uint64) for _ in range(2)), add=True)
+    assert salted.displacement() < 2 * baseline.displacement() < 3 * n

@@ -3,6 +3,7 @@ replication, memory (``redis_module/adevents_keys.c``)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,6 +171,59 @@ def test_rdb_round_trip(r: redis.Redis) -> None:
     assert info(r, "empty")[:2] == [0, 0]  # type: ignore[index]
     _, keys, slots, _ = info(r, "big")  # type: ignore[misc]
     assert 0.5 <= keys / slots <= 0.75  # reloaded at the load of a grown table, not sparser
+
+
+def test_rdb_from_before_salts_loads(tmp_path: Path, module_so: Path) -> None:
+    """An RDB the module wrote before tables had salts (encoding 0, tests/data; written with
+    these random_keys seeds) loads: every key found, in a salted table."""
+    workdir = tmp_path / "old"
+    workdir.mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "adevents-keys-encver0.rdb", workdir / "dump.rdb")
+    server = ModuleRedisServer(workdir, module_so).start()
+    client = redis.Redis(port=server.port)
+    try:
+        for table, bits, n, seed in (("wide", 4, 3_000, 100), ("narrow", 0, 500, 101)):
+            sel, lo = random_keys(n, seed=seed)
+            assert probe(client, blob(sel, lo), table) == b"1" * n
+            assert info(client, table)[:2] == [bits, n]  # type: ignore[index]
+            fresh, fresh_lo = random_keys(n, seed=seed + 10)
+            assert probe(client, blob(fresh, fresh_lo), table) == b"0" * n
+        assert info(client, "empty")[:2] == [2, 0]  # type: ignore[index]
+        crafted = crafted_blob(2_000)
+        client.execute_command("ADEVENTS.ADD", 4, crafted, "wide")
+        assert displacement(client, "wide") < 3 * 5_000
+    finally:
+        client.close()
+        server.stop()
+
+
+def crafted_blob(n: int) -> bytes:
+    """Keys crafted against the public fingerprint: one segment and one home slot, unkeyed."""
+    rng = np.random.default_rng(4)
+    sel = rng.integers(0, 2**52, n, dtype=np.int64)  # the top 12 bits 0
+    lo = rng.integers(0, 2**40, n, dtype=np.int64) | np.int64(0x123456 << 40)
+    return blob(sel, lo)
+
+
+def displacement(r: redis.Redis, table: str) -> int:
+    return int(r.execute_command("ADEVENTS.DISPLACEMENT", table))
+
+
+def test_crafted_keys_do_not_pile_up_before_or_after_a_reload(r: redis.Redis) -> None:
+    """Each table has its own secret salts, so keys crafted to share a place spread as random
+    keys do (slots past home, summed: ~n/2 to 1.5n, not the n^2/2 of one probe run). A reload
+    keeps the salts (keys stay in their segments, so every key is still found) and the
+    spread."""
+    n = 20_000
+    crafted = crafted_blob(n)
+    r.execute_command("ADEVENTS.ADD", 4, crafted, "crafted")
+    sel, lo = random_keys(n, seed=12)
+    r.execute_command("ADEVENTS.ADD", 4, blob(sel, lo), "random")
+    for _ in range(2):
+        assert displacement(r, "crafted") < 2 * displacement(r, "random") < 3 * n
+        r.execute_command("DEBUG", "RELOAD")
+    assert probe(r, crafted, "crafted") == b"1" * n
+    assert r.execute_command("ADEVENTS.DISPLACEMENT", "missing") is None
 
 
 def test_aof_rewrite_round_trip(tmp_path: Path, module_so: Path) -> None:
