@@ -556,7 +556,7 @@ class EmbeddedKeyCache:
 
     def restore(self, batch_id: str, keys: Keys, max_event_time_ms: int | None) -> None:
         with self._lock:
-            self._set.add(keys.take(~self._set.contains(keys)))
+            self._set.add_new(keys)  # the keys no generation holds yet, each in its own
             self._pending[batch_id] = {batch_id: (keys, np.arange(len(keys), dtype=np.int64))}
         self.finish(batch_id, max_event_time_ms)
 
