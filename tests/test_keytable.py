@@ -47,6 +47,27 @@ def test_a_key_is_found_whatever_generation_holds_it() -> None:
     assert set(held.tables) == {9, 10, 11, 40} and held.size() == 500
 
 
+def test_claims_against_several_big_generations_answer_exactly() -> None:
+    """With two or more tables past the caches a claim prefetches a shorter distance ahead
+    (keytable.h): the answers must not change. Old keys, re-stamped copies of either
+    generation's keys and new keys, interleaved, in batches across the ring's wrap."""
+    older, newer = random_keys(80_000, 1, seed=20), random_keys(80_000, 2, seed=21)
+    held = KeySet()
+    assert held.add_new(older).all() and held.add_new(newer).all()
+    fresh = random_keys(80_000, 2, seed=22)
+    mixed = Keys(
+        np.full(240_000, 2),
+        np.stack([older.hi, newer.hi, fresh.hi], axis=1).ravel(),
+        np.stack([older.lo, newer.lo, fresh.lo], axis=1).ravel(),
+    )
+    for start in range(0, 240_000, 7_001):
+        part = mixed.take(np.arange(start, min(start + 7_001, 240_000)))
+        new = held.add_new(part)
+        expected = (np.arange(start, start + len(part)) % 3) == 2
+        assert (new == expected).all()
+    assert held.size() == 240_000
+
+
 def test_a_batch_spanning_generations_adds_each_key_to_its_own() -> None:
     generations = np.repeat(np.array([3, 1, 2]), 400)
     keys = random_keys(1200, generations, seed=4)
