@@ -6,7 +6,9 @@ A spool of 100k-event files with hex33 ids and 1 % duplicates is generated first
 Then, file pair by file pair (a commit group), each step runs as the consumer runs it, on the
 consumer's own functions, and its CPU time is summed: normalise, validate, fingerprint, first
 copies in the group, claim in the embedded key set (preloaded with ``--window-keys`` keys, the
-window a 10M-event run holds), filter, enrich, sort, Parquet write, footer statistics. The
+window a 10M-event run holds, half in the claim's own generation and half in the previous one:
+a window's steady state, where a new key misses in both tables), filter, enrich, sort, Parquet
+write, footer statistics. The
 ceiling (Arrow IPC read + Parquet write of the same files, what ``adevents bench`` measures)
 runs on the same files. Run with ``POLARS_MAX_THREADS=1`` so each figure is the step's own
 work, not two threads' contention. The table ends with what the sum allows on two cores kept
@@ -134,7 +136,8 @@ def measure(files: list[Path], campaigns: pl.DataFrame, window_keys: int) -> tup
     for start in range(0, window_keys, 100_000):  # the window's keys, as earlier batches left them
         n = min(100_000, window_keys - start)
         hi, lo = (rng.integers(0, 2**64, n, dtype=np.uint64) for _ in range(2))
-        held.add_new(Keys(np.zeros(n, np.int64), hi, lo))
+        generation = -1 if start < window_keys // 2 else 0  # the previous one, then the claims'
+        held.add_new(Keys(np.full(n, generation, np.int64), hi, lo))
     now = datetime.now(UTC)
     events = 0
     for pair in range(0, len(files) - 1, 2):

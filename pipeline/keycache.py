@@ -515,10 +515,15 @@ class EmbeddedKeyCache:
         more = won & ~Claimed(pl.DataFrame({"lo": held.lo.view(np.int64), "position": at})).holds(
             keys.lo, positions
         )
-        batches[batch_id] = (
-            Keys.concat([held, keys.take(more)]),
-            np.concatenate([at, positions[more]]),
-        )
+        if len(held):
+            batches[batch_id] = (
+                Keys.concat([held, keys.take(more)]),
+                np.concatenate([at, positions[more]]),
+            )
+        elif more.all():  # a batch's first claim, nothing refused: kept as given, no copy
+            batches[batch_id] = (keys, positions)
+        else:
+            batches[batch_id] = (keys.take(more), positions[more])
         return won
 
     def finish(
