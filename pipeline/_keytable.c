@@ -32,9 +32,11 @@ uint64_t kt_bytes(const Table *t) {
 }
 
 /* Per key, 0 if in none of ``tables`` (added to tables[0] when ``add``), else 1 + the index
- * of the first holding it. Returns the keys added. */
-size_t kt_claim(Table **tables, int ntables, const uint64_t *hi, const uint64_t *lo, size_t n,
-                int add, unsigned char *out) {
+ * of the first holding it. Returns the keys added, or -1 (nothing done) for more than
+ * KT_MAX_TABLES tables. */
+int64_t kt_claim(Table **tables, int ntables, const uint64_t *hi, const uint64_t *lo, size_t n,
+                 int add, unsigned char *out) {
+    if (ntables > KT_MAX_TABLES) return -1;
     KeyView keys = {(const unsigned char *)hi, (const unsigned char *)lo, 8};
     return claim_keys(tables, ntables, keys, n, add, out, 0);
 }

@@ -53,7 +53,7 @@ def _load() -> ctypes.CDLL:
     for name in ("kt_keys", "kt_bytes", "kt_displacement"):
         getattr(lib, name).restype = ctypes.c_uint64
         getattr(lib, name).argtypes = [_P]
-    lib.kt_claim.restype = ctypes.c_size_t
+    lib.kt_claim.restype = ctypes.c_int64
     lib.kt_claim.argtypes = [_P, ctypes.c_int, _P, _P, ctypes.c_size_t, ctypes.c_int, _P]
     lib.kt_count.restype = ctypes.c_uint64
     lib.kt_count.argtypes = [_P, ctypes.c_uint32, ctypes.c_uint32]
@@ -110,9 +110,11 @@ def _claim(
     out = np.zeros(len(lo), np.uint8)
     if len(lo) and tables:
         ptrs = (_P * len(tables))(*(t.ptr for t in tables))
-        _LIB.kt_claim(
+        added = _LIB.kt_claim(
             ptrs, len(tables), hi.ctypes.data, lo.ctypes.data, len(lo), add, out.ctypes.data
         )
+        if added < 0:  # settings keep a window to 16 generations or so: a bug if seen
+            raise ValueError(f"a claim looks in at most 64 generations, not {len(tables)}")
     return out
 
 
