@@ -32,13 +32,13 @@ uint64_t kt_bytes(const Table *t) {
 }
 
 /* Per key, 0 if in none of ``tables`` (added to tables[0] when ``add``), else 1 + the index
- * of the first holding it. Returns the keys added, or -1 (nothing done) for more than
- * KT_MAX_TABLES tables. */
+ * of the first holding it (255 for any past the 254th). Returns the keys added, or -1
+ * (nothing done) when memory is short. */
 int64_t kt_claim(Table **tables, int ntables, const uint64_t *hi, const uint64_t *lo, size_t n,
                  int add, unsigned char *out) {
-    if (ntables > KT_MAX_TABLES) return -1;
     KeyView keys = {(const unsigned char *)hi, (const unsigned char *)lo, 8};
-    return claim_keys(tables, ntables, keys, n, add, out, 0);
+    size_t added = claim_keys(tables, ntables, keys, n, add, out, 0);
+    return added == KT_NO_MEMORY ? -1 : (int64_t)added;
 }
 
 /* Keys held in segments [first, first + count). */

@@ -105,7 +105,7 @@ def _claim(
     tables: list[_Table], hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64], *, add: bool
 ) -> npt.NDArray[np.uint8]:
     """Per key, 0 when no table holds it (then added to ``tables[0]`` if ``add``), else 1 + the
-    index of the first that does."""
+    index of the first that does (255 for any past the 254th: a byte)."""
     hi, lo = np.ascontiguousarray(hi, np.uint64), np.ascontiguousarray(lo, np.uint64)
     out = np.zeros(len(lo), np.uint8)
     if len(lo) and tables:
@@ -113,8 +113,8 @@ def _claim(
         added = _LIB.kt_claim(
             ptrs, len(tables), hi.ctypes.data, lo.ctypes.data, len(lo), add, out.ctypes.data
         )
-        if added < 0:  # settings keep a window to 16 generations or so: a bug if seen
-            raise ValueError(f"a claim looks in at most 64 generations, not {len(tables)}")
+        if added < 0:
+            raise MemoryError(f"no memory to claim {len(lo):,} keys in {len(tables)} tables")
     return out
 
 

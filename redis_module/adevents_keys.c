@@ -36,7 +36,7 @@
 #define ENCVER 1 /* 1: salts after bits; 0: no salts (placed unkeyed) */
 #define MAX_BITS 20
 #define REC 16
-#define MAX_TABLES KT_MAX_TABLES /* 64: answers stay printable, '1' + 63 = 'p' */
+#define MAX_TABLES 64 /* answers stay printable: '1' + 63 = 'p' */
 #define AOF_CHUNK 65536
 
 static RedisModuleType *TableType;

@@ -178,7 +178,8 @@ static inline uint64_t key_val(KeyView k, size_t i) {
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
 #define BIG_TABLE 65536 /* keys: a table whose slots (~0.7 MB) miss in the caches */
 #define RING 32 /* keys a table; a power of two above 2 * AHEAD */
-#define KT_MAX_TABLES 64 /* tables one claim looks in (the ring is on the stack: 16 KB) */
+#define RING_STACK_TABLES 8 /* tables whose ring fits on the stack (2 KB); more: allocated */
+#define KT_NO_MEMORY ((size_t)-1) /* claim_keys could not allocate its ring (nothing done) */
 _Static_assert((RING & (RING - 1)) == 0 && RING > 2 * AHEAD, "RING: a power of two > 2 AHEAD");
 #define RING_AT(hs, j, i) ((hs)[(size_t)(j) * RING + ((i) & (RING - 1))])
 
@@ -204,13 +205,18 @@ static ALWAYS_INLINE void prefetch_slot(Table **tables, int ntables, KeyView key
 }
 
 /* Per key: 0 if in no table, else 1 + the index of the first table holding it, written as
- * ``base`` + that number. At most KT_MAX_TABLES tables (callers check). With ``add``, keys in none are added to tables[0] (a key repeated
+ * ``base`` + that number. With ``add``, keys in none are added to tables[0] (a key repeated
  * in ``keys`` is new once, then held in tables[0]). A NULL table holds nothing; ``out`` may
- * be NULL. Returns the keys added. */
+ * be NULL. Returns the keys added, or KT_NO_MEMORY. */
 static inline size_t claim_keys(Table **tables, int ntables, KeyView keys, size_t n, int add,
                                 unsigned char *out, unsigned char base) {
     size_t added = 0;
-    uint64_t hs[KT_MAX_TABLES * RING];
+    uint64_t stack[RING_STACK_TABLES * RING];
+    uint64_t *hs = stack;
+    if (ntables > RING_STACK_TABLES) {
+        hs = KT_MALLOC((size_t)ntables * RING * sizeof(uint64_t));
+        if (hs == NULL) return KT_NO_MEMORY;
+    }
     /* Each table past the caches has a slot miss in flight per key ahead: with two or more
      * (a window's steady state: the previous generation is full too), a shorter distance
      * keeps them within what a core can have outstanding. Claims into a 5M-key table: with a
@@ -237,8 +243,10 @@ static inline size_t claim_keys(Table **tables, int ntables, KeyView keys, size_
             tables[0]->keys++;
             added++;
         }
-        if (out) out[i] = (unsigned char)(base + found);
+        /* An answer is a byte: past 255 - base tables, it says found, not where. */
+        if (out) out[i] = (unsigned char)(base + (found > 255 - base ? 255 - base : found));
     }
+    if (hs != stack) KT_FREE(hs);
     return added;
 }
 
