@@ -515,15 +515,11 @@ class EmbeddedKeyCache:
         more = won & ~Claimed(pl.DataFrame({"lo": held.lo.view(np.int64), "position": at})).holds(
             keys.lo, positions
         )
+        # Kept as given when all are kept (a batch's usual first claim): no copy.
+        kept = (keys, positions) if more.all() else (keys.take(more), positions[more])
         if len(held):
-            batches[batch_id] = (
-                Keys.concat([held, keys.take(more)]),
-                np.concatenate([at, positions[more]]),
-            )
-        elif more.all():  # a batch's first claim, nothing refused: kept as given, no copy
-            batches[batch_id] = (keys, positions)
-        else:
-            batches[batch_id] = (keys.take(more), positions[more])
+            kept = (Keys.concat([held, kept[0]]), np.concatenate([at, kept[1]]))
+        batches[batch_id] = kept
         return won
 
     def finish(

@@ -60,7 +60,7 @@ static size_t table_bytes(const Table *t) {
 /* Encoding 0's segment i, whose keys were placed unkeyed: each key goes where this table's
  * salts put it. */
 static void load_unkeyed_segment(Table *t, size_t i, const char *buf, uint64_t used) {
-    uint64_t sel = t->bits ? (uint64_t)i << (64 - t->bits) : 0;
+    uint64_t sel = segment_top(t, i);
     for (uint64_t j = 0; j < used; j++) {
         table_add(t, sel, stored_value(load_u64((const unsigned char *)buf + 8 * j)));
     }

@@ -72,12 +72,17 @@ static inline Segment *segment_of(const Table *t, uint64_t sel, uint64_t h) {
     return t->bits ? &t->segs[(sel ^ h) >> (64 - t->bits)] : &t->segs[0];
 }
 
+/* Segment index i in the top ``bits`` of a u64, the rest 0 (unkeyed, the segment such a
+ * ``sel`` picks: how encoding 0 of the module's RDB placed keys). */
+static inline uint64_t segment_top(const Table *t, size_t i) {
+    return t->bits ? (uint64_t)i << (64 - t->bits) : 0;
+}
+
 /* The ``sel`` a dump writes for value v held in segment i: the top bits of the key's own
  * ``sel`` (all a table looks at), the rest 0; it places v in segment i again. */
 static inline uint64_t segment_sel(const Table *t, size_t i, uint64_t v) {
-    if (!t->bits) return 0;
-    uint64_t top = ~(uint64_t)0 << (64 - t->bits);
-    return (((uint64_t)i << (64 - t->bits)) ^ placement(t, v)) & top;
+    uint64_t top = segment_top(t, ((size_t)1 << t->bits) - 1); /* every segment bit set */
+    return (segment_top(t, i) ^ placement(t, v)) & top;
 }
 
 /* Largest m * 2^k (m in 4..7) at or below x (x >= 8). */
