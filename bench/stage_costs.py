@@ -122,8 +122,7 @@ def _group(
     kept = costs.run(
         "filter the new rows", lambda: valid.filter(pl.Series(is_new)).drop(decide._POSITION)
     )
-    costs.run("enrich", lambda: decide._enrich(kept, readable, campaigns, now))
-    frame = pl.concat([r.outcome.events for r in readable if len(r.outcome.events)])
+    frame = costs.run("enrich", lambda: decide._enrich(kept, readable, campaigns, now))
     framed = costs.run("sort (campaign, time) in hour partitions", lambda: prepare(EVENTS, frame))
     for part in framed.partition_by(_BUCKET, maintain_order=True):
         _write(part, costs)

@@ -87,7 +87,7 @@ def decide_group(
         timings["dedupe_ms"] = timings.get("dedupe_ms", 0.0) + (time.perf_counter() - t) * 1000
         return won
 
-    outcomes = decide(
+    decision = decide(
         inputs,
         now=datetime.fromtimestamp(intent.now_ms / 1000, UTC),
         watermark_ms=intent.watermark_ms,
@@ -98,13 +98,12 @@ def decide_group(
     )
     decided = time.perf_counter()
     timings["validate_ms"] = (decided - started) * 1000 - timings.get("dedupe_ms", 0.0)
-    group = Group(intent, outcomes, started, timings)
-    events = group.frame(EVENTS.name)
-    if len(events):
+    group = Group(intent, decision.outcomes, started, timings)
+    if len(decision.events):
         # Sorted here, on the deciding thread, not by the writer thread that lands the group
         # before: on a backlog the writer is the busier of the two (its Parquet and commits).
-        group.events = prepare(EVENTS, events)
-        for outcome in outcomes:
+        group.events = prepare(EVENTS, decision.events)
+        for outcome in decision.outcomes:
             outcome.events = outcome.events.clear()
     timings["sort_ms"] = (time.perf_counter() - decided) * 1000
     return group
