@@ -36,7 +36,7 @@ from pyarrow import ipc
 
 from generator.runner import generate
 from lake.tables import EVENTS
-from lake.writer import _BUCKET, encode_part, file_stats, prepare
+from lake.writer import encode_part, file_stats, partitions, prepare
 from pipeline import decide
 from pipeline.enrich import load_campaigns
 from pipeline.fingerprint import Keys, compute_keys
@@ -124,7 +124,7 @@ def _group(
     )
     frame = costs.run("enrich", lambda: decide._enrich(kept, readable, campaigns, now))
     framed = costs.run("sort (campaign, time) in hour partitions", lambda: prepare(EVENTS, frame))
-    for part in framed.partition_by(_BUCKET, maintain_order=True):
+    for _bucket, part in partitions(framed):
         _write(part, costs)
 
 

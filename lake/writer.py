@@ -48,7 +48,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
@@ -266,8 +266,7 @@ def write_files(
     if frame.height == 0:
         return written
     framed = prepare(spec, frame)
-    for (bucket,), part in framed.partition_by(_BUCKET, maintain_order=True, as_dict=True).items():
-        assert isinstance(bucket, datetime)
+    for bucket, part in partitions(framed):
         values = {p: bucket.strftime(PARTITION_FORMATS[p]) for p in spec.partition_by}
         relative = "/".join([*(f"{p}={values[p]}" for p in spec.partition_by), _file_name(version)])
         body = encode_part(part, row_group_rows)
@@ -280,6 +279,17 @@ def write_files(
         )
         written.rows += part.height
     return written
+
+
+def partitions(framed: pl.DataFrame) -> Iterator[tuple[datetime, pl.DataFrame]]:
+    """A prepared frame's partitions, in order: (bucket, its rows). The frame is sorted by
+    bucket, so each is one run of rows, a slice, not a copy (``partition_by`` copied every
+    column: 30 ns an event)."""
+    start = 0
+    for length, bucket in framed.select(pl.col(_BUCKET).rle()).unnest(_BUCKET).iter_rows():
+        assert isinstance(bucket, datetime)
+        yield bucket, framed.slice(start, length)
+        start += length
 
 
 def encode_part(part: pl.DataFrame, row_group_rows: int = ROW_GROUP_ROWS) -> pa.Buffer:
