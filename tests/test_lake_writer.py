@@ -606,12 +606,16 @@ def test_prepare_orders_rows_as_the_sort_on_three_keys(unit: str, text: pl.DataT
             pl.col("event_time") + pl.duration(minutes=(pl.int_range(pl.len()) * 37) % 3_000)
         ).dt.cast_time_unit(unit),  # type: ignore[arg-type]
     )
+    frame = pl.concat([frame, frame.with_columns(event_id=pl.col("event_id") + "-tie")])
     got = prepare(EVENTS, frame.with_columns(pl.col("campaign_id").cast(text)))
     assert got.schema["campaign_id"] == text
     got = got.with_columns(pl.col("campaign_id").cast(pl.String))
     keys = [_BUCKET, "campaign_id", "event_time"]
-    want = frame.with_columns(pl.col("event_time").dt.truncate("1h").alias(_BUCKET)).sort(keys)
+    want = frame.with_columns(pl.col("event_time").dt.truncate("1h").alias(_BUCKET)).sort(
+        keys, maintain_order=True
+    )
     assert got.select(keys).equals(want.select(keys))
+    assert got["event_id"].equals(want["event_id"])  # rows with equal keys in input order
     assert got.sort("event_id").equals(want.select(got.columns).sort("event_id"))
     assert got[_BUCKET].n_unique() > 24  # several hours, over more than a day
     held = want.select(got.columns).with_columns(pl.col("campaign_id").cast(text))
