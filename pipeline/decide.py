@@ -189,10 +189,8 @@ def _normalised(inp: FileInput, index: int) -> _Readable | FileOutcome:
 
 def _with_origin(r: _Readable) -> pa.Table:
     """``r``'s table with each row's input (``_FILE``) and source position (``_POSITION``):
-    its message's (Kafka), else ``index << _FILE_SHIFT | row``. Added per table before the
-    group's tables are concatenated, so the frame's columns share one chunking: adding them to
-    the frame afterwards, as one chunk each, made every later expression over the frame (the
-    eight rules, the filters) align chunks, ~25 ns an event."""
+    its message's (Kafka), else ``index << _FILE_SHIFT | row``. Added per table, before the
+    group's tables are concatenated, so that they are chunked as every other column."""
     n = r.table.num_rows
     positions = r.inp.positions
     if positions is None:
