@@ -220,17 +220,23 @@ def expired_before(watermark_ms: int | None, window_ms: int, slice_ms: int) -> i
 _SEGMENT = re.compile(r"^seg-(\d{12})\.keys$")
 _SNAPSHOT = re.compile(r"^snap-(\d{12})\.keys$")
 #: First bytes of a key file; a directory written in another format is rebuilt from the lake.
-#: Version 2 snapshots keep only the bits of ``hi`` a table looks at (``pipeline.keytable``);
-#: version 1 files, with whole fingerprints, read the same, so an upgrade needs no rebuild
-#: (and an older adevents rebuilds rather than misread version 2).
-KEY_FILE_MAGIC = b"adevents-keys-2\n"
+#: A table tells keys apart by ``lo`` and the top SEGMENT_BITS of ``hi`` (``pipeline.keytable``),
+#: so version 3 writes those bits of ``hi`` as 16 bits: 10 bytes a key, where version 2 wrote
+#: ``hi`` whole but for them (16 bytes; the segment files were 40 % of what the consumer wrote
+#: and fsynced). Versions 1 (whole fingerprints) and 2 read as they are, so an upgrade needs
+#: no rebuild (and an older adevents rebuilds rather than misread version 3).
+KEY_FILE_MAGIC = b"adevents-keys-3\n"
+_V2_MAGIC: Final = b"adevents-keys-2\n"
 _V1_MAGIC: Final = b"adevents-keys-1\n"
-_READABLE: Final = (_V1_MAGIC, KEY_FILE_MAGIC)
+_READABLE: Final = (_V1_MAGIC, _V2_MAGIC, KEY_FILE_MAGIC)
 #: Each record of a key file: its slice and key count, then the ``hi`` and ``lo`` arrays; or,
 #: with ``MIXED`` for the slice, the keys of any slices: their slices, then ``hi`` and ``lo``.
 _RECORD = np.dtype([("slice", "<i8"), ("n", "<i8")])
 _MIXED: Final = np.iinfo(np.int64).min
-#: A version 2 directory's keys only fit tables of the segment bits they were written from.
+#: Version 3's ``hi``: its top SEGMENT_BITS, in 16 bits.
+_HI_SHIFT: Final = np.uint64(64 - SEGMENT_BITS)
+assert SEGMENT_BITS <= 16
+#: A version 2 or 3 directory's keys only fit tables of the segment bits they were written from.
 _FORMAT: Final = {"format": KEY_FILE_MAGIC.decode().strip(), "segment_bits": SEGMENT_BITS}
 Chunk = tuple[int, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]
 
@@ -253,17 +259,18 @@ def write_key_file(
             fh.write(KEY_FILE_MAGIC)
             fh.write(np.int64(-1 if watermark_ms is None else watermark_ms).tobytes())
             if mixed is not None and len(mixed) and mixed.slice.min() == mixed.slice.max():
-                # The usual batch, one generation: a chunk, 16 bytes a key instead of 24.
+                # The usual batch, one generation: a chunk, 10 bytes a key instead of 18.
                 chunks = [*chunks, (int(mixed.slice[0]), mixed.hi, mixed.lo)]
                 mixed = None
             for sl, hi, lo in chunks:
                 fh.write(np.array([(sl, len(lo))], _RECORD).tobytes())
-                fh.write(np.ascontiguousarray(hi, "<u8").data)
+                fh.write(_top_bits(hi).data)
                 fh.write(np.ascontiguousarray(lo, "<u8").data)
             if mixed is not None and len(mixed):
                 fh.write(np.array([(_MIXED, len(mixed))], _RECORD).tobytes())
-                for array, dtype in ((mixed.slice, "<i8"), (mixed.hi, "<u8"), (mixed.lo, "<u8")):
-                    fh.write(np.ascontiguousarray(array, dtype).data)
+                fh.write(np.ascontiguousarray(mixed.slice, "<i8").data)
+                fh.write(_top_bits(mixed.hi).data)
+                fh.write(np.ascontiguousarray(mixed.lo, "<u8").data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -271,6 +278,11 @@ def write_key_file(
         remove_quietly(tmp)  # a full disk must not keep a partial file's space
         raise
     fsync(path.parent)
+
+
+def _top_bits(hi: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint16]:
+    """The bits of ``hi`` a table looks at, as version 3 writes them."""
+    return (np.asarray(hi, np.uint64) >> _HI_SHIFT).astype("<u2")
 
 
 def read_key_file(path: Path) -> tuple[int | None, list[Chunk], Keys]:
@@ -283,11 +295,18 @@ def read_key_file(path: Path) -> tuple[int | None, list[Chunk], Keys]:
             raise ValueError(f"{path.name}: truncated")
         return out
 
+    def read_hi(fh: io.BufferedReader, n: int) -> npt.NDArray[np.uint64]:
+        if whole_hi:
+            return read_array(fh, n, "<u8")  # type: ignore[no-any-return]
+        return read_array(fh, n, "<u2").astype(np.uint64) << _HI_SHIFT  # type: ignore[no-any-return]
+
     chunks: list[Chunk] = []
     mixed: list[Keys] = []
     with open(path, "rb") as fh:
-        if fh.read(len(KEY_FILE_MAGIC)) not in _READABLE:
+        magic = fh.read(len(KEY_FILE_MAGIC))
+        if magic not in _READABLE:
             raise ValueError(f"{path.name}: not a key file")
+        whole_hi = magic != KEY_FILE_MAGIC
         head = fh.read(8)
         if len(head) != 8:
             raise ValueError(f"{path.name}: truncated")
@@ -298,9 +317,9 @@ def read_key_file(path: Path) -> tuple[int | None, list[Chunk], Keys]:
             sl, n = (int(v) for v in np.frombuffer(record, _RECORD)[0])
             if sl == _MIXED:
                 slices = read_array(fh, n, "<i8")
-                mixed.append(Keys(slices, read_array(fh, n, "<u8"), read_array(fh, n, "<u8")))
+                mixed.append(Keys(slices, read_hi(fh, n), read_array(fh, n, "<u8")))
             else:
-                chunks.append((sl, read_array(fh, n, "<u8"), read_array(fh, n, "<u8")))
+                chunks.append((sl, read_hi(fh, n), read_array(fh, n, "<u8")))
     return (None if watermark < 0 else watermark), chunks, Keys.concat(mixed)
 
 
@@ -375,6 +394,8 @@ class EmbeddedKeyCache:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
         if meta is not None and meta.get("format") == _V1_MAGIC.decode().strip():
             meta = {**meta, **_FORMAT}  # whole fingerprints: they fit tables of any bits
+        elif meta is not None and meta.get("format") == _V2_MAGIC.decode().strip():
+            meta = {**meta, "format": _FORMAT["format"]}  # if of these segment bits
         if meta != self._meta():
             self._stale = True
             return

@@ -32,7 +32,6 @@ from pipeline.keycache import (
     expired_before,
     position_of,
     read_key_file,
-    write_key_file,
 )
 from pipeline.keytable import SEGMENT_BITS
 from pipeline.redis_cache import LAYOUT, MAX_MEMBERS_PER_CALL, RedisKeyCache
@@ -592,8 +591,9 @@ def test_embedded_snapshots_only_once_new_keys_reach_half_the_live_ones(tmp_path
 
 
 def test_embedded_segment_files_hold_one_generation_as_a_chunk(tmp_path: Path) -> None:
-    """A batch's keys in one generation (the usual case) are written as one chunk, 16 bytes a
-    key; a batch spanning generations keeps each key's. Both read back whole."""
+    """A batch's keys in one generation (the usual case) are written as one chunk, 10 bytes a
+    key (``lo`` and the 12 bits of ``hi`` a table looks at); a batch spanning generations keeps
+    each key's. Both read back whole."""
     cache = embedded(tmp_path)
     cache.rebuild(empty_keys(), None)
     one = keys_in_slice(300, 2, seed=90)
@@ -607,7 +607,8 @@ def test_embedded_segment_files_hold_one_generation_as_a_chunk(tmp_path: Path) -
     assert [(sl, len(lo)) for sl, _, lo in chunks] == [(2, 300)] and not len(mixed)
     _, chunks, mixed = read_key_file(second)
     assert not chunks and len(mixed) == 200
-    assert first.stat().st_size < 0.7 * second.stat().st_size * 300 / 200
+    assert first.stat().st_size == 16 + 8 + 16 + 300 * 10  # magic, watermark, record, keys
+    assert second.stat().st_size == 16 + 8 + 16 + 200 * 18  # and a generation a key
     reopened = embedded(tmp_path)
     assert probe(reopened, Keys.concat([one, two])).all()
 
@@ -914,16 +915,22 @@ def test_redis_consumer_follows_an_expiry_by_another(shared_redis: SharedRedis) 
     b.close()
 
 
+def _whole_hi_body(keys: Keys, watermark_ms: int) -> bytes:
+    """A version 1 or 2 key file after its magic: the watermark, then one chunk of ``keys``'
+    (one) generation with ``hi`` in 64 bits."""
+    record = np.array([(int(keys.slice[0]), len(keys))], [("slice", "<i8"), ("n", "<i8")])
+    arrays = keys.hi.astype("<u8").tobytes() + keys.lo.astype("<u8").tobytes()
+    return np.int64(watermark_ms).tobytes() + record.tobytes() + arrays
+
+
 def test_embedded_reads_a_version_1_directory_without_a_rebuild(tmp_path: Path) -> None:
     """Version 1 key files hold whole fingerprints, which fit tables of any segment bits: an
     upgrade reads them. A version 2 directory of other segment bits is rebuilt."""
     keys = keys_in_slice(3000, 2, seed=60)
     state = tmp_path / "state" / "embedded"
     state.mkdir(parents=True)
-    write_key_file(state / "snap-000000000001.keys", 2 * SLICE_MS, [(2, keys.hi, keys.lo)])
     v1 = b"adevents-keys-1\n"
-    data = (state / "snap-000000000001.keys").read_bytes()
-    (state / "snap-000000000001.keys").write_bytes(v1 + data[len(v1) :])
+    (state / "snap-000000000001.keys").write_bytes(v1 + _whole_hi_body(keys, 2 * SLICE_MS))
     meta = {"fingerprint": fingerprint_check(), "slice_ms": SLICE_MS, "format": v1.decode().strip()}
     (state / "meta.json").write_text(json.dumps(meta))
     cache = embedded(tmp_path)
@@ -934,6 +941,35 @@ def test_embedded_reads_a_version_1_directory_without_a_rebuild(tmp_path: Path) 
     (state / "meta.json").write_text(
         json.dumps({**cache._meta(), "segment_bits": SEGMENT_BITS + 1})
     )
+    assert embedded(tmp_path).needs_rebuild()
+
+
+def test_embedded_reads_a_version_2_directory_without_a_rebuild(tmp_path: Path) -> None:
+    """Version 2 wrote ``hi`` in 64 bits (16 bytes a key): an upgrade reads such a directory
+    as it is, and the keys written after it are version 3's."""
+    keys = keys_in_slice(3000, 2, seed=61)
+    state = tmp_path / "state" / "embedded"
+    state.mkdir(parents=True)
+    v2 = b"adevents-keys-2\n"
+    (state / "snap-000000000001.keys").write_bytes(v2 + _whole_hi_body(keys, 2 * SLICE_MS))
+    meta = {"fingerprint": fingerprint_check(), "slice_ms": SLICE_MS, "format": v2.decode().strip()}
+    (state / "meta.json").write_text(json.dumps({**meta, "segment_bits": SEGMENT_BITS}))
+    cache = embedded(tmp_path)
+    assert not cache.needs_rebuild() and cache.stats().keys == 3000
+    assert not cache.claim("again", keys).any()
+    more = keys_in_slice(500, 2, seed=62)
+    assert cache.claim("more", more).all()
+    cache.finish("more", 2 * SLICE_MS)
+    cache.close()
+    newest = max(state.glob("s*.keys"))  # the snapshot taken at close, past the version 2 one
+    assert newest.name != "snap-000000000001.keys"
+    assert newest.read_bytes().startswith(b"adevents-keys-3\n")
+    reopened = embedded(tmp_path)
+    assert not reopened.needs_rebuild() and reopened.stats().keys == 3500
+    assert probe(reopened, Keys.concat([keys, more])).all()
+    reopened.close()
+
+    (state / "meta.json").write_text(json.dumps({**meta, "segment_bits": SEGMENT_BITS + 1}))
     assert embedded(tmp_path).needs_rebuild()
 
 
