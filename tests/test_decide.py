@@ -10,9 +10,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from pipeline.decide import Decided, FileInput, decide
+from pipeline.decide import Claim, Decided, FileInput, decide
 from pipeline.enrich import empty_campaigns
 from pipeline.fingerprint import Keys
 from pipeline.groups import GroupFile
@@ -39,17 +40,27 @@ class ScriptedClaim:
         return np.array([int(p) in wins for p in positions], dtype=bool)
 
 
-def decided(ids: list[str], claim: ScriptedClaim, **columns: object) -> Decided:
-    table = event_table(ids, time_ms=[T0 + i for i in range(len(ids))], **columns)
-    inp = FileInput(file=GroupFile(name="a.arrow", batch_id="b-a"), arrived_ms=0, table=table)
+def decide_files(claim: Claim, *tables: pa.Table) -> Decided:
+    """Decide a group of one input per table (files a.arrow, b.arrow, ...; batches b-a, ...)."""
+    inputs = [
+        FileInput(file=GroupFile(name=f"{n}.arrow", batch_id=f"b-{n}"), arrived_ms=0, table=t)
+        for n, t in zip("abcdefgh", tables, strict=False)
+    ]
     return decide(
-        [inp],
+        inputs,
         now=NOW,
         watermark_ms=None,
         window_ms=HOUR_MS,
         slice_ms=HOUR_MS,
         campaigns=empty_campaigns(),
         claim=claim,
+    )
+
+
+def decided(ids: list[str], claim: ScriptedClaim, **columns: object) -> Decided:
+    """Decide one input of ``ids``, a millisecond apart from T0."""
+    return decide_files(
+        claim, event_table(ids, time_ms=[T0 + i for i in range(len(ids))], **columns)
     )
 
 
@@ -101,18 +112,8 @@ def test_a_failing_claim_fails_the_decision() -> None:
     def broken(keys: Keys, positions: Positions) -> Mask:
         raise ConnectionError("the key cache is down")
 
-    table = event_table(["e0"], time_ms=T0)
-    inp = FileInput(file=GroupFile(name="a.arrow", batch_id="b-a"), arrived_ms=0, table=table)
     with pytest.raises(ConnectionError, match="down"):
-        decide(
-            [inp],
-            now=NOW,
-            watermark_ms=None,
-            window_ms=HOUR_MS,
-            slice_ms=HOUR_MS,
-            campaigns=empty_campaigns(),
-            claim=broken,
-        )
+        decide_files(broken, event_table(["e0"], time_ms=T0))
 
 
 def test_each_input_gets_its_own_rows_counts_and_batch_id() -> None:
@@ -122,20 +123,8 @@ def test_each_input_gets_its_own_rows_counts_and_batch_id() -> None:
         event_table(["e0", "e1"], time_ms=[T0 + 5, T0 + 1]),
         event_table(["e1", "e2", "e3"], time_ms=[T0 + 9, T0 + 7, T0 + 8]),
     ]
-    inputs = [
-        FileInput(file=GroupFile(name=f"{n}.arrow", batch_id=f"b-{n}"), arrived_ms=0, table=t)
-        for n, t in zip("ab", tables, strict=True)
-    ]
     claim = ScriptedClaim({0, 1, (1 << 32) | 1})  # b's e3 was seen before this group
-    got = decide(
-        inputs,
-        now=NOW,
-        watermark_ms=None,
-        window_ms=HOUR_MS,
-        slice_ms=HOUR_MS,
-        campaigns=empty_campaigns(),
-        claim=claim,
-    )
+    got = decide_files(claim, *tables)
     assert got.events.select("event_id", "batch_id").rows() == [
         ("e0", "b-a"),
         ("e1", "b-a"),
