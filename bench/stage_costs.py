@@ -85,7 +85,7 @@ def _readable(tables: list[pa.Table]) -> list[Any]:
         file = GroupFile(name=f"f{index}.arrow", batch_id=f"batch-{index}")
         inp = decide.FileInput(file=file, arrived_ms=0, table=table)
         ledger = LedgerRow(batch_id=file.batch_id, source_file=file.name)
-        outcome = decide.FileOutcome(file, pl.DataFrame(), pl.DataFrame(), ledger)
+        outcome = decide.FileOutcome(file, pl.DataFrame(), ledger)
         readable.append(decide._Readable(index, inp, table, outcome))
     return readable
 

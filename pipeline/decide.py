@@ -57,7 +57,6 @@ class FileOutcome:
     """What one file contributes to its group's commits."""
 
     file: GroupFile
-    events: pl.DataFrame  # IN_FLIGHT_SCHEMA (ENRICHED_SCHEMA when empty)
     quarantine: pl.DataFrame  # QUARANTINE_SCHEMA
     ledger: LedgerRow  # without the commit's own columns (set when the ledger commits)
     poison: PoisonInputError | None = None
@@ -68,9 +67,9 @@ class Decided:
     """A decided group: an outcome per input, in input order, and the group's events."""
 
     outcomes: list[FileOutcome]
-    #: Every outcome's events, in input order, as one frame of one chunk (each outcome's are
-    #: a slice of it): what the lake is given, without concatenating the slices again (a
-    #: frame of several chunks cost the sort ~40 ns an event more).
+    #: The group's events, in input order, as one frame of one chunk: what the lake is given
+    #: (IN_FLIGHT_SCHEMA; ENRICHED_SCHEMA when empty). Per-input slices concatenated again
+    #: made a frame of several chunks, which cost the sort ~40 ns an event more.
     events: pl.DataFrame
 
 
@@ -106,7 +105,6 @@ def _quarantine_rows(
 def _poisoned(inp: FileInput, poison: PoisonInputError, rows: int) -> FileOutcome:
     return FileOutcome(
         file=inp.file,
-        events=ENRICHED_SCHEMA.to_frame(),
         quarantine=QUARANTINE_SCHEMA.to_frame(),
         ledger=LedgerRow(
             batch_id=inp.file.batch_id,
@@ -138,7 +136,6 @@ def _rejected_file(inp: FileInput, table: pa.Table, now: datetime) -> FileOutcom
     quarantine = _quarantine_rows(rows, inp.file, now)
     return FileOutcome(
         file=inp.file,
-        events=ENRICHED_SCHEMA.to_frame(),
         quarantine=quarantine,
         ledger=_counts(inp, rows_in=len(rows), rejected=rows),
     )
@@ -181,9 +178,7 @@ def _normalised(inp: FileInput, index: int) -> _Readable | FileOutcome:
         read_ms=inp.read_ms,
         ignored_columns=len(ignored),
     )
-    outcome = FileOutcome(
-        inp.file, ENRICHED_SCHEMA.to_frame(), QUARANTINE_SCHEMA.to_frame(), ledger
-    )
+    outcome = FileOutcome(inp.file, QUARANTINE_SCHEMA.to_frame(), ledger)
     return _Readable(index, inp, table, outcome)
 
 
@@ -236,8 +231,9 @@ def _watermarks(
 
 def _per_file_stats(events: pl.DataFrame) -> dict[int, tuple[int, int, int, int]]:
     """Per input (``_FILE``): its rows, unknown campaigns and least and greatest event_time
-    (ms). Each input's rows are one run of the frame, in input order, so these are reductions
-    over runs (a group_by took 15 ns an event). Valid rows all have an event_time."""
+    (ms). Rows stay in input order from the group's frame to here (filters, a left join keeping
+    its order), so each input's rows are one run of the frame and these are reductions over
+    runs (a group_by took 15 ns an event). Valid rows all have an event_time."""
     if not len(events):
         return {}
     files = events[_FILE].to_numpy()
@@ -384,21 +380,15 @@ def _claim_other_copies(
 def _enrich(
     kept: pl.DataFrame, readable: Sequence[_Readable], campaigns: pl.DataFrame, now: datetime
 ) -> pl.DataFrame:
-    """Each input's kept rows, enriched, and its ledger's counts; the group's events."""
+    """The group's kept rows, enriched; each input's ledger counts."""
     batch_id = _by_file(readable, lambda r: r.inp.file.batch_id, pl.Categorical())
     events, _unknown = enrich(
         kept, campaigns, batch_id=batch_id, ingested_at=now, keep=[_FILE], schema=IN_FLIGHT_SCHEMA
     )
     stats = _per_file_stats(events)
-    # Rows stay in input order from the group's frame to here (filters, a left join keeping
-    # its order), so each input's rows are one run of the frame: a slice each, not a copy.
-    start = 0
     for r in readable:
         row = r.outcome.ledger
         n, unknown, low, high = stats.get(r.index, (0, 0, None, None))
-        if n:
-            r.outcome.events = events.slice(start, n).drop(_FILE)
-            start += n
         row.accepted = n
         row.duplicates = row.rows_in - row.quarantined - n
         row.unknown_campaigns = unknown

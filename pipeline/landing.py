@@ -41,9 +41,8 @@ class Group:
     outcomes: list[FileOutcome]
     started: float
     timings: dict[str, float] = field(default_factory=dict)
-    #: The group's events sorted and bucketed for the lake (``lake.writer.prepare``), when
-    #: ``decide_group`` made them; the outcomes' own events are then emptied.
-    events: pl.DataFrame | None = None
+    #: The group's events sorted and bucketed for the lake (``lake.writer.prepare``).
+    events: pl.DataFrame = field(default_factory=ENRICHED_SCHEMA.to_frame)
 
     def top(self) -> int | None:
         """The newest event time of the group, or None when it has no event."""
@@ -59,9 +58,7 @@ class Group:
     def frame(self, table: str) -> pl.DataFrame:
         """The group's rows for ``table`` (events or quarantine)."""
         if table == EVENTS.name:
-            if self.events is not None:
-                return self.events
-            return _concat([o.events for o in self.outcomes], ENRICHED_SCHEMA)
+            return self.events
         return _concat([o.quarantine for o in self.outcomes], QUARANTINE_SCHEMA)
 
 
@@ -103,8 +100,6 @@ def decide_group(
         # Sorted here, on the deciding thread, not by the writer thread that lands the group
         # before: on a backlog the writer is the busier of the two (its Parquet and commits).
         group.events = prepare(EVENTS, decision.events)
-        for outcome in decision.outcomes:
-            outcome.events = outcome.events.clear()
     timings["sort_ms"] = (time.perf_counter() - decided) * 1000
     return group
 

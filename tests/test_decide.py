@@ -134,4 +134,5 @@ def test_each_input_gets_its_own_rows_counts_and_batch_id() -> None:
     assert (a.accepted, a.duplicates, a.min_event_time, a.max_event_time) == (2, 0, T0 + 1, T0 + 5)
     assert (b.accepted, b.duplicates, b.min_event_time, b.max_event_time) == (1, 2, T0 + 7, T0 + 7)
     assert claim.asked == [[0, 1, (1 << 32) | 1, (1 << 32) | 2]]  # b's e1 is a copy: not asked
-    assert [o.events["event_id"].to_list() for o in got.outcomes] == [["e0", "e1"], ["e2"]]
+    by_batch = got.events.group_by("batch_id", maintain_order=True).agg("event_id")
+    assert by_batch["event_id"].to_list() == [["e0", "e1"], ["e2"]]
