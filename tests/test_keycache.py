@@ -915,29 +915,38 @@ def test_redis_consumer_follows_an_expiry_by_another(shared_redis: SharedRedis) 
     b.close()
 
 
-def _whole_hi_body(keys: Keys, watermark_ms: int) -> bytes:
-    """A version 1 or 2 key file after its magic: the watermark, then one chunk of ``keys``'
-    (one) generation with ``hi`` in 64 bits."""
+def _whole_hi_directory(tmp_path: Path, magic: bytes, keys: Keys, **meta: object) -> Path:
+    """An embedded cache directory as version 1 or 2 wrote it (``hi`` in 64 bits): one
+    snapshot holding ``keys`` (one generation) at watermark 2 slices, and its meta.json."""
+    state = tmp_path / "state" / "embedded"
+    state.mkdir(parents=True)
     record = np.array([(int(keys.slice[0]), len(keys))], [("slice", "<i8"), ("n", "<i8")])
-    arrays = keys.hi.astype("<u8").tobytes() + keys.lo.astype("<u8").tobytes()
-    return np.int64(watermark_ms).tobytes() + record.tobytes() + arrays
+    body = keys.hi.astype("<u8").tobytes() + keys.lo.astype("<u8").tobytes()
+    watermark = np.int64(2 * SLICE_MS).tobytes()
+    (state / "snap-000000000001.keys").write_bytes(magic + watermark + record.tobytes() + body)
+    (state / "meta.json").write_text(_meta_json(magic, **meta))
+    return state
+
+
+def _meta_json(magic: bytes, **meta: object) -> str:
+    base = {"fingerprint": fingerprint_check(), "slice_ms": SLICE_MS}
+    return json.dumps({**base, "format": magic.decode().strip(), **meta})
+
+
+def _reads_without_a_rebuild(tmp_path: Path, keys: Keys) -> EmbeddedKeyCache:
+    cache = embedded(tmp_path)
+    assert not cache.needs_rebuild() and cache.stats().keys == len(keys)
+    assert not cache.claim("again", keys).any()
+    return cache
 
 
 def test_embedded_reads_a_version_1_directory_without_a_rebuild(tmp_path: Path) -> None:
     """Version 1 key files hold whole fingerprints, which fit tables of any segment bits: an
     upgrade reads them. A version 2 directory of other segment bits is rebuilt."""
     keys = keys_in_slice(3000, 2, seed=60)
-    state = tmp_path / "state" / "embedded"
-    state.mkdir(parents=True)
-    v1 = b"adevents-keys-1\n"
-    (state / "snap-000000000001.keys").write_bytes(v1 + _whole_hi_body(keys, 2 * SLICE_MS))
-    meta = {"fingerprint": fingerprint_check(), "slice_ms": SLICE_MS, "format": v1.decode().strip()}
-    (state / "meta.json").write_text(json.dumps(meta))
-    cache = embedded(tmp_path)
-    assert not cache.needs_rebuild() and cache.stats().keys == 3000
-    assert not cache.claim("again", keys).any()
+    state = _whole_hi_directory(tmp_path, b"adevents-keys-1\n", keys)
+    cache = _reads_without_a_rebuild(tmp_path, keys)
     cache.close()
-
     (state / "meta.json").write_text(
         json.dumps({**cache._meta(), "segment_bits": SEGMENT_BITS + 1})
     )
@@ -946,17 +955,12 @@ def test_embedded_reads_a_version_1_directory_without_a_rebuild(tmp_path: Path) 
 
 def test_embedded_reads_a_version_2_directory_without_a_rebuild(tmp_path: Path) -> None:
     """Version 2 wrote ``hi`` in 64 bits (16 bytes a key): an upgrade reads such a directory
-    as it is, and the keys written after it are version 3's."""
+    as it is, and the keys written after it are version 3's. One of other segment bits is
+    rebuilt."""
     keys = keys_in_slice(3000, 2, seed=61)
-    state = tmp_path / "state" / "embedded"
-    state.mkdir(parents=True)
     v2 = b"adevents-keys-2\n"
-    (state / "snap-000000000001.keys").write_bytes(v2 + _whole_hi_body(keys, 2 * SLICE_MS))
-    meta = {"fingerprint": fingerprint_check(), "slice_ms": SLICE_MS, "format": v2.decode().strip()}
-    (state / "meta.json").write_text(json.dumps({**meta, "segment_bits": SEGMENT_BITS}))
-    cache = embedded(tmp_path)
-    assert not cache.needs_rebuild() and cache.stats().keys == 3000
-    assert not cache.claim("again", keys).any()
+    state = _whole_hi_directory(tmp_path, v2, keys, segment_bits=SEGMENT_BITS)
+    cache = _reads_without_a_rebuild(tmp_path, keys)
     more = keys_in_slice(500, 2, seed=62)
     assert cache.claim("more", more).all()
     cache.finish("more", 2 * SLICE_MS)
@@ -969,7 +973,7 @@ def test_embedded_reads_a_version_2_directory_without_a_rebuild(tmp_path: Path) 
     assert probe(reopened, Keys.concat([keys, more])).all()
     reopened.close()
 
-    (state / "meta.json").write_text(json.dumps({**meta, "segment_bits": SEGMENT_BITS + 1}))
+    (state / "meta.json").write_text(_meta_json(v2, segment_bits=SEGMENT_BITS + 1))
     assert embedded(tmp_path).needs_rebuild()
 
 
