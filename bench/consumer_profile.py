@@ -3,9 +3,10 @@
     .venv/bin/python bench/consumer_profile.py --events 2000000 [--redis-url URL] [--top 25]
 
 The spool is generated first (not profiled) into a scratch DATA_DIR; then one consumer runs in
-this process exactly as ``adevents consume --once`` does, with two profiles: the main thread
-(gathering, reading, deciding: validate, dedupe, enrich) and the writer thread (``_land``:
-Parquet writes and Delta commits), since cProfile sees only the thread it is enabled in. Each
+this process exactly as ``adevents consume --once`` does, with three profiles, since cProfile
+sees only the thread it is enabled in: the main thread (gathering, reading, deciding:
+validate, dedupe, enrich), the writing thread (``Lander.write``: Parquet files) and the
+committing thread (``Lander.complete``: Delta commits, the claim finished, inputs retired). Each
 profile prints its top functions by own time and by cumulative time (``--dump`` keeps them).
 LAKE_URI and the AWS_* variables are honoured, so the same profile can be taken on S3.
 """
@@ -21,11 +22,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from generator.runner import generate
-from pipeline.consumer import Consumer, Group
 from pipeline.factory import make_consumer
-from pipeline.schema import LedgerRow
+from pipeline.landing import Lander
 from pipeline.settings import Settings
 
 
@@ -36,6 +37,20 @@ def report(title: str, profile: cProfile.Profile, top: int) -> None:
         body = out.getvalue()
         start = body.find("   ncalls")
         print(f"\n## {title}, by {order}\n{body[start:] if start >= 0 else body}")
+
+
+def _profile_on_its_thread(owner: type, name: str, profile: cProfile.Profile) -> None:
+    """Profile every call of ``owner.name`` (each runs on a thread of its own)."""
+    method = getattr(owner, name)
+
+    def profiled(*args: Any, **kwargs: Any) -> Any:
+        profile.enable()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            profile.disable()
+
+    setattr(owner, name, profiled)
 
 
 def main() -> None:
@@ -65,17 +80,9 @@ def main() -> None:
             seed=1,
             truth=Path(data_dir) / "truth.parquet",
         )
-        writer = cProfile.Profile()
-        land = Consumer._land
-
-        def profiled_land(self: Consumer, group: Group) -> list[LedgerRow]:
-            writer.enable()
-            try:
-                return land(self, group)
-            finally:
-                writer.disable()
-
-        Consumer._land = profiled_land  # type: ignore[method-assign]
+        writer, committer = cProfile.Profile(), cProfile.Profile()
+        _profile_on_its_thread(Lander, "write", writer)
+        _profile_on_its_thread(Lander, "complete", committer)
         consumer = make_consumer(settings)
         consumer.start(resume=False)
         main_thread = cProfile.Profile()
@@ -89,11 +96,13 @@ def main() -> None:
         wall = time.perf_counter() - started
         print(totals.line(wall))
         report("main thread (gather, read, decide)", main_thread, args.top)
-        report("writer thread (_land: write and commit)", writer, args.top)
+        report("writing thread (Lander.write: Parquet files)", writer, args.top)
+        report("committing thread (Lander.complete: commits, claim, retire)", committer, args.top)
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             main_thread.dump_stats(args.dump / "main.prof")
             writer.dump_stats(args.dump / "writer.prof")
+            committer.dump_stats(args.dump / "committer.prof")
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
         if args.redis_url:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
@@ -24,6 +25,7 @@ from lake.readback import empty_keys_frame, key_frame
 from lake.tables import EVENTS, TABLES, TableSpec
 from lake.writer import (
     Outcome,
+    Staged,
     TableCommit,
     TxnOverlapError,
     commit_batch,
@@ -106,6 +108,13 @@ def append(
     commit_batch(location, f"test:{uuid.uuid4().hex}", 0, frames, fsync=fsync)
 
 
+@dataclass(frozen=True)
+class StagedFrame(Staged):
+    """:class:`MemoryLakeWriter`'s staged part: the rows themselves."""
+
+    frame: pl.DataFrame
+
+
 class MemoryLakeWriter:
     """An in-memory :class:`lake.writer.LakeWriter`: frames kept per table, txns per app_id."""
 
@@ -170,6 +179,16 @@ class MemoryLakeWriter:
             self._metadata.setdefault(name, []).append(dict(metadata or {}))
             results.append(TableCommit(name, Outcome.COMMITTED, framed.height, files))
         return results
+
+    def stage(self, table: str, version: int, frame: pl.DataFrame) -> Staged:
+        if table not in self.specs:
+            raise ValueError(f"unknown table {table!r}; known: {sorted(self.specs)}")
+        return StagedFrame(table, frame)
+
+    def commit_staged(self, app_id: str, version: int, staged: Staged) -> TableCommit:
+        assert isinstance(staged, StagedFrame), staged
+        (result,) = self.commit(app_id, version, {staged.table: staged.frame})
+        return result
 
     def group_metadata(self, table: str, key: str, app_id: str, version: int) -> str | None:
         for metadata in reversed(self._metadata.get(table, [])):

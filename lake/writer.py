@@ -109,6 +109,21 @@ class WrittenFiles:
     rows: int = 0
 
 
+@dataclass(frozen=True)
+class Staged:
+    """One table's part of a batch, staged by :meth:`LakeWriter.stage` and not committed; each
+    writer's subclass holds what it needs to commit it."""
+
+    table: str
+
+
+@dataclass(frozen=True)
+class StagedFiles(Staged):
+    """The Delta writer's staged part: the Parquet files written."""
+
+    files: WrittenFiles
+
+
 def committed_version(table: DeltaTable, app_id: str) -> int | None:
     """The latest version ``app_id`` committed to ``table`` (refreshed to the latest log)."""
     table.update_incremental()
@@ -466,15 +481,37 @@ def commit_table(
     none; part of them raises TxnOverlapError. ``after_write(table name)`` runs between the
     Parquet write and the commit (crash tests).
     """
-    seen = _all_seen(table, txns)
-    if seen:
+    if _skip(table, spec, txns):
         return TableCommit(spec.name, Outcome.SKIPPED)
-    if seen is None:
-        raise TxnOverlapError(f"{spec.name}: another writer committed part of {dict(txns)}")
     files = write_files(location, spec, frame, version=max(txns.values()), fsync=fsync)
     if after_write is not None:
         after_write(spec.name)
     return commit_files(table, spec, files, txns, metadata)
+
+
+def commit_staged(
+    table: DeltaTable,
+    spec: TableSpec,
+    files: WrittenFiles,
+    *,
+    txns: Mapping[str, int],
+    after_write: Callable[[str], None] | None = None,
+) -> TableCommit:
+    """Step 3 for files written earlier (steps 1 and 2 in the other order): skip if the table
+    has ``txns`` by now (the files stay orphans), else commit them."""
+    if after_write is not None:
+        after_write(spec.name)
+    if _skip(table, spec, txns):
+        return TableCommit(spec.name, Outcome.SKIPPED)
+    return commit_files(table, spec, files, txns)
+
+
+def _skip(table: DeltaTable, spec: TableSpec, txns: Mapping[str, int]) -> bool:
+    """Step 1: whether ``table`` has every txn of ``txns`` already (raises when it has part)."""
+    seen = _all_seen(table, txns)
+    if seen is None:
+        raise TxnOverlapError(f"{spec.name}: another writer committed part of {dict(txns)}")
+    return seen
 
 
 def commit_batch(
@@ -589,6 +626,15 @@ class LakeWriter(Protocol):
         Kafka group: one per partition), ``metadata`` in its commit info. A table holding
         part of ``txns`` raises ``TxnOverlapError``."""
 
+    def stage(self, table: str, version: int, frame: pl.DataFrame) -> Staged:
+        """Write ``frame``'s files for batch ``version`` of ``table``, and commit nothing: no
+        reader sees them until :meth:`commit_staged`. Safe on another thread than the commits
+        (the files are named by ``version`` and a random id, and the log is not read)."""
+
+    def commit_staged(self, app_id: str, version: int, staged: Staged) -> TableCommit:
+        """Commit ``staged`` as batch ``version`` of ``app_id``, as :meth:`commit` would have
+        (the table skips a version it has, and the files stay orphans)."""
+
     def group_metadata(self, table: str, key: str, app_id: str, version: int) -> str | None:
         """The commit-info value ``key`` of the newest commit of ``table`` that carries the
         app transaction ``(app_id, version)``, if any (read from the log's history)."""
@@ -655,6 +701,23 @@ class DeltaLakeWriter:
             tables=tables,
             specs=self.specs,
             fsync=self.fsync,
+            after_write=self.after_write,
+        )
+
+    def stage(self, table: str, version: int, frame: pl.DataFrame) -> Staged:
+        if table not in self.specs:
+            raise ValueError(f"unknown table {table!r}; known: {sorted(self.specs)}")
+        spec = self.specs[table]
+        files = write_files(self.location, spec, frame, version=version, fsync=self.fsync)
+        return StagedFiles(table, files)
+
+    def commit_staged(self, app_id: str, version: int, staged: Staged) -> TableCommit:
+        assert isinstance(staged, StagedFiles), staged
+        return commit_staged(
+            self._table(staged.table),
+            self.specs[staged.table],
+            staged.files,
+            txns={app_id: version},
             after_write=self.after_write,
         )
 

@@ -13,8 +13,11 @@ get about one commit per second rather than one per producer batch. Per group:
 5. finish the claim, retire the inputs (the source sets bad ones aside), forget the intent.
 
 A restart (or a transient fault) redoes every intent left, in order, with its recorded inputs:
-see :meth:`Consumer.resume`. While group N is committed on a writer thread, group N+1 is
-decided (Polars, Redis and delta-rs release the GIL).
+see :meth:`Consumer.resume`. Three groups are in hand at once, one a thread: while group N is
+committed (fsyncs and Delta commits, mostly waiting) on the committing thread, group N+1's
+Parquet files are written on the writing thread, and group N+2 is decided on this one (Polars,
+Redis and delta-rs release the GIL). Groups commit in version order, and a group whose earlier
+group failed does not commit at all.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pipeline.fingerprint import Keys
 from pipeline.groups import Intent, Intents
 from pipeline.keycache import CacheLostError, KeyCache, Mask, Positions
 from pipeline.lake import window_keys
-from pipeline.landing import Group, Lander, Pacer, close_cache, decide_group
+from pipeline.landing import Group, Lander, Pacer, Written, close_cache, decide_group
 from pipeline.retry import StatusBoard, Supervisor, check_free_space, classify
 from pipeline.schema import Layout, LedgerRow
 from pipeline.settings import Settings
@@ -147,7 +150,8 @@ class Consumer:
         self._next_version = 0
         self._decided_watermark: int | None = None
         self._last_group = 0.0
-        self._in_flight: tuple[Future[list[LedgerRow]], Group] | None = None
+        #: Groups handed to the writing and committing threads, oldest first (at most two).
+        self._in_flight: list[_Landing] = []
 
     # -- start-up ----------------------------------------------------------------------------
     def lock(self) -> None:
@@ -223,8 +227,7 @@ class Consumer:
     def _gather(self, once: bool, stop: threading.Event) -> list[FileInput]:
         """Batches for the next group, read: those taken before first, then new ones, until
         COMMIT_TARGET_ROWS rows or COMMIT_INTERVAL since the last group."""
-        in_flight = self._in_flight
-        busy = set() if in_flight is None else {f.name for f in in_flight[1].intent.files}
+        busy = {f.name for landing in self._in_flight for f in landing.group.intent.files}
         target = self.settings.commit_target_rows
         deadline = self._last_group + self.settings.commit_interval
         chosen: list[FileInput] = []
@@ -269,8 +272,18 @@ class Consumer:
 
     # -- landing -----------------------------------------------------------------------------
     def _land(self, group: Group) -> list[LedgerRow]:
-        """Commit a decided group, finish its claim, retire its inputs (on the writer thread)."""
+        """Commit a decided group, finish its claim, retire its inputs, on this thread."""
         return self.lander.land(group)
+
+    def _complete(
+        self, written: Future[Written], before: Future[list[LedgerRow]] | None
+    ) -> list[LedgerRow]:
+        """Complete a group once its files are written, on the committing thread; fails
+        without committing anything when the group ``before`` it failed, so that versions
+        commit in order."""
+        if before is not None:
+            before.result()
+        return self.lander.complete(written.result())
 
     def _redo(self, intent: Intent) -> None:
         """Land a group left by a crash exactly as its first attempt would have."""
@@ -313,14 +326,17 @@ class Consumer:
         )
         self.status.start()
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adevents-writer") as writer:
-                self._supervised(writer, supervisor, once, stop)
+            with (
+                ThreadPoolExecutor(1, thread_name_prefix="adevents-writer") as writer,
+                ThreadPoolExecutor(1, thread_name_prefix="adevents-committer") as committer,
+            ):
+                self._supervised(_Threads(writer, committer), supervisor, once, stop)
         finally:
             self.status.stop()
         return self.totals
 
     def _supervised(
-        self, writer: ThreadPoolExecutor, supervisor: Supervisor, once: bool, stop: threading.Event
+        self, threads: _Threads, supervisor: Supervisor, once: bool, stop: threading.Event
     ) -> None:
         resumed = False
         while not stop.is_set():
@@ -328,7 +344,7 @@ class Consumer:
                 if not resumed:
                     self.resume()
                     resumed = True
-                more = self._pass(writer, once, stop)
+                more = self._pass(threads, once, stop)
                 if not more:
                     self._settle()
                 supervisor.ok()
@@ -346,52 +362,73 @@ class Consumer:
             # Stopping during a fault: the group is redone, exactly, at the next start.
             log.warning("stopped with a group unfinished (%s); the next start redoes it", exc)
 
-    def _pass(self, writer: ThreadPoolExecutor, once: bool, stop: threading.Event) -> bool:
-        """Decide the next group and hand it to the writer; False when ``once`` and done."""
+    def _pass(self, threads: _Threads, once: bool, stop: threading.Event) -> bool:
+        """Decide the next group and hand it to the writing and committing threads; False
+        when ``once`` and done."""
         group = self._next_group(once, stop)
         if group is None:
-            if once and self._in_flight is None:
+            if once and not self._in_flight:
                 return False
             self._settle()
             if not once:
                 stop.wait(self.settings.poll_interval)
             return True
-        self._settle()  # one group in the writer at a time: commits stay in order
-        self._in_flight = (writer.submit(self._land, group), group)
+        # One group writing and one committing: the group before has its files written (so
+        # that decided groups do not pile up in memory), the one before that has landed.
+        if self._in_flight:
+            self._in_flight[-1].written.result()
+        self._settle(keep=1)
+        before = self._in_flight[-1].landed if self._in_flight else None
+        written = threads.writer.submit(self.lander.write, group)
+        landed = threads.committer.submit(self._complete, written, before)
+        self._in_flight.append(_Landing(group, written, landed))
         return True
 
     def _abandon(self) -> None:
-        """After a fault: let the group in the writer finish or fail, and forget decisions made
+        """After a fault: let the groups in hand finish or fail, and forget decisions made
         since, so that the next try starts from what is durable, as a restart would."""
-        in_flight, self._in_flight = self._in_flight, None
+        in_flight, self._in_flight = self._in_flight, []
         self._decided_watermark = None
-        if in_flight is None:
-            return
-        try:
-            self._account(in_flight[0].result())
-        except Exception as exc:
-            if classify(exc) is None and not isinstance(exc, CacheLostError):
-                raise
-            log.debug("the group being written failed too: %s", exc)
+        for landing in in_flight:
+            try:
+                self._account(landing.landed.result())
+            except Exception as exc:
+                if classify(exc) is None and not isinstance(exc, CacheLostError):
+                    raise
+                log.debug("a group being landed failed too: %s", exc)
 
-    def _settle(self) -> bool:
-        """Wait for the group in the writer, if any; True if it landed."""
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is None:
-            return False
-        return self._account(in_flight[0].result())
+    def _settle(self, keep: int = 0) -> None:
+        """Wait until at most ``keep`` groups are in hand, oldest first, and count them."""
+        while len(self._in_flight) > keep:
+            self._account(self._in_flight.pop(0).landed.result())
 
-    def _account(self, rows: list[LedgerRow]) -> bool:
+    def _account(self, rows: list[LedgerRow]) -> None:
         """Count a landed group, and pace the next one."""
         self.totals.commits += 1
         for row in rows:
             self.totals.add(row)
         self._pacer.landed(sum(r.rows_in for r in rows))
-        return bool(rows)
 
     def close(self) -> None:
         close_cache(self.cache)
         self._lock.release()
+
+
+@dataclass(frozen=True)
+class _Threads:
+    """The threads a run lands groups on: one writes files, one commits."""
+
+    writer: ThreadPoolExecutor
+    committer: ThreadPoolExecutor
+
+
+@dataclass(frozen=True)
+class _Landing:
+    """A group handed over: its files being written, then its commits."""
+
+    group: Group
+    written: Future[Written]
+    landed: Future[list[LedgerRow]]
 
 
 def _after_parquet(table: str) -> None:

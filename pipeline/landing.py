@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from lake.tables import EVENTS, LEDGER, QUARANTINE
-from lake.writer import LakeWriter, Outcome, prepare
+from lake.writer import LakeWriter, Outcome, Staged, prepare
 from pipeline import faults
 from pipeline.decide import Claim, FileInput, FileOutcome, decide
 from pipeline.fingerprint import Keys
@@ -60,6 +60,17 @@ class Group:
         if table == EVENTS.name:
             return self.events
         return _concat([o.quarantine for o in self.outcomes], QUARANTINE_SCHEMA)
+
+
+@dataclass(frozen=True)
+class Written:
+    """A group whose files are written (:meth:`Lander.write`), to complete."""
+
+    group: Group
+    rows: list[LedgerRow]
+    staged: list[Staged]
+    #: When writing began (``time.perf_counter``).
+    started: float
 
 
 def decide_group(
@@ -133,20 +144,40 @@ class Lander:
 
     def land(self, group: Group) -> list[LedgerRow]:
         """Commit a decided group to the three tables, finish its claim, retire its inputs."""
-        t0 = time.perf_counter()
-        intent = group.intent
-        if not self.cache.valid(self.claim_id(intent.version)):
-            # Redis lost its data after these keys were claimed: another consumer may have
-            # claimed them since. Committing now could duplicate; the redo decides again.
-            raise CacheLostError(f"group {intent.version}: the key cache lost its claims")
+        return self.complete(self.write(group))
+
+    def write(self, group: Group) -> Written:
+        """The first half of :meth:`land`: record the decided ledger rows, write the events'
+        and quarantine's files. Nothing is visible yet; this may run while the group before
+        is being completed."""
+        started = time.perf_counter()
+        version = group.intent.version
         rows = [replace(o.ledger) for o in group.outcomes]
         for row in rows:
             row.validate_ms = group.timings.get("validate_ms")
             row.dedupe_ms = group.timings.get("dedupe_ms")
-        self.intents.record_decided(intent.version, rows)
-        self._commit(EVENTS.name, group.frame(EVENTS.name), intent.version)
-        self._commit(QUARANTINE.name, group.frame(QUARANTINE.name), intent.version)
-        return self._finish(group, rows, write_ms=group.write_ms(t0), started=group.started)
+        self.intents.record_decided(version, rows)
+        staged = [
+            self.lake.stage(t, version, group.frame(t)) for t in (EVENTS.name, QUARANTINE.name)
+        ]
+        return Written(group, rows, staged, started)
+
+    def complete(self, written: Written) -> list[LedgerRow]:
+        """The second half of :meth:`land`: commit the written files (events, then quarantine),
+        the ledger, finish the claim, retire the inputs. Groups complete in version order."""
+        intent = written.group.intent
+        if not self.cache.valid(self.claim_id(intent.version)):
+            # Redis lost its data after these keys were claimed: another consumer may have
+            # claimed them since. Committing now could duplicate; the redo decides again.
+            raise CacheLostError(f"group {intent.version}: the key cache lost its claims")
+        for staged in written.staged:
+            result = self.lake.commit_staged(self.app_id, intent.version, staged)
+            if result.outcome is not Outcome.SKIPPED:
+                faults.point(f"after_{staged.table}_commit")
+        write_ms = written.group.write_ms(written.started)
+        return self._finish(
+            written.group, written.rows, write_ms=write_ms, started=written.group.started
+        )
 
     def land_committed(self, group: Group, ledger: Sequence[LedgerRow]) -> list[LedgerRow]:
         """Finish a redone group whose events are committed: its keys back into the key

@@ -8,21 +8,24 @@ or lost (rebuilt from what the lake writer reads back): every event lands exactl
 
 from __future__ import annotations
 
+import errno
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 import pytest
 
 from lake.testing import MemoryLakeWriter
-from lake.writer import LakeWriter, TableCommit
+from lake.writer import LakeWriter, Outcome, Staged, TableCommit
 from pipeline.consumer import Consumer
 from pipeline.settings import Settings
 from pipeline.spool import PoisonInputError
 from pipeline.testing import MemoryKeyCache, MemoryKeyState, MemorySource, event_table
 
 NOW_MS = int(time.time() * 1000)
+T = TypeVar("T")
 
 
 class CrashError(RuntimeError):
@@ -30,23 +33,33 @@ class CrashError(RuntimeError):
 
 
 class CrashingLake:
-    """A :class:`LakeWriter` that raises CrashError at the nth commit naming ``table``, before or
-    after handing it to ``inner``."""
+    """A :class:`LakeWriter` that raises CrashError at the nth commit naming ``table`` (whole,
+    or of files staged before), before or after handing it to ``inner``."""
 
     def __init__(self, inner: LakeWriter, table: str, *, after: bool, nth: int = 2) -> None:
         self.inner, self.table, self.after, self.left = inner, table, after, nth
 
-    def commit(
-        self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
-    ) -> list[TableCommit]:
-        hit = self.table in frames and (left := self.left - 1) == 0
-        self.left = left if self.table in frames else self.left
+    def _crashing(self, names: Collection[str], version: int, commit: Callable[[], T]) -> T:
+        hit = self.table in names and (left := self.left - 1) == 0
+        self.left = left if self.table in names else self.left
         if hit and not self.after:
             raise CrashError(f"before the {self.table} commit of group {version}")
-        result = self.inner.commit(app_id, version, frames)
+        result = commit()
         if hit:
             raise CrashError(f"after the {self.table} commit of group {version}")
         return result
+
+    def commit(
+        self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
+    ) -> list[TableCommit]:
+        return self._crashing(frames, version, lambda: self.inner.commit(app_id, version, frames))
+
+    def stage(self, table: str, version: int, frame: pl.DataFrame) -> Staged:
+        return self.inner.stage(table, version, frame)
+
+    def commit_staged(self, app_id: str, version: int, staged: Staged) -> TableCommit:
+        commit = lambda: self.inner.commit_staged(app_id, version, staged)  # noqa: E731
+        return self._crashing([staged.table], version, commit)
 
     def committed_version(self, table: str, app_id: str) -> int | None:
         return self.inner.committed_version(table, app_id)
@@ -140,3 +153,61 @@ def test_a_restart_after_a_crash_at_any_commit_lands_every_event_once(
     finally:
         second.close()
     _check_exactly_once(lake, source, expected)
+
+
+class FailingCommitLake(CrashingLake):
+    """Fails the events commit of group 1 once, with a transient lake fault, after group 2's
+    files are written: group 2, queued behind it on the committing thread, must not commit
+    before group 1 does. Records the version of every commit, per table."""
+
+    def __init__(self, inner: MemoryLakeWriter) -> None:
+        super().__init__(inner, "events", after=False, nth=0)
+        self.memory = inner
+        self.order: dict[str, list[int]] = {}
+        self.group_2_written = threading.Event()
+        self.failed = False
+
+    def commit(
+        self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
+    ) -> list[TableCommit]:
+        results = self.memory.commit(app_id, version, frames)
+        self._record(results, version)
+        return results
+
+    def stage(self, table: str, version: int, frame: pl.DataFrame) -> Staged:
+        staged = self.memory.stage(table, version, frame)
+        if version == 2:
+            self.group_2_written.set()
+        return staged
+
+    def commit_staged(self, app_id: str, version: int, staged: Staged) -> TableCommit:
+        if version == 1 and staged.table == "events" and not self.failed:
+            assert self.group_2_written.wait(10), "group 2 was not written beside group 1"
+            self.failed = True
+            raise OSError(errno.EIO, "the lake failed for a while")
+        result = self.memory.commit_staged(app_id, version, staged)
+        self._record([result], version)
+        return result
+
+    def _record(self, results: list[TableCommit], version: int) -> None:
+        for result in results:
+            if result.outcome is Outcome.COMMITTED:
+                self.order.setdefault(result.table, []).append(version)
+
+
+def test_a_failed_commit_stops_the_groups_behind_it_and_each_table_commits_in_order(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(commit_target_rows=6, retry_max_delay=0.1)
+    source, lake = MemorySource(), MemoryLakeWriter()
+    expected = _fill(source)
+    failing = FailingCommitLake(lake)
+    consumer = _consumer(settings, MemoryKeyState(), source=source, lake=failing)
+    try:
+        totals = consumer.run(once=True)
+    finally:
+        consumer.close()
+    assert failing.failed and failing.group_2_written.is_set()
+    _check_exactly_once(lake, source, expected)
+    assert failing.order == {table: [0, 1, 2] for table in ("events", "quarantine", "ledger")}
+    assert totals.bad_files == 1

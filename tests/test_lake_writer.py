@@ -522,6 +522,27 @@ def test_writer_records_the_version_of_an_empty_batch_per_app(
     assert lake.committed_version("quarantine", "spool-a") is None  # never named
 
 
+def test_staged_files_are_invisible_until_committed_and_a_version_had_is_skipped(
+    writer: tuple[LakeWriter, Read],
+) -> None:
+    lake, read = writer
+    events = enriched_frame(200, seed=23, span_ms=2 * HOUR_MS)
+    staged = lake.stage("events", 1, events)
+    later = lake.stage("events", 2, enriched_frame(50, seed=24, id_prefix="l"))
+    assert read("events").height == 0
+    assert lake.committed_version("events", "spool-a") is None
+    committed = lake.commit_staged("spool-a", 1, staged)
+    assert (committed.outcome, committed.rows, committed.files) == (Outcome.COMMITTED, 200, 2)
+    assert sorted(read("events")["event_id"]) == sorted(events["event_id"])
+    # A version the table has by now (another writer landed it while we wrote) is skipped.
+    lake.commit("spool-a", 2, {"events": enriched_frame(50, seed=24, id_prefix="l")})
+    assert lake.commit_staged("spool-a", 2, later).outcome is Outcome.SKIPPED
+    assert read("events").height == 250
+    assert lake.committed_version("events", "spool-a") == 2
+    with pytest.raises(ValueError, match="unknown"):
+        lake.stage("nope", 3, events)
+
+
 def test_writer_refuses_unknown_tables_and_bad_frames(writer: tuple[LakeWriter, Read]) -> None:
     lake, read = writer
     with pytest.raises(ValueError, match="unknown tables"):
