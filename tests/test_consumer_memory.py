@@ -19,7 +19,7 @@ import pytest
 
 from lake.testing import MemoryLakeWriter
 from lake.writer import LakeWriter, Outcome, Staged, TableCommit
-from pipeline.consumer import Consumer
+from pipeline.consumer import Consumer, Totals
 from pipeline.settings import Settings
 from pipeline.spool import PoisonInputError
 from pipeline.testing import MemoryKeyCache, MemoryKeyState, MemorySource, event_table
@@ -100,6 +100,15 @@ def _consumer(settings: Settings, state: MemoryKeyState, **edges: Any) -> Consum
     return consumer
 
 
+def _run_once(settings: Settings, state: MemoryKeyState, **edges: Any) -> Totals:
+    """A consumer over ``edges`` until its source is empty, then closed."""
+    consumer = _consumer(settings, state, **edges)
+    try:
+        return consumer.run(once=True)
+    finally:
+        consumer.close()
+
+
 def _check_exactly_once(lake: MemoryLakeWriter, source: MemorySource, expected: set[str]) -> None:
     events = lake.rows("events")
     assert sorted(events["event_id"]) == sorted(expected)
@@ -120,11 +129,7 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 def test_a_consumer_over_the_fakes_lands_every_event_once(settings: Settings) -> None:
     source, lake = MemorySource(), MemoryLakeWriter()
     expected = _fill(source)
-    consumer = _consumer(settings, MemoryKeyState(), source=source, lake=lake)
-    try:
-        totals = consumer.run(once=True)
-    finally:
-        consumer.close()
+    totals = _run_once(settings, MemoryKeyState(), source=source, lake=lake)
     _check_exactly_once(lake, source, expected)
     assert (totals.files, totals.commits, totals.bad_files) == (5, 3, 1)
     assert lake.committed_version("ledger", source.app_id) == 2
@@ -147,11 +152,7 @@ def test_a_restart_after_a_crash_at_any_commit_lands_every_event_once(
     assert "2.arrow" in source.waiting()  # group 1 (batches 2 and 3) was cut short
     if cache == "lost":
         state = MemoryKeyState()  # an embedded cache that lost its files: rebuilt from the lake
-    second = _consumer(settings, state, source=source, lake=lake)
-    try:
-        second.run(once=True)
-    finally:
-        second.close()
+    _run_once(settings, state, source=source, lake=lake)
     _check_exactly_once(lake, source, expected)
 
 
@@ -202,11 +203,7 @@ def test_a_failed_commit_stops_the_groups_behind_it_and_each_table_commits_in_or
     source, lake = MemorySource(), MemoryLakeWriter()
     expected = _fill(source)
     failing = FailingCommitLake(lake)
-    consumer = _consumer(settings, MemoryKeyState(), source=source, lake=failing)
-    try:
-        totals = consumer.run(once=True)
-    finally:
-        consumer.close()
+    totals = _run_once(settings, MemoryKeyState(), source=source, lake=failing)
     assert failing.failed and failing.group_2_written.is_set()
     _check_exactly_once(lake, source, expected)
     assert failing.order == {table: [0, 1, 2] for table in ("events", "quarantine", "ledger")}
