@@ -19,6 +19,10 @@ Protocol, per table, in a fixed order (events, quarantine, ledger: the ledger la
    disk, ``If-None-Match: *`` on S3), so exactly one writer gets each table version; losers
    re-read the log and retry.
 
+Steps 1 and 2 may also come in the other order (``LakeWriter.stage``, then
+``commit_staged``): the files are written while an earlier batch commits, and the check comes
+right before the commit; files of a version found committed then stay orphans.
+
 Two writers with the same ``(app_id, version)`` (a stalled consumer and its successor): delta-rs's
 conflict checker fails a commit when a commit that landed after its snapshot carries a txn
 for the same ``app_id`` (verified in ``tests/test_lake_writer.py``, locally and on S3), and
