@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from lake.tables import EVENTS, LEDGER, QUARANTINE
-from lake.writer import LakeWriter, Outcome, Staged, prepare
+from lake.writer import LakeWriter, Outcome, Staged, TableCommit, prepare
 from pipeline import faults
 from pipeline.decide import Claim, FileInput, FileOutcome, decide
 from pipeline.fingerprint import Keys
@@ -171,9 +171,7 @@ class Lander:
             # claimed them since. Committing now could duplicate; the redo decides again.
             raise CacheLostError(f"group {intent.version}: the key cache lost its claims")
         for staged in written.staged:
-            result = self.lake.commit_staged(self.app_id, intent.version, staged)
-            if result.outcome is not Outcome.SKIPPED:
-                faults.point(f"after_{staged.table}_commit")
+            _after_commit(self.lake.commit_staged(self.app_id, intent.version, staged))
         write_ms = written.group.write_ms(written.started)
         return self._finish(
             written.group, written.rows, write_ms=write_ms, started=written.group.started
@@ -189,8 +187,7 @@ class Lander:
     def _commit(self, table: str, frame: pl.DataFrame, version: int) -> None:
         """One table's commit of the group: one call each, for a crash point between tables."""
         (result,) = self.lake.commit(self.app_id, version, {table: frame})
-        if result.outcome is not Outcome.SKIPPED:
-            faults.point(f"after_{table}_commit")
+        _after_commit(result)
 
     def _finish(
         self,
@@ -214,6 +211,12 @@ class Lander:
 
     def _restore_claims(self, version: int, ledger: Sequence[LedgerRow]) -> None:
         restore_claims(self.lake, self.cache, self.claim_id(version), ledger, self.slice_ms)
+
+
+def _after_commit(result: TableCommit) -> None:
+    """The crash point after a table's commit, when the commit did something."""
+    if result.outcome is not Outcome.SKIPPED:
+        faults.point(f"after_{result.table}_commit")
 
 
 def stamp(

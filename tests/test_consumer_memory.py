@@ -32,12 +32,46 @@ class CrashError(RuntimeError):
     """Stands for the process dying at a step: not transient, so it ends the run."""
 
 
-class CrashingLake:
+class ForwardingLake:
+    """A :class:`LakeWriter` that hands every call to ``inner``; subclasses step in where they
+    test something."""
+
+    def __init__(self, inner: LakeWriter) -> None:
+        self.inner = inner
+
+    def commit(
+        self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
+    ) -> list[TableCommit]:
+        return self.inner.commit(app_id, version, frames)
+
+    def stage(self, table: str, version: int, frame: pl.DataFrame) -> Staged:
+        return self.inner.stage(table, version, frame)
+
+    def commit_staged(self, app_id: str, version: int, staged: Staged) -> TableCommit:
+        return self.inner.commit_staged(app_id, version, staged)
+
+    def committed_version(self, table: str, app_id: str) -> int | None:
+        return self.inner.committed_version(table, app_id)
+
+    def committed_versions(self, table: str, app_ids: Collection[str]) -> dict[str, int | None]:
+        return self.inner.committed_versions(table, app_ids)
+
+    def recent_events(
+        self, window_ms: int, added_since_ms: int | None = None
+    ) -> tuple[pl.DataFrame, int | None]:
+        return self.inner.recent_events(window_ms, added_since_ms)
+
+    def batch_events(self, batch_ids: Collection[str], span_ms: tuple[int, int]) -> pl.DataFrame:
+        return self.inner.batch_events(batch_ids, span_ms)
+
+
+class CrashingLake(ForwardingLake):
     """A :class:`LakeWriter` that raises CrashError at the nth commit naming ``table`` (whole,
     or of files staged before), before or after handing it to ``inner``."""
 
     def __init__(self, inner: LakeWriter, table: str, *, after: bool, nth: int = 2) -> None:
-        self.inner, self.table, self.after, self.left = inner, table, after, nth
+        super().__init__(inner)
+        self.table, self.after, self.left = table, after, nth
 
     def _crashing(self, names: Collection[str], version: int, commit: Callable[[], T]) -> T:
         hit = self.table in names and (left := self.left - 1) == 0
@@ -54,26 +88,9 @@ class CrashingLake:
     ) -> list[TableCommit]:
         return self._crashing(frames, version, lambda: self.inner.commit(app_id, version, frames))
 
-    def stage(self, table: str, version: int, frame: pl.DataFrame) -> Staged:
-        return self.inner.stage(table, version, frame)
-
     def commit_staged(self, app_id: str, version: int, staged: Staged) -> TableCommit:
         commit = lambda: self.inner.commit_staged(app_id, version, staged)  # noqa: E731
         return self._crashing([staged.table], version, commit)
-
-    def committed_version(self, table: str, app_id: str) -> int | None:
-        return self.inner.committed_version(table, app_id)
-
-    def committed_versions(self, table: str, app_ids: Collection[str]) -> dict[str, int | None]:
-        return self.inner.committed_versions(table, app_ids)
-
-    def recent_events(
-        self, window_ms: int, added_since_ms: int | None = None
-    ) -> tuple[pl.DataFrame, int | None]:
-        return self.inner.recent_events(window_ms, added_since_ms)
-
-    def batch_events(self, batch_ids: Collection[str], span_ms: tuple[int, int]) -> pl.DataFrame:
-        return self.inner.batch_events(batch_ids, span_ms)
 
 
 def _fill(source: MemorySource) -> set[str]:
@@ -156,14 +173,13 @@ def test_a_restart_after_a_crash_at_any_commit_lands_every_event_once(
     _check_exactly_once(lake, source, expected)
 
 
-class FailingCommitLake(CrashingLake):
+class FailingCommitLake(ForwardingLake):
     """Fails the events commit of group 1 once, with a transient lake fault, after group 2's
     files are written: group 2, queued behind it on the committing thread, must not commit
     before group 1 does. Records the version of every commit, per table."""
 
-    def __init__(self, inner: MemoryLakeWriter) -> None:
-        super().__init__(inner, "events", after=False, nth=0)
-        self.memory = inner
+    def __init__(self, inner: LakeWriter) -> None:
+        super().__init__(inner)
         self.order: dict[str, list[int]] = {}
         self.group_2_written = threading.Event()
         self.failed = False
@@ -171,12 +187,12 @@ class FailingCommitLake(CrashingLake):
     def commit(
         self, app_id: str, version: int, frames: Mapping[str, pl.DataFrame]
     ) -> list[TableCommit]:
-        results = self.memory.commit(app_id, version, frames)
+        results = super().commit(app_id, version, frames)
         self._record(results, version)
         return results
 
     def stage(self, table: str, version: int, frame: pl.DataFrame) -> Staged:
-        staged = self.memory.stage(table, version, frame)
+        staged = super().stage(table, version, frame)
         if version == 2:
             self.group_2_written.set()
         return staged
@@ -186,7 +202,7 @@ class FailingCommitLake(CrashingLake):
             assert self.group_2_written.wait(10), "group 2 was not written beside group 1"
             self.failed = True
             raise OSError(errno.EIO, "the lake failed for a while")
-        result = self.memory.commit_staged(app_id, version, staged)
+        result = super().commit_staged(app_id, version, staged)
         self._record([result], version)
         return result
 
