@@ -24,6 +24,18 @@ from pipeline.settings import Settings
 # disk pressure set DISK_MIN_FREE (or disk_min_free) themselves.
 os.environ.setdefault("DISK_MIN_FREE", "16MiB")
 
+#: Most workers the suite starts, whatever the machine (each runs real consumers and servers).
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker more than cores, at most MAX_WORKERS. Much of the suite waits on
+    child processes (kill -9 loops, restarted redis-servers, the real-time demo), so a worker per
+    core leaves cores idle: on 2 cores the whole suite took 460 s with 3 workers against 531 s
+    with 2 (same tree, back to back)."""
+    return min((os.cpu_count() or 1) + 1, MAX_WORKERS)
+
+
 TEST_REDIS_URL = os.environ.get("ADEVENTS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
