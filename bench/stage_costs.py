@@ -12,7 +12,11 @@ write, footer statistics. The
 ceiling (Arrow IPC read + Parquet write of the same files, what ``adevents bench`` measures)
 runs on the same files. Run with ``POLARS_MAX_THREADS=1`` so each figure is the step's own
 work, not two threads' contention. The table ends with what the sum allows on two cores kept
-perfectly busy, the bound that no overlap of the steps can beat.
+perfectly busy, the bound that no overlap of the steps can beat, and that bound as a ratio to
+the ceiling as ``adevents bench`` measures it (``cli.bench.measure_ceiling``: all Polars
+threads, wall clock), run ``--ceiling-rounds`` times on the same files in a child process
+without ``POLARS_MAX_THREADS``: the best ratio to the ceiling that any overlap of these steps
+could show on this machine today.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import argparse
 import io
 import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -146,10 +153,29 @@ def measure(files: list[Path], campaigns: pl.DataFrame, window_keys: int) -> tup
     return costs, events
 
 
+#: The ceiling exactly as ``adevents bench`` measures it, in a process of its own (Polars fixes
+#: its thread count at import): argv is the scratch directory, then the files.
+_CEILING = (
+    "import sys; from pathlib import Path; from cli.bench import measure_ceiling; "
+    "print(measure_ceiling([Path(p) for p in sys.argv[2:]], Path(sys.argv[1])))"
+)
+
+
+def ceiling_all_threads(files: list[Path], scratch: Path, rounds: int) -> list[float]:
+    """Events/s of the bench's ceiling on ``files``, once per round, on every Polars thread."""
+    env = {k: v for k, v in os.environ.items() if k != "POLARS_MAX_THREADS"}
+    argv = [sys.executable, "-c", _CEILING, str(scratch), *map(str, files)]
+    return [
+        float(subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout)
+        for _ in range(rounds)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=2_000_000)
     parser.add_argument("--window-keys", type=int, default=10_000_000)
+    parser.add_argument("--ceiling-rounds", type=int, default=3)
     args = parser.parse_args()
     data_dir = tempfile.mkdtemp(prefix="adevents-stages-")
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "REDIS_URL")}
@@ -159,6 +185,7 @@ def main() -> None:
         files = sorted((Path(data_dir) / "incoming").glob("*.arrow"))
         campaigns = load_campaigns(Path(data_dir) / "dimensions" / "campaigns.parquet")
         costs, events = measure(files, campaigns, args.window_keys)
+        ceilings = ceiling_all_threads(files, Path(data_dir) / "ceiling", args.ceiling_rounds)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     threads = os.environ.get("POLARS_MAX_THREADS", "all")
@@ -174,6 +201,13 @@ def main() -> None:
     print(
         f"\nTwo cores kept busy by these steps alone: at most {2e9 / total:,.0f} events/s; "
         f"the ceiling on one core: {events / ceiling:,.0f}."
+    )
+    bench_ceiling = statistics.median(ceilings)
+    print(
+        f"The ceiling as `adevents bench` measures it (every thread, {len(ceilings)} rounds): "
+        f"{min(ceilings):,.0f} – {max(ceilings):,.0f} events/s, median {bench_ceiling:,.0f}. "
+        f"These steps alone allow at most {2e9 / total / bench_ceiling:.2f}× that median "
+        "on two cores kept perfectly busy, before any commit, fsync or wait."
     )
 
 
