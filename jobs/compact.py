@@ -3,17 +3,23 @@
 One run, table by table (events, quarantine, ledger):
 
 1. **Compact** the small files of every partition, the open hour included, into files of about
-   COMPACT_TARGET_BYTES (:func:`lake.maintenance.optimize`). It is safe while the consumer
-   commits: the rewrite is one Delta commit that removes its inputs in the log only (a reader
-   keeps its snapshot; the files stay on disk until ``vacuum``), and an append never conflicts
-   with it. Compact partitions are left alone (a lone file is not rewritten), so a run after a
-   run changes nothing and the job is cheap to repeat.
+   COMPACT_TARGET_BYTES: delta-rs's ``optimize`` for quarantine and the ledger
+   (:func:`lake.maintenance.optimize`); for events, each hour's small files merged with their
+   row groups copied as they are (:func:`lake.cluster.merge_small_files`), each sorted by
+   campaign as the consumer wrote it. ``optimize`` re-cuts the concatenated rows into row
+   groups that straddle the consumer's files and span every campaign: inside a compacted open
+   hour of 10M events, a campaign's stats question read ~100 of 601 row groups (API p99 1 s,
+   against 20 ms before the compaction). Either is safe while the
+   consumer commits: the rewrite is one Delta commit that removes its inputs in the log only (a
+   reader keeps its snapshot; the files stay on disk until ``vacuum``), and an append never
+   conflicts with it. Compact partitions are left alone (a lone file is not rewritten), so a
+   run after a run changes nothing and the job is cheap to repeat.
 2. **Cluster** each events hour whose end is COMPACT_MIN_AGE in the past: rewrite it sorted by
    (campaign_id, event_time, event_id), once (:mod:`lake.cluster`; why not delta-rs's Z-order:
    docs/decisions/0006-clustered-hours.md). The hours done are kept in
    ``DATA_DIR/state/clustered.json``, written after each hour: a crash or a lost file only
    makes an hour clustered again (same rows, same order), never skipped. Late events of a
-   clustered hour are compacted in by step 1.
+   clustered hour are compacted by step 1.
 3. **Checkpoint** each table at its current version and delete log files past the log
    retention, so readers replay few JSON commits.
 
@@ -166,6 +172,44 @@ def _compact_table(
     )
 
 
+def _merge_events(
+    layout: Layout,
+    location: LakeLocation,
+    table: DeltaTable,
+    jobs: JobSettings,
+    *,
+    now: datetime,
+    on_step: Callable[[str], None],
+) -> TableReport:
+    """Compact the events table hour by hour: each hour's small files merged, their row groups
+    kept as the consumer cut them (:func:`lake.cluster.merge_small_files`), except the hours
+    this run clusters next (rewritten whole right after)."""
+    before = len(table.file_uris())
+    partitions = table.partitions()
+    done, deferred = _load_state(layout)
+    due = set(
+        hours_to_cluster(partitions, done | set(deferred), now=now, min_age_s=jobs.compact_min_age)
+    )
+    hours = sorted({(p["date"], p["hour"]) for p in partitions} - due, reverse=True)
+    removed = added = 0
+    for date, hour in hours:  # newest first: the open hour, which readers ask most
+
+        def merge_once(date: str = date, hour: str = hour) -> ClusterResult:
+            return cluster.merge_small_files(
+                location,
+                table,
+                date,
+                hour,
+                target_bytes=jobs.compact_target_bytes,
+                before_commit=lambda: on_step(f"compact:{EVENTS.name}"),
+            )
+
+        result = _retrying(table, f"compaction of events {hour_key(date, hour)}", merge_once)
+        removed, added = removed + result.files_removed, added + result.files_added
+    table.update_incremental()
+    return TableReport(EVENTS.name, before, len(table.file_uris()), removed, added)
+
+
 def _cluster_closed_hours(
     layout: Layout,
     location: LakeLocation,
@@ -247,8 +291,10 @@ def compact(
     """Compact every table of ``location``, cluster closed events hours, write checkpoints.
 
     Sizes and the age at which an hour counts as closed are COMPACT_* of ``jobs``; the job's
-    lock and its clustering state are under ``layout`` (DATA_DIR). ``on_step`` is called before
-    each optimize attempt with ``compact:<table>`` or ``cluster:<hour>`` (tests commit there).
+    lock and its clustering state are under ``layout`` (DATA_DIR). ``on_step`` is called with
+    ``compact:<table>`` before each optimize attempt (for events: before each merge's commit,
+    its snapshot read and its files written) and with ``cluster:<hour>`` before each clustering
+    attempt (tests commit there).
     """
     report = CompactReport()
     with job_lock(layout, "compact"):
@@ -258,7 +304,10 @@ def compact(
             except TableNotFoundError:
                 continue  # nothing committed to it yet
             try:
-                done = _compact_table(table, spec, jobs, on_step)
+                if spec.name == EVENTS.name:
+                    done = _merge_events(layout, location, table, jobs, now=now, on_step=on_step)
+                else:
+                    done = _compact_table(table, spec, jobs, on_step)
                 if spec.name == EVENTS.name:
                     _cluster_closed_hours(
                         layout,
@@ -270,6 +319,7 @@ def compact(
                         durable=durable,
                         on_step=on_step,
                     )
+                    done.files_after = len(table.file_uris())  # the hours clustered since
                 maintenance.checkpoint(table)
                 maintenance.cleanup_logs(table)
             except Exception:

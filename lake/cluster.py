@@ -20,6 +20,10 @@ The rewrite is a Delta maintenance commit, as ``optimize`` makes one:
 
 A crash before the commit leaves only orphan files, which ``vacuum`` deletes; after it, the
 hour is merely clustered again by the next run (same rows, same order).
+
+An hour not clustered yet (the open one) is compacted by the same commit, its small files
+merged with their row groups copied as they are (:func:`merge_small_files`): each stays sorted
+by campaign, as the consumer wrote it, so a campaign's questions still prune inside them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -61,6 +65,10 @@ class ClusterResult:
     files_removed: int
     files_added: int
     rows: int
+
+
+def _nothing() -> None:
+    return None
 
 
 def _fsync(path: str) -> None:
@@ -112,7 +120,9 @@ class _Files:
         *,
         file_rows: int,
         row_group_rows: int,
+        operation: str = "cluster",
     ) -> None:
+        self.operation = operation
         self.location, self.table_name, self.partition = location, table_name, partition
         self.schema, self.file_rows, self.row_group_rows = schema, file_rows, row_group_rows
         self.fs = location.filesystem()
@@ -136,14 +146,23 @@ class _Files:
             self._flush(self._pending_rows)
         self._finish_file()
 
+    def add_group(self, group: pa.Table) -> None:
+        """Write ``group`` as one row group of its own, as it is (nothing pending to cut)."""
+        assert not self._pending_rows, "add_group after add"
+        self._write(group)
+
     def _flush(self, rows: int) -> None:
         """Write the first ``rows`` pending rows as one row group."""
         table = pa.Table.from_batches(self._pending, self._pending[0].schema)
         group, rest = table.slice(0, rows), table.slice(rows)
         self._pending = rest.to_batches()
         self._pending_rows = rest.num_rows
+        self._write(group)
+
+    def _write(self, group: pa.Table) -> None:
+        rows = group.num_rows
         if self._writer is None:
-            name = f"part-cluster-{uuid.uuid4().hex}.parquet"
+            name = f"part-{self.operation}-{uuid.uuid4().hex}.parquet"
             self._relative = "/".join([*(f"{k}={v}" for k, v in self.partition.items()), name])
             self.paths.append(self._relative)
             # Given a path (not a stream), the writer closes what it opened: on S3 that close
@@ -253,9 +272,76 @@ def cluster_hour(
             raise
         finally:
             con.close()
+    return _commit_rewrite(table, partition, inputs, out, rows_in=rows_in, operation="cluster")
+
+
+def merge_small_files(
+    location: LakeLocation,
+    table: DeltaTable,
+    date: str,
+    hour: str,
+    *,
+    target_bytes: int,
+    spec: TableSpec = EVENTS,
+    before_commit: Callable[[], None] = _nothing,
+) -> ClusterResult:
+    """Merge the files of hour ``date``/``hour`` smaller than ``target_bytes``, when there are
+    two or more, into files of about that size whose row groups are the inputs' own, copied one
+    at a time: the compaction of an hour not clustered yet (the open one). Each consumer file is
+    sorted by campaign, so each of its row groups holds a few campaigns; delta-rs's ``optimize``
+    re-cut the concatenated rows into groups that straddle two files and span every campaign,
+    and a campaign's stats question inside a compacted open hour of 10M events read ~100 of its
+    601 row groups (API p99 1 s). Same commit, guarantees and errors as :func:`cluster_hour`;
+    ``before_commit`` runs once the files are written, right before the commit."""
+    table.update_incremental()
+    small = sorted((p, s) for p, s in _hour_files(table, date, hour) if s < target_bytes)
+    if len(small) < 2:
+        return ClusterResult(0, 0, 0)
+    fs = location.filesystem()
+    paths = [location.path(spec.name, p) for p, _ in small]
+    footers = [pq.read_metadata(path, filesystem=fs) for path in paths]
+    rows_in = sum(f.num_rows for f in footers)
+    file_rows = max(1, int(rows_in * target_bytes / max(sum(s for _, s in small), 1)))
+    partition = {"date": date, "hour": hour}
+    schema = pq.read_schema(paths[0], filesystem=fs)
+    # Groups are only added whole (add_group), never cut: row_group_rows is not used.
+    out = _Files(
+        location,
+        spec.name,
+        partition,
+        schema,
+        file_rows=file_rows,
+        row_group_rows=rows_in,
+        operation="merge",
+    )
+    try:
+        for path, footer in zip(paths, footers, strict=True):
+            source = pq.ParquetFile(path, filesystem=fs)
+            for index in range(footer.num_row_groups):
+                out.add_group(source.read_row_group(index))
+        out.close()
+    except BaseException:
+        out.discard()
+        raise
+    before_commit()
+    return _commit_rewrite(table, partition, small, out, rows_in=rows_in, operation="merge")
+
+
+def _commit_rewrite(
+    table: DeltaTable,
+    partition: dict[str, str],
+    inputs: Sequence[tuple[str, int]],
+    out: _Files,
+    *,
+    rows_in: int,
+    operation: str,
+) -> ClusterResult:
+    """One commit that removes exactly ``inputs`` and adds ``out``'s files, all with
+    ``dataChange = false``; ``out``'s files are deleted when it cannot land."""
     if out.rows != rows_in:
         out.discard()
-        raise RuntimeError(f"clustering {date}/{hour} wrote {out.rows} rows of {rows_in}")
+        where = "/".join(partition.values())
+        raise RuntimeError(f"{operation} of {where} wrote {out.rows} rows of {rows_in}")
     now_ms = int(time.time() * 1000)
     removes = [RemoveAction(p, False, now_ms, s, dict(partition)) for p, s in inputs]
     try:
@@ -264,7 +350,7 @@ def cluster_hour(
             "append",
             table.schema(),
             partition_by=list(partition),
-            commit_properties=CommitProperties(custom_metadata={"adevents.operation": "cluster"}),
+            commit_properties=CommitProperties(custom_metadata={"adevents.operation": operation}),
         )
     except CommitFailedError:
         out.discard()  # a conflict: nothing of this attempt is in the log

@@ -253,7 +253,10 @@ class JobSettings:
         128 * 1024**2, _positive_size, "approximate bytes per compacted file, e.g. 128MiB"
     )
     compact_row_group_rows: int = _setting(
-        16_384, _positive_int, "rows per row group of compacted files (DuckDB's unit of work)"
+        16_384,
+        _positive_int,
+        "rows per row group of clustered hours and compacted files (an hour not clustered yet "
+        "keeps the consumer's)",
     )
     compact_memory_bytes: int = _setting(
         1024**3,

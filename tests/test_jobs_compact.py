@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
@@ -24,6 +25,7 @@ from lake.location import LakeLocation
 from lake.snapshot import snapshot
 from lake.tables import EVENTS, LEDGER, open_table
 from lake.testing import append, enriched_frame
+from lake.writer import ROW_GROUP_ROWS
 from pipeline.schema import Layout
 from pipeline.settings import JobSettings
 
@@ -210,20 +212,56 @@ def test_an_hour_whose_clustering_does_not_fit_in_memory_waits_an_hour(
 def test_a_conflicting_delete_makes_the_optimize_retry_not_fail(
     lake: tuple[Layout, LakeLocation], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The open hour's rows are deleted (retention, a bad-row repair) after its merge read
+    them and before it commits: the merge loses the race, starts again from a fresh snapshot,
+    and no deleted row comes back."""
     caplog.set_level(logging.INFO, logger="adevents.jobs.compact")
     layout, location = lake
     rows = fill(location, random.Random(5), commits=9)
-    first_hour = datetime.fromtimestamp(BASE_MS / 1000, UTC)
+    open_hour = datetime.fromtimestamp(OPEN_MS / 1000, UTC)
     deleted = [0]
 
     def delete_under_it(step: str) -> None:
         if step == "compact:events" and not deleted[0]:
-            hour = f"date = '{first_hour:%Y-%m-%d}' AND hour = '{first_hour:%H}'"
+            hour = f"date = '{open_hour:%Y-%m-%d}' AND hour = '{open_hour:%H}'"
             deleted[0] = open_table(location, EVENTS).delete(hour)["num_deleted_rows"]
 
     compact(layout, location, CFG, now=NOW, durable=False, on_step=delete_under_it)
     assert any("lost a commit race" in r.message for r in caplog.records)
     assert deleted[0] > 0 and counts(location)[0] == rows - deleted[0]
+
+
+def test_the_open_hours_small_files_keep_their_row_groups_when_merged(
+    lake: tuple[Layout, LakeLocation],
+) -> None:
+    """The open hour's small files are merged with their row groups as the consumer cut them,
+    each sorted by campaign, so a campaign's question still skips the others' groups (delta-rs's
+    optimize re-cut the concatenated rows into groups spanning every campaign). Every row once;
+    a second run finds one file and does nothing."""
+    layout, location = lake
+    rng = random.Random(9)
+    rows = 0
+    for b in range(8):
+        n = rng.randrange(20, 60)
+        at = IN_OPEN_MS + b * 1_000
+        batch = random_batch(rng, batch=b, rows=n, time_ms=at, spread_ms=500, campaigns=6)
+        commit_batches(location, [batch], at=NOW)
+        rows += n
+    footers = [pq.read_metadata(u) for u in sorted(open_table(location, EVENTS).file_uris())]
+    groups_in = [f.row_group(i).num_rows for f in footers for i in range(f.num_row_groups)]
+    report = compact(layout, location, CFG, now=NOW, durable=False)
+    assert report.clustered == [] and report.tables[0].files_removed == 8
+    (uri,) = open_table(location, EVENTS).file_uris()
+    merged = pq.ParquetFile(uri)
+    assert merged.metadata.num_rows == rows == counts(location)[0]
+    groups_out = [merged.metadata.row_group(i).num_rows for i in range(merged.num_row_groups)]
+    assert groups_out == groups_in
+    keys = ["campaign_id", "event_time"]
+    for index in range(merged.num_row_groups):
+        group = pl.from_arrow(merged.read_row_group(index, columns=keys))
+        assert isinstance(group, pl.DataFrame)
+        assert group.equals(group.sort(keys))
+    assert compact(layout, location, CFG, now=NOW, durable=False).tables[0].files_removed == 0
 
 
 def test_a_missing_lake_is_nothing_to_do(lake: tuple[Layout, LakeLocation]) -> None:
@@ -235,28 +273,33 @@ def test_a_missing_lake_is_nothing_to_do(lake: tuple[Layout, LakeLocation]) -> N
 
 def test_files_at_the_target_size_are_not_small(lake: tuple[Layout, LakeLocation]) -> None:
     """With COMPACT_TARGET_BYTES=1 no file is small, so nothing is rewritten: the setting is
-    what optimize uses."""
+    what the compaction uses. (No hour is clustered here: every file is a small one merged.)"""
     layout, location = lake
     fill(location, random.Random(6), commits=12)
     tiny = JobSettings(compact_min_age=10**9, compact_target_bytes=1)
     assert compact(layout, location, tiny, now=NOW, durable=False).tables[0].files_removed == 0
-    assert compact(layout, location, CFG, now=NOW, durable=False).tables[0].files_removed == 12
+    unclustered = JobSettings(compact_min_age=10**9)
+    report = compact(layout, location, unclustered, now=NOW, durable=False)
+    assert report.tables[0].files_removed == 12 and live_files(location) == 3
 
 
 def test_rewritten_files_have_small_zstd_row_groups(lake: tuple[Layout, LakeLocation]) -> None:
-    """Compacted and clustered files keep COMPACT_ROW_GROUP_ROWS rows per row group, zstd, so
-    readers prune inside them (delta-rs's default is 1M-row snappy row groups)."""
+    """Clustered hours and compacted ledger files keep COMPACT_ROW_GROUP_ROWS rows per row
+    group, zstd, so readers prune inside them (delta-rs's default is 1M-row snappy row groups);
+    the open hour's merged files keep the consumer's row groups."""
     layout, location = lake
     fill(location, random.Random(7), commits=12)
     jobs = JobSettings(compact_min_age=0, compact_row_group_rows=25)
     report = compact(layout, location, jobs, now=NOW, durable=False)
     assert report.clustered
-    table = open_table(location, EVENTS)
-    for uri in table.file_uris():
-        metadata = pq.read_metadata(uri)
-        groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
-        assert max(g.num_rows for g in groups) <= 25
-        assert {g.column(0).compression for g in groups} == {"ZSTD"}
+    open_hour = f"hour={datetime.fromtimestamp(OPEN_MS / 1000, UTC):%H}/"
+    for name in ("events", "ledger"):
+        for uri in open_table(location, {"events": EVENTS, "ledger": LEDGER}[name]).file_uris():
+            metadata = pq.read_metadata(uri)
+            groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+            bound = ROW_GROUP_ROWS if name == "events" and open_hour in uri else 25
+            assert max(g.num_rows for g in groups) <= bound
+            assert {g.column(0).compression for g in groups} == {"ZSTD"}
 
 
 _CLUSTER_RSS = """
