@@ -201,6 +201,7 @@ def _merge_events(
                 date,
                 hour,
                 target_bytes=jobs.compact_target_bytes,
+                row_group_rows=jobs.compact_row_group_rows,
                 before_commit=lambda: on_step(f"compact:{EVENTS.name}"),
             )
 

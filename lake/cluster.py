@@ -147,8 +147,16 @@ class _Files:
         self._finish_file()
 
     def add_group(self, group: pa.Table) -> None:
-        """Write ``group`` as one row group of its own, as it is (nothing pending to cut)."""
-        assert not self._pending_rows, "add_group after add"
+        """Write ``group`` as a row group of its own, as it is, unless it has fewer than half
+        ``row_group_rows``: those are gathered, then cut as :meth:`add` cuts (a trickle of
+        events makes files of a few rows, each a group that spans most campaigns anyway, and
+        thousands of tiny groups would make every footer slow to read)."""
+        if group.num_rows < self.row_group_rows // 2:
+            for batch in group.cast(self.schema).to_batches():
+                self.add(batch)
+            return
+        if self._pending_rows:
+            self._flush(self._pending_rows)
         self._write(group)
 
     def _flush(self, rows: int) -> None:
@@ -282,12 +290,14 @@ def merge_small_files(
     hour: str,
     *,
     target_bytes: int,
+    row_group_rows: int,
     spec: TableSpec = EVENTS,
     before_commit: Callable[[], None] = _nothing,
 ) -> ClusterResult:
     """Merge the files of hour ``date``/``hour`` smaller than ``target_bytes``, when there are
     two or more, into files of about that size whose row groups are the inputs' own, copied one
-    at a time: the compaction of an hour not clustered yet (the open one). Each consumer file is
+    at a time (those under half ``row_group_rows`` gathered into groups of that size): the
+    compaction of an hour not clustered yet (the open one). Each consumer file is
     sorted by campaign, so each of its row groups holds a few campaigns; delta-rs's ``optimize``
     re-cut the concatenated rows into groups that straddle two files and span every campaign,
     and a campaign's stats question inside a compacted open hour of 10M events read ~100 of its
@@ -304,14 +314,13 @@ def merge_small_files(
     file_rows = max(1, int(rows_in * target_bytes / max(sum(s for _, s in small), 1)))
     partition = {"date": date, "hour": hour}
     schema = pq.read_schema(paths[0], filesystem=fs)
-    # Groups are only added whole (add_group), never cut: row_group_rows is not used.
     out = _Files(
         location,
         spec.name,
         partition,
         schema,
         file_rows=file_rows,
-        row_group_rows=rows_in,
+        row_group_rows=row_group_rows,
         operation="merge",
     )
     try:

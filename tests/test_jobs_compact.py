@@ -61,6 +61,20 @@ def fill(location: LakeLocation, rng: random.Random, *, commits: int) -> int:
     return rows
 
 
+def open_hour_commits(
+    location: LakeLocation, rng: random.Random, *, commits: int, sizes: tuple[int, int]
+) -> int:
+    """``commits`` commits of ``sizes`` rows (a range) in the open hour; rows committed."""
+    rows = 0
+    for b in range(commits):
+        n = rng.randrange(*sizes)
+        at = IN_OPEN_MS + b * 1_000
+        batch = random_batch(rng, batch=b, rows=n, time_ms=at, spread_ms=500, campaigns=6)
+        commit_batches(location, [batch], at=NOW)
+        rows += n
+    return rows
+
+
 def counts(location: LakeLocation) -> tuple[int, int]:
     """(events rows, ledger rows) in a fresh snapshot."""
     snap = snapshot(location)
@@ -239,17 +253,11 @@ def test_the_open_hours_small_files_keep_their_row_groups_when_merged(
     optimize re-cut the concatenated rows into groups spanning every campaign). Every row once;
     a second run finds one file and does nothing."""
     layout, location = lake
-    rng = random.Random(9)
-    rows = 0
-    for b in range(8):
-        n = rng.randrange(20, 60)
-        at = IN_OPEN_MS + b * 1_000
-        batch = random_batch(rng, batch=b, rows=n, time_ms=at, spread_ms=500, campaigns=6)
-        commit_batches(location, [batch], at=NOW)
-        rows += n
+    rows = open_hour_commits(location, random.Random(9), commits=8, sizes=(20, 60))
     footers = [pq.read_metadata(u) for u in sorted(open_table(location, EVENTS).file_uris())]
     groups_in = [f.row_group(i).num_rows for f in footers for i in range(f.num_row_groups)]
-    report = compact(layout, location, CFG, now=NOW, durable=False)
+    jobs = JobSettings(compact_min_age=0, compact_row_group_rows=32)  # groups of 16+ kept
+    report = compact(layout, location, jobs, now=NOW, durable=False)
     assert report.clustered == [] and report.tables[0].files_removed == 8
     (uri,) = open_table(location, EVENTS).file_uris()
     merged = pq.ParquetFile(uri)
@@ -261,7 +269,23 @@ def test_the_open_hours_small_files_keep_their_row_groups_when_merged(
         group = pl.from_arrow(merged.read_row_group(index, columns=keys))
         assert isinstance(group, pl.DataFrame)
         assert group.equals(group.sort(keys))
-    assert compact(layout, location, CFG, now=NOW, durable=False).tables[0].files_removed == 0
+    assert compact(layout, location, jobs, now=NOW, durable=False).tables[0].files_removed == 0
+
+
+def test_tiny_row_groups_are_gathered_when_the_open_hour_is_merged(
+    lake: tuple[Layout, LakeLocation],
+) -> None:
+    """A trickle of events makes files of a few rows each: their groups (under half
+    COMPACT_ROW_GROUP_ROWS) are gathered into groups of that size, not kept by the thousand."""
+    layout, location = lake
+    rows = open_hour_commits(location, random.Random(10), commits=12, sizes=(2, 6))
+    jobs = JobSettings(compact_min_age=0, compact_row_group_rows=16)
+    assert compact(layout, location, jobs, now=NOW, durable=False).tables[0].files_removed == 12
+    (uri,) = open_table(location, EVENTS).file_uris()
+    footer = pq.read_metadata(uri)
+    groups = [footer.row_group(i).num_rows for i in range(footer.num_row_groups)]
+    assert sum(groups) == rows == counts(location)[0]
+    assert groups == [16] * (rows // 16) + ([rows % 16] if rows % 16 else [])
 
 
 def test_a_missing_lake_is_nothing_to_do(lake: tuple[Layout, LakeLocation]) -> None:
