@@ -75,6 +75,13 @@ def open_hour_commits(
     return rows
 
 
+def parquet(location: LakeLocation, uri: str) -> pq.ParquetFile:
+    """A file of the lake by its URI, on local disk or on S3."""
+    if location.is_s3:
+        return pq.ParquetFile(uri.split("://", 1)[1], filesystem=location.filesystem())
+    return pq.ParquetFile(uri)
+
+
 def counts(location: LakeLocation) -> tuple[int, int]:
     """(events rows, ledger rows) in a fresh snapshot."""
     snap = snapshot(location)
@@ -246,21 +253,21 @@ def test_a_conflicting_delete_makes_the_optimize_retry_not_fail(
 
 
 def test_the_open_hours_small_files_keep_their_row_groups_when_merged(
-    lake: tuple[Layout, LakeLocation],
+    location: LakeLocation, tmp_path: Path
 ) -> None:
     """The open hour's small files are merged with their row groups as the consumer cut them,
     each sorted by campaign, so a campaign's question still skips the others' groups (delta-rs's
     optimize re-cut the concatenated rows into groups spanning every campaign). Every row once;
-    a second run finds one file and does nothing."""
-    layout, location = lake
+    a second run finds one file and does nothing. On local disk and on S3."""
+    layout = Layout(str(tmp_path / "data"))
     rows = open_hour_commits(location, random.Random(9), commits=8, sizes=(20, 60))
-    footers = [pq.read_metadata(u) for u in sorted(open_table(location, EVENTS).file_uris())]
-    groups_in = [f.row_group(i).num_rows for f in footers for i in range(f.num_row_groups)]
+    inputs = [parquet(location, u) for u in sorted(open_table(location, EVENTS).file_uris())]
+    groups_in = [f.metadata.row_group(i).num_rows for f in inputs for i in range(f.num_row_groups)]
     jobs = JobSettings(compact_min_age=0, compact_row_group_rows=32)  # groups of 16+ kept
     report = compact(layout, location, jobs, now=NOW, durable=False)
     assert report.clustered == [] and report.tables[0].files_removed == 8
     (uri,) = open_table(location, EVENTS).file_uris()
-    merged = pq.ParquetFile(uri)
+    merged = parquet(location, uri)
     assert merged.metadata.num_rows == rows == counts(location)[0]
     groups_out = [merged.metadata.row_group(i).num_rows for i in range(merged.num_row_groups)]
     assert groups_out == groups_in
