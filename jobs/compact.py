@@ -172,25 +172,61 @@ def _compact_table(
     )
 
 
-def _merge_events(
+@dataclass
+class _ClusterPlan:
+    """The events hours clustered so far and those deferred (both as of the table's partitions,
+    from ``clustered.json``), and the closed hours this run clusters."""
+
+    done: set[str]
+    deferred: dict[str, float]
+    due: list[tuple[str, str]]
+
+
+def _cluster_plan(
+    layout: Layout, partitions: list[dict[str, str]], *, now: datetime, min_age_s: float
+) -> _ClusterPlan:
+    present = {hour_key(p["date"], p["hour"]) for p in partitions}
+    # Hours gone by retention are forgotten, so the state stays as small as the table.
+    done, deferred = _load_state(layout)
+    done &= present
+    deferred = {k: t for k, t in deferred.items() if k in present and t > now.timestamp()}
+    due = hours_to_cluster(partitions, done | set(deferred), now=now, min_age_s=min_age_s)
+    return _ClusterPlan(done, deferred, due)
+
+
+def _compact_events(
     layout: Layout,
     location: LakeLocation,
     table: DeltaTable,
     jobs: JobSettings,
+    report: CompactReport,
     *,
     now: datetime,
+    durable: bool,
     on_step: Callable[[str], None],
 ) -> TableReport:
-    """Compact the events table hour by hour: each hour's small files merged, their row groups
-    kept as the consumer cut them (:func:`lake.cluster.merge_small_files`), except the hours
-    this run clusters next (rewritten whole right after)."""
+    """Merge the small files of each hour this run does not cluster, then cluster the closed
+    hours due (a whole rewrite of the hour: merging them first would be work thrown away)."""
     before = len(table.file_uris())
     partitions = table.partitions()
-    done, deferred = _load_state(layout)
-    due = set(
-        hours_to_cluster(partitions, done | set(deferred), now=now, min_age_s=jobs.compact_min_age)
+    plan = _cluster_plan(layout, partitions, now=now, min_age_s=jobs.compact_min_age)
+    hours = {(p["date"], p["hour"]) for p in partitions} - set(plan.due)
+    removed, added = _merge_hours(location, table, jobs, sorted(hours, reverse=True), on_step)
+    _cluster_closed_hours(
+        layout, location, table, jobs, report, plan=plan, now=now, durable=durable, on_step=on_step
     )
-    hours = sorted({(p["date"], p["hour"]) for p in partitions} - due, reverse=True)
+    return TableReport(EVENTS.name, before, len(table.file_uris()), removed, added)
+
+
+def _merge_hours(
+    location: LakeLocation,
+    table: DeltaTable,
+    jobs: JobSettings,
+    hours: list[tuple[str, str]],
+    on_step: Callable[[str], None],
+) -> tuple[int, int]:
+    """Each hour's small files merged, their row groups kept as the consumer cut them
+    (:func:`lake.cluster.merge_small_files`); the files removed and added."""
     removed = added = 0
     for date, hour in hours:  # newest first: the open hour, which readers ask most
 
@@ -207,8 +243,7 @@ def _merge_events(
 
         result = _retrying(table, f"compaction of events {hour_key(date, hour)}", merge_once)
         removed, added = removed + result.files_removed, added + result.files_added
-    table.update_incremental()
-    return TableReport(EVENTS.name, before, len(table.file_uris()), removed, added)
+    return removed, added
 
 
 def _cluster_closed_hours(
@@ -218,25 +253,20 @@ def _cluster_closed_hours(
     jobs: JobSettings,
     report: CompactReport,
     *,
+    plan: _ClusterPlan,
     now: datetime,
     durable: bool,
     on_step: Callable[[str], None],
 ) -> None:
-    partitions = table.partitions()
-    present = {hour_key(p["date"], p["hour"]) for p in partitions}
-    # Hours gone by retention are forgotten, so the state stays as small as the table.
-    done, deferred = _load_state(layout)
-    done &= present
-    deferred = {k: t for k, t in deferred.items() if k in present and t > now.timestamp()}
+    done, deferred = plan.done, plan.deferred
 
     def save() -> None:
         state = {"hours": sorted(done), "deferred": deferred}
         write_json_atomic(state, cluster_state(layout), durable=durable)
 
-    skip = done | set(deferred)
     spill = layout.state / "cluster-spill"
     spill.mkdir(parents=True, exist_ok=True)
-    for date, hour in hours_to_cluster(partitions, skip, now=now, min_age_s=jobs.compact_min_age):
+    for date, hour in plan.due:
         key = hour_key(date, hour)
 
         def cluster_once(date: str = date, hour: str = hour, key: str = key) -> ClusterResult:
@@ -306,11 +336,7 @@ def compact(
                 continue  # nothing committed to it yet
             try:
                 if spec.name == EVENTS.name:
-                    done = _merge_events(layout, location, table, jobs, now=now, on_step=on_step)
-                else:
-                    done = _compact_table(table, spec, jobs, on_step)
-                if spec.name == EVENTS.name:
-                    _cluster_closed_hours(
+                    done = _compact_events(
                         layout,
                         location,
                         table,
@@ -320,7 +346,8 @@ def compact(
                         durable=durable,
                         on_step=on_step,
                     )
-                    done.files_after = len(table.file_uris())  # the hours clustered since
+                else:
+                    done = _compact_table(table, spec, jobs, on_step)
                 maintenance.checkpoint(table)
                 maintenance.cleanup_logs(table)
             except Exception:

@@ -325,7 +325,7 @@ def merge_small_files(
     )
     try:
         for path, footer in zip(paths, footers, strict=True):
-            source = pq.ParquetFile(path, filesystem=fs)
+            source = pq.ParquetFile(path, metadata=footer, filesystem=fs)
             for index in range(footer.num_row_groups):
                 out.add_group(source.read_row_group(index))
         out.close()
