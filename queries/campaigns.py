@@ -253,11 +253,22 @@ def _plan_parts(
     return parts, {k: sorted(v) for k, v in files.items()}
 
 
-def _raw_files(view: View, campaign_id: str, runs: Sequence[Run]) -> tuple[list[str], list[str]]:
-    """The events files that can hold the campaign in ``runs``: (local files on disk, read by
-    row groups here; the others, in memory or on S3, read by DuckDB)."""
+@dataclass(frozen=True)
+class _RawFiles:
+    """The events files that can hold a campaign in a plan's raw runs, by how they are read."""
+
+    #: Local files on disk, read by their row groups (:func:`event_sums.from_row_groups`).
+    disk: list[str]
+    #: Files held in memory (the uncompacted tail), summed from their campaign order.
+    memory: list[str]
+    #: The rest (on S3, not held), read by DuckDB.
+    others: list[str]
+
+
+def _raw_files(view: View, campaign_id: str, runs: Sequence[Run]) -> _RawFiles:
+    """Where the events files that can hold the campaign in ``runs`` are read from."""
     if not runs:
-        return [], []
+        return _RawFiles([], [], [])
     table = view.table("events")
     bounds = table.bounds("campaign_id")
 
@@ -266,10 +277,11 @@ def _raw_files(view: View, campaign_id: str, runs: Sequence[Run]) -> tuple[list[
         return (low is None or low <= campaign_id) and (high is None or campaign_id <= high)
 
     chosen = [f for f in _overlapping(view, "events", runs) if may_hold(f)]
+    memory = [f for f in chosen if f in table.small]
+    stored = [f for f in chosen if f not in table.small]
     if table.local_root is None:
-        return [], chosen
-    disk = [f for f in chosen if f not in table.small]
-    return disk, [f for f in chosen if f in table.small]
+        return _RawFiles([], memory, stored)
+    return _RawFiles(stored, memory, [])
 
 
 def _rollups_from_memory(
@@ -292,22 +304,28 @@ def _rollups_from_memory(
 def read_plan(view: View, campaign_id: str, granularity: Granularity, p: Plan) -> list[Bucket]:
     """The series a plan describes, summed per bucket: rollups from their files' rows kept in
     memory (:mod:`queries.rollup_rows`; else through DuckDB), local events files by their row
-    groups (:mod:`queries.event_sums`), events in memory or on S3 through DuckDB."""
+    groups (:mod:`queries.event_sums`), events in memory from each file's campaign order, events
+    on S3 through DuckDB."""
     params: dict[str, object] = {"campaign_id": campaign_id, "granularity": granularity}
     templates = (_ROLLUP_PART, _RAW_PART)
-    disk, others = _raw_files(view, campaign_id, p.raw)
+    raw = _raw_files(view, campaign_id, p.raw)
+    table, lake, width = view.table("events"), view.lake, BUCKET_MS[granularity]
     sums: event_sums.Sums = {}
-    if disk:
-        root = view.table("events").local_root
-        paths = [f"{root}/{f}" for f in disk]
-        width = BUCKET_MS[granularity]
-        lake = view.lake
+    if raw.disk:
+        paths = [f"{table.local_root}/{f}" for f in raw.disk]
         sums = event_sums.from_row_groups(
             lake.row_groups, paths, campaign_id, p.raw, width, minutes=lake.minute_sums
         )
+    for f in raw.memory:
+        rows = table.ordered(f)
+        for lo, hi in p.raw:
+            for bucket, values in rows.totals(campaign_id, lo * 1000, hi * 1000, width).items():
+                event_sums.add(sums, bucket, values)
     if _rollups_from_memory(view, campaign_id, granularity, p, sums):
         p = Plan(raw=p.raw)  # what is left: events in memory or on S3, for DuckDB
-    parts, files = _plan_parts(view, p, f"rollups_{granularity}", templates, params, events=others)
+    parts, files = _plan_parts(
+        view, p, f"rollups_{granularity}", templates, params, events=raw.others
+    )
     if parts:
         sql = f"""
             SELECT b, CAST(sum(i) AS BIGINT), CAST(sum(c) AS BIGINT), CAST(sum(v) AS BIGINT),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,7 @@ from cachetools import LRUCache
 
 from pipeline.schema import MINUTE_MS
 from pipeline.settings import QuerySettings
+from queries.ordered import coded, event_values
 from queries.row_groups import Group, RowGroups
 
 #: Bytes of per-minute running totals a MinuteSums keeps by default (QUERY_MINUTE_SUMS_BYTES; a
@@ -32,9 +33,6 @@ CACHE_BYTES: Final = QuerySettings.query_minute_sums_bytes
 
 #: Columns the totals are computed from.
 COLUMNS: Final = ("campaign_id", "event_time", "event_type", "cost_micros", "revenue_micros")
-#: The counted event types, in the order of a total's first three fields.
-_COUNTED: Final = ("impression", "click", "conversion")
-_KIND: Final = {kind: k for k, kind in enumerate(_COUNTED)}
 
 #: A bucket's start (epoch ms) -> [impressions, clicks, conversions, spend, revenue].
 Sums = dict[int, list[int]]
@@ -46,12 +44,6 @@ def _micros(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(stamps.fill_null(np.iinfo(np.int64).min).to_numpy(), dtype=np.int64)
 
 
-def _money(column: pa.ChunkedArray | None, rows: int) -> np.ndarray:
-    if column is None:
-        return np.zeros(rows, dtype=np.int64)
-    return np.asarray(column.fill_null(0).to_numpy(), dtype=np.int64)
-
-
 def add(out: Sums, bucket: int, values: Iterable[int]) -> None:
     """Add one bucket's five totals to ``out``."""
     known = out.setdefault(bucket, [0, 0, 0, 0, 0])
@@ -59,32 +51,11 @@ def add(out: Sums, bucket: int, values: Iterable[int]) -> None:
         known[k] += int(v)
 
 
-def _coded(
-    column: pa.ChunkedArray, codes: Callable[[pa.Array], npt.NDArray[Any]], null: object
-) -> npt.NDArray[Any]:
-    """Per row, a code computed once per distinct value (``codes`` of a chunk's dictionary, the
-    ``null`` code for nulls): on the dictionary columns a row group is read as, a lookup by
-    index. Three ``pc.equal`` of event_type, one per counted type, took 1.1 ms of a 16,384-row
-    group; the whole of its totals now costs less than one of them."""
-    out = []
-    for chunk in column.chunks:
-        coded = chunk if pa.types.is_dictionary(chunk.type) else pc.dictionary_encode(chunk)
-        known = codes(coded.dictionary)
-        table = np.append(known, np.asarray([null], dtype=known.dtype))
-        out.append(table[coded.indices.fill_null(len(known)).to_numpy()])
-    return np.concatenate(out) if out else codes(pa.array([], pa.string()))
-
-
 def _is(value: str) -> Callable[[pa.Array], npt.NDArray[np.bool_]]:
     return lambda values: np.asarray(
         pc.equal(values, pa.scalar(value)).fill_null(False).to_numpy(zero_copy_only=False),
         dtype=bool,
     )
-
-
-def _kinds(values: pa.Array) -> npt.NDArray[np.int8]:
-    """Each value's column among the totals' first three, or 3 (not counted)."""
-    return np.asarray([_KIND.get(v, 3) for v in values.to_pylist()], dtype=np.int8)
 
 
 def _campaign_rows(
@@ -99,20 +70,9 @@ def _campaign_rows(
     for lo, hi in runs:
         keep |= (all_times >= lo * 1000) & (all_times < hi * 1000)
     if campaign_id is not None:
-        keep &= _coded(table.column("campaign_id"), _is(campaign_id), False)
+        keep &= coded(table.column("campaign_id"), _is(campaign_id), False)
     rows = np.flatnonzero(keep)
-    times, n = all_times[rows], len(rows)
-    values = np.zeros((n, 5), dtype=np.int64)
-    if n:
-        names = set(table.column_names)
-        if "event_type" in names:
-            kinds = _coded(table.column("event_type"), _kinds, 3)[rows]
-            counted = np.flatnonzero(kinds < 3)
-            values[counted, kinds[counted]] = 1
-        for k, name in ((3, "cost_micros"), (4, "revenue_micros")):
-            column = table.column(name) if name in names else None
-            values[:, k] = _money(column, table.num_rows)[rows]
-    return times, values
+    return all_times[rows], event_values(table, rows)
 
 
 def add_table(
@@ -175,20 +135,74 @@ class _Minute:
         return [int(v) for v in self.running[b] - self.running[a]]
 
 
+@dataclass(frozen=True)
+class _GroupTotals:
+    """Each campaign's totals over a whole row group. A question whose run holds the group's
+    every time (its statistics say so) needs no more of it: in a compacted open hour, a
+    partial minute meets a dozen consumer files' groups, and all but the one or two at the
+    run's ends lie inside it. Built for every campaign from one decode, so the next campaign's
+    question in the group finds it; without it, each campaign's first question in a minute
+    decoded its ~11 groups (13 ms), and at the start of a minute every question was such a
+    first one (stats p99 85 ms, 50M-event lake)."""
+
+    totals: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, table: pa.Table, only: str | None) -> _GroupTotals:
+        """From the group's rows (``only``: the one campaign they all are, read without their
+        campaign_id column)."""
+        rows = table.num_rows
+        values = event_values(table, np.arange(rows))
+        if only is not None:
+            return cls({only: values.sum(axis=0).tolist()} if rows else {})
+        index: dict[str, int] = {}
+
+        def codes(dictionary: pa.Array) -> npt.NDArray[np.int64]:
+            return np.asarray(
+                [
+                    -1 if v is None else index.setdefault(v, len(index))
+                    for v in dictionary.to_pylist()
+                ],
+                dtype=np.int64,
+            )
+
+        code = coded(table.column("campaign_id"), codes, -1)
+        names = list(index)
+        keep = np.flatnonzero(code >= 0)
+        code, values = code[keep], values[keep]
+        if len(code) > 1 and bool((code[1:] < code[:-1]).any()):
+            order = np.argsort(code, kind="stable")
+            code, values = code[order], values[order]
+        starts = np.flatnonzero(np.diff(code, prepend=-1) != 0)
+        sums = np.add.reduceat(values, starts, axis=0) if len(starts) else values[:0]
+        found = zip(code[starts].tolist(), sums.tolist(), strict=True)
+        return cls({names[c]: row for c, row in found})
+
+    @property
+    def nbytes(self) -> int:
+        return 200 * len(self.totals) + 64
+
+
 class MinuteSums:
-    """Each asked campaign's rows of a row group within one minute, as running totals; thread-
-    safe. A stats question with rollups reads raw only the partial minute at ``until``, and the
-    next question on the campaign (a later ``until``) mostly falls in the same minute: it is
-    then two binary searches, not a row group decoded again (4 ms at 122,880 rows). Kept per
-    row group, not per file and minute: a busy campaign's minute spans dozens of a clustered
-    hour's 16,384-row groups, and reading the whole minute at its first question (331 ms for
-    540k rows) cost more than reading, question by question, the groups each ``until`` needs."""
+    """Each asked campaign's rows of a row group within one minute, as running totals, and each
+    campaign's totals over a whole row group; thread-safe. A stats question with rollups reads
+    raw only the partial minute at ``until``, and the next question on the campaign (a later
+    ``until``) mostly falls in the same minute: it is then two binary searches, not a row group
+    decoded again (4 ms at 122,880 rows). Kept per row group, not per file and minute: a busy
+    campaign's minute spans dozens of a clustered hour's 16,384-row groups, and reading the
+    whole minute at its first question (331 ms for 540k rows) cost more than reading, question
+    by question, the groups each ``until`` needs."""
 
     def __init__(self, cache_bytes: int = CACHE_BYTES) -> None:
-        self._kept: LRUCache[tuple[str, int, str, int], _Minute] = LRUCache(
+        self._kept: LRUCache[tuple[object, ...], _Minute | _GroupTotals] = LRUCache(
             cache_bytes, getsizeof=lambda m: m.nbytes
         )
         self._lock = threading.Lock()
+
+    def _keep(self, key: tuple[object, ...], value: _Minute | _GroupTotals) -> None:
+        with self._lock:
+            if value.nbytes <= self._kept.maxsize:
+                self._kept[key] = value
 
     def minute(
         self, groups: RowGroups, path: str, group: Group, campaign_id: str, minute_ms: int
@@ -197,16 +211,39 @@ class MinuteSums:
         key = (path, group.index, campaign_id, minute_ms)
         with self._lock:
             known = self._kept.get(key)
-        if known is None:
-            # A clustered hour's busy campaign has row groups of its own: no campaign_id then.
-            only = group.holds_only(campaign_id)
-            names = [n for n in COLUMNS if n != "campaign_id"] if only else COLUMNS
-            table = groups.columns(path, [group.index], names)
-            known = _Minute.of(table, None if only else campaign_id, minute_ms)
-            with self._lock:
-                if known.nbytes <= self._kept.maxsize:
-                    self._kept[key] = known
-        return known
+        if isinstance(known, _Minute):
+            return known
+        # A clustered hour's busy campaign has row groups of its own: no campaign_id then.
+        only = group.holds_only(campaign_id)
+        names = [n for n in COLUMNS if n != "campaign_id"] if only else COLUMNS
+        table = groups.columns(path, [group.index], names)
+        found = _Minute.of(table, None if only else campaign_id, minute_ms)
+        self._keep(key, found)
+        return found
+
+    def whole(self, groups: RowGroups, path: str, group: Group, campaign_id: str) -> list[int]:
+        """The campaign's totals over all of ``group`` of ``path`` (zeros when it has none)."""
+        key = (path, group.index)
+        with self._lock:
+            known = self._kept.get(key)
+        if not isinstance(known, _GroupTotals):
+            single = group.campaign_nulls == 0 and group.min_campaign == group.max_campaign
+            only = group.min_campaign if single else None
+            skip = ("event_time",) if only is None else ("event_time", "campaign_id")
+            names = [n for n in COLUMNS if n not in skip]
+            known = _GroupTotals.of(groups.columns(path, [group.index], names), only)
+            self._keep(key, known)
+        return known.totals.get(campaign_id, [0, 0, 0, 0, 0])
+
+
+def _whole_bucket(group: Group, lo_ms: int, hi_ms: int, width_ms: int) -> int | None:
+    """The one bucket every row of ``group`` falls in, when all of them lie in [lo, hi)."""
+    if not group.within(lo_ms * 1000, hi_ms * 1000):
+        return None
+    assert group.min_us is not None and group.max_us is not None
+    first, last = group.min_us // 1000, group.max_us // 1000
+    bucket = first - first % width_ms
+    return bucket if last - last % width_ms == bucket else None
 
 
 def from_row_groups(
@@ -219,24 +256,34 @@ def from_row_groups(
     minutes: MinuteSums | None = None,
 ) -> Sums:
     """The campaign's totals by bucket in ``runs`` over the local files ``paths``: only the row
-    groups whose statistics (or known per-campaign spans) can hold it in a run are read, and a
-    run within one minute from ``minutes`` when given."""
+    groups whose statistics (or known per-campaign spans) can hold it in a run are read; with
+    ``minutes``, a group the run holds whole (within one bucket) from its totals, and a run
+    within one minute from its running totals."""
     out: Sums = {}
     for path in paths:
         for lo, hi in runs:
             minute = lo - lo % MINUTE_MS
-            chosen = groups.candidates(path, campaign_id, lo * 1000, hi * 1000)
+            rest = []
+            for _, group in groups.candidates(path, campaign_id, lo * 1000, hi * 1000):
+                bucket = None if minutes is None else _whole_bucket(group, lo, hi, width_ms)
+                if bucket is None:
+                    rest.append(group)
+                    continue
+                assert minutes is not None
+                found = minutes.whole(groups, path, group, campaign_id)
+                if any(found):
+                    add(out, bucket, found)
             if minutes is not None and hi <= minute + MINUTE_MS:
-                for _, group in chosen:
+                for group in rest:
                     rows = minutes.minute(groups, path, group, campaign_id, minute)
-                    found = rows.between(lo * 1000, hi * 1000)
-                    if found is not None:
+                    within = rows.between(lo * 1000, hi * 1000)
+                    if within is not None:
                         # Buckets are whole minutes: the run lies in the minute's bucket.
-                        add(out, minute - minute % width_ms, found)
+                        add(out, minute - minute % width_ms, within)
                 continue
             # One run at a time so a group between two runs is not read; a group two runs
             # share is read once per run, each counting only its own rows.
-            if chosen:
-                table = groups.columns(path, sorted(g.index for _, g in chosen), COLUMNS)
+            if rest:
+                table = groups.columns(path, sorted(g.index for g in rest), COLUMNS)
                 add_table(out, table, campaign_id, ((lo, hi),), width_ms)
     return out

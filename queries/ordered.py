@@ -8,6 +8,7 @@ never change, so an order built once stays right for as long as the file is held
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -71,6 +72,53 @@ def _in_order(keys: pa.Table, times: npt.NDArray[np.int64]) -> bool:
     return bool(pc.all(pc.less_equal(first, second)).as_py())
 
 
+#: The counted event types, in the order of a total's first three fields.
+_COUNTED: Final = ("impression", "click", "conversion")
+_KIND: Final = {kind: k for k, kind in enumerate(_COUNTED)}
+
+
+def _money(column: pa.ChunkedArray | None, rows: int) -> npt.NDArray[np.int64]:
+    if column is None:
+        return np.zeros(rows, dtype=np.int64)
+    return np.asarray(column.fill_null(0).to_numpy(), dtype=np.int64)
+
+
+def coded(
+    column: pa.ChunkedArray, codes: Callable[[pa.Array], npt.NDArray[Any]], null: object
+) -> npt.NDArray[Any]:
+    """Per row, a code computed once per distinct value (``codes`` of a chunk's dictionary, the
+    ``null`` code for nulls): on the dictionary columns a row group is read as, a lookup by
+    index. Three ``pc.equal`` of event_type, one per counted type, took 1.1 ms of a 16,384-row
+    group; the whole of its totals now costs less than one of them."""
+    out = []
+    for chunk in column.chunks:
+        encoded = chunk if pa.types.is_dictionary(chunk.type) else pc.dictionary_encode(chunk)
+        known = codes(encoded.dictionary)
+        table = np.append(known, np.asarray([null], dtype=known.dtype))
+        out.append(table[encoded.indices.fill_null(len(known)).to_numpy()])
+    return np.concatenate(out) if out else codes(pa.array([], pa.string()))
+
+
+def _kinds(values: pa.Array) -> npt.NDArray[np.int8]:
+    """Each value's column among the totals' first three, or 3 (not counted)."""
+    return np.asarray([_KIND.get(v, 3) for v in values.to_pylist()], dtype=np.int8)
+
+
+def event_values(table: pa.Table, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Per row of ``rows``: [impression, click, conversion, cost, revenue]."""
+    values = np.zeros((len(rows), 5), dtype=np.int64)
+    if len(rows):
+        names = set(table.column_names)
+        if "event_type" in names:
+            kinds = coded(table.column("event_type"), _kinds, 3)[rows]
+            counted = np.flatnonzero(kinds < 3)
+            values[counted, kinds[counted]] = 1
+        for k, name in ((3, "cost_micros"), (4, "revenue_micros")):
+            column = table.column(name) if name in names else None
+            values[:, k] = _money(column, table.num_rows)[rows]
+    return values
+
+
 class OrderedRows:
     """One file's rows and their order by (campaign_id, event_time, event_id), ascending.
 
@@ -115,6 +163,7 @@ class OrderedRows:
             zip(values, zip(starts, stops, strict=True), strict=True)
         )
         self._types: npt.NDArray[np.object_] | None = None
+        self._running: npt.NDArray[np.int64] | None = None
         shown = table.select([n for n in EVENT_FIELDS if n != "time_ms"] + ["event_time"])
         self._schema = shown.schema
         self._batches = shown.to_batches()
@@ -128,8 +177,46 @@ class OrderedRows:
 
     @property
     def nbytes(self) -> int:
-        """Memory held: the rows and the order."""
-        return int(self.table.nbytes) + self.order.nbytes + self.times_us.nbytes
+        """Memory held: the rows, the order and any running totals."""
+        running = 0 if self._running is None else self._running.nbytes
+        return int(self.table.nbytes) + self.order.nbytes + self.times_us.nbytes + running
+
+    def totals(
+        self, campaign_id: str, since_us: int, until_us: int, width_ms: int
+    ) -> dict[int, list[int]]:
+        """The campaign's rows in [since, until) summed by bucket of ``width_ms`` (a floor of
+        the epoch): bucket start (epoch ms) -> [impressions, clicks, conversions, cost,
+        revenue]; buckets without rows are left out. Two binary searches a bucket over running
+        totals built once: DuckDB's scan of the uncompacted tail's files in memory cost ~4 ms a
+        stats question, for a few hundred rows."""
+        run = self.runs.get(campaign_id)
+        if run is None:
+            return {}
+        start, stop = run
+        times = self.times_us[start:stop]
+        a = start + int(np.searchsorted(times, since_us, "left"))
+        b = start + int(np.searchsorted(times, until_us, "left"))
+        if b <= a:
+            return {}
+        first = int(self.times_us[a]) // 1000
+        first -= first % width_ms
+        last = int(self.times_us[b - 1]) // 1000
+        buckets = np.arange(first, last + 1, width_ms, dtype=np.int64)
+        cuts = a + np.searchsorted(self.times_us[a:b], buckets[1:] * 1000, "left")
+        edges = np.concatenate(([a], cuts, [b]))
+        running = self._running_totals()
+        sums = running[edges[1:]] - running[edges[:-1]]
+        filled = edges[1:] > edges[:-1]
+        return dict(zip(buckets[filled].tolist(), sums[filled].tolist(), strict=True))
+
+    def _running_totals(self) -> npt.NDArray[np.int64]:
+        """Row k: [impressions, clicks, conversions, cost, revenue] of the first k rows of the
+        order (40 bytes a row, built on first use)."""
+        if self._running is None:
+            running = np.zeros((self.table.num_rows + 1, 5), dtype=np.int64)
+            np.cumsum(event_values(self.table, self.order), axis=0, out=running[1:])
+            self._running = running
+        return self._running
 
     def _event_types(self) -> npt.NDArray[np.object_]:
         if self._types is None:

@@ -68,10 +68,22 @@ class Group:
     max_us: int | None
     #: Rows without a campaign_id (None: the footer does not say).
     campaign_nulls: int | None = None
+    #: Rows without an event_time (None: the footer does not say).
+    time_nulls: int | None = None
 
     def holds_only(self, campaign_id: str) -> bool:
         """Whether every row of the group is the campaign's (its statistics say so)."""
         return self.campaign_nulls == 0 and self.min_campaign == self.max_campaign == campaign_id
+
+    def within(self, since_us: int, until_us: int) -> bool:
+        """Whether every row of the group has a time in [since, until) (its statistics say so)."""
+        return (
+            self.time_nulls == 0
+            and self.min_us is not None
+            and self.max_us is not None
+            and since_us <= self.min_us
+            and self.max_us < until_us
+        )
 
     def may_hold(self, campaign_id: str, since_us: int | None, until_us: int | None) -> bool:
         """Whether the group can hold the campaign's rows with times in [since, until)."""
@@ -133,6 +145,7 @@ def _groups(metadata: pq.FileMetaData) -> list[Group]:
                 first if isinstance(first, int) else None,
                 last if isinstance(last, int) else None,
                 _nulls(meta, campaign),
+                _nulls(meta, time),
             )
         )
     return out

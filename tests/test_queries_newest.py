@@ -263,6 +263,131 @@ def test_a_minutes_running_totals_keep_one_entry_per_distinct_time() -> None:
         assert got == (expected if rows.any() else None), (lo, hi)
 
 
+def _sums_of(
+    campaign: list[str | None], times: np.ndarray, kinds: np.ndarray, cost: np.ndarray
+) -> Any:
+    """The straightforward totals of a table's rows: (name, [lo, hi), width) -> Sums."""
+
+    def sums(name: str, lo: int, hi: int, width: int) -> event_sums.Sums:
+        out: event_sums.Sums = {}
+        for c, t, k, v in zip(campaign, times.tolist(), kinds, cost.tolist(), strict=True):
+            if c == name and t is not None and lo <= t < hi:
+                counted = [int(k == x) for x in ("impression", "click", "conversion")]
+                event_sums.add(out, t - t % width, [*counted, v, 2 * v])
+        return out
+
+    return sums
+
+
+def test_groups_a_run_holds_whole_are_summed_once_for_every_campaign(tmp_path: Path) -> None:
+    """A row group whose statistics put all its rows inside a run (and in one bucket) is summed
+    from its per-campaign totals, built from one read for every campaign it holds: a compacted
+    open hour's partial minute meets a dozen consumer files' groups, and each campaign's first
+    question read them all again. Exact for runs that cut groups, hold them whole, or span
+    buckets; a group with a row without a time is never taken as whole."""
+    rng = np.random.default_rng(3)
+    minute = 1_796_000_040_000
+    n, per_group = 8_000, 1_000
+    # Eight groups of ~7.5 s each, campaigns sorted within each (as a consumer file's).
+    times = np.sort(minute + rng.integers(0, 60_000, n))
+    campaign: list[str | None] = []
+    for _ in range(n // per_group):
+        campaign += sorted(rng.choice(["a", "b", "c", "d"], per_group).tolist())
+    kinds = rng.choice(["impression", "click", "conversion", "other"], n)
+    cost = rng.integers(0, 1_000, n)
+    stamps: list[int | None] = (times * 1000).tolist()
+    stamps[7_500] = None  # the last group has a row without a time
+    table = pa.table(
+        {
+            "campaign_id": campaign,
+            "event_time": pa.array(stamps, pa.timestamp("us", "UTC")),
+            "event_type": kinds,
+            "cost_micros": cost,
+            "revenue_micros": cost * 2,
+        }
+    )
+    path = str(tmp_path / "groups.parquet")
+    pq.write_table(table, path, row_group_size=per_group)
+    groups = row_groups.RowGroups()
+    found = groups.groups(path)
+    assert [g.time_nulls for g in found] == [0] * 7 + [1]
+    reads: list[tuple[str, ...]] = []
+    read = groups.columns
+
+    def counted(path: str, indices: Any, names: Any) -> pa.Table:
+        reads.append(tuple(names))
+        return read(path, indices, names)
+
+    groups.columns = counted  # type: ignore[method-assign]
+    minutes = event_sums.MinuteSums()
+    plain_times = np.array([t // 1000 if t is not None else None for t in stamps], dtype=object)
+    reference = _sums_of(campaign, plain_times, kinds, cost)
+    everything = (minute - 5_000, minute + 65_000)
+    for name in ("a", "b", "c", "d", "absent"):
+        got = event_sums.from_row_groups(
+            groups, [path], name, [everything], 60_000, minutes=minutes
+        )
+        assert got == reference(name, *everything, 60_000), name
+    # Seven whole groups, read once (without event_time) for all four campaigns; the last one
+    # (a row without a time) per campaign, through its minute.
+    whole = [r for r in reads if "event_time" not in r]
+    assert len(whole) == 7
+    assert len(reads) - len(whole) == 5
+    for lo, hi, width in [
+        (minute, minute + 60_000, 60_000),
+        (minute + 7_000, minute + 41_000, 60_000),
+        (minute + 10_000, minute + 10_001, 60_000),
+        (minute - 60_000, minute + 120_000, 1_000),
+        (minute + 59_999, minute + 60_000, 60_000),
+    ]:
+        for name in ("a", "b", "d"):
+            got = event_sums.from_row_groups(
+                groups, [path], name, [(lo, hi)], width, minutes=minutes
+            )
+            assert got == reference(name, lo, hi, width), (name, lo, hi, width)
+
+
+def test_small_files_in_memory_are_summed_from_their_campaign_order() -> None:
+    """A file held in memory sums a campaign's rows in [since, until) by bucket from running
+    totals over its campaign order: ties, bucket edges, runs outside the rows, absent
+    campaigns, rows of other campaigns in between."""
+    rng = np.random.default_rng(9)
+    start = 1_796_000_040_000
+    n = 5_000
+    times = start + rng.integers(0, 180_000, n) // 7 * 7  # ties, three minutes
+    campaign: list[str | None] = rng.choice(["a", "b", "c"], n).tolist()
+    campaign[3] = None
+    kinds = rng.choice(["impression", "click", "conversion", "other"], n)
+    cost = rng.integers(0, 1_000, n)
+    table = pa.table(
+        {
+            "event_id": [f"e{i:05d}" for i in range(n)],
+            "campaign_id": campaign,
+            "event_time": pa.array(times * 1000, pa.timestamp("us", "UTC")),
+            "event_type": pa.array(kinds).dictionary_encode(),
+            "cost_micros": cost,
+            "revenue_micros": cost * 2,
+        }
+    )
+    for name in ordered.EVENT_FIELDS:
+        if name not in table.column_names and name != "time_ms":
+            table = table.append_column(name, pa.nulls(n, pa.string()))
+    rows = ordered.OrderedRows(table)
+    reference = _sums_of(campaign, times.astype(object), kinds, cost)
+    for lo, hi in [
+        (start, start + 180_000),
+        (start + 59_999, start + 60_001),
+        (start + 7, start + 8),
+        (start + 120_000, start + 120_000),
+        (start - 10_000, start - 1),
+        (start + 61_234, start + 179_000),
+    ]:
+        for width in (1_000, 60_000, 3_600_000):
+            for name in ("a", "b", "c", "absent"):
+                got = rows.totals(name, lo * 1000, hi * 1000, width)
+                assert got == reference(name, lo, hi, width), (name, lo, hi, width)
+
+
 def test_a_group_of_one_campaign_is_summed_without_its_campaign_ids(tmp_path: Path) -> None:
     """Row groups whose statistics say they hold one campaign only (a clustered hour's busy
     campaign) are summed without reading campaign_id, exactly as the mixed groups are; a group
