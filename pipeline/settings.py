@@ -479,8 +479,8 @@ class QuerySettings:
     query_minute_sums_bytes: int = _setting(
         64 * 1024**2,
         parse_size,
-        "memory of a campaign's running totals within a minute, for stats whose until falls "
-        "inside a compacted hour (0 = none kept)",
+        "memory of a campaign's running totals within a minute and of row groups' per-campaign "
+        "totals, for stats' partial minutes read from files on disk (0 = none kept)",
     )
 
     query_rollups_bytes: int = _setting(
