@@ -221,8 +221,10 @@ class MinuteSums:
         self._keep(key, found)
         return found
 
-    def whole(self, groups: RowGroups, path: str, group: Group, campaign_id: str) -> list[int]:
-        """The campaign's totals over all of ``group`` of ``path`` (zeros when it has none)."""
+    def whole(
+        self, groups: RowGroups, path: str, group: Group, campaign_id: str
+    ) -> list[int] | None:
+        """The campaign's totals over all of ``group`` of ``path`` (None when it has no row)."""
         key = (path, group.index)
         with self._lock:
             known = self._kept.get(key)
@@ -233,7 +235,7 @@ class MinuteSums:
             names = [n for n in COLUMNS if n not in skip]
             known = _GroupTotals.of(groups.columns(path, [group.index], names), only)
             self._keep(key, known)
-        return known.totals.get(campaign_id, [0, 0, 0, 0, 0])
+        return known.totals.get(campaign_id)
 
 
 def _whole_bucket(group: Group, lo_ms: int, hi_ms: int, width_ms: int) -> int | None:
@@ -271,7 +273,7 @@ def from_row_groups(
                     continue
                 assert minutes is not None
                 found = minutes.whole(groups, path, group, campaign_id)
-                if any(found):
+                if found is not None:  # rows that count nothing still make their bucket
                     add(out, bucket, found)
             if minutes is not None and hi <= minute + MINUTE_MS:
                 for group in rest:

@@ -295,6 +295,8 @@ def test_groups_a_run_holds_whole_are_summed_once_for_every_campaign(tmp_path: P
         campaign += sorted(rng.choice(["a", "b", "c", "d"], per_group).tolist())
     kinds = rng.choice(["impression", "click", "conversion", "other"], n)
     cost = rng.integers(0, 1_000, n)
+    # A campaign whose rows count nothing (zero money, an uncounted type) still has its bucket.
+    campaign[:10], kinds[:10], cost[:10] = ["0"] * 10, "other", 0
     stamps: list[int | None] = (times * 1000).tolist()
     stamps[7_500] = None  # the last group has a row without a time
     table = pa.table(
@@ -323,7 +325,7 @@ def test_groups_a_run_holds_whole_are_summed_once_for_every_campaign(tmp_path: P
     plain_times = np.array([t // 1000 if t is not None else None for t in stamps], dtype=object)
     reference = _sums_of(campaign, plain_times, kinds, cost)
     everything = (minute - 5_000, minute + 65_000)
-    for name in ("a", "b", "c", "d", "absent"):
+    for name in ("0", "a", "b", "c", "d", "absent"):
         got = event_sums.from_row_groups(
             groups, [path], name, [everything], 60_000, minutes=minutes
         )
@@ -332,7 +334,7 @@ def test_groups_a_run_holds_whole_are_summed_once_for_every_campaign(tmp_path: P
     # (a row without a time) per campaign, through its minute.
     whole = [r for r in reads if "event_time" not in r]
     assert len(whole) == 7
-    assert len(reads) - len(whole) == 5
+    assert len(reads) - len(whole) == 5  # "0" is not in the last group
     for lo, hi, width in [
         (minute, minute + 60_000, 60_000),
         (minute + 7_000, minute + 41_000, 60_000),
