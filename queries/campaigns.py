@@ -322,7 +322,7 @@ def read_plan(view: View, campaign_id: str, granularity: Granularity, p: Plan) -
             for bucket, values in rows.totals(campaign_id, lo * 1000, hi * 1000, width).items():
                 event_sums.add(sums, bucket, values)
     if _rollups_from_memory(view, campaign_id, granularity, p, sums):
-        p = Plan(raw=p.raw)  # what is left: events in memory or on S3, for DuckDB
+        p = Plan(raw=p.raw)  # what is left: events on S3 not held in memory, for DuckDB
     parts, files = _plan_parts(
         view, p, f"rollups_{granularity}", templates, params, events=raw.others
     )
