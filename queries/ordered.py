@@ -2,8 +2,11 @@
 
 A campaign's newest events in the uncompacted tail are then a binary search and a take, where a
 scan of the file's rows cost ~9 ms a file per question (DuckDB converts every row of a
-registered Arrow table; measured on the consumer's 190k-row files of a 50M-event lake). Files
-never change, so an order built once stays right for as long as the file is held.
+registered Arrow table; measured on the consumer's 190k-row files of a 50M-event lake), and a
+campaign's stats totals in a time range are two binary searches over running totals in that
+order. Files never change, so an order built once stays right for as long as the file is held.
+The per-row event values (counted type, money) that stats sum are here too, for
+:mod:`queries.event_sums`.
 """
 
 from __future__ import annotations
