@@ -37,6 +37,11 @@ KEY_COLUMN: Final = "event_id"
 EVENT_TYPES: Final = ("impression", "click", "conversion")
 DEVICE_TYPES: Final = ("mobile", "desktop", "tablet", "ctv", "other")
 MAX_EVENT_ID_BYTES: Final = 128
+#: Largest cost_micros or revenue_micros of one event (``invalid_money`` above): 1,000,000 USD.
+#: Sums of money are 64-bit everywhere (rollups, stats, SQL); without a bound, two hostile
+#: events of 5e18 wrapped a campaign's totals negative (numpy) or made every question on it
+#: fail (DuckDB's BIGINT cast). At this bound an overflow takes 9.2M such events.
+MAX_MONEY_MICROS: Final = 10**12
 #: Longest campaign_id, ad_id, publisher_id and user_id in bytes of UTF-8 (``field_too_long``
 #: above): ids are keys for joins, sorting and the dashboard, and one 150 KB value would bloat
 #: every row group and answer it lands in.

@@ -17,6 +17,7 @@ from pipeline.schema import (
     MAX_EVENT_ID_BYTES,
     MAX_FUTURE_MS,
     MAX_ID_BYTES,
+    MAX_MONEY_MICROS,
     MONEY_COLUMNS,
     TIME_COLUMN,
 )
@@ -77,7 +78,9 @@ def _static_rules(categorical: frozenset[str]) -> tuple[tuple[str, pl.Expr], ...
     missing = pl.any_horizontal(pl.col(TIME_COLUMN).is_null(), *[_blank(c) for c in _REQUIRED_TEXT])
     # len_bytes is O(1) per row on Arrow strings, so this costs nothing on the happy path.
     too_long = pl.any_horizontal([_len_bytes(c, categorical) > MAX_ID_BYTES for c in ID_COLUMNS])
-    money_bad = pl.any_horizontal([pl.col(c).is_null() | (pl.col(c) < 0) for c in MONEY_COLUMNS])
+    money_bad = pl.any_horizontal(
+        [~pl.col(c).is_between(0, MAX_MONEY_MICROS).fill_null(False) for c in MONEY_COLUMNS]
+    )
     return (
         (
             "invalid_event_id",

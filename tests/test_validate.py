@@ -16,6 +16,7 @@ from pipeline.schema import (
     LOW_CARDINALITY_COLUMNS,
     MAX_FUTURE_MS,
     MAX_ID_BYTES,
+    MAX_MONEY_MICROS,
     MONEY_COLUMNS,
     POLARS_EVENT_SCHEMA,
     REASONS,
@@ -232,14 +233,16 @@ def test_device_type_and_country_have_their_own_rules_not_the_id_limit() -> None
 
 
 @pytest.mark.parametrize("name", MONEY_COLUMNS)
-@pytest.mark.parametrize("value", [None, -1, -1_000_000, INT64_MIN], ids=str)
-def test_money_null_or_negative_is_invalid(name: str, value: int | None) -> None:
+@pytest.mark.parametrize(
+    "value", [None, -1, -1_000_000, INT64_MIN, MAX_MONEY_MICROS + 1, 5 * 10**18, INT64_MAX], ids=str
+)
+def test_money_null_negative_or_above_the_bound_is_invalid(name: str, value: int | None) -> None:
     assert _reason(_row(**{name: value})) == "invalid_money"
 
 
 @pytest.mark.parametrize("name", MONEY_COLUMNS)
-@pytest.mark.parametrize("value", [0, 1, 1_000_000, INT64_MAX], ids=str)
-def test_money_zero_or_more_is_valid(name: str, value: int) -> None:
+@pytest.mark.parametrize("value", [0, 1, 1_000_000, MAX_MONEY_MICROS], ids=str)
+def test_money_zero_up_to_the_bound_is_valid(name: str, value: int) -> None:
     assert _reason(_row(**{name: value})) is None
 
 
