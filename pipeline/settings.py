@@ -467,8 +467,9 @@ class QuerySettings:
     query_small_files_bytes: int = _setting(
         512 * 1024**2,
         parse_size,
-        "Arrow memory the newest small events files (the uncompacted tail) are kept in, each "
-        "read once; older ones are scanned per question (0 = none kept)",
+        "memory the newest small events files (the uncompacted tail) are kept in, each read "
+        "once: their Arrow rows and the per-campaign order questions build on them; older "
+        "ones are scanned per question (0 = none kept)",
     )
     query_row_groups_bytes: int = _setting(
         256 * 1024**2,

@@ -51,8 +51,8 @@ from lake import changes
 from lake.fragments import FragmentCache
 from lake.location import LakeLocation
 from lake.snapshot import table_dataset
+from lake.tables import EVENTS, TableSpec, open_table
 from lake.tables import TABLES as DELTA_TABLES
-from lake.tables import TableSpec, open_table
 from pipeline.schema import (
     ALERT_SCHEMA,
     CAMPAIGN_SCHEMA,
@@ -64,7 +64,7 @@ from pipeline.schema import (
 )
 from pipeline.settings import QuerySettings, Settings
 from queries.event_sums import MinuteSums
-from queries.ordered import OrderedRows
+from queries.ordered import ORDER_BYTES_PER_ROW, OrderedRows
 from queries.rollup_rows import RollupRows
 from queries.row_groups import RowGroups
 
@@ -84,7 +84,8 @@ FEED_VERSIONS: Final = 4096
 #: within COMPACT_INTERVAL). Scanning a file costs milliseconds per question whatever its size,
 #: so without this a question's cost would grow with the number of commits since compaction.
 SMALL_FILE_BYTES: Final = 8 * 1024**2
-# The most memory (Arrow bytes, not file bytes: rows take 10-20x their zstd size) that small
+# The most memory (Arrow bytes, not file bytes: rows take 10-20x their zstd size; for events,
+# plus the campaign order and running totals questions build, ORDER_BYTES_PER_ROW) that small
 # files of one table may hold is QUERY_SMALL_FILES_BYTES: the newest are kept, older ones are
 # scanned per question. A minute of events at 50k/s (COMPACT_INTERVAL's worth) takes ~400 MB.
 #: Arrow bytes per file byte assumed before a table's first small file is read.
@@ -341,12 +342,15 @@ class _Files:
         missing = kept.filter(~pl.col("path").is_in(list(self.small)))
         if len(missing):
             read = _read_small(location, spec, missing)
+            # An events file's questions build its campaign order and running totals too.
+            extra = ORDER_BYTES_PER_ROW if spec.name == EVENTS.name else 0
+            held = {p: t.nbytes + extra * t.num_rows for p, t in read.items()}
             file_bytes = int(missing["size_bytes"].sum())
             if file_bytes:
-                self.ratio = max(1.0, sum(t.nbytes for t in read.values()) / file_bytes)
+                self.ratio = max(1.0, sum(held.values()) / file_bytes)
                 self.learned = True
             self.small.update(read)
-            self.nbytes.update((p, t.nbytes) for p, t in read.items())
+            self.nbytes.update(held)
         return self.dataset, dict(self.small), self.orders
 
 

@@ -122,6 +122,11 @@ def event_values(table: pa.Table, rows: npt.NDArray[np.int64]) -> npt.NDArray[np
     return values
 
 
+#: Memory an OrderedRows takes beyond its rows, per row, once stats have asked it: the order and
+#: the times (8 + 8 bytes) and the running totals (5 x 8). The tail's budget charges it.
+ORDER_BYTES_PER_ROW: Final = 56
+
+
 class OrderedRows:
     """One file's rows and their order by (campaign_id, event_time, event_id), ascending.
 
