@@ -465,7 +465,7 @@ class QuerySettings:
     cache is bounded by one of these, never by the lake's size), and the threads it answers on."""
 
     query_small_files_bytes: int = _setting(
-        512 * 1024**2,
+        768 * 1024**2,
         parse_size,
         "memory the newest small events files (the uncompacted tail) are kept in, each read "
         "once: their Arrow rows and the per-campaign order questions build on them; older "
