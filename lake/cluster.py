@@ -67,10 +67,6 @@ class ClusterResult:
     rows: int
 
 
-def _nothing() -> None:
-    return None
-
-
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -292,7 +288,7 @@ def merge_small_files(
     target_bytes: int,
     row_group_rows: int,
     spec: TableSpec = EVENTS,
-    before_commit: Callable[[], None] = _nothing,
+    before_commit: Callable[[], None] | None = None,
 ) -> ClusterResult:
     """Merge the files of hour ``date``/``hour`` smaller than ``target_bytes``, when there are
     two or more, into files of about that size whose row groups are the inputs' own, copied one
@@ -313,7 +309,7 @@ def merge_small_files(
     rows_in = sum(f.num_rows for f in footers)
     file_rows = max(1, int(rows_in * target_bytes / max(sum(s for _, s in small), 1)))
     partition = {"date": date, "hour": hour}
-    schema = pq.read_schema(paths[0], filesystem=fs)
+    schema = footers[0].schema.to_arrow_schema()
     out = _Files(
         location,
         spec.name,
@@ -332,7 +328,8 @@ def merge_small_files(
     except BaseException:
         out.discard()
         raise
-    before_commit()
+    if before_commit is not None:
+        before_commit()
     return _commit_rewrite(table, partition, small, out, rows_in=rows_in, operation="merge")
 
 
