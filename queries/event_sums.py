@@ -269,11 +269,10 @@ def from_row_groups(
             minute = lo - lo % MINUTE_MS
             rest = []
             for _, group in groups.candidates(path, campaign_id, lo * 1000, hi * 1000):
-                bucket = None if minutes is None else _whole_bucket(group, lo, hi, width_ms)
-                if bucket is None:
+                bucket = _whole_bucket(group, lo, hi, width_ms)
+                if minutes is None or bucket is None:
                     rest.append(group)
                     continue
-                assert minutes is not None
                 found = minutes.whole(groups, path, group, campaign_id)
                 if found is not None:  # rows that count nothing still make their bucket
                     add(out, bucket, found)
